@@ -1,0 +1,127 @@
+//! Copies between host buffers and guest memory, with the region lookup cached.
+//!
+//! `GuestMemoryMmap::find_region` is a search over all regions; doing it for every descriptor
+//! costs more than the copy of a small frame. A guest's buffers almost always live in the same
+//! region as the previous one, so the last region found is tried first.
+
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
+
+/// A guest address range that is not backed by guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("guest range {addr:#x}+{len} lies outside guest memory")]
+pub struct OutOfGuestMemory {
+    pub addr: u64,
+    pub len: usize,
+}
+
+/// A view of guest memory that remembers the region of the last access.
+pub struct GuestMemoryCursor<'m> {
+    mem: &'m GuestMemoryMmap,
+    last: Option<&'m GuestRegionMmap>,
+}
+
+impl<'m> GuestMemoryCursor<'m> {
+    pub fn new(mem: &'m GuestMemoryMmap) -> Self {
+        GuestMemoryCursor { mem, last: None }
+    }
+
+    /// The region holding `addr`, from the cache when possible.
+    fn region(&mut self, addr: GuestAddress) -> Option<&'m GuestRegionMmap> {
+        if let Some(r) = self.last {
+            if addr >= r.start_addr() && addr.raw_value() - r.start_addr().raw_value() < r.len() {
+                return Some(r);
+            }
+        }
+        let r = self.mem.find_region(addr)?;
+        self.last = Some(r);
+        Some(r)
+    }
+
+    /// Calls `f(offset, slice)` for each piece of `[addr, addr + len)`, split at region
+    /// boundaries; `offset` counts from `addr`. Fails before `f` runs on a range that is not
+    /// entirely guest memory, so a bad descriptor never half-writes a buffer.
+    fn for_each_piece(
+        &mut self,
+        addr: GuestAddress,
+        len: usize,
+        mut f: impl FnMut(usize, &vm_memory::VolatileSlice<'m, ()>),
+    ) -> Result<(), OutOfGuestMemory> {
+        let oob = OutOfGuestMemory { addr: addr.raw_value(), len };
+        // Validate first: walk the regions without touching memory.
+        let mut pieces: [(GuestAddress, usize); 4] = [(GuestAddress(0), 0); 4];
+        let mut n = 0;
+        let mut done = 0usize;
+        while done < len {
+            let a = addr.checked_add(done as u64).ok_or(oob)?;
+            let r = self.region(a).ok_or(oob)?;
+            let in_region = (r.len() - (a.raw_value() - r.start_addr().raw_value())) as usize;
+            let take = in_region.min(len - done);
+            // More than four regions for one descriptor is not something a real VMM produces.
+            if n == pieces.len() {
+                return Err(oob);
+            }
+            pieces[n] = (a, take);
+            n += 1;
+            done += take;
+        }
+        let mut offset = 0;
+        for &(a, take) in &pieces[..n] {
+            let r = self.region(a).ok_or(oob)?;
+            let ra = MemoryRegionAddress(a.raw_value() - r.start_addr().raw_value());
+            let slice = r.get_slice(ra, take).map_err(|_| oob)?;
+            f(offset, &slice);
+            offset += take;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to guest memory at `addr`.
+    pub fn write(&mut self, addr: GuestAddress, data: &[u8]) -> Result<(), OutOfGuestMemory> {
+        self.for_each_piece(addr, data.len(), |off, s| s.copy_from(&data[off..off + s.len()]))
+    }
+
+    /// Fills `out` from guest memory at `addr`.
+    pub fn read(&mut self, addr: GuestAddress, out: &mut [u8]) -> Result<(), OutOfGuestMemory> {
+        let len = out.len();
+        self.for_each_piece(addr, len, |off, s| {
+            s.copy_to(&mut out[off..off + s.len()]);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_regions() -> GuestMemoryMmap {
+        // Adjacent regions, so one buffer can straddle the boundary.
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x1000), (GuestAddress(0x2000), 0x1000)])
+            .unwrap()
+    }
+
+    #[test]
+    fn round_trips_across_a_region_boundary() {
+        let mem = two_regions();
+        let mut c = GuestMemoryCursor::new(&mem);
+        let data: Vec<u8> = (0..64u8).collect();
+        c.write(GuestAddress(0x1fe0), &data).unwrap();
+        let mut back = vec![0u8; 64];
+        c.read(GuestAddress(0x1fe0), &mut back).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn rejects_ranges_outside_guest_memory_without_writing() {
+        let mem = two_regions();
+        let mut c = GuestMemoryCursor::new(&mem);
+        assert!(c.write(GuestAddress(0x2ff0), &[1u8; 32]).is_err());
+        let mut back = [0u8; 16];
+        c.read(GuestAddress(0x2ff0), &mut back).unwrap();
+        assert_eq!(back, [0u8; 16], "nothing written on a failed range");
+        assert!(c.write(GuestAddress(0), &[1]).is_err());
+        assert!(c.write(GuestAddress(u64::MAX - 2), &[1u8; 8]).is_err());
+    }
+}

@@ -1,0 +1,257 @@
+//! The per-packet path: plain functions over guest memory and virtqueue state.
+//!
+//! Nothing here knows about sockets, threads or vhost-user. The worker hands in a batch of
+//! frames (rx) or a place to put them (tx), these functions walk the guest's descriptor
+//! chains, copy, and fill the used ring; the worker then sends one notification per batch.
+//! That keeps every guest-controlled byte's handling unit-testable with virtio-queue's mocks.
+
+pub mod guest_memory;
+pub mod rx;
+pub mod tx;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+pub use guest_memory::{GuestMemoryCursor, OutOfGuestMemory};
+
+/// A guest mistake that makes a queue unusable until the device is reset: the worker marks
+/// the queue broken, signals its error eventfd and counts it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("avail ring index is more than a queue ahead of the device")]
+    AvailIndex,
+    #[error("descriptor chain at head {head}: {why}")]
+    Malformed { head: u16, why: &'static str },
+    #[error("descriptor chain at head {head}: {source}")]
+    OutOfMemory { head: u16, source: OutOfGuestMemory },
+}
+
+/// One buffer of a descriptor chain: guest address and length.
+pub type Segment = (GuestAddress, u32);
+
+/// Takes the next available chain, telling a corrupt avail index apart from an empty ring.
+pub(crate) fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, QueueError> {
+    match queue.iter(mem) {
+        Ok(mut it) => Ok(it.next()),
+        Err(virtio_queue::Error::InvalidAvailRingIndex) => Err(QueueError::AvailIndex),
+        // Not ready (reset under us) or an unreadable avail ring: nothing to take now.
+        Err(_) => Ok(None),
+    }
+}
+
+/// Collects a chain's buffers into `segs`, requiring all of them to be device-writable (rx)
+/// or all device-readable (tx). Zero-length buffers are skipped. Returns the total length.
+///
+/// virtio-queue's iterator ends silently on a loop, a `next` outside the table or a bad
+/// indirect table; such a chain always ends on a descriptor that still says NEXT, or yields
+/// nothing at all, which is how they are told apart from a proper end.
+pub(crate) fn collect_segments(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    writable: bool,
+    segs: &mut Vec<Segment>,
+) -> Result<u64, QueueError> {
+    let head = chain.head_index();
+    segs.clear();
+    let mut total = 0u64;
+    let mut last: Option<Descriptor> = None;
+    for desc in chain {
+        if desc.is_write_only() != writable {
+            let why = if writable {
+                "device-readable buffer in a receive chain"
+            } else {
+                "device-writable buffer in a transmit chain"
+            };
+            return Err(QueueError::Malformed { head, why });
+        }
+        if desc.len() > 0 {
+            segs.push((desc.addr(), desc.len()));
+            total += u64::from(desc.len());
+        }
+        last = Some(desc);
+    }
+    match last {
+        None => Err(QueueError::Malformed { head, why: "chain has no usable descriptor" }),
+        Some(d) if d.has_next() => Err(QueueError::Malformed {
+            head,
+            why: "chain loops, outruns its table or nests indirect tables",
+        }),
+        Some(_) => Ok(total),
+    }
+}
+
+/// Writes `data` at byte `offset` of the buffer the segments form; returns the bytes that fit.
+pub(crate) fn write_at(
+    cursor: &mut GuestMemoryCursor<'_>,
+    segs: &[Segment],
+    offset: usize,
+    data: &[u8],
+) -> Result<usize, OutOfGuestMemory> {
+    let mut seg_start = 0usize;
+    let mut done = 0usize;
+    for &(addr, len) in segs {
+        let len = len as usize;
+        let pos = offset + done;
+        if done == data.len() {
+            break;
+        }
+        if pos < seg_start + len {
+            let in_seg = pos - seg_start;
+            let n = (len - in_seg).min(data.len() - done);
+            cursor.write(GuestAddress(addr.0 + in_seg as u64), &data[done..done + n])?;
+            done += n;
+        }
+        seg_start += len;
+    }
+    Ok(done)
+}
+
+/// Fills `out` from byte `offset` of the buffer the segments form; returns the bytes read.
+pub(crate) fn read_at(
+    cursor: &mut GuestMemoryCursor<'_>,
+    segs: &[Segment],
+    offset: usize,
+    out: &mut [u8],
+) -> Result<usize, OutOfGuestMemory> {
+    let mut seg_start = 0usize;
+    let mut done = 0usize;
+    for &(addr, len) in segs {
+        let len = len as usize;
+        let pos = offset + done;
+        if done == out.len() {
+            break;
+        }
+        if pos < seg_start + len {
+            let in_seg = pos - seg_start;
+            let n = (len - in_seg).min(out.len() - done);
+            cursor.read(GuestAddress(addr.0 + in_seg as u64), &mut out[done..done + n])?;
+            done += n;
+        }
+        seg_start += len;
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Guest memory and queues for the datapath tests, on virtio-queue's mock split queue.
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    pub const QUEUE_SIZE: u16 = 16;
+    pub const MEM_SIZE: usize = 0x10_0000;
+    /// Where test buffers start, past the rings.
+    pub const BUF_BASE: u64 = 0x1_0000;
+
+    pub fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    /// A guest buffer: address, length, device-writable.
+    #[derive(Clone, Copy)]
+    pub struct Buf(pub u64, pub u32, pub bool);
+
+    /// A driver's side of one split queue: posts chains, reads the used ring.
+    pub struct TestQueue<'a> {
+        pub mem: &'a GuestMemoryMmap,
+        pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
+        next_desc: u16,
+    }
+
+    impl<'a> TestQueue<'a> {
+        pub fn new(mem: &'a GuestMemoryMmap) -> Self {
+            TestQueue { mem, mock: MockSplitQueue::new(mem, QUEUE_SIZE), next_desc: 0 }
+        }
+
+        /// The device's view of the queue.
+        pub fn queue(&self) -> Queue {
+            let mut q: Queue = self.mock.create_queue().unwrap();
+            q.set_event_idx(false);
+            q
+        }
+
+        fn store(&mut self, d: (u64, u32, u16, u16)) -> u16 {
+            let i = self.next_desc;
+            let raw = RawDescriptor::from(SplitDescriptor::new(d.0, d.1, d.2, d.3));
+            self.mock.desc_table().store(i, raw).unwrap();
+            self.next_desc += 1;
+            i
+        }
+
+        fn publish(&self, head: u16) {
+            let avail = self.mock.avail_addr();
+            let idx: u16 = self.mem.read_obj(GuestAddress(avail.0 + 2)).unwrap();
+            self.mem.write_obj(head, GuestAddress(avail.0 + 4 + 2 * u64::from(idx % QUEUE_SIZE))).unwrap();
+            self.mem.write_obj(idx.wrapping_add(1), GuestAddress(avail.0 + 2)).unwrap();
+        }
+
+        /// Posts a chain of buffers; returns its head index.
+        pub fn post(&mut self, chain: &[Buf]) -> u16 {
+            let head = self.next_desc;
+            for (i, b) in chain.iter().enumerate() {
+                let last = i + 1 == chain.len();
+                let mut flags = if b.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                self.store((b.0, b.1, flags, if last { 0 } else { head + i as u16 + 1 }));
+            }
+            self.publish(head);
+            head
+        }
+
+        /// Posts raw descriptors (addr, len, flags, next) as they are; the first is the head.
+        pub fn post_raw(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
+            let head = self.next_desc;
+            for d in descs {
+                self.store(*d);
+            }
+            self.publish(head);
+            head
+        }
+
+        /// Writes an indirect table at `table` and posts one head descriptor pointing at it.
+        pub fn post_indirect(&mut self, table: u64, bufs: &[Buf]) -> u16 {
+            for (i, b) in bufs.iter().enumerate() {
+                let last = i + 1 == bufs.len();
+                let mut flags = if b.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let d = RawDescriptor::from(SplitDescriptor::new(b.0, b.1, flags, if last { 0 } else { i as u16 + 1 }));
+                self.mem.write_obj(d, GuestAddress(table + 16 * i as u64)).unwrap();
+            }
+            self.post_raw(&[(table, 16 * bufs.len() as u32, VRING_DESC_F_INDIRECT as u16, 0)])
+        }
+
+        /// The used ring entries (id, len) from position `from` on.
+        pub fn used(&self, from: u16) -> Vec<(u32, u32)> {
+            let used = self.mock.used_addr();
+            let idx: u16 = self.mem.read_obj(GuestAddress(used.0 + 2)).unwrap();
+            (from..idx)
+                .map(|i| {
+                    let e = GuestAddress(used.0 + 4 + 8 * u64::from(i % QUEUE_SIZE));
+                    let id: u32 = self.mem.read_obj(e).unwrap();
+                    let len: u32 = self.mem.read_obj(GuestAddress(e.0 + 4)).unwrap();
+                    (id, len)
+                })
+                .collect()
+        }
+
+        pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0u8; len];
+            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+
+        pub fn write(&self, addr: u64, data: &[u8]) {
+            self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Receive: frames from the NIC into the guest's receive queue.
+//!
+//! Each frame is prefixed with a `virtio_net_hdr_v1` and written across as many of the guest's
+//! buffers as it needs: one chain without MRG_RXBUF, several with it (`num_buffers` tells the
+//! guest how many). If the guest has too few buffers for a frame, the chains taken for it are
+//! put back and the caller keeps the frame until the guest posts more.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{collect_segments, pop_chain, write_at, GuestMemoryCursor, QueueError, Segment};
+use crate::device::{rx_header, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS};
+
+/// What happened to one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxOutcome {
+    /// Written to the guest, in this many buffers (chains).
+    Delivered { buffers: u16 },
+    /// The guest's ring has not enough buffers right now; nothing was consumed.
+    NoBuffers,
+    /// The frame cannot fit any buffer the guest gives without MRG_RXBUF; the chain was
+    /// put back and the frame should be dropped and counted.
+    TooLarge,
+}
+
+/// Reusable per-worker state, so the packet path does not allocate.
+#[derive(Default)]
+pub struct RxScratch {
+    segs: Vec<Segment>,
+    first: Vec<Segment>,
+    taken: Vec<(u16, u32)>,
+}
+
+/// Totals of one batch, added to the shared counters once per batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RxTally {
+    pub frames: u64,
+    pub bytes: u64,
+    pub buffers: u64,
+    pub dropped_too_large: u64,
+}
+
+/// Writes one frame into the guest's receive queue.
+///
+/// On `Ok(Delivered)` the used ring has the frame's chains; the caller notifies the guest
+/// once per batch. On `Err` the queue is unusable (the guest broke the ring's rules).
+pub fn deliver_frame(
+    mem: &GuestMemoryMmap,
+    cursor: &mut GuestMemoryCursor<'_>,
+    queue: &mut Queue,
+    frame: &[u8],
+    mrg_rxbuf: bool,
+    scratch: &mut RxScratch,
+) -> Result<RxOutcome, QueueError> {
+    let start = queue.next_avail();
+    let need = VNET_HDR_LEN + frame.len();
+    let mut written = 0usize;
+    scratch.taken.clear();
+
+    while written < need {
+        let Some(chain) = pop_chain(queue, mem)? else {
+            queue.set_next_avail(start);
+            return Ok(RxOutcome::NoBuffers);
+        };
+        let head = chain.head_index();
+        let capacity = collect_segments(chain, true, &mut scratch.segs)?;
+        let first = written == 0;
+        if first && capacity < VNET_HDR_LEN as u64 {
+            return Err(QueueError::Malformed { head, why: "receive buffer smaller than the net header" });
+        }
+        let oom = |source| QueueError::OutOfMemory { head, source };
+        let mut in_chain = 0usize;
+        if first {
+            in_chain += write_at(cursor, &scratch.segs, 0, &rx_header(1)).map_err(oom)?;
+            scratch.first.clear();
+            scratch.first.extend_from_slice(&scratch.segs);
+        }
+        // Frame bytes [written - hdr.., ...) go at this chain's offset `in_chain`.
+        let frame_from = written + in_chain - VNET_HDR_LEN;
+        in_chain += write_at(cursor, &scratch.segs, in_chain, &frame[frame_from..]).map_err(oom)?;
+        written += in_chain;
+        scratch.taken.push((head, in_chain as u32));
+
+        if written < need && !mrg_rxbuf {
+            queue.set_next_avail(start);
+            return Ok(RxOutcome::TooLarge);
+        }
+        if scratch.taken.len() == usize::from(u16::MAX) {
+            queue.set_next_avail(start);
+            return Ok(RxOutcome::TooLarge);
+        }
+    }
+
+    let buffers = scratch.taken.len() as u16;
+    if buffers > 1 {
+        let head = scratch.taken[0].0;
+        write_at(cursor, &scratch.first, VNET_HDR_NUM_BUFFERS, &buffers.to_le_bytes())
+            .map_err(|source| QueueError::OutOfMemory { head, source })?;
+    }
+    for &(head, len) in &scratch.taken {
+        queue
+            .add_used(mem, head, len)
+            .map_err(|_| QueueError::Malformed { head, why: "used ring is outside guest memory" })?;
+    }
+    Ok(RxOutcome::Delivered { buffers })
+}
+
+/// Delivers frames in order until they run out or the guest's buffers do. Returns how many
+/// frames were consumed (delivered, or dropped as too large); the rest stay with the caller.
+pub fn deliver_batch<'f>(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    frames: impl IntoIterator<Item = &'f [u8]>,
+    mrg_rxbuf: bool,
+    scratch: &mut RxScratch,
+    tally: &mut RxTally,
+) -> Result<usize, QueueError> {
+    let mut cursor = GuestMemoryCursor::new(mem);
+    let mut consumed = 0;
+    for frame in frames {
+        match deliver_frame(mem, &mut cursor, queue, frame, mrg_rxbuf, scratch)? {
+            RxOutcome::Delivered { buffers } => {
+                tally.frames += 1;
+                tally.bytes += frame.len() as u64;
+                tally.buffers += u64::from(buffers);
+            }
+            RxOutcome::TooLarge => tally.dropped_too_large += 1,
+            RxOutcome::NoBuffers => break,
+        }
+        consumed += 1;
+    }
+    Ok(consumed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const N: u16 = VRING_DESC_F_NEXT as u16;
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect()
+    }
+
+    fn num_buffers(t: &TestQueue<'_>, addr: u64) -> u16 {
+        let b = t.read(addr + 10, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    #[test]
+    fn single_buffer_gets_header_and_frame() {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        let head = t.post(&[Buf(BUF_BASE, 2048, true)]);
+        let mut q = t.queue();
+        let f = frame(60, 1);
+        let mut tally = RxTally::default();
+        let n = deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut tally).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(t.used(0), vec![(u32::from(head), 72)]);
+        assert_eq!(t.read(BUF_BASE, 10), vec![0u8; 10]);
+        assert_eq!(num_buffers(&t, BUF_BASE), 1);
+        assert_eq!(t.read(BUF_BASE + 12, 60), f);
+        assert_eq!(tally, RxTally { frames: 1, bytes: 60, buffers: 1, dropped_too_large: 0 });
+    }
+
+    #[test]
+    fn chained_buffers_split_header_and_frame_anywhere() {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        // Header split over two descriptors, frame over three.
+        let head = t.post(&[Buf(BUF_BASE, 5, true), Buf(BUF_BASE + 0x100, 10, true), Buf(BUF_BASE + 0x200, 2000, true)]);
+        let mut q = t.queue();
+        let f = frame(1514, 3);
+        deliver_batch(&mem, &mut q, [f.as_slice()], false, &mut RxScratch::default(), &mut RxTally::default()).unwrap();
+        assert_eq!(t.used(0), vec![(u32::from(head), 12 + 1514)]);
+        let mut got = t.read(BUF_BASE, 5);
+        got.extend(t.read(BUF_BASE + 0x100, 10));
+        got.extend(t.read(BUF_BASE + 0x200, 1511));
+        assert_eq!(&got[10..12], &1u16.to_le_bytes());
+        assert_eq!(&got[12..], f.as_slice());
+    }
+
+    #[test]
+    fn mergeable_frame_spans_several_chains() {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        let heads: Vec<u16> = (0..4).map(|i| t.post(&[Buf(BUF_BASE + i * 0x1000, 512, true)])).collect();
+        let mut q = t.queue();
+        let f = frame(1400, 9);
+        let mut tally = RxTally::default();
+        deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut tally).unwrap();
+        // 1412 bytes over 512-byte buffers: 512 + 512 + 388.
+        let used = t.used(0);
+        assert_eq!(used, vec![(heads[0] as u32, 512), (heads[1] as u32, 512), (heads[2] as u32, 388)]);
+        assert_eq!(num_buffers(&t, BUF_BASE), 3);
+        let mut got = t.read(BUF_BASE + 12, 500);
+        got.extend(t.read(BUF_BASE + 0x1000, 512));
+        got.extend(t.read(BUF_BASE + 0x2000, 388));
+        assert_eq!(got, f);
+        assert_eq!(tally.buffers, 3);
+        assert_eq!(q.next_avail(), 3, "the fourth buffer stays for the next frame");
+    }
+
+    #[test]
+    fn too_few_buffers_puts_chains_back_and_keeps_the_frame() {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        t.post(&[Buf(BUF_BASE, 512, true)]);
+        let mut q = t.queue();
+        let small = frame(100, 1);
+        let big = frame(1400, 2);
+        let n = deliver_batch(&mem, &mut q, [big.as_slice(), small.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default()).unwrap();
+        assert_eq!(n, 0, "the big frame waits; order is kept");
+        assert!(t.used(0).is_empty());
+        assert_eq!(q.next_avail(), 0);
+        // Once the guest posts more, it goes through.
+        t.post(&[Buf(BUF_BASE + 0x1000, 1024, true)]);
+        let n = deliver_batch(&mem, &mut q, [big.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default()).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(t.used(0).len(), 2);
+    }
+
+    #[test]
+    fn frame_larger_than_a_buffer_without_mrg_rxbuf_is_dropped_and_buffer_kept() {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        t.post(&[Buf(BUF_BASE, 256, true)]);
+        let mut q = t.queue();
+        let big = frame(1000, 0);
+        let small = frame(64, 0);
+        let mut tally = RxTally::default();
+        let n = deliver_batch(&mem, &mut q, [big.as_slice(), small.as_slice()], false, &mut RxScratch::default(), &mut tally).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(tally.dropped_too_large, 1);
+        assert_eq!(tally.frames, 1);
+        assert_eq!(t.used(0), vec![(0, 76)], "the buffer carried the small frame");
+    }
+
+    #[test]
+    fn indirect_table_is_followed() {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        let head = t.post_indirect(0x8000, &[Buf(BUF_BASE, 12, true), Buf(BUF_BASE + 0x100, 1600, true)]);
+        let mut q = t.queue();
+        let f = frame(1500, 5);
+        deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default()).unwrap();
+        assert_eq!(t.used(0), vec![(u32::from(head), 1512)]);
+        assert_eq!(t.read(BUF_BASE + 0x100, 1500), f);
+    }
+
+    fn expect_error(descs: &[(u64, u32, u16, u16)]) -> QueueError {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        t.post_raw(descs);
+        let mut q = t.queue();
+        let f = frame(64, 0);
+        deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default())
+            .expect_err("malformed chain must be refused")
+    }
+
+    #[test]
+    fn malformed_chains_are_refused() {
+        // Readable buffer in a receive chain.
+        assert!(matches!(expect_error(&[(BUF_BASE, 2048, 0, 0)]), QueueError::Malformed { .. }));
+        // A chain whose next points back at itself.
+        assert!(matches!(expect_error(&[(BUF_BASE, 4, W | N, 0)]), QueueError::Malformed { .. }));
+        // next outside the descriptor table.
+        assert!(matches!(expect_error(&[(BUF_BASE, 4, W | N, 200)]), QueueError::Malformed { .. }));
+        // Buffer outside guest memory.
+        assert!(matches!(expect_error(&[(MEM_SIZE as u64 - 8, 2048, W, 0)]), QueueError::OutOfMemory { .. }));
+        assert!(matches!(expect_error(&[(u64::MAX - 100, 2048, W, 0)]), QueueError::OutOfMemory { .. }));
+        // Zero-length only.
+        assert!(matches!(expect_error(&[(BUF_BASE, 0, W, 0)]), QueueError::Malformed { .. }));
+        // Too small for the header.
+        assert!(matches!(expect_error(&[(BUF_BASE, 8, W, 0)]), QueueError::Malformed { .. }));
+    }
+
+    #[test]
+    fn corrupt_avail_index_is_refused() {
+        let mem = memory();
+        let t = TestQueue::new(&mem);
+        let mut q = t.queue();
+        let avail = t.mock.avail_addr().0;
+        t.write(avail + 2, &100u16.to_le_bytes());
+        let f = frame(64, 0);
+        let err = deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default());
+        assert_eq!(err, Err(QueueError::AvailIndex));
+    }
+}

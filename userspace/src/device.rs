@@ -1,0 +1,203 @@
+//! The virtio-net device model: feature bits, config space and the net header.
+//!
+//! Follows Linux vhost-vdpa's virtio-net: only features that work end to end are offered, the
+//! config space has the standard layout (mac, status, max_virtqueue_pairs, mtu, speed, duplex),
+//! and it is served for frontends that read it through VHOST_USER_GET_CONFIG.
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_SPEED_DUPLEX,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use crate::mac::MacAddr;
+
+/// VIRTIO_F_ANY_LAYOUT (bit 27): implied by VERSION_1, offered for legacy-aware drivers.
+const VIRTIO_F_ANY_LAYOUT: u32 = 27;
+
+/// Size of `virtio_net_hdr_v1` (VERSION_1 always uses it, with or without MRG_RXBUF).
+pub const VNET_HDR_LEN: usize = 12;
+
+/// Offset of `num_buffers` inside `virtio_net_hdr_v1`.
+pub const VNET_HDR_NUM_BUFFERS: usize = 10;
+
+/// `virtio_net_hdr.flags`: the checksum is left for the device to complete.
+pub const VNET_HDR_F_NEEDS_CSUM: u8 = 1;
+
+/// `virtio_net_hdr.gso_type`: not a segmentation offload.
+pub const VNET_HDR_GSO_NONE: u8 = 0;
+
+/// Ethernet header length.
+pub const ETH_HLEN: usize = 14;
+
+/// Largest MTU the datapath accepts: a frame (MTU + Ethernet header + one VLAN tag) must fit
+/// one UMEM frame after the kernel's headroom.
+pub const MAX_MTU: u16 = 3800;
+
+/// The virtio feature bits xvdpa offers.
+pub fn device_features() -> u64 {
+    (1u64 << VIRTIO_F_VERSION_1)
+        | (1u64 << VIRTIO_F_ANY_LAYOUT)
+        | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+        | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+        | (1u64 << VIRTIO_NET_F_MAC)
+        | (1u64 << VIRTIO_NET_F_STATUS)
+        | (1u64 << VIRTIO_NET_F_MTU)
+        | (1u64 << VIRTIO_NET_F_MRG_RXBUF)
+        | (1u64 << VIRTIO_NET_F_SPEED_DUPLEX)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// The vhost-user protocol features xvdpa speaks.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// Features the driver acknowledged, decoded once so the datapath reads plain booleans.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NegotiatedFeatures {
+    pub bits: u64,
+    pub mrg_rxbuf: bool,
+    pub event_idx: bool,
+}
+
+impl NegotiatedFeatures {
+    pub fn new(bits: u64) -> Self {
+        NegotiatedFeatures {
+            bits,
+            mrg_rxbuf: bits & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            event_idx: bits & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+        }
+    }
+}
+
+/// Link duplex as reported in the config space.
+pub const DUPLEX_FULL: u8 = 1;
+/// `speed` value meaning unknown.
+pub const SPEED_UNKNOWN: u32 = u32::MAX;
+
+/// The device config space (`struct virtio_net_config`), up to and including `duplex`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub mac: MacAddr,
+    pub link_up: bool,
+    pub max_virtqueue_pairs: u16,
+    pub mtu: u16,
+    /// Mbit/s, or [`SPEED_UNKNOWN`].
+    pub speed: u32,
+    pub duplex: u8,
+}
+
+impl NetConfig {
+    /// Bytes of the config space this device exposes.
+    pub const LEN: usize = 6 + 2 + 2 + 2 + 4 + 1;
+
+    pub fn to_bytes(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..6].copy_from_slice(&self.mac.0);
+        let status: u16 = if self.link_up { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
+        b[6..8].copy_from_slice(&status.to_le_bytes());
+        b[8..10].copy_from_slice(&self.max_virtqueue_pairs.to_le_bytes());
+        b[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        b[12..16].copy_from_slice(&self.speed.to_le_bytes());
+        b[16] = self.duplex;
+        b
+    }
+
+    /// The `size` bytes at `offset`, as VHOST_USER_GET_CONFIG asks. Out-of-range requests get
+    /// an empty answer, which the vhost-user library reports to the frontend as a failure.
+    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
+        let bytes = self.to_bytes();
+        let (offset, size) = (offset as usize, size as usize);
+        match offset.checked_add(size) {
+            Some(end) if end <= bytes.len() => bytes[offset..end].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The parts of a transmitted `virtio_net_hdr_v1` the datapath checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxHeader {
+    pub flags: u8,
+    pub gso_type: u8,
+}
+
+impl TxHeader {
+    pub fn parse(hdr: &[u8; VNET_HDR_LEN]) -> Self {
+        TxHeader { flags: hdr[0], gso_type: hdr[1] }
+    }
+
+    /// Whether the guest asked for an offload this device did not offer.
+    pub fn wants_offload(&self) -> bool {
+        self.flags & VNET_HDR_F_NEEDS_CSUM != 0 || self.gso_type != VNET_HDR_GSO_NONE
+    }
+}
+
+/// The receive header: no offloads, `num_buffers` filled in.
+pub fn rx_header(num_buffers: u16) -> [u8; VNET_HDR_LEN] {
+    let mut h = [0u8; VNET_HDR_LEN];
+    h[VNET_HDR_NUM_BUFFERS..].copy_from_slice(&num_buffers.to_le_bytes());
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NetConfig {
+        NetConfig {
+            mac: MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            link_up: true,
+            max_virtqueue_pairs: 1,
+            mtu: 1500,
+            speed: 10000,
+            duplex: DUPLEX_FULL,
+        }
+    }
+
+    #[test]
+    fn config_space_layout_matches_virtio_net_config() {
+        let b = config().to_bytes();
+        assert_eq!(&b[0..6], &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(u16::from_le_bytes([b[6], b[7]]), 1, "LINK_UP");
+        assert_eq!(u16::from_le_bytes([b[8], b[9]]), 1);
+        assert_eq!(u16::from_le_bytes([b[10], b[11]]), 1500);
+        assert_eq!(u32::from_le_bytes([b[12], b[13], b[14], b[15]]), 10000);
+        assert_eq!(b[16], DUPLEX_FULL);
+    }
+
+    #[test]
+    fn config_reads_are_bounds_checked() {
+        let c = config();
+        assert_eq!(c.read(10, 2), 1500u16.to_le_bytes().to_vec());
+        assert!(c.read(16, 2).is_empty());
+        assert!(c.read(u32::MAX, 2).is_empty());
+        let mut down = c;
+        down.link_up = false;
+        assert_eq!(down.read(6, 2), vec![0, 0]);
+    }
+
+    #[test]
+    fn offered_features_exclude_unimplemented_offloads() {
+        use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_TSO4};
+        let f = device_features();
+        assert_eq!(f & (1 << VIRTIO_NET_F_CSUM), 0);
+        assert_eq!(f & (1 << VIRTIO_NET_F_GUEST_TSO4), 0);
+        assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
+        let n = NegotiatedFeatures::new(f);
+        assert!(n.mrg_rxbuf && n.event_idx);
+    }
+
+    #[test]
+    fn rx_header_carries_num_buffers() {
+        let h = rx_header(3);
+        assert_eq!(&h[..10], &[0u8; 10]);
+        assert_eq!(u16::from_le_bytes([h[10], h[11]]), 3);
+    }
+}
