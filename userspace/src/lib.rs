@@ -2,7 +2,22 @@
 //!
 //! A vhost-user-net backend whose guest queues are fed by AF_XDP sockets, with an XDP program
 //! on the NIC steering each VM's frames to them by destination MAC.
+//!
+//! - [`device`]: the virtio-net device model (features, config space, net header);
+//! - [`datapath`]: the per-packet copy functions over guest memory and virtqueues;
+//! - [`xsk`], [`packet_tap`], [`steering`]: the NIC side (AF_XDP, multicast copies, XDP);
+//! - [`worker`], [`backend`], [`port`]: vhost-user serving;
+//! - [`daemon`]: the process around it all.
 
+pub mod backend;
+pub mod daemon;
 pub mod datapath;
 pub mod device;
 pub mod mac;
+pub mod packet_tap;
+pub mod port;
+pub mod protocol_shim;
+pub mod stats;
+pub mod steering;
+pub mod worker;
+pub mod xsk;

@@ -1,0 +1,133 @@
+//! The vhost-user-net backend: one value per frontend connection, implementing
+//! `VhostUserBackend` over the queue-pair workers.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::device::{device_features, protocol_features, NegotiatedFeatures, NetConfig};
+use crate::worker::{EventIds, QueuePairWorker, Vring};
+
+/// Descriptors per virtqueue the device accepts at most (QEMU's default is 256).
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+struct Inner {
+    config: NetConfig,
+    acked: AtomicU64,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    workers: Vec<Mutex<QueuePairWorker>>,
+    ids: EventIds,
+}
+
+/// The backend of one VM port for one frontend connection.
+#[derive(Clone)]
+pub struct NetBackend(Arc<Inner>);
+
+impl NetBackend {
+    pub fn new(config: NetConfig, mem: GuestMemoryAtomic<GuestMemoryMmap>, workers: Vec<QueuePairWorker>) -> Self {
+        let num_queues = 2 * workers.len();
+        NetBackend(Arc::new(Inner {
+            config,
+            acked: AtomicU64::new(0),
+            mem,
+            workers: workers.into_iter().map(Mutex::new).collect(),
+            ids: EventIds::new(num_queues),
+        }))
+    }
+
+    pub fn event_ids(&self) -> EventIds {
+        self.0.ids
+    }
+
+    /// The worker of queue pair `i`. A worker that panicked is still handed out: its state
+    /// is plain data and the next reset puts it right.
+    pub fn worker(&self, i: usize) -> MutexGuard<'_, QueuePairWorker> {
+        self.0.workers[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn queue_pairs(&self) -> usize {
+        self.0.workers.len()
+    }
+
+    pub fn negotiated(&self) -> NegotiatedFeatures {
+        NegotiatedFeatures::new(self.0.acked.load(Ordering::Acquire))
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2 * self.0.workers.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        device_features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.0.acked.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn reset_device(&self) {
+        self.0.acked.store(0, Ordering::Release);
+        for i in 0..self.queue_pairs() {
+            self.worker(i).reset();
+        }
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library sets it on each vring's queue; the workers read it from there.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.0.config.read(offset, size)
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // The library swaps the regions inside the GuestMemoryAtomic we share with it.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queue_pairs()).map(|i| 0b11u64 << (2 * i)).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // A stopped queue restarts from a fresh ring: a queue marked broken gets another go.
+        let pair = queue_index as usize / 2;
+        if pair < self.queue_pairs() {
+            self.worker(pair).reset();
+        }
+        Ok(())
+    }
+
+    fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
+        if thread_id >= self.queue_pairs() {
+            return Ok(());
+        }
+        let mem = self.0.mem.memory();
+        let features = self.negotiated();
+        self.worker(thread_id).handle(device_event, self.0.ids, vrings, &mem, features);
+        Ok(())
+    }
+}

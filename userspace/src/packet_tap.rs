@@ -1,0 +1,119 @@
+//! Copies of the NIC's incoming broadcast and multicast frames, for the VMs.
+//!
+//! XDP cannot clone a frame, and ARP, IPv6 neighbour discovery and DHCP must reach both the
+//! host and every VM. The XDP program therefore passes group-addressed frames to the host
+//! stack, and this AF_PACKET socket, filtered in the kernel to exactly those frames arriving
+//! on the NIC, hands the daemon a copy. They are a small share of traffic, so a plain
+//! non-blocking socket is enough.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Received frames larger than this are truncated by the kernel and dropped here.
+const MAX_FRAME: usize = 9216;
+
+/// Frames read per call, at most.
+pub const TAP_BATCH: usize = 32;
+
+pub struct PacketTap {
+    fd: OwnedFd,
+    bufs: Vec<Vec<u8>>,
+    /// (buffer index, length) of the frames of the last batch.
+    lens: Vec<(usize, usize)>,
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` points to a live T of the size passed.
+    check(unsafe {
+        libc::setsockopt(fd, level, name, (value as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
+    })
+    .map(drop)
+}
+
+impl PacketTap {
+    /// Opens a tap on `ifindex` that sees only incoming group-addressed frames.
+    pub fn open(ifindex: u32) -> io::Result<Self> {
+        // Protocol 0 receives nothing until bind, so no frame slips in before the filter.
+        // SAFETY: plain socket(2) call.
+        let raw = check(unsafe {
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+
+        // Classic BPF: accept if the destination's group bit is set and the frame is not
+        // one this host sent.
+        let pkttype_off = (libc::SKF_AD_OFF + libc::SKF_AD_PKTTYPE) as u32;
+        let filter = [
+            bpf_stmt(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0),
+            bpf_jump(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 1, 0, 3),
+            bpf_stmt(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, pkttype_off),
+            bpf_jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, libc::PACKET_OUTGOING as u32, 1, 0),
+            bpf_stmt(libc::BPF_RET | libc::BPF_K, MAX_FRAME as u32),
+            bpf_stmt(libc::BPF_RET | libc::BPF_K, 0),
+        ];
+        let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+        setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
+        // Frames the host itself transmits are never copies of incoming ones.
+        const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+        let one: libc::c_int = 1;
+        let _ = setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &one);
+
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid starting value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: binds with a correctly sized sockaddr_ll.
+        check(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        })?;
+        Ok(PacketTap { fd, bufs: vec![vec![0u8; MAX_FRAME]; TAP_BATCH], lens: Vec::with_capacity(TAP_BATCH) })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads up to [`TAP_BATCH`] waiting frames; returns them in order.
+    pub fn recv_batch(&mut self) -> impl Iterator<Item = &[u8]> {
+        self.lens.clear();
+        for (i, buf) in self.bufs.iter_mut().enumerate() {
+            // SAFETY: recv into a buffer we own, of the length passed.
+            let n = unsafe {
+                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+            };
+            if n < 0 {
+                break;
+            }
+            let n = n as usize;
+            // Truncated (larger than MAX_FRAME): no guest buffer would take it either.
+            if n > buf.len() {
+                continue;
+            }
+            self.lens.push((i, n));
+        }
+        let bufs = &self.bufs;
+        self.lens.iter().map(move |&(i, n)| &bufs[i][..n])
+    }
+}
+
+fn bpf_stmt(code: u32, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code: code as u16, jt: 0, jf: 0, k }
+}
+
+fn bpf_jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter { code: code as u16, jt, jf, k }
+}

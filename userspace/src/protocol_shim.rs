@@ -1,0 +1,303 @@
+//! A message-level shim between the frontend (QEMU) and the vhost-user library.
+//!
+//! QEMU's virtio-net sends VHOST_USER_SET_VRING_ENABLE when the device is realized or reset,
+//! before VHOST_USER_SET_FEATURES, as soon as the backend *offers* PROTOCOL_FEATURES. The
+//! vhost crate (0.18) reads "negotiated" as "acknowledged by SET_FEATURES" and drops the whole
+//! connection on such a message, so no QEMU guest could ever attach. The shim forwards every
+//! message unchanged (with its file descriptors) except those early SET_VRING_ENABLEs: it
+//! acknowledges them itself and replays the latest state per ring right after SET_FEATURES,
+//! which is exactly what the spec asks the ring state to be at that point.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+const HDR_LEN: usize = 12;
+/// Largest payload any vhost-user message has (SET_MEM_TABLE with 8 regions is ~330 bytes;
+/// GET/SET_CONFIG up to 256); anything beyond this is a broken peer.
+const MAX_PAYLOAD: usize = 64 * 1024;
+const MAX_FDS: usize = 32;
+
+const REQ_SET_FEATURES: u32 = 2;
+const REQ_SET_VRING_ENABLE: u32 = 18;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// One vhost-user message with its header fields decoded.
+struct Message {
+    request: u32,
+    flags: u32,
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn header(&self) -> [u8; HDR_LEN] {
+        let mut h = [0u8; HDR_LEN];
+        h[0..4].copy_from_slice(&self.request.to_le_bytes());
+        h[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        h[8..12].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        h
+    }
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// Reads one message; `Ok(None)` on a clean end of stream.
+fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
+    let mut hdr = [0u8; HDR_LEN];
+    // Room for MAX_FDS descriptors in one SCM_RIGHTS message.
+    let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
+    let mut iov = libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: HDR_LEN };
+    // SAFETY: msghdr is plain data; all pointers set below point at live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    // SAFETY: recvmsg into the buffers described by `msg`.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walks the control buffer the kernel filled, with the libc CMSG macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(invalid("too many file descriptors in one vhost-user message"));
+    }
+    let mut got = n as usize;
+    let mut rd = sock;
+    while got < HDR_LEN {
+        let m = rd.read(&mut hdr[got..])?;
+        if m == 0 {
+            return Err(invalid("vhost-user header cut short"));
+        }
+        got += m;
+    }
+    let request = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
+    let flags = u32::from_le_bytes(hdr[4..8].try_into().expect("4 bytes"));
+    let size = u32::from_le_bytes(hdr[8..12].try_into().expect("4 bytes")) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(invalid("vhost-user payload too large"));
+    }
+    let mut payload = vec![0u8; size];
+    rd.read_exact(&mut payload)?;
+    Ok(Some(Message { request, flags, payload, fds }))
+}
+
+fn send_message(sock: &UnixStream, m: &Message) -> io::Result<()> {
+    let hdr = m.header();
+    let mut iov = [
+        libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HDR_LEN },
+        libc::iovec { iov_base: m.payload.as_ptr() as *mut _, iov_len: m.payload.len() },
+    ];
+    let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
+    // SAFETY: msghdr is plain data; all pointers set below point at live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = 2;
+    if !m.fds.is_empty() {
+        let bytes = m.fds.len() * std::mem::size_of::<RawFd>();
+        // SAFETY: fills one SCM_RIGHTS header inside `cmsg`, sized with CMSG_SPACE.
+        unsafe {
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(bytes as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            let data = libc::CMSG_DATA(c) as *mut RawFd;
+            for (i, fd) in m.fds.iter().enumerate() {
+                std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+            }
+        }
+    }
+    let total = HDR_LEN + m.payload.len();
+    // SAFETY: sendmsg of the buffers described by `msg`.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n < total {
+        // The descriptors went with the first byte; send the rest plainly.
+        let mut rest = Vec::with_capacity(total - n);
+        rest.extend_from_slice(&hdr);
+        rest.extend_from_slice(&m.payload);
+        let mut w = sock;
+        w.write_all(&rest[n..])?;
+    }
+    Ok(())
+}
+
+/// The two forwarding threads of one connection.
+pub struct Shim {
+    frontend: UnixStream,
+    backend: UnixStream,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Shim {
+    /// Starts forwarding between `frontend` (QEMU) and `backend` (the library's connection).
+    pub fn start(frontend: UnixStream, backend: UnixStream) -> io::Result<Shim> {
+        let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
+        let f_in = frontend.try_clone()?;
+        let b_out = backend.try_clone()?;
+        let b_in = backend.try_clone()?;
+        let (f_close, b_close) = (frontend.try_clone()?, backend.try_clone()?);
+        let (f_close2, b_close2) = (frontend.try_clone()?, backend.try_clone()?);
+        let tf = to_frontend.clone();
+        let down = std::thread::Builder::new().name("xvdpa-shim-req".into()).spawn(move || {
+            if let Err(e) = forward_requests(&f_in, &b_out, &tf) {
+                tracing::debug!(error = %e, "frontend request stream ended");
+            }
+            let _ = f_close.shutdown(Shutdown::Both);
+            let _ = b_close.shutdown(Shutdown::Both);
+        })?;
+        let up = std::thread::Builder::new().name("xvdpa-shim-reply".into()).spawn(move || {
+            let result = (|| -> io::Result<()> {
+                while let Some(m) = recv_message(&b_in)? {
+                    send_message(&to_frontend.lock().unwrap_or_else(|p| p.into_inner()), &m)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "backend reply stream ended");
+            }
+            let _ = f_close2.shutdown(Shutdown::Both);
+            let _ = b_close2.shutdown(Shutdown::Both);
+        })?;
+        Ok(Shim { frontend, backend, threads: vec![down, up] })
+    }
+
+    /// Cuts both connections and waits for the threads.
+    pub fn stop(mut self) {
+        let _ = self.frontend.shutdown(Shutdown::Both);
+        let _ = self.backend.shutdown(Shutdown::Both);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Frontend -> library, holding back SET_VRING_ENABLE until SET_FEATURES has been seen.
+fn forward_requests(from: &UnixStream, to: &UnixStream, reply: &Mutex<UnixStream>) -> io::Result<()> {
+    let mut features_seen = false;
+    // Latest early enable state per ring index (the payload is {u32 index, u32 num}).
+    let mut held: BTreeMap<u32, Message> = BTreeMap::new();
+    while let Some(m) = recv_message(from)? {
+        if m.request == REQ_SET_VRING_ENABLE && !features_seen {
+            if m.payload.len() < 8 {
+                return Err(invalid("short SET_VRING_ENABLE"));
+            }
+            if m.flags & FLAG_NEED_REPLY != 0 {
+                let ack = Message {
+                    request: m.request,
+                    flags: FLAG_VERSION | FLAG_REPLY,
+                    payload: 0u64.to_le_bytes().to_vec(),
+                    fds: Vec::new(),
+                };
+                send_message(&reply.lock().unwrap_or_else(|p| p.into_inner()), &ack)?;
+            }
+            let index = u32::from_le_bytes(m.payload[0..4].try_into().expect("4 bytes"));
+            held.insert(index, Message { flags: m.flags & !FLAG_NEED_REPLY, ..m });
+            continue;
+        }
+        let is_features = m.request == REQ_SET_FEATURES;
+        send_message(to, &m)?;
+        if is_features && !features_seen {
+            features_seen = true;
+            for (_, m) in std::mem::take(&mut held) {
+                send_message(to, &m)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn msg(request: u32, flags: u32, payload: &[u8]) -> Message {
+        Message { request, flags, payload: payload.to_vec(), fds: Vec::new() }
+    }
+
+    #[test]
+    fn messages_and_fds_cross_intact() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let m = Message {
+            request: 5,
+            flags: FLAG_VERSION,
+            payload: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            fds: vec![file.as_fd().try_clone_to_owned().unwrap()],
+        };
+        send_message(&a, &m).unwrap();
+        let got = recv_message(&b).unwrap().unwrap();
+        assert_eq!((got.request, got.flags, got.payload.clone()), (5, FLAG_VERSION, m.payload.clone()));
+        assert_eq!(got.fds.len(), 1);
+        drop(a);
+        assert!(recv_message(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn early_vring_enable_is_acked_and_replayed_after_set_features() {
+        let (qemu, shim_front) = UnixStream::pair().unwrap();
+        let (shim_back, lib) = UnixStream::pair().unwrap();
+        let shim = Shim::start(shim_front, shim_back).unwrap();
+        let enable = |idx: u32, on: u32| {
+            let mut p = idx.to_le_bytes().to_vec();
+            p.extend(on.to_le_bytes());
+            p
+        };
+        send_message(&qemu, &msg(1, FLAG_VERSION, &[])).unwrap(); // GET_FEATURES
+        send_message(&qemu, &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION | FLAG_NEED_REPLY, &enable(0, 1))).unwrap();
+        // The shim answers the early enable itself.
+        let ack = recv_message(&qemu).unwrap().unwrap();
+        assert_eq!((ack.request, ack.flags & FLAG_REPLY, ack.payload), (REQ_SET_VRING_ENABLE, FLAG_REPLY, vec![0; 8]));
+        send_message(&qemu, &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &enable(0, 0))).unwrap();
+        send_message(&qemu, &msg(REQ_SET_FEATURES, FLAG_VERSION, &[0; 8])).unwrap();
+        send_message(&qemu, &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &enable(1, 1))).unwrap();
+
+        let seen: Vec<(u32, Vec<u8>)> = (0..4).map(|_| {
+            let m = recv_message(&lib).unwrap().unwrap();
+            assert_eq!(m.flags & FLAG_NEED_REPLY, 0);
+            (m.request, m.payload)
+        }).collect();
+        assert_eq!(seen, vec![
+            (1, vec![]),
+            (REQ_SET_FEATURES, vec![0; 8]),
+            (REQ_SET_VRING_ENABLE, enable(0, 0)), // the latest early state of ring 0
+            (REQ_SET_VRING_ENABLE, enable(1, 1)),
+        ]);
+        // Replies flow back untouched.
+        send_message(&lib, &msg(1, FLAG_VERSION | FLAG_REPLY, &[9; 8])).unwrap();
+        assert_eq!(recv_message(&qemu).unwrap().unwrap().payload, vec![9; 8]);
+        shim.stop();
+    }
+}

@@ -1,0 +1,60 @@
+//! Datapath counters: written by the queue workers once per batch, read by the control plane.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Default, Debug)]
+        pub struct $name { $($(#[$fm])* pub $field: AtomicU64,)* }
+
+        impl $name {
+            /// (name, value) of every counter, in declaration order.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field.load(Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Counters of one queue pair of one port.
+    QueueStats {
+        /// Frames written to the guest (unicast from AF_XDP and group-addressed from the tap).
+        rx_packets,
+        rx_bytes,
+        /// Guest buffers (chains) those frames used.
+        rx_buffers,
+        /// Group-addressed frames copied from the host side.
+        rx_multicast,
+        /// Frames larger than any buffer the guest posts (no MRG_RXBUF).
+        rx_dropped_too_large,
+        /// The guest had no receive buffers.
+        rx_dropped_guest_ring_full,
+        /// The guest's receive queue was not running (driver not loaded, or reset).
+        rx_dropped_queue_stopped,
+        /// The kernel found the socket's rx ring full (backpressure reached the NIC).
+        rx_dropped_xsk_ring_full,
+        tx_packets,
+        tx_bytes,
+        tx_dropped_oversized,
+        tx_dropped_runt,
+        tx_dropped_offload,
+        /// Queues stopped because the guest broke the ring's rules.
+        queue_errors,
+        notifications_sent,
+        notifications_suppressed,
+    }
+}
+
+impl QueueStats {
+    pub fn add(&self, counter: &AtomicU64, n: u64) {
+        if n != 0 {
+            counter.fetch_add(n, Relaxed);
+        }
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+}

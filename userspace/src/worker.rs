@@ -1,0 +1,405 @@
+//! One queue pair's worker: moves frames between its AF_XDP sockets (one per NIC queue), the
+//! multicast tap and the guest's rx/tx virtqueues.
+//!
+//! It runs on the vhost-user library's epoll thread for that queue pair and is woken by guest
+//! kicks, socket readiness, its own re-arm eventfd (more work than one batch) and a slow
+//! housekeeping timer. Nothing a guest does can make it return an error to the library, which
+//! would end the thread: a guest that breaks the ring's rules gets its queue stopped and
+//! counted until the device is reset.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::datapath::rx::{self, RxScratch, RxTally};
+use crate::datapath::tx::{self, TxScratch, TxStop, TxTally};
+use crate::datapath::QueueError;
+use crate::device::NegotiatedFeatures;
+use crate::packet_tap::PacketTap;
+use crate::stats::QueueStats;
+use crate::xsk::XskSocket;
+
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+/// Frames moved per batch: one notification and one ring update per batch.
+pub const BATCH: usize = 64;
+/// Batches per event before yielding to the other direction and the library's events.
+const BUDGET_BATCHES: usize = 8;
+
+/// Local vring indices inside a queue pair's worker.
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// Event ids of the worker's own fds, above the library's (queues and exit event).
+#[derive(Debug, Clone, Copy)]
+pub struct EventIds {
+    pub rearm: u16,
+    pub timer: u16,
+    pub tap: u16,
+    pub first_xsk: u16,
+}
+
+impl EventIds {
+    pub fn new(num_queues: usize) -> Self {
+        let base = num_queues as u16 + 1;
+        EventIds { rearm: base, timer: base + 1, tap: base + 2, first_xsk: base + 3 }
+    }
+}
+
+/// A periodic timer fd.
+struct Timer(OwnedFd);
+
+impl Timer {
+    fn periodic(ms: u64) -> io::Result<Self> {
+        // SAFETY: plain timerfd_create(2).
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ts = libc::timespec { tv_sec: (ms / 1000) as i64, tv_nsec: ((ms % 1000) * 1_000_000) as i64 };
+        let spec = libc::itimerspec { it_interval: ts, it_value: ts };
+        // SAFETY: valid fd and itimerspec.
+        if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Timer(fd))
+    }
+
+    fn consume(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads 8 bytes into a local buffer; EAGAIN is fine.
+        unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// Per-queue-pair datapath state.
+pub struct QueuePairWorker {
+    pair: usize,
+    sockets: Vec<XskSocket>,
+    tap: Option<PacketTap>,
+    rearm: EventFd,
+    timer: Timer,
+    busy_poll: bool,
+    max_frame: usize,
+    stats: Arc<QueueStats>,
+    rx_scratch: RxScratch,
+    tx_scratch: TxScratch,
+    /// Next socket to read first, so one busy NIC queue cannot starve the others.
+    next_rx_socket: usize,
+    rx_broken: bool,
+    tx_broken: bool,
+    /// Kernel ring-full drops already added to the stats.
+    xsk_ring_full_seen: u64,
+}
+
+impl QueuePairWorker {
+    pub fn new(
+        pair: usize,
+        sockets: Vec<XskSocket>,
+        tap: Option<PacketTap>,
+        max_frame: usize,
+        busy_poll: bool,
+        stats: Arc<QueueStats>,
+    ) -> io::Result<Self> {
+        let rearm = EventFd::new(EFD_NONBLOCK)?;
+        if busy_poll {
+            // Left readable for good: the level-triggered epoll returns at once, every time.
+            rearm.write(1)?;
+        }
+        Ok(QueuePairWorker {
+            pair,
+            sockets,
+            tap,
+            rearm,
+            timer: Timer::periodic(200)?,
+            busy_poll,
+            max_frame,
+            stats,
+            rx_scratch: RxScratch::default(),
+            tx_scratch: TxScratch::default(),
+            next_rx_socket: 0,
+            rx_broken: false,
+            tx_broken: false,
+            xsk_ring_full_seen: 0,
+        })
+    }
+
+    /// The fds to register with the queue pair's epoll handler: (fd, events, id).
+    pub fn event_sources(&self, ids: EventIds) -> Vec<(RawFd, EventSet, u16)> {
+        let mut v = vec![
+            (self.rearm.as_raw_fd(), EventSet::IN, ids.rearm),
+            (self.timer.0.as_raw_fd(), EventSet::IN, ids.timer),
+        ];
+        if let Some(tap) = &self.tap {
+            v.push((tap.fd(), EventSet::IN, ids.tap));
+        }
+        for (i, s) in self.sockets.iter().enumerate() {
+            // Edge-triggered: a backlog the guest cannot take yet must not spin the thread;
+            // the guest's rx kick resumes it.
+            v.push((s.fd(), EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED, ids.first_xsk + i as u16));
+        }
+        v
+    }
+
+    pub fn sockets(&self) -> &[XskSocket] {
+        &self.sockets
+    }
+
+    /// Handles one event. Never fails: errors are the guest's or transient, and are counted.
+    pub fn handle(
+        &mut self,
+        event: u16,
+        ids: EventIds,
+        vrings: &[Vring],
+        mem: &GuestMemoryMmap,
+        features: NegotiatedFeatures,
+    ) {
+        if vrings.len() < 2 {
+            return;
+        }
+        if event == ids.rearm && !self.busy_poll {
+            let _ = self.rearm.read();
+        }
+        if event == ids.timer {
+            self.timer.consume();
+            self.housekeeping();
+        }
+        let tx_first = event as usize == TX;
+        if tx_first {
+            self.service_tx(&vrings[TX], mem);
+        }
+        let more_rx = self.service_rx(&vrings[RX], mem, features, event == ids.tap || event == ids.timer);
+        let more_tx = self.service_tx(&vrings[TX], mem);
+        if (more_rx || more_tx) && !self.busy_poll {
+            // More than one budget of work: come back after the library's other events.
+            let _ = self.rearm.write(1);
+        }
+    }
+
+    /// Reads kernel socket counters and retries anything left waiting.
+    fn housekeeping(&mut self) {
+        let full: u64 = self.sockets.iter().map(|s| s.kernel_stats().rx_ring_full).sum();
+        if full > self.xsk_ring_full_seen {
+            self.stats.add(&self.stats.rx_dropped_xsk_ring_full, full - self.xsk_ring_full_seen);
+            self.xsk_ring_full_seen = full;
+        }
+    }
+
+    fn queue_failed(&mut self, dir: &'static str, e: &QueueError) {
+        tracing::error!(pair = self.pair, dir, error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
+        self.stats.add(&self.stats.queue_errors, 1);
+    }
+
+    /// Notifies the guest if it asked to be, once per batch.
+    fn notify(&self, state: &mut impl std::ops::DerefMut<Target = vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>>) {
+        match state.needs_notification() {
+            Ok(true) => {
+                if state.signal_used_queue().is_ok() {
+                    self.stats.add(&self.stats.notifications_sent, 1);
+                }
+            }
+            Ok(false) => self.stats.add(&self.stats.notifications_suppressed, 1),
+            Err(_) => {}
+        }
+    }
+
+    /// Guest -> NIC. Returns true if work was left for another round.
+    fn service_tx(&mut self, vring: &Vring, mem: &GuestMemoryMmap) -> bool {
+        let Some(sock) = self.sockets.first_mut() else { return false };
+        sock.reap_completions();
+        if self.tx_broken {
+            return false;
+        }
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return false;
+        }
+        let mut tally = TxTally::default();
+        let mut more = false;
+        let mut result = Ok(());
+        'outer: for round in 0.. {
+            let _ = state.get_queue_mut().disable_notification(mem);
+            let mut stop = TxStop::Budget;
+            for _ in 0..BUDGET_BATCHES {
+                stop = match tx::transmit_batch(
+                    mem,
+                    state.get_queue_mut(),
+                    sock,
+                    self.max_frame,
+                    BATCH,
+                    &mut self.tx_scratch,
+                    &mut tally,
+                ) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'outer;
+                    }
+                };
+                sock.flush_tx();
+                sock.reap_completions();
+                if stop != TxStop::Budget {
+                    break;
+                }
+            }
+            match stop {
+                // Completions come back through the socket's write-space wakeup or the timer.
+                TxStop::NoBuffers => break,
+                TxStop::Budget => {
+                    more = true;
+                    break;
+                }
+                TxStop::RingEmpty => {
+                    // Re-enable kicks; if the guest added chains meanwhile, go again once.
+                    match state.get_queue_mut().enable_notification(mem) {
+                        Ok(true) if round == 0 => continue,
+                        Ok(true) => {
+                            more = true;
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+        let s = &self.stats;
+        s.add(&s.tx_packets, tally.frames);
+        s.add(&s.tx_bytes, tally.bytes);
+        s.add(&s.tx_dropped_oversized, tally.dropped_oversized);
+        s.add(&s.tx_dropped_runt, tally.dropped_runt);
+        s.add(&s.tx_dropped_offload, tally.dropped_offload);
+        let used = tally.frames + tally.dropped_oversized + tally.dropped_runt + tally.dropped_offload;
+        if used > 0 {
+            self.notify(&mut state);
+        }
+        drop(state);
+        if let Err(e) = result {
+            self.tx_broken = true;
+            self.queue_failed("tx", &e);
+        }
+        more
+    }
+
+    /// NIC -> guest. Returns true if work was left for another round.
+    fn service_rx(&mut self, vring: &Vring, mem: &GuestMemoryMmap, features: NegotiatedFeatures, read_tap: bool) -> bool {
+        let mut state = vring.get_mut();
+        let running = state.get_queue().ready() && state.is_enabled() && !self.rx_broken;
+        if !running {
+            // Nobody to deliver to: keep the NIC's rings moving and count the loss.
+            let mut lost = 0;
+            for s in &mut self.sockets {
+                s.poll_rx(u32::MAX);
+                lost += s.discard_rx_backlog();
+            }
+            if let Some(tap) = &mut self.tap {
+                lost += tap.recv_batch().count();
+            }
+            self.stats.add(&self.stats.rx_dropped_queue_stopped, lost as u64);
+            return false;
+        }
+
+        let mut tally = RxTally::default();
+        let mut guest_full = false;
+        let mut more = false;
+        let mut result = Ok(());
+        let n = self.sockets.len();
+        'sockets: for k in 0..n {
+            let sock = &mut self.sockets[(self.next_rx_socket + k) % n];
+            for batch in 0..BUDGET_BATCHES {
+                sock.poll_rx(BATCH as u32);
+                if sock.rx_pending() == 0 {
+                    break;
+                }
+                let want = sock.rx_pending().min(BATCH);
+                let queue = state.get_queue_mut();
+                let scratch = &mut self.rx_scratch;
+                let got = sock.drain_rx(BATCH, |frames| {
+                    rx::deliver_batch(mem, queue, frames, features.mrg_rxbuf, scratch, &mut tally)
+                });
+                match got {
+                    Ok(done) if done < want => {
+                        guest_full = true;
+                        break 'sockets;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break 'sockets;
+                    }
+                }
+                if batch + 1 == BUDGET_BATCHES {
+                    more = true;
+                }
+            }
+        }
+        self.next_rx_socket = (self.next_rx_socket + 1) % n.max(1);
+
+        if read_tap && result.is_ok() {
+            if let Some(tap) = &mut self.tap {
+                let mut cursor = crate::datapath::GuestMemoryCursor::new(mem);
+                for frame in tap.recv_batch() {
+                    if guest_full {
+                        self.stats.add(&self.stats.rx_dropped_guest_ring_full, 1);
+                        continue;
+                    }
+                    match rx::deliver_frame(mem, &mut cursor, state.get_queue_mut(), frame, features.mrg_rxbuf, &mut self.rx_scratch) {
+                        Ok(rx::RxOutcome::Delivered { buffers }) => {
+                            tally.frames += 1;
+                            tally.bytes += frame.len() as u64;
+                            tally.buffers += u64::from(buffers);
+                            self.stats.add(&self.stats.rx_multicast, 1);
+                        }
+                        Ok(rx::RxOutcome::TooLarge) => tally.dropped_too_large += 1,
+                        Ok(rx::RxOutcome::NoBuffers) => {
+                            guest_full = true;
+                            self.stats.add(&self.stats.rx_dropped_guest_ring_full, 1);
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+
+        let s = &self.stats;
+        s.add(&s.rx_packets, tally.frames);
+        s.add(&s.rx_bytes, tally.bytes);
+        s.add(&s.rx_buffers, tally.buffers);
+        s.add(&s.rx_dropped_too_large, tally.dropped_too_large);
+        if tally.frames > 0 {
+            self.notify(&mut state);
+        }
+        if guest_full {
+            // Ask for a kick when the guest posts buffers; if it already has, go again.
+            if let Ok(true) = state.get_queue_mut().enable_notification(mem) {
+                more = true;
+            }
+        } else {
+            let _ = state.get_queue_mut().disable_notification(mem);
+        }
+        drop(state);
+        if let Err(e) = result {
+            self.rx_broken = true;
+            self.queue_failed("rx", &e);
+        }
+        more
+    }
+
+    /// The guest stopped or reset the queues: forget per-run state.
+    pub fn reset(&mut self) {
+        self.rx_broken = false;
+        self.tx_broken = false;
+        let stale: usize = self.sockets.iter_mut().map(|s| s.discard_rx_backlog()).sum();
+        self.stats.add(&self.stats.rx_dropped_queue_stopped, stale as u64);
+    }
+}
