@@ -1,1 +1,25 @@
+//! Test support for xvdpa, shared by the integration tests, `cargo xtask` and the benchmark:
+//!
+//! - [`lab`]: network namespaces and a veth pair standing in for a NIC and its wire;
+//! - [`wire`]: raw frames on the wire side;
+//! - [`daemon`]: the real `xvdpa` binary, started and stopped like an operator would;
+//! - [`frontend`]: a vhost-user frontend (a VMM in a process) with memfd guest memory and its
+//!   own split-queue driver;
+//! - [`guest`]: a real Linux guest under QEMU;
+//! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check.
 
+pub mod daemon;
+pub mod frames;
+pub mod frontend;
+pub mod guest;
+pub mod lab;
+pub mod netns;
+pub mod output;
+pub mod wire;
+
+use std::path::PathBuf;
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+}

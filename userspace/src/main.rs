@@ -45,11 +45,23 @@ fn parse_mac(s: &str) -> Result<MacAddr, String> {
     MacAddr::parse_unicast(s).map_err(|e| e.to_string())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole cause chain on one line, which is what ends up in journals.
+            eprintln!("xvdpa: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cli.log)).context("--log")?;
     // The fmt subscriber also installs the `log` bridge, which carries aya-log's records.
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
 
     let config = DaemonConfig {
         iface: cli.iface,
@@ -59,5 +71,5 @@ fn main() -> anyhow::Result<()> {
         xsk_mode: cli.xsk_mode,
         busy_poll: cli.busy_poll,
     };
-    daemon::run(config).context("xvdpa")
+    Ok(daemon::run(config)?)
 }

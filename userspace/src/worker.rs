@@ -341,6 +341,16 @@ impl QueuePairWorker {
             }
         }
         self.next_rx_socket = (self.next_rx_socket + 1) % n.max(1);
+        if guest_full {
+            // The guest has no buffers: drop what waits rather than hold it, so the NIC's
+            // ring keeps moving and the guest later sees fresh traffic, not a stale backlog.
+            let mut lost = 0;
+            for s in &mut self.sockets {
+                s.poll_rx(u32::MAX);
+                lost += s.discard_rx_backlog();
+            }
+            self.stats.add(&self.stats.rx_dropped_guest_ring_full, lost as u64);
+        }
 
         if read_tap && result.is_ok() {
             if let Some(tap) = &mut self.tap {

@@ -1,0 +1,168 @@
+//! The real `xvdpa` binary, started inside a lab's host namespace and stopped with SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab::{Lab, NIC};
+use crate::output::{LineLog, Wait};
+
+/// The daemon binary: `$XVDPA_BIN`, or the debug build `cargo xtask build` leaves behind.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("XVDPA_BIN") {
+        return PathBuf::from(p);
+    }
+    crate::workspace_root().join("target/debug/xvdpa")
+}
+
+fn checked_binary() -> Result<PathBuf> {
+    let bin = binary();
+    if !bin.exists() {
+        bail!("{} does not exist: run the tests with `cargo xtask test`, which builds it with its eBPF program", bin.display());
+    }
+    Ok(bin)
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    log: Arc<LineLog>,
+    pub sockets: Vec<PathBuf>,
+}
+
+/// A fresh directory for one test's sockets.
+pub fn socket_dir(tag: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("xvdpa-test-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+impl Daemon {
+    /// Starts `xvdpa --iface nic0 <args>` in the lab's host namespace without waiting.
+    pub fn spawn(lab: &Lab, args: &[&str]) -> Result<Daemon> {
+        let bin = checked_binary()?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &lab.host_ns]).arg(&bin).args(["--iface", NIC]).args(args);
+        Self::spawn_command(cmd)
+    }
+
+    /// Starts the binary with exactly `args` (for command-line error tests).
+    pub fn spawn_raw(netns: Option<&str>, args: &[&str]) -> Result<Daemon> {
+        let bin = checked_binary()?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args(args);
+        Self::spawn_command(cmd)
+    }
+
+    fn spawn_command(mut cmd: Command) -> Result<Daemon> {
+        cmd.env("RUST_LOG", std::env::var("XVDPA_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let log = LineLog::capture(&mut child, "xvdpa");
+        Ok(Daemon { child: Some(child), log, sockets: Vec::new() })
+    }
+
+    /// Starts a daemon serving one port and waits until it accepts frontends.
+    pub fn start(lab: &Lab, socket: &Path, mac: &str, extra: &[&str]) -> Result<Daemon> {
+        let socket_s = socket.to_str().context("socket path")?;
+        let mut args = vec!["--socket", socket_s, "--mac", mac];
+        args.extend_from_slice(extra);
+        let mut d = Self::spawn(lab, &args)?;
+        d.sockets.push(socket.to_path_buf());
+        d.wait_for_log("port ready for a frontend", Duration::from_secs(20))?;
+        Ok(d)
+    }
+
+    /// Waits until a log line contains `needle`; fails early if the daemon exits.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        match self.log.wait_for(needle, 0, timeout, self.child.as_mut())? {
+            Wait::Found(l) => Ok(l),
+            Wait::TimedOut => bail!("daemon did not log {needle:?} within {timeout:?}"),
+            Wait::Exited(status) => bail!("daemon exited ({status}) before logging {needle:?}:\n{}", self.output()),
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("daemon already stopped"),
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                std::thread::sleep(Duration::from_millis(100));
+                self.child = None;
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("daemon still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn output(&self) -> String {
+        self.log.lines().join("\n")
+    }
+
+    /// Sends `signal` to the daemon (through `ip netns exec`, which execs it: same pid).
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let pid = self.child.as_ref().context("daemon not running")?.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("kill");
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for a clean exit. Returns the full log.
+    pub fn stop(mut self) -> Result<String> {
+        self.signal(libc::SIGTERM)?;
+        let status = self.wait_exit(Duration::from_secs(10))?;
+        let out = self.output();
+        if !status.success() {
+            bail!("daemon exited with {status} after SIGTERM:\n{out}");
+        }
+        Ok(out)
+    }
+
+    /// The value of counter `name` in the final per-queue counter lines of `log` (summed over
+    /// queue pairs), as the daemon logs them at shutdown.
+    pub fn final_counter(log: &str, name: &str) -> Option<u64> {
+        let key = format!("{name}=");
+        let mut total = None;
+        for line in log.lines().filter(|l| l.contains("queue_pair=") || l.contains("xdp counters:")) {
+            for word in line.split_whitespace() {
+                if let Some(v) = word.strip_prefix(&key) {
+                    if let Ok(v) = v.parse::<u64>() {
+                        *total.get_or_insert(0) += v;
+                    }
+                }
+            }
+        }
+        total
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

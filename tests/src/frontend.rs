@@ -1,0 +1,480 @@
+//! A vhost-user frontend: the project plays the VMM and the guest driver.
+//!
+//! [`VirtioNetFrontend`] connects to a vhost-user-net backend the way QEMU does (owner,
+//! features, protocol features, memory table, vrings, enable), with memfd-backed guest memory,
+//! and drives the two split virtqueues itself: it posts receive buffers, transmits frames
+//! through descriptor chains (direct, chained or indirect), and can post deliberately broken
+//! chains. It is the guest side of the integration tests and of the benchmark.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+
+pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// `virtio_net_hdr_v1`.
+pub const VNET_HDR_LEN: usize = 12;
+
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+
+/// Guest memory layout: rings first, then one 4 KiB data slot per descriptor of each queue.
+const QUEUE_SIZE: u16 = 256;
+const SLOT: u64 = 4096;
+const RING_AREA: u64 = 0x10000;
+const MEM_SIZE: u64 = RING_AREA + 2 * QUEUE_SIZE as u64 * SLOT;
+
+/// A descriptor as the driver writes it; `next` in [`VirtioNetFrontend::post_raw`] is a
+/// position within the posted chain, translated to the real descriptor index.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+/// One used-ring entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    pub head: u16,
+    pub len: u32,
+}
+
+/// Driver state of one split virtqueue.
+struct DriverQueue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u16,
+    free: Vec<u16>,
+    /// Descriptor indices of each in-flight chain, by head.
+    chains: Vec<Vec<u16>>,
+    avail_idx: u16,
+    last_used: u16,
+    kick: EventFd,
+    call: EventFd,
+    /// First data slot of this queue in guest memory.
+    slots: u64,
+}
+
+impl DriverQueue {
+    fn new(base: u64, slots: u64, size: u16) -> Result<Self> {
+        let desc = base;
+        let avail = desc + 16 * size as u64;
+        let used = (avail + 6 + 2 * size as u64 + 3) & !3;
+        Ok(DriverQueue {
+            desc,
+            avail,
+            used,
+            size,
+            free: (0..size).rev().collect(),
+            chains: vec![Vec::new(); size as usize],
+            avail_idx: 0,
+            last_used: 0,
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            call: EventFd::new(EFD_NONBLOCK)?,
+            slots,
+        })
+    }
+
+    fn slot(&self, desc: u16) -> u64 {
+        self.slots + desc as u64 * SLOT
+    }
+}
+
+pub struct VirtioNetFrontend {
+    frontend: Frontend,
+    pub mem: GuestMemoryMmap,
+    queues: [DriverQueue; 2],
+    /// Features the driver acknowledged (without the vhost-user PROTOCOL_FEATURES bit).
+    pub features: u64,
+}
+
+/// Options for [`VirtioNetFrontend::connect`].
+#[derive(Clone, Debug)]
+pub struct FrontendOptions {
+    /// Driver features to acknowledge (intersected with what the device offers).
+    pub features: u64,
+    /// How long to wait for the backend's socket to accept connections.
+    pub connect_timeout: Duration,
+}
+
+impl Default for FrontendOptions {
+    fn default() -> Self {
+        FrontendOptions {
+            features: VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MTU | VIRTIO_RING_F_INDIRECT_DESC,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn memfd(size: u64) -> Result<File> {
+    let name = c"xvdpa-test-guest";
+    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("memfd_create");
+    }
+    // SAFETY: fresh fd we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).context("sizing guest memory")?;
+    Ok(file)
+}
+
+impl VirtioNetFrontend {
+    /// Connects to the backend at `socket` and brings the device up as a driver would.
+    pub fn connect(socket: &Path, opts: FrontendOptions) -> Result<Self> {
+        let deadline = Instant::now() + opts.connect_timeout;
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+            }
+        };
+        let mut frontend = Frontend::from_stream(stream, 2);
+
+        let file = memfd(MEM_SIZE)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(GuestAddress(0), MEM_SIZE as usize, Some(FileOffset::new(file, 0)))])
+            .context("mapping guest memory")?;
+
+        frontend.set_owner().context("SET_OWNER")?;
+        let offered = frontend.get_features().context("GET_FEATURES")?;
+        if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            bail!("backend does not offer vhost-user protocol features");
+        }
+        let proto = frontend.get_protocol_features().context("GET_PROTOCOL_FEATURES")?;
+        let want = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
+        frontend.set_protocol_features(proto & want).context("SET_PROTOCOL_FEATURES")?;
+        if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every later message waits for the backend's ack, so when connect() returns the
+            // rings are really enabled on the other side.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let queue_num = frontend.get_queue_num().context("GET_QUEUE_NUM")?;
+        if queue_num < 2 {
+            bail!("backend reports {queue_num} queues, a net device needs 2");
+        }
+        let features = offered & opts.features;
+        frontend.set_features(features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()).context("SET_FEATURES")?;
+
+        let region = mem.iter().next().expect("one region");
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).context("memory region")?;
+        frontend.set_mem_table(&[info]).context("SET_MEM_TABLE")?;
+
+        let queues = [
+            DriverQueue::new(0, RING_AREA, QUEUE_SIZE)?,
+            DriverQueue::new(RING_AREA / 2, RING_AREA + QUEUE_SIZE as u64 * SLOT, QUEUE_SIZE)?,
+        ];
+        let host_base = region.as_ptr() as u64;
+        for (i, q) in queues.iter().enumerate() {
+            frontend.set_vring_num(i, q.size).context("SET_VRING_NUM")?;
+            frontend.set_vring_base(i, 0).context("SET_VRING_BASE")?;
+            // vring addresses are the frontend's own virtual addresses.
+            let config = VringConfigData {
+                queue_max_size: q.size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: host_base + q.desc,
+                used_ring_addr: host_base + q.used,
+                avail_ring_addr: host_base + q.avail,
+                log_addr: None,
+            };
+            frontend.set_vring_addr(i, &config).context("SET_VRING_ADDR")?;
+            frontend.set_vring_kick(i, &q.kick).context("SET_VRING_KICK")?;
+            frontend.set_vring_call(i, &q.call).context("SET_VRING_CALL")?;
+        }
+        for i in 0..2 {
+            frontend.set_vring_enable(i, true).context("SET_VRING_ENABLE")?;
+        }
+        let mut fe = VirtioNetFrontend { frontend, mem, queues, features };
+        if fe.features & VIRTIO_RING_F_EVENT_IDX != 0 {
+            // Ask for a notification on every used entry.
+            for q in 0..2 {
+                fe.set_used_event(q, 0)?;
+            }
+        }
+        Ok(fe)
+    }
+
+    pub fn has(&self, feature: u64) -> bool {
+        self.features & feature != 0
+    }
+
+    /// The device's config space (17 bytes: mac, status, max_virtqueue_pairs, mtu, speed, duplex).
+    pub fn config(&mut self) -> Result<Vec<u8>> {
+        let buf = [0u8; 17];
+        let (_, payload) = self.frontend.get_config(0, buf.len() as u32, VhostUserConfigFlags::WRITABLE, &buf).context("GET_CONFIG")?;
+        Ok(payload)
+    }
+
+    /// Stops ring `queue` and returns the device's next available index (GET_VRING_BASE), as
+    /// QEMU does when the VM stops or the driver resets the device.
+    pub fn get_vring_base(&mut self, queue: usize) -> Result<u32> {
+        Ok(self.frontend.get_vring_base(queue)?)
+    }
+
+    fn set_used_event(&mut self, queue: usize, idx: u16) -> Result<()> {
+        let q = &self.queues[queue];
+        let at = q.avail + 4 + 2 * q.size as u64;
+        self.mem.store(idx, GuestAddress(at), Ordering::Release)?;
+        Ok(())
+    }
+
+    fn write_desc(&self, queue: usize, index: u16, d: RawDesc) -> Result<()> {
+        let at = GuestAddress(self.queues[queue].desc + 16 * index as u64);
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&d.next.to_le_bytes());
+        self.mem.write_slice(&raw, at)?;
+        Ok(())
+    }
+
+    fn publish(&mut self, queue: usize, head: u16) -> Result<()> {
+        let q = &mut self.queues[queue];
+        let slot = q.avail + 4 + 2 * (q.avail_idx % q.size) as u64;
+        self.mem.write_obj(head, GuestAddress(slot))?;
+        q.avail_idx = q.avail_idx.wrapping_add(1);
+        // The index store publishes the ring entry written above.
+        let idx = q.avail_idx;
+        let at = GuestAddress(q.avail + 2);
+        self.mem.store(idx, at, Ordering::Release)?;
+        Ok(())
+    }
+
+    fn alloc(&mut self, queue: usize, n: usize) -> Result<Vec<u16>> {
+        let q = &mut self.queues[queue];
+        if q.free.len() < n {
+            bail!("queue {queue}: {} descriptors free, {n} needed", q.free.len());
+        }
+        Ok((0..n).map(|_| q.free.pop().unwrap()).collect())
+    }
+
+    /// Free descriptors in `queue`.
+    pub fn free_descriptors(&self, queue: usize) -> usize {
+        self.queues[queue].free.len()
+    }
+
+    /// Tells the device there is new work in `queue`.
+    pub fn kick(&self, queue: usize) -> Result<()> {
+        self.queues[queue].kick.write(1)?;
+        Ok(())
+    }
+
+    /// Posts `count` device-writable receive buffers of `len` bytes each (one descriptor each).
+    pub fn post_rx_buffers(&mut self, count: usize, len: u32) -> Result<()> {
+        assert!(len as u64 <= SLOT);
+        for _ in 0..count {
+            let idx = self.alloc(RX_QUEUE, 1)?[0];
+            let addr = self.queues[RX_QUEUE].slot(idx);
+            self.write_desc(RX_QUEUE, idx, RawDesc { addr, len, flags: VRING_DESC_F_WRITE, next: 0 })?;
+            self.queues[RX_QUEUE].chains[idx as usize] = vec![idx];
+            self.publish(RX_QUEUE, idx)?;
+        }
+        self.kick(RX_QUEUE)
+    }
+
+    /// Posts a chain built from `descs` as-is (addresses, lengths, flags), with `next` fields
+    /// given as positions in `descs`. For malformed-input tests.
+    pub fn post_raw(&mut self, queue: usize, descs: &[RawDesc]) -> Result<u16> {
+        let idx = self.alloc(queue, descs.len())?;
+        for (i, d) in descs.iter().enumerate() {
+            let next = idx.get(d.next as usize).copied().unwrap_or(d.next);
+            self.write_desc(queue, idx[i], RawDesc { next, ..*d })?;
+        }
+        self.queues[queue].chains[idx[0] as usize] = idx.clone();
+        self.publish(queue, idx[0])?;
+        Ok(idx[0])
+    }
+
+    /// Address of the data slot of descriptor position `i` in a fresh allocation: for building
+    /// raw chains whose buffers lie in guest memory.
+    pub fn scratch(&self, queue: usize, i: u16) -> u64 {
+        self.queues[queue].slot(i)
+    }
+
+    /// Queues one frame for transmission: a zeroed virtio-net header, then `frame` split into
+    /// `pieces` descriptors (the header travels in the first), or through an indirect table.
+    pub fn send(&mut self, frame: &[u8], pieces: usize, indirect: bool) -> Result<()> {
+        let mut data = vec![0u8; VNET_HDR_LEN];
+        data.extend_from_slice(frame);
+        let pieces = pieces.clamp(1, 16);
+        let chunk = data.len().div_ceil(pieces);
+        let parts: Vec<&[u8]> = data.chunks(chunk.max(1)).collect();
+        if indirect {
+            let head = self.alloc(TX_QUEUE, 1)?[0];
+            let base = self.queues[TX_QUEUE].slot(head);
+            let table = base;
+            let mut at = base + 16 * parts.len() as u64;
+            for (i, p) in parts.iter().enumerate() {
+                self.mem.write_slice(p, GuestAddress(at))?;
+                let more = i + 1 < parts.len();
+                let d = RawDesc { addr: at, len: p.len() as u32, flags: if more { VRING_DESC_F_NEXT } else { 0 }, next: (i + 1) as u16 };
+                let mut raw = [0u8; 16];
+                raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+                raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+                raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+                raw[14..16].copy_from_slice(&d.next.to_le_bytes());
+                self.mem.write_slice(&raw, GuestAddress(table + 16 * i as u64))?;
+                at += p.len() as u64;
+            }
+            if at - base > SLOT {
+                bail!("frame too large for an indirect slot");
+            }
+            self.write_desc(TX_QUEUE, head, RawDesc { addr: table, len: 16 * parts.len() as u32, flags: VRING_DESC_F_INDIRECT, next: 0 })?;
+            self.queues[TX_QUEUE].chains[head as usize] = vec![head];
+            self.publish(TX_QUEUE, head)
+        } else {
+            let idx = self.alloc(TX_QUEUE, parts.len())?;
+            for (i, p) in parts.iter().enumerate() {
+                let addr = self.queues[TX_QUEUE].slot(idx[i]);
+                self.mem.write_slice(p, GuestAddress(addr))?;
+                let more = i + 1 < parts.len();
+                let next = if more { idx[i + 1] } else { 0 };
+                self.write_desc(TX_QUEUE, idx[i], RawDesc { addr, len: p.len() as u32, flags: if more { VRING_DESC_F_NEXT } else { 0 }, next })?;
+            }
+            self.queues[TX_QUEUE].chains[idx[0] as usize] = idx.clone();
+            self.publish(TX_QUEUE, idx[0])
+        }
+    }
+
+    /// Used entries the device has returned since the last call, their descriptors freed.
+    pub fn take_used(&mut self, queue: usize) -> Result<Vec<Used>> {
+        let (used, size) = (self.queues[queue].used, self.queues[queue].size);
+        let idx: u16 = self.mem.load(GuestAddress(used + 2), Ordering::Acquire)?;
+        let mut out = Vec::new();
+        while self.queues[queue].last_used != idx {
+            let slot = used + 4 + 8 * (self.queues[queue].last_used % size) as u64;
+            let head: u32 = self.mem.read_obj(GuestAddress(slot))?;
+            let len: u32 = self.mem.read_obj(GuestAddress(slot + 4))?;
+            if head >= size as u32 {
+                bail!("device returned head {head} outside the ring");
+            }
+            let q = &mut self.queues[queue];
+            let chain = std::mem::take(&mut q.chains[head as usize]);
+            if chain.is_empty() {
+                bail!("device returned head {head} that was not in flight");
+            }
+            q.free.extend(chain);
+            q.last_used = q.last_used.wrapping_add(1);
+            out.push(Used { head: head as u16, len });
+        }
+        if !out.is_empty() && self.has(VIRTIO_RING_F_EVENT_IDX) {
+            let next = self.queues[queue].last_used;
+            self.set_used_event(queue, next)?;
+        }
+        Ok(out)
+    }
+
+    /// Waits for the device's notification on `queue` or `timeout`, whichever comes first.
+    /// Returns whether a notification arrived.
+    pub fn wait_call(&self, queue: usize, timeout: Duration) -> bool {
+        let fd = self.queues[queue].call.as_raw_fd();
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        if n > 0 {
+            let _ = self.queues[queue].call.read();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Bytes the device wrote into receive buffer `head`.
+    pub fn rx_bytes(&self, u: Used) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; u.len as usize];
+        self.mem.read_slice(&mut buf, GuestAddress(self.queues[RX_QUEUE].slot(u.head)))?;
+        Ok(buf)
+    }
+
+    /// Receives frames (header stripped, merged buffers joined) until `count` arrived or
+    /// `timeout` passed. Each item is (num_buffers from the header, frame).
+    pub fn recv_frames(&mut self, count: usize, timeout: Duration) -> Result<Vec<(u16, Vec<u8>)>> {
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        let mut pending: Option<(u16, u16, Vec<u8>)> = None; // (num_buffers, seen, data)
+        while frames.len() < count {
+            for u in self.take_used(RX_QUEUE)? {
+                let bytes = self.rx_bytes(u)?;
+                match pending.as_mut() {
+                    Some((n, seen, data)) => {
+                        data.extend_from_slice(&bytes);
+                        *seen += 1;
+                        if *seen == *n {
+                            let (n, _, data) = pending.take().unwrap();
+                            frames.push((n, data));
+                        }
+                    }
+                    None => {
+                        if bytes.len() < VNET_HDR_LEN {
+                            bail!("device wrote {} bytes, less than a virtio-net header", bytes.len());
+                        }
+                        let n = u16::from_le_bytes([bytes[10], bytes[11]]);
+                        let data = bytes[VNET_HDR_LEN..].to_vec();
+                        if n <= 1 || !self.has(VIRTIO_NET_F_MRG_RXBUF) {
+                            frames.push((n, data));
+                        } else {
+                            pending = Some((n, 1, data));
+                        }
+                    }
+                }
+            }
+            if frames.len() >= count {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.wait_call(RX_QUEUE, left.min(Duration::from_millis(50)));
+        }
+        Ok(frames)
+    }
+
+    /// Waits until the device has used `count` more tx chains, or `timeout`.
+    pub fn wait_tx_used(&mut self, count: usize, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let mut done = 0;
+        while done < count {
+            done += self.take_used(TX_QUEUE)?.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if done >= count || left.is_zero() {
+                break;
+            }
+            self.wait_call(TX_QUEUE, left.min(Duration::from_millis(50)));
+        }
+        Ok(done)
+    }
+
+    /// Disables both rings and disconnects, as QEMU does when the VM stops.
+    pub fn disconnect(self) {
+        drop(self);
+    }
+}

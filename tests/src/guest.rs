@@ -1,0 +1,190 @@
+//! A real Linux guest under QEMU, attached to xvdpa over vhost-user.
+//!
+//! The kernel and initramfs are built by `cargo xtask` (see `xtask/src/guest_image.rs`) and
+//! found through `XVDPA_GUEST_KERNEL` / `XVDPA_GUEST_INITRD`, or at their cache location under
+//! `target/guest/`. The initramfs's init loads the virtio modules, configures `eth0` from the
+//! kernel command line (`xvdpa.ip=`), runs the script passed as `xvdpa.script=` (base64) or an
+//! interactive shell, and prints a machine-readable end marker.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::output::{LineLog, Wait};
+
+/// Printed by the guest's init when its script ends: `XVDPA-DONE rc=<exit code>`.
+pub const DONE_MARKER: &str = "XVDPA-DONE rc=";
+/// Printed when eth0 is up and configured.
+pub const READY_MARKER: &str = "XVDPA-READY";
+
+pub fn kernel_path() -> PathBuf {
+    std::env::var_os("XVDPA_GUEST_KERNEL").map(PathBuf::from).unwrap_or_else(|| crate::workspace_root().join("target/guest/vmlinuz"))
+}
+
+pub fn initrd_path() -> PathBuf {
+    std::env::var_os("XVDPA_GUEST_INITRD").map(PathBuf::from).unwrap_or_else(|| crate::workspace_root().join("target/guest/initrd.gz"))
+}
+
+/// How to start a guest.
+#[derive(Clone, Debug)]
+pub struct GuestConfig {
+    pub socket: PathBuf,
+    pub mac: String,
+    /// `addr/prefix` for eth0.
+    pub ip: String,
+    pub memory_mib: u32,
+    /// Shell script the guest runs (then powers off); `None` for an interactive shell.
+    pub script: Option<String>,
+    /// QEMU's chardev `reconnect=` seconds (QEMU reconnects when the backend restarts).
+    pub reconnect: Option<u32>,
+}
+
+/// QEMU's command line for `config`, with this platform's work-arounds in one place:
+/// shared memfd RAM (vhost-user needs it) and `vectors=0` (QEMU 7.2 under TCG crashes in
+/// `msix_set_vector_notifiers` with vhost-user and MSI-X).
+pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<String> {
+    let mut append = format!("console=ttyS0 quiet panic=-1 xvdpa.ip={}", config.ip);
+    if let Some(script) = &config.script {
+        append.push_str(&format!(" xvdpa.script={}", base64(script.as_bytes())));
+    }
+    let mut chardev = format!("socket,id=c0,path={}", config.socket.display());
+    if let Some(r) = config.reconnect {
+        chardev.push_str(&format!(",reconnect={r}"));
+    }
+    let m = config.memory_mib;
+    [
+        "-machine", "q35", "-m", &format!("{m}M"), "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+        "-kernel", &kernel.display().to_string(), "-initrd", &initrd.display().to_string(), "-append", &append,
+        "-object", &format!("memory-backend-memfd,id=mem,size={m}M,share=on"), "-numa", "node,memdev=mem",
+        "-chardev", &chardev, "-netdev", "vhost-user,id=n0,chardev=c0",
+        "-device", &format!("virtio-net-pci,netdev=n0,mac={},vectors=0", config.mac),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Standard base64 (the guest decodes it with busybox `base64 -d`).
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub struct Guest {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    console: Arc<LineLog>,
+}
+
+impl Guest {
+    /// Boots a guest (QEMU in the calling process's network namespace: the socket is a path).
+    pub fn boot(config: &GuestConfig) -> Result<Guest> {
+        let (kernel, initrd) = (kernel_path(), initrd_path());
+        for p in [&kernel, &initrd] {
+            if !p.exists() {
+                bail!("{} missing: run the tests with `cargo xtask test` (it builds the guest image)", p.display());
+            }
+        }
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(qemu_args(config, &kernel, &initrd));
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting qemu-system-x86_64 (is QEMU installed? `cargo xtask test` installs it)")?;
+        let console = LineLog::capture(&mut child, "guest");
+        let stdin = child.stdin.take();
+        Ok(Guest { child: Some(child), stdin, console })
+    }
+
+    /// Waits for a console line containing `needle`, failing early if QEMU exits.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_from(needle, 0, timeout)
+    }
+
+    /// Like [`Guest::wait_for`], considering only console lines from index `from` on.
+    pub fn wait_for_from(&mut self, needle: &str, from: usize, timeout: Duration) -> Result<String> {
+        match self.console.wait_for(needle, from, timeout, self.child.as_mut())? {
+            Wait::Found(l) => Ok(l),
+            Wait::TimedOut => bail!("guest console did not show {needle:?} within {timeout:?}"),
+            Wait::Exited(status) => bail!("QEMU exited ({status}) before the console showed {needle:?}"),
+        }
+    }
+
+    /// Number of console lines so far (a starting point for [`Guest::wait_for_from`]).
+    pub fn console_len(&self) -> usize {
+        self.console.len()
+    }
+
+    /// Waits for the script's end marker and returns its exit code.
+    pub fn wait_done(&mut self, timeout: Duration) -> Result<i32> {
+        let line = self.wait_for(DONE_MARKER, timeout)?;
+        let rc = line.split(DONE_MARKER).nth(1).and_then(|s| s.trim().parse().ok()).context("malformed end marker")?;
+        Ok(rc)
+    }
+
+    /// Types a command line into the guest's shell.
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("guest console closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// The console output so far.
+    pub fn console(&self) -> Vec<String> {
+        self.console.lines()
+    }
+
+    /// Kills QEMU (SIGKILL), as a crash or an operator's `kill -9` would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for QEMU to exit by itself (the guest powered off).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while let Some(c) = self.child.as_mut() {
+            if c.try_wait()?.is_some() {
+                self.child = None;
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("QEMU still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(super::base64(i.as_bytes()), o);
+        }
+    }
+}

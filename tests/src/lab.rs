@@ -1,0 +1,132 @@
+//! The lab: a "host" namespace whose `nic0` is the NIC xvdpa serves, and a "wire" namespace
+//! whose `wire0` is the far end of the cable, with an address guests can reach.
+//!
+//! Both ends live in namespaces of their own, so a lab never touches the machine's real
+//! network and several labs (parallel tests) can coexist.
+
+use std::io;
+use std::process::{Command, Output};
+
+/// Interface xvdpa serves, inside the host namespace.
+pub const NIC: &str = "nic0";
+/// Far end of the veth pair, inside the wire namespace.
+pub const WIRE: &str = "wire0";
+/// The lab's subnet and its fixed addresses.
+pub const WIRE_IP: &str = "10.77.0.1";
+pub const HOST_IP: &str = "10.77.0.254";
+pub const PREFIX: u8 = 24;
+
+/// Address of guest number `n` (0-based) in the lab subnet.
+pub fn guest_ip(n: u8) -> String {
+    format!("10.77.0.{}", 2 + n)
+}
+
+/// MAC of guest number `n`.
+pub fn guest_mac(n: u8) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(n)]
+}
+
+pub fn mac_str(m: [u8; 6]) -> String {
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+}
+
+/// Runs a command, failing with its output if it fails.
+pub fn run(cmd: &mut Command) -> io::Result<Output> {
+    let out = cmd.output().map_err(|e| io::Error::new(e.kind(), format!("{cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> io::Result<Output> {
+    run(Command::new("ip").args(args))
+}
+
+pub struct Lab {
+    pub name: String,
+    pub host_ns: String,
+    pub wire_ns: String,
+    /// Tear down on drop (tests); `false` for a lab left running (`cargo xtask lab up`).
+    pub owned: bool,
+}
+
+impl Lab {
+    /// Namespace names for lab `name`.
+    pub fn named(name: &str) -> Lab {
+        Lab { name: name.to_string(), host_ns: format!("{name}-host"), wire_ns: format!("{name}-wire"), owned: false }
+    }
+
+    /// A lab with a name unique to this process and counter, removed on drop.
+    pub fn unique(tag: &str) -> io::Result<Lab> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("xvt{}{}-{}", tag, std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let mut lab = Lab::named(&name);
+        lab.create()?;
+        lab.owned = true;
+        Ok(lab)
+    }
+
+    pub fn exists(&self) -> bool {
+        std::path::Path::new(&format!("/var/run/netns/{}", self.host_ns)).exists()
+    }
+
+    /// Creates the namespaces, the veth pair and addresses. The wire end's transmit checksum
+    /// offload is turned off so frames leave it complete, as on a real cable.
+    pub fn create(&self) -> io::Result<()> {
+        self.destroy();
+        ip(&["netns", "add", &self.host_ns])?;
+        ip(&["netns", "add", &self.wire_ns])?;
+        // The lab speaks IPv4 only: IPv6 autoconfiguration would put router solicitations and
+        // MLD reports on the wire at random moments, and tests count frames exactly.
+        for ns in [&self.host_ns, &self.wire_ns] {
+            for knob in ["all", "default"] {
+                let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
+                run(Command::new("ip").args(["netns", "exec", ns, "sh", "-c", &format!("echo 1 > {path}")]))?;
+            }
+        }
+        ip(&["link", "add", NIC, "netns", &self.host_ns, "type", "veth", "peer", "name", WIRE, "netns", &self.wire_ns])?;
+        for (ns, dev, addr) in [(&self.host_ns, NIC, HOST_IP), (&self.wire_ns, WIRE, WIRE_IP)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/{PREFIX}"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        run(Command::new("ip").args(["netns", "exec", &self.wire_ns, "ethtool", "-K", WIRE, "tx", "off"]))?;
+        Ok(())
+    }
+
+    /// Removes the namespaces (their veth ends go with them). Never fails.
+    pub fn destroy(&self) {
+        for ns in [&self.host_ns, &self.wire_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+
+    /// A command to run inside the host namespace.
+    pub fn in_host(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.host_ns, program]);
+        c
+    }
+
+    /// A command to run inside the wire namespace.
+    pub fn in_wire(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.wire_ns, program]);
+        c
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.owned {
+            self.destroy();
+        }
+    }
+}
