@@ -41,6 +41,8 @@ pub struct GuestConfig {
     pub script: Option<String>,
     /// QEMU's chardev `reconnect=` seconds (QEMU reconnects when the backend restarts).
     pub reconnect: Option<u32>,
+    /// Let a guest reboot restart it in the same QEMU process (otherwise QEMU exits).
+    pub allow_reboot: bool,
 }
 
 /// QEMU's command line for `config`, with this platform's work-arounds in one place:
@@ -57,7 +59,7 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
     }
     let m = config.memory_mib;
     [
-        "-machine", "q35", "-m", &format!("{m}M"), "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+        "-machine", "q35", "-m", &format!("{m}M"), "-smp", "1", "-nographic", "-nodefaults", "-serial", "stdio",
         "-kernel", &kernel.display().to_string(), "-initrd", &initrd.display().to_string(), "-append", &append,
         "-object", &format!("memory-backend-memfd,id=mem,size={m}M,share=on"), "-numa", "node,memdev=mem",
         "-chardev", &chardev, "-netdev", "vhost-user,id=n0,chardev=c0",
@@ -65,6 +67,7 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain((!config.allow_reboot).then(|| "-no-reboot".to_string()))
     .collect()
 }
 

@@ -272,14 +272,25 @@ impl XskSocket {
 
     /// Moves up to `max` newly received frames into the backlog.
     pub fn poll_rx(&mut self, max: u32) -> usize {
-        let room = (self.rx_backlog.capacity() - self.rx_backlog.len()) as u32;
-        let mut reader = self.rx.receive(max.min(room));
+        // Two passes at most: the first may stop at xdpilone's cached view of the producer.
         let mut n = 0;
-        while let Some(desc) = reader.read() {
-            self.rx_backlog.push_back(desc);
-            n += 1;
+        for _ in 0..2 {
+            let room = (self.rx_backlog.capacity() - self.rx_backlog.len()) as u32;
+            let want = max.saturating_sub(n as u32).min(room);
+            if want == 0 {
+                break;
+            }
+            let mut reader = self.rx.receive(want);
+            let before = n;
+            while let Some(desc) = reader.read() {
+                self.rx_backlog.push_back(desc);
+                n += 1;
+            }
+            reader.release();
+            if n == before {
+                break;
+            }
         }
-        reader.release();
         n
     }
 
@@ -325,13 +336,19 @@ impl XskSocket {
         if self.rx_recycle.is_empty() {
             return;
         }
-        let n = {
-            let mut writer = self.device.fill(self.rx_recycle.len() as u32);
-            let n = writer.insert(self.rx_recycle.iter().copied()) as usize;
-            writer.commit();
-            n
-        };
-        self.rx_recycle.drain(..n);
+        // As on tx: a pass may be limited by a stale view of the ring; go until no progress.
+        while !self.rx_recycle.is_empty() {
+            let n = {
+                let mut writer = self.device.fill(self.rx_recycle.len() as u32);
+                let n = writer.insert(self.rx_recycle.iter().copied()) as usize;
+                writer.commit();
+                n
+            };
+            if n == 0 {
+                break;
+            }
+            self.rx_recycle.drain(..n);
+        }
         if self.device.needs_wakeup() {
             self.device.wake();
         }
@@ -340,25 +357,38 @@ impl XskSocket {
     /// Collects transmitted frames back into the free list.
     pub fn reap_completions(&mut self) -> u32 {
         let frame = u64::from(self.geometry.frame_size);
-        let mut reader = self.device.complete(self.tx_in_flight);
-        let mut n = 0;
-        while let Some(addr) = reader.read() {
-            self.tx_free.push(addr - addr % frame);
-            n += 1;
+        let mut total = 0;
+        // Two passes at most, for the same cached-view reason as in `poll_rx`.
+        for _ in 0..2 {
+            let mut reader = self.device.complete(self.tx_in_flight);
+            let mut n = 0;
+            while let Some(addr) = reader.read() {
+                self.tx_free.push(addr - addr % frame);
+                n += 1;
+            }
+            reader.release();
+            self.tx_in_flight -= n.min(self.tx_in_flight);
+            total += n;
+            if n == 0 || self.tx_in_flight == 0 {
+                break;
+            }
         }
-        reader.release();
-        self.tx_in_flight -= n.min(self.tx_in_flight);
-        n
+        total
     }
 
     /// Puts staged frames on the tx ring and kicks the kernel if it needs it.
     pub fn flush_tx(&mut self) {
-        if !self.tx_staged.is_empty() {
+        // xdpilone reserves from its cached view of the kernel's consumer and refreshes it
+        // only when that view shows no room at all, so one pass may place fewer frames than
+        // fit; the next pass sees the real state. The ring is as large as the tx pool, so
+        // everything staged fits once the view is fresh.
+        while !self.tx_staged.is_empty() {
             let mut writer = self.tx.transmit(self.tx_staged.len() as u32);
             let n = writer.insert(self.tx_staged.iter().copied());
             writer.commit();
-            // The tx ring is as large as the tx pool, so everything staged always fits.
-            debug_assert_eq!(n as usize, self.tx_staged.len());
+            if n == 0 {
+                break;
+            }
             self.tx_staged.drain(..n as usize);
             self.tx_in_flight += n;
         }

@@ -1,1 +1,82 @@
-fn main(){}
+//! `cargo xtask`: build, run, lab, vm, test. See README.md.
+
+mod bootstrap;
+mod build;
+mod guest_image;
+mod lab_cmd;
+mod run_cmd;
+mod test_cmd;
+mod util;
+mod vm_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test xvdpa")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Installs what is missing (apt packages, rust-src, bpf-linker), builds the XDP program
+    /// and the daemon that embeds it: target/{debug,release}/xvdpa.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Builds and starts the daemon. Without arguments: on the built-in lab (a namespace and a
+    /// veth pair), printing the QEMU command line that attaches a VM. Arguments after `--` go
+    /// to the daemon instead (e.g. `-- --iface eth0 --socket /run/xvdpa/vm0.sock --mac ...`).
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true)]
+        daemon_args: Vec<String>,
+    },
+    /// Creates or removes the lab: namespace `<name>-host` with nic0 (10.77.0.254) and
+    /// `<name>-wire` with wire0 (10.77.0.1), joined by a veth pair.
+    Lab {
+        #[arg(value_enum)]
+        action: lab_cmd::LabAction,
+        #[arg(long, default_value = lab_cmd::DEFAULT_LAB)]
+        name: String,
+    },
+    /// Boots the test guest under QEMU attached to the daemon (starting the lab and a daemon if
+    /// none serves the socket). Interactive console, or `--cmd` runs a command and prints it.
+    Vm {
+        /// Shell command to run in the guest; its output is printed and its exit code returned.
+        #[arg(long)]
+        cmd: Option<String>,
+        /// The guest's address on the lab subnet.
+        #[arg(long, default_value = "10.77.0.2/24")]
+        ip: String,
+        #[arg(last = true)]
+        daemon_args: Vec<String>,
+    },
+    /// The whole suite: unit, integration and QEMU end-to-end tests (needs root).
+    Test {
+        /// Arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Build { release } => build::build(release).map(|bin| say!("daemon built: {}", bin.display())),
+        Cmd::Run { release, daemon_args } => run_cmd::run(release, &daemon_args),
+        Cmd::Lab { action, name } => lab_cmd::lab(action, &name),
+        Cmd::Vm { cmd, ip, daemon_args } => vm_cmd::vm(cmd.as_deref(), &ip, &daemon_args),
+        Cmd::Test { cargo_args } => test_cmd::test(&cargo_args),
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

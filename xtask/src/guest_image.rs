@@ -1,0 +1,220 @@
+//! The test guest: Debian's kernel package and an initramfs of busybox-static plus the
+//! virtio modules, cached under target/guest and rebuilt when an input changes.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bootstrap::{ensure_packages, VM_PACKAGES};
+use crate::say;
+use crate::util::{output, run, workspace_root};
+
+/// The kernel package verified to boot under TCG here (see ../shared/docs/platform.md).
+pub const KERNEL_PACKAGE: &str = "linux-image-6.1.0-56-amd64";
+
+/// Bump when the image's layout changes in a way the stamp does not see (the cpio contents).
+const IMAGE_LAYOUT: u32 = 2;
+
+/// Loaded in dependency order.
+const MODULES: &[&str] = &["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "failover", "net_failover", "virtio_net"];
+
+/// The guest's /init: loads the virtio modules, configures eth0 from `xvdpa.ip=`, then runs
+/// the base64 script from `xvdpa.script=` (printing its exit code and powering off) or gives
+/// an interactive shell on the console.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mkdir -p /tmp; mount -t tmpfs tmp /tmp
+for m in MODULES; do insmod /lib/modules/$m.ko || echo "XVDPA-ERROR cannot load $m"; done
+arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+ip link set lo up
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set eth0 up
+  addr=$(arg xvdpa.ip); [ -n "$addr" ] && ip addr add "$addr" dev eth0
+  echo "XVDPA-READY $(cat /sys/class/net/eth0/address)"
+else
+  echo "XVDPA-ERROR no eth0"
+fi
+script=$(arg xvdpa.script)
+if [ -n "$script" ]; then
+  echo "$script" | base64 -d > /tmp/script.sh
+  sh /tmp/script.sh
+  echo "XVDPA-DONE rc=$?"
+  poweroff -f
+fi
+echo "xvdpa test guest: eth0 is the vhost-user device; 'poweroff -f' ends the VM"
+setsid cttyhack sh
+poweroff -f
+"#;
+
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+fn guest_dir() -> PathBuf {
+    workspace_root().join("target/guest")
+}
+
+/// Builds (or reuses) the guest image.
+pub fn ensure() -> Result<GuestImage> {
+    ensure_packages(VM_PACKAGES)?;
+    let dir = guest_dir();
+    fs::create_dir_all(&dir)?;
+    let busybox = PathBuf::from("/bin/busybox");
+    let bb_meta = fs::metadata(&busybox).context("/bin/busybox (busybox-static)")?;
+    let init = INIT.replace("MODULES", &MODULES.join(" "));
+    let stamp = format!("layout {IMAGE_LAYOUT}\n{KERNEL_PACKAGE}\n{}\n{:?}\n{}\n", bb_meta.len(), bb_meta.modified().ok(), init);
+    let image = GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.gz") };
+    let stamp_path = dir.join("stamp");
+    if image.kernel.exists() && image.initrd.exists() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+        return Ok(image);
+    }
+
+    let root = dir.join("kernel-root");
+    if !root.join("boot").exists() {
+        let deb = download_kernel(&dir)?;
+        say!("unpacking {}", deb.display());
+        let _ = fs::remove_dir_all(&root);
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    }
+    let vmlinuz = fs::read_dir(root.join("boot"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .context("no vmlinuz in the kernel package")?;
+    fs::copy(&vmlinuz, &image.kernel)?;
+
+    say!("building the guest initramfs ({})", image.initrd.display());
+    let mut cpio = Cpio::default();
+    for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "usr", "usr/bin", "usr/sbin"] {
+        cpio.dir(d);
+    }
+    // The kernel opens /dev/console for init before anything mounts devtmpfs.
+    cpio.char_device("dev/console", 5, 1);
+    cpio.file("bin/busybox", &fs::read(&busybox)?, 0o755);
+    cpio.file("init", init.as_bytes(), 0o755);
+    let modules = root.join("lib/modules");
+    for m in MODULES {
+        let path = find_module(&modules, m)?.with_context(|| format!("module {m} not in {KERNEL_PACKAGE}"))?;
+        cpio.file(&format!("lib/modules/{m}.ko"), &fs::read(&path)?, 0o644);
+    }
+    let archive = cpio.finish();
+    let mut gz = Command::new("gzip").args(["-6", "-c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().context("gzip")?;
+    let mut stdin = gz.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&archive));
+    let out = gz.wait_with_output()?;
+    writer.join().map_err(|_| anyhow::anyhow!("gzip writer panicked"))??;
+    if !out.status.success() {
+        bail!("gzip failed");
+    }
+    fs::write(&image.initrd, out.stdout)?;
+    fs::write(&stamp_path, stamp)?;
+    Ok(image)
+}
+
+fn download_kernel(dir: &Path) -> Result<PathBuf> {
+    let find = || -> Option<PathBuf> {
+        fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{KERNEL_PACKAGE}_")) && n.ends_with(".deb"))
+        })
+    };
+    if let Some(deb) = find() {
+        return Ok(deb);
+    }
+    say!("downloading the guest kernel package {KERNEL_PACKAGE}");
+    let try_download = || output(Command::new("apt-get").args(["download", "-q", KERNEL_PACKAGE]).current_dir(dir));
+    if try_download().is_err() {
+        say!("refreshing the package lists (apt-get update)");
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        try_download().with_context(|| format!("apt-get download {KERNEL_PACKAGE}"))?;
+    }
+    find().context("apt-get download left no .deb")
+}
+
+fn find_module(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    for entry in fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            if let Some(found) = find_module(&p, name)? {
+                return Ok(Some(found));
+            }
+        } else if p.file_name().and_then(|n| n.to_str()) == Some(&format!("{name}.ko")) {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// A cpio archive in the "newc" format the kernel unpacks as an initramfs.
+#[derive(Default)]
+pub struct Cpio {
+    data: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, body: &[u8]) {
+        self.entry_dev(name, mode, body, (0, 0));
+    }
+
+    fn entry_dev(&mut self, name: &str, mode: u32, body: &[u8], rdev: (u32, u32)) {
+        self.ino += 1;
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino, mode, 0, 0, 1, 0, body.len(), 0, 0, rdev.0, rdev.1, name.len() + 1, 0
+        );
+        self.data.extend_from_slice(header.as_bytes());
+        self.data.extend_from_slice(name.as_bytes());
+        self.data.push(0);
+        self.pad();
+        self.data.extend_from_slice(body);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.data.len() % 4 != 0 {
+            self.data.push(0);
+        }
+    }
+
+    pub fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, &[]);
+    }
+
+    pub fn char_device(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry_dev(name, 0o020600, &[], (major, minor));
+    }
+
+    pub fn file(&mut self, name: &str, body: &[u8], perm: u32) {
+        self.entry(name, 0o100000 | perm, body);
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cpio;
+
+    #[test]
+    fn cpio_newc_entries_are_aligned_and_terminated() {
+        let mut c = Cpio::default();
+        c.file("init", b"abc", 0o755);
+        let a = c.finish();
+        assert!(a.starts_with(b"070701"));
+        // 110-byte header + "init\0" padded to 116, body 3 padded to 4, then the trailer.
+        assert_eq!(&a[110..115], b"init\0");
+        assert_eq!(&a[116..119], b"abc");
+        assert_eq!(&a[120..126], b"070701");
+        assert_eq!(a.len() % 4, 0);
+        assert!(a.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+}

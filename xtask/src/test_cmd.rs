@@ -1,0 +1,43 @@
+//! `cargo xtask test`: everything, as CI runs it.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, VM_PACKAGES};
+use crate::say;
+use crate::util::{is_root, output, run, workspace_root};
+use crate::{build, guest_image};
+
+/// Removes namespaces that test labs of an earlier, interrupted run left behind.
+fn remove_stale_test_labs() -> Result<()> {
+    let list = output(Command::new("ip").args(["netns", "list"]))?;
+    for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with("xvt")) {
+        say!("removing stale test namespace {ns}");
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    Ok(())
+}
+
+pub fn test(cargo_args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the suite needs root (namespaces, XDP, AF_XDP, QEMU with vhost-user): run `cargo xtask test` as root");
+    }
+    ensure_packages(BUILD_PACKAGES)?;
+    ensure_packages(VM_PACKAGES)?;
+    let daemon = build::build(false)?;
+    let image = guest_image::ensure()?;
+    remove_stale_test_labs()?;
+    say!("running the test suite");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root())
+        .args(["test", "--workspace"])
+        .args(cargo_args)
+        .env("XVDPA_EBPF_OBJECT", build::ebpf_object())
+        .env("XVDPA_BIN", &daemon)
+        .env("XVDPA_GUEST_KERNEL", &image.kernel)
+        .env("XVDPA_GUEST_INITRD", &image.initrd);
+    run(&mut cmd).context("the test suite failed")?;
+    say!("all tests passed");
+    Ok(())
+}
