@@ -9,6 +9,7 @@
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check.
 
 pub mod daemon;
+pub mod dpdk;
 pub mod frames;
 pub mod frontend;
 pub mod guest;

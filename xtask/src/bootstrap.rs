@@ -16,6 +16,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages and the command each provides (checked on PATH first; an empty command
 /// means only the package itself will do, as for the static busybox the guest image embeds).
 pub const BUILD_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool"), ("gzip", "gzip")];
+/// DPDK's testpmd: an independent vhost-user frontend in the tests, the peer in the benchmark.
+pub const PEER_PACKAGES: &[(&str, &str)] =
+    &[("dpdk-dev", "dpdk-testpmd"), ("librte-net-af-xdp23", ""), ("librte-net-vhost23", ""), ("librte-net-virtio23", "")];
 pub const VM_PACKAGES: &[(&str, &str)] = &[("qemu-system-x86", "qemu-system-x86_64"), ("busybox-static", "")];
 
 fn package_installed(pkg: &str) -> bool {

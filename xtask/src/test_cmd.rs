@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, VM_PACKAGES};
+use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, PEER_PACKAGES, VM_PACKAGES};
 use crate::say;
 use crate::util::{is_root, output, run, workspace_root};
 use crate::{build, guest_image};
@@ -25,6 +25,7 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     }
     ensure_packages(BUILD_PACKAGES)?;
     ensure_packages(VM_PACKAGES)?;
+    ensure_packages(PEER_PACKAGES)?;
     let daemon = build::build(false)?;
     let image = guest_image::ensure()?;
     remove_stale_test_labs()?;
