@@ -190,10 +190,18 @@ impl VirtioNetFrontend {
             DriverQueue::new(0, RING_AREA, QUEUE_SIZE)?,
             DriverQueue::new(RING_AREA / 2, RING_AREA + QUEUE_SIZE as u64 * SLOT, QUEUE_SIZE)?,
         ];
+        let mut fe = VirtioNetFrontend { frontend, mem, queues, features };
+        fe.start_rings()?;
+        Ok(fe)
+    }
+
+    /// Programs and enables both rings from index 0 (after FEATURES_OK, before DRIVER_OK).
+    fn start_rings(&mut self) -> Result<()> {
+        let region = self.mem.iter().next().expect("one region");
         let host_base = region.as_ptr() as u64;
-        for (i, q) in queues.iter().enumerate() {
-            frontend.set_vring_num(i, q.size).context("SET_VRING_NUM")?;
-            frontend.set_vring_base(i, 0).context("SET_VRING_BASE")?;
+        for (i, q) in self.queues.iter().enumerate() {
+            self.frontend.set_vring_num(i, q.size).context("SET_VRING_NUM")?;
+            self.frontend.set_vring_base(i, 0).context("SET_VRING_BASE")?;
             // vring addresses are the frontend's own virtual addresses.
             let config = VringConfigData {
                 queue_max_size: q.size,
@@ -204,21 +212,38 @@ impl VirtioNetFrontend {
                 avail_ring_addr: host_base + q.avail,
                 log_addr: None,
             };
-            frontend.set_vring_addr(i, &config).context("SET_VRING_ADDR")?;
-            frontend.set_vring_kick(i, &q.kick).context("SET_VRING_KICK")?;
-            frontend.set_vring_call(i, &q.call).context("SET_VRING_CALL")?;
+            self.frontend.set_vring_addr(i, &config).context("SET_VRING_ADDR")?;
+            self.frontend.set_vring_kick(i, &q.kick).context("SET_VRING_KICK")?;
+            self.frontend.set_vring_call(i, &q.call).context("SET_VRING_CALL")?;
         }
         for i in 0..2 {
-            frontend.set_vring_enable(i, true).context("SET_VRING_ENABLE")?;
+            self.frontend.set_vring_enable(i, true).context("SET_VRING_ENABLE")?;
         }
-        let mut fe = VirtioNetFrontend { frontend, mem, queues, features };
-        if fe.features & VIRTIO_RING_F_EVENT_IDX != 0 {
+        if self.has(VIRTIO_RING_F_EVENT_IDX) {
             // Ask for a notification on every used entry.
             for q in 0..2 {
-                fe.set_used_event(q, 0)?;
+                self.set_used_event(q, 0)?;
             }
         }
-        Ok(fe)
+        Ok(())
+    }
+
+    /// A driver's device reset as QEMU relays it over vhost-user on the same connection:
+    /// rings stopped (GET_VRING_BASE), their memory cleared, then programmed and enabled
+    /// again from index 0.
+    pub fn reset_device(&mut self) -> Result<()> {
+        for i in 0..2 {
+            self.frontend.set_vring_enable(i, false).context("SET_VRING_ENABLE")?;
+            self.frontend.get_vring_base(i).context("GET_VRING_BASE")?;
+        }
+        for i in 0..2 {
+            let q = &self.queues[i];
+            let (start, end) = (q.desc, q.used + 6 + 8 * q.size as u64);
+            self.mem.write_slice(&vec![0u8; (end - start) as usize], GuestAddress(start))?;
+            let fresh = DriverQueue::new(q.desc, q.slots, q.size)?;
+            self.queues[i] = fresh;
+        }
+        self.start_rings()
     }
 
     pub fn has(&self, feature: u64) -> bool {

@@ -194,7 +194,7 @@ fn broadcast_reaches_vm_and_host_unknown_unicast_stays_with_host() -> Result<()>
 }
 
 #[test]
-fn malformed_tx_chains_are_counted_and_rx_keeps_working() -> Result<()> {
+fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()> {
     let s = setup("bad")?;
     let mut fe = connect(&s, 0)?;
     fe.post_rx_buffers(16, 2048)?;
@@ -203,6 +203,19 @@ fn malformed_tx_chains_are_counted_and_rx_keeps_working() -> Result<()> {
     fe.kick(TX_QUEUE)?;
     // The receive queue of the same device keeps working.
     wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 1, 300)])?;
+    // The broken tx queue stays stopped until the driver resets the device; then it works.
+    let f = test_frame(s.wire_mac, guest_mac(0), 10, 200);
+    fe.send(&f, 1, false)?;
+    fe.kick(TX_QUEUE)?;
+    let got = s.wire.recv_until(Duration::from_millis(500), |g| g.iter().any(|x| test_seq(x) == Some(10)));
+    ensure!(!got.iter().any(|x| test_seq(x) == Some(10)), "a broken tx queue kept transmitting");
+    fe.reset_device()?;
+    fe.send(&f, 1, false)?;
+    fe.kick(TX_QUEUE)?;
+    let got = s.wire.recv_until(WAIT, |g| g.iter().any(|x| test_seq(x) == Some(10)));
+    ensure!(got.iter().any(|x| *x == f), "tx did not recover after a device reset");
+    fe.post_rx_buffers(16, 2048)?;
+    wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 11, 300)])?;
     drop(fe);
 
     // A fresh connection (the VM restarted) gets a working device, tx included, and survives
