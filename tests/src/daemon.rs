@@ -42,10 +42,24 @@ pub fn socket_dir(tag: &str) -> Result<PathBuf> {
 impl Daemon {
     /// Starts `xvdpa --iface nic0 <args>` in the lab's host namespace without waiting.
     pub fn spawn(lab: &Lab, args: &[&str]) -> Result<Daemon> {
+        Self::spawn_pinned(lab, args, None)
+    }
+
+    /// Like [`Daemon::spawn`], with every thread of the daemon confined to `cpu`.
+    pub fn spawn_pinned(lab: &Lab, args: &[&str], cpu: Option<usize>) -> Result<Daemon> {
         let bin = checked_binary()?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &lab.host_ns]).arg(&bin).args(["--iface", NIC]).args(args);
+        cmd.args(["netns", "exec", &lab.host_ns]);
+        if let Some(cpu) = cpu {
+            cmd.args(["taskset", "-c", &cpu.to_string()]);
+        }
+        cmd.arg(&bin).args(["--iface", NIC]).args(args);
         Self::spawn_command(cmd)
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Starts the binary with exactly `args` (for command-line error tests).
@@ -73,10 +87,15 @@ impl Daemon {
 
     /// Starts a daemon serving one port and waits until it accepts frontends.
     pub fn start(lab: &Lab, socket: &Path, mac: &str, extra: &[&str]) -> Result<Daemon> {
+        Self::start_pinned(lab, socket, mac, extra, None)
+    }
+
+    /// [`Daemon::start`] confined to one CPU (benchmarks).
+    pub fn start_pinned(lab: &Lab, socket: &Path, mac: &str, extra: &[&str], cpu: Option<usize>) -> Result<Daemon> {
         let socket_s = socket.to_str().context("socket path")?;
         let mut args = vec!["--socket", socket_s, "--mac", mac];
         args.extend_from_slice(extra);
-        let mut d = Self::spawn(lab, &args)?;
+        let mut d = Self::spawn_pinned(lab, &args, cpu)?;
         d.sockets.push(socket.to_path_buf());
         d.wait_for_log("port ready for a frontend", Duration::from_secs(20))?;
         Ok(d)

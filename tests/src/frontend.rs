@@ -38,11 +38,11 @@ pub const VNET_HDR_LEN: usize = 12;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 
-/// Guest memory layout: rings first, then one 4 KiB data slot per descriptor of each queue.
-const QUEUE_SIZE: u16 = 256;
+/// Guest memory layout: rings first (32 KiB per queue), then one 4 KiB data slot per
+/// descriptor of each queue.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
 const SLOT: u64 = 4096;
 const RING_AREA: u64 = 0x10000;
-const MEM_SIZE: u64 = RING_AREA + 2 * QUEUE_SIZE as u64 * SLOT;
 
 /// A descriptor as the driver writes it; `next` in [`VirtioNetFrontend::post_raw`] is a
 /// position within the posted chain, translated to the real descriptor index.
@@ -118,6 +118,8 @@ pub struct FrontendOptions {
     pub features: u64,
     /// How long to wait for the backend's socket to accept connections.
     pub connect_timeout: Duration,
+    /// Descriptors per virtqueue (a power of two up to [`MAX_QUEUE_SIZE`]).
+    pub queue_size: u16,
 }
 
 impl Default for FrontendOptions {
@@ -125,6 +127,7 @@ impl Default for FrontendOptions {
         FrontendOptions {
             features: VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MTU | VIRTIO_RING_F_INDIRECT_DESC,
             connect_timeout: Duration::from_secs(10),
+            queue_size: 256,
         }
     }
 }
@@ -158,8 +161,13 @@ impl VirtioNetFrontend {
         };
         let mut frontend = Frontend::from_stream(stream, 2);
 
-        let file = memfd(MEM_SIZE)?;
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(GuestAddress(0), MEM_SIZE as usize, Some(FileOffset::new(file, 0)))])
+        let qsize = opts.queue_size;
+        if !qsize.is_power_of_two() || qsize > MAX_QUEUE_SIZE {
+            bail!("queue size {qsize}: a power of two up to {MAX_QUEUE_SIZE}");
+        }
+        let mem_size = RING_AREA + 2 * u64::from(qsize) * SLOT;
+        let file = memfd(mem_size)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(GuestAddress(0), mem_size as usize, Some(FileOffset::new(file, 0)))])
             .context("mapping guest memory")?;
 
         frontend.set_owner().context("SET_OWNER")?;
@@ -187,8 +195,8 @@ impl VirtioNetFrontend {
         frontend.set_mem_table(&[info]).context("SET_MEM_TABLE")?;
 
         let queues = [
-            DriverQueue::new(0, RING_AREA, QUEUE_SIZE)?,
-            DriverQueue::new(RING_AREA / 2, RING_AREA + QUEUE_SIZE as u64 * SLOT, QUEUE_SIZE)?,
+            DriverQueue::new(0, RING_AREA, qsize)?,
+            DriverQueue::new(RING_AREA / 2, RING_AREA + u64::from(qsize) * SLOT, qsize)?,
         ];
         let mut fe = VirtioNetFrontend { frontend, mem, queues, features };
         fe.start_rings()?;
@@ -306,6 +314,12 @@ impl VirtioNetFrontend {
         self.queues[queue].free.len()
     }
 
+    /// Whether the device wants a kick for new work in `queue` (VRING_USED_F_NO_NOTIFY clear).
+    pub fn device_wants_kick(&self, queue: usize) -> Result<bool> {
+        let flags: u16 = self.mem.load(GuestAddress(self.queues[queue].used), Ordering::Acquire)?;
+        Ok(flags & 1 == 0)
+    }
+
     /// Tells the device there is new work in `queue`.
     pub fn kick(&self, queue: usize) -> Result<()> {
         self.queues[queue].kick.write(1)?;
@@ -322,7 +336,10 @@ impl VirtioNetFrontend {
             self.queues[RX_QUEUE].chains[idx as usize] = vec![idx];
             self.publish(RX_QUEUE, idx)?;
         }
-        self.kick(RX_QUEUE)
+        if count > 0 && self.device_wants_kick(RX_QUEUE)? {
+            self.kick(RX_QUEUE)?;
+        }
+        Ok(())
     }
 
     /// Posts a chain built from `descs` as-is (addresses, lengths, flags), with `next` fields

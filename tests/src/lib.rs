@@ -8,6 +8,8 @@
 //! - [`guest`]: a real Linux guest under QEMU;
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check.
 
+pub mod bench;
+pub mod bench_run;
 pub mod daemon;
 pub mod dpdk;
 pub mod frames;

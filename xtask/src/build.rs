@@ -36,7 +36,7 @@ pub fn build(release: bool) -> Result<PathBuf> {
     let object = build_ebpf()?;
     say!("building the daemon ({})", if release { "release" } else { "debug" });
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace_root()).args(["build", "--package", "xvdpa", "--bin", "xvdpa"]).env("XVDPA_EBPF_OBJECT", &object);
+    cmd.current_dir(workspace_root()).args(["build", "--package", "xvdpa", "--bins"]).env("XVDPA_EBPF_OBJECT", &object);
     if release {
         cmd.arg("--release");
     }

@@ -1,0 +1,293 @@
+//! Benchmark building blocks: a kernel-side traffic generator (XDP live frames), the guest
+//! side (the test frontend counting received frames or keeping its tx ring full), counters on
+//! the wire, CPU pinning and per-process CPU and memory figures.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::frontend::{VirtioNetFrontend, RX_QUEUE, TX_QUEUE};
+
+/// The eBPF object holding the generator program, built by `cargo xtask build`.
+pub fn generator_object() -> PathBuf {
+    std::env::var_os("XVDPA_BENCH_TX_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target/ebpf/bpfel-unknown-none/release/xvdpa-bench-tx"))
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A UDP/IPv4 frame of `len` bytes (Ethernet header included, FCS not: a "64-byte frame" on
+/// the wire is 60 here), with a valid IPv4 header checksum and UDP checksum 0 (none).
+pub fn udp_frame(dst: [u8; 6], src: [u8; 6], src_ip: [u8; 4], dst_ip: [u8; 4], sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    assert!(len >= 42, "Ethernet + IPv4 + UDP need 42 bytes");
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (len - 14) as u16;
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&src_ip);
+    ip[16..20].copy_from_slice(&dst_ip);
+    let c = checksum(ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
+    udp[4..6].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    f
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_thread(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity on the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+/// `union bpf_attr`'s BPF_PROG_TEST_RUN member.
+#[repr(C, align(8))]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
+/// Sends copies of a template frame out of an interface from inside the kernel, as fast as
+/// one CPU allows, until stopped.
+pub struct Generator {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Generator {
+    /// Starts generating on `ifname` in namespace `netns`, pinned to `cpu`.
+    pub fn start(netns: &str, ifname: &str, frame: Vec<u8>, flows: u32, cpu: Option<usize>) -> Result<Generator> {
+        let object = std::fs::read(generator_object()).with_context(|| format!("{} (built by `cargo xtask build`)", generator_object().display()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let ns_file = std::fs::File::open(format!("/var/run/netns/{netns}")).with_context(|| format!("namespace {netns}"))?;
+        let ifname = ifname.to_string();
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let thread = std::thread::Builder::new().name("bench-generator".into()).spawn(move || -> Result<()> {
+            let setup = (|| -> Result<(aya::Ebpf, u32)> {
+                // SAFETY: setns on this thread with a namespace fd we hold open.
+                if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("setns");
+                }
+                if let Some(cpu) = cpu {
+                    pin_thread(cpu)?;
+                }
+                let name = std::ffi::CString::new(ifname.clone())?;
+                // SAFETY: valid C string.
+                let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                if ifindex == 0 {
+                    bail!("no interface {ifname} in the generator's namespace");
+                }
+                let mut ebpf = aya::Ebpf::load(&object).context("loading the generator program")?;
+                {
+                    let mut flows_map: aya::maps::Array<_, u32> = aya::maps::Array::try_from(ebpf.map_mut("FLOWS").context("FLOWS map")?)?;
+                    flows_map.set(0, flows.max(1), 0)?;
+                    flows_map.set(1, 1024, 0)?;
+                }
+                let prog: &mut aya::programs::Xdp = ebpf.program_mut("xvdpa_bench_tx").context("generator program")?.try_into()?;
+                prog.load().context("verifying the generator program")?;
+                Ok((ebpf, ifindex))
+            })();
+            let (ebpf, ifindex) = match setup {
+                Ok(v) => {
+                    let _ = ready_tx.send(Ok(()));
+                    v
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    let _ = ready_tx.send(Err(e));
+                    bail!("{msg}");
+                }
+            };
+            let prog: &aya::programs::Xdp = ebpf.program("xvdpa_bench_tx").unwrap().try_into()?;
+            let fd = prog.fd()?.as_fd().as_raw_fd();
+            let mut data = frame.clone();
+            let mut ctx = XdpMd { data: 0, data_end: data.len() as u32, ingress_ifindex: ifindex, ..Default::default() };
+            // Short runs per syscall, so the guest side sharing this CPU gets scheduled often.
+            const REPEAT: u32 = 2048;
+            while !stop2.load(Ordering::Relaxed) {
+                let mut attr = TestRunAttr {
+                    prog_fd: fd as u32,
+                    data_size_in: data.len() as u32,
+                    data_in: data.as_mut_ptr() as u64,
+                    repeat: REPEAT,
+                    ctx_size_in: std::mem::size_of::<XdpMd>() as u32,
+                    ctx_in: (&mut ctx as *mut XdpMd) as u64,
+                    flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+                    batch_size: 64,
+                    ..Default::default()
+                };
+                // SAFETY: bpf(2) with a correctly laid out attribute whose pointers reference
+                // live buffers of the sizes given.
+                let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestRunAttr, std::mem::size_of::<TestRunAttr>()) };
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN with live frames");
+                }
+                sent2.fetch_add(u64::from(REPEAT), Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        ready_rx.recv().context("generator thread died")??;
+        Ok(Generator { stop, sent, thread: Some(thread) })
+    }
+
+    /// Frames handed to the device so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().map_err(|_| anyhow::anyhow!("generator panicked"))??;
+        }
+        Ok(self.sent())
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An interface counter from sysfs, read inside `netns`. (sysfs shows the interfaces of the
+/// namespace that mounted it, so the read goes through `ip netns exec`, which remounts it.)
+pub fn iface_counter(netns: &str, ifname: &str, counter: &str) -> Result<u64> {
+    let path = format!("/sys/class/net/{ifname}/statistics/{counter}");
+    let out = std::process::Command::new("ip").args(["netns", "exec", netns, "cat", &path]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().with_context(|| format!("{path} in {netns}: {text:?} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (fields[11].parse()?, fields[12].parse()?);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((utime + stime) as f64 / hz)
+}
+
+/// Resident memory of a process in bytes.
+pub fn process_rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).context("VmRSS")?.trim().trim_end_matches("kB").trim().parse()?;
+    Ok(kb * 1024)
+}
+
+/// CPU seconds the calling thread has used.
+pub fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The guest side of the rx scenario: keeps the rx ring stocked and counts what arrives,
+/// sleeping on the device's notification when the ring is quiet (light polling).
+pub fn guest_rx_count(fe: &mut VirtioNetFrontend, duration: Duration, buf_len: u32) -> Result<(u64, f64)> {
+    let cpu0 = thread_cpu_seconds();
+    fe.post_rx_buffers(fe.free_descriptors(RX_QUEUE), buf_len)?;
+    let end = Instant::now() + duration;
+    let mut frames = 0u64;
+    while Instant::now() < end {
+        let n = fe.take_used(RX_QUEUE)?.len();
+        if n == 0 {
+            fe.wait_call(RX_QUEUE, Duration::from_millis(1));
+            continue;
+        }
+        frames += n as u64;
+        fe.post_rx_buffers(n, buf_len)?;
+    }
+    Ok((frames, thread_cpu_seconds() - cpu0))
+}
+
+/// The guest side of the tx scenario: keeps the tx ring full of `frame`, kicking only when
+/// the device asks for kicks. Returns (frames the device consumed, CPU seconds spent).
+pub fn guest_tx_blast(fe: &mut VirtioNetFrontend, frame: &[u8], duration: Duration) -> Result<(u64, f64)> {
+    let cpu0 = thread_cpu_seconds();
+    let end = Instant::now() + duration;
+    let mut done = 0u64;
+    while Instant::now() < end {
+        let free = fe.free_descriptors(TX_QUEUE);
+        for _ in 0..free {
+            fe.send(frame, 1, false)?;
+        }
+        if free > 0 && fe.device_wants_kick(TX_QUEUE)? {
+            fe.kick(TX_QUEUE)?;
+        }
+        let n = fe.take_used(TX_QUEUE)?.len();
+        done += n as u64;
+        if n == 0 {
+            fe.wait_call(TX_QUEUE, Duration::from_millis(1));
+        }
+    }
+    Ok((done, thread_cpu_seconds() - cpu0))
+}

@@ -1,0 +1,290 @@
+//! Benchmark scenarios, each measured for one peer (xvdpa, DPDK testpmd, or the bare AF_XDP
+//! ceiling) with the same lab, generator, guest side and CPU pinning.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench::{guest_rx_count, guest_tx_blast, iface_counter, pin_thread, process_cpu_seconds, process_rss_bytes, udp_frame, Generator};
+use crate::daemon::{socket_dir, Daemon};
+use crate::dpdk;
+use crate::frames::ip_bytes;
+use crate::frontend::{FrontendOptions, VirtioNetFrontend};
+use crate::lab::{self, guest_mac, mac_str, Lab};
+use crate::output::{LineLog, Wait};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// wire -> NIC -> guest rx ring, counted by the guest side.
+    Rx,
+    /// guest tx ring -> NIC -> wire, counted on the wire.
+    Tx,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Rx => "rx",
+            Direction::Tx => "tx",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    Xvdpa,
+    /// dpdk-testpmd: net_vhost + net_af_xdp, io forwarding.
+    Dpdk,
+    /// xvdpa-xsk-limit: XDP + AF_XDP with nothing behind the socket.
+    Limit,
+}
+
+impl Peer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Xvdpa => "xvdpa",
+            Peer::Dpdk => "dpdk",
+            Peer::Limit => "limit",
+        }
+    }
+}
+
+/// Which CPU the datapath under test gets, and which the generator and guest side share.
+#[derive(Clone, Copy, Debug)]
+pub struct Pinning {
+    pub datapath: usize,
+    pub load: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    pub peer: Peer,
+    pub direction: Direction,
+    /// Frame size on the wire, FCS included (64, 512, 1518).
+    pub size: usize,
+    pub frames: u64,
+    pub seconds: f64,
+    pub pps: f64,
+    /// CPU seconds the datapath process used per million frames.
+    pub cpu_s_per_mpkt: f64,
+    /// CPU seconds the guest side used (it must cost less than what it measures).
+    pub guest_cpu_s: f64,
+    pub rss_bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub pinning: Pinning,
+    /// Flows (UDP source ports) the generator spreads frames over.
+    pub flows: u32,
+}
+
+/// A MAC nobody in the lab owns: tx frames to it are counted by the wire and go no further.
+const SINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn limit_binary() -> PathBuf {
+    crate::daemon::binary().with_file_name("xvdpa-xsk-limit")
+}
+
+fn frame_for(direction: Direction, size: usize, wire_mac: [u8; 6]) -> Vec<u8> {
+    let len = size.saturating_sub(4).max(60);
+    match direction {
+        Direction::Rx => udp_frame(guest_mac(0), wire_mac, ip_bytes(lab::WIRE_IP), ip_bytes(&lab::guest_ip(0)), 1024, 9, len),
+        Direction::Tx => udp_frame(SINK_MAC, guest_mac(0), ip_bytes(&lab::guest_ip(0)), [10, 77, 0, 200], 1024, 9, len),
+    }
+}
+
+pub fn wire_mac(lab: &Lab) -> Result<[u8; 6]> {
+    let out = lab.in_wire("cat").arg(format!("/sys/class/net/{}/address", lab::WIRE)).output()?;
+    let s = String::from_utf8(out.stdout)?;
+    let v: Vec<u8> = s.trim().split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s:?}"))
+}
+
+/// The datapath process under test and its guest-side connection.
+struct UnderTest {
+    pid: u32,
+    daemon: Option<Daemon>,
+    testpmd: Option<std::process::Child>,
+    dpdk_prefix: Option<String>,
+}
+
+impl UnderTest {
+    fn finish(mut self) -> Result<()> {
+        if let Some(d) = self.daemon.take() {
+            d.stop()?;
+        }
+        if let Some(mut t) = self.testpmd.take() {
+            // SIGINT lets testpmd close its ports, which detaches its XDP program from the NIC.
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(t.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while t.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = t.kill();
+                    let _ = t.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(p) = self.dpdk_prefix.take() {
+            let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{p}"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UnderTest {
+    fn drop(&mut self) {
+        if let Some(mut t) = self.testpmd.take() {
+            let _ = t.kill();
+            let _ = t.wait();
+        }
+    }
+}
+
+fn start_vhost_peer(peer: Peer, lab: &Lab, pin: Pinning, tag: &str) -> Result<(UnderTest, VirtioNetFrontend)> {
+    let socket = socket_dir(tag)?.join("bench.sock");
+    let _ = std::fs::remove_file(&socket);
+    let ut = match peer {
+        Peer::Xvdpa => {
+            let d = Daemon::start_pinned(lab, &socket, &mac_str(guest_mac(0)), &["--log", "warn,xvdpa=info"], Some(pin.datapath))?;
+            UnderTest { pid: d.pid().context("daemon pid")?, daemon: Some(d), testpmd: None, dpdk_prefix: None }
+        }
+        Peer::Dpdk => {
+            let prefix = format!("xvbench-{}-{tag}", std::process::id());
+            let mut cmd = lab.in_host("taskset");
+            cmd.args(["-c", &pin.datapath.to_string(), "dpdk-testpmd"])
+                .args(dpdk::eal_args(&prefix, &format!("0@{0},1@{0}", pin.datapath)))
+                .arg("--vdev")
+                .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
+                .arg("--vdev")
+                .arg(format!("net_af_xdp0,iface={},start_queue=0,queue_count=1", lab::NIC))
+                .args(["--", "--forward-mode=io", "--auto-start", "--nb-cores=1", "--stats-period=1", "--total-num-mbufs=16384"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().context("starting dpdk-testpmd")?;
+            let log = LineLog::capture(&mut child, "testpmd");
+            match log.wait_for("Port statistics", 0, Duration::from_secs(30), Some(&mut child))? {
+                Wait::Found(_) => {}
+                _ => bail!("dpdk-testpmd did not start:\n{}", log.lines().join("\n")),
+            }
+            UnderTest { pid: child.id(), daemon: None, testpmd: Some(child), dpdk_prefix: Some(prefix) }
+        }
+        Peer::Limit => unreachable!("the limit peer has no vhost side"),
+    };
+    let fe = VirtioNetFrontend::connect(&socket, FrontendOptions { queue_size: 1024, ..Default::default() })?;
+    Ok((ut, fe))
+}
+
+/// Measures one (peer, direction, size) in `lab`, which must be idle.
+pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: &Setup) -> Result<Measurement> {
+    let pin = setup.pinning;
+    pin_thread(pin.load)?;
+    let wire_mac = wire_mac(lab)?;
+    let frame = frame_for(direction, size, wire_mac);
+    let tag = format!("bench-{}-{}-{size}", peer.name(), direction.name());
+    let total = setup.warmup + setup.duration;
+
+    if peer == Peer::Limit {
+        let _ = lab.in_host("ip").args(["link", "set", "dev", lab::NIC, "xdp", "off"]).status();
+        let mut cmd = lab.in_host("taskset");
+        cmd.args(["-c", &pin.datapath.to_string()]).arg(limit_binary());
+        cmd.args(["--iface", lab::NIC, "--mac", &mac_str(guest_mac(0)), "--seconds", &format!("{:.3}", total.as_secs_f64())]);
+        if direction == Direction::Tx {
+            cmd.args(["--tx-len", &frame.len().to_string(), "--tx-dst", &mac_str(SINK_MAC)]);
+        }
+        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting xvdpa-xsk-limit")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let generator = match direction {
+            Direction::Rx => Some(Generator::start(&lab.wire_ns, lab::WIRE, frame.clone(), setup.flows, Some(pin.load))?),
+            Direction::Tx => None,
+        };
+        let wire0 = iface_counter(&lab.wire_ns, lab::WIRE, "rx_packets")?;
+        let out = child.wait_with_output()?;
+        let wire1 = iface_counter(&lab.wire_ns, lab::WIRE, "rx_packets")?;
+        if let Some(g) = generator {
+            g.stop()?;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("xvdpa-xsk-limit failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let field = |k: &str| -> Option<f64> { text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()) };
+        let seconds = field("seconds=").context("limit output")?;
+        let frames = match direction {
+            Direction::Rx => field("rx=").context("limit output")? as u64,
+            Direction::Tx => wire1 - wire0,
+        };
+        // The whole run counts here (no separate warm-up window): the ceiling is a bound.
+        return Ok(Measurement {
+            peer,
+            direction,
+            size,
+            frames,
+            seconds,
+            pps: frames as f64 / seconds,
+            cpu_s_per_mpkt: f64::NAN,
+            guest_cpu_s: 0.0,
+            rss_bytes: 0,
+        });
+    }
+
+    // Whatever a previous peer left on the NIC (an XDP program) must not decide this run.
+    let _ = lab.in_host("ip").args(["link", "set", "dev", lab::NIC, "xdp", "off"]).status();
+    let (ut, mut fe) = start_vhost_peer(peer, lab, pin, &tag)?;
+    let result = (|| -> Result<Measurement> {
+        // Each direction yields (frames, seconds, datapath CPU seconds, guest CPU seconds).
+        let (frames, seconds, cpu, guest_cpu_s) = match direction {
+            Direction::Rx => {
+                let gen = Generator::start(&lab.wire_ns, lab::WIRE, frame.clone(), setup.flows, Some(pin.load))?;
+                guest_rx_count(&mut fe, setup.warmup, 2048)?;
+                let cpu0 = process_cpu_seconds(ut.pid)?;
+                let t0 = Instant::now();
+                let (frames, guest_cpu) = guest_rx_count(&mut fe, setup.duration, 2048)?;
+                let seconds = t0.elapsed().as_secs_f64();
+                let cpu = process_cpu_seconds(ut.pid)? - cpu0;
+                gen.stop()?;
+                (frames, seconds, cpu, guest_cpu)
+            }
+            Direction::Tx => {
+                guest_tx_blast(&mut fe, &frame, setup.warmup)?;
+                let wire0 = iface_counter(&lab.wire_ns, lab::WIRE, "rx_packets")?;
+                let cpu0 = process_cpu_seconds(ut.pid)?;
+                let t0 = Instant::now();
+                let (_, guest_cpu) = guest_tx_blast(&mut fe, &frame, setup.duration)?;
+                let seconds = t0.elapsed().as_secs_f64();
+                let frames = iface_counter(&lab.wire_ns, lab::WIRE, "rx_packets")? - wire0;
+                let cpu = process_cpu_seconds(ut.pid)? - cpu0;
+                (frames, seconds, cpu, guest_cpu)
+            }
+        };
+        Ok(Measurement {
+            peer,
+            direction,
+            size,
+            frames,
+            seconds,
+            pps: frames as f64 / seconds,
+            cpu_s_per_mpkt: cpu / (frames.max(1) as f64 / 1e6),
+            guest_cpu_s,
+            rss_bytes: process_rss_bytes(ut.pid).unwrap_or(0),
+        })
+    })();
+    drop(fe);
+    let finished = ut.finish();
+    let m = result?;
+    finished?;
+    Ok(m)
+}
+
+/// Whether dpdk-testpmd is installed.
+pub fn have_dpdk() -> bool {
+    Command::new("dpdk-testpmd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
