@@ -13,7 +13,8 @@ fn main() -> anyhow::Result<()> {
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     let before = iface_counter(&lab.host_ns, lab::NIC, "rx_packets")?;
-    let g = Generator::start(&lab.wire_ns, lab::WIRE, frame, 1, Some(0))?;
+    let flows: u32 = std::env::var("FLOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let g = Generator::start(&lab.wire_ns, lab::WIRE, frame, flows, Some(0))?;
     std::thread::sleep(Duration::from_secs(2));
     let sent = g.stop()?;
     let after = iface_counter(&lab.host_ns, lab::NIC, "rx_packets")?;

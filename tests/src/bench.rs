@@ -163,8 +163,9 @@ impl Generator {
             let fd = prog.fd()?.as_fd().as_raw_fd();
             let mut data = frame.clone();
             let mut ctx = XdpMd { data: 0, data_end: data.len() as u32, ingress_ifindex: ifindex, ..Default::default() };
-            // Short runs per syscall, so the guest side sharing this CPU gets scheduled often.
-            const REPEAT: u32 = 2048;
+            // Setting up a live-frames run costs ~25 ms, so each call is long, and stop()
+            // interrupts it with a signal (the kernel checks for one between batches).
+            const REPEAT: u32 = 1 << 26;
             while !stop2.load(Ordering::Relaxed) {
                 let mut attr = TestRunAttr {
                     prog_fd: fd as u32,
@@ -181,7 +182,11 @@ impl Generator {
                 // live buffers of the sizes given.
                 let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestRunAttr, std::mem::size_of::<TestRunAttr>()) };
                 if r != 0 {
-                    return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN with live frames");
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    return Err(e).context("BPF_PROG_TEST_RUN with live frames");
                 }
                 sent2.fetch_add(u64::from(REPEAT), Ordering::Relaxed);
             }
@@ -191,13 +196,36 @@ impl Generator {
         Ok(Generator { stop, sent, thread: Some(thread) })
     }
 
-    /// Frames handed to the device so far.
+    /// Interrupts the generator's running syscall: a no-op SIGUSR1 handler installed without
+    /// SA_RESTART makes BPF_PROG_RUN return EINTR at its next batch.
+    fn interrupt(&self) {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        extern "C" fn nothing(_: libc::c_int) {}
+        HANDLER.call_once(|| {
+            // SAFETY: installing a handler that does nothing; sigaction is zeroed plain data.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+            }
+        });
+        if let Some(t) = &self.thread {
+            use std::os::unix::thread::JoinHandleExt;
+            // SAFETY: the thread is alive until joined, which happens after this.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
+        }
+    }
+
+    /// Frames handed to the device by completed runs (a run interrupted by stop() is not
+    /// counted: receivers count what arrived).
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
 
     pub fn stop(mut self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
+        self.interrupt();
         if let Some(t) = self.thread.take() {
             t.join().map_err(|_| anyhow::anyhow!("generator panicked"))??;
         }
@@ -208,6 +236,7 @@ impl Generator {
 impl Drop for Generator {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.interrupt();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -258,7 +287,7 @@ pub fn guest_rx_count(fe: &mut VirtioNetFrontend, duration: Duration, buf_len: u
     let end = Instant::now() + duration;
     let mut frames = 0u64;
     while Instant::now() < end {
-        let n = fe.take_used(RX_QUEUE)?.len();
+        let n = fe.reclaim_used(RX_QUEUE)?;
         if n == 0 {
             fe.wait_call(RX_QUEUE, Duration::from_millis(1));
             continue;
@@ -273,19 +302,17 @@ pub fn guest_rx_count(fe: &mut VirtioNetFrontend, duration: Duration, buf_len: u
 /// the device asks for kicks. Returns (frames the device consumed, CPU seconds spent).
 pub fn guest_tx_blast(fe: &mut VirtioNetFrontend, frame: &[u8], duration: Duration) -> Result<(u64, f64)> {
     let cpu0 = thread_cpu_seconds();
+    fe.prepare_tx_template(frame)?;
     let end = Instant::now() + duration;
     let mut done = 0u64;
     while Instant::now() < end {
-        let free = fe.free_descriptors(TX_QUEUE);
-        for _ in 0..free {
-            fe.send(frame, 1, false)?;
-        }
-        if free > 0 && fe.device_wants_kick(TX_QUEUE)? {
+        if fe.post_tx_template(usize::MAX)? > 0 && fe.device_wants_kick(TX_QUEUE)? {
             fe.kick(TX_QUEUE)?;
         }
-        let n = fe.take_used(TX_QUEUE)?.len();
+        let n = fe.reclaim_used(TX_QUEUE)?;
         done += n as u64;
-        if n == 0 {
+        // Sleep until the device returns buffers rather than spin on a nearly idle ring.
+        if n < 32 {
             fe.wait_call(TX_QUEUE, Duration::from_millis(1));
         }
     }

@@ -109,6 +109,11 @@ pub struct VirtioNetFrontend {
     queues: [DriverQueue; 2],
     /// Features the driver acknowledged (without the vhost-user PROTOCOL_FEATURES bit).
     pub features: u64,
+    /// Length of the prebuilt tx chain when every tx descriptor holds the template frame.
+    tx_template: Option<u32>,
+    /// Length each rx descriptor was last written with (0: not written).
+    rx_desc_len: Vec<u32>,
+    scratch_heads: Vec<u16>,
 }
 
 /// Options for [`VirtioNetFrontend::connect`].
@@ -198,7 +203,8 @@ impl VirtioNetFrontend {
             DriverQueue::new(0, RING_AREA, qsize)?,
             DriverQueue::new(RING_AREA / 2, RING_AREA + u64::from(qsize) * SLOT, qsize)?,
         ];
-        let mut fe = VirtioNetFrontend { frontend, mem, queues, features };
+        let rx_size = usize::from(qsize);
+        let mut fe = VirtioNetFrontend { frontend, mem, queues, features, tx_template: None, rx_desc_len: vec![0; rx_size], scratch_heads: Vec::new() };
         fe.start_rings()?;
         Ok(fe)
     }
@@ -251,6 +257,7 @@ impl VirtioNetFrontend {
             let fresh = DriverQueue::new(q.desc, q.slots, q.size)?;
             self.queues[i] = fresh;
         }
+        self.rx_desc_len.fill(0);
         self.start_rings()
     }
 
@@ -289,16 +296,31 @@ impl VirtioNetFrontend {
         Ok(())
     }
 
-    fn publish(&mut self, queue: usize, head: u16) -> Result<()> {
+    /// Writes `head` into the next avail slot without publishing it.
+    fn push_avail(&mut self, queue: usize, head: u16) -> Result<()> {
         let q = &mut self.queues[queue];
         let slot = q.avail + 4 + 2 * (q.avail_idx % q.size) as u64;
         self.mem.write_obj(head, GuestAddress(slot))?;
         q.avail_idx = q.avail_idx.wrapping_add(1);
-        // The index store publishes the ring entry written above.
-        let idx = q.avail_idx;
-        let at = GuestAddress(q.avail + 2);
-        self.mem.store(idx, at, Ordering::Release)?;
         Ok(())
+    }
+
+    /// Publishes every pushed entry with one index store (a batch, as drivers do).
+    fn commit_avail(&mut self, queue: usize) -> Result<()> {
+        let q = &self.queues[queue];
+        self.mem.store(q.avail_idx, GuestAddress(q.avail + 2), Ordering::Release)?;
+        Ok(())
+    }
+
+    fn publish(&mut self, queue: usize, head: u16) -> Result<()> {
+        self.push_avail(queue, head)?;
+        self.commit_avail(queue)
+    }
+
+    fn set_chain(&mut self, queue: usize, descs: &[u16]) {
+        let c = &mut self.queues[queue].chains[descs[0] as usize];
+        c.clear();
+        c.extend_from_slice(descs);
     }
 
     fn alloc(&mut self, queue: usize, n: usize) -> Result<Vec<u16>> {
@@ -329,13 +351,26 @@ impl VirtioNetFrontend {
     /// Posts `count` device-writable receive buffers of `len` bytes each (one descriptor each).
     pub fn post_rx_buffers(&mut self, count: usize, len: u32) -> Result<()> {
         assert!(len as u64 <= SLOT);
-        for _ in 0..count {
-            let idx = self.alloc(RX_QUEUE, 1)?[0];
-            let addr = self.queues[RX_QUEUE].slot(idx);
-            self.write_desc(RX_QUEUE, idx, RawDesc { addr, len, flags: VRING_DESC_F_WRITE, next: 0 })?;
-            self.queues[RX_QUEUE].chains[idx as usize] = vec![idx];
-            self.publish(RX_QUEUE, idx)?;
+        if self.queues[RX_QUEUE].free.len() < count {
+            bail!("rx queue: {} descriptors free, {count} needed", self.queues[RX_QUEUE].free.len());
         }
+        let mut heads = std::mem::take(&mut self.scratch_heads);
+        heads.clear();
+        for _ in 0..count {
+            let idx = self.queues[RX_QUEUE].free.pop().unwrap();
+            // A descriptor keeps its slot for good; rewrite it only when its length changes.
+            if self.rx_desc_len[idx as usize] != len {
+                let addr = self.queues[RX_QUEUE].slot(idx);
+                self.write_desc(RX_QUEUE, idx, RawDesc { addr, len, flags: VRING_DESC_F_WRITE, next: 0 })?;
+                self.rx_desc_len[idx as usize] = len;
+            }
+            self.set_chain(RX_QUEUE, &[idx]);
+            heads.push(idx);
+        }
+        let pushed = self.push_avail_many(RX_QUEUE, &heads);
+        self.scratch_heads = heads;
+        pushed?;
+        self.commit_avail(RX_QUEUE)?;
         if count > 0 && self.device_wants_kick(RX_QUEUE)? {
             self.kick(RX_QUEUE)?;
         }
@@ -350,7 +385,13 @@ impl VirtioNetFrontend {
             let next = idx.get(d.next as usize).copied().unwrap_or(d.next);
             self.write_desc(queue, idx[i], RawDesc { next, ..*d })?;
         }
-        self.queues[queue].chains[idx[0] as usize] = idx.clone();
+        self.set_chain(queue, &idx);
+        self.tx_template = None;
+        if queue == RX_QUEUE {
+            for &i in &idx {
+                self.rx_desc_len[i as usize] = 0;
+            }
+        }
         self.publish(queue, idx[0])?;
         Ok(idx[0])
     }
@@ -364,6 +405,7 @@ impl VirtioNetFrontend {
     /// Queues one frame for transmission: a zeroed virtio-net header, then `frame` split into
     /// `pieces` descriptors (the header travels in the first), or through an indirect table.
     pub fn send(&mut self, frame: &[u8], pieces: usize, indirect: bool) -> Result<()> {
+        self.tx_template = None;
         let mut data = vec![0u8; VNET_HDR_LEN];
         data.extend_from_slice(frame);
         let pieces = pieces.clamp(1, 16);
@@ -390,7 +432,7 @@ impl VirtioNetFrontend {
                 bail!("frame too large for an indirect slot");
             }
             self.write_desc(TX_QUEUE, head, RawDesc { addr: table, len: 16 * parts.len() as u32, flags: VRING_DESC_F_INDIRECT, next: 0 })?;
-            self.queues[TX_QUEUE].chains[head as usize] = vec![head];
+            self.set_chain(TX_QUEUE, &[head]);
             self.publish(TX_QUEUE, head)
         } else {
             let idx = self.alloc(TX_QUEUE, parts.len())?;
@@ -401,37 +443,120 @@ impl VirtioNetFrontend {
                 let next = if more { idx[i + 1] } else { 0 };
                 self.write_desc(TX_QUEUE, idx[i], RawDesc { addr, len: p.len() as u32, flags: if more { VRING_DESC_F_NEXT } else { 0 }, next })?;
             }
-            self.queues[TX_QUEUE].chains[idx[0] as usize] = idx.clone();
+            self.set_chain(TX_QUEUE, &idx);
             self.publish(TX_QUEUE, idx[0])
         }
     }
 
     /// Used entries the device has returned since the last call, their descriptors freed.
     pub fn take_used(&mut self, queue: usize) -> Result<Vec<Used>> {
+        let mut out = Vec::new();
+        self.for_each_used(queue, |u| out.push(u))?;
+        Ok(out)
+    }
+
+    /// Frees the descriptors of every returned chain and says how many there were.
+    pub fn reclaim_used(&mut self, queue: usize) -> Result<usize> {
+        self.for_each_used(queue, |_| {})
+    }
+
+    fn for_each_used(&mut self, queue: usize, mut each: impl FnMut(Used)) -> Result<usize> {
         let (used, size) = (self.queues[queue].used, self.queues[queue].size);
         let idx: u16 = self.mem.load(GuestAddress(used + 2), Ordering::Acquire)?;
-        let mut out = Vec::new();
-        while self.queues[queue].last_used != idx {
-            let slot = used + 4 + 8 * (self.queues[queue].last_used % size) as u64;
-            let head: u32 = self.mem.read_obj(GuestAddress(slot))?;
-            let len: u32 = self.mem.read_obj(GuestAddress(slot + 4))?;
-            if head >= size as u32 {
-                bail!("device returned head {head} outside the ring");
-            }
-            let q = &mut self.queues[queue];
-            let chain = std::mem::take(&mut q.chains[head as usize]);
-            if chain.is_empty() {
-                bail!("device returned head {head} that was not in flight");
-            }
-            q.free.extend(chain);
-            q.last_used = q.last_used.wrapping_add(1);
-            out.push(Used { head: head as u16, len });
+        let pending = idx.wrapping_sub(self.queues[queue].last_used) as usize;
+        if pending > size as usize {
+            bail!("device's used index moved {pending} entries on a ring of {size}");
         }
-        if !out.is_empty() && self.has(VIRTIO_RING_F_EVENT_IDX) {
+        let mut n = 0;
+        let mut raw = [0u8; 8 * 64];
+        while n < pending {
+            // Read used entries in runs that do not wrap, 64 at a time.
+            let start = self.queues[queue].last_used % size;
+            let run = (pending - n).min((size - start) as usize).min(64);
+            self.mem.read_slice(&mut raw[..8 * run], GuestAddress(used + 4 + 8 * start as u64))?;
+            for e in raw[..8 * run].chunks_exact(8) {
+                let head = u32::from_le_bytes(e[0..4].try_into().unwrap());
+                let len = u32::from_le_bytes(e[4..8].try_into().unwrap());
+                if head >= size as u32 {
+                    bail!("device returned head {head} outside the ring");
+                }
+                let DriverQueue { chains, free, last_used, .. } = &mut self.queues[queue];
+                let chain = &mut chains[head as usize];
+                if chain.is_empty() {
+                    bail!("device returned head {head} that was not in flight");
+                }
+                free.extend(chain.drain(..));
+                *last_used = last_used.wrapping_add(1);
+                each(Used { head: head as u16, len });
+            }
+            n += run;
+        }
+        if n > 0 && self.has(VIRTIO_RING_F_EVENT_IDX) {
             let next = self.queues[queue].last_used;
             self.set_used_event(queue, next)?;
         }
-        Ok(out)
+        Ok(n)
+    }
+
+    /// Pushes `heads` into the avail ring in runs that do not wrap, one write each.
+    fn push_avail_many(&mut self, queue: usize, heads: &[u16]) -> Result<()> {
+        let mut done = 0;
+        let mut raw = [0u8; 2 * 64];
+        while done < heads.len() {
+            let q = &self.queues[queue];
+            let start = q.avail_idx % q.size;
+            let run = (heads.len() - done).min((q.size - start) as usize).min(64);
+            for (i, h) in heads[done..done + run].iter().enumerate() {
+                raw[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
+            }
+            self.mem.write_slice(&raw[..2 * run], GuestAddress(q.avail + 4 + 2 * start as u64))?;
+            let q = &mut self.queues[queue];
+            q.avail_idx = q.avail_idx.wrapping_add(run as u16);
+            done += run;
+        }
+        Ok(())
+    }
+
+    /// Writes a virtio-net header and `frame` into every tx data slot and points each tx
+    /// descriptor at its slot, so [`VirtioNetFrontend::post_tx_template`] only has to publish
+    /// heads: a guest side cheap enough to measure a datapath with.
+    pub fn prepare_tx_template(&mut self, frame: &[u8]) -> Result<()> {
+        let len = VNET_HDR_LEN + frame.len();
+        if len as u64 > SLOT {
+            bail!("frame too large for a slot");
+        }
+        let mut data = vec![0u8; VNET_HDR_LEN];
+        data.extend_from_slice(frame);
+        for i in 0..self.queues[TX_QUEUE].size {
+            let addr = self.queues[TX_QUEUE].slot(i);
+            self.mem.write_slice(&data, GuestAddress(addr))?;
+            self.write_desc(TX_QUEUE, i, RawDesc { addr, len: len as u32, flags: 0, next: 0 })?;
+        }
+        self.tx_template = Some(len as u32);
+        Ok(())
+    }
+
+    /// Queues up to `n` copies of the template frame (as many as descriptors are free) and
+    /// returns how many.
+    pub fn post_tx_template(&mut self, n: usize) -> Result<usize> {
+        if self.tx_template.is_none() {
+            bail!("no tx template prepared");
+        }
+        let n = n.min(self.queues[TX_QUEUE].free.len());
+        let mut heads = std::mem::take(&mut self.scratch_heads);
+        heads.clear();
+        for _ in 0..n {
+            let idx = self.queues[TX_QUEUE].free.pop().unwrap();
+            self.set_chain(TX_QUEUE, &[idx]);
+            heads.push(idx);
+        }
+        let pushed = self.push_avail_many(TX_QUEUE, &heads);
+        self.scratch_heads = heads;
+        pushed?;
+        if n > 0 {
+            self.commit_avail(TX_QUEUE)?;
+        }
+        Ok(n)
     }
 
     /// Waits for the device's notification on `queue` or `timeout`, whichever comes first.

@@ -1,5 +1,6 @@
 //! `cargo xtask`: build, run, lab, vm, test. See README.md.
 
+mod bench_cmd;
 mod bootstrap;
 mod build;
 mod guest_image;
@@ -55,6 +56,9 @@ enum Cmd {
         #[arg(last = true)]
         daemon_args: Vec<String>,
     },
+    /// Benchmarks xvdpa against DPDK testpmd (vhost + AF_XDP PMDs) and the bare AF_XDP
+    /// ceiling, with a kernel-side traffic generator; prints a table (needs root).
+    Bench(bench_cmd::BenchArgs),
     /// The whole suite: unit, integration and QEMU end-to-end tests (needs root).
     Test {
         /// Arguments for `cargo test` (e.g. a test name filter).
@@ -71,6 +75,7 @@ fn main() {
         Cmd::Lab { action, name } => lab_cmd::lab(action, &name),
         Cmd::Vm { cmd, ip, daemon_args } => vm_cmd::vm(cmd.as_deref(), &ip, &daemon_args),
         Cmd::Test { cargo_args } => test_cmd::test(&cargo_args),
+        Cmd::Bench(args) => bench_cmd::bench(args),
     };
     match result {
         Ok(()) => {}

@@ -1,0 +1,276 @@
+//! `cargo xtask bench`: every scenario for xvdpa, DPDK testpmd and the AF_XDP ceiling, in the
+//! same lab with the same generator, guest side and pinning; medians of several runs, ratios
+//! taken pairwise within each run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use xvdpa_tests::bench_run::{measure, Direction, Measurement, Peer, Pinning, Setup};
+use xvdpa_tests::lab::Lab;
+
+use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, PEER_PACKAGES};
+use crate::say;
+use crate::util::{is_root, run, workspace_root};
+use crate::build;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Scenarios: rx, tx (vm-to-vm needs several VM ports on one daemon, not yet available).
+    #[arg(long, value_delimiter = ',', default_value = "rx,tx")]
+    scenarios: Vec<String>,
+    /// Frame sizes on the wire, FCS included.
+    #[arg(long, value_delimiter = ',', default_value = "64,512,1518")]
+    sizes: Vec<usize>,
+    /// Peers to measure: xvdpa, dpdk, limit.
+    #[arg(long, value_delimiter = ',', default_value = "xvdpa,dpdk,limit")]
+    peers: Vec<String>,
+    /// Seconds measured per figure (after a warm-up of a third of that).
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Runs per figure; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// CPU for the datapath under test (daemon, testpmd or the ceiling's socket loop).
+    #[arg(long, default_value_t = 1)]
+    datapath_cpu: usize,
+    /// CPU shared by the traffic generator and the guest side.
+    #[arg(long, default_value_t = 0)]
+    load_cpu: usize,
+    /// UDP flows the generator spreads frames over.
+    #[arg(long, default_value_t = 4)]
+    flows: u32,
+    /// Write the raw figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw a chart (PNG, with gnuplot).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn parse_direction(s: &str) -> Result<Direction> {
+    match s {
+        "rx" => Ok(Direction::Rx),
+        "tx" => Ok(Direction::Tx),
+        "vm-to-vm" => bail!("vm-to-vm needs several VM ports on one daemon, which xvdpa does not serve yet"),
+        other => bail!("unknown scenario {other:?} (rx, tx)"),
+    }
+}
+
+fn parse_peer(s: &str) -> Result<Peer> {
+    match s {
+        "xvdpa" => Ok(Peer::Xvdpa),
+        "dpdk" => Ok(Peer::Dpdk),
+        "limit" => Ok(Peer::Limit),
+        other => bail!("unknown peer {other:?} (xvdpa, dpdk, limit)"),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+type Key = (Direction, usize);
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark needs root (namespaces, XDP, AF_XDP): run `cargo xtask bench` as root");
+    }
+    let directions: Vec<Direction> = args.scenarios.iter().map(|s| parse_direction(s)).collect::<Result<_>>()?;
+    let peers: Vec<Peer> = args.peers.iter().map(|s| parse_peer(s)).collect::<Result<_>>()?;
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if args.datapath_cpu >= cpus || args.load_cpu >= cpus {
+        bail!("--datapath-cpu/--load-cpu must be below {cpus} (CPUs on this machine)");
+    }
+    ensure_packages(BUILD_PACKAGES)?;
+    if peers.contains(&Peer::Dpdk) {
+        ensure_packages(PEER_PACKAGES)?;
+    }
+    let daemon = build::build(true)?;
+    // The scenario runner finds the daemon, the ceiling binary and the generator from here.
+    std::env::set_var("XVDPA_BIN", &daemon);
+
+    let lab = Lab::named("xvdpa-bench");
+    lab.create()?;
+    let pinning = Pinning { datapath: args.datapath_cpu, load: args.load_cpu };
+    let setup = Setup {
+        duration: Duration::from_secs_f64(args.duration),
+        warmup: Duration::from_secs_f64(args.duration / 3.0),
+        pinning,
+        flows: args.flows,
+    };
+    let mut all: Vec<(usize, Measurement)> = Vec::new();
+    let total = directions.len() * args.sizes.len() * args.runs * peers.len();
+    let mut done = 0;
+    let result = (|| -> Result<()> {
+        for &d in &directions {
+            for &size in &args.sizes {
+                for run_no in 0..args.runs {
+                    for &peer in &peers {
+                        done += 1;
+                        let m = measure(&lab, peer, d, size, &setup).with_context(|| format!("{} {} {size}B", peer.name(), d.name()))?;
+                        say!(
+                            "[{done}/{total}] {} {:>4}B run {} {:<5} {:>9.0} pps  ({:.2} CPU s/Mpkt)",
+                            d.name(),
+                            size,
+                            run_no + 1,
+                            peer.name(),
+                            m.pps,
+                            m.cpu_s_per_mpkt
+                        );
+                        all.push((run_no, m));
+                    }
+                }
+            }
+        }
+        Ok(())
+    })();
+    lab.destroy();
+    result?;
+
+    let table = render_table(&all, &peers, &args, pinning);
+    println!("{table}");
+    if let Some(path) = &args.json {
+        write_json(path, &all, &args, pinning)?;
+        say!("raw figures written to {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        plot(path, &all, &peers)?;
+        say!("chart written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn by_key(all: &[(usize, Measurement)]) -> BTreeMap<Key, Vec<(usize, Measurement)>> {
+    let mut map: BTreeMap<Key, Vec<(usize, Measurement)>> = BTreeMap::new();
+    for (run, m) in all {
+        map.entry((m.direction, m.size)).or_default().push((*run, m.clone()));
+    }
+    map
+}
+
+/// Median over runs of `a`'s rate divided by `b`'s, each ratio from the same run.
+fn paired_ratio(ms: &[(usize, Measurement)], a: Peer, b: Peer) -> f64 {
+    let mut ratios = Vec::new();
+    for (run, m) in ms.iter().filter(|(_, m)| m.peer == a) {
+        if let Some((_, other)) = ms.iter().find(|(r, o)| r == run && o.peer == b) {
+            ratios.push(m.pps / other.pps);
+        }
+    }
+    median(ratios)
+}
+
+fn render_table(all: &[(usize, Measurement)], peers: &[Peer], args: &BenchArgs, pin: Pinning) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nxvdpa benchmark: median of {} runs x {:.1} s, datapath pinned to CPU {}, generator + guest side on CPU {}, {} flow(s)",
+        args.runs, args.duration, pin.datapath, pin.load, args.flows
+    );
+    let mut header = "| scenario | frame |".to_string();
+    for p in peers {
+        let _ = write!(header, " {} Mpps |", p.name());
+    }
+    header.push_str(" xvdpa/dpdk | xvdpa/limit | xvdpa CPU s/Mpkt | dpdk CPU s/Mpkt | guest side CPU | xvdpa RSS |");
+    let _ = writeln!(out, "{header}");
+    let cols = header.matches('|').count() - 1;
+    let _ = writeln!(out, "|{}", "---|".repeat(cols));
+    for ((d, size), ms) in by_key(all) {
+        let mut line = format!("| {} | {size} B |", d.name());
+        for p in peers {
+            let pps = median(ms.iter().filter(|(_, m)| m.peer == *p).map(|(_, m)| m.pps).collect());
+            let _ = write!(line, " {:.3} |", pps / 1e6);
+        }
+        let fmt_ratio = |r: f64| if r.is_finite() { format!("{r:.2}x") } else { "-".into() };
+        let cpu = |p: Peer| median(ms.iter().filter(|(_, m)| m.peer == p).map(|(_, m)| m.cpu_s_per_mpkt).collect());
+        let fmt_cpu = |c: f64| if c.is_finite() { format!("{c:.2}") } else { "-".into() };
+        let guest = median(ms.iter().filter(|(_, m)| m.peer == Peer::Xvdpa).map(|(_, m)| m.guest_cpu_s / m.seconds).collect());
+        let rss = median(ms.iter().filter(|(_, m)| m.peer == Peer::Xvdpa).map(|(_, m)| m.rss_bytes as f64).collect());
+        let _ = writeln!(
+            line,
+            " {} | {} | {} | {} | {} | {} |",
+            fmt_ratio(paired_ratio(&ms, Peer::Xvdpa, Peer::Dpdk)),
+            fmt_ratio(paired_ratio(&ms, Peer::Xvdpa, Peer::Limit)),
+            fmt_cpu(cpu(Peer::Xvdpa)),
+            fmt_cpu(cpu(Peer::Dpdk)),
+            if guest.is_finite() { format!("{:.0} %", guest * 100.0) } else { "-".into() },
+            if rss.is_finite() { format!("{:.1} MiB", rss / (1 << 20) as f64) } else { "-".into() },
+        );
+        out.push_str(&line);
+    }
+    let _ = writeln!(out, "\nrx: wire -> NIC -> XDP -> AF_XDP -> guest rx ring, counted by the guest side; tx: guest tx ring -> AF_XDP -> NIC -> wire, counted on the wire.");
+    let _ = writeln!(out, "limit: the same XDP program and AF_XDP socket with nothing behind it (drops on rx, sends a prebuilt frame on tx).");
+    let _ = writeln!(out, "CPU s/Mpkt: the datapath process's CPU seconds per million frames; guest side CPU: share of a CPU the measuring frontend used.");
+    out
+}
+
+fn write_json(path: &PathBuf, all: &[(usize, Measurement)], args: &BenchArgs, pin: Pinning) -> Result<()> {
+    let rows: Vec<serde_json::Value> = all
+        .iter()
+        .map(|(run, m)| {
+            serde_json::json!({
+                "run": run, "peer": m.peer.name(), "scenario": m.direction.name(), "frame_size": m.size,
+                "frames": m.frames, "seconds": m.seconds, "pps": m.pps,
+                "cpu_s_per_mpkt": if m.cpu_s_per_mpkt.is_finite() { Some(m.cpu_s_per_mpkt) } else { None },
+                "guest_cpu_s": m.guest_cpu_s, "rss_bytes": m.rss_bytes,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "pinning": {"datapath_cpu": pin.datapath, "generator_and_guest_cpu": pin.load},
+        "duration_s": args.duration, "runs": args.runs, "flows": args.flows,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "measurements": rows,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))
+}
+
+fn plot(path: &PathBuf, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<()> {
+    ensure_packages(&[("gnuplot-nox", "gnuplot")])?;
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let data = dir.join("bench.dat");
+    let mut text = String::from("scenario");
+    for p in peers {
+        let _ = write!(text, " {}", p.name());
+    }
+    text.push('\n');
+    for ((d, size), ms) in by_key(all) {
+        let _ = write!(text, "\"{} {}B\"", d.name(), size);
+        for p in peers {
+            let pps = median(ms.iter().filter(|(_, m)| m.peer == *p).map(|(_, m)| m.pps).collect());
+            let _ = write!(text, " {:.4}", pps / 1e6);
+        }
+        text.push('\n');
+    }
+    std::fs::write(&data, text)?;
+    let mut script = format!(
+        "set terminal pngcairo size 1100,560 font 'sans,11'\nset output '{}'\n\
+         set title 'xvdpa vs DPDK testpmd vs AF_XDP ceiling (median Mpps, higher is better)'\n\
+         set style data histograms\nset style histogram clustered gap 1\nset style fill solid 0.85 border -1\n\
+         set boxwidth 0.9\nset ylabel 'Mpps'\nset grid ytics\nset key top right\nset yrange [0:*]\n\
+         plot '{}' using 2:xtic(1) title columnheader(2)",
+        path.display(),
+        data.display()
+    );
+    for i in 1..peers.len() {
+        let _ = write!(script, ", '' using {} title columnheader({})", i + 2, i + 2);
+    }
+    script.push('\n');
+    let script_path = dir.join("bench.gp");
+    std::fs::write(&script_path, script)?;
+    run(Command::new("gnuplot").arg(&script_path)).context("gnuplot")
+}
