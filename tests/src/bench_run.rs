@@ -81,6 +81,8 @@ pub struct Setup {
     pub pinning: Pinning,
     /// Flows (UDP source ports) the generator spreads frames over.
     pub flows: u32,
+    /// Extra daemon arguments (e.g. `--busy-poll`).
+    pub daemon_args: Vec<String>,
 }
 
 /// A MAC nobody in the lab owns: tx frames to it are counted by the wire and go no further.
@@ -148,12 +150,14 @@ impl Drop for UnderTest {
     }
 }
 
-fn start_vhost_peer(peer: Peer, lab: &Lab, pin: Pinning, tag: &str) -> Result<(UnderTest, VirtioNetFrontend)> {
+fn start_vhost_peer(peer: Peer, lab: &Lab, pin: Pinning, tag: &str, daemon_args: &[String]) -> Result<(UnderTest, VirtioNetFrontend)> {
     let socket = socket_dir(tag)?.join("bench.sock");
     let _ = std::fs::remove_file(&socket);
     let ut = match peer {
         Peer::Xvdpa => {
-            let d = Daemon::start_pinned(lab, &socket, &mac_str(guest_mac(0)), &["--log", "warn,xvdpa=info"], Some(pin.datapath))?;
+            let mut args: Vec<&str> = vec!["--log", "warn,xvdpa=info"];
+            args.extend(daemon_args.iter().map(|s| s.as_str()));
+            let d = Daemon::start_pinned(lab, &socket, &mac_str(guest_mac(0)), &args, Some(pin.datapath))?;
             UnderTest { pid: d.pid().context("daemon pid")?, daemon: Some(d), testpmd: None, dpdk_prefix: None }
         }
         Peer::Dpdk => {
@@ -238,7 +242,7 @@ pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: 
 
     // Whatever a previous peer left on the NIC (an XDP program) must not decide this run.
     let _ = lab.in_host("ip").args(["link", "set", "dev", lab::NIC, "xdp", "off"]).status();
-    let (ut, mut fe) = start_vhost_peer(peer, lab, pin, &tag)?;
+    let (ut, mut fe) = start_vhost_peer(peer, lab, pin, &tag, &setup.daemon_args)?;
     let result = (|| -> Result<Measurement> {
         // Each direction yields (frames, seconds, datapath CPU seconds, guest CPU seconds).
         let (frames, seconds, cpu, guest_cpu_s) = match direction {

@@ -10,7 +10,7 @@ use xvdpa_tests::lab::Lab;
 #[test]
 fn every_scenario_moves_packets_for_every_peer() -> Result<()> {
     let lab = Lab::unique("bench")?;
-    let setup = Setup { duration: Duration::from_millis(800), warmup: Duration::from_millis(300), pinning: Pinning { datapath: 1, load: 0 }, flows: 4 };
+    let setup = Setup { duration: Duration::from_millis(800), warmup: Duration::from_millis(300), pinning: Pinning { datapath: 1, load: 0 }, flows: 4, daemon_args: vec![] };
     for peer in [Peer::Xvdpa, Peer::Dpdk, Peer::Limit] {
         for direction in [Direction::Rx, Direction::Tx] {
             let m = measure(&lab, peer, direction, 64, &setup)?;

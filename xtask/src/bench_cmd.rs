@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// UDP flows the generator spreads frames over.
     #[arg(long, default_value_t = 4)]
     flows: u32,
+    /// Run xvdpa with --busy-poll (it then spins on its CPU, as DPDK does).
+    #[arg(long)]
+    busy_poll: bool,
     /// Write the raw figures as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -111,6 +114,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         warmup: Duration::from_secs_f64(args.duration / 3.0),
         pinning,
         flows: args.flows,
+        daemon_args: if args.busy_poll { vec!["--busy-poll".to_string()] } else { vec![] },
     };
     let mut all: Vec<(usize, Measurement)> = Vec::new();
     let total = directions.len() * args.sizes.len() * args.runs * peers.len();
@@ -177,8 +181,8 @@ fn render_table(all: &[(usize, Measurement)], peers: &[Peer], args: &BenchArgs, 
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nxvdpa benchmark: median of {} runs x {:.1} s, datapath pinned to CPU {}, generator + guest side on CPU {}, {} flow(s)",
-        args.runs, args.duration, pin.datapath, pin.load, args.flows
+        "\nxvdpa benchmark: median of {} runs x {:.1} s, datapath pinned to CPU {}, generator + guest side on CPU {}, {} flow(s), xvdpa {}",
+        args.runs, args.duration, pin.datapath, pin.load, args.flows, if args.busy_poll { "busy-polling" } else { "event-driven (default)" }
     );
     let mut header = "| scenario | frame |".to_string();
     for p in peers {
