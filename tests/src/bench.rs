@@ -132,12 +132,7 @@ impl Generator {
                 if let Some(cpu) = cpu {
                     pin_thread(cpu)?;
                 }
-                let name = std::ffi::CString::new(ifname.clone())?;
-                // SAFETY: valid C string.
-                let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-                if ifindex == 0 {
-                    bail!("no interface {ifname} in the generator's namespace");
-                }
+                let ifindex = crate::netns::ifindex(&ifname).context("the generator's interface")?;
                 let mut ebpf = aya::Ebpf::load(&object).context("loading the generator program")?;
                 {
                     let mut flows_map: aya::maps::Array<_, u32> = aya::maps::Array::try_from(ebpf.map_mut("FLOWS").context("FLOWS map")?)?;

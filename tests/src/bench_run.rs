@@ -85,6 +85,23 @@ pub struct Setup {
     pub daemon_args: Vec<String>,
 }
 
+impl Measurement {
+    /// `datapath_cpu_s`: CPU seconds the datapath process used over `seconds`, when measured.
+    fn new(peer: Peer, direction: Direction, size: usize, frames: u64, seconds: f64, datapath_cpu_s: Option<f64>, guest_cpu_s: f64, rss_bytes: u64) -> Self {
+        Measurement {
+            peer,
+            direction,
+            size,
+            frames,
+            seconds,
+            pps: frames as f64 / seconds,
+            cpu_s_per_mpkt: datapath_cpu_s.map_or(f64::NAN, |cpu| cpu / (frames.max(1) as f64 / 1e6)),
+            guest_cpu_s,
+            rss_bytes,
+        }
+    }
+}
+
 /// A MAC nobody in the lab owns: tx frames to it are counted by the wire and go no further.
 const SINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
@@ -98,13 +115,6 @@ fn frame_for(direction: Direction, size: usize, wire_mac: [u8; 6]) -> Vec<u8> {
         Direction::Rx => udp_frame(guest_mac(0), wire_mac, ip_bytes(lab::WIRE_IP), ip_bytes(&lab::guest_ip(0)), 1024, 9, len),
         Direction::Tx => udp_frame(SINK_MAC, guest_mac(0), ip_bytes(&lab::guest_ip(0)), [10, 77, 0, 200], 1024, 9, len),
     }
-}
-
-pub fn wire_mac(lab: &Lab) -> Result<[u8; 6]> {
-    let out = lab.in_wire("cat").arg(format!("/sys/class/net/{}/address", lab::WIRE)).output()?;
-    let s = String::from_utf8(out.stdout)?;
-    let v: Vec<u8> = s.trim().split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>()?;
-    v.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s:?}"))
 }
 
 /// The datapath process under test and its guest-side connection.
@@ -191,7 +201,7 @@ fn start_vhost_peer(peer: Peer, lab: &Lab, pin: Pinning, tag: &str, daemon_args:
 pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: &Setup) -> Result<Measurement> {
     let pin = setup.pinning;
     pin_thread(pin.load)?;
-    let wire_mac = wire_mac(lab)?;
+    let wire_mac = lab.wire_mac()?;
     let frame = frame_for(direction, size, wire_mac);
     let tag = format!("bench-{}-{}-{size}", peer.name(), direction.name());
     let total = setup.warmup + setup.duration;
@@ -227,17 +237,7 @@ pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: 
             Direction::Tx => wire1 - wire0,
         };
         // The whole run counts here (no separate warm-up window): the ceiling is a bound.
-        return Ok(Measurement {
-            peer,
-            direction,
-            size,
-            frames,
-            seconds,
-            pps: frames as f64 / seconds,
-            cpu_s_per_mpkt: f64::NAN,
-            guest_cpu_s: 0.0,
-            rss_bytes: 0,
-        });
+        return Ok(Measurement::new(peer, direction, size, frames, seconds, None, 0.0, 0));
     }
 
     // Whatever a previous peer left on the NIC (an XDP program) must not decide this run.
@@ -269,17 +269,7 @@ pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: 
                 (frames, seconds, cpu, guest_cpu)
             }
         };
-        Ok(Measurement {
-            peer,
-            direction,
-            size,
-            frames,
-            seconds,
-            pps: frames as f64 / seconds,
-            cpu_s_per_mpkt: cpu / (frames.max(1) as f64 / 1e6),
-            guest_cpu_s,
-            rss_bytes: process_rss_bytes(ut.pid).unwrap_or(0),
-        })
+        Ok(Measurement::new(peer, direction, size, frames, seconds, Some(cpu), guest_cpu_s, process_rss_bytes(ut.pid).unwrap_or(0)))
     })();
     drop(fe);
     let finished = ut.finish();

@@ -78,7 +78,11 @@ impl Daemon {
     }
 
     fn spawn_command(mut cmd: Command) -> Result<Daemon> {
-        cmd.env("RUST_LOG", std::env::var("XVDPA_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        // RUST_LOG overrides the daemon's --log; set it only when the tester asks.
+        match std::env::var("XVDPA_TEST_LOG") {
+            Ok(filter) => cmd.env("RUST_LOG", filter),
+            Err(_) => cmd.env_remove("RUST_LOG"),
+        };
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let log = LineLog::capture(&mut child, "xvdpa");

@@ -16,21 +16,23 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use virtio_bindings::{virtio_config, virtio_net, virtio_ring};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+// Feature masks and descriptor flags, from virtio-bindings' bit numbers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+pub const VIRTIO_NET_F_MTU: u64 = 1 << virtio_net::VIRTIO_NET_F_MTU;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << virtio_net::VIRTIO_NET_F_MAC;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << virtio_net::VIRTIO_NET_F_STATUS;
 
-pub const VRING_DESC_F_NEXT: u16 = 1;
-pub const VRING_DESC_F_WRITE: u16 = 2;
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
+pub const VRING_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+pub const VRING_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+pub const VRING_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// `virtio_net_hdr_v1`.
 pub const VNET_HDR_LEN: usize = 12;
@@ -52,6 +54,18 @@ pub struct RawDesc {
     pub len: u32,
     pub flags: u16,
     pub next: u16,
+}
+
+impl RawDesc {
+    /// The 16-byte little-endian `virtq_desc` layout.
+    fn to_bytes(self) -> [u8; 16] {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&self.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&self.next.to_le_bytes());
+        raw
+    }
 }
 
 /// One used-ring entry.
@@ -157,10 +171,7 @@ impl VirtioNetFrontend {
         let stream = loop {
             match UnixStream::connect(socket) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
             }
         };
@@ -287,21 +298,7 @@ impl VirtioNetFrontend {
 
     fn write_desc(&self, queue: usize, index: u16, d: RawDesc) -> Result<()> {
         let at = GuestAddress(self.queues[queue].desc + 16 * index as u64);
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-        self.mem.write_slice(&raw, at)?;
-        Ok(())
-    }
-
-    /// Writes `head` into the next avail slot without publishing it.
-    fn push_avail(&mut self, queue: usize, head: u16) -> Result<()> {
-        let q = &mut self.queues[queue];
-        let slot = q.avail + 4 + 2 * (q.avail_idx % q.size) as u64;
-        self.mem.write_obj(head, GuestAddress(slot))?;
-        q.avail_idx = q.avail_idx.wrapping_add(1);
+        self.mem.write_slice(&d.to_bytes(), at)?;
         Ok(())
     }
 
@@ -313,7 +310,7 @@ impl VirtioNetFrontend {
     }
 
     fn publish(&mut self, queue: usize, head: u16) -> Result<()> {
-        self.push_avail(queue, head)?;
+        self.push_avail_many(queue, &[head])?;
         self.commit_avail(queue)
     }
 
@@ -420,12 +417,7 @@ impl VirtioNetFrontend {
                 self.mem.write_slice(p, GuestAddress(at))?;
                 let more = i + 1 < parts.len();
                 let d = RawDesc { addr: at, len: p.len() as u32, flags: if more { VRING_DESC_F_NEXT } else { 0 }, next: (i + 1) as u16 };
-                let mut raw = [0u8; 16];
-                raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-                raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-                raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
-                raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-                self.mem.write_slice(&raw, GuestAddress(table + 16 * i as u64))?;
+                self.mem.write_slice(&d.to_bytes(), GuestAddress(table + 16 * i as u64))?;
                 at += p.len() as u64;
             }
             if at - base > SLOT {
@@ -638,10 +630,5 @@ impl VirtioNetFrontend {
             self.wait_call(TX_QUEUE, left.min(Duration::from_millis(50)));
         }
         Ok(done)
-    }
-
-    /// Disables both rings and disconnects, as QEMU does when the VM stops.
-    pub fn disconnect(self) {
-        drop(self);
     }
 }

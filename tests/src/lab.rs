@@ -108,6 +108,14 @@ impl Lab {
         }
     }
 
+    /// The wire end's MAC address (what frames from the wire carry as source).
+    pub fn wire_mac(&self) -> io::Result<[u8; 6]> {
+        let out = run(self.in_wire("cat").arg(format!("/sys/class/net/{WIRE}/address")))?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        let bytes: Vec<u8> = s.trim().split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
+        bytes.try_into().map_err(|_| io::Error::other(format!("bad MAC {s:?} for {WIRE}")))
+    }
+
     /// A command to run inside the host namespace.
     pub fn in_host(&self, program: &str) -> Command {
         let mut c = Command::new("ip");

@@ -23,9 +23,7 @@ impl WireSocket {
             }
             // SAFETY: fresh fd we own.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let name = std::ffi::CString::new(WIRE).unwrap();
-            // SAFETY: valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            let ifindex = crate::netns::ifindex(WIRE)?;
             // SAFETY: zeroed sockaddr_ll is valid; fields set below.
             let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             addr.sll_family = libc::AF_PACKET as u16;

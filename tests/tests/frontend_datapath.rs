@@ -31,15 +31,8 @@ fn setup(tag: &str) -> Result<Setup> {
     let socket = socket_dir(tag)?.join("vm0.sock");
     let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), &[])?;
     let wire = WireSocket::open(&lab)?;
-    let wire_mac = iface_mac(&lab.wire_ns, lab::WIRE)?;
+    let wire_mac = lab.wire_mac()?;
     Ok(Setup { lab, daemon, wire, socket, wire_mac })
-}
-
-fn iface_mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
-    let out = std::process::Command::new("ip").args(["netns", "exec", ns, "cat", &format!("/sys/class/net/{dev}/address")]).output()?;
-    let s = String::from_utf8(out.stdout)?;
-    let v: Vec<u8> = s.trim().split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>()?;
-    v.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s:?}"))
 }
 
 fn connect(s: &Setup, extra_features: u64) -> Result<VirtioNetFrontend> {
@@ -60,6 +53,16 @@ fn wire_to_vm(s: &Setup, fe: &mut VirtioNetFrontend, frames: &[Vec<u8>]) -> Resu
         ensure!(g == f, "frame {i}: VM got {} bytes {:02x?}.., sent {} bytes", g.len(), &g[..g.len().min(20)], f.len());
     }
     Ok(got.iter().map(|(n, _)| *n).collect())
+}
+
+/// The VM transmits `frame` (in `pieces` descriptors); returns the wire's frames carrying the
+/// same sequence number, received until the exact frame arrived or `within` passed.
+fn vm_to_wire(s: &Setup, fe: &mut VirtioNetFrontend, frame: &[u8], pieces: usize, within: Duration) -> Result<Vec<Vec<u8>>> {
+    let seq = test_seq(frame);
+    fe.send(frame, pieces, false)?;
+    fe.kick(TX_QUEUE)?;
+    let got = s.wire.recv_until(within, |g| g.iter().any(|x| x == frame));
+    Ok(got.into_iter().filter(|x| test_seq(x) == seq).collect())
 }
 
 #[test]
@@ -205,15 +208,9 @@ fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()>
     wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 1, 300)])?;
     // The broken tx queue stays stopped until the driver resets the device; then it works.
     let f = test_frame(s.wire_mac, guest_mac(0), 10, 200);
-    fe.send(&f, 1, false)?;
-    fe.kick(TX_QUEUE)?;
-    let got = s.wire.recv_until(Duration::from_millis(500), |g| g.iter().any(|x| test_seq(x) == Some(10)));
-    ensure!(!got.iter().any(|x| test_seq(x) == Some(10)), "a broken tx queue kept transmitting");
+    ensure!(vm_to_wire(&s, &mut fe, &f, 1, Duration::from_millis(500))?.is_empty(), "a broken tx queue kept transmitting");
     fe.reset_device()?;
-    fe.send(&f, 1, false)?;
-    fe.kick(TX_QUEUE)?;
-    let got = s.wire.recv_until(WAIT, |g| g.iter().any(|x| test_seq(x) == Some(10)));
-    ensure!(got.iter().any(|x| *x == f), "tx did not recover after a device reset");
+    ensure!(vm_to_wire(&s, &mut fe, &f, 1, WAIT)?.contains(&f), "tx did not recover after a device reset");
     fe.post_rx_buffers(16, 2048)?;
     wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 11, 300)])?;
     drop(fe);
@@ -237,10 +234,7 @@ fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()>
     fe.post_rx_buffers(16, 2048)?;
     wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 2, 1514)])?;
     let f = test_frame(s.wire_mac, guest_mac(0), 3, 1514);
-    fe.send(&f, 2, false)?;
-    fe.kick(TX_QUEUE)?;
-    let got = s.wire.recv_until(WAIT, |g| g.iter().any(|x| test_seq(x) == Some(3)));
-    ensure!(got.iter().any(|x| *x == f), "tx after reconnect did not reach the wire");
+    ensure!(vm_to_wire(&s, &mut fe, &f, 2, WAIT)?.contains(&f), "tx after reconnect did not reach the wire");
     drop(fe);
     let log = s.daemon.stop()?;
     ensure!(Daemon::final_counter(&log, "queue_errors") == Some(3), "queue_errors in:\n{log}");

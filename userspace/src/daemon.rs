@@ -100,7 +100,8 @@ fn raise_memlock(need: u64) -> Result<(), DaemonError> {
     Err(DaemonError::Memlock { have: cur.rlim_cur, need })
 }
 
-fn ifindex(iface: &str) -> Result<u32, DaemonError> {
+/// The index of `iface`, or `UnknownInterface`.
+pub fn ifindex(iface: &str) -> Result<u32, DaemonError> {
     let name = CString::new(iface).map_err(|_| DaemonError::UnknownInterface(iface.to_string()))?;
     // SAFETY: valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {

@@ -294,11 +294,7 @@ impl QueuePairWorker {
         let running = state.get_queue().ready() && state.is_enabled() && !self.rx_broken;
         if !running {
             // Nobody to deliver to: keep the NIC's rings moving and count the loss.
-            let mut lost = 0;
-            for s in &mut self.sockets {
-                s.poll_rx(u32::MAX);
-                lost += s.discard_rx_backlog();
-            }
+            let mut lost = self.drop_waiting_rx();
             if let Some(tap) = &mut self.tap {
                 lost += tap.recv_batch().count();
             }
@@ -344,11 +340,7 @@ impl QueuePairWorker {
         if guest_full {
             // The guest has no buffers: drop what waits rather than hold it, so the NIC's
             // ring keeps moving and the guest later sees fresh traffic, not a stale backlog.
-            let mut lost = 0;
-            for s in &mut self.sockets {
-                s.poll_rx(u32::MAX);
-                lost += s.discard_rx_backlog();
-            }
+            let lost = self.drop_waiting_rx();
             self.stats.add(&self.stats.rx_dropped_guest_ring_full, lost as u64);
         }
 
@@ -403,6 +395,18 @@ impl QueuePairWorker {
             self.queue_failed("rx", &e);
         }
         more
+    }
+
+    /// Takes every frame waiting on the sockets' rx rings and returns it to the fill rings.
+    /// Returns how many were dropped.
+    fn drop_waiting_rx(&mut self) -> usize {
+        self.sockets
+            .iter_mut()
+            .map(|s| {
+                s.poll_rx(u32::MAX);
+                s.discard_rx_backlog()
+            })
+            .sum()
     }
 
     /// The guest stopped or reset the queues: forget per-run state.

@@ -50,9 +50,14 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
 }
 
 fn sysroot() -> Result<PathBuf> {
+    // Asked by several checks per build; one rustc call is enough.
+    static SYSROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = SYSROOT.get() {
+        return Ok(p.clone());
+    }
     let s = output(Command::new("rustc").args([&format!("+{EBPF_TOOLCHAIN}"), "--print", "sysroot"]))
         .with_context(|| format!("the {EBPF_TOOLCHAIN} toolchain is needed for the eBPF program: `rustup toolchain install {EBPF_TOOLCHAIN}`"))?;
-    Ok(PathBuf::from(s.trim()))
+    Ok(SYSROOT.get_or_init(|| PathBuf::from(s.trim())).clone())
 }
 
 /// rust-src for `-Z build-std=core`.

@@ -37,9 +37,10 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         }
     } else {
         say!("using the daemon already serving {LAB_SOCKET}");
+        // The probe above was a connection of its own; let the daemon see it end before
+        // QEMU connects.
+        std::thread::sleep(Duration::from_millis(200));
     }
-    // Give the connection a moment: the daemon's own probe above used it up.
-    std::thread::sleep(Duration::from_millis(200));
 
     let config = GuestConfig {
         socket: PathBuf::from(LAB_SOCKET),

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use xvdpa::datapath::tx::TxBuffers;
 use xvdpa::mac::MacAddr;
@@ -31,21 +31,11 @@ struct Cli {
     seconds: f64,
 }
 
-fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: valid C string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        bail!("no interface {name}");
-    }
-    Ok(i)
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let (mut steering, _logger) = Steering::attach(&cli.iface, XdpModeChoice::Auto).context("attaching XDP")?;
     steering.add_port(cli.mac, 0)?;
-    let mut sock = XskSocket::open(&cli.iface, ifindex(&cli.iface)?, 0, XskGeometry::default(), XskModeChoice::Auto)?;
+    let mut sock = XskSocket::open(&cli.iface, xvdpa::daemon::ifindex(&cli.iface)?, 0, XskGeometry::default(), XskModeChoice::Auto)?;
     steering.bind_socket(0, 0, sock.fd())?;
 
     let dst = MacAddr::parse_unicast(&cli.tx_dst).map_err(|e| anyhow::anyhow!("{e}"))?;
