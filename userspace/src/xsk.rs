@@ -43,6 +43,9 @@ pub enum XskError {
     Setup { what: &'static str, ifname: String, queue: u32, source: io::Error },
 }
 
+/// How long a bind may wait for the kernel to release the queue's previous socket.
+const BIND_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Sizes of one socket's rings and UMEM.
 #[derive(Debug, Clone, Copy)]
 pub struct XskGeometry {
@@ -171,7 +174,32 @@ fn errno(e: xdpilone::Errno) -> io::Error {
 
 impl XskSocket {
     /// Creates the socket, trying zero-copy first when `choice` allows it.
+    ///
+    /// The kernel releases a closed socket's hold on its queue after an RCU grace period
+    /// (the XSKMAP entry drops its reference late), so binding right after the previous
+    /// socket on the queue closed (a VM reconnecting) can see EBUSY for a moment; that is
+    /// retried briefly before it counts as a failure.
     pub fn open(
+        ifname: &str,
+        ifindex: u32,
+        queue_id: u32,
+        geometry: XskGeometry,
+        choice: XskModeChoice,
+    ) -> Result<Self, XskError> {
+        let deadline = std::time::Instant::now() + BIND_RELEASE_WAIT;
+        loop {
+            match Self::open_once(ifname, ifindex, queue_id, geometry, choice) {
+                Err(XskError::Setup { ref source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(
         ifname: &str,
         ifindex: u32,
         queue_id: u32,
