@@ -15,7 +15,9 @@ fn main() {
             path.display()
         );
     }
-    let path = path.canonicalize().expect("canonical path of an existing file");
+    let path = path
+        .canonicalize()
+        .expect("canonical path of an existing file");
     println!("cargo:rerun-if-changed={}", path.display());
     println!("cargo:rustc-env=XVDPA_EBPF_OBJECT={}", path.display());
 }

@@ -113,7 +113,10 @@ mod tests {
     fn layouts_match_the_kernel_side() {
         assert_eq!(core::mem::size_of::<MacKey>(), 8);
         assert_eq!(core::mem::size_of::<PortEntry>(), 8);
-        assert_eq!(xsk_slot(MAX_PORTS - 1, MAX_NIC_QUEUES - 1), XSK_MAP_ENTRIES - 1);
+        assert_eq!(
+            xsk_slot(MAX_PORTS - 1, MAX_NIC_QUEUES - 1),
+            XSK_MAP_ENTRIES - 1
+        );
         for (i, c) in XdpCounter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "ALL must be in discriminant order");
         }

@@ -17,7 +17,9 @@ use crate::frontend::{VirtioNetFrontend, RX_QUEUE, TX_QUEUE};
 pub fn generator_object() -> PathBuf {
     std::env::var_os("XVDPA_BENCH_TX_OBJECT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target/ebpf/bpfel-unknown-none/release/xvdpa-bench-tx"))
+        .unwrap_or_else(|| {
+            crate::workspace_root().join("target/ebpf/bpfel-unknown-none/release/xvdpa-bench-tx")
+        })
 }
 
 fn checksum(data: &[u8]) -> u16 {
@@ -33,7 +35,15 @@ fn checksum(data: &[u8]) -> u16 {
 
 /// A UDP/IPv4 frame of `len` bytes (Ethernet header included, FCS not: a "64-byte frame" on
 /// the wire is 60 here), with a valid IPv4 header checksum and UDP checksum 0 (none).
-pub fn udp_frame(dst: [u8; 6], src: [u8; 6], src_ip: [u8; 4], dst_ip: [u8; 4], sport: u16, dport: u16, len: usize) -> Vec<u8> {
+pub fn udp_frame(
+    dst: [u8; 6],
+    src: [u8; 6],
+    src_ip: [u8; 4],
+    dst_ip: [u8; 4],
+    sport: u16,
+    dport: u16,
+    len: usize,
+) -> Vec<u8> {
     assert!(len >= 42, "Ethernet + IPv4 + UDP need 42 bytes");
     let mut f = vec![0u8; len];
     f[0..6].copy_from_slice(&dst);
@@ -115,80 +125,118 @@ pub struct Generator {
 
 impl Generator {
     /// Starts generating on `ifname` in namespace `netns`, pinned to `cpu`.
-    pub fn start(netns: &str, ifname: &str, frame: Vec<u8>, flows: u32, cpu: Option<usize>) -> Result<Generator> {
-        let object = std::fs::read(generator_object()).with_context(|| format!("{} (built by `cargo xtask build`)", generator_object().display()))?;
+    pub fn start(
+        netns: &str,
+        ifname: &str,
+        frame: Vec<u8>,
+        flows: u32,
+        cpu: Option<usize>,
+    ) -> Result<Generator> {
+        let object = std::fs::read(generator_object()).with_context(|| {
+            format!(
+                "{} (built by `cargo xtask build`)",
+                generator_object().display()
+            )
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
-        let ns_file = std::fs::File::open(format!("/var/run/netns/{netns}")).with_context(|| format!("namespace {netns}"))?;
+        let ns_file = std::fs::File::open(format!("/var/run/netns/{netns}"))
+            .with_context(|| format!("namespace {netns}"))?;
         let ifname = ifname.to_string();
         let (stop2, sent2) = (stop.clone(), sent.clone());
-        let thread = std::thread::Builder::new().name("bench-generator".into()).spawn(move || -> Result<()> {
-            let setup = (|| -> Result<(aya::Ebpf, u32)> {
-                // SAFETY: setns on this thread with a namespace fd we hold open.
-                if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context("setns");
-                }
-                if let Some(cpu) = cpu {
-                    pin_thread(cpu)?;
-                }
-                let ifindex = crate::netns::ifindex(&ifname).context("the generator's interface")?;
-                let mut ebpf = aya::Ebpf::load(&object).context("loading the generator program")?;
-                {
-                    let mut flows_map: aya::maps::Array<_, u32> = aya::maps::Array::try_from(ebpf.map_mut("FLOWS").context("FLOWS map")?)?;
-                    flows_map.set(0, flows.max(1), 0)?;
-                    flows_map.set(1, 1024, 0)?;
-                }
-                let prog: &mut aya::programs::Xdp = ebpf.program_mut("xvdpa_bench_tx").context("generator program")?.try_into()?;
-                prog.load().context("verifying the generator program")?;
-                Ok((ebpf, ifindex))
-            })();
-            let (ebpf, ifindex) = match setup {
-                Ok(v) => {
-                    let _ = ready_tx.send(Ok(()));
-                    v
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    let _ = ready_tx.send(Err(e));
-                    bail!("{msg}");
-                }
-            };
-            let prog: &aya::programs::Xdp = ebpf.program("xvdpa_bench_tx").unwrap().try_into()?;
-            let fd = prog.fd()?.as_fd().as_raw_fd();
-            let mut data = frame.clone();
-            let mut ctx = XdpMd { data: 0, data_end: data.len() as u32, ingress_ifindex: ifindex, ..Default::default() };
-            // Setting up a live-frames run costs ~25 ms, so each call is long, and stop()
-            // interrupts it with a signal (the kernel checks for one between batches).
-            const REPEAT: u32 = 1 << 26;
-            while !stop2.load(Ordering::Relaxed) {
-                let mut attr = TestRunAttr {
-                    prog_fd: fd as u32,
-                    data_size_in: data.len() as u32,
-                    data_in: data.as_mut_ptr() as u64,
-                    repeat: REPEAT,
-                    ctx_size_in: std::mem::size_of::<XdpMd>() as u32,
-                    ctx_in: (&mut ctx as *mut XdpMd) as u64,
-                    flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-                    batch_size: 64,
+        let thread = std::thread::Builder::new()
+            .name("bench-generator".into())
+            .spawn(move || -> Result<()> {
+                let setup = (|| -> Result<(aya::Ebpf, u32)> {
+                    // SAFETY: setns on this thread with a namespace fd we hold open.
+                    if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error()).context("setns");
+                    }
+                    if let Some(cpu) = cpu {
+                        pin_thread(cpu)?;
+                    }
+                    let ifindex =
+                        crate::netns::ifindex(&ifname).context("the generator's interface")?;
+                    let mut ebpf =
+                        aya::Ebpf::load(&object).context("loading the generator program")?;
+                    {
+                        let mut flows_map: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+                            ebpf.map_mut("FLOWS").context("FLOWS map")?,
+                        )?;
+                        flows_map.set(0, flows.max(1), 0)?;
+                        flows_map.set(1, 1024, 0)?;
+                    }
+                    let prog: &mut aya::programs::Xdp = ebpf
+                        .program_mut("xvdpa_bench_tx")
+                        .context("generator program")?
+                        .try_into()?;
+                    prog.load().context("verifying the generator program")?;
+                    Ok((ebpf, ifindex))
+                })();
+                let (ebpf, ifindex) = match setup {
+                    Ok(v) => {
+                        let _ = ready_tx.send(Ok(()));
+                        v
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let _ = ready_tx.send(Err(e));
+                        bail!("{msg}");
+                    }
+                };
+                let prog: &aya::programs::Xdp =
+                    ebpf.program("xvdpa_bench_tx").unwrap().try_into()?;
+                let fd = prog.fd()?.as_fd().as_raw_fd();
+                let mut data = frame.clone();
+                let mut ctx = XdpMd {
+                    data: 0,
+                    data_end: data.len() as u32,
+                    ingress_ifindex: ifindex,
                     ..Default::default()
                 };
-                // SAFETY: bpf(2) with a correctly laid out attribute whose pointers reference
-                // live buffers of the sizes given.
-                let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestRunAttr, std::mem::size_of::<TestRunAttr>()) };
-                if r != 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::EINTR) {
-                        continue;
+                // Setting up a live-frames run costs ~25 ms, so each call is long, and stop()
+                // interrupts it with a signal (the kernel checks for one between batches).
+                const REPEAT: u32 = 1 << 26;
+                while !stop2.load(Ordering::Relaxed) {
+                    let mut attr = TestRunAttr {
+                        prog_fd: fd as u32,
+                        data_size_in: data.len() as u32,
+                        data_in: data.as_mut_ptr() as u64,
+                        repeat: REPEAT,
+                        ctx_size_in: std::mem::size_of::<XdpMd>() as u32,
+                        ctx_in: (&mut ctx as *mut XdpMd) as u64,
+                        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+                        batch_size: 64,
+                        ..Default::default()
+                    };
+                    // SAFETY: bpf(2) with a correctly laid out attribute whose pointers reference
+                    // live buffers of the sizes given.
+                    let r = unsafe {
+                        libc::syscall(
+                            libc::SYS_bpf,
+                            BPF_PROG_TEST_RUN,
+                            &mut attr as *mut TestRunAttr,
+                            std::mem::size_of::<TestRunAttr>(),
+                        )
+                    };
+                    if r != 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.raw_os_error() == Some(libc::EINTR) {
+                            continue;
+                        }
+                        return Err(e).context("BPF_PROG_TEST_RUN with live frames");
                     }
-                    return Err(e).context("BPF_PROG_TEST_RUN with live frames");
+                    sent2.fetch_add(u64::from(REPEAT), Ordering::Relaxed);
                 }
-                sent2.fetch_add(u64::from(REPEAT), Ordering::Relaxed);
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })?;
         ready_rx.recv().context("generator thread died")??;
-        Ok(Generator { stop, sent, thread: Some(thread) })
+        Ok(Generator {
+            stop,
+            sent,
+            thread: Some(thread),
+        })
     }
 
     /// Interrupts the generator's running syscall: a no-op SIGUSR1 handler installed without
@@ -222,7 +270,8 @@ impl Generator {
         self.stop.store(true, Ordering::Relaxed);
         self.interrupt();
         if let Some(t) = self.thread.take() {
-            t.join().map_err(|_| anyhow::anyhow!("generator panicked"))??;
+            t.join()
+                .map_err(|_| anyhow::anyhow!("generator panicked"))??;
         }
         Ok(self.sent())
     }
@@ -242,9 +291,16 @@ impl Drop for Generator {
 /// namespace that mounted it, so the read goes through `ip netns exec`, which remounts it.)
 pub fn iface_counter(netns: &str, ifname: &str, counter: &str) -> Result<u64> {
     let path = format!("/sys/class/net/{ifname}/statistics/{counter}");
-    let out = std::process::Command::new("ip").args(["netns", "exec", netns, "cat", &path]).output()?;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "cat", &path])
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.trim().parse().with_context(|| format!("{path} in {netns}: {text:?} {}", String::from_utf8_lossy(&out.stderr)))
+    text.trim().parse().with_context(|| {
+        format!(
+            "{path} in {netns}: {text:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// CPU seconds (user + system) a process has used, from /proc.
@@ -262,13 +318,23 @@ pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
 /// Resident memory of a process in bytes.
 pub fn process_rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).context("VmRSS")?.trim().trim_end_matches("kB").trim().parse()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("VmRSS")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
     Ok(kb * 1024)
 }
 
 /// CPU seconds the calling thread has used.
 pub fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime into a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
@@ -276,7 +342,11 @@ pub fn thread_cpu_seconds() -> f64 {
 
 /// The guest side of the rx scenario: keeps the rx ring stocked and counts what arrives,
 /// sleeping on the device's notification when the ring is quiet (light polling).
-pub fn guest_rx_count(fe: &mut VirtioNetFrontend, duration: Duration, buf_len: u32) -> Result<(u64, f64)> {
+pub fn guest_rx_count(
+    fe: &mut VirtioNetFrontend,
+    duration: Duration,
+    buf_len: u32,
+) -> Result<(u64, f64)> {
     let cpu0 = thread_cpu_seconds();
     fe.post_rx_buffers(fe.free_descriptors(RX_QUEUE), buf_len)?;
     let end = Instant::now() + duration;
@@ -295,7 +365,11 @@ pub fn guest_rx_count(fe: &mut VirtioNetFrontend, duration: Duration, buf_len: u
 
 /// The guest side of the tx scenario: keeps the tx ring full of `frame`, kicking only when
 /// the device asks for kicks. Returns (frames the device consumed, CPU seconds spent).
-pub fn guest_tx_blast(fe: &mut VirtioNetFrontend, frame: &[u8], duration: Duration) -> Result<(u64, f64)> {
+pub fn guest_tx_blast(
+    fe: &mut VirtioNetFrontend,
+    frame: &[u8],
+    duration: Duration,
+) -> Result<(u64, f64)> {
     let cpu0 = thread_cpu_seconds();
     fe.prepare_tx_template(frame)?;
     let end = Instant::now() + duration;

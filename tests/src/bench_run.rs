@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::{guest_rx_count, guest_tx_blast, iface_counter, pin_thread, process_cpu_seconds, process_rss_bytes, udp_frame, Generator};
+use crate::bench::{
+    guest_rx_count, guest_tx_blast, iface_counter, pin_thread, process_cpu_seconds,
+    process_rss_bytes, udp_frame, Generator,
+};
 use crate::daemon::{socket_dir, Daemon};
 use crate::dpdk;
 use crate::frames::ip_bytes;
@@ -87,7 +90,16 @@ pub struct Setup {
 
 impl Measurement {
     /// `datapath_cpu_s`: CPU seconds the datapath process used over `seconds`, when measured.
-    fn new(peer: Peer, direction: Direction, size: usize, frames: u64, seconds: f64, datapath_cpu_s: Option<f64>, guest_cpu_s: f64, rss_bytes: u64) -> Self {
+    fn new(
+        peer: Peer,
+        direction: Direction,
+        size: usize,
+        frames: u64,
+        seconds: f64,
+        datapath_cpu_s: Option<f64>,
+        guest_cpu_s: f64,
+        rss_bytes: u64,
+    ) -> Self {
         Measurement {
             peer,
             direction,
@@ -95,7 +107,8 @@ impl Measurement {
             frames,
             seconds,
             pps: frames as f64 / seconds,
-            cpu_s_per_mpkt: datapath_cpu_s.map_or(f64::NAN, |cpu| cpu / (frames.max(1) as f64 / 1e6)),
+            cpu_s_per_mpkt: datapath_cpu_s
+                .map_or(f64::NAN, |cpu| cpu / (frames.max(1) as f64 / 1e6)),
             guest_cpu_s,
             rss_bytes,
         }
@@ -112,8 +125,24 @@ fn limit_binary() -> PathBuf {
 fn frame_for(direction: Direction, size: usize, wire_mac: [u8; 6]) -> Vec<u8> {
     let len = size.saturating_sub(4).max(60);
     match direction {
-        Direction::Rx => udp_frame(guest_mac(0), wire_mac, ip_bytes(lab::WIRE_IP), ip_bytes(&lab::guest_ip(0)), 1024, 9, len),
-        Direction::Tx => udp_frame(SINK_MAC, guest_mac(0), ip_bytes(&lab::guest_ip(0)), [10, 77, 0, 200], 1024, 9, len),
+        Direction::Rx => udp_frame(
+            guest_mac(0),
+            wire_mac,
+            ip_bytes(lab::WIRE_IP),
+            ip_bytes(&lab::guest_ip(0)),
+            1024,
+            9,
+            len,
+        ),
+        Direction::Tx => udp_frame(
+            SINK_MAC,
+            guest_mac(0),
+            ip_bytes(&lab::guest_ip(0)),
+            [10, 77, 0, 200],
+            1024,
+            9,
+            len,
+        ),
     }
 }
 
@@ -160,45 +189,97 @@ impl Drop for UnderTest {
     }
 }
 
-fn start_vhost_peer(peer: Peer, lab: &Lab, pin: Pinning, tag: &str, daemon_args: &[String]) -> Result<(UnderTest, VirtioNetFrontend)> {
+fn start_vhost_peer(
+    peer: Peer,
+    lab: &Lab,
+    pin: Pinning,
+    tag: &str,
+    daemon_args: &[String],
+) -> Result<(UnderTest, VirtioNetFrontend)> {
     let socket = socket_dir(tag)?.join("bench.sock");
     let _ = std::fs::remove_file(&socket);
     let ut = match peer {
         Peer::Xvdpa => {
             let mut args: Vec<&str> = vec!["--log", "warn,xvdpa=info"];
             args.extend(daemon_args.iter().map(|s| s.as_str()));
-            let d = Daemon::start_pinned(lab, &socket, &mac_str(guest_mac(0)), &args, Some(pin.datapath))?;
-            UnderTest { pid: d.pid().context("daemon pid")?, daemon: Some(d), testpmd: None, dpdk_prefix: None }
+            let d = Daemon::start_pinned(
+                lab,
+                &socket,
+                &mac_str(guest_mac(0)),
+                &args,
+                Some(pin.datapath),
+            )?;
+            UnderTest {
+                pid: d.pid().context("daemon pid")?,
+                daemon: Some(d),
+                testpmd: None,
+                dpdk_prefix: None,
+            }
         }
         Peer::Dpdk => {
             let prefix = format!("xvbench-{}-{tag}", std::process::id());
             let mut cmd = lab.in_host("taskset");
             cmd.args(["-c", &pin.datapath.to_string(), "dpdk-testpmd"])
-                .args(dpdk::eal_args(&prefix, &format!("0@{0},1@{0}", pin.datapath)))
+                .args(dpdk::eal_args(
+                    &prefix,
+                    &format!("0@{0},1@{0}", pin.datapath),
+                ))
                 .arg("--vdev")
                 .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
                 .arg("--vdev")
-                .arg(format!("net_af_xdp0,iface={},start_queue=0,queue_count=1", lab::NIC))
-                .args(["--", "--forward-mode=io", "--auto-start", "--nb-cores=1", "--stats-period=1", "--total-num-mbufs=16384"])
+                .arg(format!(
+                    "net_af_xdp0,iface={},start_queue=0,queue_count=1",
+                    lab::NIC
+                ))
+                .args([
+                    "--",
+                    "--forward-mode=io",
+                    "--auto-start",
+                    "--nb-cores=1",
+                    "--stats-period=1",
+                    "--total-num-mbufs=16384",
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             let mut child = cmd.spawn().context("starting dpdk-testpmd")?;
             let log = LineLog::capture(&mut child, "testpmd");
-            match log.wait_for("Port statistics", 0, Duration::from_secs(30), Some(&mut child))? {
+            match log.wait_for(
+                "Port statistics",
+                0,
+                Duration::from_secs(30),
+                Some(&mut child),
+            )? {
                 Wait::Found(_) => {}
                 _ => bail!("dpdk-testpmd did not start:\n{}", log.lines().join("\n")),
             }
-            UnderTest { pid: child.id(), daemon: None, testpmd: Some(child), dpdk_prefix: Some(prefix) }
+            UnderTest {
+                pid: child.id(),
+                daemon: None,
+                testpmd: Some(child),
+                dpdk_prefix: Some(prefix),
+            }
         }
         Peer::Limit => unreachable!("the limit peer has no vhost side"),
     };
-    let fe = VirtioNetFrontend::connect(&socket, FrontendOptions { queue_size: 1024, ..Default::default() })?;
+    let fe = VirtioNetFrontend::connect(
+        &socket,
+        FrontendOptions {
+            queue_size: 1024,
+            ..Default::default()
+        },
+    )?;
     Ok((ut, fe))
 }
 
 /// Measures one (peer, direction, size) in `lab`, which must be idle.
-pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: &Setup) -> Result<Measurement> {
+pub fn measure(
+    lab: &Lab,
+    peer: Peer,
+    direction: Direction,
+    size: usize,
+    setup: &Setup,
+) -> Result<Measurement> {
     let pin = setup.pinning;
     pin_thread(pin.load)?;
     let wire_mac = lab.wire_mac()?;
@@ -207,17 +288,43 @@ pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: 
     let total = setup.warmup + setup.duration;
 
     if peer == Peer::Limit {
-        let _ = lab.in_host("ip").args(["link", "set", "dev", lab::NIC, "xdp", "off"]).status();
+        let _ = lab
+            .in_host("ip")
+            .args(["link", "set", "dev", lab::NIC, "xdp", "off"])
+            .status();
         let mut cmd = lab.in_host("taskset");
-        cmd.args(["-c", &pin.datapath.to_string()]).arg(limit_binary());
-        cmd.args(["--iface", lab::NIC, "--mac", &mac_str(guest_mac(0)), "--seconds", &format!("{:.3}", total.as_secs_f64())]);
+        cmd.args(["-c", &pin.datapath.to_string()])
+            .arg(limit_binary());
+        cmd.args([
+            "--iface",
+            lab::NIC,
+            "--mac",
+            &mac_str(guest_mac(0)),
+            "--seconds",
+            &format!("{:.3}", total.as_secs_f64()),
+        ]);
         if direction == Direction::Tx {
-            cmd.args(["--tx-len", &frame.len().to_string(), "--tx-dst", &mac_str(SINK_MAC)]);
+            cmd.args([
+                "--tx-len",
+                &frame.len().to_string(),
+                "--tx-dst",
+                &mac_str(SINK_MAC),
+            ]);
         }
-        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting xvdpa-xsk-limit")?;
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting xvdpa-xsk-limit")?;
         std::thread::sleep(Duration::from_millis(300));
         let generator = match direction {
-            Direction::Rx => Some(Generator::start(&lab.wire_ns, lab::WIRE, frame.clone(), setup.flows, Some(pin.load))?),
+            Direction::Rx => Some(Generator::start(
+                &lab.wire_ns,
+                lab::WIRE,
+                frame.clone(),
+                setup.flows,
+                Some(pin.load),
+            )?),
             Direction::Tx => None,
         };
         let wire0 = iface_counter(&lab.wire_ns, lab::WIRE, "rx_packets")?;
@@ -228,26 +335,44 @@ pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: 
         }
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("xvdpa-xsk-limit failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "xvdpa-xsk-limit failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        let field = |k: &str| -> Option<f64> { text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()) };
+        let field = |k: &str| -> Option<f64> {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .and_then(|v| v.parse().ok())
+        };
         let seconds = field("seconds=").context("limit output")?;
         let frames = match direction {
             Direction::Rx => field("rx=").context("limit output")? as u64,
             Direction::Tx => wire1 - wire0,
         };
         // The whole run counts here (no separate warm-up window): the ceiling is a bound.
-        return Ok(Measurement::new(peer, direction, size, frames, seconds, None, 0.0, 0));
+        return Ok(Measurement::new(
+            peer, direction, size, frames, seconds, None, 0.0, 0,
+        ));
     }
 
     // Whatever a previous peer left on the NIC (an XDP program) must not decide this run.
-    let _ = lab.in_host("ip").args(["link", "set", "dev", lab::NIC, "xdp", "off"]).status();
+    let _ = lab
+        .in_host("ip")
+        .args(["link", "set", "dev", lab::NIC, "xdp", "off"])
+        .status();
     let (ut, mut fe) = start_vhost_peer(peer, lab, pin, &tag, &setup.daemon_args)?;
     let result = (|| -> Result<Measurement> {
         // Each direction yields (frames, seconds, datapath CPU seconds, guest CPU seconds).
         let (frames, seconds, cpu, guest_cpu_s) = match direction {
             Direction::Rx => {
-                let gen = Generator::start(&lab.wire_ns, lab::WIRE, frame.clone(), setup.flows, Some(pin.load))?;
+                let gen = Generator::start(
+                    &lab.wire_ns,
+                    lab::WIRE,
+                    frame.clone(),
+                    setup.flows,
+                    Some(pin.load),
+                )?;
                 guest_rx_count(&mut fe, setup.warmup, 2048)?;
                 let cpu0 = process_cpu_seconds(ut.pid)?;
                 let t0 = Instant::now();
@@ -269,7 +394,16 @@ pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: 
                 (frames, seconds, cpu, guest_cpu)
             }
         };
-        Ok(Measurement::new(peer, direction, size, frames, seconds, Some(cpu), guest_cpu_s, process_rss_bytes(ut.pid).unwrap_or(0)))
+        Ok(Measurement::new(
+            peer,
+            direction,
+            size,
+            frames,
+            seconds,
+            Some(cpu),
+            guest_cpu_s,
+            process_rss_bytes(ut.pid).unwrap_or(0),
+        ))
     })();
     drop(fe);
     let finished = ut.finish();
@@ -280,5 +414,10 @@ pub fn measure(lab: &Lab, peer: Peer, direction: Direction, size: usize, setup: 
 
 /// Whether dpdk-testpmd is installed.
 pub fn have_dpdk() -> bool {
-    Command::new("dpdk-testpmd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+    Command::new("dpdk-testpmd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
 }

@@ -83,10 +83,16 @@ impl Daemon {
             Ok(filter) => cmd.env("RUST_LOG", filter),
             Err(_) => cmd.env_remove("RUST_LOG"),
         };
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let log = LineLog::capture(&mut child, "xvdpa");
-        Ok(Daemon { child: Some(child), log, sockets: Vec::new() })
+        Ok(Daemon {
+            child: Some(child),
+            log,
+            sockets: Vec::new(),
+        })
     }
 
     /// Starts a daemon serving one port and waits until it accepts frontends.
@@ -95,7 +101,13 @@ impl Daemon {
     }
 
     /// [`Daemon::start`] confined to one CPU (benchmarks).
-    pub fn start_pinned(lab: &Lab, socket: &Path, mac: &str, extra: &[&str], cpu: Option<usize>) -> Result<Daemon> {
+    pub fn start_pinned(
+        lab: &Lab,
+        socket: &Path,
+        mac: &str,
+        extra: &[&str],
+        cpu: Option<usize>,
+    ) -> Result<Daemon> {
         let socket_s = socket.to_str().context("socket path")?;
         let mut args = vec!["--socket", socket_s, "--mac", mac];
         args.extend_from_slice(extra);
@@ -105,12 +117,73 @@ impl Daemon {
         Ok(d)
     }
 
+    /// Starts a daemon serving several ports (`--port socket=...,mac=...` each) and waits until
+    /// every one accepts frontends. Its control socket is `ctl.sock` next to the first socket.
+    pub fn start_ports(lab: &Lab, ports: &[(PathBuf, String)], extra: &[&str]) -> Result<Daemon> {
+        let specs: Vec<String> = ports
+            .iter()
+            .map(|(s, m)| format!("socket={},mac={m}", s.display()))
+            .collect();
+        let ctl = ports
+            .first()
+            .context("no ports")?
+            .0
+            .with_file_name("ctl.sock");
+        let ctl = ctl.to_str().context("ctl path")?.to_string();
+        let mut args: Vec<&str> = vec!["--ctl", &ctl];
+        for s in &specs {
+            args.extend(["--port", s.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        let mut d = Self::spawn(lab, &args)?;
+        d.sockets.extend(ports.iter().map(|(s, _)| s.clone()));
+        d.wait_for_count(
+            "port ready for a frontend",
+            ports.len(),
+            Duration::from_secs(20),
+        )?;
+        Ok(d)
+    }
+
+    /// Waits until `n` log lines contain `needle`; fails early if the daemon exits.
+    pub fn wait_for_count(&mut self, needle: &str, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self
+                .log
+                .lines()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count()
+                >= n
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.try_wait()? {
+                bail!(
+                    "daemon exited ({status}) before logging {needle:?} {n} times:\n{}",
+                    self.output()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "daemon did not log {needle:?} {n} times within {timeout:?}:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until a log line contains `needle`; fails early if the daemon exits.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         match self.log.wait_for(needle, 0, timeout, self.child.as_mut())? {
             Wait::Found(l) => Ok(l),
             Wait::TimedOut => bail!("daemon did not log {needle:?} within {timeout:?}"),
-            Wait::Exited(status) => bail!("daemon exited ({status}) before logging {needle:?}:\n{}", self.output()),
+            Wait::Exited(status) => bail!(
+                "daemon exited ({status}) before logging {needle:?}:\n{}",
+                self.output()
+            ),
         }
     }
 
@@ -168,7 +241,10 @@ impl Daemon {
     pub fn final_counter(log: &str, name: &str) -> Option<u64> {
         let key = format!("{name}=");
         let mut total = None;
-        for line in log.lines().filter(|l| l.contains("queue_pair=") || l.contains("xdp counters:")) {
+        for line in log
+            .lines()
+            .filter(|l| l.contains("queue_pair=") || l.contains("xdp counters:"))
+        {
             for word in line.split_whitespace() {
                 if let Some(v) = word.strip_prefix(&key) {
                     if let Ok(v) = v.parse::<u64>() {

@@ -8,10 +8,22 @@ use anyhow::{Context, Result};
 
 /// `dpdk-testpmd` EAL arguments common to every use here, with memory for `mbufs` buffers.
 pub fn eal_args(prefix: &str, lcores: &str) -> Vec<String> {
-    ["--no-huge", "-m", "1024", "--no-pci", "--single-file-segments", "--file-prefix", prefix, "--lcores", lcores, "--log-level", "user1,info"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "--no-huge",
+        "-m",
+        "1024",
+        "--no-pci",
+        "--single-file-segments",
+        "--file-prefix",
+        prefix,
+        "--lcores",
+        lcores,
+        "--log-level",
+        "user1,info",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Starts testpmd as a virtio-user frontend on `socket` answering ARP and ICMP echo
@@ -22,9 +34,17 @@ pub fn icmpecho_frontend(socket: &str, mac: &str, prefix: &str) -> Result<Child>
         .arg("--vdev")
         .arg(format!("net_virtio_user0,path={socket},mac={mac}"))
         // With --stats-period testpmd runs until killed instead of waiting for Enter on stdin.
-        .args(["--", "--forward-mode=icmpecho", "--auto-start", "--total-num-mbufs=8192", "--nb-cores=1", "--stats-period=1"])
+        .args([
+            "--",
+            "--forward-mode=icmpecho",
+            "--auto-start",
+            "--total-num-mbufs=8192",
+            "--nb-cores=1",
+            "--stats-period=1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    cmd.spawn().context("starting dpdk-testpmd (installed by `cargo xtask test`)")
+    cmd.spawn()
+        .context("starting dpdk-testpmd (installed by `cargo xtask test`)")
 }

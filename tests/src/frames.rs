@@ -31,7 +31,10 @@ pub fn test_seq(frame: &[u8]) -> Option<u32> {
 }
 
 fn ipv4(s: &str) -> [u8; 4] {
-    let v: Vec<u8> = s.split('.').map(|p| p.parse().expect("dotted quad")).collect();
+    let v: Vec<u8> = s
+        .split('.')
+        .map(|p| p.parse().expect("dotted quad"))
+        .collect();
     v.try_into().expect("four octets")
 }
 
@@ -53,7 +56,10 @@ pub fn arp_request(sender_mac: [u8; 6], sender_ip: &str, target_ip: &str) -> Vec
 /// If `frame` is an ARP reply, the sender's (MAC, IPv4).
 pub fn arp_reply_sender(frame: &[u8]) -> Option<([u8; 6], [u8; 4])> {
     if frame.len() >= 42 && frame[12..14] == ETH_P_ARP.to_be_bytes() && frame[20..22] == [0, 2] {
-        Some((frame[22..28].try_into().unwrap(), frame[28..32].try_into().unwrap()))
+        Some((
+            frame[22..28].try_into().unwrap(),
+            frame[28..32].try_into().unwrap(),
+        ))
     } else {
         None
     }

@@ -14,10 +14,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use virtio_bindings::{virtio_config, virtio_net, virtio_ring};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::{virtio_config, virtio_net, virtio_ring};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -144,7 +146,11 @@ pub struct FrontendOptions {
 impl Default for FrontendOptions {
     fn default() -> Self {
         FrontendOptions {
-            features: VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MTU | VIRTIO_RING_F_INDIRECT_DESC,
+            features: VIRTIO_F_VERSION_1
+                | VIRTIO_NET_F_MAC
+                | VIRTIO_NET_F_STATUS
+                | VIRTIO_NET_F_MTU
+                | VIRTIO_RING_F_INDIRECT_DESC,
             connect_timeout: Duration::from_secs(10),
             queue_size: 256,
         }
@@ -171,8 +177,12 @@ impl VirtioNetFrontend {
         let stream = loop {
             match UnixStream::connect(socket) {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("connecting to {}", socket.display()))
+                }
             }
         };
         let mut frontend = Frontend::from_stream(stream, 2);
@@ -183,17 +193,27 @@ impl VirtioNetFrontend {
         }
         let mem_size = RING_AREA + 2 * u64::from(qsize) * SLOT;
         let file = memfd(mem_size)?;
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(GuestAddress(0), mem_size as usize, Some(FileOffset::new(file, 0)))])
-            .context("mapping guest memory")?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            mem_size as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .context("mapping guest memory")?;
 
         frontend.set_owner().context("SET_OWNER")?;
         let offered = frontend.get_features().context("GET_FEATURES")?;
         if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             bail!("backend does not offer vhost-user protocol features");
         }
-        let proto = frontend.get_protocol_features().context("GET_PROTOCOL_FEATURES")?;
-        let want = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
-        frontend.set_protocol_features(proto & want).context("SET_PROTOCOL_FEATURES")?;
+        let proto = frontend
+            .get_protocol_features()
+            .context("GET_PROTOCOL_FEATURES")?;
+        let want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG;
+        frontend
+            .set_protocol_features(proto & want)
+            .context("SET_PROTOCOL_FEATURES")?;
         if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             // Every later message waits for the backend's ack, so when connect() returns the
             // rings are really enabled on the other side.
@@ -204,7 +224,9 @@ impl VirtioNetFrontend {
             bail!("backend reports {queue_num} queues, a net device needs 2");
         }
         let features = offered & opts.features;
-        frontend.set_features(features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()).context("SET_FEATURES")?;
+        frontend
+            .set_features(features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+            .context("SET_FEATURES")?;
 
         let region = mem.iter().next().expect("one region");
         let info = VhostUserMemoryRegionInfo::from_guest_region(region).context("memory region")?;
@@ -215,7 +237,15 @@ impl VirtioNetFrontend {
             DriverQueue::new(RING_AREA / 2, RING_AREA + u64::from(qsize) * SLOT, qsize)?,
         ];
         let rx_size = usize::from(qsize);
-        let mut fe = VirtioNetFrontend { frontend, mem, queues, features, tx_template: None, rx_desc_len: vec![0; rx_size], scratch_heads: Vec::new() };
+        let mut fe = VirtioNetFrontend {
+            frontend,
+            mem,
+            queues,
+            features,
+            tx_template: None,
+            rx_desc_len: vec![0; rx_size],
+            scratch_heads: Vec::new(),
+        };
         fe.start_rings()?;
         Ok(fe)
     }
@@ -225,8 +255,12 @@ impl VirtioNetFrontend {
         let region = self.mem.iter().next().expect("one region");
         let host_base = region.as_ptr() as u64;
         for (i, q) in self.queues.iter().enumerate() {
-            self.frontend.set_vring_num(i, q.size).context("SET_VRING_NUM")?;
-            self.frontend.set_vring_base(i, 0).context("SET_VRING_BASE")?;
+            self.frontend
+                .set_vring_num(i, q.size)
+                .context("SET_VRING_NUM")?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .context("SET_VRING_BASE")?;
             // vring addresses are the frontend's own virtual addresses.
             let config = VringConfigData {
                 queue_max_size: q.size,
@@ -237,12 +271,20 @@ impl VirtioNetFrontend {
                 avail_ring_addr: host_base + q.avail,
                 log_addr: None,
             };
-            self.frontend.set_vring_addr(i, &config).context("SET_VRING_ADDR")?;
-            self.frontend.set_vring_kick(i, &q.kick).context("SET_VRING_KICK")?;
-            self.frontend.set_vring_call(i, &q.call).context("SET_VRING_CALL")?;
+            self.frontend
+                .set_vring_addr(i, &config)
+                .context("SET_VRING_ADDR")?;
+            self.frontend
+                .set_vring_kick(i, &q.kick)
+                .context("SET_VRING_KICK")?;
+            self.frontend
+                .set_vring_call(i, &q.call)
+                .context("SET_VRING_CALL")?;
         }
         for i in 0..2 {
-            self.frontend.set_vring_enable(i, true).context("SET_VRING_ENABLE")?;
+            self.frontend
+                .set_vring_enable(i, true)
+                .context("SET_VRING_ENABLE")?;
         }
         if self.has(VIRTIO_RING_F_EVENT_IDX) {
             // Ask for a notification on every used entry.
@@ -258,13 +300,16 @@ impl VirtioNetFrontend {
     /// again from index 0.
     pub fn reset_device(&mut self) -> Result<()> {
         for i in 0..2 {
-            self.frontend.set_vring_enable(i, false).context("SET_VRING_ENABLE")?;
+            self.frontend
+                .set_vring_enable(i, false)
+                .context("SET_VRING_ENABLE")?;
             self.frontend.get_vring_base(i).context("GET_VRING_BASE")?;
         }
         for i in 0..2 {
             let q = &self.queues[i];
             let (start, end) = (q.desc, q.used + 6 + 8 * q.size as u64);
-            self.mem.write_slice(&vec![0u8; (end - start) as usize], GuestAddress(start))?;
+            self.mem
+                .write_slice(&vec![0u8; (end - start) as usize], GuestAddress(start))?;
             let fresh = DriverQueue::new(q.desc, q.slots, q.size)?;
             self.queues[i] = fresh;
         }
@@ -279,7 +324,10 @@ impl VirtioNetFrontend {
     /// The device's config space (17 bytes: mac, status, max_virtqueue_pairs, mtu, speed, duplex).
     pub fn config(&mut self) -> Result<Vec<u8>> {
         let buf = [0u8; 17];
-        let (_, payload) = self.frontend.get_config(0, buf.len() as u32, VhostUserConfigFlags::WRITABLE, &buf).context("GET_CONFIG")?;
+        let (_, payload) = self
+            .frontend
+            .get_config(0, buf.len() as u32, VhostUserConfigFlags::WRITABLE, &buf)
+            .context("GET_CONFIG")?;
         Ok(payload)
     }
 
@@ -305,7 +353,8 @@ impl VirtioNetFrontend {
     /// Publishes every pushed entry with one index store (a batch, as drivers do).
     fn commit_avail(&mut self, queue: usize) -> Result<()> {
         let q = &self.queues[queue];
-        self.mem.store(q.avail_idx, GuestAddress(q.avail + 2), Ordering::Release)?;
+        self.mem
+            .store(q.avail_idx, GuestAddress(q.avail + 2), Ordering::Release)?;
         Ok(())
     }
 
@@ -323,7 +372,10 @@ impl VirtioNetFrontend {
     fn alloc(&mut self, queue: usize, n: usize) -> Result<Vec<u16>> {
         let q = &mut self.queues[queue];
         if q.free.len() < n {
-            bail!("queue {queue}: {} descriptors free, {n} needed", q.free.len());
+            bail!(
+                "queue {queue}: {} descriptors free, {n} needed",
+                q.free.len()
+            );
         }
         Ok((0..n).map(|_| q.free.pop().unwrap()).collect())
     }
@@ -335,7 +387,9 @@ impl VirtioNetFrontend {
 
     /// Whether the device wants a kick for new work in `queue` (VRING_USED_F_NO_NOTIFY clear).
     pub fn device_wants_kick(&self, queue: usize) -> Result<bool> {
-        let flags: u16 = self.mem.load(GuestAddress(self.queues[queue].used), Ordering::Acquire)?;
+        let flags: u16 = self
+            .mem
+            .load(GuestAddress(self.queues[queue].used), Ordering::Acquire)?;
         Ok(flags & 1 == 0)
     }
 
@@ -349,7 +403,10 @@ impl VirtioNetFrontend {
     pub fn post_rx_buffers(&mut self, count: usize, len: u32) -> Result<()> {
         assert!(len as u64 <= SLOT);
         if self.queues[RX_QUEUE].free.len() < count {
-            bail!("rx queue: {} descriptors free, {count} needed", self.queues[RX_QUEUE].free.len());
+            bail!(
+                "rx queue: {} descriptors free, {count} needed",
+                self.queues[RX_QUEUE].free.len()
+            );
         }
         let mut heads = std::mem::take(&mut self.scratch_heads);
         heads.clear();
@@ -358,7 +415,16 @@ impl VirtioNetFrontend {
             // A descriptor keeps its slot for good; rewrite it only when its length changes.
             if self.rx_desc_len[idx as usize] != len {
                 let addr = self.queues[RX_QUEUE].slot(idx);
-                self.write_desc(RX_QUEUE, idx, RawDesc { addr, len, flags: VRING_DESC_F_WRITE, next: 0 })?;
+                self.write_desc(
+                    RX_QUEUE,
+                    idx,
+                    RawDesc {
+                        addr,
+                        len,
+                        flags: VRING_DESC_F_WRITE,
+                        next: 0,
+                    },
+                )?;
                 self.rx_desc_len[idx as usize] = len;
             }
             self.set_chain(RX_QUEUE, &[idx]);
@@ -416,14 +482,29 @@ impl VirtioNetFrontend {
             for (i, p) in parts.iter().enumerate() {
                 self.mem.write_slice(p, GuestAddress(at))?;
                 let more = i + 1 < parts.len();
-                let d = RawDesc { addr: at, len: p.len() as u32, flags: if more { VRING_DESC_F_NEXT } else { 0 }, next: (i + 1) as u16 };
-                self.mem.write_slice(&d.to_bytes(), GuestAddress(table + 16 * i as u64))?;
+                let d = RawDesc {
+                    addr: at,
+                    len: p.len() as u32,
+                    flags: if more { VRING_DESC_F_NEXT } else { 0 },
+                    next: (i + 1) as u16,
+                };
+                self.mem
+                    .write_slice(&d.to_bytes(), GuestAddress(table + 16 * i as u64))?;
                 at += p.len() as u64;
             }
             if at - base > SLOT {
                 bail!("frame too large for an indirect slot");
             }
-            self.write_desc(TX_QUEUE, head, RawDesc { addr: table, len: 16 * parts.len() as u32, flags: VRING_DESC_F_INDIRECT, next: 0 })?;
+            self.write_desc(
+                TX_QUEUE,
+                head,
+                RawDesc {
+                    addr: table,
+                    len: 16 * parts.len() as u32,
+                    flags: VRING_DESC_F_INDIRECT,
+                    next: 0,
+                },
+            )?;
             self.set_chain(TX_QUEUE, &[head]);
             self.publish(TX_QUEUE, head)
         } else {
@@ -433,7 +514,16 @@ impl VirtioNetFrontend {
                 self.mem.write_slice(p, GuestAddress(addr))?;
                 let more = i + 1 < parts.len();
                 let next = if more { idx[i + 1] } else { 0 };
-                self.write_desc(TX_QUEUE, idx[i], RawDesc { addr, len: p.len() as u32, flags: if more { VRING_DESC_F_NEXT } else { 0 }, next })?;
+                self.write_desc(
+                    TX_QUEUE,
+                    idx[i],
+                    RawDesc {
+                        addr,
+                        len: p.len() as u32,
+                        flags: if more { VRING_DESC_F_NEXT } else { 0 },
+                        next,
+                    },
+                )?;
             }
             self.set_chain(TX_QUEUE, &idx);
             self.publish(TX_QUEUE, idx[0])
@@ -465,21 +555,32 @@ impl VirtioNetFrontend {
             // Read used entries in runs that do not wrap, 64 at a time.
             let start = self.queues[queue].last_used % size;
             let run = (pending - n).min((size - start) as usize).min(64);
-            self.mem.read_slice(&mut raw[..8 * run], GuestAddress(used + 4 + 8 * start as u64))?;
+            self.mem.read_slice(
+                &mut raw[..8 * run],
+                GuestAddress(used + 4 + 8 * start as u64),
+            )?;
             for e in raw[..8 * run].chunks_exact(8) {
                 let head = u32::from_le_bytes(e[0..4].try_into().unwrap());
                 let len = u32::from_le_bytes(e[4..8].try_into().unwrap());
                 if head >= size as u32 {
                     bail!("device returned head {head} outside the ring");
                 }
-                let DriverQueue { chains, free, last_used, .. } = &mut self.queues[queue];
+                let DriverQueue {
+                    chains,
+                    free,
+                    last_used,
+                    ..
+                } = &mut self.queues[queue];
                 let chain = &mut chains[head as usize];
                 if chain.is_empty() {
                     bail!("device returned head {head} that was not in flight");
                 }
                 free.extend(chain.drain(..));
                 *last_used = last_used.wrapping_add(1);
-                each(Used { head: head as u16, len });
+                each(Used {
+                    head: head as u16,
+                    len,
+                });
             }
             n += run;
         }
@@ -501,7 +602,10 @@ impl VirtioNetFrontend {
             for (i, h) in heads[done..done + run].iter().enumerate() {
                 raw[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
             }
-            self.mem.write_slice(&raw[..2 * run], GuestAddress(q.avail + 4 + 2 * start as u64))?;
+            self.mem.write_slice(
+                &raw[..2 * run],
+                GuestAddress(q.avail + 4 + 2 * start as u64),
+            )?;
             let q = &mut self.queues[queue];
             q.avail_idx = q.avail_idx.wrapping_add(run as u16);
             done += run;
@@ -522,7 +626,16 @@ impl VirtioNetFrontend {
         for i in 0..self.queues[TX_QUEUE].size {
             let addr = self.queues[TX_QUEUE].slot(i);
             self.mem.write_slice(&data, GuestAddress(addr))?;
-            self.write_desc(TX_QUEUE, i, RawDesc { addr, len: len as u32, flags: 0, next: 0 })?;
+            self.write_desc(
+                TX_QUEUE,
+                i,
+                RawDesc {
+                    addr,
+                    len: len as u32,
+                    flags: 0,
+                    next: 0,
+                },
+            )?;
         }
         self.tx_template = Some(len as u32);
         Ok(())
@@ -555,9 +668,19 @@ impl VirtioNetFrontend {
     /// Returns whether a notification arrived.
     pub fn wait_call(&self, queue: usize, timeout: Duration) -> bool {
         let fd = self.queues[queue].call.as_raw_fd();
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: poll on one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        let n = unsafe {
+            libc::poll(
+                &mut pfd,
+                1,
+                timeout.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
         if n > 0 {
             let _ = self.queues[queue].call.read();
             true
@@ -569,7 +692,8 @@ impl VirtioNetFrontend {
     /// Bytes the device wrote into receive buffer `head`.
     pub fn rx_bytes(&self, u: Used) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; u.len as usize];
-        self.mem.read_slice(&mut buf, GuestAddress(self.queues[RX_QUEUE].slot(u.head)))?;
+        self.mem
+            .read_slice(&mut buf, GuestAddress(self.queues[RX_QUEUE].slot(u.head)))?;
         Ok(buf)
     }
 
@@ -593,7 +717,10 @@ impl VirtioNetFrontend {
                     }
                     None => {
                         if bytes.len() < VNET_HDR_LEN {
-                            bail!("device wrote {} bytes, less than a virtio-net header", bytes.len());
+                            bail!(
+                                "device wrote {} bytes, less than a virtio-net header",
+                                bytes.len()
+                            );
                         }
                         let n = u16::from_le_bytes([bytes[10], bytes[11]]);
                         let data = bytes[VNET_HDR_LEN..].to_vec();

@@ -22,11 +22,15 @@ pub const DONE_MARKER: &str = "XVDPA-DONE rc=";
 pub const READY_MARKER: &str = "XVDPA-READY";
 
 pub fn kernel_path() -> PathBuf {
-    std::env::var_os("XVDPA_GUEST_KERNEL").map(PathBuf::from).unwrap_or_else(|| crate::workspace_root().join("target/guest/vmlinuz"))
+    std::env::var_os("XVDPA_GUEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target/guest/vmlinuz"))
 }
 
 pub fn initrd_path() -> PathBuf {
-    std::env::var_os("XVDPA_GUEST_INITRD").map(PathBuf::from).unwrap_or_else(|| crate::workspace_root().join("target/guest/initrd.gz"))
+    std::env::var_os("XVDPA_GUEST_INITRD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target/guest/initrd.gz"))
 }
 
 /// How to start a guest.
@@ -59,11 +63,32 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
     }
     let m = config.memory_mib;
     [
-        "-machine", "q35", "-m", &format!("{m}M"), "-smp", "1", "-nographic", "-nodefaults", "-serial", "stdio",
-        "-kernel", &kernel.display().to_string(), "-initrd", &initrd.display().to_string(), "-append", &append,
-        "-object", &format!("memory-backend-memfd,id=mem,size={m}M,share=on"), "-numa", "node,memdev=mem",
-        "-chardev", &chardev, "-netdev", "vhost-user,id=n0,chardev=c0",
-        "-device", &format!("virtio-net-pci,netdev=n0,mac={},vectors=0", config.mac),
+        "-machine",
+        "q35",
+        "-m",
+        &format!("{m}M"),
+        "-smp",
+        "1",
+        "-nographic",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-kernel",
+        &kernel.display().to_string(),
+        "-initrd",
+        &initrd.display().to_string(),
+        "-append",
+        &append,
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={m}M,share=on"),
+        "-numa",
+        "node,memdev=mem",
+        "-chardev",
+        &chardev,
+        "-netdev",
+        "vhost-user,id=n0,chardev=c0",
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={},vectors=0", config.mac),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -76,7 +101,9 @@ pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
             if i <= c.len() {
                 out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -100,16 +127,27 @@ impl Guest {
         let (kernel, initrd) = (kernel_path(), initrd_path());
         for p in [&kernel, &initrd] {
             if !p.exists() {
-                bail!("{} missing: run the tests with `cargo xtask test` (it builds the guest image)", p.display());
+                bail!(
+                    "{} missing: run the tests with `cargo xtask test` (it builds the guest image)",
+                    p.display()
+                );
             }
         }
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(qemu_args(config, &kernel, &initrd));
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("starting qemu-system-x86_64 (is QEMU installed? `cargo xtask test` installs it)")?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context(
+            "starting qemu-system-x86_64 (is QEMU installed? `cargo xtask test` installs it)",
+        )?;
         let console = LineLog::capture(&mut child, "guest");
         let stdin = child.stdin.take();
-        Ok(Guest { child: Some(child), stdin, console })
+        Ok(Guest {
+            child: Some(child),
+            stdin,
+            console,
+        })
     }
 
     /// Waits for a console line containing `needle`, failing early if QEMU exits.
@@ -118,11 +156,21 @@ impl Guest {
     }
 
     /// Like [`Guest::wait_for`], considering only console lines from index `from` on.
-    pub fn wait_for_from(&mut self, needle: &str, from: usize, timeout: Duration) -> Result<String> {
-        match self.console.wait_for(needle, from, timeout, self.child.as_mut())? {
+    pub fn wait_for_from(
+        &mut self,
+        needle: &str,
+        from: usize,
+        timeout: Duration,
+    ) -> Result<String> {
+        match self
+            .console
+            .wait_for(needle, from, timeout, self.child.as_mut())?
+        {
             Wait::Found(l) => Ok(l),
             Wait::TimedOut => bail!("guest console did not show {needle:?} within {timeout:?}"),
-            Wait::Exited(status) => bail!("QEMU exited ({status}) before the console showed {needle:?}"),
+            Wait::Exited(status) => {
+                bail!("QEMU exited ({status}) before the console showed {needle:?}")
+            }
         }
     }
 
@@ -134,7 +182,11 @@ impl Guest {
     /// Waits for the script's end marker and returns its exit code.
     pub fn wait_done(&mut self, timeout: Duration) -> Result<i32> {
         let line = self.wait_for(DONE_MARKER, timeout)?;
-        let rc = line.split(DONE_MARKER).nth(1).and_then(|s| s.trim().parse().ok()).context("malformed end marker")?;
+        let rc = line
+            .split(DONE_MARKER)
+            .nth(1)
+            .and_then(|s| s.trim().parse().ok())
+            .context("malformed end marker")?;
         Ok(rc)
     }
 
@@ -186,7 +238,15 @@ impl Drop for Guest {
 mod tests {
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(super::base64(i.as_bytes()), o);
         }
     }

@@ -27,12 +27,17 @@ pub fn guest_mac(n: u8) -> [u8; 6] {
 }
 
 pub fn mac_str(m: [u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// Runs a command, failing with its output if it fails.
 pub fn run(cmd: &mut Command) -> io::Result<Output> {
-    let out = cmd.output().map_err(|e| io::Error::new(e.kind(), format!("{cmd:?}: {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("{cmd:?}: {e}")))?;
     if !out.status.success() {
         return Err(io::Error::other(format!(
             "{cmd:?} failed ({}): {}{}",
@@ -59,14 +64,24 @@ pub struct Lab {
 impl Lab {
     /// Namespace names for lab `name`.
     pub fn named(name: &str) -> Lab {
-        Lab { name: name.to_string(), host_ns: format!("{name}-host"), wire_ns: format!("{name}-wire"), owned: false }
+        Lab {
+            name: name.to_string(),
+            host_ns: format!("{name}-host"),
+            wire_ns: format!("{name}-wire"),
+            owned: false,
+        }
     }
 
     /// A lab with a name unique to this process and counter, removed on drop.
     pub fn unique(tag: &str) -> io::Result<Lab> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("xvt{}{}-{}", tag, std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "xvt{}{}-{}",
+            tag,
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let mut lab = Lab::named(&name);
         lab.create()?;
         lab.owned = true;
@@ -88,16 +103,56 @@ impl Lab {
         for ns in [&self.host_ns, &self.wire_ns] {
             for knob in ["all", "default"] {
                 let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
-                run(Command::new("ip").args(["netns", "exec", ns, "sh", "-c", &format!("echo 1 > {path}")]))?;
+                run(Command::new("ip").args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "sh",
+                    "-c",
+                    &format!("echo 1 > {path}"),
+                ]))?;
             }
         }
-        ip(&["link", "add", NIC, "netns", &self.host_ns, "type", "veth", "peer", "name", WIRE, "netns", &self.wire_ns])?;
-        for (ns, dev, addr) in [(&self.host_ns, NIC, HOST_IP), (&self.wire_ns, WIRE, WIRE_IP)] {
+        ip(&[
+            "link",
+            "add",
+            NIC,
+            "netns",
+            &self.host_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            WIRE,
+            "netns",
+            &self.wire_ns,
+        ])?;
+        for (ns, dev, addr) in [
+            (&self.host_ns, NIC, HOST_IP),
+            (&self.wire_ns, WIRE, WIRE_IP),
+        ] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/{PREFIX}"), "dev", dev])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/{PREFIX}"),
+                "dev",
+                dev,
+            ])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
-        run(Command::new("ip").args(["netns", "exec", &self.wire_ns, "ethtool", "-K", WIRE, "tx", "off"]))?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.wire_ns,
+            "ethtool",
+            "-K",
+            WIRE,
+            "tx",
+            "off",
+        ]))?;
         Ok(())
     }
 
@@ -110,10 +165,18 @@ impl Lab {
 
     /// The wire end's MAC address (what frames from the wire carry as source).
     pub fn wire_mac(&self) -> io::Result<[u8; 6]> {
-        let out = run(self.in_wire("cat").arg(format!("/sys/class/net/{WIRE}/address")))?;
+        let out = run(self
+            .in_wire("cat")
+            .arg(format!("/sys/class/net/{WIRE}/address")))?;
         let s = String::from_utf8_lossy(&out.stdout);
-        let bytes: Vec<u8> = s.trim().split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
-        bytes.try_into().map_err(|_| io::Error::other(format!("bad MAC {s:?} for {WIRE}")))
+        let bytes: Vec<u8> = s
+            .trim()
+            .split(':')
+            .filter_map(|p| u8::from_str_radix(p, 16).ok())
+            .collect();
+        bytes
+            .try_into()
+            .map_err(|_| io::Error::other(format!("bad MAC {s:?} for {WIRE}")))
     }
 
     /// A command to run inside the host namespace.

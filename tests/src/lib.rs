@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod bench_run;
+pub mod ctl;
 pub mod daemon;
 pub mod dpdk;
 pub mod frames;
@@ -24,5 +25,8 @@ use std::path::PathBuf;
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
 }

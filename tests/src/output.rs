@@ -24,8 +24,10 @@ impl LineLog {
     /// echoed to the test's stderr with `prefix`.
     pub fn capture(child: &mut Child, prefix: &'static str) -> Arc<LineLog> {
         let log = Arc::new(LineLog::default());
-        let streams: [Option<Box<dyn Read + Send>>; 2] =
-            [child.stdout.take().map(|s| Box::new(s) as _), child.stderr.take().map(|s| Box::new(s) as _)];
+        let streams: [Option<Box<dyn Read + Send>>; 2] = [
+            child.stdout.take().map(|s| Box::new(s) as _),
+            child.stderr.take().map(|s| Box::new(s) as _),
+        ];
         for stream in streams.into_iter().flatten() {
             let log = log.clone();
             std::thread::spawn(move || {
@@ -55,14 +57,25 @@ impl LineLog {
 
     /// Waits for a line at index `from` or later containing `needle`, checking `child` for an
     /// early exit.
-    pub fn wait_for(&self, needle: &str, from: usize, timeout: Duration, child: Option<&mut Child>) -> std::io::Result<Wait> {
+    pub fn wait_for(
+        &self,
+        needle: &str,
+        from: usize,
+        timeout: Duration,
+        child: Option<&mut Child>,
+    ) -> std::io::Result<Wait> {
         let deadline = Instant::now() + timeout;
         let mut child = child;
         let mut seen = from;
         loop {
             {
                 let lines = self.lines.lock().unwrap();
-                if let Some(l) = lines.get(seen..).unwrap_or(&[]).iter().find(|l| l.contains(needle)) {
+                if let Some(l) = lines
+                    .get(seen..)
+                    .unwrap_or(&[])
+                    .iter()
+                    .find(|l| l.contains(needle))
+                {
                     return Ok(Wait::Found(l.clone()));
                 }
                 seen = lines.len().max(seen);
@@ -70,14 +83,22 @@ impl LineLog {
                 if left.is_zero() {
                     return Ok(Wait::TimedOut);
                 }
-                let _ = self.changed.wait_timeout(lines, left.min(Duration::from_millis(100))).unwrap();
+                let _ = self
+                    .changed
+                    .wait_timeout(lines, left.min(Duration::from_millis(100)))
+                    .unwrap();
             }
             if let Some(c) = child.as_deref_mut() {
                 if let Some(status) = c.try_wait()? {
                     // Let the reader threads drain the last lines.
                     std::thread::sleep(Duration::from_millis(200));
                     let lines = self.lines.lock().unwrap();
-                    if let Some(l) = lines.get(from..).unwrap_or(&[]).iter().find(|l| l.contains(needle)) {
+                    if let Some(l) = lines
+                        .get(from..)
+                        .unwrap_or(&[])
+                        .iter()
+                        .find(|l| l.contains(needle))
+                    {
                         return Ok(Wait::Found(l.clone()));
                     }
                     return Ok(Wait::Exited(status));

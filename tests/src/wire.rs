@@ -17,7 +17,9 @@ impl WireSocket {
         in_netns(&lab.wire_ns, || {
             let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
             // SAFETY: plain socket(2).
-            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+            let raw = unsafe {
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto)
+            };
             if raw < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -30,7 +32,14 @@ impl WireSocket {
             addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
             addr.sll_ifindex = ifindex as i32;
             // SAFETY: bind with a correctly sized address.
-            if unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of_val(&addr) as u32) } != 0 {
+            if unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of_val(&addr) as u32,
+                )
+            } != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             Ok(WireSocket { fd })
@@ -48,7 +57,11 @@ impl WireSocket {
 
     /// Receives frames until `done` says enough or `timeout` passes; frames this side sent
     /// itself are skipped. Returns everything received.
-    pub fn recv_until(&self, timeout: Duration, mut done: impl FnMut(&[Vec<u8>]) -> bool) -> Vec<Vec<u8>> {
+    pub fn recv_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];
@@ -57,7 +70,11 @@ impl WireSocket {
             if left.is_zero() {
                 break;
             }
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: poll on one valid pollfd.
             if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
                 continue;
@@ -67,7 +84,14 @@ impl WireSocket {
             let mut len = std::mem::size_of_val(&from) as u32;
             // SAFETY: recvfrom into live buffers of the sizes given.
             let n = unsafe {
-                libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT, (&mut from as *mut libc::sockaddr_ll).cast(), &mut len)
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut len,
+                )
             };
             if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
                 got.push(buf[..n as usize].to_vec());

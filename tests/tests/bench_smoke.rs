@@ -10,12 +10,32 @@ use xvdpa_tests::lab::Lab;
 #[test]
 fn every_scenario_moves_packets_for_every_peer() -> Result<()> {
     let lab = Lab::unique("bench")?;
-    let setup = Setup { duration: Duration::from_millis(800), warmup: Duration::from_millis(300), pinning: Pinning { datapath: 1, load: 0 }, flows: 4, daemon_args: vec![] };
+    let setup = Setup {
+        duration: Duration::from_millis(800),
+        warmup: Duration::from_millis(300),
+        pinning: Pinning {
+            datapath: 1,
+            load: 0,
+        },
+        flows: 4,
+        daemon_args: vec![],
+    };
     for peer in [Peer::Xvdpa, Peer::Dpdk, Peer::Limit] {
         for direction in [Direction::Rx, Direction::Tx] {
             let m = measure(&lab, peer, direction, 64, &setup)?;
-            eprintln!("[bench-smoke] {} {} 64B: {} frames, {:.0} pps", peer.name(), direction.name(), m.frames, m.pps);
-            ensure!(m.frames > 0, "{} {}: no frames moved", peer.name(), direction.name());
+            eprintln!(
+                "[bench-smoke] {} {} 64B: {} frames, {:.0} pps",
+                peer.name(),
+                direction.name(),
+                m.frames,
+                m.pps
+            );
+            ensure!(
+                m.frames > 0,
+                "{} {}: no frames moved",
+                peer.name(),
+                direction.name()
+            );
         }
     }
     Ok(())

@@ -11,8 +11,14 @@ fn fails(netns: Option<&str>, args: &[&str]) -> Result<String> {
     let mut d = Daemon::spawn_raw(netns, args)?;
     let status = d.wait_exit(Duration::from_secs(20))?;
     let out = d.output();
-    ensure!(!status.success(), "expected failure for {args:?}, got {status}:\n{out}");
-    ensure!(!out.contains("panicked"), "the daemon panicked for {args:?}:\n{out}");
+    ensure!(
+        !status.success(),
+        "expected failure for {args:?}, got {status}:\n{out}"
+    );
+    ensure!(
+        !out.contains("panicked"),
+        "the daemon panicked for {args:?}:\n{out}"
+    );
     Ok(out)
 }
 
@@ -20,8 +26,21 @@ fn fails(netns: Option<&str>, args: &[&str]) -> Result<String> {
 fn unknown_interface_is_named_in_the_error() -> Result<()> {
     let dir = socket_dir("cli-if")?;
     let sock = dir.join("vm0.sock");
-    let out = fails(None, &["--iface", "nosuchnic0", "--socket", sock.to_str().unwrap(), "--mac", "52:54:00:12:34:56"])?;
-    ensure!(out.contains("nosuchnic0"), "error does not name the interface:\n{out}");
+    let out = fails(
+        None,
+        &[
+            "--iface",
+            "nosuchnic0",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--mac",
+            "52:54:00:12:34:56",
+        ],
+    )?;
+    ensure!(
+        out.contains("nosuchnic0"),
+        "error does not name the interface:\n{out}"
+    );
     Ok(())
 }
 
@@ -29,9 +48,28 @@ fn unknown_interface_is_named_in_the_error() -> Result<()> {
 fn invalid_macs_are_rejected_before_anything_starts() -> Result<()> {
     let dir = socket_dir("cli-mac")?;
     let sock = dir.join("vm0.sock");
-    for mac in ["52:54:00:12:34", "zz:54:00:12:34:56", "01:00:5e:00:00:01", "00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff"] {
-        let out = fails(None, &["--iface", "lo", "--socket", sock.to_str().unwrap(), "--mac", mac])?;
-        ensure!(out.contains("--mac"), "error for {mac} does not point at --mac:\n{out}");
+    for mac in [
+        "52:54:00:12:34",
+        "zz:54:00:12:34:56",
+        "01:00:5e:00:00:01",
+        "00:00:00:00:00:00",
+        "ff:ff:ff:ff:ff:ff",
+    ] {
+        let out = fails(
+            None,
+            &[
+                "--iface",
+                "lo",
+                "--socket",
+                sock.to_str().unwrap(),
+                "--mac",
+                mac,
+            ],
+        )?;
+        ensure!(
+            out.contains("--mac"),
+            "error for {mac} does not point at --mac:\n{out}"
+        );
     }
     ensure!(!sock.exists(), "a socket was created despite the bad MAC");
     Ok(())
@@ -42,9 +80,22 @@ fn socket_path_held_by_a_live_daemon_is_refused_and_left_alone() -> Result<()> {
     let lab = Lab::unique("cli-sock")?;
     let sock = socket_dir("cli-sock")?.join("vm0.sock");
     let first = Daemon::start(&lab, &sock, &mac_str(guest_mac(0)), &[])?;
-    let out = fails(Some(&lab.host_ns), &["--iface", "nic0", "--socket", sock.to_str().unwrap(), "--mac", &mac_str(guest_mac(1))])?;
+    let out = fails(
+        Some(&lab.host_ns),
+        &[
+            "--iface",
+            "nic0",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--mac",
+            &mac_str(guest_mac(1)),
+        ],
+    )?;
     ensure!(out.contains("in use"), "no 'in use' in:\n{out}");
-    ensure!(sock.exists(), "the second daemon removed the first one's socket");
+    ensure!(
+        sock.exists(),
+        "the second daemon removed the first one's socket"
+    );
     // The first daemon still serves.
     let fe = xvdpa_tests::frontend::VirtioNetFrontend::connect(&sock, Default::default())?;
     drop(fe);
@@ -68,9 +119,33 @@ fn stale_socket_file_is_replaced() -> Result<()> {
 
 #[test]
 fn bad_flag_values_are_usage_errors() -> Result<()> {
-    let out = fails(None, &["--iface", "lo", "--socket", "/tmp/x.sock", "--mac", "52:54:00:12:34:56", "--mtu", "70000"])?;
+    let out = fails(
+        None,
+        &[
+            "--iface",
+            "lo",
+            "--socket",
+            "/tmp/x.sock",
+            "--mac",
+            "52:54:00:12:34:56",
+            "--mtu",
+            "70000",
+        ],
+    )?;
     ensure!(out.contains("--mtu"), "{out}");
-    let out = fails(None, &["--iface", "lo", "--socket", "/tmp/x.sock", "--mac", "52:54:00:12:34:56", "--xdp-mode", "sideways"])?;
+    let out = fails(
+        None,
+        &[
+            "--iface",
+            "lo",
+            "--socket",
+            "/tmp/x.sock",
+            "--mac",
+            "52:54:00:12:34:56",
+            "--xdp-mode",
+            "sideways",
+        ],
+    )?;
     ensure!(out.contains("--xdp-mode"), "{out}");
     Ok(())
 }

@@ -15,17 +15,24 @@ fn dpdk_virtio_user_answers_ping_from_the_wire() -> Result<()> {
     let socket = socket_dir("dpdk")?.join("vm0.sock");
     let mut daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), &[])?;
     let prefix = format!("xvt-dpdk-{}", std::process::id());
-    let mut testpmd = dpdk::icmpecho_frontend(socket.to_str().unwrap(), &mac_str(guest_mac(0)), &prefix)?;
+    let mut testpmd =
+        dpdk::icmpecho_frontend(socket.to_str().unwrap(), &mac_str(guest_mac(0)), &prefix)?;
     let result = (|| {
         daemon.wait_for_log("frontend connected", Duration::from_secs(30))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = lab.in_wire("busybox").args(["ping", "-c", "3", "-W", "2", &guest_ip(0)]).output()?;
+            let out = lab
+                .in_wire("busybox")
+                .args(["ping", "-c", "3", "-W", "2", &guest_ip(0)])
+                .output()?;
             if out.status.success() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("no echo from testpmd: {}", String::from_utf8_lossy(&out.stdout));
+                bail!(
+                    "no echo from testpmd: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
             }
         }
     })();

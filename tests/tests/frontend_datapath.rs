@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon};
-use xvdpa_tests::frames::{arp_reply_sender, arp_request, ip_bytes, test_frame, test_seq, BROADCAST};
+use xvdpa_tests::frames::{
+    arp_reply_sender, arp_request, ip_bytes, test_frame, test_seq, BROADCAST,
+};
 use xvdpa_tests::frontend::{
-    FrontendOptions, RawDesc, VirtioNetFrontend, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
-    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    FrontendOptions, RawDesc, VirtioNetFrontend, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use xvdpa_tests::lab::{self, guest_mac, mac_str, Lab};
 use xvdpa_tests::wire::WireSocket;
@@ -32,7 +34,13 @@ fn setup(tag: &str) -> Result<Setup> {
     let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), &[])?;
     let wire = WireSocket::open(&lab)?;
     let wire_mac = lab.wire_mac()?;
-    Ok(Setup { lab, daemon, wire, socket, wire_mac })
+    Ok(Setup {
+        lab,
+        daemon,
+        wire,
+        socket,
+        wire_mac,
+    })
 }
 
 fn connect(s: &Setup, extra_features: u64) -> Result<VirtioNetFrontend> {
@@ -48,16 +56,33 @@ fn wire_to_vm(s: &Setup, fe: &mut VirtioNetFrontend, frames: &[Vec<u8>]) -> Resu
         s.wire.send(f)?;
     }
     let got = fe.recv_frames(frames.len(), WAIT)?;
-    ensure!(got.len() == frames.len(), "VM received {} of {} frames", got.len(), frames.len());
+    ensure!(
+        got.len() == frames.len(),
+        "VM received {} of {} frames",
+        got.len(),
+        frames.len()
+    );
     for (i, ((_, g), f)) in got.iter().zip(frames).enumerate() {
-        ensure!(g == f, "frame {i}: VM got {} bytes {:02x?}.., sent {} bytes", g.len(), &g[..g.len().min(20)], f.len());
+        ensure!(
+            g == f,
+            "frame {i}: VM got {} bytes {:02x?}.., sent {} bytes",
+            g.len(),
+            &g[..g.len().min(20)],
+            f.len()
+        );
     }
     Ok(got.iter().map(|(n, _)| *n).collect())
 }
 
 /// The VM transmits `frame` (in `pieces` descriptors); returns the wire's frames carrying the
 /// same sequence number, received until the exact frame arrived or `within` passed.
-fn vm_to_wire(s: &Setup, fe: &mut VirtioNetFrontend, frame: &[u8], pieces: usize, within: Duration) -> Result<Vec<Vec<u8>>> {
+fn vm_to_wire(
+    s: &Setup,
+    fe: &mut VirtioNetFrontend,
+    frame: &[u8],
+    pieces: usize,
+    within: Duration,
+) -> Result<Vec<Vec<u8>>> {
     let seq = test_seq(frame);
     fe.send(frame, pieces, false)?;
     fe.kick(TX_QUEUE)?;
@@ -71,8 +96,15 @@ fn device_config_space_has_mac_link_up_and_mtu() -> Result<()> {
     let mut fe = connect(&s, 0)?;
     let cfg = fe.config()?;
     ensure!(cfg[0..6] == guest_mac(0), "config mac {:02x?}", &cfg[0..6]);
-    ensure!(u16::from_le_bytes([cfg[6], cfg[7]]) & 1 == 1, "VIRTIO_NET_S_LINK_UP not set");
-    ensure!(u16::from_le_bytes([cfg[10], cfg[11]]) == 1500, "mtu {}", u16::from_le_bytes([cfg[10], cfg[11]]));
+    ensure!(
+        u16::from_le_bytes([cfg[6], cfg[7]]) & 1 == 1,
+        "VIRTIO_NET_S_LINK_UP not set"
+    );
+    ensure!(
+        u16::from_le_bytes([cfg[10], cfg[11]]) == 1500,
+        "mtu {}",
+        u16::from_le_bytes([cfg[10], cfg[11]])
+    );
     drop(fe);
     s.daemon.stop()?;
     Ok(())
@@ -84,12 +116,18 @@ fn unicast_from_the_wire_reaches_the_vm_at_every_size() -> Result<()> {
     let mut fe = connect(&s, VIRTIO_RING_F_EVENT_IDX)?;
     fe.post_rx_buffers(128, 2048)?;
     let sizes = [60usize, 61, 64, 128, 511, 512, 1000, 1499, 1514];
-    let frames: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| test_frame(guest_mac(0), s.wire_mac, i as u32, n)).collect();
+    let frames: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| test_frame(guest_mac(0), s.wire_mac, i as u32, n))
+        .collect();
     let nb = wire_to_vm(&s, &mut fe, &frames)?;
     ensure!(nb.iter().all(|&n| n == 1), "num_buffers {nb:?}");
 
     // A burst larger than one batch, with the ring refilled as a driver would.
-    let burst: Vec<Vec<u8>> = (0..300).map(|i| test_frame(guest_mac(0), s.wire_mac, 1000 + i, 100)).collect();
+    let burst: Vec<Vec<u8>> = (0..300)
+        .map(|i| test_frame(guest_mac(0), s.wire_mac, 1000 + i, 100))
+        .collect();
     fe.post_rx_buffers(fe.free_descriptors(RX_QUEUE), 2048)?;
     let mut got = Vec::new();
     for chunk in burst.chunks(100) {
@@ -100,11 +138,22 @@ fn unicast_from_the_wire_reaches_the_vm_at_every_size() -> Result<()> {
         fe.post_rx_buffers(fe.free_descriptors(RX_QUEUE), 2048)?;
     }
     let seqs: Vec<u32> = got.iter().filter_map(|(_, f)| test_seq(f)).collect();
-    ensure!(seqs == (1000..1300).collect::<Vec<_>>(), "burst arrived as {} frames, first {:?}", seqs.len(), &seqs[..seqs.len().min(8)]);
+    ensure!(
+        seqs == (1000..1300).collect::<Vec<_>>(),
+        "burst arrived as {} frames, first {:?}",
+        seqs.len(),
+        &seqs[..seqs.len().min(8)]
+    );
     drop(fe);
     let log = s.daemon.stop()?;
-    ensure!(Daemon::final_counter(&log, "steered") >= Some(309), "xdp steered counter: {log}");
-    ensure!(Daemon::final_counter(&log, "rx_packets") >= Some(309), "rx_packets counter");
+    ensure!(
+        Daemon::final_counter(&log, "steered") >= Some(309),
+        "xdp steered counter: {log}"
+    );
+    ensure!(
+        Daemon::final_counter(&log, "rx_packets") >= Some(309),
+        "rx_packets counter"
+    );
     Ok(())
 }
 
@@ -112,9 +161,16 @@ fn unicast_from_the_wire_reaches_the_vm_at_every_size() -> Result<()> {
 fn mergeable_rx_buffers_carry_a_full_frame_across_three_buffers() -> Result<()> {
     let s = setup("mrg")?;
     let mut fe = connect(&s, VIRTIO_NET_F_MRG_RXBUF)?;
-    ensure!(fe.has(VIRTIO_NET_F_MRG_RXBUF), "device does not offer MRG_RXBUF");
+    ensure!(
+        fe.has(VIRTIO_NET_F_MRG_RXBUF),
+        "device does not offer MRG_RXBUF"
+    );
     fe.post_rx_buffers(64, 512)?;
-    let frames = vec![test_frame(guest_mac(0), s.wire_mac, 1, 1514), test_frame(guest_mac(0), s.wire_mac, 2, 500), test_frame(guest_mac(0), s.wire_mac, 3, 1514)];
+    let frames = vec![
+        test_frame(guest_mac(0), s.wire_mac, 1, 1514),
+        test_frame(guest_mac(0), s.wire_mac, 2, 500),
+        test_frame(guest_mac(0), s.wire_mac, 3, 1514),
+    ];
     let nb = wire_to_vm(&s, &mut fe, &frames)?;
     // 12-byte header + 1514 bytes over 512-byte buffers: 3 buffers; 12 + 500 fits one.
     ensure!(nb == [3, 1, 3], "num_buffers {nb:?}");
@@ -128,13 +184,17 @@ fn frames_larger_than_every_buffer_are_dropped_and_counted_without_mrg() -> Resu
     let s = setup("big")?;
     let mut fe = connect(&s, 0)?;
     fe.post_rx_buffers(16, 512)?;
-    s.wire.send(&test_frame(guest_mac(0), s.wire_mac, 1, 1514))?;
+    s.wire
+        .send(&test_frame(guest_mac(0), s.wire_mac, 1, 1514))?;
     // The next frame that fits must still arrive, in the buffer the big one could not use.
     let small = test_frame(guest_mac(0), s.wire_mac, 2, 200);
     wire_to_vm(&s, &mut fe, &[small])?;
     drop(fe);
     let log = s.daemon.stop()?;
-    ensure!(Daemon::final_counter(&log, "rx_dropped_too_large") == Some(1), "rx_dropped_too_large in:\n{log}");
+    ensure!(
+        Daemon::final_counter(&log, "rx_dropped_too_large") == Some(1),
+        "rx_dropped_too_large in:\n{log}"
+    );
     Ok(())
 }
 
@@ -153,13 +213,26 @@ fn vm_frames_reach_the_wire_direct_chained_and_indirect() -> Result<()> {
         }
     }
     fe.kick(TX_QUEUE)?;
-    let got = s.wire.recv_until(WAIT, |g| g.iter().filter(|f| test_seq(f).is_some()).count() >= sent.len());
+    let got = s.wire.recv_until(WAIT, |g| {
+        g.iter().filter(|f| test_seq(f).is_some()).count() >= sent.len()
+    });
     let got: Vec<Vec<u8>> = got.into_iter().filter(|f| test_seq(f).is_some()).collect();
-    ensure!(got == sent, "wire got {} of {} frames (or different bytes)", got.len(), sent.len());
-    ensure!(fe.wait_tx_used(sent.len(), WAIT)? == sent.len(), "not every tx chain came back used");
+    ensure!(
+        got == sent,
+        "wire got {} of {} frames (or different bytes)",
+        got.len(),
+        sent.len()
+    );
+    ensure!(
+        fe.wait_tx_used(sent.len(), WAIT)? == sent.len(),
+        "not every tx chain came back used"
+    );
     drop(fe);
     let log = s.daemon.stop()?;
-    ensure!(Daemon::final_counter(&log, "tx_packets") == Some(sent.len() as u64), "tx_packets in:\n{log}");
+    ensure!(
+        Daemon::final_counter(&log, "tx_packets") == Some(sent.len() as u64),
+        "tx_packets in:\n{log}"
+    );
     Ok(())
 }
 
@@ -173,10 +246,22 @@ fn broadcast_reaches_vm_and_host_unknown_unicast_stays_with_host() -> Result<()>
     let req = arp_request(s.wire_mac, lab::WIRE_IP, lab::HOST_IP);
     s.wire.send(&req)?;
     let got = fe.recv_frames(1, WAIT)?;
-    ensure!(got.len() == 1 && got[0].1 == req, "VM did not receive the broadcast ARP request");
-    let replies = s.wire.recv_until(WAIT, |g| g.iter().any(|f| arp_reply_sender(f).is_some()));
-    let reply = replies.iter().find_map(|f| arp_reply_sender(f)).context("host did not answer ARP")?;
-    ensure!(reply.1 == ip_bytes(lab::HOST_IP), "ARP reply from {:?}", reply.1);
+    ensure!(
+        got.len() == 1 && got[0].1 == req,
+        "VM did not receive the broadcast ARP request"
+    );
+    let replies = s
+        .wire
+        .recv_until(WAIT, |g| g.iter().any(|f| arp_reply_sender(f).is_some()));
+    let reply = replies
+        .iter()
+        .find_map(|f| arp_reply_sender(f))
+        .context("host did not answer ARP")?;
+    ensure!(
+        reply.1 == ip_bytes(lab::HOST_IP),
+        "ARP reply from {:?}",
+        reply.1
+    );
 
     // Unicast for a MAC nobody serves goes to the host stack, not the VM.
     s.wire.send(&test_frame(STRANGER, s.wire_mac, 7, 100))?;
@@ -184,15 +269,33 @@ fn broadcast_reaches_vm_and_host_unknown_unicast_stays_with_host() -> Result<()>
     let b = test_frame(BROADCAST, s.wire_mac, 8, 100);
     s.wire.send(&b)?;
     let got = fe.recv_frames(1, WAIT)?;
-    ensure!(got.len() == 1 && test_seq(&got[0].1) == Some(8), "VM got {:?} instead of only the broadcast", got.iter().map(|g| test_seq(&g.1)).collect::<Vec<_>>());
-    ensure!(fe.recv_frames(1, Duration::from_millis(300))?.is_empty(), "VM received an extra frame");
+    ensure!(
+        got.len() == 1 && test_seq(&got[0].1) == Some(8),
+        "VM got {:?} instead of only the broadcast",
+        got.iter().map(|g| test_seq(&g.1)).collect::<Vec<_>>()
+    );
+    ensure!(
+        fe.recv_frames(1, Duration::from_millis(300))?.is_empty(),
+        "VM received an extra frame"
+    );
 
     // The host's own IP traffic on the NIC keeps working.
-    let ping = s.lab.in_wire("busybox").args(["ping", "-c", "2", "-W", "2", lab::HOST_IP]).output()?;
-    ensure!(ping.status.success(), "wire cannot ping the host: {}", String::from_utf8_lossy(&ping.stdout));
+    let ping = s
+        .lab
+        .in_wire("busybox")
+        .args(["ping", "-c", "2", "-W", "2", lab::HOST_IP])
+        .output()?;
+    ensure!(
+        ping.status.success(),
+        "wire cannot ping the host: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     drop(fe);
     let log = s.daemon.stop()?;
-    ensure!(Daemon::final_counter(&log, "rx_multicast") >= Some(2), "rx_multicast in:\n{log}");
+    ensure!(
+        Daemon::final_counter(&log, "rx_multicast") >= Some(2),
+        "rx_multicast in:\n{log}"
+    );
     Ok(())
 }
 
@@ -202,42 +305,94 @@ fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()>
     let mut fe = connect(&s, 0)?;
     fe.post_rx_buffers(16, 2048)?;
     // A descriptor pointing far outside guest memory.
-    fe.post_raw(TX_QUEUE, &[RawDesc { addr: 1 << 40, len: 100, flags: 0, next: 0 }])?;
+    fe.post_raw(
+        TX_QUEUE,
+        &[RawDesc {
+            addr: 1 << 40,
+            len: 100,
+            flags: 0,
+            next: 0,
+        }],
+    )?;
     fe.kick(TX_QUEUE)?;
     // The receive queue of the same device keeps working.
     wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 1, 300)])?;
     // The broken tx queue stays stopped until the driver resets the device; then it works.
     let f = test_frame(s.wire_mac, guest_mac(0), 10, 200);
-    ensure!(vm_to_wire(&s, &mut fe, &f, 1, Duration::from_millis(500))?.is_empty(), "a broken tx queue kept transmitting");
+    ensure!(
+        vm_to_wire(&s, &mut fe, &f, 1, Duration::from_millis(500))?.is_empty(),
+        "a broken tx queue kept transmitting"
+    );
     fe.reset_device()?;
-    ensure!(vm_to_wire(&s, &mut fe, &f, 1, WAIT)?.contains(&f), "tx did not recover after a device reset");
+    ensure!(
+        vm_to_wire(&s, &mut fe, &f, 1, WAIT)?.contains(&f),
+        "tx did not recover after a device reset"
+    );
     fe.post_rx_buffers(16, 2048)?;
-    wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 11, 300)])?;
+    wire_to_vm(
+        &s,
+        &mut fe,
+        &[test_frame(guest_mac(0), s.wire_mac, 11, 300)],
+    )?;
     drop(fe);
 
     // A fresh connection (the VM restarted) gets a working device, tx included, and survives
     // a looping chain and a write-only buffer on tx.
     let mut fe = connect(&s, 0)?;
     let scratch = fe.scratch(TX_QUEUE, 0);
-    fe.post_raw(TX_QUEUE, &[RawDesc { addr: scratch, len: 64, flags: VRING_DESC_F_NEXT, next: 1 }, RawDesc { addr: scratch, len: 64, flags: VRING_DESC_F_NEXT, next: 0 }])?;
+    fe.post_raw(
+        TX_QUEUE,
+        &[
+            RawDesc {
+                addr: scratch,
+                len: 64,
+                flags: VRING_DESC_F_NEXT,
+                next: 1,
+            },
+            RawDesc {
+                addr: scratch,
+                len: 64,
+                flags: VRING_DESC_F_NEXT,
+                next: 0,
+            },
+        ],
+    )?;
     fe.kick(TX_QUEUE)?;
     std::thread::sleep(Duration::from_millis(200));
     drop(fe);
     let mut fe = connect(&s, 0)?;
     let scratch = fe.scratch(TX_QUEUE, 0);
-    fe.post_raw(TX_QUEUE, &[RawDesc { addr: scratch, len: 100, flags: VRING_DESC_F_WRITE, next: 0 }])?;
+    fe.post_raw(
+        TX_QUEUE,
+        &[RawDesc {
+            addr: scratch,
+            len: 100,
+            flags: VRING_DESC_F_WRITE,
+            next: 0,
+        }],
+    )?;
     fe.kick(TX_QUEUE)?;
     std::thread::sleep(Duration::from_millis(200));
     drop(fe);
 
     let mut fe = connect(&s, 0)?;
     fe.post_rx_buffers(16, 2048)?;
-    wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 2, 1514)])?;
+    wire_to_vm(
+        &s,
+        &mut fe,
+        &[test_frame(guest_mac(0), s.wire_mac, 2, 1514)],
+    )?;
     let f = test_frame(s.wire_mac, guest_mac(0), 3, 1514);
-    ensure!(vm_to_wire(&s, &mut fe, &f, 2, WAIT)?.contains(&f), "tx after reconnect did not reach the wire");
+    ensure!(
+        vm_to_wire(&s, &mut fe, &f, 2, WAIT)?.contains(&f),
+        "tx after reconnect did not reach the wire"
+    );
     drop(fe);
     let log = s.daemon.stop()?;
-    ensure!(Daemon::final_counter(&log, "queue_errors") == Some(3), "queue_errors in:\n{log}");
+    ensure!(
+        Daemon::final_counter(&log, "queue_errors") == Some(3),
+        "queue_errors in:\n{log}"
+    );
     Ok(())
 }
 
@@ -246,17 +401,30 @@ fn guest_ring_without_buffers_drops_and_counts_then_recovers() -> Result<()> {
     let s = setup("full")?;
     let mut fe = connect(&s, 0)?;
     fe.post_rx_buffers(4, 2048)?;
-    let frames: Vec<Vec<u8>> = (0..10).map(|i| test_frame(guest_mac(0), s.wire_mac, i, 200)).collect();
+    let frames: Vec<Vec<u8>> = (0..10)
+        .map(|i| test_frame(guest_mac(0), s.wire_mac, i, 200))
+        .collect();
     for f in &frames {
         s.wire.send(f)?;
     }
     let got = fe.recv_frames(10, Duration::from_millis(1500))?;
-    ensure!(got.len() == 4, "ring of 4 buffers took {} frames", got.len());
+    ensure!(
+        got.len() == 4,
+        "ring of 4 buffers took {} frames",
+        got.len()
+    );
     fe.post_rx_buffers(32, 2048)?;
-    wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 100, 1514)])?;
+    wire_to_vm(
+        &s,
+        &mut fe,
+        &[test_frame(guest_mac(0), s.wire_mac, 100, 1514)],
+    )?;
     drop(fe);
     let log = s.daemon.stop()?;
-    ensure!(Daemon::final_counter(&log, "rx_dropped_guest_ring_full") == Some(6), "rx_dropped_guest_ring_full in:\n{log}");
+    ensure!(
+        Daemon::final_counter(&log, "rx_dropped_guest_ring_full") == Some(6),
+        "rx_dropped_guest_ring_full in:\n{log}"
+    );
     Ok(())
 }
 
@@ -264,12 +432,27 @@ fn guest_ring_without_buffers_drops_and_counts_then_recovers() -> Result<()> {
 fn sigterm_detaches_xdp_and_removes_the_socket() -> Result<()> {
     let s = setup("term")?;
     let fe = connect(&s, 0)?;
-    let out = s.lab.in_host("ip").args(["link", "show", lab::NIC]).output()?;
-    ensure!(String::from_utf8_lossy(&out.stdout).contains("xdp"), "no XDP program on the NIC while running");
+    let out = s
+        .lab
+        .in_host("ip")
+        .args(["link", "show", lab::NIC])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("xdp"),
+        "no XDP program on the NIC while running"
+    );
     s.daemon.stop()?;
     drop(fe);
-    let out = s.lab.in_host("ip").args(["link", "show", lab::NIC]).output()?;
-    ensure!(!String::from_utf8_lossy(&out.stdout).contains("xdp"), "XDP program left attached: {}", String::from_utf8_lossy(&out.stdout));
+    let out = s
+        .lab
+        .in_host("ip")
+        .args(["link", "show", lab::NIC])
+        .output()?;
+    ensure!(
+        !String::from_utf8_lossy(&out.stdout).contains("xdp"),
+        "XDP program left attached: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     ensure!(!s.socket.exists(), "socket left behind");
     Ok(())
 }

@@ -29,7 +29,12 @@ fn setup(tag: &str) -> Result<Bench> {
     let dir = socket_dir(tag)?;
     let socket = dir.join("vm0.sock");
     let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), &[])?;
-    Ok(Bench { lab, daemon: Some(daemon), socket, dir })
+    Ok(Bench {
+        lab,
+        daemon: Some(daemon),
+        socket,
+        dir,
+    })
 }
 
 fn config(b: &Bench, script: &str) -> GuestConfig {
@@ -46,14 +51,22 @@ fn config(b: &Bench, script: &str) -> GuestConfig {
 
 fn md5(path: &Path) -> Result<String> {
     let out = Command::new("md5sum").arg(path).output()?;
-    Ok(String::from_utf8(out.stdout)?.split_whitespace().next().context("md5sum output")?.to_string())
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .context("md5sum output")?
+        .to_string())
 }
 
 /// Runs `cmd` in the wire namespace and returns whether it succeeded.
 fn wire_ok(lab: &Lab, args: &[&str]) -> Result<bool> {
     let out = lab.in_wire("busybox").args(args).output()?;
     if !out.status.success() {
-        eprintln!("[wire] {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "[wire] {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out.status.success())
 }
@@ -68,7 +81,11 @@ struct WireReceiver {
 impl WireReceiver {
     fn start(lab: &Lab, port: u16, path: PathBuf) -> Result<Self> {
         let cmd = format!("exec busybox nc -l -p {port} > {}", path.display());
-        let child = lab.in_wire("sh").args(["-c", &cmd]).stdin(Stdio::piped()).spawn()?;
+        let child = lab
+            .in_wire("sh")
+            .args(["-c", &cmd])
+            .stdin(Stdio::piped())
+            .spawn()?;
         Ok(WireReceiver { child, path })
     }
 
@@ -88,7 +105,11 @@ impl WireReceiver {
 /// Serves `file` to the first TCP client on `port`.
 fn wire_sender(lab: &Lab, port: u16, file: &Path) -> Result<Child> {
     let cmd = format!("exec busybox nc -l -p {port} < {}", file.display());
-    Ok(lab.in_wire("sh").args(["-c", &cmd]).stdin(Stdio::null()).spawn()?)
+    Ok(lab
+        .in_wire("sh")
+        .args(["-c", &cmd])
+        .stdin(Stdio::null())
+        .spawn()?)
 }
 
 fn random_file(path: &Path, mib: usize) -> Result<()> {
@@ -120,11 +141,20 @@ fn traffic_script(tag: &str) -> String {
 /// One round of traffic with a guest that runs [`traffic_script`]: wire pings the guest, then
 /// TCP both ways, checksums compared at the far ends.
 /// `booting`: the guest is (re)booting and its ready marker comes first.
-fn traffic_round(b: &Bench, guest: &mut Guest, tag: &str, from_line: usize, booting: bool) -> Result<()> {
+fn traffic_round(
+    b: &Bench,
+    guest: &mut Guest,
+    tag: &str,
+    from_line: usize,
+    booting: bool,
+) -> Result<()> {
     if booting {
         let t0 = Instant::now();
         guest.wait_for_from(READY_MARKER, from_line, BOOT)?;
-        eprintln!("[test] {tag}: guest ready after {:.1}s", t0.elapsed().as_secs_f64());
+        eprintln!(
+            "[test] {tag}: guest ready after {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
     }
     let blob = b.dir.join(format!("{tag}-down.blob"));
     random_file(&blob, BLOB_MIB)?;
@@ -141,14 +171,37 @@ fn traffic_round(b: &Bench, guest: &mut Guest, tag: &str, from_line: usize, boot
     guest.send_line("go")?;
 
     let t1 = Instant::now();
-    let up_line = guest.wait_for_from(&format!("{tag}-UP-MD5 "), from_line, Duration::from_secs(60))?;
-    let up_md5 = up_line.split_whitespace().nth(1).context("md5 in guest output")?.to_string();
-    let down_line = guest.wait_for_from(&format!("{tag}-DOWN-MD5 "), from_line, Duration::from_secs(120))?;
-    let down_md5 = down_line.split_whitespace().nth(1).context("md5 in guest output")?.to_string();
-    eprintln!("[test] {tag}: ping + {BLOB_MIB} MiB each way took {:.1}s", t1.elapsed().as_secs_f64());
+    let up_line = guest.wait_for_from(
+        &format!("{tag}-UP-MD5 "),
+        from_line,
+        Duration::from_secs(60),
+    )?;
+    let up_md5 = up_line
+        .split_whitespace()
+        .nth(1)
+        .context("md5 in guest output")?
+        .to_string();
+    let down_line = guest.wait_for_from(
+        &format!("{tag}-DOWN-MD5 "),
+        from_line,
+        Duration::from_secs(120),
+    )?;
+    let down_md5 = down_line
+        .split_whitespace()
+        .nth(1)
+        .context("md5 in guest output")?
+        .to_string();
+    eprintln!(
+        "[test] {tag}: ping + {BLOB_MIB} MiB each way took {:.1}s",
+        t1.elapsed().as_secs_f64()
+    );
     let up_recv = receiver.finish(Duration::from_secs(10))?;
     let _ = sender.wait();
-    ensure!(md5(&up_recv)? == up_md5, "{tag}: guest->wire data differs (guest md5 {up_md5}, wire {})", md5(&up_recv)?);
+    ensure!(
+        md5(&up_recv)? == up_md5,
+        "{tag}: guest->wire data differs (guest md5 {up_md5}, wire {})",
+        md5(&up_recv)?
+    );
     ensure!(md5(&blob)? == down_md5, "{tag}: wire->guest data differs");
     let _ = std::fs::remove_file(&blob);
     let _ = std::fs::remove_file(&up_recv);
@@ -159,10 +212,17 @@ fn full_size_frames_flowed(log: &str) -> Result<()> {
     let tx_packets = Daemon::final_counter(log, "tx_packets").unwrap_or(0);
     let tx_bytes = Daemon::final_counter(log, "tx_bytes").unwrap_or(0);
     let rx_packets = Daemon::final_counter(log, "rx_packets").unwrap_or(0);
-    ensure!(tx_packets > 0 && rx_packets > 0, "no traffic counted:\n{log}");
+    ensure!(
+        tx_packets > 0 && rx_packets > 0,
+        "no traffic counted:\n{log}"
+    );
     // 16 MiB of TCP at MSS 1460 is ~11.5k frames of 1514 bytes; ACKs pull the average down
     // but it stays far above what small frames would give.
-    ensure!(tx_bytes / tx_packets > 1000, "guest->wire frames average {} bytes: not full-size", tx_bytes / tx_packets);
+    ensure!(
+        tx_bytes / tx_packets > 1000,
+        "guest->wire frames average {} bytes: not full-size",
+        tx_bytes / tx_packets
+    );
     Ok(())
 }
 
@@ -172,24 +232,36 @@ fn guest_pings_and_moves_tcp_both_ways_then_again_after_a_reboot() -> Result<()>
     let started = Instant::now();
     // After each round the guest waits for a word: "reboot" restarts it in the same QEMU
     // process (driver reset, device reset, renegotiation over the same connection).
-    let script = format!("{}echo XVDPA-ROUND-DONE\nread next\n[ \"$next\" = reboot ] && reboot -f\nexit 0\n", traffic_script("round"));
+    let script = format!(
+        "{}echo XVDPA-ROUND-DONE\nread next\n[ \"$next\" = reboot ] && reboot -f\nexit 0\n",
+        traffic_script("round")
+    );
     let mut cfg = config(&b, &script);
     cfg.allow_reboot = true;
     let mut guest = Guest::boot(&cfg)?;
     traffic_round(&b, &mut guest, "round", 0, true)?;
     guest.wait_for("XVDPA-ROUND-DONE", Duration::from_secs(30))?;
-    eprintln!("[test] first boot and traffic: {:.1}s wall", started.elapsed().as_secs_f64());
+    eprintln!(
+        "[test] first boot and traffic: {:.1}s wall",
+        started.elapsed().as_secs_f64()
+    );
 
     let mark = guest.console_len();
     guest.send_line("reboot")?;
     traffic_round(&b, &mut guest, "round", mark, true)?;
     guest.wait_for_from("XVDPA-ROUND-DONE", mark, Duration::from_secs(30))?;
     guest.send_line("stop")?;
-    ensure!(guest.wait_done(Duration::from_secs(30))? == 0, "guest script failed");
+    ensure!(
+        guest.wait_done(Duration::from_secs(30))? == 0,
+        "guest script failed"
+    );
     guest.wait_exit(Duration::from_secs(30))?;
     let log = b.daemon.take().unwrap().stop()?;
     full_size_frames_flowed(&log)?;
-    ensure!(Daemon::final_counter(&log, "queue_errors") == Some(0), "queue errors:\n{log}");
+    ensure!(
+        Daemon::final_counter(&log, "queue_errors") == Some(0),
+        "queue errors:\n{log}"
+    );
     eprintln!("[test] total {:.1}s wall", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -199,16 +271,28 @@ fn qemu_killed_and_started_again_gets_a_working_device() -> Result<()> {
     let mut b = setup("qkill")?;
     let started = Instant::now();
     // A guest that is killed mid-traffic: SIGKILL leaves no chance to say goodbye.
-    let mut guest = Guest::boot(&config(&b, &format!("ping -c 1000 {} >/dev/null\n", lab::WIRE_IP)))?;
+    let mut guest = Guest::boot(&config(
+        &b,
+        &format!("ping -c 1000 {} >/dev/null\n", lab::WIRE_IP),
+    ))?;
     guest.wait_for(READY_MARKER, BOOT)?;
-    b.daemon.as_mut().unwrap().wait_for_log("frontend connected", Duration::from_secs(10))?;
+    b.daemon
+        .as_mut()
+        .unwrap()
+        .wait_for_log("frontend connected", Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(500));
     guest.kill();
-    b.daemon.as_mut().unwrap().wait_for_log("waiting for the next", Duration::from_secs(10))?;
+    b.daemon
+        .as_mut()
+        .unwrap()
+        .wait_for_log("waiting for the next", Duration::from_secs(10))?;
 
     let mut guest = Guest::boot(&config(&b, &traffic_script("after-kill")))?;
     traffic_round(&b, &mut guest, "after-kill", 0, true)?;
-    ensure!(guest.wait_done(Duration::from_secs(30))? == 0, "guest script failed");
+    ensure!(
+        guest.wait_done(Duration::from_secs(30))? == 0,
+        "guest script failed"
+    );
     guest.wait_exit(Duration::from_secs(30))?;
     b.daemon.take().unwrap().stop()?;
     eprintln!("[test] total {:.1}s wall", started.elapsed().as_secs_f64());
@@ -244,22 +328,45 @@ fn daemon_restarted_under_a_running_guest_brings_the_link_back() -> Result<()> {
     b.daemon.take().unwrap().stop()?;
     guest.send_line("x")?;
     let down = guest.wait_for("XVDPA-CARRIER-DOWN", Duration::from_secs(30))?;
-    ensure!(down.trim_end().ends_with(" 0"), "link still up with the backend gone: {down}");
+    ensure!(
+        down.trim_end().ends_with(" 0"),
+        "link still up with the backend gone: {down}"
+    );
 
     // A new daemon on the same socket: QEMU reconnects, renegotiates, and the link comes back.
     let mark = guest.console_len();
     let t = Instant::now();
-    b.daemon = Some(Daemon::start(&b.lab, &b.socket, &mac_str(guest_mac(0)), &[])?);
-    b.daemon.as_mut().unwrap().wait_for_log("frontend connected", Duration::from_secs(20))?;
+    b.daemon = Some(Daemon::start(
+        &b.lab,
+        &b.socket,
+        &mac_str(guest_mac(0)),
+        &[],
+    )?);
+    b.daemon
+        .as_mut()
+        .unwrap()
+        .wait_for_log("frontend connected", Duration::from_secs(20))?;
     guest.send_line("y")?;
     let up = guest.wait_for_from("XVDPA-CARRIER-UP", mark, Duration::from_secs(30))?;
-    ensure!(up.trim_end().ends_with(" 1"), "link did not come back: {up}");
-    eprintln!("[test] link back {:.1}s after the daemon restarted", t.elapsed().as_secs_f64());
+    ensure!(
+        up.trim_end().ends_with(" 1"),
+        "link did not come back: {up}"
+    );
+    eprintln!(
+        "[test] link back {:.1}s after the daemon restarted",
+        t.elapsed().as_secs_f64()
+    );
     traffic_round(&b, &mut guest, "after", mark, false)?;
-    ensure!(guest.wait_done(Duration::from_secs(30))? == 0, "guest script failed");
+    ensure!(
+        guest.wait_done(Duration::from_secs(30))? == 0,
+        "guest script failed"
+    );
     guest.wait_exit(Duration::from_secs(30))?;
     let log = b.daemon.take().unwrap().stop()?;
-    ensure!(Daemon::final_counter(&log, "queue_errors") == Some(0), "queue errors:\n{log}");
+    ensure!(
+        Daemon::final_counter(&log, "queue_errors") == Some(0),
+        "queue errors:\n{log}"
+    );
     eprintln!("[test] total {:.1}s wall", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -2,16 +2,19 @@
 //! `VhostUserBackend` over the queue-pair workers.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::device::{device_features, protocol_features, NegotiatedFeatures, NetConfig};
+use crate::switch::{RxTarget, SwitchPort};
 use crate::worker::{EventIds, QueuePairWorker, Vring};
 
 /// Descriptors per virtqueue the device accepts at most (QEMU's default is 256).
@@ -19,10 +22,14 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 
 struct Inner {
     config: NetConfig,
-    acked: AtomicU64,
+    acked: Arc<AtomicU64>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     workers: Vec<Mutex<QueuePairWorker>>,
     ids: EventIds,
+    /// The port in the daemon's switch; its receive queue is published there on the first
+    /// event, which is when the library hands the backend its vrings.
+    switch_port: Arc<SwitchPort>,
+    published: AtomicBool,
 }
 
 /// The backend of one VM port for one frontend connection.
@@ -30,15 +37,37 @@ struct Inner {
 pub struct NetBackend(Arc<Inner>);
 
 impl NetBackend {
-    pub fn new(config: NetConfig, mem: GuestMemoryAtomic<GuestMemoryMmap>, workers: Vec<QueuePairWorker>) -> Self {
+    pub fn new(
+        config: NetConfig,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        workers: Vec<QueuePairWorker>,
+        switch_port: Arc<SwitchPort>,
+    ) -> Self {
         let num_queues = 2 * workers.len();
         NetBackend(Arc::new(Inner {
             config,
-            acked: AtomicU64::new(0),
+            acked: Arc::new(AtomicU64::new(0)),
             mem,
             workers: workers.into_iter().map(Mutex::new).collect(),
             ids: EventIds::new(num_queues),
+            switch_port,
+            published: AtomicBool::new(false),
         }))
+    }
+
+    /// Makes queue pair 0's receive queue reachable by the other ports' workers.
+    fn publish(&self, vrings: &[Vring]) {
+        if self.0.published.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let worker = self.worker(0);
+        self.0.switch_port.publish(RxTarget {
+            vring: vrings[0].clone(),
+            mem: self.0.mem.clone(),
+            acked: self.0.acked.clone(),
+            stats: worker.stats(),
+            broken: worker.rx_broken_flag(),
+        });
     }
 
     pub fn event_ids(&self) -> EventIds {
@@ -105,7 +134,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.queue_pairs()).map(|i| 0b11u64 << (2 * i)).collect()
+        (0..self.queue_pairs())
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -121,13 +152,23 @@ impl VhostUserBackend for NetBackend {
         Ok(())
     }
 
-    fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
-        if thread_id >= self.queue_pairs() {
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if thread_id >= self.queue_pairs() || vrings.len() < 2 {
             return Ok(());
+        }
+        if thread_id == 0 {
+            self.publish(vrings);
         }
         let mem = self.0.mem.memory();
         let features = self.negotiated();
-        self.worker(thread_id).handle(device_event, self.0.ids, vrings, &mem, features);
+        self.worker(thread_id)
+            .handle(device_event, self.0.ids, vrings, &mem, features);
         Ok(())
     }
 }

@@ -100,7 +100,11 @@ impl NetConfig {
     pub fn to_bytes(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[0..6].copy_from_slice(&self.mac.0);
-        let status: u16 = if self.link_up { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
+        let status: u16 = if self.link_up {
+            VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
         b[6..8].copy_from_slice(&status.to_le_bytes());
         b[8..10].copy_from_slice(&self.max_virtqueue_pairs.to_le_bytes());
         b[10..12].copy_from_slice(&self.mtu.to_le_bytes());
@@ -130,7 +134,10 @@ pub struct TxHeader {
 
 impl TxHeader {
     pub fn parse(hdr: &[u8; VNET_HDR_LEN]) -> Self {
-        TxHeader { flags: hdr[0], gso_type: hdr[1] }
+        TxHeader {
+            flags: hdr[0],
+            gso_type: hdr[1],
+        }
     }
 
     /// Whether the guest asked for an offload this device did not offer.

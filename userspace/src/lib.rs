@@ -6,18 +6,24 @@
 //! - [`device`]: the virtio-net device model (features, config space, net header);
 //! - [`datapath`]: the per-packet copy functions over guest memory and virtqueues;
 //! - [`xsk`], [`packet_tap`], [`steering`]: the NIC side (AF_XDP, multicast copies, XDP);
+//! - [`switch`]: what a guest may send, and frames between two ports of the daemon;
 //! - [`worker`], [`backend`], [`port`]: vhost-user serving;
-//! - [`daemon`]: the process around it all.
+//! - [`daemon`], [`config`], [`control`], [`metrics`]: the process around it all, its
+//!   configuration, its control socket and its Prometheus endpoint.
 
 pub mod backend;
+pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod device;
 pub mod mac;
+pub mod metrics;
 pub mod packet_tap;
 pub mod port;
 pub mod protocol_shim;
 pub mod stats;
 pub mod steering;
+pub mod switch;
 pub mod worker;
 pub mod xsk;

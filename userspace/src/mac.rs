@@ -61,7 +61,11 @@ impl FromStr for MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -85,11 +89,30 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "52:54:00:12:34:zz", "525400123456", "5:54:00:12:34:56"] {
-            assert!(matches!(bad.parse::<MacAddr>(), Err(MacError::Syntax(_))), "{bad}");
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "52:54:00:12:34:zz",
+            "525400123456",
+            "5:54:00:12:34:56",
+        ] {
+            assert!(
+                matches!(bad.parse::<MacAddr>(), Err(MacError::Syntax(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(MacAddr::parse_unicast("01:00:5e:00:00:01"), Err(MacError::Multicast(_))));
-        assert!(matches!(MacAddr::parse_unicast("ff:ff:ff:ff:ff:ff"), Err(MacError::Multicast(_))));
-        assert!(matches!(MacAddr::parse_unicast("00:00:00:00:00:00"), Err(MacError::Zero(_))));
+        assert!(matches!(
+            MacAddr::parse_unicast("01:00:5e:00:00:01"),
+            Err(MacError::Multicast(_))
+        ));
+        assert!(matches!(
+            MacAddr::parse_unicast("ff:ff:ff:ff:ff:ff"),
+            Err(MacError::Multicast(_))
+        ));
+        assert!(matches!(
+            MacAddr::parse_unicast("00:00:00:00:00:00"),
+            Err(MacError::Zero(_))
+        ));
     }
 }

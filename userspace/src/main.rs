@@ -1,53 +1,152 @@
-//! `xvdpa`: the daemon's command line.
+//! `xvdpa`: the daemon, and the `ctl` and `stats` clients of its control socket.
 
+use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use clap::Parser;
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use xvdpa::daemon::{self, DaemonConfig};
+use xvdpa::config::{self, ConfigFile};
+use xvdpa::control::{self, Request};
+use xvdpa::daemon::{self, DaemonConfig, StatsSnapshot};
 use xvdpa::mac::MacAddr;
 use xvdpa::port::PortSpec;
 use xvdpa::steering::XdpModeChoice;
 use xvdpa::xsk::XskModeChoice;
 
 /// Software vDPA: a vhost-user-net backend whose datapath is XDP steering and AF_XDP sockets.
+///
+/// Without a subcommand, runs the daemon on --iface with the ports given by --port (or
+/// --socket/--mac, or the config file).
 #[derive(Debug, Parser)]
-#[command(name = "xvdpa", version)]
+#[command(name = "xvdpa", version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Adds, removes and lists the ports of a running daemon.
+    Ctl(CtlArgs),
+    /// Shows a running daemon's counters per port and queue.
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML file with daemon settings and [[port]] tables; flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The NIC to serve VMs on.
     #[arg(long, value_name = "IFNAME")]
-    iface: String,
-    /// vhost-user socket QEMU connects to (xvdpa is the server).
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
-    /// The VM's MAC address; frames for it are steered to the VM.
-    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
-    mac: MacAddr,
-    /// MTU offered to the guest; larger frames from it are dropped and counted.
-    #[arg(long, default_value_t = 1500)]
-    mtu: u16,
-    /// How to attach XDP to the NIC.
-    #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
-    xdp_mode: XdpModeChoice,
-    /// How AF_XDP moves frames.
-    #[arg(long, value_enum, default_value_t = XskModeChoice::Auto)]
-    xsk_mode: XskModeChoice,
+    iface: Option<String>,
+    /// A VM port: socket=PATH,mac=MAC[,allow-mac=MAC]...[,rate-pps=N][,rate-bps=N]. Repeat
+    /// for more VMs.
+    #[arg(long = "port", value_name = "SPEC", value_parser = parse_port)]
+    ports: Vec<PortSpec>,
+    /// vhost-user socket of a single port (with --mac); the same as --port socket=...,mac=...
+    #[arg(long, value_name = "PATH", requires = "mac")]
+    socket: Option<PathBuf>,
+    /// The single port's MAC address (with --socket).
+    #[arg(long, value_name = "MAC", value_parser = parse_mac, requires = "socket")]
+    mac: Option<MacAddr>,
+    /// MTU offered to the guests; larger frames from them are dropped and counted [default: 1500].
+    #[arg(long)]
+    mtu: Option<u16>,
+    /// How to attach XDP to the NIC [default: auto].
+    #[arg(long, value_enum)]
+    xdp_mode: Option<XdpModeChoice>,
+    /// How AF_XDP moves frames [default: auto].
+    #[arg(long, value_enum)]
+    xsk_mode: Option<XskModeChoice>,
     /// Poll the rings continuously instead of sleeping between events (one CPU per queue pair).
     #[arg(long)]
     busy_poll: bool,
+    /// Control socket for `xvdpa ctl` and `xvdpa stats` [default: xvdpa.ctl next to the first
+    /// port's socket, or /run/xvdpa/xvdpa.ctl].
+    #[arg(long, value_name = "PATH")]
+    ctl: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Log filter, e.g. `info`, `xvdpa=debug` (RUST_LOG also works).
     #[arg(long, default_value = "info")]
     log: String,
+}
+
+const DEFAULT_CTL: &str = "/run/xvdpa/xvdpa.ctl";
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CTL, global = true)]
+    ctl: PathBuf,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Adds a port; the others keep running untouched.
+    AddPort {
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        #[arg(long, value_name = "MAC")]
+        mac: String,
+        /// Another source MAC the guest may send with (repeatable).
+        #[arg(long = "allow-mac", value_name = "MAC")]
+        allow_macs: Vec<String>,
+        /// Transmit limit in packets per second (k, M, G suffixes).
+        #[arg(long, value_parser = config::parse_rate)]
+        rate_pps: Option<u64>,
+        /// Transmit limit in bits per second (k, M, G suffixes).
+        #[arg(long, value_parser = config::parse_rate)]
+        rate_bps: Option<u64>,
+    },
+    /// Removes a port, named by its socket path, MAC or index.
+    DelPort { port: String },
+    /// Lists the ports.
+    List {
+        /// Print the daemon's JSON reply.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CTL)]
+    ctl: PathBuf,
+    /// Redraw every SECONDS with per-second rates, until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    watch: Option<f64>,
+    /// Print the daemon's JSON snapshot instead of a table.
+    #[arg(long, conflicts_with = "watch")]
+    json: bool,
 }
 
 fn parse_mac(s: &str) -> Result<MacAddr, String> {
     MacAddr::parse_unicast(s).map_err(|e| e.to_string())
 }
 
+fn parse_port(s: &str) -> Result<PortSpec, String> {
+    config::parse_port(s).map_err(|e| e.to_string())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Ctl(args)) => ctl(args),
+        Some(Command::Stats(args)) => stats(args),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the whole cause chain on one line, which is what ends up in journals.
@@ -57,19 +156,260 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cli.log)).context("--log")?;
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&args.log))
+        .context("--log")?;
     // The fmt subscriber also installs the `log` bridge, which carries aya-log's records.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let ansi = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let Some(iface) = args.iface.or(file.iface.clone()) else {
+        bail!("no interface: give --iface, or iface in the --config file");
+    };
+    let mut ports = file.parsed_ports.clone();
+    ports.extend(args.ports);
+    if let (Some(socket), Some(mac)) = (args.socket, args.mac) {
+        ports.push(PortSpec {
+            socket,
+            mac,
+            ..Default::default()
+        });
+    }
+    let metrics = match (args.metrics, &file.metrics) {
+        (Some(a), _) => Some(a),
+        (None, Some(s)) => Some(
+            s.parse()
+                .with_context(|| format!("metrics address {s:?} in the config file"))?,
+        ),
+        (None, None) => None,
+    };
+    let ctl = args
+        .ctl
+        .or(file.ctl.clone())
+        .unwrap_or_else(|| daemon::default_ctl_path(&ports));
     let config = DaemonConfig {
-        iface: cli.iface,
-        ports: vec![PortSpec { socket: cli.socket, mac: cli.mac }],
-        mtu: cli.mtu,
-        xdp_mode: cli.xdp_mode,
-        xsk_mode: cli.xsk_mode,
-        busy_poll: cli.busy_poll,
+        iface,
+        ports,
+        mtu: args.mtu.or(file.mtu).unwrap_or(1500),
+        xdp_mode: args
+            .xdp_mode
+            .or(file.xdp_mode.map(Into::into))
+            .unwrap_or_default(),
+        xsk_mode: args
+            .xsk_mode
+            .or(file.xsk_mode.map(Into::into))
+            .unwrap_or_default(),
+        busy_poll: args.busy_poll || file.busy_poll.unwrap_or(false),
+        ctl,
+        metrics,
     };
     Ok(daemon::run(config)?)
+}
+
+fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+    let req = match args.command {
+        CtlCommand::AddPort {
+            socket,
+            mac,
+            allow_macs,
+            rate_pps,
+            rate_bps,
+        } => {
+            // The daemon resolves the path in its own working directory; make it ours.
+            let socket = if socket.is_relative() {
+                std::env::current_dir()?.join(socket)
+            } else {
+                socket
+            };
+            Request::AddPort {
+                socket,
+                mac,
+                allow_macs,
+                rate_pps,
+                rate_bps,
+            }
+        }
+        CtlCommand::DelPort { port } => Request::DelPort { port },
+        CtlCommand::List { json } => {
+            let reply = control::request(&args.ctl, &Request::List)?;
+            let ports = reply.ports.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ports)?);
+            } else {
+                println!("{:<5} {:<17} {:<12} SOCKET", "INDEX", "MAC", "STATE");
+                for p in ports {
+                    println!(
+                        "{:<5} {:<17} {:<12} {}",
+                        p.index,
+                        p.mac,
+                        p.state,
+                        p.socket.display()
+                    );
+                }
+            }
+            return Ok(());
+        }
+    };
+    let reply = control::request(&args.ctl, &req)?;
+    if let Some(p) = reply.port {
+        println!(
+            "port {} {} {} {}",
+            p.index,
+            p.mac,
+            p.socket.display(),
+            p.state
+        );
+    }
+    Ok(())
+}
+
+fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let fetch = || -> anyhow::Result<StatsSnapshot> {
+        control::request(&args.ctl, &Request::Stats)?
+            .stats
+            .context("the daemon sent no stats")
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&fetch()?)?);
+        return Ok(());
+    }
+    let Some(every) = args.watch else {
+        print!("{}", render_table(&fetch()?, None));
+        return Ok(());
+    };
+    if !(0.1..=3600.0).contains(&every) {
+        bail!("--watch takes 0.1 to 3600 seconds");
+    }
+    let clear = std::io::stdout().is_terminal();
+    let mut previous: Option<(StatsSnapshot, Instant)> = None;
+    loop {
+        let now = fetch()?;
+        let at = Instant::now();
+        let rates = previous
+            .as_ref()
+            .map(|(p, t)| (p, at.duration_since(*t).as_secs_f64()));
+        if clear {
+            print!("\x1b[H\x1b[2J");
+        }
+        print!("{}", render_table(&now, rates));
+        previous = Some((now, at));
+        std::thread::sleep(Duration::from_secs_f64(every));
+    }
+}
+
+/// The `xvdpa stats` table; with a previous snapshot, packet columns are per-second rates.
+fn render_table(s: &StatsSnapshot, previous: Option<(&StatsSnapshot, f64)>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let xdp: Vec<String> = s.xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(
+        out,
+        "xvdpa on {}, up {:.0} s; XDP: {}",
+        s.iface,
+        s.uptime_seconds,
+        xdp.join(" ")
+    );
+    let unit = if previous.is_some() { "/s" } else { "" };
+    let _ = writeln!(
+        out,
+        "{:<4} {:<17} {:<10} {:>2} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
+        "PORT",
+        "MAC",
+        "STATE",
+        "Q",
+        format!("RX_PKTS{unit}"),
+        format!("RX_BYTES{unit}"),
+        format!("TX_PKTS{unit}"),
+        format!("TX_BYTES{unit}"),
+        "RX_DROPS",
+        "TX_DROPS",
+        "NOTIFIED",
+        "SUPPRESSED"
+    );
+    for p in &s.ports {
+        let before = previous.and_then(|(prev, secs)| {
+            prev.ports
+                .iter()
+                .find(|q| q.port.index == p.port.index && q.port.mac == p.port.mac)
+                .map(|q| (q, secs))
+        });
+        for q in &p.queues {
+            let get = |name: &str| q.counters.get(name).copied().unwrap_or(0);
+            let rate = |name: &str| -> String {
+                match before.and_then(|(bp, secs)| {
+                    bp.queues
+                        .iter()
+                        .find(|bq| bq.pair == q.pair)
+                        .map(|bq| (bq, secs))
+                }) {
+                    Some((bq, secs)) if secs > 0.0 => {
+                        let old = bq.counters.get(name).copied().unwrap_or(0);
+                        format!("{:.0}", get(name).saturating_sub(old) as f64 / secs)
+                    }
+                    _ => get(name).to_string(),
+                }
+            };
+            let drops = |dir: &str| -> u64 {
+                q.counters
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&format!("{dir}_dropped_")))
+                    .map(|(_, v)| v)
+                    .sum()
+            };
+            let _ = writeln!(
+                out,
+                "{:<4} {:<17} {:<10} {:>2} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
+                p.port.index,
+                p.port.mac,
+                p.port.state.split(':').next().unwrap_or(""),
+                q.pair,
+                rate("rx_packets"),
+                rate("rx_bytes"),
+                rate("tx_packets"),
+                rate("tx_bytes"),
+                drops("rx"),
+                drops("tx"),
+                get("notifications_sent"),
+                get("notifications_suppressed"),
+            );
+            let reasons: Vec<String> = q
+                .counters
+                .iter()
+                .filter(|(k, v)| {
+                    **v > 0 && (k.contains("_dropped_") || k.as_str() == "queue_errors")
+                })
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            if !reasons.is_empty() {
+                let _ = writeln!(out, "     drops: {}", reasons.join(" "));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "     steered by XDP: {}; switched in: {}; switched out: {}",
+            p.xdp_steered,
+            p.queues
+                .iter()
+                .map(|q| q.counters.get("rx_switched").copied().unwrap_or(0))
+                .sum::<u64>(),
+            p.queues
+                .iter()
+                .map(|q| q.counters.get("tx_switched").copied().unwrap_or(0))
+                .sum::<u64>()
+        );
+    }
+    if s.ports.is_empty() {
+        let _ = writeln!(out, "(no ports)");
+    }
+    out
 }

@@ -33,7 +33,13 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `value` points to a live T of the size passed.
     check(unsafe {
-        libc::setsockopt(fd, level, name, (value as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
     })
     .map(drop)
 }
@@ -44,7 +50,11 @@ impl PacketTap {
         // Protocol 0 receives nothing until bind, so no frame slips in before the filter.
         // SAFETY: plain socket(2) call.
         let raw = check(unsafe {
-            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
         })?;
         // SAFETY: `raw` is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -56,16 +66,34 @@ impl PacketTap {
             bpf_stmt(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0),
             bpf_jump(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 1, 0, 3),
             bpf_stmt(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, pkttype_off),
-            bpf_jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, libc::PACKET_OUTGOING as u32, 1, 0),
+            bpf_jump(
+                libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                libc::PACKET_OUTGOING as u32,
+                1,
+                0,
+            ),
             bpf_stmt(libc::BPF_RET | libc::BPF_K, MAX_FRAME as u32),
             bpf_stmt(libc::BPF_RET | libc::BPF_K, 0),
         ];
-        let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
-        setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut _,
+        };
+        setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &prog,
+        )?;
         // Frames the host itself transmits are never copies of incoming ones.
         const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
         let one: libc::c_int = 1;
-        let _ = setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &one);
+        let _ = setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_IGNORE_OUTGOING,
+            &one,
+        );
 
         // SAFETY: sockaddr_ll is plain data; zeroed is a valid starting value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -80,7 +108,11 @@ impl PacketTap {
                 std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
             )
         })?;
-        Ok(PacketTap { fd, bufs: vec![vec![0u8; MAX_FRAME]; TAP_BATCH], lens: Vec::with_capacity(TAP_BATCH) })
+        Ok(PacketTap {
+            fd,
+            bufs: vec![vec![0u8; MAX_FRAME]; TAP_BATCH],
+            lens: Vec::with_capacity(TAP_BATCH),
+        })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -93,7 +125,12 @@ impl PacketTap {
         for (i, buf) in self.bufs.iter_mut().enumerate() {
             // SAFETY: recv into a buffer we own, of the length passed.
             let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
             };
             if n < 0 {
                 break;
@@ -111,9 +148,19 @@ impl PacketTap {
 }
 
 fn bpf_stmt(code: u32, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code: code as u16, jt: 0, jf: 0, k }
+    libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    }
 }
 
 fn bpf_jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter { code: code as u16, jt, jf, k }
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
 }

@@ -22,8 +22,9 @@ use crate::packet_tap::PacketTap;
 use crate::protocol_shim::Shim;
 use crate::stats::QueueStats;
 use crate::steering::{Steering, SteeringError};
-use crate::worker::QueuePairWorker;
-use crate::xsk::{XskError, XskGeometry, XskModeChoice, XskSocket};
+use crate::switch::{RateLimit, SwitchPort, SwitchTable, TxPolicy};
+use crate::worker::{QueuePairWorker, WorkerConfig};
+use crate::xsk::{NicQueue, XskError, XskSocket};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
@@ -46,24 +47,53 @@ pub enum PortError {
 }
 
 /// What a port is, as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PortSpec {
     pub socket: PathBuf,
     pub mac: MacAddr,
+    /// Source MACs the guest may send with besides `mac`.
+    pub allow_macs: Vec<MacAddr>,
+    /// Transmit rate limit (a policer), packets per second.
+    pub rate_pps: Option<u64>,
+    /// Transmit rate limit (a policer), bits per second.
+    pub rate_bps: Option<u64>,
 }
 
 /// The NIC side every port of the daemon shares.
 pub struct Nic {
     pub iface: String,
     pub ifindex: u32,
-    pub rx_queues: u32,
+    /// One UMEM and binding per NIC receive queue, shared by every port's socket on it.
+    pub queues: Vec<Arc<NicQueue>>,
     /// Mbit/s for the config space.
     pub speed: u32,
     pub mtu: u16,
-    pub geometry: XskGeometry,
-    pub xsk_mode: XskModeChoice,
     pub busy_poll: bool,
     pub steering: Mutex<Steering>,
+    pub switch: Arc<SwitchTable>,
+}
+
+/// Where a port is in its life, for `xvdpa ctl list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortState {
+    /// Listening; no frontend connected.
+    Waiting,
+    Connected,
+    /// Stopped for good by an error of its own (other ports are unaffected).
+    Failed(String),
+    /// Being removed.
+    Stopping,
+}
+
+impl std::fmt::Display for PortState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortState::Waiting => f.write_str("waiting"),
+            PortState::Connected => f.write_str("connected"),
+            PortState::Failed(e) => write!(f, "failed: {e}"),
+            PortState::Stopping => f.write_str("stopping"),
+        }
+    }
 }
 
 /// A port while the daemon runs.
@@ -71,40 +101,69 @@ pub struct Port {
     pub index: u32,
     pub spec: PortSpec,
     pub stats: Vec<Arc<QueueStats>>,
+    pub switch_port: Arc<SwitchPort>,
+    state: Mutex<PortState>,
     shutdown: Mutex<Option<ShutdownHandle>>,
     stopping: AtomicBool,
-    connected: AtomicBool,
 }
 
 impl Port {
     pub fn new(index: u32, spec: PortSpec) -> Self {
         Port {
             index,
+            switch_port: SwitchPort::new(spec.mac, index),
             spec,
             stats: vec![Arc::new(QueueStats::default())],
+            state: Mutex::new(PortState::Waiting),
             shutdown: Mutex::new(None),
             stopping: AtomicBool::new(false),
-            connected: AtomicBool::new(false),
         }
     }
 
+    pub fn state(&self) -> PortState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_state(&self, state: PortState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.state() == PortState::Connected
     }
 
     /// Disconnects the frontend, if any, and makes `serve` return after it.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        if let Some(h) = self.shutdown.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        self.set_state(PortState::Stopping);
+        if let Some(h) = self
+            .shutdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             h.shutdown();
         }
+        // A port waiting in accept() wakes up on a connection; `serve` then sees `stopping`.
+        let _ = UnixStream::connect(&self.spec.socket);
+    }
+
+    fn policy(&self) -> TxPolicy {
+        TxPolicy::new(
+            self.spec.mac,
+            &self.spec.allow_macs,
+            RateLimit::new(self.spec.rate_pps, self.spec.rate_bps),
+        )
     }
 }
 
 /// Makes `path` ready to bind: refuses one a live process listens on or that is not a
 /// socket, removes a stale one, creates the parent directory.
 pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
-    let err = |source| PortError::SocketPath { path: path.to_path_buf(), source };
+    let err = |source| PortError::SocketPath {
+        path: path.to_path_buf(),
+        source,
+    };
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             if !meta.file_type().is_socket() {
@@ -129,27 +188,49 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
 }
 
 fn vhost_err(path: &Path) -> impl Fn(String) -> PortError + '_ {
-    move |message| PortError::VhostUser { path: path.to_path_buf(), message }
+    move |message| PortError::VhostUser {
+        path: path.to_path_buf(),
+        message,
+    }
 }
 
-/// Serves frontends on the port's socket until [`Port::stop`].
+/// Serves frontends on the port's socket until [`Port::stop`]. An error ends this port only;
+/// it is recorded in the port's state for `xvdpa ctl list`.
 pub fn serve(nic: &Nic, port: &Port) -> Result<(), PortError> {
+    let result = serve_connections(nic, port);
+    if let Err(e) = &result {
+        port.set_state(PortState::Failed(e.to_string()));
+    }
+    result
+}
+
+fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
     let path = &port.spec.socket;
-    let public = UnixListener::bind(path).map_err(|source| PortError::SocketPath { path: path.clone(), source })?;
-    tracing::info!(socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
-    let mut logged_mode = false;
+    let public = UnixListener::bind(path).map_err(|source| PortError::SocketPath {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
     while !port.stopping.load(Ordering::Acquire) {
-        let sockets = (0..nic.rx_queues)
-            .map(|q| XskSocket::open(&nic.iface, nic.ifindex, q, nic.geometry, nic.xsk_mode))
+        let sockets = nic
+            .queues
+            .iter()
+            .map(XskSocket::open)
             .collect::<Result<Vec<_>, _>>()?;
-        if !logged_mode {
-            tracing::info!(iface = %nic.iface, queues = sockets.len(), mode = ?sockets[0].mode(), "AF_XDP sockets open");
-            logged_mode = true;
-        }
-        let tap = PacketTap::open(nic.ifindex).map_err(|source| PortError::Tap { iface: nic.iface.clone(), source })?;
+        let tap = PacketTap::open(nic.ifindex).map_err(|source| PortError::Tap {
+            iface: nic.iface.clone(),
+            source,
+        })?;
         let max_frame = (usize::from(nic.mtu) + ETH_HLEN).min(sockets[0].max_tx_frame());
-        let worker = QueuePairWorker::new(0, sockets, Some(tap), max_frame, nic.busy_poll, port.stats[0].clone())
-            .map_err(PortError::Worker)?;
+        let worker_config = WorkerConfig {
+            max_frame,
+            busy_poll: nic.busy_poll,
+            policy: port.policy(),
+            switch: nic.switch.clone(),
+        };
+        let worker =
+            QueuePairWorker::new(0, sockets, Some(tap), worker_config, port.stats[0].clone())
+                .map_err(PortError::Worker)?;
         let config = NetConfig {
             mac: port.spec.mac,
             link_up: true,
@@ -159,30 +240,41 @@ pub fn serve(nic: &Nic, port: &Port) -> Result<(), PortError> {
             duplex: DUPLEX_FULL,
         };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = NetBackend::new(config, mem.clone(), vec![worker]);
+        let backend = NetBackend::new(config, mem.clone(), vec![worker], port.switch_port.clone());
         let name = format!("xvdpa-port{}", port.index);
-        let mut daemon =
-            VhostUserDaemon::new(name, backend.clone(), mem).map_err(|e| vhost_err(path)(e.to_string()))?;
+        let mut daemon = VhostUserDaemon::new(name, backend.clone(), mem)
+            .map_err(|e| vhost_err(path)(e.to_string()))?;
         let handlers = daemon.get_epoll_handlers();
         for (i, handler) in handlers.iter().enumerate() {
             for (fd, events, id) in backend.worker(i).event_sources(backend.event_ids()) {
-                handler.register_listener(fd, events, u64::from(id)).map_err(PortError::Worker)?;
+                handler
+                    .register_listener(fd, events, u64::from(id))
+                    .map_err(PortError::Worker)?;
             }
         }
 
-        let (frontend, _) = public.accept().map_err(|source| PortError::SocketPath { path: path.clone(), source })?;
+        let (frontend, _) = public.accept().map_err(|source| PortError::SocketPath {
+            path: path.clone(),
+            source,
+        })?;
+        if port.stopping.load(Ordering::Acquire) {
+            break;
+        }
         let library_side = connect_library(path, port.index, &mut daemon)?;
         let shim = Shim::start(frontend, library_side).map_err(PortError::Worker)?;
         *port.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         let bound = bind_sockets(nic, port, &backend);
-        port.connected.store(true, Ordering::Release);
-        tracing::info!(socket = %path.display(), "frontend connected");
+        if !port.stopping.load(Ordering::Acquire) {
+            port.set_state(PortState::Connected);
+        }
+        tracing::info!(port = port.index, socket = %path.display(), "frontend connected");
         let result = match bound {
             Ok(()) => match daemon.wait() {
                 // A frontend that goes away (VM shut down, QEMU killed) is the normal end.
                 Ok(())
                 | Err(vhost_user_backend::Error::HandleRequest(
-                    vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
                 )) => Ok(()),
                 Err(e) => Err(e.to_string()),
             },
@@ -193,8 +285,14 @@ pub fn serve(nic: &Nic, port: &Port) -> Result<(), PortError> {
             }
         };
         shim.stop();
-        port.connected.store(false, Ordering::Release);
-        port.shutdown.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if !port.stopping.load(Ordering::Acquire) {
+            port.set_state(PortState::Waiting);
+        }
+        port.shutdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        port.switch_port.unpublish();
         unbind_sockets(nic, port, &backend);
         for handler in &handlers {
             handler.send_exit_event();
@@ -202,8 +300,12 @@ pub fn serve(nic: &Nic, port: &Port) -> Result<(), PortError> {
         drop(handlers);
         drop(daemon);
         match result {
-            Ok(()) => tracing::info!(socket = %path.display(), "frontend disconnected; waiting for the next"),
-            Err(e) => tracing::warn!(socket = %path.display(), error = %e, "connection ended with an error; waiting for the next"),
+            Ok(()) => {
+                tracing::info!(socket = %path.display(), "frontend disconnected; waiting for the next")
+            }
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "connection ended with an error; waiting for the next")
+            }
         }
     }
     Ok(())
@@ -211,15 +313,24 @@ pub fn serve(nic: &Nic, port: &Port) -> Result<(), PortError> {
 
 /// Hands the library its end of a private connection: it accepts on a listener bound to a
 /// hidden path next to the port's socket, which is removed as soon as the connection exists.
-fn connect_library(path: &Path, index: u32, daemon: &mut VhostUserDaemon<NetBackend>) -> Result<UnixStream, PortError> {
+fn connect_library(
+    path: &Path,
+    index: u32,
+    daemon: &mut VhostUserDaemon<NetBackend>,
+) -> Result<UnixStream, PortError> {
     let inner = path.with_file_name(format!(".xvdpa-{}-{}.inner", std::process::id(), index));
-    let err = |source| PortError::SocketPath { path: inner.clone(), source };
+    let err = |source| PortError::SocketPath {
+        path: inner.clone(),
+        source,
+    };
     let _ = std::fs::remove_file(&inner);
     let listener = UnixListener::bind(&inner).map_err(err)?;
     let ours = UnixStream::connect(&inner).map_err(err);
     let _ = std::fs::remove_file(&inner);
     let ours = ours?;
-    daemon.start(&mut Listener::from(listener)).map_err(|e| vhost_err(path)(e.to_string()))?;
+    daemon
+        .start(&mut Listener::from(listener))
+        .map_err(|e| vhost_err(path)(e.to_string()))?;
     Ok(ours)
 }
 

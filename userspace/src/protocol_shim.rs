@@ -55,7 +55,10 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     let mut hdr = [0u8; HDR_LEN];
     // Room for MAX_FDS descriptors in one SCM_RIGHTS message.
     let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
-    let mut iov = libc::iovec { iov_base: hdr.as_mut_ptr().cast(), iov_len: HDR_LEN };
+    let mut iov = libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: HDR_LEN,
+    };
     // SAFETY: msghdr is plain data; all pointers set below point at live locals.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -77,7 +80,8 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c) as *const RawFd;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
                 for i in 0..count {
                     fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
                 }
@@ -86,7 +90,9 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
         }
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(invalid("too many file descriptors in one vhost-user message"));
+        return Err(invalid(
+            "too many file descriptors in one vhost-user message",
+        ));
     }
     let mut got = n as usize;
     let mut rd = sock;
@@ -105,14 +111,25 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     }
     let mut payload = vec![0u8; size];
     rd.read_exact(&mut payload)?;
-    Ok(Some(Message { request, flags, payload, fds }))
+    Ok(Some(Message {
+        request,
+        flags,
+        payload,
+        fds,
+    }))
 }
 
 fn send_message(sock: &UnixStream, m: &Message) -> io::Result<()> {
     let hdr = m.header();
     let mut iov = [
-        libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: HDR_LEN },
-        libc::iovec { iov_base: m.payload.as_ptr() as *mut _, iov_len: m.payload.len() },
+        libc::iovec {
+            iov_base: hdr.as_ptr() as *mut _,
+            iov_len: HDR_LEN,
+        },
+        libc::iovec {
+            iov_base: m.payload.as_ptr() as *mut _,
+            iov_len: m.payload.len(),
+        },
     ];
     let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
     // SAFETY: msghdr is plain data; all pointers set below point at live locals.
@@ -170,27 +187,35 @@ impl Shim {
         let (f_close, b_close) = (frontend.try_clone()?, backend.try_clone()?);
         let (f_close2, b_close2) = (frontend.try_clone()?, backend.try_clone()?);
         let tf = to_frontend.clone();
-        let down = std::thread::Builder::new().name("xvdpa-shim-req".into()).spawn(move || {
-            if let Err(e) = forward_requests(&f_in, &b_out, &tf) {
-                tracing::debug!(error = %e, "frontend request stream ended");
-            }
-            let _ = f_close.shutdown(Shutdown::Both);
-            let _ = b_close.shutdown(Shutdown::Both);
-        })?;
-        let up = std::thread::Builder::new().name("xvdpa-shim-reply".into()).spawn(move || {
-            let result = (|| -> io::Result<()> {
-                while let Some(m) = recv_message(&b_in)? {
-                    send_message(&to_frontend.lock().unwrap_or_else(|p| p.into_inner()), &m)?;
+        let down = std::thread::Builder::new()
+            .name("xvdpa-shim-req".into())
+            .spawn(move || {
+                if let Err(e) = forward_requests(&f_in, &b_out, &tf) {
+                    tracing::debug!(error = %e, "frontend request stream ended");
                 }
-                Ok(())
-            })();
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "backend reply stream ended");
-            }
-            let _ = f_close2.shutdown(Shutdown::Both);
-            let _ = b_close2.shutdown(Shutdown::Both);
-        })?;
-        Ok(Shim { frontend, backend, threads: vec![down, up] })
+                let _ = f_close.shutdown(Shutdown::Both);
+                let _ = b_close.shutdown(Shutdown::Both);
+            })?;
+        let up = std::thread::Builder::new()
+            .name("xvdpa-shim-reply".into())
+            .spawn(move || {
+                let result = (|| -> io::Result<()> {
+                    while let Some(m) = recv_message(&b_in)? {
+                        send_message(&to_frontend.lock().unwrap_or_else(|p| p.into_inner()), &m)?;
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "backend reply stream ended");
+                }
+                let _ = f_close2.shutdown(Shutdown::Both);
+                let _ = b_close2.shutdown(Shutdown::Both);
+            })?;
+        Ok(Shim {
+            frontend,
+            backend,
+            threads: vec![down, up],
+        })
     }
 
     /// Cuts both connections and waits for the threads.
@@ -204,7 +229,11 @@ impl Shim {
 }
 
 /// Frontend -> library, holding back SET_VRING_ENABLE until SET_FEATURES has been seen.
-fn forward_requests(from: &UnixStream, to: &UnixStream, reply: &Mutex<UnixStream>) -> io::Result<()> {
+fn forward_requests(
+    from: &UnixStream,
+    to: &UnixStream,
+    reply: &Mutex<UnixStream>,
+) -> io::Result<()> {
     let mut features_seen = false;
     // Latest early enable state per ring index (the payload is {u32 index, u32 num}).
     let mut held: BTreeMap<u32, Message> = BTreeMap::new();
@@ -223,7 +252,13 @@ fn forward_requests(from: &UnixStream, to: &UnixStream, reply: &Mutex<UnixStream
                 send_message(&reply.lock().unwrap_or_else(|p| p.into_inner()), &ack)?;
             }
             let index = u32::from_le_bytes(m.payload[0..4].try_into().expect("4 bytes"));
-            held.insert(index, Message { flags: m.flags & !FLAG_NEED_REPLY, ..m });
+            held.insert(
+                index,
+                Message {
+                    flags: m.flags & !FLAG_NEED_REPLY,
+                    ..m
+                },
+            );
             continue;
         }
         let is_features = m.request == REQ_SET_FEATURES;
@@ -244,7 +279,12 @@ mod tests {
     use std::os::fd::AsFd;
 
     fn msg(request: u32, flags: u32, payload: &[u8]) -> Message {
-        Message { request, flags, payload: payload.to_vec(), fds: Vec::new() }
+        Message {
+            request,
+            flags,
+            payload: payload.to_vec(),
+            fds: Vec::new(),
+        }
     }
 
     #[test]
@@ -259,7 +299,10 @@ mod tests {
         };
         send_message(&a, &m).unwrap();
         let got = recv_message(&b).unwrap().unwrap();
-        assert_eq!((got.request, got.flags, got.payload.clone()), (5, FLAG_VERSION, m.payload.clone()));
+        assert_eq!(
+            (got.request, got.flags, got.payload.clone()),
+            (5, FLAG_VERSION, m.payload.clone())
+        );
         assert_eq!(got.fds.len(), 1);
         drop(a);
         assert!(recv_message(&b).unwrap().is_none());
@@ -276,25 +319,49 @@ mod tests {
             p
         };
         send_message(&qemu, &msg(1, FLAG_VERSION, &[])).unwrap(); // GET_FEATURES
-        send_message(&qemu, &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION | FLAG_NEED_REPLY, &enable(0, 1))).unwrap();
+        send_message(
+            &qemu,
+            &msg(
+                REQ_SET_VRING_ENABLE,
+                FLAG_VERSION | FLAG_NEED_REPLY,
+                &enable(0, 1),
+            ),
+        )
+        .unwrap();
         // The shim answers the early enable itself.
         let ack = recv_message(&qemu).unwrap().unwrap();
-        assert_eq!((ack.request, ack.flags & FLAG_REPLY, ack.payload), (REQ_SET_VRING_ENABLE, FLAG_REPLY, vec![0; 8]));
-        send_message(&qemu, &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &enable(0, 0))).unwrap();
+        assert_eq!(
+            (ack.request, ack.flags & FLAG_REPLY, ack.payload),
+            (REQ_SET_VRING_ENABLE, FLAG_REPLY, vec![0; 8])
+        );
+        send_message(
+            &qemu,
+            &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &enable(0, 0)),
+        )
+        .unwrap();
         send_message(&qemu, &msg(REQ_SET_FEATURES, FLAG_VERSION, &[0; 8])).unwrap();
-        send_message(&qemu, &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &enable(1, 1))).unwrap();
+        send_message(
+            &qemu,
+            &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &enable(1, 1)),
+        )
+        .unwrap();
 
-        let seen: Vec<(u32, Vec<u8>)> = (0..4).map(|_| {
-            let m = recv_message(&lib).unwrap().unwrap();
-            assert_eq!(m.flags & FLAG_NEED_REPLY, 0);
-            (m.request, m.payload)
-        }).collect();
-        assert_eq!(seen, vec![
-            (1, vec![]),
-            (REQ_SET_FEATURES, vec![0; 8]),
-            (REQ_SET_VRING_ENABLE, enable(0, 0)), // the latest early state of ring 0
-            (REQ_SET_VRING_ENABLE, enable(1, 1)),
-        ]);
+        let seen: Vec<(u32, Vec<u8>)> = (0..4)
+            .map(|_| {
+                let m = recv_message(&lib).unwrap().unwrap();
+                assert_eq!(m.flags & FLAG_NEED_REPLY, 0);
+                (m.request, m.payload)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (1, vec![]),
+                (REQ_SET_FEATURES, vec![0; 8]),
+                (REQ_SET_VRING_ENABLE, enable(0, 0)), // the latest early state of ring 0
+                (REQ_SET_VRING_ENABLE, enable(1, 1)),
+            ]
+        );
         // Replies flow back untouched.
         send_message(&lib, &msg(1, FLAG_VERSION | FLAG_REPLY, &[9; 8])).unwrap();
         assert_eq!(recv_message(&qemu).unwrap().unwrap().payload, vec![9; 8]);

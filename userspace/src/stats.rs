@@ -35,11 +35,21 @@ counters! {
         rx_dropped_queue_stopped,
         /// The kernel found the socket's rx ring full (backpressure reached the NIC).
         rx_dropped_xsk_ring_full,
+        /// The kernel had no free UMEM frame on the fill ring for a frame to this port.
+        rx_dropped_no_umem_frame,
+        /// Frames from another port of the daemon (included in rx_packets).
+        rx_switched,
         tx_packets,
         tx_bytes,
+        /// Frames to another port of the daemon, not the NIC (included in tx_packets).
+        tx_switched,
         tx_dropped_oversized,
         tx_dropped_runt,
         tx_dropped_offload,
+        /// Sent with a source MAC the port may not use.
+        tx_dropped_spoofed,
+        /// Over the port's rate limit.
+        tx_dropped_rate_limited,
         /// Queues stopped because the guest broke the ring's rules.
         queue_errors,
         notifications_sent,

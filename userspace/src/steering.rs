@@ -15,6 +15,9 @@ use crate::mac::MacAddr;
 /// The compiled XDP program, built by `cargo xtask build` and embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XVDPA_EBPF_OBJECT"));
 
+/// The aya-log reader of the XDP program's log records.
+pub type XdpLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// How to attach the XDP program, from the CLI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum XdpModeChoice {
@@ -36,13 +39,21 @@ pub enum SteeringError {
     #[error("cannot verify the XDP program: {0}")]
     Verify(#[source] aya::programs::ProgramError),
     #[error("cannot attach XDP to {iface}: {source}")]
-    Attach { iface: String, source: aya::programs::ProgramError },
+    Attach {
+        iface: String,
+        source: aya::programs::ProgramError,
+    },
     #[error("BPF map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("port index {0} is beyond the {MAX_PORTS} ports the steering map holds")]
     PortIndex(u32),
     #[error("NIC queue {0} is beyond the {MAX_NIC_QUEUES} queues the steering map holds")]
     Queue(u32),
+    #[error("cannot size per-CPU counters: {0}")]
+    Cpus(std::io::Error),
 }
 
 /// The program attached to one NIC, and handles on its maps.
@@ -67,8 +78,10 @@ impl Steering {
     pub fn attach(
         iface: &str,
         choice: XdpModeChoice,
-    ) -> Result<(Self, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), SteeringError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(SteeringError::Load)?;
+    ) -> Result<(Self, Option<XdpLogger>), SteeringError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(SteeringError::Load)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -76,12 +89,16 @@ impl Steering {
                 None
             }
         };
-        let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(SteeringError::MissingMap(name));
-        let ports = BpfHashMap::try_from(take(&mut ebpf, PORTS_MAP)?).map_err(map_err(PORTS_MAP))?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(SteeringError::MissingMap(name))
+        };
+        let ports =
+            BpfHashMap::try_from(take(&mut ebpf, PORTS_MAP)?).map_err(map_err(PORTS_MAP))?;
         let xsks = XskMap::try_from(take(&mut ebpf, XSKS_MAP)?).map_err(map_err(XSKS_MAP))?;
-        let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
-        let port_steered =
-            PerCpuArray::try_from(take(&mut ebpf, PORT_STEERED_MAP)?).map_err(map_err(PORT_STEERED_MAP))?;
+        let counters =
+            PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
+        let port_steered = PerCpuArray::try_from(take(&mut ebpf, PORT_STEERED_MAP)?)
+            .map_err(map_err(PORT_STEERED_MAP))?;
 
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
@@ -110,12 +127,26 @@ impl Steering {
         }
         let (link, mode) = match (attached, last_err) {
             (Some(a), _) => a,
-            (None, Some(source)) => return Err(SteeringError::Attach { iface: iface.to_string(), source }),
+            (None, Some(source)) => {
+                return Err(SteeringError::Attach {
+                    iface: iface.to_string(),
+                    source,
+                })
+            }
             (None, None) => unreachable!("at least one mode is always tried"),
         };
         tracing::info!(iface, mode = ?mode, "XDP steering attached");
         Ok((
-            Steering { ebpf, link: Some(link), iface: iface.to_string(), mode, ports, xsks, counters, port_steered },
+            Steering {
+                ebpf,
+                link: Some(link),
+                iface: iface.to_string(),
+                mode,
+                ports,
+                xsks,
+                counters,
+                port_steered,
+            },
             logger,
         ))
     }
@@ -130,7 +161,14 @@ impl Steering {
             return Err(SteeringError::PortIndex(port_index));
         }
         self.ports
-            .insert(MacKey::new(mac.0), PortEntry { port_index, flags: 0 }, 0)
+            .insert(
+                MacKey::new(mac.0),
+                PortEntry {
+                    port_index,
+                    flags: 0,
+                },
+                0,
+            )
             .map_err(map_err(PORTS_MAP))
     }
 
@@ -153,7 +191,12 @@ impl Steering {
     }
 
     /// Points (port, NIC queue) at an AF_XDP socket.
-    pub fn bind_socket(&mut self, port_index: u32, queue: u32, fd: RawFd) -> Result<(), SteeringError> {
+    pub fn bind_socket(
+        &mut self,
+        port_index: u32,
+        queue: u32,
+        fd: RawFd,
+    ) -> Result<(), SteeringError> {
         let slot = Self::slot(port_index, queue)?;
         self.xsks.set(slot, fd, 0).map_err(map_err(XSKS_MAP))
     }
@@ -179,15 +222,32 @@ impl Steering {
         out
     }
 
+    /// Zeroes a port slot's steered counter, so a new port in a reused slot starts from 0.
+    pub fn reset_port_counter(&mut self, port_index: u32) -> Result<(), SteeringError> {
+        if port_index >= MAX_PORTS {
+            return Err(SteeringError::PortIndex(port_index));
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| SteeringError::Cpus(e))?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(SteeringError::Cpus)?;
+        self.port_steered
+            .set(port_index, zeros, 0)
+            .map_err(map_err(PORT_STEERED_MAP))
+    }
+
     /// Frames steered to one port, summed over CPUs.
     pub fn port_steered(&self, port_index: u32) -> u64 {
-        self.port_steered.get(&port_index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        self.port_steered
+            .get(&port_index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Detaches the program now (it would also go when the daemon exits and its link closes).
     pub fn detach(&mut self) {
         if let Some(link) = self.link.take() {
-            if let Some(Ok(program)) = self.ebpf.program_mut(XDP_PROGRAM).map(<&mut Xdp>::try_from) {
+            if let Some(Ok(program)) = self.ebpf.program_mut(XDP_PROGRAM).map(<&mut Xdp>::try_from)
+            {
                 match program.detach(link) {
                     Ok(()) => tracing::info!(iface = %self.iface, "XDP steering detached"),
                     Err(e) => tracing::warn!(iface = %self.iface, error = %e, "XDP detach failed"),

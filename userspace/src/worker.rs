@@ -9,7 +9,9 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -23,6 +25,7 @@ use crate::datapath::QueueError;
 use crate::device::NegotiatedFeatures;
 use crate::packet_tap::PacketTap;
 use crate::stats::QueueStats;
+use crate::switch::{self, LocalFrame, PortTx, SwitchTable, TxPolicy};
 use crate::xsk::XskSocket;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
@@ -48,7 +51,12 @@ pub struct EventIds {
 impl EventIds {
     pub fn new(num_queues: usize) -> Self {
         let base = num_queues as u16 + 1;
-        EventIds { rearm: base, timer: base + 1, tap: base + 2, first_xsk: base + 3 }
+        EventIds {
+            rearm: base,
+            timer: base + 1,
+            tap: base + 2,
+            first_xsk: base + 3,
+        }
     }
 }
 
@@ -58,14 +66,25 @@ struct Timer(OwnedFd);
 impl Timer {
     fn periodic(ms: u64) -> io::Result<Self> {
         // SAFETY: plain timerfd_create(2).
-        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fresh fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let ts = libc::timespec { tv_sec: (ms / 1000) as i64, tv_nsec: ((ms % 1000) * 1_000_000) as i64 };
-        let spec = libc::itimerspec { it_interval: ts, it_value: ts };
+        let ts = libc::timespec {
+            tv_sec: (ms / 1000) as i64,
+            tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
         // SAFETY: valid fd and itimerspec.
         if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
             return Err(io::Error::last_os_error());
@@ -94,10 +113,23 @@ pub struct QueuePairWorker {
     tx_scratch: TxScratch,
     /// Next socket to read first, so one busy NIC queue cannot starve the others.
     next_rx_socket: usize,
-    rx_broken: bool,
+    /// Shared with other ports' workers, which deliver switched frames into this rx queue.
+    rx_broken: Arc<AtomicBool>,
     tx_broken: bool,
-    /// Kernel ring-full drops already added to the stats.
-    xsk_ring_full_seen: u64,
+    /// Kernel drop counters already added to the stats: (ring full, fill ring empty).
+    xsk_drops_seen: (u64, u64),
+    policy: TxPolicy,
+    switch: Arc<SwitchTable>,
+    /// Frames of the current tx batch bound for other ports.
+    local: Vec<LocalFrame>,
+}
+
+/// What a worker needs beyond its sockets: the port's identity and policy.
+pub struct WorkerConfig {
+    pub max_frame: usize,
+    pub busy_poll: bool,
+    pub policy: TxPolicy,
+    pub switch: Arc<SwitchTable>,
 }
 
 impl QueuePairWorker {
@@ -105,10 +137,15 @@ impl QueuePairWorker {
         pair: usize,
         sockets: Vec<XskSocket>,
         tap: Option<PacketTap>,
-        max_frame: usize,
-        busy_poll: bool,
+        config: WorkerConfig,
         stats: Arc<QueueStats>,
     ) -> io::Result<Self> {
+        let WorkerConfig {
+            max_frame,
+            busy_poll,
+            policy,
+            switch,
+        } = config;
         let rearm = EventFd::new(EFD_NONBLOCK)?;
         if busy_poll {
             // Left readable for good: the level-triggered epoll returns at once, every time.
@@ -126,10 +163,22 @@ impl QueuePairWorker {
             rx_scratch: RxScratch::default(),
             tx_scratch: TxScratch::default(),
             next_rx_socket: 0,
-            rx_broken: false,
+            rx_broken: Arc::new(AtomicBool::new(false)),
             tx_broken: false,
-            xsk_ring_full_seen: 0,
+            xsk_drops_seen: (0, 0),
+            policy,
+            switch,
+            local: Vec::with_capacity(BATCH),
         })
+    }
+
+    /// The flag other ports' deliveries check before writing into this rx queue.
+    pub fn rx_broken_flag(&self) -> Arc<AtomicBool> {
+        self.rx_broken.clone()
+    }
+
+    pub fn stats(&self) -> Arc<QueueStats> {
+        self.stats.clone()
     }
 
     /// The fds to register with the queue pair's epoll handler: (fd, events, id).
@@ -144,7 +193,11 @@ impl QueuePairWorker {
         for (i, s) in self.sockets.iter().enumerate() {
             // Edge-triggered: a backlog the guest cannot take yet must not spin the thread;
             // the guest's rx kick resumes it.
-            v.push((s.fd(), EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED, ids.first_xsk + i as u16));
+            v.push((
+                s.fd(),
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                ids.first_xsk + i as u16,
+            ));
         }
         v
     }
@@ -176,7 +229,12 @@ impl QueuePairWorker {
         if tx_first {
             self.service_tx(&vrings[TX], mem);
         }
-        let more_rx = self.service_rx(&vrings[RX], mem, features, event == ids.tap || event == ids.timer);
+        let more_rx = self.service_rx(
+            &vrings[RX],
+            mem,
+            features,
+            event == ids.tap || event == ids.timer,
+        );
         let more_tx = self.service_tx(&vrings[TX], mem);
         if (more_rx || more_tx) && !self.busy_poll {
             // More than one budget of work: come back after the library's other events.
@@ -186,11 +244,24 @@ impl QueuePairWorker {
 
     /// Reads kernel socket counters and retries anything left waiting.
     fn housekeeping(&mut self) {
-        let full: u64 = self.sockets.iter().map(|s| s.kernel_stats().rx_ring_full).sum();
-        if full > self.xsk_ring_full_seen {
-            self.stats.add(&self.stats.rx_dropped_xsk_ring_full, full - self.xsk_ring_full_seen);
-            self.xsk_ring_full_seen = full;
+        let (mut full, mut empty) = (0, 0);
+        for k in self.sockets.iter().map(|s| s.kernel_stats()) {
+            full += k.rx_ring_full;
+            empty += k.rx_fill_ring_empty;
         }
+        let s = &self.stats;
+        s.add(
+            &s.rx_dropped_xsk_ring_full,
+            full.saturating_sub(self.xsk_drops_seen.0),
+        );
+        s.add(
+            &s.rx_dropped_no_umem_frame,
+            empty.saturating_sub(self.xsk_drops_seen.1),
+        );
+        self.xsk_drops_seen = (
+            full.max(self.xsk_drops_seen.0),
+            empty.max(self.xsk_drops_seen.1),
+        );
     }
 
     fn queue_failed(&mut self, dir: &'static str, e: &QueueError) {
@@ -198,22 +269,11 @@ impl QueuePairWorker {
         self.stats.add(&self.stats.queue_errors, 1);
     }
 
-    /// Notifies the guest if it asked to be, once per batch.
-    fn notify(&self, state: &mut impl std::ops::DerefMut<Target = vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>>) {
-        match state.needs_notification() {
-            Ok(true) => {
-                if state.signal_used_queue().is_ok() {
-                    self.stats.add(&self.stats.notifications_sent, 1);
-                }
-            }
-            Ok(false) => self.stats.add(&self.stats.notifications_suppressed, 1),
-            Err(_) => {}
-        }
-    }
-
     /// Guest -> NIC. Returns true if work was left for another round.
     fn service_tx(&mut self, vring: &Vring, mem: &GuestMemoryMmap) -> bool {
-        let Some(sock) = self.sockets.first_mut() else { return false };
+        let Some(sock) = self.sockets.first_mut() else {
+            return false;
+        };
         sock.reap_completions();
         if self.tx_broken {
             return false;
@@ -223,36 +283,55 @@ impl QueuePairWorker {
             return false;
         }
         let mut tally = TxTally::default();
+        let mut switched = 0;
         let mut more = false;
         let mut result = Ok(());
+        let ports = self.switch.snapshot();
         'outer: for round in 0.. {
             let _ = state.get_queue_mut().disable_notification(mem);
             let mut stop = TxStop::Budget;
             for _ in 0..BUDGET_BATCHES {
-                stop = match tx::transmit_batch(
+                if let Some(rate) = &mut self.policy.rate {
+                    rate.refill(Instant::now());
+                }
+                let mut sink = PortTx {
+                    sock,
+                    policy: &mut self.policy,
+                    ports: &ports,
+                    local: &mut self.local,
+                };
+                let batch = tx::transmit_batch(
                     mem,
                     state.get_queue_mut(),
-                    sock,
+                    &mut sink,
                     self.max_frame,
                     BATCH,
                     &mut self.tx_scratch,
                     &mut tally,
-                ) {
+                );
+                // Local frames first: flooded ones are also staged for the NIC and must be
+                // read before the flush can complete them and free their buffers.
+                switched += switch::deliver_local(&mut self.local, sock, &mut self.rx_scratch);
+                sock.flush_tx();
+                sock.reap_completions();
+                stop = match batch {
                     Ok(s) => s,
                     Err(e) => {
                         result = Err(e);
                         break 'outer;
                     }
                 };
-                sock.flush_tx();
-                sock.reap_completions();
                 if stop != TxStop::Budget {
                     break;
                 }
             }
             match stop {
-                // Completions come back through the socket's write-space wakeup or the timer.
-                TxStop::NoBuffers => break,
+                // The queue's shared tx pool is empty: other ports' completions do not wake
+                // this socket, so come back after the library's other events.
+                TxStop::NoBuffers => {
+                    more = true;
+                    break;
+                }
                 TxStop::Budget => {
                     more = true;
                     break;
@@ -276,9 +355,11 @@ impl QueuePairWorker {
         s.add(&s.tx_dropped_oversized, tally.dropped_oversized);
         s.add(&s.tx_dropped_runt, tally.dropped_runt);
         s.add(&s.tx_dropped_offload, tally.dropped_offload);
-        let used = tally.frames + tally.dropped_oversized + tally.dropped_runt + tally.dropped_offload;
-        if used > 0 {
-            self.notify(&mut state);
+        s.add(&s.tx_dropped_spoofed, tally.dropped_spoofed);
+        s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
+        s.add(&s.tx_switched, switched);
+        if tally.chains() > 0 {
+            switch::notify_guest(&mut state, &self.stats);
         }
         drop(state);
         if let Err(e) = result {
@@ -289,16 +370,25 @@ impl QueuePairWorker {
     }
 
     /// NIC -> guest. Returns true if work was left for another round.
-    fn service_rx(&mut self, vring: &Vring, mem: &GuestMemoryMmap, features: NegotiatedFeatures, read_tap: bool) -> bool {
+    fn service_rx(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemoryMmap,
+        features: NegotiatedFeatures,
+        read_tap: bool,
+    ) -> bool {
         let mut state = vring.get_mut();
-        let running = state.get_queue().ready() && state.is_enabled() && !self.rx_broken;
+        let running = state.get_queue().ready()
+            && state.is_enabled()
+            && !self.rx_broken.load(Ordering::Acquire);
         if !running {
             // Nobody to deliver to: keep the NIC's rings moving and count the loss.
             let mut lost = self.drop_waiting_rx();
             if let Some(tap) = &mut self.tap {
                 lost += tap.recv_batch().count();
             }
-            self.stats.add(&self.stats.rx_dropped_queue_stopped, lost as u64);
+            self.stats
+                .add(&self.stats.rx_dropped_queue_stopped, lost as u64);
             return false;
         }
 
@@ -341,7 +431,8 @@ impl QueuePairWorker {
             // The guest has no buffers: drop what waits rather than hold it, so the NIC's
             // ring keeps moving and the guest later sees fresh traffic, not a stale backlog.
             let lost = self.drop_waiting_rx();
-            self.stats.add(&self.stats.rx_dropped_guest_ring_full, lost as u64);
+            self.stats
+                .add(&self.stats.rx_dropped_guest_ring_full, lost as u64);
         }
 
         if read_tap && result.is_ok() {
@@ -352,7 +443,14 @@ impl QueuePairWorker {
                         self.stats.add(&self.stats.rx_dropped_guest_ring_full, 1);
                         continue;
                     }
-                    match rx::deliver_frame(mem, &mut cursor, state.get_queue_mut(), frame, features.mrg_rxbuf, &mut self.rx_scratch) {
+                    match rx::deliver_frame(
+                        mem,
+                        &mut cursor,
+                        state.get_queue_mut(),
+                        frame,
+                        features.mrg_rxbuf,
+                        &mut self.rx_scratch,
+                    ) {
                         Ok(rx::RxOutcome::Delivered { buffers }) => {
                             tally.frames += 1;
                             tally.bytes += frame.len() as u64;
@@ -379,7 +477,7 @@ impl QueuePairWorker {
         s.add(&s.rx_buffers, tally.buffers);
         s.add(&s.rx_dropped_too_large, tally.dropped_too_large);
         if tally.frames > 0 {
-            self.notify(&mut state);
+            switch::notify_guest(&mut state, &self.stats);
         }
         if guest_full {
             // Ask for a kick when the guest posts buffers; if it already has, go again.
@@ -391,7 +489,7 @@ impl QueuePairWorker {
         }
         drop(state);
         if let Err(e) = result {
-            self.rx_broken = true;
+            self.rx_broken.store(true, Ordering::Release);
             self.queue_failed("rx", &e);
         }
         more
@@ -411,9 +509,14 @@ impl QueuePairWorker {
 
     /// The guest stopped or reset the queues: forget per-run state.
     pub fn reset(&mut self) {
-        self.rx_broken = false;
+        self.rx_broken.store(false, Ordering::Release);
         self.tx_broken = false;
-        let stale: usize = self.sockets.iter_mut().map(|s| s.discard_rx_backlog()).sum();
-        self.stats.add(&self.stats.rx_dropped_queue_stopped, stale as u64);
+        let stale: usize = self
+            .sockets
+            .iter_mut()
+            .map(|s| s.discard_rx_backlog())
+            .sum();
+        self.stats
+            .add(&self.stats.rx_dropped_queue_stopped, stale as u64);
     }
 }

@@ -1,20 +1,26 @@
-//! AF_XDP sockets: one UMEM, fill/completion ring pair and rx/tx ring pair per NIC queue.
+//! AF_XDP: one UMEM per NIC queue, shared by the sockets of every port on that queue.
+//!
+//! The kernel allows one buffer pool per NIC queue, so ports that share a queue must share its
+//! UMEM (XDP_SHARED_UMEM) and with it the fill and completion rings. A [`NicQueue`] owns the
+//! UMEM and an anchor socket that holds the queue's binding and those two rings for as long as
+//! the daemon runs; each port connection adds an [`XskSocket`] with its own rx and tx rings.
 //!
 //! UMEM frames are split in two fixed pools: the first half cycles through the fill and rx
-//! rings, the second half through the tx and completion rings. A frame is therefore always in
-//! exactly one place (a kernel ring, the rx backlog, or the tx free list), so a socket never
-//! leaks frames and ring overflows are impossible by construction.
+//! rings, the second half through the tx and completion rings. The shared rings and the pools'
+//! free lists sit behind one mutex per NIC queue, taken once per batch; each socket keeps a few
+//! frames locally between batches so the lock is never taken per frame.
 
 use std::collections::VecDeque;
 use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User};
 
-use crate::datapath::tx::TxBuffers;
+use crate::datapath::tx::{TxBuffers, TxDrop};
 
 /// How the socket moves frames; reported in the log at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,26 +46,51 @@ pub enum XskError {
     #[error("cannot map {bytes} bytes of UMEM: {source}")]
     Mmap { bytes: usize, source: io::Error },
     #[error("AF_XDP {what} on {ifname} queue {queue}: {source}")]
-    Setup { what: &'static str, ifname: String, queue: u32, source: io::Error },
+    Setup {
+        what: &'static str,
+        ifname: String,
+        queue: u32,
+        source: io::Error,
+    },
 }
 
-/// How long a bind may wait for the kernel to release the queue's previous socket.
+/// How long a bind may wait for the kernel to release the queue's previous binding (a daemon
+/// restarted right after the last one exited).
 const BIND_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Sizes of one socket's rings and UMEM.
+/// Sizes of a NIC queue's UMEM and of the rings of its sockets.
 #[derive(Debug, Clone, Copy)]
 pub struct XskGeometry {
     /// Bytes per UMEM frame; a received or sent frame must fit one.
     pub frame_size: u32,
-    /// Entries of each ring, and frames in each of the two pools (power of two).
+    /// Entries of the fill and completion rings, and frames in each of the two pools
+    /// (power of two).
     pub ring_size: u32,
+    /// Entries of each port socket's rx and tx rings (power of two).
+    pub socket_ring_size: u32,
 }
 
 impl Default for XskGeometry {
     fn default() -> Self {
-        XskGeometry { frame_size: 4096, ring_size: 2048 }
+        XskGeometry {
+            frame_size: 4096,
+            ring_size: 2048,
+            socket_ring_size: 2048,
+        }
     }
 }
+
+impl XskGeometry {
+    /// Bytes of UMEM one NIC queue maps.
+    pub fn umem_bytes(&self) -> u64 {
+        2 * u64::from(self.ring_size) * u64::from(self.frame_size)
+    }
+}
+
+/// Frames a socket takes from the shared tx pool at a time.
+const TX_LOCAL_FRAMES: usize = 64;
+/// Rx frames a socket collects before giving them back to the shared fill ring.
+const RX_RECYCLE_BATCH: usize = 64;
 
 /// Room the kernel keeps in front of a received frame (XDP_PACKET_HEADROOM).
 const XDP_PACKET_HEADROOM: u32 = 256;
@@ -87,7 +118,10 @@ impl UmemArea {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(XskError::Mmap { bytes: len, source: io::Error::last_os_error() });
+            return Err(XskError::Mmap {
+                bytes: len,
+                source: io::Error::last_os_error(),
+            });
         }
         let ptr = NonNull::new(ptr.cast()).expect("mmap never returns null on success");
         Ok(UmemArea { ptr, len })
@@ -123,8 +157,9 @@ impl UmemArea {
 
 impl Drop for UmemArea {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`; the socket holding it as UMEM
-        // is closed first (field order in `XskSocket`).
+        // SAFETY: unmaps exactly the mapping created in `new`; every socket using it as UMEM
+        // is closed first (port sockets hold the `NicQueue`, whose field order closes the
+        // anchor before the area).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
@@ -139,45 +174,96 @@ pub struct XskKernelStats {
     pub tx_invalid_descs: u64,
 }
 
-/// One AF_XDP socket bound to one NIC queue.
-pub struct XskSocket {
-    // Field order is drop order: rings and sockets close before the UMEM area is unmapped.
-    rx: RingRx,
-    tx: RingTx,
-    device: DeviceQueue,
-    user: User,
-    _umem: Umem,
-    area: UmemArea,
-    geometry: XskGeometry,
-    mode: XskMode,
-    queue_id: u32,
-    /// Frames read from the rx ring but not yet delivered (the guest had no buffers).
-    rx_backlog: VecDeque<XdpDesc>,
-    /// Rx frames to give back to the fill ring.
-    rx_recycle: Vec<u64>,
-    /// Tx frames free for the next transmit.
-    tx_free: Vec<u64>,
-    /// Tx frames filled but not yet on the tx ring.
-    tx_staged: Vec<XdpDesc>,
-    /// Frames on the tx ring or waiting in the completion ring.
-    tx_in_flight: u32,
-}
-
-// SAFETY: the rings and UMEM are raw pointers into mappings this value owns exclusively;
-// nothing else refers to them, so moving the whole socket to another thread is sound. It is
-// not Sync: only the thread holding it (under the worker's mutex) touches the rings.
-unsafe impl Send for XskSocket {}
-
 fn errno(e: xdpilone::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.get_raw().abs())
 }
 
-impl XskSocket {
-    /// Creates the socket, trying zero-copy first when `choice` allows it.
+/// What the sockets of one NIC queue share, behind the queue's mutex.
+struct SharedRings {
+    /// The fill and completion rings (mapped through the anchor socket).
+    device: DeviceQueue,
+    /// Rx frames waiting to go back on the fill ring (it was full, or the view stale).
+    rx_recycle: Vec<u64>,
+    /// Tx frames nobody holds.
+    tx_free: Vec<u64>,
+    /// Tx frames on some socket's tx ring or in the completion ring.
+    tx_in_flight: u32,
+}
+
+impl SharedRings {
+    /// Returns recycled rx frames to the fill ring, waking the driver if it asks to be.
+    fn refill(&mut self) {
+        // A pass may be limited by xdpilone's cached view of the ring; go until no progress.
+        while !self.rx_recycle.is_empty() {
+            let n = {
+                let mut writer = self.device.fill(self.rx_recycle.len() as u32);
+                let n = writer.insert(self.rx_recycle.iter().copied()) as usize;
+                writer.commit();
+                n
+            };
+            if n == 0 {
+                break;
+            }
+            self.rx_recycle.drain(..n);
+        }
+        if self.device.needs_wakeup() {
+            self.device.wake();
+        }
+    }
+
+    /// Collects transmitted frames back into the free list; returns how many.
+    fn reap(&mut self, frame_size: u64) -> u32 {
+        let mut total = 0;
+        // Two passes at most, for the same cached-view reason as in `refill`.
+        for _ in 0..2 {
+            if self.tx_in_flight == 0 {
+                break;
+            }
+            let mut reader = self.device.complete(self.tx_in_flight);
+            let mut n = 0;
+            while let Some(addr) = reader.read() {
+                self.tx_free.push(addr - addr % frame_size);
+                n += 1;
+            }
+            reader.release();
+            self.tx_in_flight -= n.min(self.tx_in_flight);
+            total += n;
+            if n == 0 {
+                break;
+            }
+        }
+        total
+    }
+}
+
+/// One NIC queue's UMEM, shared rings and binding.
+pub struct NicQueue {
+    // Field order is drop order: rings and the anchor socket close before the area is unmapped.
+    shared: Mutex<SharedRings>,
+    _anchor: User,
+    umem: Umem,
+    area: UmemArea,
+    info: IfInfo,
+    ifname: String,
+    queue_id: u32,
+    geometry: XskGeometry,
+    mode: XskMode,
+}
+
+// SAFETY: the rings and UMEM are raw pointers into mappings this value owns; the shared rings
+// are only touched under `shared`'s mutex, and the area only through frames whose ownership
+// the rings and free lists hand out to exactly one holder at a time.
+unsafe impl Send for NicQueue {}
+// SAFETY: as above: every mutable access goes through the mutex or through exclusively owned
+// frames.
+unsafe impl Sync for NicQueue {}
+
+impl NicQueue {
+    /// Registers the queue's UMEM and binds its anchor socket, trying zero-copy first when
+    /// `choice` allows it.
     ///
-    /// The kernel releases a closed socket's hold on its queue after an RCU grace period
-    /// (the XSKMAP entry drops its reference late), so binding right after the previous
-    /// socket on the queue closed (a VM reconnecting) can see EBUSY for a moment; that is
+    /// The kernel releases a closed socket's hold on its queue after an RCU grace period, so
+    /// binding right after a previous daemon exited can see EBUSY for a moment; that is
     /// retried briefly before it counts as a failure.
     pub fn open(
         ifname: &str,
@@ -185,35 +271,27 @@ impl XskSocket {
         queue_id: u32,
         geometry: XskGeometry,
         choice: XskModeChoice,
-    ) -> Result<Self, XskError> {
+    ) -> Result<Arc<Self>, XskError> {
         let deadline = std::time::Instant::now() + BIND_RELEASE_WAIT;
         loop {
-            match Self::open_once(ifname, ifindex, queue_id, geometry, choice) {
+            let attempt = match choice {
+                XskModeChoice::Copy => Self::open_mode(ifname, ifindex, queue_id, geometry, XskMode::Copy),
+                XskModeChoice::ZeroCopy => Self::open_mode(ifname, ifindex, queue_id, geometry, XskMode::ZeroCopy),
+                XskModeChoice::Auto => Self::open_mode(ifname, ifindex, queue_id, geometry, XskMode::ZeroCopy)
+                    .or_else(|zc_err| {
+                        tracing::debug!(%ifname, queue_id, error = %zc_err, "zero-copy AF_XDP not available; using copy mode");
+                        Self::open_mode(ifname, ifindex, queue_id, geometry, XskMode::Copy)
+                    }),
+            };
+            match attempt {
                 Err(XskError::Setup { ref source, .. })
-                    if source.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline =>
+                    if source.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-                other => return other,
+                other => return other.map(Arc::new),
             }
-        }
-    }
-
-    fn open_once(
-        ifname: &str,
-        ifindex: u32,
-        queue_id: u32,
-        geometry: XskGeometry,
-        choice: XskModeChoice,
-    ) -> Result<Self, XskError> {
-        match choice {
-            XskModeChoice::Copy => Self::open_mode(ifname, ifindex, queue_id, geometry, XskMode::Copy),
-            XskModeChoice::ZeroCopy => Self::open_mode(ifname, ifindex, queue_id, geometry, XskMode::ZeroCopy),
-            XskModeChoice::Auto => Self::open_mode(ifname, ifindex, queue_id, geometry, XskMode::ZeroCopy)
-                .or_else(|zc_err| {
-                    tracing::debug!(%ifname, queue_id, error = %zc_err, "zero-copy AF_XDP not available; using copy mode");
-                    Self::open_mode(ifname, ifindex, queue_id, geometry, XskMode::Copy)
-                }),
         }
     }
 
@@ -224,10 +302,7 @@ impl XskSocket {
         geometry: XskGeometry,
         mode: XskMode,
     ) -> Result<Self, XskError> {
-        let fail = |what: &'static str| {
-            let ifname = ifname.to_string();
-            move |e: xdpilone::Errno| XskError::Setup { what, ifname, queue: queue_id, source: errno(e) }
-        };
+        let fail = setup_error(ifname, queue_id);
         let pool = geometry.ring_size as usize;
         let area = UmemArea::new(2 * pool * geometry.frame_size as usize)?;
         let config = UmemConfig {
@@ -238,47 +313,60 @@ impl XskSocket {
             flags: 0,
         };
         // SAFETY: the area is page aligned (fresh mmap), sized for the frames, and outlives
-        // the UMEM: `XskSocket` drops `_umem` before `area`.
-        let umem = unsafe { Umem::new(config, area.as_slice_ptr()) }.map_err(fail("UMEM registration"))?;
+        // the UMEM: `NicQueue` drops `umem` before `area`.
+        let umem =
+            unsafe { Umem::new(config, area.as_slice_ptr()) }.map_err(fail("UMEM registration"))?;
         let mut info = IfInfo::invalid();
-        info.from_ifindex(ifindex).map_err(fail("interface lookup"))?;
+        info.from_ifindex(ifindex)
+            .map_err(fail("interface lookup"))?;
         info.set_queue(queue_id);
-        let sock = Socket::with_shared(&info, &umem).map_err(fail("socket"))?;
-        let device = umem.fq_cq(&sock).map_err(fail("fill/completion rings"))?;
-        let ring = NonZeroU32::new(geometry.ring_size);
+        // The anchor is the UMEM's own socket: it owns the fill and completion rings and a
+        // minimal tx ring (a bind needs rx or tx). It is never in the steering map.
+        let anchor_sock = Socket::with_shared(&info, &umem).map_err(fail("socket"))?;
+        let device = umem
+            .fq_cq(&anchor_sock)
+            .map_err(fail("fill/completion rings"))?;
         let mode_flag = match mode {
             XskMode::ZeroCopy => SocketConfig::XDP_BIND_ZEROCOPY,
             XskMode::Copy => SocketConfig::XDP_BIND_COPY,
         };
-        let user = umem
-            .rx_tx(&sock, &SocketConfig { rx_size: ring, tx_size: ring, bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode_flag })
-            .map_err(fail("rx/tx rings"))?;
-        let rx = user.map_rx().map_err(fail("rx ring mapping"))?;
-        let tx = user.map_tx().map_err(fail("tx ring mapping"))?;
-        umem.bind(&user).map_err(fail(match mode {
+        let anchor = umem
+            .rx_tx(
+                &anchor_sock,
+                &SocketConfig {
+                    rx_size: None,
+                    tx_size: NonZeroU32::new(64),
+                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode_flag,
+                },
+            )
+            .map_err(fail("anchor ring"))?;
+        umem.bind(&anchor).map_err(fail(match mode {
             XskMode::ZeroCopy => "zero-copy bind",
             XskMode::Copy => "copy-mode bind",
         }))?;
 
         let frame = u64::from(geometry.frame_size);
-        let mut sock = XskSocket {
-            rx,
-            tx,
+        let mut shared = SharedRings {
             device,
-            user,
-            _umem: umem,
-            area,
-            geometry,
-            mode,
-            queue_id,
-            rx_backlog: VecDeque::with_capacity(pool),
             rx_recycle: (0..pool as u64).map(|i| i * frame).collect(),
-            tx_free: (pool as u64..2 * pool as u64).rev().map(|i| i * frame).collect(),
-            tx_staged: Vec::with_capacity(pool),
+            tx_free: (pool as u64..2 * pool as u64)
+                .rev()
+                .map(|i| i * frame)
+                .collect(),
             tx_in_flight: 0,
         };
-        sock.refill();
-        Ok(sock)
+        shared.refill();
+        Ok(NicQueue {
+            shared: Mutex::new(shared),
+            _anchor: anchor,
+            umem,
+            area,
+            info,
+            ifname: ifname.to_string(),
+            queue_id,
+            geometry,
+            mode,
+        })
     }
 
     pub fn mode(&self) -> XskMode {
@@ -289,13 +377,109 @@ impl XskSocket {
         self.queue_id
     }
 
+    fn lock(&self) -> MutexGuard<'_, SharedRings> {
+        // The guarded state is ring indices and frame lists; a panic elsewhere leaves them
+        // consistent (every mutation is a push/pop pair), so a poisoned lock is still usable.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tx frames free in the shared pool, after reaping completions.
+    pub fn tx_free(&self) -> usize {
+        let mut shared = self.lock();
+        shared.reap(u64::from(self.geometry.frame_size));
+        shared.tx_free.len()
+    }
+}
+
+fn setup_error(
+    ifname: &str,
+    queue_id: u32,
+) -> impl Fn(&'static str) -> Box<dyn Fn(xdpilone::Errno) -> XskError> + '_ {
+    move |what| {
+        let ifname = ifname.to_string();
+        Box::new(move |e| XskError::Setup {
+            what,
+            ifname: ifname.clone(),
+            queue: queue_id,
+            source: errno(e),
+        })
+    }
+}
+
+/// One port's AF_XDP socket on one NIC queue.
+pub struct XskSocket {
+    // Field order is drop order: the rings close before the queue (and its UMEM) can go.
+    rx: RingRx,
+    tx: RingTx,
+    user: User,
+    queue: Arc<NicQueue>,
+    /// Frames read from the rx ring but not yet delivered (the guest had no buffers).
+    rx_backlog: VecDeque<XdpDesc>,
+    /// Delivered rx frames not yet handed back to the shared fill ring.
+    rx_recycle: Vec<u64>,
+    /// Tx frames taken from the shared pool for the next transmits.
+    tx_free: Vec<u64>,
+    /// Tx frames filled but not yet on the tx ring.
+    tx_staged: Vec<XdpDesc>,
+}
+
+// SAFETY: the rings are raw pointers into mappings of this socket's own fd, and the frames it
+// holds are its alone until returned to the queue; moving the socket to another thread is
+// sound. It is not Sync: only the thread holding it (under the worker's mutex) touches it.
+unsafe impl Send for XskSocket {}
+
+impl XskSocket {
+    /// Adds a socket with its own rx and tx rings to `queue`, sharing its UMEM.
+    pub fn open(queue: &Arc<NicQueue>) -> Result<Self, XskError> {
+        let fail = setup_error(&queue.ifname, queue.queue_id);
+        let sock = Socket::new(&queue.info).map_err(fail("socket"))?;
+        let ring = NonZeroU32::new(queue.geometry.socket_ring_size);
+        // A socket sharing a UMEM may not pass mode flags: it inherits the anchor's.
+        let user = queue
+            .umem
+            .rx_tx(
+                &sock,
+                &SocketConfig {
+                    rx_size: ring,
+                    tx_size: ring,
+                    bind_flags: 0,
+                },
+            )
+            .map_err(fail("rx/tx rings"))?;
+        let rx = user.map_rx().map_err(fail("rx ring mapping"))?;
+        let tx = user.map_tx().map_err(fail("tx ring mapping"))?;
+        queue.umem.bind(&user).map_err(fail("shared-UMEM bind"))?;
+        Ok(XskSocket {
+            rx,
+            tx,
+            user,
+            queue: queue.clone(),
+            rx_backlog: VecDeque::with_capacity(queue.geometry.socket_ring_size as usize),
+            rx_recycle: Vec::with_capacity(2 * RX_RECYCLE_BATCH),
+            tx_free: Vec::with_capacity(TX_LOCAL_FRAMES),
+            tx_staged: Vec::with_capacity(queue.geometry.socket_ring_size as usize),
+        })
+    }
+
+    pub fn mode(&self) -> XskMode {
+        self.queue.mode
+    }
+
+    pub fn queue_id(&self) -> u32 {
+        self.queue.queue_id
+    }
+
     pub fn fd(&self) -> RawFd {
         self.rx.as_raw_fd()
     }
 
     /// Largest frame this socket can send.
     pub fn max_tx_frame(&self) -> usize {
-        self.geometry.frame_size as usize
+        self.queue.geometry.frame_size as usize
+    }
+
+    fn frame_size(&self) -> u64 {
+        u64::from(self.queue.geometry.frame_size)
     }
 
     /// Moves up to `max` newly received frames into the backlog.
@@ -335,95 +519,84 @@ impl XskSocket {
         deliver: impl FnOnce(&mut dyn Iterator<Item = &[u8]>) -> Result<usize, E>,
     ) -> Result<usize, E> {
         let n = max.min(self.rx_backlog.len());
-        let area = &self.area;
-        let frame = u64::from(self.geometry.frame_size);
+        let area = &self.queue.area;
+        let frame = self.frame_size();
         // A descriptor the kernel got wrong would be a kernel bug; it is passed on as empty
         // rather than trusted, so it can never read outside the UMEM.
-        let mut frames = self.rx_backlog.iter().take(n).map(|d| area.get(d.addr, d.len as usize).unwrap_or(&[]));
+        let mut frames = self
+            .rx_backlog
+            .iter()
+            .take(n)
+            .map(|d| area.get(d.addr, d.len as usize).unwrap_or(&[]));
         let consumed = deliver(&mut frames)?;
         for d in self.rx_backlog.drain(..consumed.min(n)) {
             self.rx_recycle.push(d.addr - d.addr % frame);
         }
-        self.refill();
+        if self.rx_recycle.len() >= RX_RECYCLE_BATCH || self.rx_backlog.is_empty() {
+            self.give_back_rx();
+        }
         Ok(consumed)
     }
 
     /// Drops every frame in the backlog (the guest's queue is gone); returns how many.
     pub fn discard_rx_backlog(&mut self) -> usize {
-        let frame = u64::from(self.geometry.frame_size);
+        let frame = self.frame_size();
         let n = self.rx_backlog.len();
         for d in self.rx_backlog.drain(..) {
             self.rx_recycle.push(d.addr - d.addr % frame);
         }
-        self.refill();
+        self.give_back_rx();
         n
     }
 
-    /// Returns recycled rx frames to the fill ring, waking the driver if it asks to be.
-    fn refill(&mut self) {
+    fn give_back_rx(&mut self) {
         if self.rx_recycle.is_empty() {
             return;
         }
-        // As on tx: a pass may be limited by a stale view of the ring; go until no progress.
-        while !self.rx_recycle.is_empty() {
-            let n = {
-                let mut writer = self.device.fill(self.rx_recycle.len() as u32);
-                let n = writer.insert(self.rx_recycle.iter().copied()) as usize;
-                writer.commit();
-                n
-            };
-            if n == 0 {
-                break;
-            }
-            self.rx_recycle.drain(..n);
-        }
-        if self.device.needs_wakeup() {
-            self.device.wake();
-        }
+        let mut shared = self.queue.lock();
+        shared.rx_recycle.append(&mut self.rx_recycle);
+        shared.refill();
     }
 
-    /// Collects transmitted frames back into the free list.
+    /// Collects transmitted frames (of every socket on the queue) back into the shared pool
+    /// and takes a few for this socket. Returns how many completed.
     pub fn reap_completions(&mut self) -> u32 {
-        let frame = u64::from(self.geometry.frame_size);
-        let mut total = 0;
-        // Two passes at most, for the same cached-view reason as in `poll_rx`.
-        for _ in 0..2 {
-            let mut reader = self.device.complete(self.tx_in_flight);
-            let mut n = 0;
-            while let Some(addr) = reader.read() {
-                self.tx_free.push(addr - addr % frame);
-                n += 1;
-            }
-            reader.release();
-            self.tx_in_flight -= n.min(self.tx_in_flight);
-            total += n;
-            if n == 0 || self.tx_in_flight == 0 {
-                break;
-            }
-        }
-        total
+        let frame = self.frame_size();
+        let mut shared = self.queue.lock();
+        let done = shared.reap(frame);
+        let want = TX_LOCAL_FRAMES
+            .saturating_sub(self.tx_free.len())
+            .min(shared.tx_free.len());
+        let from = shared.tx_free.len() - want;
+        self.tx_free.extend(shared.tx_free.drain(from..));
+        done
     }
 
-    /// Puts staged frames on the tx ring and kicks the kernel if it needs it.
+    /// Puts staged frames on the tx ring and kicks the kernel.
     pub fn flush_tx(&mut self) {
-        // xdpilone reserves from its cached view of the kernel's consumer and refreshes it
-        // only when that view shows no room at all, so one pass may place fewer frames than
-        // fit; the next pass sees the real state. The ring is as large as the tx pool, so
-        // everything staged fits once the view is fresh.
-        while !self.tx_staged.is_empty() {
-            let mut writer = self.tx.transmit(self.tx_staged.len() as u32);
-            let n = writer.insert(self.tx_staged.iter().copied());
-            writer.commit();
-            if n == 0 {
-                break;
+        if !self.tx_staged.is_empty() {
+            let mut placed = 0u32;
+            // xdpilone reserves from its cached view of the kernel's consumer and refreshes
+            // it only when that view shows no room at all, so one pass may place fewer frames
+            // than fit; the next pass sees the real state.
+            while !self.tx_staged.is_empty() {
+                let mut writer = self.tx.transmit(self.tx_staged.len() as u32);
+                let n = writer.insert(self.tx_staged.iter().copied());
+                writer.commit();
+                if n == 0 {
+                    break;
+                }
+                self.tx_staged.drain(..n as usize);
+                placed += n;
             }
-            self.tx_staged.drain(..n as usize);
-            self.tx_in_flight += n;
+            self.queue.lock().tx_in_flight += placed;
         }
-        // In copy mode each sendto moves a bounded batch; keep kicking while the kernel
-        // makes progress so a full batch does not sit on the ring until the next event.
+        // Copy mode transmits only inside sendto, whatever the need-wakeup flag of a socket
+        // sharing the UMEM says; each call moves a bounded batch, so keep kicking while the
+        // kernel makes progress rather than leave frames on the ring until the next event.
+        let copy = self.queue.mode == XskMode::Copy;
         for _ in 0..64 {
-            if self.tx.pending() == 0 || !self.tx.needs_wakeup() {
+            if self.tx.pending() == 0 || !(copy || self.tx.needs_wakeup()) {
                 break;
             }
             let before = self.tx.pending();
@@ -434,13 +607,9 @@ impl XskSocket {
         }
     }
 
-    /// Frames on the tx ring the kernel has not taken yet, or completions not reaped.
-    pub fn tx_in_flight(&self) -> u32 {
-        self.tx_in_flight
-    }
-
+    /// Frames free for this socket's next transmits (its own and the shared pool's).
     pub fn tx_free(&self) -> usize {
-        self.tx_free.len()
+        self.tx_free.len() + self.queue.lock().tx_free.len()
     }
 
     pub fn kernel_stats(&self) -> XskKernelStats {
@@ -457,16 +626,104 @@ impl XskSocket {
     }
 }
 
+impl Drop for XskSocket {
+    /// Gives every frame this socket holds back to the queue. The caller has taken the socket
+    /// out of the steering map; frames still on its rx ring are read back, and frames on its
+    /// tx ring are pushed out, so the shared pools do not shrink with each reconnect.
+    fn drop(&mut self) {
+        self.flush_tx();
+        for _ in 0..100 {
+            if self.tx.pending() == 0 {
+                break;
+            }
+            self.tx.wake();
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        let unsent = self.tx.pending();
+        if unsent > 0 {
+            tracing::warn!(queue = self.queue.queue_id, frames = unsent, "tx frames still on a closing socket's ring; the queue's pool is that much smaller until the daemon restarts");
+        }
+        self.poll_rx(u32::MAX);
+        self.discard_rx_backlog();
+        let frame = self.frame_size();
+        let mut shared = self.queue.lock();
+        shared.tx_free.append(&mut self.tx_free);
+        shared
+            .tx_free
+            .extend(self.tx_staged.drain(..).map(|d| d.addr - d.addr % frame));
+        shared.reap(frame);
+    }
+}
+
 impl TxBuffers for XskSocket {
     fn next_buffer(&mut self) -> Option<&mut [u8]> {
+        if self.tx_free.is_empty() {
+            self.reap_completions();
+        }
         let addr = *self.tx_free.last()?;
-        self.area.get_mut(addr, self.geometry.frame_size as usize)
+        self.queue
+            .area
+            .get_mut(addr, self.queue.geometry.frame_size as usize)
     }
 
-    fn submit(&mut self, len: usize) {
-        if let Some(addr) = self.tx_free.pop() {
-            self.tx_staged.push(XdpDesc { addr, len: len as u32, options: 0 });
-        }
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        self.stage(len);
+        Ok(())
+    }
+}
+
+/// A tx frame taken off the free list for another port rather than the NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldFrame {
+    pub addr: u64,
+    pub len: u32,
+}
+
+impl XskSocket {
+    /// The first `len` bytes of the buffer `next_buffer` returned last.
+    pub fn current(&self, len: usize) -> Option<&[u8]> {
+        let addr = *self.tx_free.last()?;
+        self.queue
+            .area
+            .get(addr, len.min(self.queue.geometry.frame_size as usize))
+    }
+
+    /// Puts the current buffer, holding `len` bytes, on the way to the NIC. Its bytes stay
+    /// readable through [`XskSocket::held`] until the next `flush_tx`.
+    pub fn stage(&mut self, len: usize) -> Option<HeldFrame> {
+        let addr = self.tx_free.pop()?;
+        self.tx_staged.push(XdpDesc {
+            addr,
+            len: len as u32,
+            options: 0,
+        });
+        Some(HeldFrame {
+            addr,
+            len: len as u32,
+        })
+    }
+
+    /// Takes the current buffer, holding `len` bytes, for delivery elsewhere; hand it back
+    /// with [`XskSocket::release`].
+    pub fn hold(&mut self, len: usize) -> Option<HeldFrame> {
+        let addr = self.tx_free.pop()?;
+        Some(HeldFrame {
+            addr,
+            len: len as u32,
+        })
+    }
+
+    /// The bytes of a held or staged frame.
+    pub fn held(&self, frame: HeldFrame) -> &[u8] {
+        self.queue
+            .area
+            .get(frame.addr, frame.len as usize)
+            .unwrap_or(&[])
+    }
+
+    /// Returns a held frame to the free list.
+    pub fn release(&mut self, frame: HeldFrame) {
+        self.tx_free.push(frame.addr);
     }
 }
 

@@ -13,9 +13,9 @@ use xvdpa_tests::bench_run::{measure, Direction, Measurement, Peer, Pinning, Set
 use xvdpa_tests::lab::Lab;
 
 use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, PEER_PACKAGES};
+use crate::build;
 use crate::say;
 use crate::util::{is_root, run, workspace_root};
-use crate::build;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -58,7 +58,9 @@ fn parse_direction(s: &str) -> Result<Direction> {
     match s {
         "rx" => Ok(Direction::Rx),
         "tx" => Ok(Direction::Tx),
-        "vm-to-vm" => bail!("vm-to-vm needs several VM ports on one daemon, which xvdpa does not serve yet"),
+        "vm-to-vm" => {
+            bail!("vm-to-vm needs several VM ports on one daemon, which xvdpa does not serve yet")
+        }
         other => bail!("unknown scenario {other:?} (rx, tx)"),
     }
 }
@@ -90,11 +92,23 @@ type Key = (Direction, usize);
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     if !is_root() {
-        bail!("the benchmark needs root (namespaces, XDP, AF_XDP): run `cargo xtask bench` as root");
+        bail!(
+            "the benchmark needs root (namespaces, XDP, AF_XDP): run `cargo xtask bench` as root"
+        );
     }
-    let directions: Vec<Direction> = args.scenarios.iter().map(|s| parse_direction(s)).collect::<Result<_>>()?;
-    let peers: Vec<Peer> = args.peers.iter().map(|s| parse_peer(s)).collect::<Result<_>>()?;
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let directions: Vec<Direction> = args
+        .scenarios
+        .iter()
+        .map(|s| parse_direction(s))
+        .collect::<Result<_>>()?;
+    let peers: Vec<Peer> = args
+        .peers
+        .iter()
+        .map(|s| parse_peer(s))
+        .collect::<Result<_>>()?;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if args.datapath_cpu >= cpus || args.load_cpu >= cpus {
         bail!("--datapath-cpu/--load-cpu must be below {cpus} (CPUs on this machine)");
     }
@@ -108,13 +122,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 
     let lab = Lab::named("xvdpa-bench");
     lab.create()?;
-    let pinning = Pinning { datapath: args.datapath_cpu, load: args.load_cpu };
+    let pinning = Pinning {
+        datapath: args.datapath_cpu,
+        load: args.load_cpu,
+    };
     let setup = Setup {
         duration: Duration::from_secs_f64(args.duration),
         warmup: Duration::from_secs_f64(args.duration / 3.0),
         pinning,
         flows: args.flows,
-        daemon_args: if args.busy_poll { vec!["--busy-poll".to_string()] } else { vec![] },
+        daemon_args: if args.busy_poll {
+            vec!["--busy-poll".to_string()]
+        } else {
+            vec![]
+        },
     };
     let mut all: Vec<(usize, Measurement)> = Vec::new();
     let total = directions.len() * args.sizes.len() * args.runs * peers.len();
@@ -125,7 +146,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 for run_no in 0..args.runs {
                     for &peer in &peers {
                         done += 1;
-                        let m = measure(&lab, peer, d, size, &setup).with_context(|| format!("{} {} {size}B", peer.name(), d.name()))?;
+                        let m = measure(&lab, peer, d, size, &setup)
+                            .with_context(|| format!("{} {} {size}B", peer.name(), d.name()))?;
                         say!(
                             "[{done}/{total}] {} {:>4}B run {} {:<5} {:>9.0} pps  ({:.2} CPU s/Mpkt)",
                             d.name(),
@@ -161,7 +183,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 fn by_key(all: &[(usize, Measurement)]) -> BTreeMap<Key, Vec<(usize, Measurement)>> {
     let mut map: BTreeMap<Key, Vec<(usize, Measurement)>> = BTreeMap::new();
     for (run, m) in all {
-        map.entry((m.direction, m.size)).or_default().push((*run, m.clone()));
+        map.entry((m.direction, m.size))
+            .or_default()
+            .push((*run, m.clone()));
     }
     map
 }
@@ -177,7 +201,12 @@ fn paired_ratio(ms: &[(usize, Measurement)], a: Peer, b: Peer) -> f64 {
     median(ratios)
 }
 
-fn render_table(all: &[(usize, Measurement)], peers: &[Peer], args: &BenchArgs, pin: Pinning) -> String {
+fn render_table(
+    all: &[(usize, Measurement)],
+    peers: &[Peer],
+    args: &BenchArgs,
+    pin: Pinning,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -195,14 +224,48 @@ fn render_table(all: &[(usize, Measurement)], peers: &[Peer], args: &BenchArgs, 
     for ((d, size), ms) in by_key(all) {
         let mut line = format!("| {} | {size} B |", d.name());
         for p in peers {
-            let pps = median(ms.iter().filter(|(_, m)| m.peer == *p).map(|(_, m)| m.pps).collect());
+            let pps = median(
+                ms.iter()
+                    .filter(|(_, m)| m.peer == *p)
+                    .map(|(_, m)| m.pps)
+                    .collect(),
+            );
             let _ = write!(line, " {:.3} |", pps / 1e6);
         }
-        let fmt_ratio = |r: f64| if r.is_finite() { format!("{r:.2}x") } else { "-".into() };
-        let cpu = |p: Peer| median(ms.iter().filter(|(_, m)| m.peer == p).map(|(_, m)| m.cpu_s_per_mpkt).collect());
-        let fmt_cpu = |c: f64| if c.is_finite() { format!("{c:.2}") } else { "-".into() };
-        let guest = median(ms.iter().filter(|(_, m)| m.peer == Peer::Xvdpa).map(|(_, m)| m.guest_cpu_s / m.seconds).collect());
-        let rss = median(ms.iter().filter(|(_, m)| m.peer == Peer::Xvdpa).map(|(_, m)| m.rss_bytes as f64).collect());
+        let fmt_ratio = |r: f64| {
+            if r.is_finite() {
+                format!("{r:.2}x")
+            } else {
+                "-".into()
+            }
+        };
+        let cpu = |p: Peer| {
+            median(
+                ms.iter()
+                    .filter(|(_, m)| m.peer == p)
+                    .map(|(_, m)| m.cpu_s_per_mpkt)
+                    .collect(),
+            )
+        };
+        let fmt_cpu = |c: f64| {
+            if c.is_finite() {
+                format!("{c:.2}")
+            } else {
+                "-".into()
+            }
+        };
+        let guest = median(
+            ms.iter()
+                .filter(|(_, m)| m.peer == Peer::Xvdpa)
+                .map(|(_, m)| m.guest_cpu_s / m.seconds)
+                .collect(),
+        );
+        let rss = median(
+            ms.iter()
+                .filter(|(_, m)| m.peer == Peer::Xvdpa)
+                .map(|(_, m)| m.rss_bytes as f64)
+                .collect(),
+        );
         let _ = writeln!(
             line,
             " {} | {} | {} | {} | {} | {} |",
@@ -210,8 +273,16 @@ fn render_table(all: &[(usize, Measurement)], peers: &[Peer], args: &BenchArgs, 
             fmt_ratio(paired_ratio(&ms, Peer::Xvdpa, Peer::Limit)),
             fmt_cpu(cpu(Peer::Xvdpa)),
             fmt_cpu(cpu(Peer::Dpdk)),
-            if guest.is_finite() { format!("{:.0} %", guest * 100.0) } else { "-".into() },
-            if rss.is_finite() { format!("{:.1} MiB", rss / (1 << 20) as f64) } else { "-".into() },
+            if guest.is_finite() {
+                format!("{:.0} %", guest * 100.0)
+            } else {
+                "-".into()
+            },
+            if rss.is_finite() {
+                format!("{:.1} MiB", rss / (1 << 20) as f64)
+            } else {
+                "-".into()
+            },
         );
         out.push_str(&line);
     }
@@ -221,7 +292,12 @@ fn render_table(all: &[(usize, Measurement)], peers: &[Peer], args: &BenchArgs, 
     out
 }
 
-fn write_json(path: &PathBuf, all: &[(usize, Measurement)], args: &BenchArgs, pin: Pinning) -> Result<()> {
+fn write_json(
+    path: &PathBuf,
+    all: &[(usize, Measurement)],
+    args: &BenchArgs,
+    pin: Pinning,
+) -> Result<()> {
     let rows: Vec<serde_json::Value> = all
         .iter()
         .map(|(run, m)| {
@@ -239,7 +315,8 @@ fn write_json(path: &PathBuf, all: &[(usize, Measurement)], args: &BenchArgs, pi
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "measurements": rows,
     });
-    std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn plot(path: &PathBuf, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<()> {
@@ -255,7 +332,12 @@ fn plot(path: &PathBuf, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<
     for ((d, size), ms) in by_key(all) {
         let _ = write!(text, "\"{} {}B\"", d.name(), size);
         for p in peers {
-            let pps = median(ms.iter().filter(|(_, m)| m.peer == *p).map(|(_, m)| m.pps).collect());
+            let pps = median(
+                ms.iter()
+                    .filter(|(_, m)| m.peer == *p)
+                    .map(|(_, m)| m.pps)
+                    .collect(),
+            );
             let _ = write!(text, " {:.4}", pps / 1e6);
         }
         text.push('\n');

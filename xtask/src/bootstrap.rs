@@ -15,11 +15,19 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages and the command each provides (checked on PATH first; an empty command
 /// means only the package itself will do, as for the static busybox the guest image embeds).
-pub const BUILD_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool"), ("gzip", "gzip")];
+pub const BUILD_PACKAGES: &[(&str, &str)] =
+    &[("iproute2", "ip"), ("ethtool", "ethtool"), ("gzip", "gzip")];
 /// DPDK's testpmd: an independent vhost-user frontend in the tests, the peer in the benchmark.
-pub const PEER_PACKAGES: &[(&str, &str)] =
-    &[("dpdk-dev", "dpdk-testpmd"), ("librte-net-af-xdp23", ""), ("librte-net-vhost23", ""), ("librte-net-virtio23", "")];
-pub const VM_PACKAGES: &[(&str, &str)] = &[("qemu-system-x86", "qemu-system-x86_64"), ("busybox-static", "")];
+pub const PEER_PACKAGES: &[(&str, &str)] = &[
+    ("dpdk-dev", "dpdk-testpmd"),
+    ("librte-net-af-xdp23", ""),
+    ("librte-net-vhost23", ""),
+    ("librte-net-virtio23", ""),
+];
+pub const VM_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", ""),
+];
 
 fn package_installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
@@ -31,7 +39,11 @@ fn package_installed(pkg: &str) -> bool {
 
 /// Installs the packages whose command is missing.
 pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = wanted.iter().filter(|(pkg, cmd)| (cmd.is_empty() || !have(cmd)) && !package_installed(pkg)).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(pkg, cmd)| (cmd.is_empty() || !have(cmd)) && !package_installed(pkg))
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -39,13 +51,21 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
         bail!("missing packages {missing:?} and no apt-get to install them: install them and run again");
     }
     if !is_root() {
-        bail!("missing packages {missing:?}: run as root (or `sudo apt-get install {}`)", missing.join(" "));
+        bail!(
+            "missing packages {missing:?}: run as root (or `sudo apt-get install {}`)",
+            missing.join(" ")
+        );
     }
     say!("installing Debian packages: {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))
-        .context("apt-get update (is the network reachable?)")?;
-    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
-        .with_context(|| format!("installing {missing:?}"))?;
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get update (is the network reachable?)")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing {missing:?}"))?;
     Ok(())
 }
 
@@ -62,25 +82,49 @@ fn sysroot() -> Result<PathBuf> {
 
 /// rust-src for `-Z build-std=core`.
 pub fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]))?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
     say!("adding rust-src to the {EBPF_TOOLCHAIN} toolchain (the eBPF build compiles core from source)");
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))
+    run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
 }
 
 /// The nightly's LLVM: its major version and its shared library.
 fn nightly_llvm() -> Result<(u32, PathBuf)> {
     let vv = output(Command::new("rustc").args([&format!("+{EBPF_TOOLCHAIN}"), "-vV"]))?;
-    let version = vv.lines().find_map(|l| l.strip_prefix("LLVM version: ")).context("rustc -vV does not name its LLVM")?;
-    let major: u32 = version.split('.').next().unwrap_or("").parse().context("LLVM version")?;
+    let version = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc -vV does not name its LLVM")?;
+    let major: u32 = version
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .parse()
+        .context("LLVM version")?;
     let lib = sysroot()?.join("lib");
     let so = std::fs::read_dir(&lib)
         .with_context(|| format!("reading {}", lib.display()))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM") && n.contains(".so")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM") && n.contains(".so"))
+        })
         .with_context(|| format!("no libLLVM shared library in {}", lib.display()))?;
     Ok((major, so))
 }
@@ -91,8 +135,15 @@ pub fn llvm_library_path() -> Result<String> {
 }
 
 fn bpf_linker_works() -> bool {
-    let Ok(lib) = llvm_library_path() else { return false };
-    Command::new("bpf-linker").arg("--version").env("LD_LIBRARY_PATH", lib).output().map(|o| o.status.success()).unwrap_or(false)
+    let Ok(lib) = llvm_library_path() else {
+        return false;
+    };
+    Command::new("bpf-linker")
+        .arg("--version")
+        .env("LD_LIBRARY_PATH", lib)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// bpf-linker, linked against the same LLVM as the nightly's rustc. No llvm-config exists for
@@ -107,10 +158,19 @@ pub fn ensure_bpf_linker() -> Result<()> {
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&so, &link).with_context(|| format!("linking {}", link.display()))?;
+    std::os::unix::fs::symlink(&so, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
     say!("building bpf-linker {BPF_LINKER_VERSION} against the {EBPF_TOOLCHAIN} toolchain's LLVM {major} (a few minutes, once)");
     run(toolchain_cargo("stable")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .env("LLVM_PREFIX", &prefix))
     .context("building bpf-linker")?;
     if !bpf_linker_works() {

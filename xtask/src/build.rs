@@ -15,7 +15,11 @@ pub fn ebpf_object() -> PathBuf {
 }
 
 pub fn daemon_binary(release: bool) -> PathBuf {
-    workspace_root().join(if release { "target/release/xvdpa" } else { "target/debug/xvdpa" })
+    workspace_root().join(if release {
+        "target/release/xvdpa"
+    } else {
+        "target/debug/xvdpa"
+    })
 }
 
 pub fn build_ebpf() -> Result<PathBuf> {
@@ -24,7 +28,14 @@ pub fn build_ebpf() -> Result<PathBuf> {
     say!("building the XDP program (ebpf/, {EBPF_TOOLCHAIN}, bpfel-unknown-none)");
     run(toolchain_cargo(EBPF_TOOLCHAIN)
         .current_dir(root.join("ebpf"))
-        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .env("CARGO_TARGET_DIR", root.join("target/ebpf"))
         .env("LD_LIBRARY_PATH", bootstrap::llvm_library_path()?))
     .context("building the eBPF program")?;
@@ -34,9 +45,14 @@ pub fn build_ebpf() -> Result<PathBuf> {
 /// `cargo xtask build [--release]`: the daemon at target/{debug,release}/xvdpa.
 pub fn build(release: bool) -> Result<PathBuf> {
     let object = build_ebpf()?;
-    say!("building the daemon ({})", if release { "release" } else { "debug" });
+    say!(
+        "building the daemon ({})",
+        if release { "release" } else { "debug" }
+    );
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace_root()).args(["build", "--package", "xvdpa", "--bins"]).env("XVDPA_EBPF_OBJECT", &object);
+    cmd.current_dir(workspace_root())
+        .args(["build", "--package", "xvdpa", "--bins"])
+        .env("XVDPA_EBPF_OBJECT", &object);
     if release {
         cmd.arg("--release");
     }

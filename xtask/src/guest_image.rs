@@ -19,7 +19,16 @@ pub const KERNEL_PACKAGE: &str = "linux-image-6.1.0-56-amd64";
 const IMAGE_LAYOUT: u32 = 2;
 
 /// Loaded in dependency order.
-const MODULES: &[&str] = &["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "failover", "net_failover", "virtio_net"];
+const MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+];
 
 /// The guest's /init: loads the virtio modules, configures eth0 from `xvdpa.ip=`, then runs
 /// the base64 script from `xvdpa.script=` (printing its exit code and powering off) or gives
@@ -68,10 +77,21 @@ pub fn ensure() -> Result<GuestImage> {
     let busybox = PathBuf::from("/bin/busybox");
     let bb_meta = fs::metadata(&busybox).context("/bin/busybox (busybox-static)")?;
     let init = INIT.replace("MODULES", &MODULES.join(" "));
-    let stamp = format!("layout {IMAGE_LAYOUT}\n{KERNEL_PACKAGE}\n{}\n{:?}\n{}\n", bb_meta.len(), bb_meta.modified().ok(), init);
-    let image = GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.gz") };
+    let stamp = format!(
+        "layout {IMAGE_LAYOUT}\n{KERNEL_PACKAGE}\n{}\n{:?}\n{}\n",
+        bb_meta.len(),
+        bb_meta.modified().ok(),
+        init
+    );
+    let image = GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.gz"),
+    };
     let stamp_path = dir.join("stamp");
-    if image.kernel.exists() && image.initrd.exists() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+    if image.kernel.exists()
+        && image.initrd.exists()
+        && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str())
+    {
         return Ok(image);
     }
 
@@ -85,13 +105,29 @@ pub fn ensure() -> Result<GuestImage> {
     let vmlinuz = fs::read_dir(root.join("boot"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .context("no vmlinuz in the kernel package")?;
     fs::copy(&vmlinuz, &image.kernel)?;
 
     say!("building the guest initramfs ({})", image.initrd.display());
     let mut cpio = Cpio::default();
-    for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "usr", "usr/bin", "usr/sbin"] {
+    for d in [
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib/modules",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+    ] {
         cpio.dir(d);
     }
     // The kernel opens /dev/console for init before anything mounts devtmpfs.
@@ -100,15 +136,23 @@ pub fn ensure() -> Result<GuestImage> {
     cpio.file("init", init.as_bytes(), 0o755);
     let modules = root.join("lib/modules");
     for m in MODULES {
-        let path = find_module(&modules, m)?.with_context(|| format!("module {m} not in {KERNEL_PACKAGE}"))?;
+        let path = find_module(&modules, m)?
+            .with_context(|| format!("module {m} not in {KERNEL_PACKAGE}"))?;
         cpio.file(&format!("lib/modules/{m}.ko"), &fs::read(&path)?, 0o644);
     }
     let archive = cpio.finish();
-    let mut gz = Command::new("gzip").args(["-6", "-c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().context("gzip")?;
+    let mut gz = Command::new("gzip")
+        .args(["-6", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("gzip")?;
     let mut stdin = gz.stdin.take().unwrap();
     let writer = std::thread::spawn(move || stdin.write_all(&archive));
     let out = gz.wait_with_output()?;
-    writer.join().map_err(|_| anyhow::anyhow!("gzip writer panicked"))??;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("gzip writer panicked"))??;
     if !out.status.success() {
         bail!("gzip failed");
     }
@@ -119,15 +163,27 @@ pub fn ensure() -> Result<GuestImage> {
 
 fn download_kernel(dir: &Path) -> Result<PathBuf> {
     let find = || -> Option<PathBuf> {
-        fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{KERNEL_PACKAGE}_")) && n.ends_with(".deb"))
-        })
+        fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with(&format!("{KERNEL_PACKAGE}_")) && n.ends_with(".deb")
+                })
+            })
     };
     if let Some(deb) = find() {
         return Ok(deb);
     }
     say!("downloading the guest kernel package {KERNEL_PACKAGE}");
-    let try_download = || output(Command::new("apt-get").args(["download", "-q", KERNEL_PACKAGE]).current_dir(dir));
+    let try_download = || {
+        output(
+            Command::new("apt-get")
+                .args(["download", "-q", KERNEL_PACKAGE])
+                .current_dir(dir),
+        )
+    };
     if try_download().is_err() {
         say!("refreshing the package lists (apt-get update)");
         run(Command::new("apt-get").args(["update", "-q"]))?;
@@ -164,7 +220,8 @@ impl Cpio {
 
     fn entry_dev(&mut self, name: &str, mode: u32, body: &[u8], rdev: (u32, u32)) {
         self.ino += 1;
-        let header = format!(
+        let header =
+            format!(
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
             self.ino, mode, 0, 0, 1, 0, body.len(), 0, 0, rdev.0, rdev.1, name.len() + 1, 0
         );

@@ -26,7 +26,17 @@ pub fn up(name: &str) -> Result<Lab> {
     if lab.exists() {
         return Ok(lab);
     }
-    say!("creating lab {name}: {} ({} {}/{}) <-veth-> {} ({} {}/{})", lab.host_ns, lab::NIC, lab::HOST_IP, lab::PREFIX, lab.wire_ns, lab::WIRE, lab::WIRE_IP, lab::PREFIX);
+    say!(
+        "creating lab {name}: {} ({} {}/{}) <-veth-> {} ({} {}/{})",
+        lab.host_ns,
+        lab::NIC,
+        lab::HOST_IP,
+        lab::PREFIX,
+        lab.wire_ns,
+        lab::WIRE,
+        lab::WIRE_IP,
+        lab::PREFIX
+    );
     lab.create()?;
     Ok(lab)
 }

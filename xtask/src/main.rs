@@ -70,10 +70,19 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Build { release } => build::build(release).map(|bin| say!("daemon built: {}", bin.display())),
-        Cmd::Run { release, daemon_args } => run_cmd::run(release, &daemon_args),
+        Cmd::Build { release } => {
+            build::build(release).map(|bin| say!("daemon built: {}", bin.display()))
+        }
+        Cmd::Run {
+            release,
+            daemon_args,
+        } => run_cmd::run(release, &daemon_args),
         Cmd::Lab { action, name } => lab_cmd::lab(action, &name),
-        Cmd::Vm { cmd, ip, daemon_args } => vm_cmd::vm(cmd.as_deref(), &ip, &daemon_args),
+        Cmd::Vm {
+            cmd,
+            ip,
+            daemon_args,
+        } => vm_cmd::vm(cmd.as_deref(), &ip, &daemon_args),
         Cmd::Test { cargo_args } => test_cmd::test(&cargo_args),
         Cmd::Bench(args) => bench_cmd::bench(args),
     };

@@ -14,7 +14,17 @@ pub const LAB_SOCKET: &str = "/run/xvdpa/vm0.sock";
 
 /// The daemon arguments `cargo xtask run` uses on the lab.
 pub fn lab_daemon_args() -> Vec<String> {
-    ["--iface", lab::NIC, "--socket", LAB_SOCKET, "--mac", &mac_str(guest_mac(0))].iter().map(|s| s.to_string()).collect()
+    [
+        "--iface",
+        lab::NIC,
+        "--socket",
+        LAB_SOCKET,
+        "--mac",
+        &mac_str(guest_mac(0)),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Starts the daemon binary, inside `netns` if given.
@@ -79,7 +89,11 @@ pub fn run(release: bool, daemon_args: &[String]) -> Result<()> {
     let lab: Lab = crate::lab_cmd::up(crate::lab_cmd::DEFAULT_LAB)?;
     std::fs::create_dir_all(Path::new(LAB_SOCKET).parent().unwrap())?;
     let args = lab_daemon_args();
-    say!("starting the daemon in namespace {}: xvdpa {}", lab.host_ns, args.join(" "));
+    say!(
+        "starting the daemon in namespace {}: xvdpa {}",
+        lab.host_ns,
+        args.join(" ")
+    );
     print_qemu_hint(LAB_SOCKET, &mac_str(guest_mac(0)));
     let mut child = spawn_daemon(&bin, Some(&lab.host_ns), &args)?;
     let_child_handle_ctrl_c();

@@ -12,7 +12,11 @@ use crate::{build, guest_image};
 /// Removes namespaces that test labs of an earlier, interrupted run left behind.
 fn remove_stale_test_labs() -> Result<()> {
     let list = output(Command::new("ip").args(["netns", "list"]))?;
-    for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with("xvt")) {
+    for ns in list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("xvt"))
+    {
         say!("removing stale test namespace {ns}");
         let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }

@@ -26,7 +26,11 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         let bin = build::build(false)?;
         let lab = crate::lab_cmd::up(crate::lab_cmd::DEFAULT_LAB)?;
         std::fs::create_dir_all(PathBuf::from(LAB_SOCKET).parent().unwrap())?;
-        say!("starting the daemon in {}: xvdpa {}", lab.host_ns, args.join(" "));
+        say!(
+            "starting the daemon in {}: xvdpa {}",
+            lab.host_ns,
+            args.join(" ")
+        );
         started = Some(spawn_daemon(&bin, Some(&lab.host_ns), &args)?);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !PathBuf::from(LAB_SOCKET).exists() {
@@ -54,7 +58,11 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
     let qemu_args = guest::qemu_args(&config, &image.kernel, &image.initrd);
     say!("booting the test guest (QEMU, software emulation: a few seconds)");
     let result = if cmd.is_some() {
-        let out = Command::new("qemu-system-x86_64").args(&qemu_args).stdin(std::process::Stdio::null()).output().context("qemu-system-x86_64")?;
+        let out = Command::new("qemu-system-x86_64")
+            .args(&qemu_args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("qemu-system-x86_64")?;
         let text = String::from_utf8_lossy(&out.stdout);
         // Print what the command wrote: the lines between the guest's ready and end markers.
         let mut rc = None;
@@ -73,11 +81,18 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         match rc {
             Some(0) => Ok(()),
             Some(rc) => Err(anyhow::anyhow!("the command exited with {rc} in the guest")),
-            None => Err(anyhow::anyhow!("the guest did not finish the command ({}): {}", out.status, String::from_utf8_lossy(&out.stderr))),
+            None => Err(anyhow::anyhow!(
+                "the guest did not finish the command ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )),
         }
     } else {
         eprintln!("(console: the guest's shell; `poweroff -f` ends the VM, Ctrl-A X kills QEMU)");
-        let mut child = Command::new("qemu-system-x86_64").args(&qemu_args).spawn().context("qemu-system-x86_64")?;
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(&qemu_args)
+            .spawn()
+            .context("qemu-system-x86_64")?;
         let_child_handle_ctrl_c();
         child.wait().map(|_| ()).map_err(Into::into)
     };

@@ -12,7 +12,7 @@ use clap::Parser;
 use xvdpa::datapath::tx::TxBuffers;
 use xvdpa::mac::MacAddr;
 use xvdpa::steering::{Steering, XdpModeChoice};
-use xvdpa::xsk::{XskGeometry, XskModeChoice, XskSocket};
+use xvdpa::xsk::{NicQueue, XskGeometry, XskModeChoice, XskSocket};
 
 #[derive(Parser)]
 struct Cli {
@@ -33,9 +33,17 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let (mut steering, _logger) = Steering::attach(&cli.iface, XdpModeChoice::Auto).context("attaching XDP")?;
+    let (mut steering, _logger) =
+        Steering::attach(&cli.iface, XdpModeChoice::Auto).context("attaching XDP")?;
     steering.add_port(cli.mac, 0)?;
-    let mut sock = XskSocket::open(&cli.iface, xvdpa::daemon::ifindex(&cli.iface)?, 0, XskGeometry::default(), XskModeChoice::Auto)?;
+    let queue = NicQueue::open(
+        &cli.iface,
+        xvdpa::daemon::ifindex(&cli.iface)?,
+        0,
+        XskGeometry::default(),
+        XskModeChoice::Auto,
+    )?;
+    let mut sock = XskSocket::open(&queue)?;
     steering.bind_socket(0, 0, sock.fd())?;
 
     let dst = MacAddr::parse_unicast(&cli.tx_dst).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -56,7 +64,7 @@ fn main() -> Result<()> {
                 while staged < 64 {
                     let Some(buf) = sock.next_buffer() else { break };
                     buf[..frame.len()].copy_from_slice(&frame);
-                    sock.submit(frame.len());
+                    let _ = sock.submit(frame.len());
                     staged += 1;
                 }
                 sock.flush_tx();
@@ -64,7 +72,10 @@ fn main() -> Result<()> {
             }
         }
     }
-    println!("rx={rx} tx={tx} seconds={:.3}", start.elapsed().as_secs_f64());
+    println!(
+        "rx={rx} tx={tx} seconds={:.3}",
+        start.elapsed().as_secs_f64()
+    );
     steering.detach();
     Ok(())
 }

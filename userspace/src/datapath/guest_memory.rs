@@ -49,7 +49,10 @@ impl<'m> GuestMemoryCursor<'m> {
         len: usize,
         mut f: impl FnMut(usize, &vm_memory::VolatileSlice<'m, ()>),
     ) -> Result<(), OutOfGuestMemory> {
-        let oob = OutOfGuestMemory { addr: addr.raw_value(), len };
+        let oob = OutOfGuestMemory {
+            addr: addr.raw_value(),
+            len,
+        };
         // Validate first: walk the regions without touching memory.
         let mut pieces: [(GuestAddress, usize); 4] = [(GuestAddress(0), 0); 4];
         let mut n = 0;
@@ -80,7 +83,9 @@ impl<'m> GuestMemoryCursor<'m> {
 
     /// Writes `data` to guest memory at `addr`.
     pub fn write(&mut self, addr: GuestAddress, data: &[u8]) -> Result<(), OutOfGuestMemory> {
-        self.for_each_piece(addr, data.len(), |off, s| s.copy_from(&data[off..off + s.len()]))
+        self.for_each_piece(addr, data.len(), |off, s| {
+            s.copy_from(&data[off..off + s.len()])
+        })
     }
 
     /// Fills `out` from guest memory at `addr`.
@@ -98,8 +103,11 @@ mod tests {
 
     fn two_regions() -> GuestMemoryMmap {
         // Adjacent regions, so one buffer can straddle the boundary.
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x1000), (GuestAddress(0x2000), 0x1000)])
-            .unwrap()
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0x1000), 0x1000),
+            (GuestAddress(0x2000), 0x1000),
+        ])
+        .unwrap()
     }
 
     #[test]

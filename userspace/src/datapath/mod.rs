@@ -74,7 +74,10 @@ pub(crate) fn collect_segments(
         last = Some(desc);
     }
     match last {
-        None => Err(QueueError::Malformed { head, why: "chain has no usable descriptor" }),
+        None => Err(QueueError::Malformed {
+            head,
+            why: "chain has no usable descriptor",
+        }),
         Some(d) if d.has_next() => Err(QueueError::Malformed {
             head,
             why: "chain loops, outruns its table or nests indirect tables",
@@ -127,7 +130,10 @@ pub(crate) fn read_at(
         if pos < seg_start + len {
             let in_seg = pos - seg_start;
             let n = (len - in_seg).min(out.len() - done);
-            cursor.read(GuestAddress(addr.0 + in_seg as u64), &mut out[done..done + n])?;
+            cursor.read(
+                GuestAddress(addr.0 + in_seg as u64),
+                &mut out[done..done + n],
+            )?;
             done += n;
         }
         seg_start += len;
@@ -138,7 +144,9 @@ pub(crate) fn read_at(
 #[cfg(test)]
 pub(crate) mod testing {
     //! Guest memory and queues for the datapath tests, on virtio-queue's mock split queue.
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
@@ -166,7 +174,11 @@ pub(crate) mod testing {
 
     impl<'a> TestQueue<'a> {
         pub fn new(mem: &'a GuestMemoryMmap) -> Self {
-            TestQueue { mem, mock: MockSplitQueue::new(mem, QUEUE_SIZE), next_desc: 0 }
+            TestQueue {
+                mem,
+                mock: MockSplitQueue::new(mem, QUEUE_SIZE),
+                next_desc: 0,
+            }
         }
 
         /// The device's view of the queue.
@@ -187,8 +199,15 @@ pub(crate) mod testing {
         fn publish(&self, head: u16) {
             let avail = self.mock.avail_addr();
             let idx: u16 = self.mem.read_obj(GuestAddress(avail.0 + 2)).unwrap();
-            self.mem.write_obj(head, GuestAddress(avail.0 + 4 + 2 * u64::from(idx % QUEUE_SIZE))).unwrap();
-            self.mem.write_obj(idx.wrapping_add(1), GuestAddress(avail.0 + 2)).unwrap();
+            self.mem
+                .write_obj(
+                    head,
+                    GuestAddress(avail.0 + 4 + 2 * u64::from(idx % QUEUE_SIZE)),
+                )
+                .unwrap();
+            self.mem
+                .write_obj(idx.wrapping_add(1), GuestAddress(avail.0 + 2))
+                .unwrap();
         }
 
         /// Posts a chain of buffers; returns its head index.
@@ -224,10 +243,22 @@ pub(crate) mod testing {
                 if !last {
                     flags |= VRING_DESC_F_NEXT as u16;
                 }
-                let d = RawDescriptor::from(SplitDescriptor::new(b.0, b.1, flags, if last { 0 } else { i as u16 + 1 }));
-                self.mem.write_obj(d, GuestAddress(table + 16 * i as u64)).unwrap();
+                let d = RawDescriptor::from(SplitDescriptor::new(
+                    b.0,
+                    b.1,
+                    flags,
+                    if last { 0 } else { i as u16 + 1 },
+                ));
+                self.mem
+                    .write_obj(d, GuestAddress(table + 16 * i as u64))
+                    .unwrap();
             }
-            self.post_raw(&[(table, 16 * bufs.len() as u32, VRING_DESC_F_INDIRECT as u16, 0)])
+            self.post_raw(&[(
+                table,
+                16 * bufs.len() as u32,
+                VRING_DESC_F_INDIRECT as u16,
+                0,
+            )])
         }
 
         /// The used ring entries (id, len) from position `from` on.

@@ -66,7 +66,10 @@ pub fn deliver_frame(
         let capacity = collect_segments(chain, true, &mut scratch.segs)?;
         let first = written == 0;
         if first && capacity < VNET_HDR_LEN as u64 {
-            return Err(QueueError::Malformed { head, why: "receive buffer smaller than the net header" });
+            return Err(QueueError::Malformed {
+                head,
+                why: "receive buffer smaller than the net header",
+            });
         }
         let oom = |source| QueueError::OutOfMemory { head, source };
         let mut in_chain = 0usize;
@@ -94,13 +97,21 @@ pub fn deliver_frame(
     let buffers = scratch.taken.len() as u16;
     if buffers > 1 {
         let head = scratch.taken[0].0;
-        write_at(cursor, &scratch.first, VNET_HDR_NUM_BUFFERS, &buffers.to_le_bytes())
-            .map_err(|source| QueueError::OutOfMemory { head, source })?;
+        write_at(
+            cursor,
+            &scratch.first,
+            VNET_HDR_NUM_BUFFERS,
+            &buffers.to_le_bytes(),
+        )
+        .map_err(|source| QueueError::OutOfMemory { head, source })?;
     }
     for &(head, len) in &scratch.taken {
         queue
             .add_used(mem, head, len)
-            .map_err(|_| QueueError::Malformed { head, why: "used ring is outside guest memory" })?;
+            .map_err(|_| QueueError::Malformed {
+                head,
+                why: "used ring is outside guest memory",
+            })?;
     }
     Ok(RxOutcome::Delivered { buffers })
 }
@@ -142,7 +153,9 @@ mod tests {
     const N: u16 = VRING_DESC_F_NEXT as u16;
 
     fn frame(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect()
     }
 
     fn num_buffers(t: &TestQueue<'_>, addr: u64) -> u16 {
@@ -158,13 +171,29 @@ mod tests {
         let mut q = t.queue();
         let f = frame(60, 1);
         let mut tally = RxTally::default();
-        let n = deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut tally).unwrap();
+        let n = deliver_batch(
+            &mem,
+            &mut q,
+            [f.as_slice()],
+            true,
+            &mut RxScratch::default(),
+            &mut tally,
+        )
+        .unwrap();
         assert_eq!(n, 1);
         assert_eq!(t.used(0), vec![(u32::from(head), 72)]);
         assert_eq!(t.read(BUF_BASE, 10), vec![0u8; 10]);
         assert_eq!(num_buffers(&t, BUF_BASE), 1);
         assert_eq!(t.read(BUF_BASE + 12, 60), f);
-        assert_eq!(tally, RxTally { frames: 1, bytes: 60, buffers: 1, dropped_too_large: 0 });
+        assert_eq!(
+            tally,
+            RxTally {
+                frames: 1,
+                bytes: 60,
+                buffers: 1,
+                dropped_too_large: 0
+            }
+        );
     }
 
     #[test]
@@ -172,10 +201,22 @@ mod tests {
         let mem = memory();
         let mut t = TestQueue::new(&mem);
         // Header split over two descriptors, frame over three.
-        let head = t.post(&[Buf(BUF_BASE, 5, true), Buf(BUF_BASE + 0x100, 10, true), Buf(BUF_BASE + 0x200, 2000, true)]);
+        let head = t.post(&[
+            Buf(BUF_BASE, 5, true),
+            Buf(BUF_BASE + 0x100, 10, true),
+            Buf(BUF_BASE + 0x200, 2000, true),
+        ]);
         let mut q = t.queue();
         let f = frame(1514, 3);
-        deliver_batch(&mem, &mut q, [f.as_slice()], false, &mut RxScratch::default(), &mut RxTally::default()).unwrap();
+        deliver_batch(
+            &mem,
+            &mut q,
+            [f.as_slice()],
+            false,
+            &mut RxScratch::default(),
+            &mut RxTally::default(),
+        )
+        .unwrap();
         assert_eq!(t.used(0), vec![(u32::from(head), 12 + 1514)]);
         let mut got = t.read(BUF_BASE, 5);
         got.extend(t.read(BUF_BASE + 0x100, 10));
@@ -188,21 +229,42 @@ mod tests {
     fn mergeable_frame_spans_several_chains() {
         let mem = memory();
         let mut t = TestQueue::new(&mem);
-        let heads: Vec<u16> = (0..4).map(|i| t.post(&[Buf(BUF_BASE + i * 0x1000, 512, true)])).collect();
+        let heads: Vec<u16> = (0..4)
+            .map(|i| t.post(&[Buf(BUF_BASE + i * 0x1000, 512, true)]))
+            .collect();
         let mut q = t.queue();
         let f = frame(1400, 9);
         let mut tally = RxTally::default();
-        deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut tally).unwrap();
+        deliver_batch(
+            &mem,
+            &mut q,
+            [f.as_slice()],
+            true,
+            &mut RxScratch::default(),
+            &mut tally,
+        )
+        .unwrap();
         // 1412 bytes over 512-byte buffers: 512 + 512 + 388.
         let used = t.used(0);
-        assert_eq!(used, vec![(heads[0] as u32, 512), (heads[1] as u32, 512), (heads[2] as u32, 388)]);
+        assert_eq!(
+            used,
+            vec![
+                (heads[0] as u32, 512),
+                (heads[1] as u32, 512),
+                (heads[2] as u32, 388)
+            ]
+        );
         assert_eq!(num_buffers(&t, BUF_BASE), 3);
         let mut got = t.read(BUF_BASE + 12, 500);
         got.extend(t.read(BUF_BASE + 0x1000, 512));
         got.extend(t.read(BUF_BASE + 0x2000, 388));
         assert_eq!(got, f);
         assert_eq!(tally.buffers, 3);
-        assert_eq!(q.next_avail(), 3, "the fourth buffer stays for the next frame");
+        assert_eq!(
+            q.next_avail(),
+            3,
+            "the fourth buffer stays for the next frame"
+        );
     }
 
     #[test]
@@ -213,13 +275,29 @@ mod tests {
         let mut q = t.queue();
         let small = frame(100, 1);
         let big = frame(1400, 2);
-        let n = deliver_batch(&mem, &mut q, [big.as_slice(), small.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default()).unwrap();
+        let n = deliver_batch(
+            &mem,
+            &mut q,
+            [big.as_slice(), small.as_slice()],
+            true,
+            &mut RxScratch::default(),
+            &mut RxTally::default(),
+        )
+        .unwrap();
         assert_eq!(n, 0, "the big frame waits; order is kept");
         assert!(t.used(0).is_empty());
         assert_eq!(q.next_avail(), 0);
         // Once the guest posts more, it goes through.
         t.post(&[Buf(BUF_BASE + 0x1000, 1024, true)]);
-        let n = deliver_batch(&mem, &mut q, [big.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default()).unwrap();
+        let n = deliver_batch(
+            &mem,
+            &mut q,
+            [big.as_slice()],
+            true,
+            &mut RxScratch::default(),
+            &mut RxTally::default(),
+        )
+        .unwrap();
         assert_eq!(n, 1);
         assert_eq!(t.used(0).len(), 2);
     }
@@ -233,21 +311,44 @@ mod tests {
         let big = frame(1000, 0);
         let small = frame(64, 0);
         let mut tally = RxTally::default();
-        let n = deliver_batch(&mem, &mut q, [big.as_slice(), small.as_slice()], false, &mut RxScratch::default(), &mut tally).unwrap();
+        let n = deliver_batch(
+            &mem,
+            &mut q,
+            [big.as_slice(), small.as_slice()],
+            false,
+            &mut RxScratch::default(),
+            &mut tally,
+        )
+        .unwrap();
         assert_eq!(n, 2);
         assert_eq!(tally.dropped_too_large, 1);
         assert_eq!(tally.frames, 1);
-        assert_eq!(t.used(0), vec![(0, 76)], "the buffer carried the small frame");
+        assert_eq!(
+            t.used(0),
+            vec![(0, 76)],
+            "the buffer carried the small frame"
+        );
     }
 
     #[test]
     fn indirect_table_is_followed() {
         let mem = memory();
         let mut t = TestQueue::new(&mem);
-        let head = t.post_indirect(0x8000, &[Buf(BUF_BASE, 12, true), Buf(BUF_BASE + 0x100, 1600, true)]);
+        let head = t.post_indirect(
+            0x8000,
+            &[Buf(BUF_BASE, 12, true), Buf(BUF_BASE + 0x100, 1600, true)],
+        );
         let mut q = t.queue();
         let f = frame(1500, 5);
-        deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default()).unwrap();
+        deliver_batch(
+            &mem,
+            &mut q,
+            [f.as_slice()],
+            true,
+            &mut RxScratch::default(),
+            &mut RxTally::default(),
+        )
+        .unwrap();
         assert_eq!(t.used(0), vec![(u32::from(head), 1512)]);
         assert_eq!(t.read(BUF_BASE + 0x100, 1500), f);
     }
@@ -258,25 +359,53 @@ mod tests {
         t.post_raw(descs);
         let mut q = t.queue();
         let f = frame(64, 0);
-        deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default())
-            .expect_err("malformed chain must be refused")
+        deliver_batch(
+            &mem,
+            &mut q,
+            [f.as_slice()],
+            true,
+            &mut RxScratch::default(),
+            &mut RxTally::default(),
+        )
+        .expect_err("malformed chain must be refused")
     }
 
     #[test]
     fn malformed_chains_are_refused() {
         // Readable buffer in a receive chain.
-        assert!(matches!(expect_error(&[(BUF_BASE, 2048, 0, 0)]), QueueError::Malformed { .. }));
+        assert!(matches!(
+            expect_error(&[(BUF_BASE, 2048, 0, 0)]),
+            QueueError::Malformed { .. }
+        ));
         // A chain whose next points back at itself.
-        assert!(matches!(expect_error(&[(BUF_BASE, 4, W | N, 0)]), QueueError::Malformed { .. }));
+        assert!(matches!(
+            expect_error(&[(BUF_BASE, 4, W | N, 0)]),
+            QueueError::Malformed { .. }
+        ));
         // next outside the descriptor table.
-        assert!(matches!(expect_error(&[(BUF_BASE, 4, W | N, 200)]), QueueError::Malformed { .. }));
+        assert!(matches!(
+            expect_error(&[(BUF_BASE, 4, W | N, 200)]),
+            QueueError::Malformed { .. }
+        ));
         // Buffer outside guest memory.
-        assert!(matches!(expect_error(&[(MEM_SIZE as u64 - 8, 2048, W, 0)]), QueueError::OutOfMemory { .. }));
-        assert!(matches!(expect_error(&[(u64::MAX - 100, 2048, W, 0)]), QueueError::OutOfMemory { .. }));
+        assert!(matches!(
+            expect_error(&[(MEM_SIZE as u64 - 8, 2048, W, 0)]),
+            QueueError::OutOfMemory { .. }
+        ));
+        assert!(matches!(
+            expect_error(&[(u64::MAX - 100, 2048, W, 0)]),
+            QueueError::OutOfMemory { .. }
+        ));
         // Zero-length only.
-        assert!(matches!(expect_error(&[(BUF_BASE, 0, W, 0)]), QueueError::Malformed { .. }));
+        assert!(matches!(
+            expect_error(&[(BUF_BASE, 0, W, 0)]),
+            QueueError::Malformed { .. }
+        ));
         // Too small for the header.
-        assert!(matches!(expect_error(&[(BUF_BASE, 8, W, 0)]), QueueError::Malformed { .. }));
+        assert!(matches!(
+            expect_error(&[(BUF_BASE, 8, W, 0)]),
+            QueueError::Malformed { .. }
+        ));
     }
 
     #[test]
@@ -287,7 +416,14 @@ mod tests {
         let avail = t.mock.avail_addr().0;
         t.write(avail + 2, &100u16.to_le_bytes());
         let f = frame(64, 0);
-        let err = deliver_batch(&mem, &mut q, [f.as_slice()], true, &mut RxScratch::default(), &mut RxTally::default());
+        let err = deliver_batch(
+            &mem,
+            &mut q,
+            [f.as_slice()],
+            true,
+            &mut RxScratch::default(),
+            &mut RxTally::default(),
+        );
         assert_eq!(err, Err(QueueError::AvailIndex));
     }
 }

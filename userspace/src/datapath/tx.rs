@@ -15,8 +15,10 @@ use crate::device::{TxHeader, ETH_HLEN, VNET_HDR_LEN};
 pub trait TxBuffers {
     /// A free buffer for the next frame, or `None` when all are in flight.
     fn next_buffer(&mut self) -> Option<&mut [u8]>;
-    /// Hands the buffer last returned by `next_buffer`, holding `len` bytes, to the NIC.
-    fn submit(&mut self, len: usize);
+    /// Hands the buffer last returned by `next_buffer`, holding `len` bytes, on (to the NIC,
+    /// or to another port). A sink that refuses the frame (policy) says why; the buffer then
+    /// stays free for the next frame.
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop>;
 }
 
 /// Why a transmitted frame was dropped.
@@ -28,6 +30,10 @@ pub enum TxDrop {
     Runt,
     /// Asks for checksum or segmentation offload, which was not negotiated.
     Offload,
+    /// Sent with a source MAC the port may not use.
+    Spoofed,
+    /// Over the port's rate limit.
+    RateLimited,
 }
 
 /// Totals of one batch.
@@ -38,6 +44,8 @@ pub struct TxTally {
     pub dropped_oversized: u64,
     pub dropped_runt: u64,
     pub dropped_offload: u64,
+    pub dropped_spoofed: u64,
+    pub dropped_rate_limited: u64,
 }
 
 impl TxTally {
@@ -46,7 +54,19 @@ impl TxTally {
             TxDrop::Oversized => self.dropped_oversized += 1,
             TxDrop::Runt => self.dropped_runt += 1,
             TxDrop::Offload => self.dropped_offload += 1,
+            TxDrop::Spoofed => self.dropped_spoofed += 1,
+            TxDrop::RateLimited => self.dropped_rate_limited += 1,
         }
+    }
+
+    /// Chains returned to the guest: sent and dropped alike.
+    pub fn chains(&self) -> u64 {
+        self.frames
+            + self.dropped_oversized
+            + self.dropped_runt
+            + self.dropped_offload
+            + self.dropped_spoofed
+            + self.dropped_rate_limited
     }
 }
 
@@ -111,9 +131,8 @@ pub fn transmit_batch(
                 Ok(len)
             }
         };
-        match verdict {
+        match verdict.and_then(|len| buffers.submit(len).map(|()| len)) {
             Ok(len) => {
-                buffers.submit(len);
                 tally.frames += 1;
                 tally.bytes += len as u64;
             }
@@ -121,7 +140,10 @@ pub fn transmit_batch(
         }
         queue
             .add_used(mem, head, 0)
-            .map_err(|_| QueueError::Malformed { head, why: "used ring is outside guest memory" })?;
+            .map_err(|_| QueueError::Malformed {
+                head,
+                why: "used ring is outside guest memory",
+            })?;
     }
     Ok(TxStop::Budget)
 }
@@ -141,7 +163,11 @@ mod tests {
 
     impl VecBuffers {
         fn new(free: usize) -> Self {
-            VecBuffers { free, current: vec![0; 2048], sent: Vec::new() }
+            VecBuffers {
+                free,
+                current: vec![0; 2048],
+                sent: Vec::new(),
+            }
         }
     }
 
@@ -152,19 +178,35 @@ mod tests {
             }
             Some(&mut self.current)
         }
-        fn submit(&mut self, len: usize) {
+        fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
             self.free -= 1;
             self.sent.push(self.current[..len].to_vec());
+            Ok(())
         }
     }
 
     fn frame(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+            .collect()
     }
 
-    fn run(t: &TestQueue<'_>, q: &mut Queue, bufs: &mut VecBuffers, budget: usize) -> (Result<TxStop, QueueError>, TxTally) {
+    fn run(
+        t: &TestQueue<'_>,
+        q: &mut Queue,
+        bufs: &mut VecBuffers,
+        budget: usize,
+    ) -> (Result<TxStop, QueueError>, TxTally) {
         let mut tally = TxTally::default();
-        let r = transmit_batch(t.mem, q, bufs, 1518, budget, &mut TxScratch::default(), &mut tally);
+        let r = transmit_batch(
+            t.mem,
+            q,
+            bufs,
+            1518,
+            budget,
+            &mut TxScratch::default(),
+            &mut tally,
+        );
         (r, tally)
     }
 
@@ -194,8 +236,20 @@ mod tests {
         // Header split 4 + 8, frame split 100 + rest.
         t.write(BUF_BASE + 0x1000, &f[..100]);
         t.write(BUF_BASE + 0x2000, &f[100..]);
-        t.post(&[Buf(BUF_BASE, 4, false), Buf(BUF_BASE + 0x100, 8, false), Buf(BUF_BASE + 0x1000, 100, false), Buf(BUF_BASE + 0x2000, 1414, false)]);
-        t.post_indirect(0x9000, &[Buf(BUF_BASE, 12, false), Buf(BUF_BASE + 0x1000, 100, false), Buf(BUF_BASE + 0x2000, 1414, false)]);
+        t.post(&[
+            Buf(BUF_BASE, 4, false),
+            Buf(BUF_BASE + 0x100, 8, false),
+            Buf(BUF_BASE + 0x1000, 100, false),
+            Buf(BUF_BASE + 0x2000, 1414, false),
+        ]);
+        t.post_indirect(
+            0x9000,
+            &[
+                Buf(BUF_BASE, 12, false),
+                Buf(BUF_BASE + 0x1000, 100, false),
+                Buf(BUF_BASE + 0x2000, 1414, false),
+            ],
+        );
         let mut q = t.queue();
         let mut bufs = VecBuffers::new(8);
         let (r, tally) = run(&t, &mut q, &mut bufs, 64);
@@ -216,7 +270,11 @@ mod tests {
         let (r, _) = run(&t, &mut q, &mut bufs, 64);
         assert_eq!(r, Ok(TxStop::NoBuffers));
         assert_eq!(t.used(0).len(), 2);
-        assert_eq!(q.next_avail(), 2, "the third chain is still the guest's to send");
+        assert_eq!(
+            q.next_avail(),
+            2,
+            "the third chain is still the guest's to send"
+        );
         bufs.free = 1;
         let (r, _) = run(&t, &mut q, &mut bufs, 64);
         assert_eq!(r, Ok(TxStop::RingEmpty));
@@ -251,7 +309,14 @@ mod tests {
         let (r, tally) = run(&t, &mut q, &mut bufs, 64);
         assert_eq!(r, Ok(TxStop::RingEmpty));
         assert!(bufs.sent.is_empty());
-        assert_eq!((tally.dropped_oversized, tally.dropped_runt, tally.dropped_offload), (1, 3, 1));
+        assert_eq!(
+            (
+                tally.dropped_oversized,
+                tally.dropped_runt,
+                tally.dropped_offload
+            ),
+            (1, 3, 1)
+        );
         assert_eq!(t.used(0).len(), 5, "every chain goes back to the guest");
     }
 
@@ -262,7 +327,10 @@ mod tests {
         for (descs, what) in [
             (vec![(BUF_BASE, 80, w, 0)], "write-only buffer"),
             (vec![(BUF_BASE, 12, n, 1), (BUF_BASE, 80, n, 0)], "loop"),
-            (vec![(MEM_SIZE as u64 - 20, 80, 0, 0)], "outside guest memory"),
+            (
+                vec![(MEM_SIZE as u64 - 20, 80, 0, 0)],
+                "outside guest memory",
+            ),
         ] {
             let mem = memory();
             let mut t = TestQueue::new(&mem);

@@ -1,0 +1,282 @@
+//! Port specifications and the TOML config file, as operators write them.
+//!
+//! On the command line a port is `--port socket=PATH,mac=MAC[,allow-mac=MAC]...
+//! [,rate-pps=N][,rate-bps=N]`; rates take k, M and G suffixes (powers of 1000). The same
+//! fields, spelled with underscores, make up a `[[port]]` table in the file given to
+//! `--config`, next to the daemon-wide settings.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::mac::{MacAddr, MacError};
+use crate::port::PortSpec;
+use crate::steering::XdpModeChoice;
+use crate::xsk::XskModeChoice;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("port {spec:?}: {why}")]
+    Port { spec: String, why: String },
+    #[error("cannot read config file {path}: {why}")]
+    Read { path: PathBuf, why: String },
+    #[error("config file {path}: {why}")]
+    Parse { path: PathBuf, why: String },
+}
+
+fn port_err(spec: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Port {
+        spec: spec.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Parses a rate like `250000`, `100k`, `2.5M` or `10G` (powers of 1000).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1e3),
+        Some((i, 'm' | 'M')) => (&s[..i], 1e6),
+        Some((i, 'g' | 'G')) => (&s[..i], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num.parse().map_err(|_| {
+        format!("invalid rate {s:?}: expected a number with an optional k, M or G suffix")
+    })?;
+    let v = v * mult;
+    if !(1.0..1e15).contains(&v) {
+        return Err(format!(
+            "invalid rate {s:?}: must be at least 1 and below 10^15"
+        ));
+    }
+    Ok(v as u64)
+}
+
+fn mac_field(spec: &str, key: &str, value: &str) -> Result<MacAddr, ConfigError> {
+    MacAddr::parse_unicast(value).map_err(|e: MacError| port_err(spec, format!("{key}: {e}")))
+}
+
+/// Parses one `--port` value.
+pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
+    let mut socket = None;
+    let mut mac = None;
+    let mut port = PortSpec::default();
+    for field in spec.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        let Some((key, value)) = field.split_once('=') else {
+            return Err(port_err(spec, format!("{field:?} is not key=value")));
+        };
+        match key.trim() {
+            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "mac" => mac = Some(mac_field(spec, "mac", value)?),
+            "allow-mac" => port.allow_macs.push(mac_field(spec, "allow-mac", value)?),
+            "rate-pps" => port.rate_pps = Some(parse_rate(value).map_err(|e| port_err(spec, e))?),
+            "rate-bps" => port.rate_bps = Some(parse_rate(value).map_err(|e| port_err(spec, e))?),
+            other => {
+                return Err(port_err(
+                    spec,
+                    format!(
+                        "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, rate-bps)"
+                    ),
+                ))
+            }
+        }
+    }
+    port.socket = socket.ok_or_else(|| port_err(spec, "socket=PATH is missing"))?;
+    port.mac = mac.ok_or_else(|| port_err(spec, "mac=MAC is missing"))?;
+    Ok(port)
+}
+
+/// A rate in the file: a number, or a string with a suffix.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RateValue {
+    Int(u64),
+    Text(String),
+}
+
+impl RateValue {
+    fn value(&self) -> Result<u64, String> {
+        match self {
+            RateValue::Int(0) => Err("a rate must be at least 1".into()),
+            RateValue::Int(v) => Ok(*v),
+            RateValue::Text(s) => parse_rate(s),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePort {
+    socket: PathBuf,
+    mac: String,
+    #[serde(default)]
+    allow_macs: Vec<String>,
+    rate_pps: Option<RateValue>,
+    rate_bps: Option<RateValue>,
+}
+
+/// The config file: every field optional, command-line flags win.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub iface: Option<String>,
+    pub mtu: Option<u16>,
+    pub xdp_mode: Option<XdpModeName>,
+    pub xsk_mode: Option<XskModeName>,
+    pub busy_poll: Option<bool>,
+    pub ctl: Option<PathBuf>,
+    pub metrics: Option<String>,
+    #[serde(default, rename = "port")]
+    ports: Vec<FilePort>,
+    #[serde(skip)]
+    pub parsed_ports: Vec<PortSpec>,
+}
+
+/// `xdp_mode` in the file, as on the command line.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpModeName {
+    Auto,
+    Driver,
+    Skb,
+}
+
+impl From<XdpModeName> for XdpModeChoice {
+    fn from(m: XdpModeName) -> Self {
+        match m {
+            XdpModeName::Auto => XdpModeChoice::Auto,
+            XdpModeName::Driver => XdpModeChoice::Driver,
+            XdpModeName::Skb => XdpModeChoice::Skb,
+        }
+    }
+}
+
+/// `xsk_mode` in the file, as on the command line.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XskModeName {
+    Auto,
+    ZeroCopy,
+    Copy,
+}
+
+impl From<XskModeName> for XskModeChoice {
+    fn from(m: XskModeName) -> Self {
+        match m {
+            XskModeName::Auto => XskModeChoice::Auto,
+            XskModeName::ZeroCopy => XskModeChoice::ZeroCopy,
+            XskModeName::Copy => XskModeChoice::Copy,
+        }
+    }
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let parse_err = |why: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            why,
+        };
+        let mut file: ConfigFile =
+            toml::from_str(text).map_err(|e| parse_err(e.to_string().trim().to_string()))?;
+        for (i, p) in file.ports.iter().enumerate() {
+            let at =
+                |why: String| parse_err(format!("port {} ({}): {why}", i + 1, p.socket.display()));
+            let mac = MacAddr::parse_unicast(&p.mac).map_err(|e| at(format!("mac: {e}")))?;
+            let allow_macs = p
+                .allow_macs
+                .iter()
+                .map(|m| MacAddr::parse_unicast(m).map_err(|e| at(format!("allow_macs: {e}"))))
+                .collect::<Result<_, _>>()?;
+            let rate = |r: &Option<RateValue>, key: &str| {
+                r.as_ref()
+                    .map(|v| v.value().map_err(|e| at(format!("{key}: {e}"))))
+                    .transpose()
+            };
+            file.parsed_ports.push(PortSpec {
+                socket: p.socket.clone(),
+                mac,
+                allow_macs,
+                rate_pps: rate(&p.rate_pps, "rate_pps")?,
+                rate_bps: rate(&p.rate_bps, "rate_bps")?,
+            });
+        }
+        Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_specs_parse_with_every_option() {
+        let p = parse_port("socket=/run/x/vm0.sock,mac=52:54:00:00:00:01,allow-mac=52:54:00:00:00:09,rate-pps=100k,rate-bps=2.5G")
+            .unwrap();
+        assert_eq!(p.socket, PathBuf::from("/run/x/vm0.sock"));
+        assert_eq!(p.mac.to_string(), "52:54:00:00:00:01");
+        assert_eq!(p.allow_macs.len(), 1);
+        assert_eq!(p.rate_pps, Some(100_000));
+        assert_eq!(p.rate_bps, Some(2_500_000_000));
+        let p = parse_port("mac=52:54:00:00:00:01,socket=/a").unwrap();
+        assert_eq!((p.rate_pps, p.rate_bps), (None, None));
+    }
+
+    #[test]
+    fn bad_port_specs_say_what_is_wrong() {
+        let msg = |s: &str| parse_port(s).unwrap_err().to_string();
+        assert!(msg("mac=52:54:00:00:00:01").contains("socket=PATH is missing"));
+        assert!(msg("socket=/a").contains("mac=MAC is missing"));
+        assert!(msg("socket=/a,mac=ff:ff:ff:ff:ff:ff").contains("unicast"));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,speed=9").contains("unknown key \"speed\""));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,rate-pps=fast").contains("invalid rate"));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,rate-pps=0").contains("at least 1"));
+        assert!(msg("socket=/a,mac").contains("not key=value"));
+    }
+
+    #[test]
+    fn config_file_parses_and_checks_ports() {
+        let text = r#"
+            iface = "eth0"
+            mtu = 1500
+            xsk_mode = "copy"
+            ctl = "/run/xvdpa/xvdpa.ctl"
+            metrics = "127.0.0.1:9477"
+
+            [[port]]
+            socket = "/run/xvdpa/vm0.sock"
+            mac = "52:54:00:00:00:01"
+
+            [[port]]
+            socket = "/run/xvdpa/vm1.sock"
+            mac = "52:54:00:00:00:02"
+            allow_macs = ["52:54:00:00:00:12"]
+            rate_pps = 50000
+            rate_bps = "100M"
+        "#;
+        let f = ConfigFile::parse(Path::new("x.toml"), text).unwrap();
+        assert_eq!(f.iface.as_deref(), Some("eth0"));
+        assert_eq!(f.parsed_ports.len(), 2);
+        assert_eq!(f.parsed_ports[1].rate_bps, Some(100_000_000));
+        assert_eq!(f.parsed_ports[1].rate_pps, Some(50_000));
+        assert!(matches!(
+            XskModeChoice::from(f.xsk_mode.unwrap()),
+            XskModeChoice::Copy
+        ));
+
+        let bad = ConfigFile::parse(
+            Path::new("x.toml"),
+            "[[port]]\nsocket = \"/a\"\nmac = \"01:00:5e:00:00:01\"\n",
+        );
+        assert!(bad.unwrap_err().to_string().contains("port 1 (/a): mac"));
+        let unknown = ConfigFile::parse(Path::new("x.toml"), "ifname = \"eth0\"\n");
+        assert!(unknown.unwrap_err().to_string().contains("unknown field"));
+    }
+}

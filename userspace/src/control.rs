@@ -1,0 +1,281 @@
+//! The control socket: JSON requests, one per line, each answered by one JSON line.
+//!
+//! ```text
+//! {"cmd":"add-port","socket":"/run/xvdpa/vm2.sock","mac":"52:54:00:00:00:03"}
+//! {"cmd":"del-port","port":"/run/xvdpa/vm2.sock"}      (socket path, MAC or index)
+//! {"cmd":"list"}
+//! {"cmd":"stats"}
+//! ```
+//! Replies are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. The socket is created mode
+//! 0600 and every connection's peer must be root or the daemon's own user. A bad request gets
+//! an error reply and the connection stays usable; nothing a client sends reaches the
+//! datapath except through the same checks the command line uses.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use crate::daemon::{Daemon, PortInfo, StatsSnapshot};
+use crate::mac::MacAddr;
+use crate::port::{self, PortSpec};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    AddPort {
+        socket: PathBuf,
+        mac: String,
+        #[serde(default)]
+        allow_macs: Vec<String>,
+        rate_pps: Option<u64>,
+        rate_bps: Option<u64>,
+    },
+    DelPort {
+        port: String,
+    },
+    List,
+    Stats,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortInfo>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<StatsSnapshot>,
+}
+
+impl Response {
+    fn error(e: impl ToString) -> Self {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Creates the control socket (refusing a path a live daemon listens on), mode 0600.
+pub fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    port::prepare_socket_path(path)
+        .map_err(|e| io::Error::other(format!("control socket: {e}")))?;
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(path = %path.display(), "control socket ready");
+    Ok(listener)
+}
+
+/// Accepts control connections until the runtime ends.
+pub async fn serve(listener: std::os::unix::net::UnixListener, daemon: Arc<Daemon>) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "control socket unusable; xvdpa ctl will not work");
+            return;
+        }
+    };
+    // SAFETY: geteuid(2) has no failure modes.
+    let own_uid = unsafe { libc::geteuid() };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let allowed = stream
+            .peer_cred()
+            .map(|c| c.uid() == 0 || c.uid() == own_uid)
+            .unwrap_or(false);
+        tokio::spawn(connection(stream, allowed, daemon.clone()));
+    }
+}
+
+async fn connection(stream: tokio::net::UnixStream, allowed: bool, daemon: Arc<Daemon>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut lines)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let too_long = n > MAX_REQUEST;
+        let reply = if !allowed {
+            Response::error(
+                "permission denied: the control socket serves root and the daemon's user only",
+            )
+        } else if too_long {
+            Response::error(format!("request longer than {MAX_REQUEST} bytes"))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => {
+                    let d = daemon.clone();
+                    // Adding and removing ports start and join threads: off the event loop.
+                    tokio::task::spawn_blocking(move || handle(&d, req))
+                        .await
+                        .unwrap_or_else(|e| Response::error(format!("internal error: {e}")))
+                }
+                Err(e) => Response::error(format!("malformed request: {e}")),
+            }
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() || !allowed || too_long {
+            return;
+        }
+    }
+}
+
+/// Carries out one request.
+pub fn handle(daemon: &Daemon, req: Request) -> Response {
+    match req {
+        Request::AddPort {
+            socket,
+            mac,
+            allow_macs,
+            rate_pps,
+            rate_bps,
+        } => {
+            let spec = (|| -> Result<PortSpec, String> {
+                let mac = MacAddr::parse_unicast(&mac).map_err(|e| format!("mac: {e}"))?;
+                let allow_macs = allow_macs
+                    .iter()
+                    .map(|m| MacAddr::parse_unicast(m).map_err(|e| format!("allow_macs: {e}")))
+                    .collect::<Result<_, _>>()?;
+                if socket.as_os_str().is_empty() || !socket.is_absolute() {
+                    return Err(format!("socket: {:?} is not an absolute path", socket));
+                }
+                if rate_pps == Some(0) || rate_bps == Some(0) {
+                    return Err("a rate must be at least 1".into());
+                }
+                Ok(PortSpec {
+                    socket,
+                    mac,
+                    allow_macs,
+                    rate_pps,
+                    rate_bps,
+                })
+            })();
+            match spec
+                .map_err(|e| e.to_string())
+                .and_then(|s| daemon.add_port(s).map_err(|e| e.to_string()))
+            {
+                Ok(info) => Response {
+                    ok: true,
+                    port: Some(info),
+                    ..Default::default()
+                },
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::DelPort { port } => match daemon.remove_port(&port) {
+            Ok(info) => Response {
+                ok: true,
+                port: Some(info),
+                ..Default::default()
+            },
+            Err(e) => Response::error(e),
+        },
+        Request::List => Response {
+            ok: true,
+            ports: Some(daemon.list()),
+            ..Default::default()
+        },
+        Request::Stats => Response {
+            ok: true,
+            stats: Some(daemon.stats()),
+            ..Default::default()
+        },
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the daemon at {path}: {source} (is xvdpa running? give its socket with --ctl)")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("talking to the daemon at {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("the daemon's reply is not understood: {0}")]
+    Reply(serde_json::Error),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the daemon's successful reply.
+pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    let io_err = |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io_err)?;
+    let mut line = serde_json::to_vec(req).map_err(ClientError::Reply)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io_err)?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(io_err)?;
+    let reply: Response = serde_json::from_str(&reply).map_err(ClientError::Reply)?;
+    if reply.ok {
+        Ok(reply)
+    } else {
+        Err(ClientError::Refused(
+            reply.error.unwrap_or_else(|| "request refused".into()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"add-port","socket":"/a.sock","mac":"52:54:00:00:00:01"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::AddPort {
+                socket: "/a.sock".into(),
+                mac: "52:54:00:00:00:01".into(),
+                allow_macs: vec![],
+                rate_pps: None,
+                rate_bps: None
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();
+        assert_eq!(r, Request::DelPort { port: "3".into() });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::List).unwrap(),
+            r#"{"cmd":"list"}"#
+        );
+    }
+}

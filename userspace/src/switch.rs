@@ -1,0 +1,526 @@
+//! The daemon's own L2 switch: what a guest may send, and frames between two ports of the
+//! same daemon, which never touch the NIC.
+//!
+//! Frames from the NIC reach a port through XDP steering (unicast) or the packet tap
+//! (broadcast and multicast). Frames a guest sends are classified here, per frame, right after
+//! they were copied out of the guest into a UMEM buffer:
+//! - a source MAC the port may not use, or a frame over the port's rate limit: dropped and
+//!   counted;
+//! - unicast to another port's MAC: written straight into that port's receive queue, the
+//!   buffer never goes to the NIC;
+//! - broadcast and multicast: to the NIC and to every other port;
+//! - anything else: to the NIC.
+//!
+//! Deliveries into another port run on the sender's worker thread, under the receiver's rx
+//! vring lock; that lock is always taken last and held for one batch, so it cannot deadlock
+//! with the receiver's own worker.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use vhost_user_backend::{VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::datapath::rx::{self, RxOutcome, RxScratch};
+use crate::datapath::tx::{TxBuffers, TxDrop};
+use crate::datapath::GuestMemoryCursor;
+use crate::device::{NegotiatedFeatures, ETH_HLEN};
+use crate::mac::MacAddr;
+use crate::stats::QueueStats;
+use crate::worker::Vring;
+use crate::xsk::{HeldFrame, XskSocket};
+
+/// A connected port's receive queue, as other ports' workers reach it.
+pub struct RxTarget {
+    pub vring: Vring,
+    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub acked: Arc<AtomicU64>,
+    pub stats: Arc<QueueStats>,
+    /// Set when the guest broke the ring's rules; shared with the port's own worker.
+    pub broken: Arc<AtomicBool>,
+}
+
+/// A port as the switch knows it.
+pub struct SwitchPort {
+    pub mac: MacAddr,
+    pub index: u32,
+    target: Mutex<Option<RxTarget>>,
+}
+
+impl SwitchPort {
+    pub fn new(mac: MacAddr, index: u32) -> Arc<Self> {
+        Arc::new(SwitchPort {
+            mac,
+            index,
+            target: Mutex::new(None),
+        })
+    }
+
+    /// Makes the port's receive queue reachable (a frontend connected and its worker runs).
+    pub fn publish(&self, target: RxTarget) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(target);
+    }
+
+    /// The frontend went away; frames for the port are dropped until the next one.
+    pub fn unpublish(&self) {
+        self.target.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub fn is_published(&self) -> bool {
+        self.target
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+/// MAC -> port, for every port of the daemon. Readers take a snapshot once per batch.
+#[derive(Default)]
+pub struct SwitchTable {
+    ports: RwLock<Arc<HashMap<MacAddr, Arc<SwitchPort>>>>,
+}
+
+impl SwitchTable {
+    pub fn snapshot(&self) -> Arc<HashMap<MacAddr, Arc<SwitchPort>>> {
+        self.ports.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn insert(&self, port: Arc<SwitchPort>) {
+        let mut guard = self.ports.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = HashMap::clone(&guard);
+        map.insert(port.mac, port);
+        *guard = Arc::new(map);
+    }
+
+    pub fn remove(&self, mac: MacAddr) {
+        let mut guard = self.ports.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = HashMap::clone(&guard);
+        if let Some(p) = map.remove(&mac) {
+            p.unpublish();
+        }
+        *guard = Arc::new(map);
+    }
+}
+
+/// A token bucket over packets and bits per second (a policer: frames over it are dropped).
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pps: Option<f64>,
+    bps: Option<f64>,
+    packets: f64,
+    bits: f64,
+    last: Option<Instant>,
+}
+
+/// How much a bucket holds: this much time at the configured rate, or one full frame.
+const BURST_SECONDS: f64 = 0.005;
+const MIN_BURST_BITS: f64 = 9216.0 * 8.0;
+
+impl RateLimit {
+    pub fn new(pps: Option<u64>, bps: Option<u64>) -> Option<Self> {
+        if pps.is_none() && bps.is_none() {
+            return None;
+        }
+        let mut r = RateLimit {
+            pps: pps.map(|v| v as f64),
+            bps: bps.map(|v| v as f64),
+            packets: 0.0,
+            bits: 0.0,
+            last: None,
+        };
+        r.packets = r.packet_burst();
+        r.bits = r.bit_burst();
+        Some(r)
+    }
+
+    fn packet_burst(&self) -> f64 {
+        self.pps
+            .map(|r| (r * BURST_SECONDS).max(1.0))
+            .unwrap_or(0.0)
+    }
+
+    fn bit_burst(&self) -> f64 {
+        self.bps
+            .map(|r| (r * BURST_SECONDS).max(MIN_BURST_BITS))
+            .unwrap_or(0.0)
+    }
+
+    /// Adds the tokens earned since the last refill; called once per batch.
+    pub fn refill(&mut self, now: Instant) {
+        let elapsed = self
+            .last
+            .map(|t| now.saturating_duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        self.last = Some(now);
+        if let Some(r) = self.pps {
+            self.packets = (self.packets + r * elapsed).min(self.packet_burst());
+        }
+        if let Some(r) = self.bps {
+            self.bits = (self.bits + r * elapsed).min(self.bit_burst());
+        }
+    }
+
+    /// Takes the tokens for one frame of `len` bytes, or says it is over the limit.
+    pub fn admit(&mut self, len: usize) -> bool {
+        let bits = (len * 8) as f64;
+        let ok = self.pps.is_none_or(|_| self.packets >= 1.0)
+            && self.bps.is_none_or(|_| self.bits >= bits);
+        if ok {
+            self.packets -= 1.0;
+            self.bits -= bits;
+        }
+        ok
+    }
+}
+
+/// What a port's guest may send.
+#[derive(Debug, Clone)]
+pub struct TxPolicy {
+    /// Source MACs the guest may use: its own first, then the configured extra ones.
+    pub allowed_sources: Vec<MacAddr>,
+    pub rate: Option<RateLimit>,
+}
+
+impl TxPolicy {
+    pub fn new(own: MacAddr, extra: &[MacAddr], rate: Option<RateLimit>) -> Self {
+        let mut allowed_sources = vec![own];
+        allowed_sources.extend(extra.iter().copied().filter(|m| *m != own));
+        TxPolicy {
+            allowed_sources,
+            rate,
+        }
+    }
+
+    pub fn own_mac(&self) -> MacAddr {
+        self.allowed_sources[0]
+    }
+}
+
+/// Where one transmitted frame goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TxVerdict {
+    /// To the NIC only.
+    Wire,
+    /// To the port with this MAC, not the NIC.
+    Local(MacAddr),
+    /// To the NIC and every other port.
+    Flood,
+    Drop(TxDrop),
+}
+
+/// Decides where a frame from the guest goes. `ports` are the daemon's ports by MAC.
+pub fn classify<V>(frame: &[u8], policy: &mut TxPolicy, ports: &HashMap<MacAddr, V>) -> TxVerdict {
+    if frame.len() < ETH_HLEN {
+        return TxVerdict::Drop(TxDrop::Runt);
+    }
+    let mut src = [0u8; 6];
+    src.copy_from_slice(&frame[6..12]);
+    if !policy.allowed_sources.contains(&MacAddr(src)) {
+        return TxVerdict::Drop(TxDrop::Spoofed);
+    }
+    if let Some(rate) = &mut policy.rate {
+        if !rate.admit(frame.len()) {
+            return TxVerdict::Drop(TxDrop::RateLimited);
+        }
+    }
+    let mut dst = [0u8; 6];
+    dst.copy_from_slice(&frame[0..6]);
+    let dst = MacAddr(dst);
+    if dst.is_multicast() {
+        TxVerdict::Flood
+    } else if dst != policy.own_mac() && ports.contains_key(&dst) {
+        TxVerdict::Local(dst)
+    } else {
+        TxVerdict::Wire
+    }
+}
+
+/// A frame waiting to be written into another port.
+pub struct LocalFrame {
+    pub to: Arc<SwitchPort>,
+    pub frame: HeldFrame,
+    /// Also on its way to the NIC (flooded): not released after delivery.
+    pub staged: bool,
+}
+
+/// The transmit sink of one port for one batch: the NIC socket, the policy and the switch.
+pub struct PortTx<'a> {
+    pub sock: &'a mut XskSocket,
+    pub policy: &'a mut TxPolicy,
+    pub ports: &'a HashMap<MacAddr, Arc<SwitchPort>>,
+    pub local: &'a mut Vec<LocalFrame>,
+}
+
+impl TxBuffers for PortTx<'_> {
+    fn next_buffer(&mut self) -> Option<&mut [u8]> {
+        self.sock.next_buffer()
+    }
+
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        let Some(frame) = self.sock.current(len) else {
+            return Err(TxDrop::Oversized);
+        };
+        match classify(frame, self.policy, self.ports) {
+            TxVerdict::Drop(why) => Err(why),
+            TxVerdict::Wire => {
+                self.sock.stage(len);
+                Ok(())
+            }
+            TxVerdict::Local(mac) => {
+                if let (Some(to), Some(frame)) = (self.ports.get(&mac), self.sock.hold(len)) {
+                    self.local.push(LocalFrame {
+                        to: to.clone(),
+                        frame,
+                        staged: false,
+                    });
+                }
+                Ok(())
+            }
+            TxVerdict::Flood => {
+                let own = self.policy.own_mac();
+                if let Some(frame) = self.sock.stage(len) {
+                    for p in self.ports.values().filter(|p| p.mac != own) {
+                        self.local.push(LocalFrame {
+                            to: p.clone(),
+                            frame,
+                            staged: true,
+                        });
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Notifies the guest behind `state` if it asked to be (EVENT_IDX), counting either way.
+pub fn notify_guest(
+    state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    stats: &QueueStats,
+) {
+    match state.needs_notification() {
+        Ok(true) => {
+            if state.signal_used_queue().is_ok() {
+                stats.add(&stats.notifications_sent, 1);
+            }
+        }
+        Ok(false) => stats.add(&stats.notifications_suppressed, 1),
+        Err(_) => {}
+    }
+}
+
+/// Writes the batch's local frames into their ports, one lock and one notification per
+/// receiving port, then returns the frames that went nowhere else to the sender's pool.
+/// Returns how many frames were delivered.
+pub fn deliver_local(
+    local: &mut Vec<LocalFrame>,
+    sock: &mut XskSocket,
+    scratch: &mut RxScratch,
+) -> u64 {
+    if local.is_empty() {
+        return 0;
+    }
+    // Stable by receiver, so frames to one port keep their order.
+    local.sort_by_key(|f| f.to.index);
+    let mut delivered = 0;
+    let mut start = 0;
+    while start < local.len() {
+        let to = local[start].to.clone();
+        let end = start
+            + local[start..]
+                .iter()
+                .take_while(|f| f.to.index == to.index)
+                .count();
+        let target = to.target.lock().unwrap_or_else(|p| p.into_inner());
+        // A known port without a frontend has nobody to deliver to.
+        if let Some(t) = &*target {
+            delivered += deliver_into(
+                t,
+                local[start..end].iter().map(|f| sock.held(f.frame)),
+                scratch,
+            );
+        }
+        drop(target);
+        start = end;
+    }
+    for f in local.drain(..) {
+        if !f.staged {
+            sock.release(f.frame);
+        }
+    }
+    delivered
+}
+
+/// Writes `frames` into one port's receive queue under its vring lock.
+fn deliver_into<'f>(
+    target: &RxTarget,
+    frames: impl Iterator<Item = &'f [u8]>,
+    scratch: &mut RxScratch,
+) -> u64 {
+    let stats = &target.stats;
+    let mut state = target.vring.get_mut();
+    if !state.get_queue().ready() || !state.is_enabled() || target.broken.load(Ordering::Acquire) {
+        stats.add(&stats.rx_dropped_queue_stopped, frames.count() as u64);
+        return 0;
+    }
+    let mem = target.mem.memory();
+    let mrg = NegotiatedFeatures::new(target.acked.load(Ordering::Acquire)).mrg_rxbuf;
+    let mut cursor = GuestMemoryCursor::new(&mem);
+    let (mut n, mut bytes, mut buffers, mut too_large, mut full) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for frame in frames {
+        if full > 0 {
+            full += 1;
+            continue;
+        }
+        match rx::deliver_frame(
+            &mem,
+            &mut cursor,
+            state.get_queue_mut(),
+            frame,
+            mrg,
+            scratch,
+        ) {
+            Ok(RxOutcome::Delivered { buffers: b }) => {
+                n += 1;
+                bytes += frame.len() as u64;
+                buffers += u64::from(b);
+            }
+            Ok(RxOutcome::TooLarge) => too_large += 1,
+            Ok(RxOutcome::NoBuffers) => full += 1,
+            Err(e) => {
+                target.broken.store(true, Ordering::Release);
+                stats.add(&stats.queue_errors, 1);
+                tracing::error!(error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
+                break;
+            }
+        }
+    }
+    stats.add(&stats.rx_packets, n);
+    stats.add(&stats.rx_bytes, bytes);
+    stats.add(&stats.rx_buffers, buffers);
+    stats.add(&stats.rx_switched, n);
+    stats.add(&stats.rx_dropped_too_large, too_large);
+    stats.add(&stats.rx_dropped_guest_ring_full, full);
+    if n > 0 {
+        notify_guest(&mut state, stats);
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn mac(last: u8) -> MacAddr {
+        MacAddr([0x52, 0x54, 0, 0, 0, last])
+    }
+
+    fn frame(dst: MacAddr, src: MacAddr, len: usize) -> Vec<u8> {
+        let mut f = vec![0u8; len];
+        f[0..6].copy_from_slice(&dst.0);
+        f[6..12].copy_from_slice(&src.0);
+        f
+    }
+
+    fn ports(macs: &[MacAddr]) -> HashMap<MacAddr, ()> {
+        macs.iter().map(|m| (*m, ())).collect()
+    }
+
+    #[test]
+    fn classification_follows_destination_and_source() {
+        let table = ports(&[mac(1), mac(2)]);
+        let mut policy = TxPolicy::new(mac(1), &[mac(9)], None);
+        assert_eq!(
+            classify(&frame(mac(2), mac(1), 60), &mut policy, &table),
+            TxVerdict::Local(mac(2))
+        );
+        assert_eq!(
+            classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
+            TxVerdict::Wire
+        );
+        assert_eq!(
+            classify(&frame(MacAddr::BROADCAST, mac(1), 60), &mut policy, &table),
+            TxVerdict::Flood
+        );
+        let mcast = MacAddr([0x33, 0x33, 0, 0, 0, 1]);
+        assert_eq!(
+            classify(&frame(mcast, mac(1), 60), &mut policy, &table),
+            TxVerdict::Flood
+        );
+        // To itself: not switched back (no hairpin); the wire decides.
+        assert_eq!(
+            classify(&frame(mac(1), mac(1), 60), &mut policy, &table),
+            TxVerdict::Wire
+        );
+        // The allow-list admits extra sources; anything else is spoofed.
+        assert_eq!(
+            classify(&frame(mac(2), mac(9), 60), &mut policy, &table),
+            TxVerdict::Local(mac(2))
+        );
+        assert_eq!(
+            classify(&frame(mac(2), mac(2), 60), &mut policy, &table),
+            TxVerdict::Drop(TxDrop::Spoofed)
+        );
+        assert_eq!(
+            classify(&frame(mac(3), mac(7), 60), &mut policy, &table),
+            TxVerdict::Drop(TxDrop::Spoofed)
+        );
+        assert_eq!(
+            classify(&[0u8; 10], &mut policy, &table),
+            TxVerdict::Drop(TxDrop::Runt)
+        );
+    }
+
+    #[test]
+    fn rate_limit_admits_the_burst_then_the_rate() {
+        let mut r = RateLimit::new(Some(10_000), None).unwrap();
+        let t0 = Instant::now();
+        r.refill(t0);
+        // Burst: 5 ms at 10 kpps.
+        let burst = (0..100).filter(|_| r.admit(60)).count();
+        assert_eq!(burst, 50);
+        // 10 ms later: 100 more earned, capped at the burst of 50.
+        r.refill(t0 + Duration::from_millis(10));
+        assert_eq!((0..100).filter(|_| r.admit(60)).count(), 50);
+        // 1 ms later: 10 more.
+        r.refill(t0 + Duration::from_millis(11));
+        assert_eq!((0..100).filter(|_| r.admit(60)).count(), 10);
+    }
+
+    #[test]
+    fn bit_rate_limit_counts_bytes() {
+        // 8 Mbit/s: a 5 ms burst is 40 kbit, raised to one 9216-byte frame (73.7 kbit).
+        let mut r = RateLimit::new(None, Some(8_000_000)).unwrap();
+        let t0 = Instant::now();
+        r.refill(t0);
+        assert_eq!((0..100).filter(|_| r.admit(1000)).count(), 9);
+        r.refill(t0 + Duration::from_millis(1));
+        // 1 ms at 8 Mbit/s: 1000 bytes.
+        assert_eq!((0..100).filter(|_| r.admit(1000)).count(), 1);
+        assert!(RateLimit::new(None, None).is_none());
+    }
+
+    #[test]
+    fn rate_limited_frames_are_dropped_after_the_source_check() {
+        let table = ports(&[mac(1)]);
+        let mut policy = TxPolicy::new(mac(1), &[], RateLimit::new(Some(200), None));
+        policy.rate.as_mut().unwrap().refill(Instant::now());
+        assert_eq!(
+            classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
+            TxVerdict::Wire
+        );
+        assert_eq!(
+            classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
+            TxVerdict::Drop(TxDrop::RateLimited)
+        );
+        // A spoofed frame does not spend tokens.
+        assert_eq!(
+            classify(&frame(mac(3), mac(5), 60), &mut policy, &table),
+            TxVerdict::Drop(TxDrop::Spoofed)
+        );
+    }
+}
