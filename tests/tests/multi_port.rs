@@ -1,0 +1,515 @@
+//! Several VM ports on one NIC: the in-daemon switch, anti-spoofing, ports added and removed
+//! at runtime, the control socket's answers to bad requests, and the metrics endpoint.
+//! The project's own frontend plays each VM. Needs root; `cargo xtask test` runs it.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use xvdpa_tests::ctl::Ctl;
+use xvdpa_tests::daemon::{socket_dir, Daemon};
+use xvdpa_tests::frames::{test_frame, test_seq, BROADCAST};
+use xvdpa_tests::frontend::{
+    FrontendOptions, VirtioNetFrontend, RX_QUEUE, TX_QUEUE, VIRTIO_RING_F_EVENT_IDX,
+};
+use xvdpa_tests::lab::{guest_mac, mac_str, Lab};
+use xvdpa_tests::wire::WireSocket;
+
+const WAIT: Duration = Duration::from_secs(5);
+/// How long to watch for a frame that must not arrive.
+const QUIET: Duration = Duration::from_millis(400);
+
+struct Setup {
+    lab: Lab,
+    daemon: Daemon,
+    wire: WireSocket,
+    wire_mac: [u8; 6],
+    dir: PathBuf,
+    sockets: Vec<PathBuf>,
+    ctl: Ctl,
+}
+
+fn setup(tag: &str, ports: u8, extra: &[&str]) -> Result<Setup> {
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    let specs: Vec<(PathBuf, String)> = (0..ports)
+        .map(|i| (dir.join(format!("vm{i}.sock")), mac_str(guest_mac(i))))
+        .collect();
+    let daemon = Daemon::start_ports(&lab, &specs, extra)?;
+    let wire = WireSocket::open(&lab)?;
+    let wire_mac = lab.wire_mac()?;
+    let ctl = Ctl::new(&dir.join("ctl.sock"));
+    Ok(Setup {
+        lab,
+        daemon,
+        wire,
+        wire_mac,
+        sockets: specs.into_iter().map(|(s, _)| s).collect(),
+        dir,
+        ctl,
+    })
+}
+
+/// Connects a frontend to `socket` with receive buffers posted, and waits until the daemon's
+/// switch can reach its receive queue (published on the worker's first event).
+fn vm(socket: &std::path::Path) -> Result<VirtioNetFrontend> {
+    let mut opts = FrontendOptions::default();
+    opts.features |= VIRTIO_RING_F_EVENT_IDX;
+    let mut fe = VirtioNetFrontend::connect(socket, opts)?;
+    fe.post_rx_buffers(256, 2048)?;
+    // The worker's housekeeping timer (200 ms) guarantees an event even without traffic.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(fe)
+}
+
+/// Sends `frame` from `fe` and returns once the device used the chain.
+fn send(fe: &mut VirtioNetFrontend, frame: &[u8]) -> Result<()> {
+    fe.send(frame, 1, false)?;
+    fe.kick(TX_QUEUE)?;
+    ensure!(
+        fe.wait_tx_used(1, WAIT)? == 1,
+        "the device did not use the tx chain"
+    );
+    Ok(())
+}
+
+/// Frames with sequence numbers in `seqs` that `fe` receives within `within`.
+fn received(fe: &mut VirtioNetFrontend, want: usize, within: Duration) -> Result<Vec<Vec<u8>>> {
+    let got = fe
+        .recv_frames(want, within)?
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect();
+    fe.post_rx_buffers(fe.free_descriptors(RX_QUEUE).min(256), 2048)?;
+    Ok(got)
+}
+
+fn wire_saw(s: &Setup, seq: u32) -> bool {
+    s.wire
+        .recv_until(QUIET, |g| g.iter().any(|f| test_seq(f) == Some(seq)))
+        .iter()
+        .any(|f| test_seq(f) == Some(seq))
+}
+
+#[test]
+fn two_vms_switch_locally_share_broadcasts_and_cannot_spoof() -> Result<()> {
+    let s = setup("mp2", 2, &[])?;
+    let (mut a, mut b) = (vm(&s.sockets[0])?, vm(&s.sockets[1])?);
+
+    // A -> B and B -> A: switched inside the daemon, at several sizes, never on the wire.
+    for (i, len) in [60usize, 200, 1514].into_iter().enumerate() {
+        let f = test_frame(guest_mac(1), guest_mac(0), 100 + i as u32, len);
+        send(&mut a, &f)?;
+        let got = received(&mut b, 1, WAIT)?;
+        ensure!(
+            got == vec![f],
+            "B got {:?} for a {len}-byte frame from A",
+            got.iter().map(|g| g.len()).collect::<Vec<_>>()
+        );
+        let f = test_frame(guest_mac(0), guest_mac(1), 200 + i as u32, len);
+        send(&mut b, &f)?;
+        ensure!(
+            received(&mut a, 1, WAIT)? == vec![f],
+            "A did not get B's {len}-byte frame"
+        );
+    }
+    ensure!(
+        !wire_saw(&s, 100),
+        "a frame switched between VMs leaked onto the wire"
+    );
+
+    // The wire reaches each VM by its MAC, and only that VM.
+    let to_a = test_frame(guest_mac(0), s.wire_mac, 300, 100);
+    let to_b = test_frame(guest_mac(1), s.wire_mac, 301, 100);
+    s.wire.send(&to_a)?;
+    s.wire.send(&to_b)?;
+    ensure!(
+        received(&mut a, 1, WAIT)? == vec![to_a],
+        "A did not get its frame from the wire"
+    );
+    ensure!(
+        received(&mut b, 1, WAIT)? == vec![to_b],
+        "B did not get its frame from the wire"
+    );
+
+    // A VM reaches the wire; the other VM does not see it.
+    let out = test_frame(s.wire_mac, guest_mac(0), 400, 300);
+    send(&mut a, &out)?;
+    ensure!(wire_saw(&s, 400), "A's frame to the wire did not arrive");
+    ensure!(
+        received(&mut b, 1, QUIET)?.is_empty(),
+        "B saw a unicast frame for the wire"
+    );
+
+    // A broadcast from a VM reaches the wire and the other VM, not the sender.
+    let bcast = test_frame(BROADCAST, guest_mac(0), 500, 120);
+    send(&mut a, &bcast)?;
+    ensure!(
+        received(&mut b, 1, WAIT)? == vec![bcast.clone()],
+        "B did not get A's broadcast"
+    );
+    ensure!(wire_saw(&s, 500), "A's broadcast did not reach the wire");
+    ensure!(
+        received(&mut a, 1, QUIET)?.is_empty(),
+        "A got its own broadcast back"
+    );
+
+    // A broadcast from the wire reaches both VMs.
+    let wb = test_frame(BROADCAST, s.wire_mac, 600, 90);
+    s.wire.send(&wb)?;
+    ensure!(
+        received(&mut a, 1, WAIT)? == vec![wb.clone()],
+        "A missed the wire's broadcast"
+    );
+    ensure!(
+        received(&mut b, 1, WAIT)? == vec![wb],
+        "B missed the wire's broadcast"
+    );
+
+    // A forged source MAC goes nowhere and is counted.
+    let forged = test_frame(guest_mac(1), [0x52, 0x54, 0, 0xde, 0xad, 0x01], 700, 100);
+    send(&mut a, &forged)?;
+    let forged_wire = test_frame(s.wire_mac, guest_mac(1), 701, 100);
+    send(&mut a, &forged_wire)?;
+    ensure!(
+        received(&mut b, 1, QUIET)?.is_empty(),
+        "B got a frame with a forged source"
+    );
+    ensure!(
+        !wire_saw(&s, 701),
+        "a frame with B's MAC as source left through A"
+    );
+    ensure!(
+        s.ctl.counter(0, "tx_dropped_spoofed")? == 2,
+        "spoofed counter: {}",
+        s.ctl.stats()?
+    );
+
+    let stats = s.ctl.stats()?;
+    ensure!(
+        s.ctl.counter(0, "tx_switched")? >= 4,
+        "A tx_switched (3 unicast + 1 broadcast): {stats}"
+    );
+    ensure!(
+        s.ctl.counter(1, "rx_switched")? >= 4,
+        "B rx_switched: {stats}"
+    );
+    // The human table shows both ports.
+    let table = s.ctl.cli(&["stats"], &[])?;
+    ensure!(
+        table.contains(&mac_str(guest_mac(0))) && table.contains(&mac_str(guest_mac(1))),
+        "stats table:\n{table}"
+    );
+    ensure!(
+        table.contains("tx_dropped_spoofed=2"),
+        "stats table lacks the spoof drops:\n{table}"
+    );
+    drop((a, b));
+    let log = s.daemon.stop()?;
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+/// Lock-step traffic on two established ports: A -> B through the switch and wire -> A
+/// through XDP, one window at a time so no guest ring ever runs dry. Returns frames moved.
+fn stream(
+    s: &Setup,
+    a: &mut VirtioNetFrontend,
+    b: &mut VirtioNetFrontend,
+    stop: &AtomicBool,
+) -> Result<u32> {
+    const WINDOW: u32 = 32;
+    let mut seq = 0u32;
+    while !stop.load(Ordering::Acquire) {
+        for i in 0..WINDOW {
+            a.send(
+                &test_frame(guest_mac(1), guest_mac(0), seq + i, 128),
+                1,
+                false,
+            )?;
+            s.wire
+                .send(&test_frame(guest_mac(0), s.wire_mac, seq + i, 128))?;
+        }
+        a.kick(TX_QUEUE)?;
+        let to_b = b.recv_frames(WINDOW as usize, WAIT)?;
+        let to_a = a.recv_frames(WINDOW as usize, WAIT)?;
+        a.reclaim_used(TX_QUEUE)?;
+        for (who, got) in [("B", &to_b), ("A", &to_a)] {
+            let seqs: Vec<u32> = got.iter().filter_map(|(_, f)| test_seq(f)).collect();
+            if seqs != (seq..seq + WINDOW).collect::<Vec<_>>() {
+                bail!(
+                    "{who} lost frames in window {seq}..{}: got {seqs:?}",
+                    seq + WINDOW
+                );
+            }
+        }
+        b.post_rx_buffers(b.free_descriptors(RX_QUEUE).min(256), 2048)?;
+        a.post_rx_buffers(a.free_descriptors(RX_QUEUE).min(256), 2048)?;
+        seq += WINDOW;
+    }
+    Ok(seq)
+}
+
+#[test]
+fn ports_added_and_removed_at_runtime_leave_the_others_untouched() -> Result<()> {
+    let s = setup("mprt", 2, &[])?;
+    let (mut a, mut b) = (vm(&s.sockets[0])?, vm(&s.sockets[1])?);
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let third = s.dir.join("vm2.sock");
+    let ctl = Ctl::new(&s.ctl.path);
+    let lab_wire_mac = s.wire_mac;
+    // A second wire socket for the churn thread (the first one sees the stream's frames).
+    let wire = WireSocket::open(&s.lab)?;
+    let stopper = stop.clone();
+    let third_c = third.clone();
+    let churn = std::thread::spawn(move || -> Result<()> {
+        let result = (|| -> Result<()> {
+            std::thread::sleep(Duration::from_millis(300));
+            let out = ctl.cli(
+                &["ctl"],
+                &[
+                    "add-port",
+                    "--socket",
+                    third_c.to_str().unwrap(),
+                    "--mac",
+                    &mac_str(guest_mac(2)),
+                ],
+            )?;
+            ensure!(out.contains(&mac_str(guest_mac(2))), "add-port said: {out}");
+            let list = ctl.cli(&["ctl"], &["list"])?;
+            ensure!(list.lines().count() == 4, "list after add:\n{list}");
+            // The new port works: the wire reaches a VM on it.
+            let mut c = vm(&third_c)?;
+            let f = test_frame(guest_mac(2), lab_wire_mac, 9000, 100);
+            wire.send(&f)?;
+            let got = c.recv_frames(1, WAIT)?;
+            ensure!(
+                got.len() == 1 && got[0].1 == f,
+                "the added port's VM did not get its frame"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            drop(c);
+            ctl.cli(&["ctl"], &["del-port", &mac_str(guest_mac(2))])?;
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        })();
+        stopper.store(true, Ordering::Release);
+        result
+    });
+    let moved = stream(&s, &mut a, &mut b, &stop);
+    stop.store(true, Ordering::Release);
+    churn
+        .join()
+        .map_err(|_| anyhow::anyhow!("churn thread panicked"))??;
+    let moved = moved?;
+    eprintln!("streamed {moved} frames per direction while a port was added, used and removed");
+    ensure!(
+        moved >= 64,
+        "only {moved} frames per direction streamed during the churn"
+    );
+
+    // Removal freed the port: socket file gone, not listed, its MAC back with the host.
+    ensure!(!third.exists(), "del-port left {} behind", third.display());
+    let list = s.ctl.raw(r#"{"cmd":"list"}"#)?;
+    ensure!(
+        list["ports"].as_array().map(|p| p.len()) == Some(2),
+        "list after del: {list}"
+    );
+    let before = s.ctl.xdp_counter("passed_unknown_unicast")?;
+    s.wire
+        .send(&test_frame(guest_mac(2), s.wire_mac, 9100, 100))?;
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(
+        s.ctl.xdp_counter("passed_unknown_unicast")? > before,
+        "the removed port's MAC is still steered"
+    );
+    // The slot is reusable with the same socket path and MAC.
+    let again = s.ctl.raw(&format!(
+        r#"{{"cmd":"add-port","socket":"{}","mac":"{}"}}"#,
+        third.display(),
+        mac_str(guest_mac(2))
+    ))?;
+    ensure!(again["ok"] == true, "re-adding the removed port: {again}");
+    let c = vm(&third)?;
+    drop(c);
+
+    for port in [0, 1] {
+        for counter in [
+            "rx_dropped_guest_ring_full",
+            "rx_dropped_queue_stopped",
+            "rx_dropped_xsk_ring_full",
+            "queue_errors",
+        ] {
+            let v = s.ctl.counter(port, counter)?;
+            ensure!(v == 0, "port {port} {counter}={v} during the churn");
+        }
+    }
+    drop((a, b));
+    s.daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn control_socket_answers_bad_requests_with_errors_and_keeps_serving() -> Result<()> {
+    let s = setup("mpctl", 1, &[])?;
+    let mut a = vm(&s.sockets[0])?;
+    let mode = std::fs::metadata(&s.ctl.path)?.permissions();
+    ensure!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777 == 0o600,
+        "control socket mode {:o}",
+        std::os::unix::fs::PermissionsExt::mode(&mode)
+    );
+
+    let taken = s.sockets[0].display().to_string();
+    let fresh = s.dir.join("new.sock").display().to_string();
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "malformed request"),
+        ("[]".into(), "malformed request"),
+        (r#"{"cmd":"reboot"}"#.into(), "malformed request"),
+        (
+            r#"{"cmd":"del-port","port":"52:54:00:99:99:99"}"#.into(),
+            "no port matches",
+        ),
+        (
+            r#"{"cmd":"del-port","port":"/nowhere.sock"}"#.into(),
+            "no port matches",
+        ),
+        (
+            format!(
+                r#"{{"cmd":"add-port","socket":"{fresh}","mac":"{}"}}"#,
+                mac_str(guest_mac(0))
+            ),
+            "is given to two ports",
+        ),
+        (
+            format!(
+                r#"{{"cmd":"add-port","socket":"{taken}","mac":"{}"}}"#,
+                mac_str(guest_mac(5))
+            ),
+            "is given to two ports",
+        ),
+        (
+            format!(r#"{{"cmd":"add-port","socket":"{fresh}","mac":"ff:ff:ff:ff:ff:ff"}}"#),
+            "unicast",
+        ),
+        (
+            format!(r#"{{"cmd":"add-port","socket":"{fresh}","mac":"52:54:00"}}"#),
+            "invalid MAC",
+        ),
+        (
+            format!(
+                r#"{{"cmd":"add-port","socket":"relative.sock","mac":"{}"}}"#,
+                mac_str(guest_mac(5))
+            ),
+            "absolute path",
+        ),
+        (
+            format!(
+                r#"{{"cmd":"add-port","socket":"{fresh}","mac":"{}","rate_pps":0}}"#,
+                mac_str(guest_mac(5))
+            ),
+            "at least 1",
+        ),
+    ];
+    for (req, want) in &cases {
+        let reply = s.ctl.raw(req)?;
+        ensure!(reply["ok"] == false, "{req} was accepted: {reply}");
+        let err = reply["error"].as_str().unwrap_or_default();
+        ensure!(
+            err.contains(want),
+            "{req}: error {err:?} does not say {want:?}"
+        );
+    }
+    // A line far over the limit is refused and the connection closed; the daemon lives on.
+    {
+        let mut c = std::os::unix::net::UnixStream::connect(&s.ctl.path)?;
+        c.set_read_timeout(Some(WAIT))?;
+        let _ = c.write_all(&vec![b'x'; 100_000]);
+        let _ = c.write_all(b"\n");
+        let mut reply = String::new();
+        let _ = c.read_to_string(&mut reply);
+        ensure!(
+            reply.contains("longer than"),
+            "oversized request reply: {reply:?}"
+        );
+    }
+    // The CLI prints the daemon's reason and fails.
+    let err = s
+        .ctl
+        .cli(&["ctl"], &["del-port", "7"])
+        .unwrap_err()
+        .to_string();
+    ensure!(err.contains("no port matches \"7\""), "{err}");
+    ensure!(
+        !s.dir.join("new.sock").exists(),
+        "a refused add-port left a socket"
+    );
+
+    // Unharmed: the port still passes traffic, the list is as before.
+    let f = test_frame(guest_mac(0), s.wire_mac, 1, 100);
+    s.wire.send(&f)?;
+    ensure!(
+        received(&mut a, 1, WAIT)? == vec![f],
+        "the port stopped working"
+    );
+    let list = s.ctl.raw(r#"{"cmd":"list"}"#)?;
+    ensure!(list["ports"][0]["state"] == "connected", "{list}");
+    drop(a);
+    s.daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn metrics_endpoint_serves_prometheus_text() -> Result<()> {
+    let port = 19000 + (std::process::id() % 1000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let s = setup("mpmet", 1, &["--metrics", &addr])?;
+    let mut a = vm(&s.sockets[0])?;
+    let f = test_frame(guest_mac(0), s.wire_mac, 1, 100);
+    s.wire.send(&f)?;
+    ensure!(
+        received(&mut a, 1, WAIT)? == vec![f],
+        "frame did not arrive"
+    );
+
+    let get = |path: &'static str| -> Result<String> {
+        let addr = addr.clone();
+        let text = xvdpa_tests::netns::in_netns(&s.lab.host_ns, move || {
+            let mut c = std::net::TcpStream::connect(&addr)?;
+            c.set_read_timeout(Some(WAIT))?;
+            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)?;
+            Ok(out)
+        })?;
+        Ok(text)
+    };
+    // Counters are added before the guest is notified, so they already show the frame.
+    let body = get("/metrics").context("GET /metrics")?;
+    ensure!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    ensure!(
+        body.contains("xvdpa_xdp_frames_total{iface=\"nic0\",action=\"steered\"} 1"),
+        "{body}"
+    );
+    ensure!(body.contains("xvdpa_port_connected{"), "{body}");
+    let rx = body
+        .lines()
+        .find(|l| l.starts_with("xvdpa_rx_packets_total{"))
+        .context("no rx_packets")?;
+    ensure!(rx.ends_with(" 1"), "{rx}");
+    ensure!(
+        body.contains("xvdpa_rx_dropped_total{") && body.contains("reason=\"guest_ring_full\"}"),
+        "{body}"
+    );
+    ensure!(
+        get("/other")?.starts_with("HTTP/1.1 404"),
+        "non-metrics path not refused"
+    );
+    drop(a);
+    s.daemon.stop()?;
+    Ok(())
+}
