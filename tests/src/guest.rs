@@ -47,6 +47,8 @@ pub struct GuestConfig {
     pub reconnect: Option<u32>,
     /// Let a guest reboot restart it in the same QEMU process (otherwise QEMU exits).
     pub allow_reboot: bool,
+    /// Virtqueue pairs (`queues=` and `mq=on` above 1) and as many vCPUs.
+    pub queue_pairs: u16,
 }
 
 /// QEMU's command line for `config`, with this platform's work-arounds in one place:
@@ -62,13 +64,21 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
         chardev.push_str(&format!(",reconnect={r}"));
     }
     let m = config.memory_mib;
+    let pairs = config.queue_pairs.max(1);
+    let (netdev, mq) = match pairs {
+        1 => ("vhost-user,id=n0,chardev=c0".to_string(), String::new()),
+        n => (
+            format!("vhost-user,id=n0,chardev=c0,queues={n}"),
+            ",mq=on".to_string(),
+        ),
+    };
     [
         "-machine",
         "q35",
         "-m",
         &format!("{m}M"),
         "-smp",
-        "1",
+        &pairs.to_string(),
         "-nographic",
         "-nodefaults",
         "-serial",
@@ -86,9 +96,9 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
         "-chardev",
         &chardev,
         "-netdev",
-        "vhost-user,id=n0,chardev=c0",
+        &netdev,
         "-device",
-        &format!("virtio-net-pci,netdev=n0,mac={},vectors=0", config.mac),
+        &format!("virtio-net-pci,netdev=n0,mac={},vectors=0{mq}", config.mac),
     ]
     .iter()
     .map(|s| s.to_string())

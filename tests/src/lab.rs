@@ -74,6 +74,13 @@ impl Lab {
 
     /// A lab with a name unique to this process and counter, removed on drop.
     pub fn unique(tag: &str) -> io::Result<Lab> {
+        Self::unique_with_queues(tag, 1)
+    }
+
+    /// [`Lab::unique`] with `queues` receive and transmit queues on both veth ends, so
+    /// flows from the wire spread over the NIC's queues (veth delivers on the queue the
+    /// sender transmitted on).
+    pub fn unique_with_queues(tag: &str, queues: u32) -> io::Result<Lab> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -83,7 +90,7 @@ impl Lab {
             N.fetch_add(1, Ordering::Relaxed)
         );
         let mut lab = Lab::named(&name);
-        lab.create()?;
+        lab.create_with_queues(queues)?;
         lab.owned = true;
         Ok(lab)
     }
@@ -95,7 +102,13 @@ impl Lab {
     /// Creates the namespaces, the veth pair and addresses. The wire end's transmit checksum
     /// offload is turned off so frames leave it complete, as on a real cable.
     pub fn create(&self) -> io::Result<()> {
+        self.create_with_queues(1)
+    }
+
+    /// [`Lab::create`] with `queues` queues each way on both veth ends.
+    pub fn create_with_queues(&self, queues: u32) -> io::Result<()> {
         self.destroy();
+        let q = queues.max(1).to_string();
         ip(&["netns", "add", &self.host_ns])?;
         ip(&["netns", "add", &self.wire_ns])?;
         // The lab speaks IPv4 only: IPv6 autoconfiguration would put router solicitations and
@@ -117,6 +130,10 @@ impl Lab {
             "link",
             "add",
             NIC,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
             "netns",
             &self.host_ns,
             "type",
@@ -124,6 +141,10 @@ impl Lab {
             "peer",
             "name",
             WIRE,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
             "netns",
             &self.wire_ns,
         ])?;

@@ -46,6 +46,7 @@ fn config(b: &Bench, script: &str) -> GuestConfig {
         script: Some(script.to_string()),
         reconnect: None,
         allow_reboot: false,
+        queue_pairs: 1,
     }
 }
 

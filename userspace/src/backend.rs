@@ -102,7 +102,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        device_features()
+        device_features(self.0.config.max_virtqueue_pairs)
     }
 
     fn acked_features(&self, features: u64) {

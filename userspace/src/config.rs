@@ -1,7 +1,8 @@
 //! Port specifications and the TOML config file, as operators write them.
 //!
 //! On the command line a port is `--port socket=PATH,mac=MAC[,allow-mac=MAC]...
-//! [,rate-pps=N][,rate-bps=N]`; rates take k, M and G suffixes (powers of 1000). The same
+//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...]`; rates take k, M and G suffixes
+//! (powers of 1000). The same
 //! fields, spelled with underscores, make up a `[[port]]` table in the file given to
 //! `--config`, next to the daemon-wide settings.
 
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::device::MAX_QUEUE_PAIRS;
 use crate::mac::{MacAddr, MacError};
 use crate::port::PortSpec;
 use crate::steering::XdpModeChoice;
@@ -56,6 +58,28 @@ fn mac_field(spec: &str, key: &str, value: &str) -> Result<MacAddr, ConfigError>
     MacAddr::parse_unicast(value).map_err(|e: MacError| port_err(spec, format!("{key}: {e}")))
 }
 
+/// Parses a queue-pair count (1 to [`MAX_QUEUE_PAIRS`]).
+pub fn parse_queues(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(n) if (1..=MAX_QUEUE_PAIRS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "queues={s:?}: expected 1 to {MAX_QUEUE_PAIRS} queue pairs"
+        )),
+    }
+}
+
+/// Parses a CPU list for the queue pairs' threads: `2+3+4` (pair i runs on the i-th CPU,
+/// wrapping around).
+pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
+    let cpus: Result<Vec<usize>, _> = s.split('+').map(|c| c.trim().parse::<usize>()).collect();
+    match cpus {
+        Ok(c) if !c.is_empty() && c.iter().all(|&c| c < 4096) => Ok(c),
+        _ => Err(format!(
+            "cpus={s:?}: expected CPU numbers joined by '+', e.g. 2+3"
+        )),
+    }
+}
+
 /// Parses one `--port` value.
 pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
     let mut socket = None;
@@ -71,11 +95,14 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "allow-mac" => port.allow_macs.push(mac_field(spec, "allow-mac", value)?),
             "rate-pps" => port.rate_pps = Some(parse_rate(value).map_err(|e| port_err(spec, e))?),
             "rate-bps" => port.rate_bps = Some(parse_rate(value).map_err(|e| port_err(spec, e))?),
+            "queues" => port.queue_pairs = parse_queues(value).map_err(|e| port_err(spec, e))?,
+            "cpus" => port.cpus = parse_cpus(value).map_err(|e| port_err(spec, e))?,
             other => {
                 return Err(port_err(
                     spec,
                     format!(
-                        "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, rate-bps)"
+                        "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, \
+                         rate-bps, queues, cpus)"
                     ),
                 ))
             }
@@ -113,6 +140,9 @@ struct FilePort {
     allow_macs: Vec<String>,
     rate_pps: Option<RateValue>,
     rate_bps: Option<RateValue>,
+    queues: Option<u16>,
+    #[serde(default)]
+    cpus: Vec<usize>,
 }
 
 /// The config file: every field optional, command-line flags win.
@@ -206,6 +236,11 @@ impl ConfigFile {
                 allow_macs,
                 rate_pps: rate(&p.rate_pps, "rate_pps")?,
                 rate_bps: rate(&p.rate_bps, "rate_bps")?,
+                queue_pairs: match p.queues {
+                    Some(q) => parse_queues(&q.to_string()).map_err(at)?,
+                    None => 1,
+                },
+                cpus: p.cpus.clone(),
             });
         }
         Ok(file)
@@ -226,7 +261,9 @@ mod tests {
         assert_eq!(p.rate_pps, Some(100_000));
         assert_eq!(p.rate_bps, Some(2_500_000_000));
         let p = parse_port("mac=52:54:00:00:00:01,socket=/a").unwrap();
-        assert_eq!((p.rate_pps, p.rate_bps), (None, None));
+        assert_eq!((p.rate_pps, p.rate_bps, p.queue_pairs), (None, None, 1));
+        let p = parse_port("mac=52:54:00:00:00:01,socket=/a,queues=4,cpus=2+3").unwrap();
+        assert_eq!((p.queue_pairs, p.cpus), (4, vec![2, 3]));
     }
 
     #[test]
@@ -239,6 +276,9 @@ mod tests {
         assert!(msg("socket=/a,mac=52:54:00:00:00:01,rate-pps=fast").contains("invalid rate"));
         assert!(msg("socket=/a,mac=52:54:00:00:00:01,rate-pps=0").contains("at least 1"));
         assert!(msg("socket=/a,mac").contains("not key=value"));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,queues=0").contains("1 to 16"));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,queues=17").contains("1 to 16"));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,cpus=a").contains("CPU numbers"));
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub enum Request {
         allow_macs: Vec<String>,
         rate_pps: Option<u64>,
         rate_bps: Option<u64>,
+        /// Queue pairs (default 1).
+        queues: Option<u16>,
+        #[serde(default)]
+        cpus: Vec<usize>,
     },
     DelPort {
         port: String,
@@ -154,6 +158,8 @@ pub fn handle(daemon: &Daemon, req: Request) -> Response {
             allow_macs,
             rate_pps,
             rate_bps,
+            queues,
+            cpus,
         } => {
             let spec = (|| -> Result<PortSpec, String> {
                 let mac = MacAddr::parse_unicast(&mac).map_err(|e| format!("mac: {e}"))?;
@@ -167,12 +173,18 @@ pub fn handle(daemon: &Daemon, req: Request) -> Response {
                 if rate_pps == Some(0) || rate_bps == Some(0) {
                     return Err("a rate must be at least 1".into());
                 }
+                let queue_pairs = match queues {
+                    Some(q) => crate::config::parse_queues(&q.to_string())?,
+                    None => 1,
+                };
                 Ok(PortSpec {
                     socket,
                     mac,
                     allow_macs,
                     rate_pps,
                     rate_bps,
+                    queue_pairs,
+                    cpus,
                 })
             })();
             match spec
@@ -267,7 +279,9 @@ mod tests {
                 mac: "52:54:00:00:00:01".into(),
                 allow_macs: vec![],
                 rate_pps: None,
-                rate_bps: None
+                rate_bps: None,
+                queues: None,
+                cpus: vec![],
             }
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();

@@ -7,8 +7,8 @@
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_SPEED_DUPLEX,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_SPEED_DUPLEX, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -36,9 +36,19 @@ pub const ETH_HLEN: usize = 14;
 /// one UMEM frame after the kernel's headroom.
 pub const MAX_MTU: u16 = 3800;
 
-/// The virtio feature bits xvdpa offers.
-pub fn device_features() -> u64 {
-    (1u64 << VIRTIO_F_VERSION_1)
+/// Queue pairs one port may have.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+
+/// The virtio feature bits xvdpa offers to a port with `queue_pairs` queue pairs. MQ is
+/// offered only with more than one; the control queue stays with the VMM (QEMU handles
+/// VIRTIO_NET_F_CTRL_VQ itself and turns VQ_PAIRS_SET into SET_VRING_ENABLE).
+pub fn device_features(queue_pairs: u16) -> u64 {
+    let mq = if queue_pairs > 1 {
+        1u64 << VIRTIO_NET_F_MQ
+    } else {
+        0
+    };
+    mq | (1u64 << VIRTIO_F_VERSION_1)
         | (1u64 << VIRTIO_F_ANY_LAYOUT)
         | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
         | (1u64 << VIRTIO_RING_F_EVENT_IDX)
@@ -51,11 +61,14 @@ pub fn device_features() -> u64 {
 }
 
 /// The vhost-user protocol features xvdpa speaks.
+///
+/// Not CONFIGURE_MEM_SLOTS: with it, QEMU 7.2 sends ADD_MEM_REG from the vhost device of
+/// every queue pair, so a multiqueue guest adds each region twice and the backend refuses the
+/// overlap; SET_MEM_TABLE is sent once per connection.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
 /// Features the driver acknowledged, decoded once so the datapath reads plain booleans.
@@ -193,7 +206,13 @@ mod tests {
     #[test]
     fn offered_features_exclude_unimplemented_offloads() {
         use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_TSO4};
-        let f = device_features();
+        let f = device_features(1);
+        assert_eq!(
+            f & (1 << VIRTIO_NET_F_MQ),
+            0,
+            "MQ only with several queue pairs"
+        );
+        assert_ne!(device_features(4) & (1 << VIRTIO_NET_F_MQ), 0);
         assert_eq!(f & (1 << VIRTIO_NET_F_CSUM), 0);
         assert_eq!(f & (1 << VIRTIO_NET_F_GUEST_TSO4), 0);
         assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);

@@ -107,6 +107,12 @@ enum CtlCommand {
         /// Transmit limit in bits per second (k, M, G suffixes).
         #[arg(long, value_parser = config::parse_rate)]
         rate_bps: Option<u64>,
+        /// Queue pairs offered to the guest (multiqueue above 1).
+        #[arg(long, value_parser = config::parse_queues)]
+        queues: Option<u16>,
+        /// CPUs for the queue pairs' threads, e.g. 2+3.
+        #[arg(long, value_name = "CPU+CPU...")]
+        cpus: Option<String>,
     },
     /// Removes a port, named by its socket path, MAC or index.
     DelPort { port: String },
@@ -224,7 +230,13 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             allow_macs,
             rate_pps,
             rate_bps,
+            queues,
+            cpus,
         } => {
+            let cpus = match cpus {
+                Some(c) => config::parse_cpus(&c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?,
+                None => Vec::new(),
+            };
             // The daemon resolves the path in its own working directory; make it ours.
             let socket = if socket.is_relative() {
                 std::env::current_dir()?.join(socket)
@@ -237,6 +249,8 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 allow_macs,
                 rate_pps,
                 rate_bps,
+                queues,
+                cpus,
             }
         }
         CtlCommand::DelPort { port } => Request::DelPort { port },

@@ -47,7 +47,7 @@ pub enum PortError {
 }
 
 /// What a port is, as configured.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortSpec {
     pub socket: PathBuf,
     pub mac: MacAddr,
@@ -57,6 +57,24 @@ pub struct PortSpec {
     pub rate_pps: Option<u64>,
     /// Transmit rate limit (a policer), bits per second.
     pub rate_bps: Option<u64>,
+    /// Virtqueue pairs offered to the guest (VIRTIO_NET_F_MQ above 1), one worker each.
+    pub queue_pairs: u16,
+    /// CPUs for the queue pairs' threads (pair i on `cpus[i % len]`); empty: not pinned.
+    pub cpus: Vec<usize>,
+}
+
+impl Default for PortSpec {
+    fn default() -> Self {
+        PortSpec {
+            socket: PathBuf::new(),
+            mac: MacAddr::default(),
+            allow_macs: Vec::new(),
+            rate_pps: None,
+            rate_bps: None,
+            queue_pairs: 1,
+            cpus: Vec::new(),
+        }
+    }
 }
 
 /// The NIC side every port of the daemon shares.
@@ -112,8 +130,10 @@ impl Port {
         Port {
             index,
             switch_port: SwitchPort::new(spec.mac, index),
+            stats: (0..spec.queue_pairs.max(1))
+                .map(|_| Arc::new(QueueStats::default()))
+                .collect(),
             spec,
-            stats: vec![Arc::new(QueueStats::default())],
             state: Mutex::new(PortState::Waiting),
             shutdown: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -212,35 +232,17 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
     })?;
     tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
     while !port.stopping.load(Ordering::Acquire) {
-        let sockets = nic
-            .queues
-            .iter()
-            .map(XskSocket::open)
-            .collect::<Result<Vec<_>, _>>()?;
-        let tap = PacketTap::open(nic.ifindex).map_err(|source| PortError::Tap {
-            iface: nic.iface.clone(),
-            source,
-        })?;
-        let max_frame = (usize::from(nic.mtu) + ETH_HLEN).min(sockets[0].max_tx_frame());
-        let worker_config = WorkerConfig {
-            max_frame,
-            busy_poll: nic.busy_poll,
-            policy: port.policy(),
-            switch: nic.switch.clone(),
-        };
-        let worker =
-            QueuePairWorker::new(0, sockets, Some(tap), worker_config, port.stats[0].clone())
-                .map_err(PortError::Worker)?;
+        let workers = build_workers(nic, port)?;
         let config = NetConfig {
             mac: port.spec.mac,
             link_up: true,
-            max_virtqueue_pairs: 1,
+            max_virtqueue_pairs: workers.len() as u16,
             mtu: nic.mtu,
             speed: nic.speed,
             duplex: DUPLEX_FULL,
         };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = NetBackend::new(config, mem.clone(), vec![worker], port.switch_port.clone());
+        let backend = NetBackend::new(config, mem.clone(), workers, port.switch_port.clone());
         let name = format!("xvdpa-port{}", port.index);
         let mut daemon = VhostUserDaemon::new(name, backend.clone(), mem)
             .map_err(|e| vhost_err(path)(e.to_string()))?;
@@ -309,6 +311,58 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
         }
     }
     Ok(())
+}
+
+/// One worker per queue pair. Pair `i` serves the NIC queues `q` with `q % pairs == i`, so
+/// every NIC queue's frames for this port have exactly one reader; a pair left without a NIC
+/// queue (more pairs than NIC queues) transmits through a socket of its own on NIC queue
+/// `i % queues`, which is never in the steering map. Group-addressed copies from the tap go
+/// to pair 0.
+fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortError> {
+    let pairs = usize::from(port.spec.queue_pairs.max(1));
+    let mut tap = Some(
+        PacketTap::open(nic.ifindex).map_err(|source| PortError::Tap {
+            iface: nic.iface.clone(),
+            source,
+        })?,
+    );
+    let mut workers = Vec::with_capacity(pairs);
+    for pair in 0..pairs {
+        let sockets = nic
+            .queues
+            .iter()
+            .filter(|q| q.queue_id() as usize % pairs == pair)
+            .map(XskSocket::open)
+            .collect::<Result<Vec<_>, _>>()?;
+        let tx_only = match sockets.is_empty() {
+            true => Some(XskSocket::open(&nic.queues[pair % nic.queues.len()])?),
+            false => None,
+        };
+        let max_tx = sockets
+            .first()
+            .or(tx_only.as_ref())
+            .map(XskSocket::max_tx_frame)
+            .unwrap_or(0);
+        let config = WorkerConfig {
+            max_frame: (usize::from(nic.mtu) + ETH_HLEN).min(max_tx),
+            busy_poll: nic.busy_poll,
+            policy: port.policy(),
+            switch: nic.switch.clone(),
+            own: port.switch_port.clone(),
+            cpu: (!port.spec.cpus.is_empty()).then(|| port.spec.cpus[pair % port.spec.cpus.len()]),
+        };
+        let worker = QueuePairWorker::new(
+            pair,
+            sockets,
+            tx_only,
+            tap.take(),
+            config,
+            port.stats[pair].clone(),
+        )
+        .map_err(PortError::Worker)?;
+        workers.push(worker);
+    }
+    Ok(workers)
 }
 
 /// Hands the library its end of a private connection: it accepts on a listener bound to a

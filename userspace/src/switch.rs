@@ -69,6 +69,22 @@ impl SwitchPort {
         self.target.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
+    /// Writes frames from the NIC into the port's first receive queue, for a queue pair the
+    /// guest has disabled (VQ_PAIRS_SET) whose NIC queues still carry traffic. Returns how
+    /// many frames were taken (all of them: what does not fit is dropped and counted), or
+    /// `None` when no frontend is connected.
+    pub fn deliver_from_nic<'f>(
+        &self,
+        frames: &mut dyn Iterator<Item = &'f [u8]>,
+        scratch: &mut RxScratch,
+    ) -> Option<usize> {
+        let target = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        let t = target.as_ref()?;
+        let mut offered = 0;
+        deliver_into(t, frames.inspect(|_| offered += 1), scratch, false);
+        Some(offered)
+    }
+
     pub fn is_published(&self) -> bool {
         self.target
             .lock()
@@ -341,6 +357,7 @@ pub fn deliver_local(
                 t,
                 local[start..end].iter().map(|f| sock.held(f.frame)),
                 scratch,
+                true,
             );
         }
         drop(target);
@@ -354,11 +371,13 @@ pub fn deliver_local(
     delivered
 }
 
-/// Writes `frames` into one port's receive queue under its vring lock.
+/// Writes `frames` into one port's receive queue under its vring lock; `switched`: they come
+/// from another port (counted as such).
 fn deliver_into<'f>(
     target: &RxTarget,
     frames: impl Iterator<Item = &'f [u8]>,
     scratch: &mut RxScratch,
+    switched: bool,
 ) -> u64 {
     let stats = &target.stats;
     let mut state = target.vring.get_mut();
@@ -401,7 +420,9 @@ fn deliver_into<'f>(
     stats.add(&stats.rx_packets, n);
     stats.add(&stats.rx_bytes, bytes);
     stats.add(&stats.rx_buffers, buffers);
-    stats.add(&stats.rx_switched, n);
+    if switched {
+        stats.add(&stats.rx_switched, n);
+    }
     stats.add(&stats.rx_dropped_too_large, too_large);
     stats.add(&stats.rx_dropped_guest_ring_full, full);
     if n > 0 {

@@ -25,7 +25,7 @@ use crate::datapath::QueueError;
 use crate::device::NegotiatedFeatures;
 use crate::packet_tap::PacketTap;
 use crate::stats::QueueStats;
-use crate::switch::{self, LocalFrame, PortTx, SwitchTable, TxPolicy};
+use crate::switch::{self, LocalFrame, PortTx, SwitchPort, SwitchTable, TxPolicy};
 use crate::xsk::XskSocket;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
@@ -38,6 +38,24 @@ const BUDGET_BATCHES: usize = 8;
 /// Local vring indices inside a queue pair's worker.
 const RX: usize = 0;
 const TX: usize = 1;
+
+/// Moves the calling thread (the library's epoll thread for one queue pair) to `cpu`.
+fn pin_current_thread(cpu: usize, pair: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it (cpu checked below).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        tracing::warn!(cpu, pair, "CPU number out of range; queue pair not pinned");
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity on the calling thread (0) with a valid set.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        tracing::warn!(cpu, pair, error = %io::Error::last_os_error(), "cannot pin queue pair thread");
+    } else {
+        tracing::info!(cpu, pair, "queue pair thread pinned");
+    }
+}
 
 /// Event ids of the worker's own fds, above the library's (queues and exit event).
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +120,10 @@ impl Timer {
 /// Per-queue-pair datapath state.
 pub struct QueuePairWorker {
     pair: usize,
+    /// One socket per NIC queue this pair serves, in the steering map while connected.
     sockets: Vec<XskSocket>,
+    /// A transmit socket for a pair that serves no NIC queue.
+    tx_only: Option<XskSocket>,
     tap: Option<PacketTap>,
     rearm: EventFd,
     timer: Timer,
@@ -120,8 +141,12 @@ pub struct QueuePairWorker {
     xsk_drops_seen: (u64, u64),
     policy: TxPolicy,
     switch: Arc<SwitchTable>,
+    /// This port in the switch: where a disabled pair hands its NIC frames.
+    own: Arc<SwitchPort>,
     /// Frames of the current tx batch bound for other ports.
     local: Vec<LocalFrame>,
+    /// CPU to move the library's thread for this pair to, on the first event.
+    cpu: Option<usize>,
 }
 
 /// What a worker needs beyond its sockets: the port's identity and policy.
@@ -130,12 +155,15 @@ pub struct WorkerConfig {
     pub busy_poll: bool,
     pub policy: TxPolicy,
     pub switch: Arc<SwitchTable>,
+    pub own: Arc<SwitchPort>,
+    pub cpu: Option<usize>,
 }
 
 impl QueuePairWorker {
     pub fn new(
         pair: usize,
         sockets: Vec<XskSocket>,
+        tx_only: Option<XskSocket>,
         tap: Option<PacketTap>,
         config: WorkerConfig,
         stats: Arc<QueueStats>,
@@ -145,6 +173,8 @@ impl QueuePairWorker {
             busy_poll,
             policy,
             switch,
+            own,
+            cpu,
         } = config;
         let rearm = EventFd::new(EFD_NONBLOCK)?;
         if busy_poll {
@@ -154,6 +184,7 @@ impl QueuePairWorker {
         Ok(QueuePairWorker {
             pair,
             sockets,
+            tx_only,
             tap,
             rearm,
             timer: Timer::periodic(200)?,
@@ -168,7 +199,9 @@ impl QueuePairWorker {
             xsk_drops_seen: (0, 0),
             policy,
             switch,
+            own,
             local: Vec::with_capacity(BATCH),
+            cpu,
         })
     }
 
@@ -190,7 +223,7 @@ impl QueuePairWorker {
         if let Some(tap) = &self.tap {
             v.push((tap.fd(), EventSet::IN, ids.tap));
         }
-        for (i, s) in self.sockets.iter().enumerate() {
+        for (i, s) in self.sockets.iter().chain(&self.tx_only).enumerate() {
             // Edge-triggered: a backlog the guest cannot take yet must not spin the thread;
             // the guest's rx kick resumes it.
             v.push((
@@ -215,8 +248,12 @@ impl QueuePairWorker {
         mem: &GuestMemoryMmap,
         features: NegotiatedFeatures,
     ) {
+        // The library hands each thread only its own pair's vrings: rx, then tx.
         if vrings.len() < 2 {
             return;
+        }
+        if let Some(cpu) = self.cpu.take() {
+            pin_current_thread(cpu, self.pair);
         }
         if event == ids.rearm && !self.busy_poll {
             let _ = self.rearm.read();
@@ -271,7 +308,7 @@ impl QueuePairWorker {
 
     /// Guest -> NIC. Returns true if work was left for another round.
     fn service_tx(&mut self, vring: &Vring, mem: &GuestMemoryMmap) -> bool {
-        let Some(sock) = self.sockets.first_mut() else {
+        let Some(sock) = self.tx_only.as_mut().or(self.sockets.first_mut()) else {
             return false;
         };
         sock.reap_completions();
@@ -381,6 +418,20 @@ impl QueuePairWorker {
         let running = state.get_queue().ready()
             && state.is_enabled()
             && !self.rx_broken.load(Ordering::Acquire);
+        if !running && self.pair != 0 && !self.rx_broken.load(Ordering::Acquire) {
+            // The guest disabled this pair (fewer combined channels); its NIC queues still
+            // carry the port's traffic, which goes to the first pair instead.
+            drop(state);
+            self.forward_to_first_pair();
+            return false;
+        }
+        if !running && self.pair != 0 && !self.rx_broken.load(Ordering::Acquire) {
+            // The guest disabled this pair (fewer combined channels); its NIC queues still
+            // carry the port's traffic, which goes to the first pair instead.
+            drop(state);
+            self.forward_to_first_pair();
+            return false;
+        }
         if !running {
             // Nobody to deliver to: keep the NIC's rings moving and count the loss.
             let mut lost = self.drop_waiting_rx();
@@ -493,6 +544,30 @@ impl QueuePairWorker {
             self.queue_failed("rx", &e);
         }
         more
+    }
+
+    /// Hands every frame waiting on this pair's sockets to the port's first receive queue.
+    fn forward_to_first_pair(&mut self) {
+        let own = self.own.clone();
+        for sock in &mut self.sockets {
+            loop {
+                sock.poll_rx(BATCH as u32);
+                if sock.rx_pending() == 0 {
+                    break;
+                }
+                let scratch = &mut self.rx_scratch;
+                let taken = sock.drain_rx(BATCH, |frames| {
+                    own.deliver_from_nic(frames, scratch).ok_or(())
+                });
+                if taken.is_err() {
+                    // No frontend: drop as a stopped queue would.
+                    let lost = sock.discard_rx_backlog();
+                    self.stats
+                        .add(&self.stats.rx_dropped_queue_stopped, lost as u64);
+                    break;
+                }
+            }
+        }
     }
 
     /// Takes every frame waiting on the sockets' rx rings and returns it to the fill rings.

@@ -27,6 +27,7 @@ pub const PEER_PACKAGES: &[(&str, &str)] = &[
 pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", ""),
+    ("ethtool", "ethtool"),
 ];
 
 fn package_installed(pkg: &str) -> bool {

@@ -16,7 +16,7 @@ use crate::util::{output, run, workspace_root};
 pub const KERNEL_PACKAGE: &str = "linux-image-6.1.0-56-amd64";
 
 /// Bump when the image's layout changes in a way the stamp does not see (the cpio contents).
-const IMAGE_LAYOUT: u32 = 2;
+const IMAGE_LAYOUT: u32 = 3;
 
 /// Loaded in dependency order.
 const MODULES: &[&str] = &[
@@ -60,6 +60,53 @@ setsid cttyhack sh
 poweroff -f
 "#;
 
+/// The host's ethtool, copied into the guest with its libraries: busybox has no `ethtool -L`,
+/// which the multiqueue tests use to change the guest's queue pairs.
+const ETHTOOL: &str = "/usr/sbin/ethtool";
+
+/// Adds a dynamically linked host binary and the libraries `ldd` names, at their host paths.
+fn add_host_binary(cpio: &mut Cpio, path: &str) -> Result<()> {
+    let out = Command::new("ldd").arg(path).output().context("ldd")?;
+    let mut files = vec![PathBuf::from(path)];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let target = line
+            .split("=>")
+            .last()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        if target.starts_with('/') {
+            files.push(PathBuf::from(target));
+        }
+    }
+    for f in files {
+        let name = f
+            .to_str()
+            .context("non-UTF-8 path")?
+            .trim_start_matches('/')
+            .to_string();
+        // Parent directories first; the cpio tolerates a directory listed twice.
+        let mut dir = PathBuf::new();
+        for part in Path::new(&name)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.components())
+        {
+            dir.push(part);
+            cpio.dir(dir.to_str().unwrap_or_default());
+        }
+        // Follow symlinks (ld-linux and many libraries are links): the guest gets the bytes.
+        cpio.file(
+            &name,
+            &fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+            0o755,
+        );
+    }
+    Ok(())
+}
+
 pub struct GuestImage {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -77,10 +124,12 @@ pub fn ensure() -> Result<GuestImage> {
     let busybox = PathBuf::from("/bin/busybox");
     let bb_meta = fs::metadata(&busybox).context("/bin/busybox (busybox-static)")?;
     let init = INIT.replace("MODULES", &MODULES.join(" "));
+    let ethtool = fs::metadata(ETHTOOL).context("/usr/sbin/ethtool (package ethtool)")?;
     let stamp = format!(
-        "layout {IMAGE_LAYOUT}\n{KERNEL_PACKAGE}\n{}\n{:?}\n{}\n",
+        "layout {IMAGE_LAYOUT}\n{KERNEL_PACKAGE}\n{}\n{:?}\n{}\n{}\n",
         bb_meta.len(),
         bb_meta.modified().ok(),
+        ethtool.len(),
         init
     );
     let image = GuestImage {
@@ -140,6 +189,7 @@ pub fn ensure() -> Result<GuestImage> {
             .with_context(|| format!("module {m} not in {KERNEL_PACKAGE}"))?;
         cpio.file(&format!("lib/modules/{m}.ko"), &fs::read(&path)?, 0o644);
     }
+    add_host_binary(&mut cpio, ETHTOOL)?;
     let archive = cpio.finish();
     let mut gz = Command::new("gzip")
         .args(["-6", "-c"])

@@ -54,6 +54,7 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         script: cmd.map(|c| c.to_string()),
         reconnect: None,
         allow_reboot: false,
+        queue_pairs: 1,
     };
     let qemu_args = guest::qemu_args(&config, &image.kernel, &image.initrd);
     say!("booting the test guest (QEMU, software emulation: a few seconds)");
