@@ -24,20 +24,30 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Per-CPU array, one `u64` per port: frames steered to that port.
 pub const PORT_STEERED_MAP: &str = "PORT_STEERED";
 
-/// Key of the steering map: a destination MAC, padded to 8 bytes so both sides agree on size
-/// and the padding is always zero (hash maps compare every key byte).
+/// Key of the steering map: a destination MAC and the 802.1Q VLAN ID the frame carries
+/// (0: untagged). 8 bytes with no padding, so hash lookups compare exactly these fields.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct MacKey {
     pub addr: [u8; 6],
-    pub _pad: [u8; 2],
+    /// VLAN ID in native byte order; 0 for an untagged frame.
+    pub vlan: u16,
 }
 
 impl MacKey {
+    /// An untagged destination.
     pub const fn new(addr: [u8; 6]) -> Self {
-        MacKey { addr, _pad: [0; 2] }
+        MacKey { addr, vlan: 0 }
+    }
+
+    /// A destination on VLAN `vlan` (1..=4094).
+    pub const fn tagged(addr: [u8; 6], vlan: u16) -> Self {
+        MacKey { addr, vlan }
     }
 }
+
+/// The 802.1Q tag protocol identifier.
+pub const ETH_P_8021Q: u16 = 0x8100;
 
 /// Value of the steering map: which port owns the MAC.
 #[repr(C)]

@@ -1,7 +1,7 @@
 //! XDP steering for xvdpa.
 //!
-//! For each frame on the NIC: unicast to a MAC a VM port owns goes to that port's AF_XDP
-//! socket for the receiving queue; broadcast and multicast go to the host stack, where the
+//! For each frame on the NIC: unicast to a MAC a VM port owns (on the port's VLAN, or
+//! untagged for a port without one) goes to that port's AF_XDP socket for the receiving queue; broadcast and multicast go to the host stack, where the
 //! daemon's packet tap copies them to the VMs as well (XDP cannot clone a frame); everything
 //! else, short frames included, goes to the host stack untouched.
 #![no_std]
@@ -15,7 +15,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use xvdpa_common::{
-    xsk_slot, MacKey, PortEntry, XdpCounter, MAX_NIC_QUEUES, MAX_PORTS, XSK_MAP_ENTRIES,
+    xsk_slot, MacKey, PortEntry, XdpCounter, ETH_P_8021Q, MAX_NIC_QUEUES, MAX_PORTS,
+    XSK_MAP_ENTRIES,
 };
 
 #[map]
@@ -69,7 +70,20 @@ fn steer(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
 
-    let key = MacKey::new(dst);
+    // An 802.1Q tag selects the VLAN the destination is looked up in.
+    // SAFETY: bytes 12..14 are inside the 14 bytes checked above.
+    let ethertype: [u8; 2] = unsafe { *((start + 12) as *const [u8; 2]) };
+    let key = if u16::from_be_bytes(ethertype) == ETH_P_8021Q {
+        if start + ETH_HLEN + 4 > end {
+            count(XdpCounter::PassedShort);
+            return xdp_action::XDP_PASS;
+        }
+        // SAFETY: [start + 14, start + 16) was bounds-checked just above.
+        let tci: [u8; 2] = unsafe { *((start + 14) as *const [u8; 2]) };
+        MacKey::tagged(dst, u16::from_be_bytes(tci) & 0x0fff)
+    } else {
+        MacKey::new(dst)
+    };
     let Some(entry) = PORTS.get_ptr(&key) else {
         count(XdpCounter::PassedUnknownUnicast);
         return xdp_action::XDP_PASS;

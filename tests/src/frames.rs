@@ -30,6 +30,25 @@ pub fn test_seq(frame: &[u8]) -> Option<u32> {
     }
 }
 
+/// `frame` with an 802.1Q tag for VLAN `vid` inserted after the MAC addresses.
+pub fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&0x8100u16.to_be_bytes());
+    f.extend_from_slice(&vid.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// The VLAN ID and untagged form of a tagged frame, or `None` for an untagged one.
+pub fn untag(frame: &[u8]) -> Option<(u16, Vec<u8>)> {
+    if frame.len() >= 18 && frame[12..14] == 0x8100u16.to_be_bytes() {
+        let vid = u16::from_be_bytes([frame[14], frame[15]]) & 0x0fff;
+        Some((vid, [&frame[..12], &frame[16..]].concat()))
+    } else {
+        None
+    }
+}
+
 fn ipv4(s: &str) -> [u8; 4] {
     let v: Vec<u8> = s
         .split('.')

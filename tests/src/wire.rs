@@ -42,6 +42,19 @@ impl WireSocket {
             {
                 return Err(io::Error::last_os_error());
             }
+            // The kernel moves a received 802.1Q tag into metadata; ask for it so frames can
+            // be shown as they were on the wire.
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt with a live int of the size passed.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    libc::PACKET_AUXDATA,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
             Ok(WireSocket { fd })
         })
     }
@@ -79,24 +92,64 @@ impl WireSocket {
             if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
                 continue;
             }
-            // SAFETY: zeroed sockaddr_ll is valid output space.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of_val(&from) as u32;
-            // SAFETY: recvfrom into live buffers of the sizes given.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut len,
-                )
-            };
-            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
-                got.push(buf[..n as usize].to_vec());
+            if let Some(frame) = self.recv_one(&mut buf) {
+                got.push(frame);
             }
         }
         got
+    }
+
+    /// One received frame as it was on the wire (its VLAN tag, if any, put back in place);
+    /// `None` for nothing waiting or a frame this side sent.
+    fn recv_one(&self, buf: &mut [u8]) -> Option<Vec<u8>> {
+        // SAFETY: zeroed sockaddr_ll / msghdr are valid starting values; fields set below.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut control = [0u64; 16];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+        msg.msg_namelen = std::mem::size_of_val(&from) as u32;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: recvmsg into buffers that live for the call.
+        let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            return None;
+        }
+        let data = &buf[..n as usize];
+        // SAFETY: walking the control messages the kernel wrote into `control`.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cmsg.is_null() {
+            // SAFETY: cmsg points into `control` (CMSG_FIRSTHDR/NXTHDR bound it).
+            let hdr = unsafe { &*cmsg };
+            if hdr.cmsg_level == libc::SOL_PACKET && hdr.cmsg_type == libc::PACKET_AUXDATA {
+                // SAFETY: PACKET_AUXDATA carries a tpacket_auxdata.
+                let aux: libc::tpacket_auxdata =
+                    unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+                const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
+                const TP_STATUS_VLAN_TPID_VALID: u32 = 1 << 6;
+                if aux.tp_status & TP_STATUS_VLAN_VALID != 0 && data.len() >= 12 {
+                    let tpid = if aux.tp_status & TP_STATUS_VLAN_TPID_VALID != 0 {
+                        aux.tp_vlan_tpid
+                    } else {
+                        0x8100
+                    };
+                    let mut f = data[..12].to_vec();
+                    f.extend_from_slice(&tpid.to_be_bytes());
+                    f.extend_from_slice(&aux.tp_vlan_tci.to_be_bytes());
+                    f.extend_from_slice(&data[12..]);
+                    return Some(f);
+                }
+            }
+            // SAFETY: as above.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        }
+        Some(data.to_vec())
     }
 }

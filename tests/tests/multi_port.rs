@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use xvdpa_tests::ctl::Ctl;
 use xvdpa_tests::daemon::{socket_dir, Daemon};
-use xvdpa_tests::frames::{test_frame, test_seq, BROADCAST};
+use xvdpa_tests::frames::{tagged, test_frame, test_seq, untag, BROADCAST};
 use xvdpa_tests::frontend::{
     FrontendOptions, VirtioNetFrontend, RX_QUEUE, TX_QUEUE, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -511,5 +511,206 @@ fn metrics_endpoint_serves_prometheus_text() -> Result<()> {
     );
     drop(a);
     s.daemon.stop()?;
+    Ok(())
+}
+
+/// Wire frames (tags put back in place) carrying sequence number `seq`, untagged first.
+fn wire_frames_with(s: &Setup, seq: u32) -> Vec<Vec<u8>> {
+    let has =
+        |f: &Vec<u8>| test_seq(f).or_else(|| untag(f).and_then(|(_, u)| test_seq(&u))) == Some(seq);
+    s.wire
+        .recv_until(QUIET, |g| g.iter().any(has))
+        .into_iter()
+        .filter(has)
+        .collect()
+}
+
+#[test]
+fn vlan_ports_tag_on_the_wire_and_switch_only_within_their_vlan() -> Result<()> {
+    let lab = Lab::unique("mpvlan")?;
+    let dir = socket_dir("mpvlan")?;
+    let sock = |i: u8| dir.join(format!("vm{i}.sock"));
+    let spec = |i: u8, vlan: &str| {
+        format!(
+            "socket={},mac={}{vlan}",
+            sock(i).display(),
+            mac_str(guest_mac(i))
+        )
+    };
+    let (p0, p1, p2) = (spec(0, ",vlan=100"), spec(1, ",vlan=100"), spec(2, ""));
+    let ctl_path = dir.join("ctl.sock");
+    let ctl_s = ctl_path.to_str().unwrap();
+    let mut daemon = Daemon::spawn(
+        &lab,
+        &["--ctl", ctl_s, "--port", &p0, "--port", &p1, "--port", &p2],
+    )?;
+    daemon.wait_for_count("port ready for a frontend", 3, Duration::from_secs(20))?;
+    let s = Setup {
+        wire: WireSocket::open(&lab)?,
+        wire_mac: lab.wire_mac()?,
+        lab,
+        daemon,
+        sockets: (0..3).map(sock).collect(),
+        dir: dir.clone(),
+        ctl: Ctl::new(&ctl_path),
+    };
+    let (mut a, mut b, mut c) = (vm(&s.sockets[0])?, vm(&s.sockets[1])?, vm(&s.sockets[2])?);
+
+    // Wire -> VLAN 100 port: the tagged frame arrives untagged; untagged or another VLAN's
+    // frames for the same MAC do not arrive.
+    let plain = test_frame(guest_mac(0), s.wire_mac, 1, 200);
+    s.wire.send(&tagged(&plain, 100))?;
+    ensure!(
+        received(&mut a, 1, WAIT)? == vec![plain.clone()],
+        "A did not get its tagged frame untagged"
+    );
+    s.wire.send(&test_frame(guest_mac(0), s.wire_mac, 2, 200))?;
+    s.wire
+        .send(&tagged(&test_frame(guest_mac(0), s.wire_mac, 3, 200), 200))?;
+    ensure!(
+        received(&mut a, 1, QUIET)?.is_empty(),
+        "A got an untagged or VLAN 200 frame"
+    );
+    // The untagged port gets untagged frames only.
+    let plain_c = test_frame(guest_mac(2), s.wire_mac, 4, 200);
+    s.wire.send(&tagged(&plain_c, 100))?;
+    ensure!(
+        received(&mut c, 1, QUIET)?.is_empty(),
+        "the untagged port got a VLAN 100 frame"
+    );
+    s.wire.send(&plain_c)?;
+    ensure!(
+        received(&mut c, 1, WAIT)? == vec![plain_c],
+        "the untagged port missed its frame"
+    );
+
+    // VLAN 100 port -> wire: tagged with 100.
+    let out = test_frame(s.wire_mac, guest_mac(0), 10, 300);
+    send(&mut a, &out)?;
+    let seen = wire_frames_with(&s, 10);
+    ensure!(
+        seen == vec![tagged(&out, 100)],
+        "A's frame on the wire: {:?}",
+        seen.iter().map(|f| f.len()).collect::<Vec<_>>()
+    );
+
+    // Within VLAN 100, A and B switch locally; A cannot reach C (another domain) that way.
+    let ab = test_frame(guest_mac(1), guest_mac(0), 20, 150);
+    send(&mut a, &ab)?;
+    ensure!(
+        received(&mut b, 1, WAIT)? == vec![ab],
+        "B did not get A's frame"
+    );
+    ensure!(
+        wire_frames_with(&s, 20).is_empty(),
+        "A->B left through the NIC"
+    );
+    let ac = test_frame(guest_mac(2), guest_mac(0), 21, 150);
+    send(&mut a, &ac)?;
+    ensure!(
+        received(&mut c, 1, QUIET)?.is_empty(),
+        "A reached the untagged port across VLANs"
+    );
+    ensure!(
+        wire_frames_with(&s, 21) == vec![tagged(&ac, 100)],
+        "A->C did not leave tagged"
+    );
+
+    // Broadcasts stay in their domain, both ways.
+    let wb = test_frame(BROADCAST, s.wire_mac, 30, 100);
+    s.wire.send(&tagged(&wb, 100))?;
+    ensure!(
+        received(&mut a, 1, WAIT)? == vec![wb.clone()],
+        "A missed VLAN 100's broadcast"
+    );
+    ensure!(
+        received(&mut b, 1, WAIT)? == vec![wb.clone()],
+        "B missed VLAN 100's broadcast"
+    );
+    ensure!(
+        received(&mut c, 1, QUIET)?.is_empty(),
+        "the untagged port got VLAN 100's broadcast"
+    );
+    let ab_b = test_frame(BROADCAST, guest_mac(0), 31, 100);
+    send(&mut a, &ab_b)?;
+    ensure!(
+        received(&mut b, 1, WAIT)? == vec![ab_b.clone()],
+        "B missed A's broadcast"
+    );
+    ensure!(
+        received(&mut c, 1, QUIET)?.is_empty(),
+        "C got VLAN 100's broadcast from A"
+    );
+    ensure!(
+        wire_frames_with(&s, 31) == vec![tagged(&ab_b, 100)],
+        "A's broadcast did not leave tagged"
+    );
+    let list = s.ctl.raw(r#"{"cmd":"list"}"#)?;
+    ensure!(
+        list["ports"][0]["vlan"] == 100 && list["ports"][2]["vlan"].is_null(),
+        "{list}"
+    );
+    drop((a, b, c));
+    s.daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn rate_limited_port_is_policed_and_counts_what_it_drops() -> Result<()> {
+    let lab = Lab::unique("mprate")?;
+    let dir = socket_dir("mprate")?;
+    let sock = dir.join("vm0.sock");
+    let ctl_path = dir.join("ctl.sock");
+    let spec = format!(
+        "socket={},mac={},rate-pps=1000",
+        sock.display(),
+        mac_str(guest_mac(0))
+    );
+    let mut daemon = Daemon::spawn(
+        &lab,
+        &["--ctl", ctl_path.to_str().unwrap(), "--port", &spec],
+    )?;
+    daemon.wait_for_log("port ready for a frontend", Duration::from_secs(20))?;
+    let wire = WireSocket::open(&lab)?;
+    let wire_mac = lab.wire_mac()?;
+    let ctl = Ctl::new(&ctl_path);
+    let mut a = vm(&sock)?;
+    // 200 frames at once: far over 1000 pps with its 5 ms burst (5 frames).
+    for i in 0..200 {
+        a.send(&test_frame(wire_mac, guest_mac(0), i, 100), 1, false)?;
+    }
+    a.kick(TX_QUEUE)?;
+    ensure!(
+        a.wait_tx_used(200, WAIT)? == 200,
+        "the device did not use every chain"
+    );
+    let got = wire
+        .recv_until(QUIET, |_| false)
+        .into_iter()
+        .filter(|f| test_seq(f).is_some())
+        .count() as u64;
+    let dropped = ctl.counter(0, "tx_dropped_rate_limited")?;
+    let sent = ctl.counter(0, "tx_packets")?;
+    eprintln!("[test] 200 frames in a burst at 1000 pps: {sent} sent, {dropped} policed, {got} on the wire");
+    ensure!(
+        sent + dropped == 200,
+        "sent {sent} + policed {dropped} != 200"
+    );
+    ensure!(got == sent, "the wire saw {got}, the port counted {sent}");
+    ensure!(
+        (5..=40).contains(&sent),
+        "{sent} frames passed a 1000 pps policer in a burst"
+    );
+    // After a pause the bucket has refilled: a frame passes again.
+    std::thread::sleep(Duration::from_millis(50));
+    send(&mut a, &test_frame(wire_mac, guest_mac(0), 999, 100))?;
+    ensure!(
+        wire.recv_until(QUIET, |g| g.iter().any(|f| test_seq(f) == Some(999)))
+            .iter()
+            .any(|f| test_seq(f) == Some(999)),
+        "no frame passed after the pause"
+    );
+    drop(a);
+    daemon.stop()?;
     Ok(())
 }

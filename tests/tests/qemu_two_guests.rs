@@ -88,11 +88,13 @@ fn two_guests_reach_the_wire_and_each_other_through_the_daemon() -> Result<()> {
          echo \"B-IN-MD5 $(md5sum < /tmp/in)\"\n\
          wait $SERVE\n\
          ping -c 2 -W 5 -s 1472 {a_ip} || exit 21\n\
-         ping -c 2 -W 5 {w} || exit 22\n",
+         ping -c 2 -W 5 {w} || exit 22\n\
+         echo bye | nc {a_ip} 6003\n",
         bytes = BLOCKS * 65536
     );
     let a_script = format!(
         "read go\n\
+         sleep 600 | nc -l -p 6003 > /tmp/bye &\n\
          ping -c 3 -W 5 {b_ip} || exit 11\n\
          ping -c 2 -W 5 -s 1472 {b_ip} || exit 12\n\
          ping -c 2 -W 5 {w} || exit 13\n\
@@ -100,7 +102,8 @@ fn two_guests_reach_the_wire_and_each_other_through_the_daemon() -> Result<()> {
          echo \"A-UP-MD5 $(md5sum < /tmp/up)\"\n\
          nc {b_ip} 6001 < /tmp/up || exit 14\n\
          nc {b_ip} 6002 > /tmp/down || exit 15\n\
-         echo \"A-DOWN-MD5 $(md5sum < /tmp/down)\"\n"
+         echo \"A-DOWN-MD5 $(md5sum < /tmp/down)\"\n\
+         i=0; while [ ! -s /tmp/bye ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"
     );
     let mut b = Guest::boot(&config(socks[1].clone(), 1, b_script))?;
     let mut a = Guest::boot(&config(socks[0].clone(), 0, a_script))?;

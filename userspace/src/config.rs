@@ -68,6 +68,14 @@ pub fn parse_queues(s: &str) -> Result<u16, String> {
     }
 }
 
+/// Parses an 802.1Q VLAN ID (1 to 4094).
+pub fn parse_vlan(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(v) if (1..=4094).contains(&v) => Ok(v),
+        _ => Err(format!("vlan={s:?}: expected a VLAN ID from 1 to 4094")),
+    }
+}
+
 /// Parses a CPU list for the queue pairs' threads: `2+3+4` (pair i runs on the i-th CPU,
 /// wrapping around).
 pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
@@ -97,12 +105,13 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "rate-bps" => port.rate_bps = Some(parse_rate(value).map_err(|e| port_err(spec, e))?),
             "queues" => port.queue_pairs = parse_queues(value).map_err(|e| port_err(spec, e))?,
             "cpus" => port.cpus = parse_cpus(value).map_err(|e| port_err(spec, e))?,
+            "vlan" => port.vlan = Some(parse_vlan(value).map_err(|e| port_err(spec, e))?),
             other => {
                 return Err(port_err(
                     spec,
                     format!(
                         "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, \
-                         rate-bps, queues, cpus)"
+                         rate-bps, queues, cpus, vlan)"
                     ),
                 ))
             }
@@ -143,6 +152,7 @@ struct FilePort {
     queues: Option<u16>,
     #[serde(default)]
     cpus: Vec<usize>,
+    vlan: Option<u16>,
 }
 
 /// The config file: every field optional, command-line flags win.
@@ -241,6 +251,10 @@ impl ConfigFile {
                     None => 1,
                 },
                 cpus: p.cpus.clone(),
+                vlan: p
+                    .vlan
+                    .map(|v| parse_vlan(&v.to_string()).map_err(at))
+                    .transpose()?,
             });
         }
         Ok(file)
@@ -279,6 +293,13 @@ mod tests {
         assert!(msg("socket=/a,mac=52:54:00:00:00:01,queues=0").contains("1 to 16"));
         assert!(msg("socket=/a,mac=52:54:00:00:00:01,queues=17").contains("1 to 16"));
         assert!(msg("socket=/a,mac=52:54:00:00:00:01,cpus=a").contains("CPU numbers"));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,vlan=4095").contains("1 to 4094"));
+        assert_eq!(
+            parse_port("socket=/a,mac=52:54:00:00:00:01,vlan=100")
+                .unwrap()
+                .vlan,
+            Some(100)
+        );
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub enum Request {
         queues: Option<u16>,
         #[serde(default)]
         cpus: Vec<usize>,
+        vlan: Option<u16>,
     },
     DelPort {
         port: String,
@@ -160,6 +161,7 @@ pub fn handle(daemon: &Daemon, req: Request) -> Response {
             rate_bps,
             queues,
             cpus,
+            vlan,
         } => {
             let spec = (|| -> Result<PortSpec, String> {
                 let mac = MacAddr::parse_unicast(&mac).map_err(|e| format!("mac: {e}"))?;
@@ -177,6 +179,9 @@ pub fn handle(daemon: &Daemon, req: Request) -> Response {
                     Some(q) => crate::config::parse_queues(&q.to_string())?,
                     None => 1,
                 };
+                let vlan = vlan
+                    .map(|v| crate::config::parse_vlan(&v.to_string()))
+                    .transpose()?;
                 Ok(PortSpec {
                     socket,
                     mac,
@@ -185,6 +190,7 @@ pub fn handle(daemon: &Daemon, req: Request) -> Response {
                     rate_bps,
                     queue_pairs,
                     cpus,
+                    vlan,
                 })
             })();
             match spec
@@ -282,6 +288,7 @@ mod tests {
                 rate_bps: None,
                 queues: None,
                 cpus: vec![],
+                vlan: None,
             }
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();

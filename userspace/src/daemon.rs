@@ -209,7 +209,15 @@ pub struct PortInfo {
     pub allow_macs: Vec<String>,
     pub rate_pps: Option<u64>,
     pub rate_bps: Option<u64>,
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    #[serde(default = "one")]
+    pub queue_pairs: u16,
     pub state: String,
+}
+
+fn one() -> u16 {
+    1
 }
 
 /// Counters of one queue pair.
@@ -278,7 +286,7 @@ impl Daemon {
         {
             let mut steering = self.steering();
             steering.reset_port_counter(index)?;
-            steering.add_port(port.spec.mac, index)?;
+            steering.add_port(port.spec.mac, port.spec.vlan, index)?;
         }
         self.nic.switch.insert(port.switch_port.clone());
         let (nic, p) = (self.nic.clone(), port.clone());
@@ -293,7 +301,7 @@ impl Daemon {
             Ok(t) => t,
             Err(e) => {
                 self.nic.switch.remove(port.spec.mac);
-                let _ = self.steering().remove_port(port.spec.mac);
+                let _ = self.steering().remove_port(port.spec.mac, port.spec.vlan);
                 return Err(DaemonError::Runtime(e));
             }
         };
@@ -326,7 +334,7 @@ impl Daemon {
 
     fn stop_slot(&self, mut slot: PortSlot) -> PortInfo {
         let port = slot.port.clone();
-        if let Err(e) = self.steering().remove_port(port.spec.mac) {
+        if let Err(e) = self.steering().remove_port(port.spec.mac, port.spec.vlan) {
             tracing::warn!(port = port.index, error = %e, "cannot remove the port's MAC from the steering map");
         }
         self.nic.switch.remove(port.spec.mac);
@@ -433,6 +441,8 @@ fn port_info(p: &Port) -> PortInfo {
         allow_macs: p.spec.allow_macs.iter().map(|m| m.to_string()).collect(),
         rate_pps: p.spec.rate_pps,
         rate_bps: p.spec.rate_bps,
+        vlan: p.spec.vlan,
+        queue_pairs: p.spec.queue_pairs,
         state: p.state().to_string(),
     }
 }

@@ -110,6 +110,9 @@ enum CtlCommand {
         /// Queue pairs offered to the guest (multiqueue above 1).
         #[arg(long, value_parser = config::parse_queues)]
         queues: Option<u16>,
+        /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
+        #[arg(long, value_parser = config::parse_vlan)]
+        vlan: Option<u16>,
         /// CPUs for the queue pairs' threads, e.g. 2+3.
         #[arg(long, value_name = "CPU+CPU...")]
         cpus: Option<String>,
@@ -232,6 +235,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             rate_bps,
             queues,
             cpus,
+            vlan,
         } => {
             let cpus = match cpus {
                 Some(c) => config::parse_cpus(&c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?,
@@ -251,6 +255,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 rate_bps,
                 queues,
                 cpus,
+                vlan,
             }
         }
         CtlCommand::DelPort { port } => Request::DelPort { port },

@@ -186,6 +186,8 @@ mod tests {
                     allow_macs: vec![],
                     rate_pps: None,
                     rate_bps: None,
+                    vlan: None,
+                    queue_pairs: 1,
                     state: "connected".into(),
                 },
                 xdp_steered: 5,

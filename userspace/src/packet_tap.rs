@@ -45,8 +45,11 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) ->
 }
 
 impl PacketTap {
-    /// Opens a tap on `ifindex` that sees only incoming group-addressed frames.
-    pub fn open(ifindex: u32) -> io::Result<Self> {
+    /// Opens a tap on `ifindex` that sees only incoming group-addressed frames of one L2
+    /// domain: tagged with `vlan`, or untagged when `vlan` is `None`. The kernel moves a
+    /// received 802.1Q tag out of the frame before taps see it, so copies arrive untagged
+    /// either way and the filter reads the tag from the packet's metadata.
+    pub fn open(ifindex: u32, vlan: Option<u16>) -> io::Result<Self> {
         // Protocol 0 receives nothing until bind, so no frame slips in before the filter.
         // SAFETY: plain socket(2) call.
         let raw = check(unsafe {
@@ -59,22 +62,7 @@ impl PacketTap {
         // SAFETY: `raw` is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
-        // Classic BPF: accept if the destination's group bit is set and the frame is not
-        // one this host sent.
-        let pkttype_off = (libc::SKF_AD_OFF + libc::SKF_AD_PKTTYPE) as u32;
-        let filter = [
-            bpf_stmt(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0),
-            bpf_jump(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 1, 0, 3),
-            bpf_stmt(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, pkttype_off),
-            bpf_jump(
-                libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
-                libc::PACKET_OUTGOING as u32,
-                1,
-                0,
-            ),
-            bpf_stmt(libc::BPF_RET | libc::BPF_K, MAX_FRAME as u32),
-            bpf_stmt(libc::BPF_RET | libc::BPF_K, 0),
-        ];
+        let filter = group_filter(vlan);
         let prog = libc::sock_fprog {
             len: filter.len() as u16,
             filter: filter.as_ptr() as *mut _,
@@ -145,6 +133,59 @@ impl PacketTap {
         let bufs = &self.bufs;
         self.lens.iter().map(move |&(i, n)| &bufs[i][..n])
     }
+}
+
+/// Classic BPF: accept a frame if the destination's group bit is set, the host did not send
+/// it, and its VLAN (from metadata) is `vlan` (or it has none, for `None`).
+fn group_filter(vlan: Option<u16>) -> Vec<libc::sock_filter> {
+    const SKF_AD_VLAN_TAG: i32 = 44;
+    const SKF_AD_VLAN_TAG_PRESENT: i32 = 48;
+    let ad = |off: i32| (libc::SKF_AD_OFF + off) as u32;
+    let (ld_b, ld_w) = (
+        libc::BPF_LD | libc::BPF_B | libc::BPF_ABS,
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+    );
+    let (jset, jeq) = (
+        libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
+        libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+    );
+    // Jump offsets count instructions to skip; every failed test jumps to the final reject.
+    let mut f = vec![
+        bpf_stmt(ld_b, 0),
+        bpf_jump(jset, 1, 0, 0),
+        bpf_stmt(ld_b, ad(libc::SKF_AD_PKTTYPE)),
+        bpf_jump(jeq, libc::PACKET_OUTGOING as u32, 0, 0),
+        bpf_stmt(ld_w, ad(SKF_AD_VLAN_TAG_PRESENT)),
+    ];
+    match vlan {
+        None => f.push(bpf_jump(jeq, 0, 0, 0)),
+        Some(vid) => {
+            f.push(bpf_jump(jeq, 1, 0, 0));
+            f.push(bpf_stmt(ld_w, ad(SKF_AD_VLAN_TAG)));
+            f.push(bpf_stmt(
+                libc::BPF_ALU | libc::BPF_AND | libc::BPF_K,
+                0x0fff,
+            ));
+            f.push(bpf_jump(jeq, u32::from(vid), 0, 0));
+        }
+    }
+    f.push(bpf_stmt(libc::BPF_RET | libc::BPF_K, MAX_FRAME as u32));
+    f.push(bpf_stmt(libc::BPF_RET | libc::BPF_K, 0));
+    // Point each test at accept (next) or reject (last).
+    let reject = f.len() - 1;
+    for (i, ins) in f.iter_mut().enumerate() {
+        if ins.code == jset as u16 {
+            ins.jt = 0;
+            ins.jf = (reject - i - 1) as u8;
+        } else if ins.code == jeq as u16 && ins.k == libc::PACKET_OUTGOING as u32 && i == 3 {
+            ins.jt = (reject - i - 1) as u8;
+            ins.jf = 0;
+        } else if ins.code == jeq as u16 {
+            ins.jt = 0;
+            ins.jf = (reject - i - 1) as u8;
+        }
+    }
+    f
 }
 
 fn bpf_stmt(code: u32, k: u32) -> libc::sock_filter {

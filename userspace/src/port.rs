@@ -61,6 +61,9 @@ pub struct PortSpec {
     pub queue_pairs: u16,
     /// CPUs for the queue pairs' threads (pair i on `cpus[i % len]`); empty: not pinned.
     pub cpus: Vec<usize>,
+    /// 802.1Q VLAN ID: the port's frames carry this tag on the NIC (pushed on transmit,
+    /// stripped on receive) and it switches only with ports on the same VLAN.
+    pub vlan: Option<u16>,
 }
 
 impl Default for PortSpec {
@@ -73,6 +76,7 @@ impl Default for PortSpec {
             rate_bps: None,
             queue_pairs: 1,
             cpus: Vec::new(),
+            vlan: None,
         }
     }
 }
@@ -129,7 +133,7 @@ impl Port {
     pub fn new(index: u32, spec: PortSpec) -> Self {
         Port {
             index,
-            switch_port: SwitchPort::new(spec.mac, index),
+            switch_port: SwitchPort::new(spec.mac, spec.vlan, index),
             stats: (0..spec.queue_pairs.max(1))
                 .map(|_| Arc::new(QueueStats::default()))
                 .collect(),
@@ -173,6 +177,7 @@ impl Port {
             self.spec.mac,
             &self.spec.allow_macs,
             RateLimit::new(self.spec.rate_pps, self.spec.rate_bps),
+            self.spec.vlan,
         )
     }
 }
@@ -321,7 +326,7 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
 fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortError> {
     let pairs = usize::from(port.spec.queue_pairs.max(1));
     let mut tap = Some(
-        PacketTap::open(nic.ifindex).map_err(|source| PortError::Tap {
+        PacketTap::open(nic.ifindex, port.spec.vlan).map_err(|source| PortError::Tap {
             iface: nic.iface.clone(),
             source,
         })?,
@@ -332,7 +337,7 @@ fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortErr
             .queues
             .iter()
             .filter(|q| q.queue_id() as usize % pairs == pair)
-            .map(XskSocket::open)
+            .map(|q| XskSocket::open(q).map(|s| s.strip_vlan_on_receive(port.spec.vlan.is_some())))
             .collect::<Result<Vec<_>, _>>()?;
         let tx_only = match sockets.is_empty() {
             true => Some(XskSocket::open(&nic.queues[pair % nic.queues.len()])?),

@@ -155,26 +155,33 @@ impl Steering {
         self.mode
     }
 
-    /// Steers frames for `mac` to port `port_index`'s sockets.
-    pub fn add_port(&mut self, mac: MacAddr, port_index: u32) -> Result<(), SteeringError> {
+    /// Steers frames for `mac` (tagged with `vlan`, or untagged) to port `port_index`'s
+    /// sockets.
+    pub fn add_port(
+        &mut self,
+        mac: MacAddr,
+        vlan: Option<u16>,
+        port_index: u32,
+    ) -> Result<(), SteeringError> {
         if port_index >= MAX_PORTS {
             return Err(SteeringError::PortIndex(port_index));
         }
+        let entry = PortEntry {
+            port_index,
+            flags: 0,
+        };
         self.ports
-            .insert(
-                MacKey::new(mac.0),
-                PortEntry {
-                    port_index,
-                    flags: 0,
-                },
-                0,
-            )
+            .insert(Self::key(mac, vlan), entry, 0)
             .map_err(map_err(PORTS_MAP))
     }
 
+    fn key(mac: MacAddr, vlan: Option<u16>) -> MacKey {
+        MacKey::tagged(mac.0, vlan.unwrap_or(0))
+    }
+
     /// Stops steering `mac`; its frames go to the host stack again.
-    pub fn remove_port(&mut self, mac: MacAddr) -> Result<(), SteeringError> {
-        match self.ports.remove(&MacKey::new(mac.0)) {
+    pub fn remove_port(&mut self, mac: MacAddr, vlan: Option<u16>) -> Result<(), SteeringError> {
+        match self.ports.remove(&Self::key(mac, vlan)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(PORTS_MAP)(e)),
         }

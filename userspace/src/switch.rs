@@ -46,14 +46,28 @@ pub struct RxTarget {
 /// A port as the switch knows it.
 pub struct SwitchPort {
     pub mac: MacAddr,
+    /// The port's VLAN: it switches only with ports on the same one (or both untagged).
+    pub vlan: Option<u16>,
     pub index: u32,
     target: Mutex<Option<RxTarget>>,
 }
 
+/// What the classifier needs to know of a port.
+pub trait Member {
+    fn vlan(&self) -> Option<u16>;
+}
+
+impl Member for Arc<SwitchPort> {
+    fn vlan(&self) -> Option<u16> {
+        self.vlan
+    }
+}
+
 impl SwitchPort {
-    pub fn new(mac: MacAddr, index: u32) -> Arc<Self> {
+    pub fn new(mac: MacAddr, vlan: Option<u16>, index: u32) -> Arc<Self> {
         Arc::new(SwitchPort {
             mac,
+            vlan,
             index,
             target: Mutex::new(None),
         })
@@ -198,15 +212,23 @@ pub struct TxPolicy {
     /// Source MACs the guest may use: its own first, then the configured extra ones.
     pub allowed_sources: Vec<MacAddr>,
     pub rate: Option<RateLimit>,
+    /// The port's VLAN: its frames get this tag on the NIC and switch within it.
+    pub vlan: Option<u16>,
 }
 
 impl TxPolicy {
-    pub fn new(own: MacAddr, extra: &[MacAddr], rate: Option<RateLimit>) -> Self {
+    pub fn new(
+        own: MacAddr,
+        extra: &[MacAddr],
+        rate: Option<RateLimit>,
+        vlan: Option<u16>,
+    ) -> Self {
         let mut allowed_sources = vec![own];
         allowed_sources.extend(extra.iter().copied().filter(|m| *m != own));
         TxPolicy {
             allowed_sources,
             rate,
+            vlan,
         }
     }
 
@@ -227,8 +249,13 @@ pub enum TxVerdict {
     Drop(TxDrop),
 }
 
-/// Decides where a frame from the guest goes. `ports` are the daemon's ports by MAC.
-pub fn classify<V>(frame: &[u8], policy: &mut TxPolicy, ports: &HashMap<MacAddr, V>) -> TxVerdict {
+/// Decides where a frame from the guest goes. `ports` are the daemon's ports by MAC; only
+/// those on the sender's VLAN count.
+pub fn classify<V: Member>(
+    frame: &[u8],
+    policy: &mut TxPolicy,
+    ports: &HashMap<MacAddr, V>,
+) -> TxVerdict {
     if frame.len() < ETH_HLEN {
         return TxVerdict::Drop(TxDrop::Runt);
     }
@@ -247,7 +274,7 @@ pub fn classify<V>(frame: &[u8], policy: &mut TxPolicy, ports: &HashMap<MacAddr,
     let dst = MacAddr(dst);
     if dst.is_multicast() {
         TxVerdict::Flood
-    } else if dst != policy.own_mac() && ports.contains_key(&dst) {
+    } else if dst != policy.own_mac() && ports.get(&dst).is_some_and(|p| p.vlan() == policy.vlan) {
         TxVerdict::Local(dst)
     } else {
         TxVerdict::Wire
@@ -282,6 +309,10 @@ impl TxBuffers for PortTx<'_> {
         match classify(frame, self.policy, self.ports) {
             TxVerdict::Drop(why) => Err(why),
             TxVerdict::Wire => {
+                let len = match self.policy.vlan {
+                    Some(vid) => self.sock.tag_current(len, vid).ok_or(TxDrop::Oversized)?,
+                    None => len,
+                };
                 self.sock.stage(len);
                 Ok(())
             }
@@ -296,14 +327,41 @@ impl TxBuffers for PortTx<'_> {
                 Ok(())
             }
             TxVerdict::Flood => {
-                let own = self.policy.own_mac();
-                if let Some(frame) = self.sock.stage(len) {
-                    for p in self.ports.values().filter(|p| p.mac != own) {
-                        self.local.push(LocalFrame {
-                            to: p.clone(),
-                            frame,
-                            staged: true,
-                        });
+                let (own, vlan) = (self.policy.own_mac(), self.policy.vlan);
+                let peers = self
+                    .ports
+                    .values()
+                    .filter(|p| p.mac != own && p.vlan == vlan);
+                match vlan {
+                    // Untagged: one buffer serves the NIC and, until the flush, the peers.
+                    None => {
+                        if let Some(frame) = self.sock.stage(len) {
+                            for p in peers {
+                                self.local.push(LocalFrame {
+                                    to: p.clone(),
+                                    frame,
+                                    staged: true,
+                                });
+                            }
+                        }
+                    }
+                    // Tagged on the NIC, untagged for the peers: the NIC gets a tagged copy.
+                    Some(vid) => {
+                        if let Some(frame) = self.sock.hold(len) {
+                            self.sock.stage_tagged_copy(frame, vid);
+                            let mut any = false;
+                            for p in peers {
+                                self.local.push(LocalFrame {
+                                    to: p.clone(),
+                                    frame,
+                                    staged: false,
+                                });
+                                any = true;
+                            }
+                            if !any {
+                                self.sock.release(frame);
+                            }
+                        }
                     }
                 }
                 Ok(())
@@ -363,8 +421,11 @@ pub fn deliver_local(
         drop(target);
         start = end;
     }
+    // A held frame may go to several peers (a tagged port's flood); give it back once.
+    let mut released: Vec<u64> = Vec::new();
     for f in local.drain(..) {
-        if !f.staged {
+        if !f.staged && !released.contains(&f.frame.addr) {
+            released.push(f.frame.addr);
             sock.release(f.frame);
         }
     }
@@ -447,14 +508,20 @@ mod tests {
         f
     }
 
-    fn ports(macs: &[MacAddr]) -> HashMap<MacAddr, ()> {
-        macs.iter().map(|m| (*m, ())).collect()
+    impl Member for Option<u16> {
+        fn vlan(&self) -> Option<u16> {
+            *self
+        }
+    }
+
+    fn ports(macs: &[MacAddr]) -> HashMap<MacAddr, Option<u16>> {
+        macs.iter().map(|m| (*m, None)).collect()
     }
 
     #[test]
     fn classification_follows_destination_and_source() {
         let table = ports(&[mac(1), mac(2)]);
-        let mut policy = TxPolicy::new(mac(1), &[mac(9)], None);
+        let mut policy = TxPolicy::new(mac(1), &[mac(9)], None, None);
         assert_eq!(
             classify(&frame(mac(2), mac(1), 60), &mut policy, &table),
             TxVerdict::Local(mac(2))
@@ -497,6 +564,38 @@ mod tests {
     }
 
     #[test]
+    fn switching_stays_inside_a_vlan() {
+        let table: HashMap<MacAddr, Option<u16>> = [
+            (mac(1), Some(100)),
+            (mac(2), Some(100)),
+            (mac(3), Some(200)),
+            (mac(4), None),
+        ]
+        .into_iter()
+        .collect();
+        let mut policy = TxPolicy::new(mac(1), &[], None, Some(100));
+        assert_eq!(
+            classify(&frame(mac(2), mac(1), 60), &mut policy, &table),
+            TxVerdict::Local(mac(2))
+        );
+        // Another VLAN's port or an untagged one is not reachable by switching: the frame
+        // goes out tagged, as a real switch port on VLAN 100 would send it.
+        assert_eq!(
+            classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
+            TxVerdict::Wire
+        );
+        assert_eq!(
+            classify(&frame(mac(4), mac(1), 60), &mut policy, &table),
+            TxVerdict::Wire
+        );
+        let mut untagged = TxPolicy::new(mac(4), &[], None, None);
+        assert_eq!(
+            classify(&frame(mac(1), mac(4), 60), &mut untagged, &table),
+            TxVerdict::Wire
+        );
+    }
+
+    #[test]
     fn rate_limit_admits_the_burst_then_the_rate() {
         let mut r = RateLimit::new(Some(10_000), None).unwrap();
         let t0 = Instant::now();
@@ -528,7 +627,7 @@ mod tests {
     #[test]
     fn rate_limited_frames_are_dropped_after_the_source_check() {
         let table = ports(&[mac(1)]);
-        let mut policy = TxPolicy::new(mac(1), &[], RateLimit::new(Some(200), None));
+        let mut policy = TxPolicy::new(mac(1), &[], RateLimit::new(Some(200), None), None);
         policy.rate.as_mut().unwrap().refill(Instant::now());
         assert_eq!(
             classify(&frame(mac(3), mac(1), 60), &mut policy, &table),

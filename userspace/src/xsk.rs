@@ -421,6 +421,8 @@ pub struct XskSocket {
     tx_free: Vec<u64>,
     /// Tx frames filled but not yet on the tx ring.
     tx_staged: Vec<XdpDesc>,
+    /// Received frames carry the port's VLAN tag, which the guest must not see.
+    strip_vlan: bool,
 }
 
 // SAFETY: the rings are raw pointers into mappings of this socket's own fd, and the frames it
@@ -458,11 +460,18 @@ impl XskSocket {
             rx_recycle: Vec::with_capacity(2 * RX_RECYCLE_BATCH),
             tx_free: Vec::with_capacity(TX_LOCAL_FRAMES),
             tx_staged: Vec::with_capacity(queue.geometry.socket_ring_size as usize),
+            strip_vlan: false,
         })
     }
 
     pub fn mode(&self) -> XskMode {
         self.queue.mode
+    }
+
+    /// Makes received frames lose their 802.1Q tag before delivery (a tagged port).
+    pub fn strip_vlan_on_receive(mut self, strip: bool) -> Self {
+        self.strip_vlan = strip;
+        self
     }
 
     pub fn queue_id(&self) -> u32 {
@@ -519,6 +528,25 @@ impl XskSocket {
         deliver: impl FnOnce(&mut dyn Iterator<Item = &[u8]>) -> Result<usize, E>,
     ) -> Result<usize, E> {
         let n = max.min(self.rx_backlog.len());
+        if self.strip_vlan {
+            // The steering program only hands a tagged port frames with its tag; remove it in
+            // place (the MAC addresses move up four bytes) so the guest sees plain Ethernet.
+            for d in self
+                .rx_backlog
+                .iter_mut()
+                .take(n)
+                .filter(|d| d.options & STRIPPED == 0)
+            {
+                if let Some(f) = self.queue.area.get_mut(d.addr, d.len as usize) {
+                    if f.len() >= 18 && f[12..14] == xvdpa_common::ETH_P_8021Q.to_be_bytes() {
+                        f.copy_within(0..12, 4);
+                        d.addr += 4;
+                        d.len -= 4;
+                    }
+                }
+                d.options |= STRIPPED;
+            }
+        }
         let area = &self.queue.area;
         let frame = self.frame_size();
         // A descriptor the kernel got wrong would be a kernel bug; it is passed on as empty
@@ -672,6 +700,17 @@ impl TxBuffers for XskSocket {
     }
 }
 
+/// Marks a backlog descriptor whose frame lost its VLAN tag already (our own bit: the kernel
+/// hands rx descriptors with `options` zero unless multi-buffer is on, which we never ask for).
+const STRIPPED: u32 = 1 << 31;
+
+/// The four bytes of an 802.1Q tag for VLAN `vid` (priority 0).
+fn vlan_tag(vid: u16) -> [u8; 4] {
+    let [a, b] = xvdpa_common::ETH_P_8021Q.to_be_bytes();
+    let [c, d] = (vid & 0x0fff).to_be_bytes();
+    [a, b, c, d]
+}
+
 /// A tx frame taken off the free list for another port rather than the NIC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldFrame {
@@ -719,6 +758,55 @@ impl XskSocket {
             .area
             .get(frame.addr, frame.len as usize)
             .unwrap_or(&[])
+    }
+
+    /// Inserts an 802.1Q tag after the MAC addresses of the current buffer, which holds a
+    /// `len`-byte frame; returns the new length, or `None` if the buffer has no room.
+    pub fn tag_current(&mut self, len: usize, vid: u16) -> Option<usize> {
+        let addr = *self.tx_free.last()?;
+        let buf = self
+            .queue
+            .area
+            .get_mut(addr, self.queue.geometry.frame_size as usize)?;
+        if len < 12 || len + 4 > buf.len() {
+            return None;
+        }
+        buf.copy_within(12..len, 16);
+        buf[12..16].copy_from_slice(&vlan_tag(vid));
+        Some(len + 4)
+    }
+
+    /// Stages a copy of `src` with an 802.1Q tag inserted; `src` stays held. Returns false
+    /// (nothing staged) when no buffer is free.
+    pub fn stage_tagged_copy(&mut self, src: HeldFrame, vid: u16) -> bool {
+        if self.tx_free.is_empty() {
+            self.reap_completions();
+        }
+        let Some(addr) = self.tx_free.pop() else {
+            return false;
+        };
+        let size = self.queue.geometry.frame_size as usize;
+        let len = src.len as usize;
+        match (
+            self.queue.area.get(src.addr, len),
+            self.queue.area.get_mut(addr, size),
+        ) {
+            (Some(from), Some(to)) if len >= 12 && len + 4 <= size => {
+                to[..12].copy_from_slice(&from[..12]);
+                to[12..16].copy_from_slice(&vlan_tag(vid));
+                to[16..len + 4].copy_from_slice(&from[12..]);
+                self.tx_staged.push(XdpDesc {
+                    addr,
+                    len: (len + 4) as u32,
+                    options: 0,
+                });
+                true
+            }
+            _ => {
+                self.tx_free.push(addr);
+                false
+            }
+        }
     }
 
     /// Returns a held frame to the free list.

@@ -35,7 +35,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let (mut steering, _logger) =
         Steering::attach(&cli.iface, XdpModeChoice::Auto).context("attaching XDP")?;
-    steering.add_port(cli.mac, 0)?;
+    steering.add_port(cli.mac, None, 0)?;
     let queue = NicQueue::open(
         &cli.iface,
         xvdpa::daemon::ifindex(&cli.iface)?,
