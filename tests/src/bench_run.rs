@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::bench::{
-    guest_rx_count, guest_tx_blast, iface_counter, pin_thread, process_cpu_seconds,
+    guest_rx_count, guest_tx_blast, guest_vm_to_vm, iface_counter, pin_thread, process_cpu_seconds,
     process_rss_bytes, udp_frame, Generator,
 };
 use crate::daemon::{socket_dir, Daemon};
@@ -24,6 +24,8 @@ pub enum Direction {
     Rx,
     /// guest tx ring -> NIC -> wire, counted on the wire.
     Tx,
+    /// guest A tx ring -> datapath -> guest B rx ring, counted by B.
+    VmToVm,
 }
 
 impl Direction {
@@ -31,6 +33,7 @@ impl Direction {
         match self {
             Direction::Rx => "rx",
             Direction::Tx => "tx",
+            Direction::VmToVm => "vm-to-vm",
         }
     }
 }
@@ -130,6 +133,15 @@ fn frame_for(direction: Direction, size: usize, wire_mac: [u8; 6]) -> Vec<u8> {
             wire_mac,
             ip_bytes(lab::WIRE_IP),
             ip_bytes(&lab::guest_ip(0)),
+            1024,
+            9,
+            len,
+        ),
+        Direction::VmToVm => udp_frame(
+            guest_mac(1),
+            guest_mac(0),
+            ip_bytes(&lab::guest_ip(0)),
+            ip_bytes(&lab::guest_ip(1)),
             1024,
             9,
             len,
@@ -272,6 +284,103 @@ fn start_vhost_peer(
     Ok((ut, fe))
 }
 
+/// The vm-to-vm scenario's datapath: xvdpa with two ports, or testpmd forwarding between two
+/// vhost ports; returns it with the sending (A) and receiving (B) guest sides.
+fn start_vm_to_vm_peer(
+    peer: Peer,
+    lab: &Lab,
+    pin: Pinning,
+    tag: &str,
+    daemon_args: &[String],
+) -> Result<(UnderTest, VirtioNetFrontend, VirtioNetFrontend)> {
+    let dir = socket_dir(tag)?;
+    let socks = [dir.join("a.sock"), dir.join("b.sock")];
+    for s in &socks {
+        let _ = std::fs::remove_file(s);
+    }
+    let ut = match peer {
+        Peer::Xvdpa => {
+            let specs: Vec<String> = (0..2)
+                .map(|i| {
+                    format!(
+                        "socket={},mac={}",
+                        socks[i].display(),
+                        mac_str(guest_mac(i as u8))
+                    )
+                })
+                .collect();
+            let ctl = dir.join("ctl.sock");
+            let mut args: Vec<&str> = vec![
+                "--log",
+                "warn,xvdpa=info",
+                "--ctl",
+                ctl.to_str().context("path")?,
+            ];
+            for s in &specs {
+                args.extend(["--port", s.as_str()]);
+            }
+            args.extend(daemon_args.iter().map(|s| s.as_str()));
+            let mut d = Daemon::spawn_pinned(lab, &args, Some(pin.datapath))?;
+            d.wait_for_count("port ready for a frontend", 2, Duration::from_secs(20))?;
+            UnderTest {
+                pid: d.pid().context("daemon pid")?,
+                daemon: Some(d),
+                testpmd: None,
+                dpdk_prefix: None,
+            }
+        }
+        Peer::Dpdk => {
+            let prefix = format!("xvbench-{}-{tag}", std::process::id());
+            let mut cmd = lab.in_host("taskset");
+            cmd.args(["-c", &pin.datapath.to_string(), "dpdk-testpmd"])
+                .args(dpdk::eal_args(
+                    &prefix,
+                    &format!("0@{0},1@{0}", pin.datapath),
+                ))
+                .arg("--vdev")
+                .arg(format!("net_vhost0,iface={},queues=1", socks[0].display()))
+                .arg("--vdev")
+                .arg(format!("net_vhost1,iface={},queues=1", socks[1].display()))
+                .args([
+                    "--",
+                    "--forward-mode=io",
+                    "--auto-start",
+                    "--nb-cores=1",
+                    "--stats-period=1",
+                    "--total-num-mbufs=16384",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().context("starting dpdk-testpmd")?;
+            let log = LineLog::capture(&mut child, "testpmd");
+            match log.wait_for(
+                "Port statistics",
+                0,
+                Duration::from_secs(30),
+                Some(&mut child),
+            )? {
+                Wait::Found(_) => {}
+                _ => bail!("dpdk-testpmd did not start:\n{}", log.lines().join("\n")),
+            }
+            UnderTest {
+                pid: child.id(),
+                daemon: None,
+                testpmd: Some(child),
+                dpdk_prefix: Some(prefix),
+            }
+        }
+        Peer::Limit => bail!("the vm-to-vm scenario has no ceiling peer (no NIC is involved)"),
+    };
+    let opts = || FrontendOptions {
+        queue_size: 1024,
+        ..Default::default()
+    };
+    let a = VirtioNetFrontend::connect(&socks[0], opts())?;
+    let b = VirtioNetFrontend::connect(&socks[1], opts())?;
+    Ok((ut, a, b))
+}
+
 /// Measures one (peer, direction, size) in `lab`, which must be idle.
 pub fn measure(
     lab: &Lab,
@@ -287,6 +396,9 @@ pub fn measure(
     let tag = format!("bench-{}-{}-{size}", peer.name(), direction.name());
     let total = setup.warmup + setup.duration;
 
+    if peer == Peer::Limit && direction == Direction::VmToVm {
+        bail!("the vm-to-vm scenario has no ceiling peer (no NIC is involved)");
+    }
     if peer == Peer::Limit {
         let _ = lab
             .in_host("ip")
@@ -318,6 +430,7 @@ pub fn measure(
             .context("starting xvdpa-xsk-limit")?;
         std::thread::sleep(Duration::from_millis(300));
         let generator = match direction {
+            Direction::VmToVm => unreachable!("refused above"),
             Direction::Rx => Some(Generator::start(
                 &lab.wire_ns,
                 lab::WIRE,
@@ -347,6 +460,7 @@ pub fn measure(
         };
         let seconds = field("seconds=").context("limit output")?;
         let frames = match direction {
+            Direction::VmToVm => unreachable!("refused above"),
             Direction::Rx => field("rx=").context("limit output")? as u64,
             Direction::Tx => wire1 - wire0,
         };
@@ -361,10 +475,39 @@ pub fn measure(
         .in_host("ip")
         .args(["link", "set", "dev", lab::NIC, "xdp", "off"])
         .status();
+    if direction == Direction::VmToVm {
+        let (ut, mut a, mut b) = start_vm_to_vm_peer(peer, lab, pin, &tag, &setup.daemon_args)?;
+        // The switch reaches B's queue once B's worker has had its first event.
+        std::thread::sleep(Duration::from_millis(300));
+        let result = (|| -> Result<Measurement> {
+            guest_vm_to_vm(&mut a, &mut b, &frame, setup.warmup, 2048)?;
+            let cpu0 = process_cpu_seconds(ut.pid)?;
+            let t0 = Instant::now();
+            let (frames, guest_cpu) = guest_vm_to_vm(&mut a, &mut b, &frame, setup.duration, 2048)?;
+            let seconds = t0.elapsed().as_secs_f64();
+            let cpu = process_cpu_seconds(ut.pid)? - cpu0;
+            Ok(Measurement::new(
+                peer,
+                direction,
+                size,
+                frames,
+                seconds,
+                Some(cpu),
+                guest_cpu,
+                process_rss_bytes(ut.pid).unwrap_or(0),
+            ))
+        })();
+        drop((a, b));
+        let finished = ut.finish();
+        let m = result?;
+        finished?;
+        return Ok(m);
+    }
     let (ut, mut fe) = start_vhost_peer(peer, lab, pin, &tag, &setup.daemon_args)?;
     let result = (|| -> Result<Measurement> {
         // Each direction yields (frames, seconds, datapath CPU seconds, guest CPU seconds).
         let (frames, seconds, cpu, guest_cpu_s) = match direction {
+            Direction::VmToVm => unreachable!("measured above"),
             Direction::Rx => {
                 let gen = Generator::start(
                     &lab.wire_ns,

@@ -95,7 +95,7 @@ impl SwitchPort {
         let target = self.target.lock().unwrap_or_else(|p| p.into_inner());
         let t = target.as_ref()?;
         let mut offered = 0;
-        deliver_into(t, frames.inspect(|_| offered += 1), scratch, false);
+        deliver_into(t, frames.inspect(|_| offered += 1), scratch, false, true);
         Some(offered)
     }
 
@@ -107,14 +107,33 @@ impl SwitchPort {
     }
 }
 
+/// A hasher for MAC keys: every transmitted frame is looked up, and SipHash's DoS resistance
+/// buys nothing here (the table holds the operator's ports, not guest-chosen keys).
+#[derive(Default, Clone, Copy)]
+pub struct MacHasher(u64);
+
+impl std::hash::Hasher for MacHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+pub type MacMap<V> = HashMap<MacAddr, V, std::hash::BuildHasherDefault<MacHasher>>;
+
 /// MAC -> port, for every port of the daemon. Readers take a snapshot once per batch.
 #[derive(Default)]
 pub struct SwitchTable {
-    ports: RwLock<Arc<HashMap<MacAddr, Arc<SwitchPort>>>>,
+    ports: RwLock<Arc<MacMap<Arc<SwitchPort>>>>,
 }
 
 impl SwitchTable {
-    pub fn snapshot(&self) -> Arc<HashMap<MacAddr, Arc<SwitchPort>>> {
+    pub fn snapshot(&self) -> Arc<MacMap<Arc<SwitchPort>>> {
         self.ports.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -251,10 +270,10 @@ pub enum TxVerdict {
 
 /// Decides where a frame from the guest goes. `ports` are the daemon's ports by MAC; only
 /// those on the sender's VLAN count.
-pub fn classify<V: Member>(
+pub fn classify<V: Member, S: std::hash::BuildHasher>(
     frame: &[u8],
     policy: &mut TxPolicy,
-    ports: &HashMap<MacAddr, V>,
+    ports: &HashMap<MacAddr, V, S>,
 ) -> TxVerdict {
     if frame.len() < ETH_HLEN {
         return TxVerdict::Drop(TxDrop::Runt);
@@ -293,7 +312,7 @@ pub struct LocalFrame {
 pub struct PortTx<'a> {
     pub sock: &'a mut XskSocket,
     pub policy: &'a mut TxPolicy,
-    pub ports: &'a HashMap<MacAddr, Arc<SwitchPort>>,
+    pub ports: &'a MacMap<Arc<SwitchPort>>,
     pub local: &'a mut Vec<LocalFrame>,
 }
 
@@ -393,6 +412,7 @@ pub fn deliver_local(
     local: &mut Vec<LocalFrame>,
     sock: &mut XskSocket,
     scratch: &mut RxScratch,
+    to_notify: &mut Vec<Arc<SwitchPort>>,
 ) -> u64 {
     if local.is_empty() {
         return 0;
@@ -411,12 +431,17 @@ pub fn deliver_local(
         let target = to.target.lock().unwrap_or_else(|p| p.into_inner());
         // A known port without a frontend has nobody to deliver to.
         if let Some(t) = &*target {
-            delivered += deliver_into(
+            let n = deliver_into(
                 t,
                 local[start..end].iter().map(|f| sock.held(f.frame)),
                 scratch,
                 true,
+                false,
             );
+            if n > 0 && !to_notify.iter().any(|p| p.index == to.index) {
+                to_notify.push(to.clone());
+            }
+            delivered += n;
         }
         drop(target);
         start = end;
@@ -432,13 +457,28 @@ pub fn deliver_local(
     delivered
 }
 
+/// Notifies the guests of the ports that got switched frames since the last call: once per
+/// round of batches rather than once per batch, because waking a guest (an eventfd write that
+/// wakes a sleeping vCPU thread) costs more than a whole batch of 64-byte copies.
+pub fn notify_ports(to_notify: &mut Vec<Arc<SwitchPort>>) {
+    for port in to_notify.drain(..) {
+        let target = port.target.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = &*target {
+            let mut state = t.vring.get_mut();
+            notify_guest(&mut state, &t.stats);
+        }
+    }
+}
+
 /// Writes `frames` into one port's receive queue under its vring lock; `switched`: they come
-/// from another port (counted as such).
+/// from another port (counted as such); `notify`: signal the guest now (else the caller
+/// does, through [`notify_ports`]).
 fn deliver_into<'f>(
     target: &RxTarget,
     frames: impl Iterator<Item = &'f [u8]>,
     scratch: &mut RxScratch,
     switched: bool,
+    notify: bool,
 ) -> u64 {
     let stats = &target.stats;
     let mut state = target.vring.get_mut();
@@ -486,7 +526,7 @@ fn deliver_into<'f>(
     }
     stats.add(&stats.rx_dropped_too_large, too_large);
     stats.add(&stats.rx_dropped_guest_ring_full, full);
-    if n > 0 {
+    if n > 0 && notify {
         notify_guest(&mut state, stats);
     }
     n

@@ -145,6 +145,8 @@ pub struct QueuePairWorker {
     own: Arc<SwitchPort>,
     /// Frames of the current tx batch bound for other ports.
     local: Vec<LocalFrame>,
+    /// Ports that got switched frames and whose guests are notified after this round.
+    to_notify: Vec<Arc<SwitchPort>>,
     /// CPU to move the library's thread for this pair to, on the first event.
     cpu: Option<usize>,
 }
@@ -201,6 +203,7 @@ impl QueuePairWorker {
             switch,
             own,
             local: Vec::with_capacity(BATCH),
+            to_notify: Vec::new(),
             cpu,
         })
     }
@@ -348,7 +351,12 @@ impl QueuePairWorker {
                 );
                 // Local frames first: flooded ones are also staged for the NIC and must be
                 // read before the flush can complete them and free their buffers.
-                switched += switch::deliver_local(&mut self.local, sock, &mut self.rx_scratch);
+                switched += switch::deliver_local(
+                    &mut self.local,
+                    sock,
+                    &mut self.rx_scratch,
+                    &mut self.to_notify,
+                );
                 sock.flush_tx();
                 sock.reap_completions();
                 stop = match batch {
@@ -399,6 +407,7 @@ impl QueuePairWorker {
             switch::notify_guest(&mut state, &self.stats);
         }
         drop(state);
+        switch::notify_ports(&mut self.to_notify);
         if let Err(e) = result {
             self.tx_broken = true;
             self.queue_failed("tx", &e);
