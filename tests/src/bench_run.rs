@@ -201,6 +201,48 @@ impl Drop for UnderTest {
     }
 }
 
+/// dpdk-testpmd on the datapath CPU, io-forwarding between the two ports `vdevs` make.
+fn start_testpmd(lab: &Lab, pin: Pinning, tag: &str, vdevs: &[String]) -> Result<UnderTest> {
+    let prefix = format!("xvbench-{}-{tag}", std::process::id());
+    let mut cmd = lab.in_host("taskset");
+    cmd.args(["-c", &pin.datapath.to_string(), "dpdk-testpmd"])
+        .args(dpdk::eal_args(
+            &prefix,
+            &format!("0@{0},1@{0}", pin.datapath),
+        ));
+    for v in vdevs {
+        cmd.arg("--vdev").arg(v);
+    }
+    cmd.args([
+        "--",
+        "--forward-mode=io",
+        "--auto-start",
+        "--nb-cores=1",
+        "--stats-period=1",
+        "--total-num-mbufs=16384",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("starting dpdk-testpmd")?;
+    let log = LineLog::capture(&mut child, "testpmd");
+    match log.wait_for(
+        "Port statistics",
+        0,
+        Duration::from_secs(30),
+        Some(&mut child),
+    )? {
+        Wait::Found(_) => {}
+        _ => bail!("dpdk-testpmd did not start:\n{}", log.lines().join("\n")),
+    }
+    Ok(UnderTest {
+        pid: child.id(),
+        daemon: None,
+        testpmd: Some(child),
+        dpdk_prefix: Some(prefix),
+    })
+}
+
 fn start_vhost_peer(
     peer: Peer,
     lab: &Lab,
@@ -228,50 +270,15 @@ fn start_vhost_peer(
                 dpdk_prefix: None,
             }
         }
-        Peer::Dpdk => {
-            let prefix = format!("xvbench-{}-{tag}", std::process::id());
-            let mut cmd = lab.in_host("taskset");
-            cmd.args(["-c", &pin.datapath.to_string(), "dpdk-testpmd"])
-                .args(dpdk::eal_args(
-                    &prefix,
-                    &format!("0@{0},1@{0}", pin.datapath),
-                ))
-                .arg("--vdev")
-                .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
-                .arg("--vdev")
-                .arg(format!(
-                    "net_af_xdp0,iface={},start_queue=0,queue_count=1",
-                    lab::NIC
-                ))
-                .args([
-                    "--",
-                    "--forward-mode=io",
-                    "--auto-start",
-                    "--nb-cores=1",
-                    "--stats-period=1",
-                    "--total-num-mbufs=16384",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().context("starting dpdk-testpmd")?;
-            let log = LineLog::capture(&mut child, "testpmd");
-            match log.wait_for(
-                "Port statistics",
-                0,
-                Duration::from_secs(30),
-                Some(&mut child),
-            )? {
-                Wait::Found(_) => {}
-                _ => bail!("dpdk-testpmd did not start:\n{}", log.lines().join("\n")),
-            }
-            UnderTest {
-                pid: child.id(),
-                daemon: None,
-                testpmd: Some(child),
-                dpdk_prefix: Some(prefix),
-            }
-        }
+        Peer::Dpdk => start_testpmd(
+            lab,
+            pin,
+            tag,
+            &[
+                format!("net_vhost0,iface={},queues=1", socket.display()),
+                format!("net_af_xdp0,iface={},start_queue=0,queue_count=1", lab::NIC),
+            ],
+        )?,
         Peer::Limit => unreachable!("the limit peer has no vhost side"),
     };
     let fe = VirtioNetFrontend::connect(
@@ -329,47 +336,15 @@ fn start_vm_to_vm_peer(
                 dpdk_prefix: None,
             }
         }
-        Peer::Dpdk => {
-            let prefix = format!("xvbench-{}-{tag}", std::process::id());
-            let mut cmd = lab.in_host("taskset");
-            cmd.args(["-c", &pin.datapath.to_string(), "dpdk-testpmd"])
-                .args(dpdk::eal_args(
-                    &prefix,
-                    &format!("0@{0},1@{0}", pin.datapath),
-                ))
-                .arg("--vdev")
-                .arg(format!("net_vhost0,iface={},queues=1", socks[0].display()))
-                .arg("--vdev")
-                .arg(format!("net_vhost1,iface={},queues=1", socks[1].display()))
-                .args([
-                    "--",
-                    "--forward-mode=io",
-                    "--auto-start",
-                    "--nb-cores=1",
-                    "--stats-period=1",
-                    "--total-num-mbufs=16384",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().context("starting dpdk-testpmd")?;
-            let log = LineLog::capture(&mut child, "testpmd");
-            match log.wait_for(
-                "Port statistics",
-                0,
-                Duration::from_secs(30),
-                Some(&mut child),
-            )? {
-                Wait::Found(_) => {}
-                _ => bail!("dpdk-testpmd did not start:\n{}", log.lines().join("\n")),
-            }
-            UnderTest {
-                pid: child.id(),
-                daemon: None,
-                testpmd: Some(child),
-                dpdk_prefix: Some(prefix),
-            }
-        }
+        Peer::Dpdk => start_testpmd(
+            lab,
+            pin,
+            tag,
+            &[
+                format!("net_vhost0,iface={},queues=1", socks[0].display()),
+                format!("net_vhost1,iface={},queues=1", socks[1].display()),
+            ],
+        )?,
         Peer::Limit => bail!("the vm-to-vm scenario has no ceiling peer (no NIC is involved)"),
     };
     let opts = || FrontendOptions {
