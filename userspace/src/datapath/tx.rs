@@ -5,10 +5,10 @@
 //! frame is copied into a buffer the caller provides (a UMEM frame) and the chain is returned
 //! to the guest at once, since the copy no longer needs it.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{collect_segments, pop_chain, read_at, GuestMemoryCursor, QueueError, Segment};
+use super::{collect_segments, read_at, GuestMemoryCursor, QueueError, Segment};
 use crate::device::{TxHeader, ETH_HLEN, VNET_HDR_LEN};
 
 /// Where transmitted frames go: free NIC buffers, taken one at a time.
@@ -85,6 +85,8 @@ pub enum TxStop {
 #[derive(Default)]
 pub struct TxScratch {
     segs: Vec<Segment>,
+    /// Heads of the batch's handled chains, returned to the used ring together.
+    used: Vec<u16>,
 }
 
 /// Moves up to `budget` frames from the guest's transmit queue into `buffers`.
@@ -101,43 +103,62 @@ pub fn transmit_batch(
     tally: &mut TxTally,
 ) -> Result<TxStop, QueueError> {
     let mut cursor = GuestMemoryCursor::new(mem);
-    for _ in 0..budget {
-        let before = queue.next_avail();
-        let Some(chain) = pop_chain(queue, mem)? else {
-            return Ok(TxStop::RingEmpty);
+    let start = queue.next_avail();
+    scratch.used.clear();
+    let mut stop = TxStop::Budget;
+    {
+        // One avail-ring iterator per batch: the avail index is read once, not per chain.
+        let mut chains = match queue.iter(mem) {
+            Ok(it) => it,
+            Err(virtio_queue::Error::InvalidAvailRingIndex) => return Err(QueueError::AvailIndex),
+            // Not ready (reset under us) or an unreadable avail ring: nothing to take now.
+            Err(_) => return Ok(TxStop::RingEmpty),
         };
-        let head = chain.head_index();
-        let Some(buf) = buffers.next_buffer() else {
-            queue.set_next_avail(before);
-            return Ok(TxStop::NoBuffers);
-        };
-        let total = collect_segments(chain, false, &mut scratch.segs)?;
-        let oom = |source| QueueError::OutOfMemory { head, source };
+        for _ in 0..budget {
+            let Some(chain) = chains.next() else {
+                stop = TxStop::RingEmpty;
+                break;
+            };
+            let head = chain.head_index();
+            let Some(buf) = buffers.next_buffer() else {
+                stop = TxStop::NoBuffers;
+                break;
+            };
+            let total = collect_segments(chain, false, &mut scratch.segs)?;
+            let oom = |source| QueueError::OutOfMemory { head, source };
 
-        let verdict = if total < VNET_HDR_LEN as u64 {
-            Err(TxDrop::Runt)
-        } else {
-            let mut hdr = [0u8; VNET_HDR_LEN];
-            read_at(&mut cursor, &scratch.segs, 0, &mut hdr).map_err(oom)?;
-            let len = (total - VNET_HDR_LEN as u64) as usize;
-            if TxHeader::parse(&hdr).wants_offload() {
-                Err(TxDrop::Offload)
-            } else if len > max_frame || len > buf.len() {
-                Err(TxDrop::Oversized)
-            } else if len < ETH_HLEN {
+            let verdict = if total < VNET_HDR_LEN as u64 {
                 Err(TxDrop::Runt)
             } else {
-                read_at(&mut cursor, &scratch.segs, VNET_HDR_LEN, &mut buf[..len]).map_err(oom)?;
-                Ok(len)
+                let mut hdr = [0u8; VNET_HDR_LEN];
+                read_at(&mut cursor, &scratch.segs, 0, &mut hdr).map_err(oom)?;
+                let len = (total - VNET_HDR_LEN as u64) as usize;
+                if TxHeader::parse(&hdr).wants_offload() {
+                    Err(TxDrop::Offload)
+                } else if len > max_frame || len > buf.len() {
+                    Err(TxDrop::Oversized)
+                } else if len < ETH_HLEN {
+                    Err(TxDrop::Runt)
+                } else {
+                    read_at(&mut cursor, &scratch.segs, VNET_HDR_LEN, &mut buf[..len])
+                        .map_err(oom)?;
+                    Ok(len)
+                }
+            };
+            match verdict.and_then(|len| buffers.submit(len).map(|()| len)) {
+                Ok(len) => {
+                    tally.frames += 1;
+                    tally.bytes += len as u64;
+                }
+                Err(why) => tally.drop(why),
             }
-        };
-        match verdict.and_then(|len| buffers.submit(len).map(|()| len)) {
-            Ok(len) => {
-                tally.frames += 1;
-                tally.bytes += len as u64;
-            }
-            Err(why) => tally.drop(why),
+            scratch.used.push(head);
         }
+    }
+    // The chain taken without a buffer for it goes back: the ring resumes right after the
+    // chains that were handled.
+    queue.set_next_avail(start.wrapping_add(scratch.used.len() as u16));
+    for &head in &scratch.used {
         queue
             .add_used(mem, head, 0)
             .map_err(|_| QueueError::Malformed {
@@ -145,7 +166,7 @@ pub fn transmit_batch(
                 why: "used ring is outside guest memory",
             })?;
     }
-    Ok(TxStop::Budget)
+    Ok(stop)
 }
 
 #[cfg(test)]
