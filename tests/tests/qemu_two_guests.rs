@@ -82,7 +82,8 @@ fn two_guests_reach_the_wire_and_each_other_through_the_daemon() -> Result<()> {
          dd if=/dev/urandom of=/tmp/up bs=65536 count={BLOCKS} 2>/dev/null\n\
          echo \"B-UP-MD5 $(md5sum < /tmp/up)\"\n\
          nc -l -p 6002 < /tmp/up & SERVE=$!\n\
-         sleep 600 | nc -l -p 6001 > /tmp/in &\n\
+         : > /tmp/in\n\
+         sleep 600 | nc -l -p 6001 >> /tmp/in &\n\
          echo B-LISTENING\n\
          i=0; while [ \"$(wc -c < /tmp/in)\" -lt {bytes} ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done\n\
          echo \"B-IN-MD5 $(md5sum < /tmp/in)\"\n\
