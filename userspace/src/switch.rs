@@ -24,9 +24,8 @@ use vhost_user_backend::{VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::datapath::rx::{self, RxOutcome, RxScratch};
+use crate::datapath::rx::{self, RxScratch};
 use crate::datapath::tx::{TxBuffers, TxDrop};
-use crate::datapath::GuestMemoryCursor;
 use crate::device::{NegotiatedFeatures, ETH_HLEN};
 use crate::mac::MacAddr;
 use crate::stats::QueueStats;
@@ -488,36 +487,33 @@ fn deliver_into<'f>(
     }
     let mem = target.mem.memory();
     let mrg = NegotiatedFeatures::new(target.acked.load(Ordering::Acquire)).mrg_rxbuf;
-    let mut cursor = GuestMemoryCursor::new(&mem);
-    let (mut n, mut bytes, mut buffers, mut too_large, mut full) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    for frame in frames {
-        if full > 0 {
-            full += 1;
-            continue;
+    let mut frames = frames;
+    let mut pulled = 0u64;
+    let mut tally = rx::RxTally::default();
+    let consumed = rx::deliver_batch(
+        &mem,
+        state.get_queue_mut(),
+        frames.by_ref().inspect(|_| pulled += 1),
+        mrg,
+        scratch,
+        &mut tally,
+    );
+    let left = frames.count() as u64;
+    let (n, bytes, buffers, too_large) = (
+        tally.frames,
+        tally.bytes,
+        tally.buffers,
+        tally.dropped_too_large,
+    );
+    let full = match consumed {
+        Ok(c) => pulled - c as u64 + left,
+        Err(e) => {
+            target.broken.store(true, Ordering::Release);
+            stats.add(&stats.queue_errors, 1);
+            tracing::error!(error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
+            0
         }
-        match rx::deliver_frame(
-            &mem,
-            &mut cursor,
-            state.get_queue_mut(),
-            frame,
-            mrg,
-            scratch,
-        ) {
-            Ok(RxOutcome::Delivered { buffers: b }) => {
-                n += 1;
-                bytes += frame.len() as u64;
-                buffers += u64::from(b);
-            }
-            Ok(RxOutcome::TooLarge) => too_large += 1,
-            Ok(RxOutcome::NoBuffers) => full += 1,
-            Err(e) => {
-                target.broken.store(true, Ordering::Release);
-                stats.add(&stats.queue_errors, 1);
-                tracing::error!(error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
-                break;
-            }
-        }
-    }
+    };
     stats.add(&stats.rx_packets, n);
     stats.add(&stats.rx_bytes, bytes);
     stats.add(&stats.rx_buffers, buffers);

@@ -497,7 +497,6 @@ impl QueuePairWorker {
 
         if read_tap && result.is_ok() {
             if let Some(tap) = &mut self.tap {
-                let mut cursor = crate::datapath::GuestMemoryCursor::new(mem);
                 for frame in tap.recv_batch() {
                     if guest_full {
                         self.stats.add(&self.stats.rx_dropped_guest_ring_full, 1);
@@ -505,7 +504,6 @@ impl QueuePairWorker {
                     }
                     match rx::deliver_frame(
                         mem,
-                        &mut cursor,
                         state.get_queue_mut(),
                         frame,
                         features.mrg_rxbuf,

@@ -10,7 +10,7 @@ pub mod rx;
 pub mod tx;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub use guest_memory::{GuestMemoryCursor, OutOfGuestMemory};
@@ -29,19 +29,6 @@ pub enum QueueError {
 
 /// One buffer of a descriptor chain: guest address and length.
 pub type Segment = (GuestAddress, u32);
-
-/// Takes the next available chain, telling a corrupt avail index apart from an empty ring.
-pub(crate) fn pop_chain<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, QueueError> {
-    match queue.iter(mem) {
-        Ok(mut it) => Ok(it.next()),
-        Err(virtio_queue::Error::InvalidAvailRingIndex) => Err(QueueError::AvailIndex),
-        // Not ready (reset under us) or an unreadable avail ring: nothing to take now.
-        Err(_) => Ok(None),
-    }
-}
 
 /// Collects a chain's buffers into `segs`, requiring all of them to be device-writable (rx)
 /// or all device-readable (tx). Zero-length buffers are skipped. Returns the total length.

@@ -5,10 +5,10 @@
 //! guest how many). If the guest has too few buffers for a frame, the chains taken for it are
 //! put back and the caller keeps the frame until the guest posts more.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{collect_segments, pop_chain, write_at, GuestMemoryCursor, QueueError, Segment};
+use super::{collect_segments, write_at, GuestMemoryCursor, QueueError, Segment};
 use crate::device::{rx_header, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS};
 
 /// What happened to one frame.
@@ -29,6 +29,8 @@ pub struct RxScratch {
     segs: Vec<Segment>,
     first: Vec<Segment>,
     taken: Vec<(u16, u32)>,
+    /// (head, length) of every chain the batch's delivered frames used.
+    used: Vec<(u16, u32)>,
 }
 
 /// Totals of one batch, added to the shared counters once per batch.
@@ -40,29 +42,41 @@ pub struct RxTally {
     pub dropped_too_large: u64,
 }
 
-/// Writes one frame into the guest's receive queue.
-///
-/// On `Ok(Delivered)` the used ring has the frame's chains; the caller notifies the guest
-/// once per batch. On `Err` the queue is unusable (the guest broke the ring's rules).
-pub fn deliver_frame(
-    mem: &GuestMemoryMmap,
+/// How filling one frame ended.
+enum Fill {
+    /// Written, in this many chains (their used entries are in `scratch.used`).
+    Delivered { chains: u16 },
+    /// Too large for the buffers; the one chain tried waits in `pending` for the next frame.
+    TooLarge,
+    /// Too large even across 65535 merged buffers: drop it and end the batch there.
+    TooLargeEnd,
+    /// The ring ran out of chains part-way; nothing of this frame counts.
+    NoBuffers,
+}
+
+type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
+
+/// Writes one frame into chains taken from `chains` (after `pending`, a chain an earlier
+/// frame gave back).
+fn fill_frame<'m>(
     cursor: &mut GuestMemoryCursor<'_>,
-    queue: &mut Queue,
+    chains: &mut dyn Iterator<Item = Chain<'m>>,
+    pending: &mut Option<Chain<'m>>,
     frame: &[u8],
     mrg_rxbuf: bool,
     scratch: &mut RxScratch,
-) -> Result<RxOutcome, QueueError> {
-    let start = queue.next_avail();
+) -> Result<Fill, QueueError> {
     let need = VNET_HDR_LEN + frame.len();
     let mut written = 0usize;
     scratch.taken.clear();
 
     while written < need {
-        let Some(chain) = pop_chain(queue, mem)? else {
-            queue.set_next_avail(start);
-            return Ok(RxOutcome::NoBuffers);
+        let Some(chain) = pending.take().or_else(|| chains.next()) else {
+            return Ok(Fill::NoBuffers);
         };
         let head = chain.head_index();
+        // Kept to hand the chain to the next frame if this one cannot use it.
+        let again = (!mrg_rxbuf).then(|| chain.clone());
         let capacity = collect_segments(chain, true, &mut scratch.segs)?;
         let first = written == 0;
         if first && capacity < VNET_HDR_LEN as u64 {
@@ -70,6 +84,11 @@ pub fn deliver_frame(
                 head,
                 why: "receive buffer smaller than the net header",
             });
+        }
+        if !mrg_rxbuf && capacity < need as u64 {
+            // Checked before writing, so the chain goes to the next frame untouched.
+            *pending = again;
+            return Ok(Fill::TooLarge);
         }
         let oom = |source| QueueError::OutOfMemory { head, source };
         let mut in_chain = 0usize;
@@ -83,14 +102,8 @@ pub fn deliver_frame(
         in_chain += write_at(cursor, &scratch.segs, in_chain, &frame[frame_from..]).map_err(oom)?;
         written += in_chain;
         scratch.taken.push((head, in_chain as u32));
-
-        if written < need && !mrg_rxbuf {
-            queue.set_next_avail(start);
-            return Ok(RxOutcome::TooLarge);
-        }
-        if scratch.taken.len() == usize::from(u16::MAX) {
-            queue.set_next_avail(start);
-            return Ok(RxOutcome::TooLarge);
+        if written < need && scratch.taken.len() == usize::from(u16::MAX) {
+            return Ok(Fill::TooLargeEnd);
         }
     }
 
@@ -105,19 +118,35 @@ pub fn deliver_frame(
         )
         .map_err(|source| QueueError::OutOfMemory { head, source })?;
     }
-    for &(head, len) in &scratch.taken {
-        queue
-            .add_used(mem, head, len)
-            .map_err(|_| QueueError::Malformed {
-                head,
-                why: "used ring is outside guest memory",
-            })?;
-    }
-    Ok(RxOutcome::Delivered { buffers })
+    scratch.used.extend_from_slice(&scratch.taken);
+    Ok(Fill::Delivered { chains: buffers })
+}
+
+/// Writes one frame into the guest's receive queue (a batch of one, see [`deliver_batch`]).
+pub fn deliver_frame(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    frame: &[u8],
+    mrg_rxbuf: bool,
+    scratch: &mut RxScratch,
+) -> Result<RxOutcome, QueueError> {
+    let mut tally = RxTally::default();
+    let consumed = deliver_batch(mem, queue, [frame], mrg_rxbuf, scratch, &mut tally)?;
+    Ok(match (consumed, tally.frames) {
+        (0, _) => RxOutcome::NoBuffers,
+        (_, 0) => RxOutcome::TooLarge,
+        _ => RxOutcome::Delivered {
+            buffers: tally.buffers as u16,
+        },
+    })
 }
 
 /// Delivers frames in order until they run out or the guest's buffers do. Returns how many
 /// frames were consumed (delivered, or dropped as too large); the rest stay with the caller.
+///
+/// One avail-ring iterator serves the whole batch (the avail index is read once), and the
+/// used entries of the delivered frames are written after it, in order. Chains a frame could
+/// not finish are not consumed: the ring resumes right after the last delivered frame's.
 pub fn deliver_batch<'f>(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
@@ -127,18 +156,59 @@ pub fn deliver_batch<'f>(
     tally: &mut RxTally,
 ) -> Result<usize, QueueError> {
     let mut cursor = GuestMemoryCursor::new(mem);
+    let start = queue.next_avail();
+    scratch.used.clear();
+    let mut committed = 0u16;
     let mut consumed = 0;
-    for frame in frames {
-        match deliver_frame(mem, &mut cursor, queue, frame, mrg_rxbuf, scratch)? {
-            RxOutcome::Delivered { buffers } => {
-                tally.frames += 1;
-                tally.bytes += frame.len() as u64;
-                tally.buffers += u64::from(buffers);
+    let outcome = {
+        let mut chains = match queue.iter(mem) {
+            Ok(it) => it,
+            Err(virtio_queue::Error::InvalidAvailRingIndex) => return Err(QueueError::AvailIndex),
+            // Not ready (reset under us) or an unreadable avail ring: nothing to take now.
+            Err(_) => return Ok(0),
+        };
+        let mut pending = None;
+        let mut outcome = Ok(());
+        for frame in frames {
+            match fill_frame(
+                &mut cursor,
+                &mut chains,
+                &mut pending,
+                frame,
+                mrg_rxbuf,
+                scratch,
+            ) {
+                Ok(Fill::Delivered { chains: n }) => {
+                    committed = committed.wrapping_add(n);
+                    tally.frames += 1;
+                    tally.bytes += frame.len() as u64;
+                    tally.buffers += u64::from(n);
+                }
+                Ok(Fill::TooLarge) => tally.dropped_too_large += 1,
+                Ok(Fill::TooLargeEnd) => {
+                    tally.dropped_too_large += 1;
+                    consumed += 1;
+                    break;
+                }
+                Ok(Fill::NoBuffers) => break,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
             }
-            RxOutcome::TooLarge => tally.dropped_too_large += 1,
-            RxOutcome::NoBuffers => break,
+            consumed += 1;
         }
-        consumed += 1;
+        outcome
+    };
+    queue.set_next_avail(start.wrapping_add(committed));
+    outcome?;
+    for &(head, len) in &scratch.used {
+        queue
+            .add_used(mem, head, len)
+            .map_err(|_| QueueError::Malformed {
+                head,
+                why: "used ring is outside guest memory",
+            })?;
     }
     Ok(consumed)
 }
