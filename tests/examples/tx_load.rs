@@ -1,7 +1,7 @@
 //! Holds a tx (or rx) load on a daemon for profiling: `cargo run --release -p xvdpa-tests
 //! --example tx_load -- <seconds> [rx]` with XVDPA_BIN pointing at the daemon; prints the daemon's pid.
 use std::time::Duration;
-use xvdpa_tests::bench_run::{measure, Direction, Peer, Pinning, Setup};
+use xvdpa_tests::bench_run::{measure, Direction, FrameSpec, GeneratorKind, Peer, Pinning, Setup};
 use xvdpa_tests::lab::Lab;
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +26,8 @@ fn main() -> anyhow::Result<()> {
         daemon_args: std::env::var("XVDPA_ARGS")
             .map(|a| a.split_whitespace().map(String::from).collect())
             .unwrap_or_default(),
+        generator: GeneratorKind::Auto,
+        frame: FrameSpec::default(),
     };
     let peer = if std::env::var("PEER").as_deref() == Ok("dpdk") {
         Peer::Dpdk

@@ -1,6 +1,7 @@
-//! Benchmark building blocks: a kernel-side traffic generator (XDP live frames), the guest
-//! side (the test frontend counting received frames or keeping its tx ring full), counters on
-//! the wire, CPU pinning and per-process CPU and memory figures.
+//! Benchmark building blocks: a traffic generator (the kernel's pktgen where it exists, XDP
+//! live frames, or an AF_XDP transmitter), the guest side (the test frontend counting received
+//! frames or keeping its tx ring full), counters on the wire, CPU pinning and per-process CPU
+//! and memory figures.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
@@ -115,16 +116,97 @@ struct TestRunAttr {
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 
-/// Sends copies of a template frame out of an interface from inside the kernel, as fast as
-/// one CPU allows, until stopped.
+/// How the generator puts frames on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeneratorKind {
+    /// The first of the others that works here.
+    Auto,
+    /// The kernel's pktgen (`/proc/net/pktgen`), on the load CPU's kernel thread.
+    Pktgen,
+    /// BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES: XDP_TX of a template from the kernel.
+    XdpLive,
+    /// An AF_XDP socket on the wire interface, transmitting from userspace (copy mode).
+    AfXdp,
+}
+
+impl GeneratorKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GeneratorKind::Auto => "auto",
+            GeneratorKind::Pktgen => "pktgen",
+            GeneratorKind::XdpLive => "xdp-live",
+            GeneratorKind::AfXdp => "af-xdp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => GeneratorKind::Auto,
+            "pktgen" => GeneratorKind::Pktgen,
+            "xdp-live" => GeneratorKind::XdpLive,
+            "af-xdp" => GeneratorKind::AfXdp,
+            other => bail!("unknown generator {other:?} (auto, pktgen, xdp-live, af-xdp)"),
+        })
+    }
+}
+
+/// Sends copies of a template frame out of an interface as fast as one CPU allows, until
+/// stopped. With `flows` > 1 the UDP source port cycles through `flows` values from the
+/// template's.
 pub struct Generator {
+    kind: GeneratorKind,
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
     thread: Option<JoinHandle<Result<()>>>,
+    /// pktgen's control file (opened inside the namespace: pktgen is per namespace), written
+    /// "stop" to end a run.
+    pktgen_ctl: Option<std::fs::File>,
+}
+
+/// The UDP source port of a frame from [`udp_frame`].
+fn frame_sport(frame: &[u8]) -> u16 {
+    frame
+        .get(34..36)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .unwrap_or(1024)
 }
 
 impl Generator {
-    /// Starts generating on `ifname` in namespace `netns`, pinned to `cpu`.
+    /// Starts a generator of `kind` on `ifname` in namespace `netns`, pinned to `cpu`.
+    /// `Auto` tries pktgen, then XDP live frames, then AF_XDP, and says which it took.
+    pub fn start_kind(
+        kind: GeneratorKind,
+        netns: &str,
+        ifname: &str,
+        frame: Vec<u8>,
+        flows: u32,
+        cpu: Option<usize>,
+    ) -> Result<Generator> {
+        match kind {
+            GeneratorKind::Pktgen => Self::start_pktgen(netns, ifname, frame, flows, cpu),
+            GeneratorKind::XdpLive => Self::start(netns, ifname, frame, flows, cpu),
+            GeneratorKind::AfXdp => Self::start_af_xdp(netns, ifname, frame, flows, cpu),
+            GeneratorKind::Auto => Self::start_pktgen(netns, ifname, frame.clone(), flows, cpu)
+                .or_else(|e| {
+                    eprintln!("[bench] pktgen unavailable ({e:#}); trying XDP live frames");
+                    Self::start(netns, ifname, frame.clone(), flows, cpu)
+                })
+                .or_else(|e| {
+                    eprintln!(
+                        "[bench] XDP live frames unavailable ({e:#}); using an AF_XDP transmitter"
+                    );
+                    Self::start_af_xdp(netns, ifname, frame, flows, cpu)
+                }),
+        }
+    }
+
+    /// Which generator runs.
+    pub fn kind(&self) -> GeneratorKind {
+        self.kind
+    }
+
+    /// Starts generating with XDP live frames on `ifname` in namespace `netns`, pinned to
+    /// `cpu`.
     pub fn start(
         netns: &str,
         ifname: &str,
@@ -165,7 +247,7 @@ impl Generator {
                             ebpf.map_mut("FLOWS").context("FLOWS map")?,
                         )?;
                         flows_map.set(0, flows.max(1), 0)?;
-                        flows_map.set(1, 1024, 0)?;
+                        flows_map.set(1, u32::from(frame_sport(&frame)), 0)?;
                     }
                     let prog: &mut aya::programs::Xdp = ebpf
                         .program_mut("xvdpa_bench_tx")
@@ -233,9 +315,278 @@ impl Generator {
             })?;
         ready_rx.recv().context("generator thread died")??;
         Ok(Generator {
+            kind: GeneratorKind::XdpLive,
             stop,
             sent,
             thread: Some(thread),
+            pktgen_ctl: None,
+        })
+    }
+
+    /// The kernel's pktgen, on the kernel thread of `cpu` (0 when unpinned). pktgen is
+    /// per network namespace, so it is configured through this thread's view of /proc/net.
+    fn start_pktgen(
+        netns: &str,
+        ifname: &str,
+        frame: Vec<u8>,
+        flows: u32,
+        cpu: Option<usize>,
+    ) -> Result<Generator> {
+        let _ = std::process::Command::new("modprobe")
+            .arg("pktgen")
+            .stderr(std::process::Stdio::null())
+            .status();
+        let ns_file = std::fs::File::open(format!("/var/run/netns/{netns}"))
+            .with_context(|| format!("namespace {netns}"))?;
+        let ifname = ifname.to_string();
+        let cpu = cpu.unwrap_or(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<std::fs::File>>();
+        let thread = std::thread::Builder::new()
+            .name("bench-pktgen".into())
+            .spawn(move || -> Result<()> {
+                let setup = (|| -> Result<PathBuf> {
+                    // SAFETY: setns on this thread with a namespace fd we hold open.
+                    if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error()).context("setns");
+                    }
+                    let dir = PathBuf::from("/proc/thread-self/net/pktgen");
+                    let ctl = dir.join("pgctrl");
+                    if !ctl.exists() {
+                        bail!("this kernel has no pktgen ({} missing)", ctl.display());
+                    }
+                    let put = |file: &std::path::Path, cmd: &str| -> Result<()> {
+                        std::fs::write(file, cmd)
+                            .with_context(|| format!("pktgen: {cmd:?} > {}", file.display()))
+                    };
+                    let thread_file = dir.join(format!("kpktgend_{cpu}"));
+                    put(&thread_file, "rem_device_all")?;
+                    put(&thread_file, &format!("add_device {ifname}"))?;
+                    let dev = dir.join(&ifname);
+                    let mac = |b: &[u8]| {
+                        b.iter()
+                            .map(|x| format!("{x:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    };
+                    let ip = |b: &[u8]| format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3]);
+                    let sport = frame_sport(&frame);
+                    for cmd in [
+                        "count 0".to_string(),
+                        "clone_skb 1000".to_string(),
+                        "burst 32".to_string(),
+                        format!("pkt_size {}", frame.len()),
+                        format!("dst_mac {}", mac(&frame[0..6])),
+                        format!("src_mac {}", mac(&frame[6..12])),
+                        format!("src_min {}", ip(&frame[26..30])),
+                        format!("src_max {}", ip(&frame[26..30])),
+                        format!("dst {}", ip(&frame[30..34])),
+                        format!("udp_src_min {sport}"),
+                        format!("udp_src_max {}", u32::from(sport) + flows.max(1) - 1),
+                        format!("udp_dst_min {}", u16::from_be_bytes([frame[36], frame[37]])),
+                        format!("udp_dst_max {}", u16::from_be_bytes([frame[36], frame[37]])),
+                    ] {
+                        put(&dev, &cmd)?;
+                    }
+                    Ok(ctl)
+                })();
+                let ctl = match setup.and_then(|ctl| {
+                    let stopper = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&ctl)
+                        .context("opening pgctrl")?;
+                    Ok((ctl, stopper))
+                }) {
+                    Ok((ctl, stopper)) => {
+                        let _ = ready_tx.send(Ok(stopper));
+                        ctl
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let _ = ready_tx.send(Err(e));
+                        bail!("{msg}");
+                    }
+                };
+                // Blocks until another thread writes "stop".
+                std::fs::write(&ctl, "start").context("pktgen start")?;
+                Ok(())
+            })?;
+        let ctl = ready_rx.recv().context("pktgen thread died")??;
+        Ok(Generator {
+            kind: GeneratorKind::Pktgen,
+            stop,
+            sent,
+            thread: Some(thread),
+            pktgen_ctl: Some(ctl),
+        })
+    }
+
+    /// An AF_XDP transmitter on `ifname` queue 0 (copy mode): a UMEM of prebuilt frames, one
+    /// per flow, resent as completions come back.
+    fn start_af_xdp(
+        netns: &str,
+        ifname: &str,
+        frame: Vec<u8>,
+        flows: u32,
+        cpu: Option<usize>,
+    ) -> Result<Generator> {
+        use std::num::NonZeroU32;
+        use xdpilone::xdp::XdpDesc;
+        use xdpilone::{IfInfo, Socket, SocketConfig, Umem, UmemConfig};
+
+        let ns_file = std::fs::File::open(format!("/var/run/netns/{netns}"))
+            .with_context(|| format!("namespace {netns}"))?;
+        let ifname = ifname.to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let thread = std::thread::Builder::new()
+            .name("bench-afxdp".into())
+            .spawn(move || -> Result<()> {
+                const FRAMES: u32 = 4096;
+                const FRAME_SIZE: u32 = 2048;
+                let setup = (|| -> Result<_> {
+                    // SAFETY: setns on this thread with a namespace fd we hold open.
+                    if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error()).context("setns");
+                    }
+                    if let Some(cpu) = cpu {
+                        pin_thread(cpu)?;
+                    }
+                    if frame.len() > FRAME_SIZE as usize {
+                        bail!(
+                            "frame of {} bytes does not fit a {FRAME_SIZE}-byte UMEM frame",
+                            frame.len()
+                        );
+                    }
+                    let len = (FRAMES * FRAME_SIZE) as usize;
+                    // SAFETY: a fresh private anonymous mapping, unmapped by the Drop below.
+                    let area = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            len,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                            -1,
+                            0,
+                        )
+                    };
+                    if area == libc::MAP_FAILED {
+                        return Err(std::io::Error::last_os_error()).context("UMEM mmap");
+                    }
+                    struct Area(*mut libc::c_void, usize);
+                    impl Drop for Area {
+                        fn drop(&mut self) {
+                            // SAFETY: unmaps the mapping made above, after the socket (declared
+                            // later, dropped earlier) is gone.
+                            unsafe { libc::munmap(self.0, self.1) };
+                        }
+                    }
+                    let area = Area(area, len);
+                    let sport = frame_sport(&frame);
+                    for i in 0..FRAMES as usize {
+                        let mut f = frame.clone();
+                        if flows > 1 && f.len() >= 36 {
+                            let p = (u32::from(sport) + i as u32 % flows) as u16;
+                            f[34..36].copy_from_slice(&p.to_be_bytes());
+                        }
+                        // SAFETY: frame i lies inside the mapping; nothing else uses it yet.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                f.as_ptr(),
+                                (area.0 as *mut u8).add(i * FRAME_SIZE as usize),
+                                f.len(),
+                            )
+                        };
+                    }
+                    let ptr = std::ptr::NonNull::new(area.0 as *mut u8).context("mmap")?;
+                    let slice = std::ptr::NonNull::slice_from_raw_parts(ptr, len);
+                    let config = UmemConfig {
+                        fill_size: FRAMES,
+                        complete_size: FRAMES,
+                        frame_size: FRAME_SIZE,
+                        headroom: 0,
+                        flags: 0,
+                    };
+                    let errno = |what: &'static str| {
+                        move |e: xdpilone::Errno| {
+                            anyhow::anyhow!("AF_XDP {what}: errno {}", e.get_raw())
+                        }
+                    };
+                    // SAFETY: the area is page aligned, sized for the frames and outlives the UMEM
+                    // (dropped after it at the end of this thread).
+                    let umem = unsafe { Umem::new(config, slice) }.map_err(errno("UMEM"))?;
+                    let mut info = IfInfo::invalid();
+                    info.from_ifindex(crate::netns::ifindex(&ifname)?)
+                        .map_err(errno("interface"))?;
+                    info.set_queue(0);
+                    let sock = Socket::with_shared(&info, &umem).map_err(errno("socket"))?;
+                    let device = umem.fq_cq(&sock).map_err(errno("rings"))?;
+                    let user = umem
+                        .rx_tx(
+                            &sock,
+                            &SocketConfig {
+                                rx_size: None,
+                                tx_size: NonZeroU32::new(FRAMES),
+                                bind_flags: SocketConfig::XDP_BIND_COPY
+                                    | SocketConfig::XDP_BIND_NEED_WAKEUP,
+                            },
+                        )
+                        .map_err(errno("tx ring"))?;
+                    let tx = user.map_tx().map_err(errno("tx ring mapping"))?;
+                    umem.bind(&user).map_err(errno("bind"))?;
+                    Ok((area, umem, device, user, tx))
+                })();
+                let (_area, _umem, mut device, _user, mut tx) = match setup {
+                    Ok(v) => {
+                        let _ = ready_tx.send(Ok(()));
+                        v
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let _ = ready_tx.send(Err(e));
+                        bail!("{msg}");
+                    }
+                };
+                let mut free: Vec<u64> = (0..u64::from(FRAMES))
+                    .map(|i| i * u64::from(FRAME_SIZE))
+                    .collect();
+                let mut in_flight = 0u32;
+                while !stop2.load(Ordering::Relaxed) {
+                    {
+                        let mut c = device.complete(in_flight);
+                        while let Some(addr) = c.read() {
+                            free.push(addr - addr % u64::from(FRAME_SIZE));
+                            in_flight -= 1;
+                            sent2.fetch_add(1, Ordering::Relaxed);
+                        }
+                        c.release();
+                    }
+                    let n = free.len().min(64);
+                    if n > 0 {
+                        let mut w = tx.transmit(n as u32);
+                        let put = w.insert(free[free.len() - n..].iter().map(|&addr| XdpDesc {
+                            addr,
+                            len: frame.len() as u32,
+                            options: 0,
+                        }));
+                        w.commit();
+                        free.truncate(free.len() - put as usize);
+                        in_flight += put;
+                    }
+                    tx.wake();
+                }
+                Ok(())
+            })?;
+        ready_rx.recv().context("AF_XDP generator thread died")??;
+        Ok(Generator {
+            kind: GeneratorKind::AfXdp,
+            stop,
+            sent,
+            thread: Some(thread),
+            pktgen_ctl: None,
         })
     }
 
@@ -269,6 +620,9 @@ impl Generator {
     pub fn stop(mut self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
         self.interrupt();
+        if let Some(mut ctl) = self.pktgen_ctl.take() {
+            std::io::Write::write_all(&mut ctl, b"stop").context("pktgen stop")?;
+        }
         if let Some(t) = self.thread.take() {
             t.join()
                 .map_err(|_| anyhow::anyhow!("generator panicked"))??;
@@ -281,6 +635,9 @@ impl Drop for Generator {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.interrupt();
+        if let Some(mut ctl) = self.pktgen_ctl.take() {
+            let _ = std::io::Write::write_all(&mut ctl, b"stop");
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

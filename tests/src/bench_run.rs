@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub use crate::bench::GeneratorKind;
 use crate::bench::{
     guest_rx_count, guest_tx_blast, guest_vm_to_vm, iface_counter, pin_thread, process_cpu_seconds,
     process_rss_bytes, udp_frame, Generator,
@@ -78,6 +79,8 @@ pub struct Measurement {
     /// CPU seconds the guest side used (it must cost less than what it measures).
     pub guest_cpu_s: f64,
     pub rss_bytes: u64,
+    /// The generator that made the rx traffic.
+    pub generator: Option<&'static str>,
 }
 
 #[derive(Clone, Debug)]
@@ -89,6 +92,26 @@ pub struct Setup {
     pub flows: u32,
     /// Extra daemon arguments (e.g. `--busy-poll`).
     pub daemon_args: Vec<String>,
+    /// What puts rx frames on the wire.
+    pub generator: GeneratorKind,
+    /// Frame contents beyond the scenario's own addressing.
+    pub frame: FrameSpec,
+}
+
+/// Frame contents the operator may choose. The scenario fixes what steering depends on: rx
+/// frames go to the first guest's MAC, and guests send from their own MAC.
+#[derive(Clone, Debug, Default)]
+pub struct FrameSpec {
+    /// Source MAC of rx frames (default: the wire interface's).
+    pub src_mac: Option<[u8; 6]>,
+    /// Destination MAC of tx frames (default: a MAC nobody in the lab owns).
+    pub dst_mac: Option<[u8; 6]>,
+    pub src_ip: Option<[u8; 4]>,
+    pub dst_ip: Option<[u8; 4]>,
+    /// First UDP source port (flows count up from it); default 1024.
+    pub sport: Option<u16>,
+    /// UDP destination port; default 9 (discard).
+    pub dport: Option<u16>,
 }
 
 impl Measurement {
@@ -114,6 +137,7 @@ impl Measurement {
                 .map_or(f64::NAN, |cpu| cpu / (frames.max(1) as f64 / 1e6)),
             guest_cpu_s,
             rss_bytes,
+            generator: None,
         }
     }
 }
@@ -125,37 +149,37 @@ fn limit_binary() -> PathBuf {
     crate::daemon::binary().with_file_name("xvdpa-xsk-limit")
 }
 
-fn frame_for(direction: Direction, size: usize, wire_mac: [u8; 6]) -> Vec<u8> {
+fn frame_for(direction: Direction, size: usize, wire_mac: [u8; 6], spec: &FrameSpec) -> Vec<u8> {
     let len = size.saturating_sub(4).max(60);
-    match direction {
-        Direction::Rx => udp_frame(
+    let (dst, src, src_ip, dst_ip) = match direction {
+        Direction::Rx => (
             guest_mac(0),
-            wire_mac,
+            spec.src_mac.unwrap_or(wire_mac),
             ip_bytes(lab::WIRE_IP),
             ip_bytes(&lab::guest_ip(0)),
-            1024,
-            9,
-            len,
         ),
-        Direction::VmToVm => udp_frame(
+        Direction::VmToVm => (
             guest_mac(1),
             guest_mac(0),
             ip_bytes(&lab::guest_ip(0)),
             ip_bytes(&lab::guest_ip(1)),
-            1024,
-            9,
-            len,
         ),
-        Direction::Tx => udp_frame(
-            SINK_MAC,
+        Direction::Tx => (
+            spec.dst_mac.unwrap_or(SINK_MAC),
             guest_mac(0),
             ip_bytes(&lab::guest_ip(0)),
             [10, 77, 0, 200],
-            1024,
-            9,
-            len,
         ),
-    }
+    };
+    udp_frame(
+        dst,
+        src,
+        spec.src_ip.unwrap_or(src_ip),
+        spec.dst_ip.unwrap_or(dst_ip),
+        spec.sport.unwrap_or(1024),
+        spec.dport.unwrap_or(9),
+        len,
+    )
 }
 
 /// The datapath process under test and its guest-side connection.
@@ -367,7 +391,7 @@ pub fn measure(
     let pin = setup.pinning;
     pin_thread(pin.load)?;
     let wire_mac = lab.wire_mac()?;
-    let frame = frame_for(direction, size, wire_mac);
+    let frame = frame_for(direction, size, wire_mac, &setup.frame);
     let tag = format!("bench-{}-{}-{size}", peer.name(), direction.name());
     let total = setup.warmup + setup.duration;
 
@@ -406,7 +430,8 @@ pub fn measure(
         std::thread::sleep(Duration::from_millis(300));
         let generator = match direction {
             Direction::VmToVm => unreachable!("refused above"),
-            Direction::Rx => Some(Generator::start(
+            Direction::Rx => Some(Generator::start_kind(
+                setup.generator,
                 &lab.wire_ns,
                 lab::WIRE,
                 frame.clone(),
@@ -418,6 +443,7 @@ pub fn measure(
         let wire0 = iface_counter(&lab.wire_ns, lab::WIRE, "rx_packets")?;
         let out = child.wait_with_output()?;
         let wire1 = iface_counter(&lab.wire_ns, lab::WIRE, "rx_packets")?;
+        let generator_name = generator.as_ref().map(|g| g.kind().name());
         if let Some(g) = generator {
             g.stop()?;
         }
@@ -440,9 +466,9 @@ pub fn measure(
             Direction::Tx => wire1 - wire0,
         };
         // The whole run counts here (no separate warm-up window): the ceiling is a bound.
-        return Ok(Measurement::new(
-            peer, direction, size, frames, seconds, None, 0.0, 0,
-        ));
+        let mut m = Measurement::new(peer, direction, size, frames, seconds, None, 0.0, 0);
+        m.generator = generator_name;
+        return Ok(m);
     }
 
     // Whatever a previous peer left on the NIC (an XDP program) must not decide this run.
@@ -479,18 +505,21 @@ pub fn measure(
         return Ok(m);
     }
     let (ut, mut fe) = start_vhost_peer(peer, lab, pin, &tag, &setup.daemon_args)?;
+    let mut generator_name = None;
     let result = (|| -> Result<Measurement> {
         // Each direction yields (frames, seconds, datapath CPU seconds, guest CPU seconds).
         let (frames, seconds, cpu, guest_cpu_s) = match direction {
             Direction::VmToVm => unreachable!("measured above"),
             Direction::Rx => {
-                let gen = Generator::start(
+                let gen = Generator::start_kind(
+                    setup.generator,
                     &lab.wire_ns,
                     lab::WIRE,
                     frame.clone(),
                     setup.flows,
                     Some(pin.load),
                 )?;
+                generator_name = Some(gen.kind().name());
                 guest_rx_count(&mut fe, setup.warmup, 2048)?;
                 let cpu0 = process_cpu_seconds(ut.pid)?;
                 let t0 = Instant::now();
@@ -522,7 +551,11 @@ pub fn measure(
             guest_cpu_s,
             process_rss_bytes(ut.pid).unwrap_or(0),
         ))
-    })();
+    })()
+    .map(|mut m| {
+        m.generator = generator_name;
+        m
+    });
     drop(fe);
     let finished = ut.finish();
     let m = result?;

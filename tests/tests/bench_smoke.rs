@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use xvdpa_tests::bench_run::{measure, Direction, Peer, Pinning, Setup};
+use xvdpa_tests::bench_run::{measure, Direction, FrameSpec, GeneratorKind, Peer, Pinning, Setup};
 use xvdpa_tests::lab::Lab;
 
 #[test]
@@ -19,6 +19,8 @@ fn every_scenario_moves_packets_for_every_peer() -> Result<()> {
         },
         flows: 4,
         daemon_args: vec![],
+        generator: GeneratorKind::Auto,
+        frame: FrameSpec::default(),
     };
     for peer in [Peer::Xvdpa, Peer::Dpdk, Peer::Limit] {
         for direction in [Direction::Rx, Direction::Tx, Direction::VmToVm] {

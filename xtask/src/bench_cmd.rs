@@ -9,7 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use xvdpa_tests::bench_run::{measure, Direction, Measurement, Peer, Pinning, Setup};
+use xvdpa_tests::bench_run::{
+    measure, Direction, FrameSpec, GeneratorKind, Measurement, Peer, Pinning, Setup,
+};
 use xvdpa_tests::lab::Lab;
 
 use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, PEER_PACKAGES};
@@ -46,12 +48,45 @@ pub struct BenchArgs {
     /// Run xvdpa with --busy-poll (it then spins on its CPU, as DPDK does).
     #[arg(long)]
     busy_poll: bool,
+    /// Traffic generator for rx: auto (pktgen, else XDP live frames, else AF_XDP), pktgen,
+    /// xdp-live, af-xdp.
+    #[arg(long, default_value = "auto")]
+    generator: String,
+    /// Source MAC of rx frames (default: the lab wire's).
+    #[arg(long, value_parser = parse_mac)]
+    src_mac: Option<[u8; 6]>,
+    /// Destination MAC of tx frames (default: a MAC nobody owns; they stop at the wire).
+    #[arg(long, value_parser = parse_mac)]
+    dst_mac: Option<[u8; 6]>,
+    /// Source IPv4 address of the frames.
+    #[arg(long)]
+    src_ip: Option<std::net::Ipv4Addr>,
+    /// Destination IPv4 address of the frames.
+    #[arg(long)]
+    dst_ip: Option<std::net::Ipv4Addr>,
+    /// First UDP source port (flows count up from it).
+    #[arg(long)]
+    udp_sport: Option<u16>,
+    /// UDP destination port.
+    #[arg(long)]
+    udp_dport: Option<u16>,
     /// Write the raw figures as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Draw a chart (PNG, with gnuplot).
     #[arg(long)]
     plot: Option<PathBuf>,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("invalid MAC {s:?}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("invalid MAC {s:?}: expected six octets"))
 }
 
 fn parse_direction(s: &str) -> Result<Direction> {
@@ -133,6 +168,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             vec!["--busy-poll".to_string()]
         } else {
             vec![]
+        },
+        generator: GeneratorKind::parse(&args.generator)?,
+        frame: FrameSpec {
+            src_mac: args.src_mac,
+            dst_mac: args.dst_mac,
+            src_ip: args.src_ip.map(|a| a.octets()),
+            dst_ip: args.dst_ip.map(|a| a.octets()),
+            sport: args.udp_sport,
+            dport: args.udp_dport,
         },
     };
     let mut all: Vec<(usize, Measurement)> = Vec::new();
@@ -216,6 +260,12 @@ fn render_table(
         "\nxvdpa benchmark: median of {} runs x {:.1} s, datapath pinned to CPU {}, generator + guest side on CPU {}, {} flow(s), xvdpa {}",
         args.runs, args.duration, pin.datapath, pin.load, args.flows, if args.busy_poll { "busy-polling" } else { "event-driven (default)" }
     );
+    let mut generators: Vec<&str> = all.iter().filter_map(|(_, m)| m.generator).collect();
+    generators.sort();
+    generators.dedup();
+    if !generators.is_empty() {
+        let _ = writeln!(out, "rx traffic generator: {}", generators.join(", "));
+    }
     let mut header = "| scenario | frame |".to_string();
     for p in peers {
         let _ = write!(header, " {} Mpps |", p.name());
