@@ -163,6 +163,34 @@ pub struct Generator {
     pktgen_ctl: Option<std::fs::File>,
 }
 
+/// Moves the calling (generator) thread into the namespace `ns_file` names, and onto `cpu`.
+fn enter_namespace(ns_file: &std::fs::File, cpu: Option<usize>) -> Result<()> {
+    // SAFETY: setns on this thread with a namespace fd we hold open.
+    if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    if let Some(cpu) = cpu {
+        pin_thread(cpu)?;
+    }
+    Ok(())
+}
+
+/// Hands a generator thread's setup outcome to the thread that started it (`R`) and returns
+/// what the generator keeps (`T`); a failed setup ends the thread with the same error.
+fn report<T, R>(setup: Result<(T, R)>, ready: &std::sync::mpsc::Sender<Result<R>>) -> Result<T> {
+    match setup {
+        Ok((keep, give)) => {
+            let _ = ready.send(Ok(give));
+            Ok(keep)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let _ = ready.send(Err(e));
+            bail!("{msg}")
+        }
+    }
+}
+
 /// The UDP source port of a frame from [`udp_frame`].
 fn frame_sport(frame: &[u8]) -> u16 {
     frame
@@ -230,14 +258,8 @@ impl Generator {
         let thread = std::thread::Builder::new()
             .name("bench-generator".into())
             .spawn(move || -> Result<()> {
-                let setup = (|| -> Result<(aya::Ebpf, u32)> {
-                    // SAFETY: setns on this thread with a namespace fd we hold open.
-                    if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error()).context("setns");
-                    }
-                    if let Some(cpu) = cpu {
-                        pin_thread(cpu)?;
-                    }
+                let setup = (|| -> Result<((aya::Ebpf, u32), ())> {
+                    enter_namespace(&ns_file, cpu)?;
                     let ifindex =
                         crate::netns::ifindex(&ifname).context("the generator's interface")?;
                     let mut ebpf =
@@ -254,19 +276,9 @@ impl Generator {
                         .context("generator program")?
                         .try_into()?;
                     prog.load().context("verifying the generator program")?;
-                    Ok((ebpf, ifindex))
+                    Ok(((ebpf, ifindex), ()))
                 })();
-                let (ebpf, ifindex) = match setup {
-                    Ok(v) => {
-                        let _ = ready_tx.send(Ok(()));
-                        v
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        let _ = ready_tx.send(Err(e));
-                        bail!("{msg}");
-                    }
-                };
+                let (ebpf, ifindex) = report(setup, &ready_tx)?;
                 let prog: &aya::programs::Xdp =
                     ebpf.program("xvdpa_bench_tx").unwrap().try_into()?;
                 let fd = prog.fd()?.as_fd().as_raw_fd();
@@ -347,10 +359,7 @@ impl Generator {
             .name("bench-pktgen".into())
             .spawn(move || -> Result<()> {
                 let setup = (|| -> Result<PathBuf> {
-                    // SAFETY: setns on this thread with a namespace fd we hold open.
-                    if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error()).context("setns");
-                    }
+                    enter_namespace(&ns_file, None)?;
                     let dir = PathBuf::from("/proc/thread-self/net/pktgen");
                     let ctl = dir.join("pgctrl");
                     if !ctl.exists() {
@@ -391,23 +400,14 @@ impl Generator {
                     }
                     Ok(ctl)
                 })();
-                let ctl = match setup.and_then(|ctl| {
+                let setup = setup.and_then(|ctl| {
                     let stopper = std::fs::OpenOptions::new()
                         .write(true)
                         .open(&ctl)
                         .context("opening pgctrl")?;
                     Ok((ctl, stopper))
-                }) {
-                    Ok((ctl, stopper)) => {
-                        let _ = ready_tx.send(Ok(stopper));
-                        ctl
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        let _ = ready_tx.send(Err(e));
-                        bail!("{msg}");
-                    }
-                };
+                });
+                let ctl = report(setup, &ready_tx)?;
                 // Blocks until another thread writes "stop".
                 std::fs::write(&ctl, "start").context("pktgen start")?;
                 Ok(())
@@ -448,13 +448,7 @@ impl Generator {
                 const FRAMES: u32 = 4096;
                 const FRAME_SIZE: u32 = 2048;
                 let setup = (|| -> Result<_> {
-                    // SAFETY: setns on this thread with a namespace fd we hold open.
-                    if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error()).context("setns");
-                    }
-                    if let Some(cpu) = cpu {
-                        pin_thread(cpu)?;
-                    }
+                    enter_namespace(&ns_file, cpu)?;
                     if frame.len() > FRAME_SIZE as usize {
                         bail!(
                             "frame of {} bytes does not fit a {FRAME_SIZE}-byte UMEM frame",
@@ -537,19 +531,9 @@ impl Generator {
                         .map_err(errno("tx ring"))?;
                     let tx = user.map_tx().map_err(errno("tx ring mapping"))?;
                     umem.bind(&user).map_err(errno("bind"))?;
-                    Ok((area, umem, device, user, tx))
+                    Ok(((area, umem, device, user, tx), ()))
                 })();
-                let (_area, _umem, mut device, _user, mut tx) = match setup {
-                    Ok(v) => {
-                        let _ = ready_tx.send(Ok(()));
-                        v
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        let _ = ready_tx.send(Err(e));
-                        bail!("{msg}");
-                    }
-                };
+                let (_area, _umem, mut device, _user, mut tx) = report(setup, &ready_tx)?;
                 let mut free: Vec<u64> = (0..u64::from(FRAMES))
                     .map(|i| i * u64::from(FRAME_SIZE))
                     .collect();
