@@ -5,8 +5,8 @@
 //! UMEM and an anchor socket that holds the queue's binding and those two rings for as long as
 //! the daemon runs; each port connection adds an [`XskSocket`] with its own rx and tx rings.
 //!
-//! UMEM frames are split in two fixed pools: the first half cycles through the fill and rx
-//! rings, the second half through the tx and completion rings. The shared rings and the pools'
+//! UMEM frames are split in two fixed pools: the first cycles through the fill and rx rings,
+//! the second through the tx and completion rings. The shared rings and the pools'
 //! free lists sit behind one mutex per NIC queue, taken once per batch; each socket keeps a few
 //! frames locally between batches so the lock is never taken per frame.
 
@@ -63,9 +63,12 @@ const BIND_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2)
 pub struct XskGeometry {
     /// Bytes per UMEM frame; a received or sent frame must fit one.
     pub frame_size: u32,
-    /// Entries of the fill and completion rings, and frames in each of the two pools
-    /// (power of two).
+    /// Entries of the completion ring and frames of the tx pool (power of two).
     pub ring_size: u32,
+    /// Entries of the fill ring and frames of the rx pool (power of two). Larger than the
+    /// tx side: frames waiting in the sockets' rx rings and backlogs are out of the fill ring,
+    /// and an empty fill ring makes the kernel drop (`rx_dropped_no_umem_frame`).
+    pub fill_size: u32,
     /// Entries of each port socket's rx and tx rings (power of two).
     pub socket_ring_size: u32,
 }
@@ -75,6 +78,7 @@ impl Default for XskGeometry {
         XskGeometry {
             frame_size: 4096,
             ring_size: 2048,
+            fill_size: 2048,
             socket_ring_size: 2048,
         }
     }
@@ -83,7 +87,7 @@ impl Default for XskGeometry {
 impl XskGeometry {
     /// Bytes of UMEM one NIC queue maps.
     pub fn umem_bytes(&self) -> u64 {
-        2 * u64::from(self.ring_size) * u64::from(self.frame_size)
+        u64::from(self.fill_size + self.ring_size) * u64::from(self.frame_size)
     }
 }
 
@@ -303,10 +307,10 @@ impl NicQueue {
         mode: XskMode,
     ) -> Result<Self, XskError> {
         let fail = setup_error(ifname, queue_id);
-        let pool = geometry.ring_size as usize;
-        let area = UmemArea::new(2 * pool * geometry.frame_size as usize)?;
+        let (rx_pool, tx_pool) = (geometry.fill_size as u64, geometry.ring_size as u64);
+        let area = UmemArea::new(geometry.umem_bytes() as usize)?;
         let config = UmemConfig {
-            fill_size: geometry.ring_size,
+            fill_size: geometry.fill_size,
             complete_size: geometry.ring_size,
             frame_size: geometry.frame_size,
             headroom: 0,
@@ -348,8 +352,8 @@ impl NicQueue {
         let frame = u64::from(geometry.frame_size);
         let mut shared = SharedRings {
             device,
-            rx_recycle: (0..pool as u64).map(|i| i * frame).collect(),
-            tx_free: (pool as u64..2 * pool as u64)
+            rx_recycle: (0..rx_pool).map(|i| i * frame).collect(),
+            tx_free: (rx_pool..rx_pool + tx_pool)
                 .rev()
                 .map(|i| i * frame)
                 .collect(),
