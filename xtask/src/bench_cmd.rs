@@ -283,7 +283,11 @@ fn render_table(
                     .map(|(_, m)| m.pps)
                     .collect(),
             );
-            let _ = write!(line, " {:.3} |", pps / 1e6);
+            if pps.is_finite() {
+                let _ = write!(line, " {:.3} |", pps / 1e6);
+            } else {
+                line.push_str(" - |");
+            }
         }
         let fmt_ratio = |r: f64| {
             if r.is_finite() {
@@ -359,7 +363,7 @@ fn write_json(
                 "run": run, "peer": m.peer.name(), "scenario": m.direction.name(), "frame_size": m.size,
                 "frames": m.frames, "seconds": m.seconds, "pps": m.pps,
                 "cpu_s_per_mpkt": if m.cpu_s_per_mpkt.is_finite() { Some(m.cpu_s_per_mpkt) } else { None },
-                "guest_cpu_s": m.guest_cpu_s, "rss_bytes": m.rss_bytes,
+                "guest_cpu_s": m.guest_cpu_s, "rss_bytes": m.rss_bytes, "generator": m.generator,
             })
         })
         .collect();
@@ -384,7 +388,8 @@ fn plot(path: &PathBuf, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<
     }
     text.push('\n');
     for ((d, size), ms) in by_key(all) {
-        let _ = write!(text, "\"{} {}B\"", d.name(), size);
+        // Two-line tick labels: "vm-to-vm 1518B" on one line overlaps its neighbours.
+        let _ = write!(text, "\"{}\\n{}B\"", d.name(), size);
         for p in peers {
             let pps = median(
                 ms.iter()
