@@ -714,3 +714,62 @@ fn rate_limited_port_is_policed_and_counts_what_it_drops() -> Result<()> {
     daemon.stop()?;
     Ok(())
 }
+
+#[test]
+fn promiscuous_port_also_gets_unicast_nobody_owns() -> Result<()> {
+    let lab = Lab::unique("mppromisc")?;
+    let dir = socket_dir("mppromisc")?;
+    let sock = |i: u8| dir.join(format!("vm{i}.sock"));
+    let a = format!(
+        "socket={},mac={},promisc=on",
+        sock(0).display(),
+        mac_str(guest_mac(0))
+    );
+    let b = format!("socket={},mac={}", sock(1).display(), mac_str(guest_mac(1)));
+    let ctl_path = dir.join("ctl.sock");
+    let mut daemon = Daemon::spawn(
+        &lab,
+        &[
+            "--ctl",
+            ctl_path.to_str().unwrap(),
+            "--port",
+            &a,
+            "--port",
+            &b,
+        ],
+    )?;
+    daemon.wait_for_count("port ready for a frontend", 2, Duration::from_secs(20))?;
+    let wire = WireSocket::open(&lab)?;
+    let wire_mac = lab.wire_mac()?;
+    let (mut pa, mut pb) = (vm(&sock(0))?, vm(&sock(1))?);
+
+    let stranger = test_frame([0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc], wire_mac, 1, 100);
+    wire.send(&stranger)?;
+    ensure!(
+        received(&mut pa, 1, WAIT)? == vec![stranger],
+        "the promiscuous port missed unknown unicast"
+    );
+    ensure!(
+        received(&mut pb, 1, QUIET)?.is_empty(),
+        "a normal port got unknown unicast"
+    );
+    // Traffic XDP steers to another port stays that port's, as on a switch.
+    let to_b = test_frame(guest_mac(1), wire_mac, 2, 100);
+    wire.send(&to_b)?;
+    ensure!(
+        received(&mut pb, 1, WAIT)? == vec![to_b],
+        "B missed its frame"
+    );
+    ensure!(
+        received(&mut pa, 1, QUIET)?.is_empty(),
+        "the promiscuous port saw B's steered frame"
+    );
+    let ctl = Ctl::new(&ctl_path);
+    ensure!(
+        ctl.raw(r#"{"cmd":"list"}"#)?["ports"][0]["promisc"] == true,
+        "list does not show promisc"
+    );
+    drop((pa, pb));
+    daemon.stop()?;
+    Ok(())
+}

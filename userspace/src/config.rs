@@ -106,12 +106,24 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "queues" => port.queue_pairs = parse_queues(value).map_err(|e| port_err(spec, e))?,
             "cpus" => port.cpus = parse_cpus(value).map_err(|e| port_err(spec, e))?,
             "vlan" => port.vlan = Some(parse_vlan(value).map_err(|e| port_err(spec, e))?),
+            "promisc" => {
+                port.promisc = match value {
+                    "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    _ => {
+                        return Err(port_err(
+                            spec,
+                            format!("promisc={value:?}: expected on or off"),
+                        ))
+                    }
+                }
+            }
             other => {
                 return Err(port_err(
                     spec,
                     format!(
                         "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, \
-                         rate-bps, queues, cpus, vlan)"
+                         rate-bps, queues, cpus, vlan, promisc)"
                     ),
                 ))
             }
@@ -153,6 +165,8 @@ struct FilePort {
     #[serde(default)]
     cpus: Vec<usize>,
     vlan: Option<u16>,
+    #[serde(default)]
+    promisc: bool,
 }
 
 /// The config file: every field optional, command-line flags win.
@@ -255,6 +269,7 @@ impl ConfigFile {
                     .vlan
                     .map(|v| parse_vlan(&v.to_string()).map_err(at))
                     .transpose()?,
+                promisc: p.promisc,
             });
         }
         Ok(file)

@@ -43,6 +43,8 @@ pub enum Request {
         #[serde(default)]
         cpus: Vec<usize>,
         vlan: Option<u16>,
+        #[serde(default)]
+        promisc: bool,
     },
     DelPort {
         port: String,
@@ -162,6 +164,7 @@ pub fn handle(daemon: &Daemon, req: Request) -> Response {
             queues,
             cpus,
             vlan,
+            promisc,
         } => {
             let spec = (|| -> Result<PortSpec, String> {
                 let mac = MacAddr::parse_unicast(&mac).map_err(|e| format!("mac: {e}"))?;
@@ -191,6 +194,7 @@ pub fn handle(daemon: &Daemon, req: Request) -> Response {
                     queue_pairs,
                     cpus,
                     vlan,
+                    promisc,
                 })
             })();
             match spec
@@ -289,6 +293,7 @@ mod tests {
                 queues: None,
                 cpus: vec![],
                 vlan: None,
+                promisc: false,
             }
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();

@@ -213,6 +213,8 @@ pub struct PortInfo {
     pub vlan: Option<u16>,
     #[serde(default = "one")]
     pub queue_pairs: u16,
+    #[serde(default)]
+    pub promisc: bool,
     pub state: String,
 }
 
@@ -443,6 +445,7 @@ fn port_info(p: &Port) -> PortInfo {
         rate_bps: p.spec.rate_bps,
         vlan: p.spec.vlan,
         queue_pairs: p.spec.queue_pairs,
+        promisc: p.spec.promisc,
         state: p.state().to_string(),
     }
 }

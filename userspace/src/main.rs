@@ -110,6 +110,9 @@ enum CtlCommand {
         /// Queue pairs offered to the guest (multiqueue above 1).
         #[arg(long, value_parser = config::parse_queues)]
         queues: Option<u16>,
+        /// Also deliver unicast nobody owns to the port (a promiscuous guest).
+        #[arg(long)]
+        promisc: bool,
         /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
         #[arg(long, value_parser = config::parse_vlan)]
         vlan: Option<u16>,
@@ -236,6 +239,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             queues,
             cpus,
             vlan,
+            promisc,
         } => {
             let cpus = match cpus {
                 Some(c) => config::parse_cpus(&c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?,
@@ -256,6 +260,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 queues,
                 cpus,
                 vlan,
+                promisc,
             }
         }
         CtlCommand::DelPort { port } => Request::DelPort { port },

@@ -188,6 +188,7 @@ mod tests {
                     rate_bps: None,
                     vlan: None,
                     queue_pairs: 1,
+                    promisc: false,
                     state: "connected".into(),
                 },
                 xdp_steered: 5,

@@ -45,11 +45,12 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) ->
 }
 
 impl PacketTap {
-    /// Opens a tap on `ifindex` that sees only incoming group-addressed frames of one L2
-    /// domain: tagged with `vlan`, or untagged when `vlan` is `None`. The kernel moves a
+    /// Opens a tap on `ifindex` that sees only incoming group-addressed frames (and, when
+    /// `promisc`, unicast the host does not own) of one L2 domain: tagged with `vlan`, or
+    /// untagged when `vlan` is `None`. The kernel moves a
     /// received 802.1Q tag out of the frame before taps see it, so copies arrive untagged
     /// either way and the filter reads the tag from the packet's metadata.
-    pub fn open(ifindex: u32, vlan: Option<u16>) -> io::Result<Self> {
+    pub fn open(ifindex: u32, vlan: Option<u16>, promisc: bool) -> io::Result<Self> {
         // Protocol 0 receives nothing until bind, so no frame slips in before the filter.
         // SAFETY: plain socket(2) call.
         let raw = check(unsafe {
@@ -62,7 +63,7 @@ impl PacketTap {
         // SAFETY: `raw` is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
-        let filter = group_filter(vlan);
+        let filter = tap_filter(vlan, promisc);
         let prog = libc::sock_fprog {
             len: filter.len() as u16,
             filter: filter.as_ptr() as *mut _,
@@ -135,9 +136,19 @@ impl PacketTap {
     }
 }
 
-/// Classic BPF: accept a frame if the destination's group bit is set, the host did not send
-/// it, and its VLAN (from metadata) is `vlan` (or it has none, for `None`).
-fn group_filter(vlan: Option<u16>) -> Vec<libc::sock_filter> {
+/// Where a test in [`tap_filter`] goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum To {
+    Next,
+    /// The VLAN check (the frame is one the port wants, if its VLAN matches).
+    Vlan,
+    Reject,
+}
+
+/// Classic BPF for a port's tap: accept a frame the host did not send whose destination is
+/// group-addressed (or, for a promiscuous port, a unicast the host does not own), and whose
+/// VLAN (from metadata) is `vlan` (or none, for `None`).
+fn tap_filter(vlan: Option<u16>, promisc: bool) -> Vec<libc::sock_filter> {
     const SKF_AD_VLAN_TAG: i32 = 44;
     const SKF_AD_VLAN_TAG_PRESENT: i32 = 48;
     let ad = |off: i32| (libc::SKF_AD_OFF + off) as u32;
@@ -149,43 +160,71 @@ fn group_filter(vlan: Option<u16>) -> Vec<libc::sock_filter> {
         libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
         libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
     );
-    // Jump offsets count instructions to skip; every failed test jumps to the final reject.
-    let mut f = vec![
-        bpf_stmt(ld_b, 0),
-        bpf_jump(jset, 1, 0, 0),
-        bpf_stmt(ld_b, ad(libc::SKF_AD_PKTTYPE)),
-        bpf_jump(jeq, libc::PACKET_OUTGOING as u32, 0, 0),
-        bpf_stmt(ld_w, ad(SKF_AD_VLAN_TAG_PRESENT)),
+    // (instruction, where a true test goes, where a false one goes); resolved below.
+    let mut prog: Vec<(libc::sock_filter, To, To)> = vec![
+        (bpf_stmt(ld_b, ad(libc::SKF_AD_PKTTYPE)), To::Next, To::Next),
+        (
+            bpf_jump(jeq, libc::PACKET_OUTGOING as u32, 0, 0),
+            To::Reject,
+            To::Next,
+        ),
+        (bpf_stmt(ld_b, 0), To::Next, To::Next),
     ];
+    if promisc {
+        prog.push((bpf_jump(jset, 1, 0, 0), To::Vlan, To::Next));
+        prog.push((bpf_stmt(ld_b, ad(libc::SKF_AD_PKTTYPE)), To::Next, To::Next));
+        prog.push((
+            bpf_jump(jeq, libc::PACKET_OTHERHOST as u32, 0, 0),
+            To::Vlan,
+            To::Reject,
+        ));
+    } else {
+        prog.push((bpf_jump(jset, 1, 0, 0), To::Vlan, To::Reject));
+    }
+    let vlan_at = prog.len();
+    prog.push((
+        bpf_stmt(ld_w, ad(SKF_AD_VLAN_TAG_PRESENT)),
+        To::Next,
+        To::Next,
+    ));
     match vlan {
-        None => f.push(bpf_jump(jeq, 0, 0, 0)),
+        None => prog.push((bpf_jump(jeq, 0, 0, 0), To::Next, To::Reject)),
         Some(vid) => {
-            f.push(bpf_jump(jeq, 1, 0, 0));
-            f.push(bpf_stmt(ld_w, ad(SKF_AD_VLAN_TAG)));
-            f.push(bpf_stmt(
-                libc::BPF_ALU | libc::BPF_AND | libc::BPF_K,
-                0x0fff,
+            prog.push((bpf_jump(jeq, 1, 0, 0), To::Next, To::Reject));
+            prog.push((bpf_stmt(ld_w, ad(SKF_AD_VLAN_TAG)), To::Next, To::Next));
+            prog.push((
+                bpf_stmt(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0x0fff),
+                To::Next,
+                To::Next,
             ));
-            f.push(bpf_jump(jeq, u32::from(vid), 0, 0));
+            prog.push((bpf_jump(jeq, u32::from(vid), 0, 0), To::Next, To::Reject));
         }
     }
-    f.push(bpf_stmt(libc::BPF_RET | libc::BPF_K, MAX_FRAME as u32));
-    f.push(bpf_stmt(libc::BPF_RET | libc::BPF_K, 0));
-    // Point each test at accept (next) or reject (last).
-    let reject = f.len() - 1;
-    for (i, ins) in f.iter_mut().enumerate() {
-        if ins.code == jset as u16 {
-            ins.jt = 0;
-            ins.jf = (reject - i - 1) as u8;
-        } else if ins.code == jeq as u16 && ins.k == libc::PACKET_OUTGOING as u32 && i == 3 {
-            ins.jt = (reject - i - 1) as u8;
-            ins.jf = 0;
-        } else if ins.code == jeq as u16 {
-            ins.jt = 0;
-            ins.jf = (reject - i - 1) as u8;
-        }
-    }
-    f
+    prog.push((
+        bpf_stmt(libc::BPF_RET | libc::BPF_K, MAX_FRAME as u32),
+        To::Next,
+        To::Next,
+    ));
+    prog.push((bpf_stmt(libc::BPF_RET | libc::BPF_K, 0), To::Next, To::Next));
+    let reject = prog.len() - 1;
+    let offset = |i: usize, to: To| -> u8 {
+        let target = match to {
+            To::Next => i + 1,
+            To::Vlan => vlan_at,
+            To::Reject => reject,
+        };
+        (target - i - 1) as u8
+    };
+    prog.iter()
+        .enumerate()
+        .map(|(i, &(mut ins, t, f))| {
+            if ins.code & 0x07 == libc::BPF_JMP as u16 {
+                ins.jt = offset(i, t);
+                ins.jf = offset(i, f);
+            }
+            ins
+        })
+        .collect()
 }
 
 fn bpf_stmt(code: u32, k: u32) -> libc::sock_filter {

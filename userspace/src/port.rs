@@ -64,6 +64,10 @@ pub struct PortSpec {
     /// 802.1Q VLAN ID: the port's frames carry this tag on the NIC (pushed on transmit,
     /// stripped on receive) and it switches only with ports on the same VLAN.
     pub vlan: Option<u16>,
+    /// Also receive unicast no port and not the host owns (what a switch floods), as a
+    /// guest in promiscuous mode expects. The guest's own RX_MODE request stays in QEMU,
+    /// which keeps the control queue, so this is the operator's setting.
+    pub promisc: bool,
 }
 
 impl Default for PortSpec {
@@ -77,6 +81,7 @@ impl Default for PortSpec {
             queue_pairs: 1,
             cpus: Vec::new(),
             vlan: None,
+            promisc: false,
         }
     }
 }
@@ -326,9 +331,11 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
 fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortError> {
     let pairs = usize::from(port.spec.queue_pairs.max(1));
     let mut tap = Some(
-        PacketTap::open(nic.ifindex, port.spec.vlan).map_err(|source| PortError::Tap {
-            iface: nic.iface.clone(),
-            source,
+        PacketTap::open(nic.ifindex, port.spec.vlan, port.spec.promisc).map_err(|source| {
+            PortError::Tap {
+                iface: nic.iface.clone(),
+                source,
+            }
         })?,
     );
     let mut workers = Vec::with_capacity(pairs);
