@@ -406,7 +406,7 @@ fn plot(path: &PathBuf, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<
         "set terminal pngcairo noenhanced size 1100,560 font 'sans,11'\nset output '{}'\n\
          set title 'xvdpa vs DPDK testpmd vs AF_XDP ceiling (median Mpps, higher is better)'\n\
          set style data histograms\nset style histogram clustered gap 1\nset style fill solid 0.85 border -1\n\
-         set boxwidth 0.9\nset ylabel 'Mpps'\nset grid ytics\nset key top right\nset yrange [0:*]\n\
+         set boxwidth 0.9\nset bmargin 4\nset ylabel 'Mpps'\nset grid ytics\nset key top right\nset yrange [0:*]\n\
          plot '{}' using 2:xtic(1) title columnheader(2)",
         path.display(),
         data.display()
