@@ -337,6 +337,15 @@ impl VirtioNetFrontend {
         Ok(self.frontend.get_vring_base(queue)?)
     }
 
+    /// Sets or clears VRING_AVAIL_F_NO_INTERRUPT on `queue` (what a polling driver does when
+    /// EVENT_IDX is not negotiated).
+    pub fn set_no_interrupt(&mut self, queue: usize, on: bool) -> Result<()> {
+        let at = GuestAddress(self.queues[queue].avail);
+        self.mem
+            .store(u16::from(on).to_le(), at, Ordering::Release)?;
+        Ok(())
+    }
+
     fn set_used_event(&mut self, queue: usize, idx: u16) -> Result<()> {
         let q = &self.queues[queue];
         let at = q.avail + 4 + 2 * q.size as u64;

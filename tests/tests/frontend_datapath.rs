@@ -456,3 +456,45 @@ fn sigterm_detaches_xdp_and_removes_the_socket() -> Result<()> {
     ensure!(!s.socket.exists(), "socket left behind");
     Ok(())
 }
+
+#[test]
+fn a_driver_that_asks_for_no_interrupts_is_not_signalled() -> Result<()> {
+    // Without EVENT_IDX a polling driver (DPDK's virtio PMD) sets VRING_AVAIL_F_NO_INTERRUPT.
+    let s = setup("noint")?;
+    let mut fe = connect(&s, 0)?;
+    fe.post_rx_buffers(64, 2048)?;
+    while fe.wait_call(RX_QUEUE, Duration::from_millis(100)) {}
+    fe.set_no_interrupt(RX_QUEUE, true)?;
+    let frames: Vec<Vec<u8>> = (0..10)
+        .map(|i| test_frame(guest_mac(0), s.wire_mac, i, 100))
+        .collect();
+    for f in &frames {
+        s.wire.send(f)?;
+    }
+    let mut got = 0;
+    let deadline = std::time::Instant::now() + WAIT;
+    while got < 10 && std::time::Instant::now() < deadline {
+        got += fe.take_used(RX_QUEUE)?.len();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ensure!(got == 10, "polled {got} of 10 frames");
+    ensure!(
+        !fe.wait_call(RX_QUEUE, Duration::from_millis(200)),
+        "the device signalled a driver that asked for no interrupts"
+    );
+    // Asking again brings the signals back.
+    fe.set_no_interrupt(RX_QUEUE, false)?;
+    s.wire
+        .send(&test_frame(guest_mac(0), s.wire_mac, 99, 100))?;
+    ensure!(
+        fe.wait_call(RX_QUEUE, WAIT),
+        "no signal once interrupts were wanted again"
+    );
+    drop(fe);
+    let log = s.daemon.stop()?;
+    ensure!(
+        Daemon::final_counter(&log, "notifications_suppressed") >= Some(1),
+        "suppressions not counted:\n{log}"
+    );
+    Ok(())
+}

@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use vhost_user_backend::{VringState, VringT};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::datapath::rx::{self, RxScratch};
 use crate::datapath::tx::{TxBuffers, TxDrop};
@@ -388,11 +389,24 @@ impl TxBuffers for PortTx<'_> {
     }
 }
 
-/// Notifies the guest behind `state` if it asked to be (EVENT_IDX), counting either way.
+/// Notifies the guest behind `state` if it asked to be, counting either way: with EVENT_IDX
+/// by its used_event; without, unless it set VRING_AVAIL_F_NO_INTERRUPT (polling drivers such
+/// as DPDK's do, and virtio-queue's check ignores the flag).
 pub fn notify_guest(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    mem: &GuestMemoryMmap,
     stats: &QueueStats,
 ) {
+    let queue = state.get_queue();
+    if !queue.event_idx_enabled() {
+        // The used entries were published before this read (virtio 2.7.7.2).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let flags = mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire);
+        if flags.is_ok_and(|f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0) {
+            stats.add(&stats.notifications_suppressed, 1);
+            return;
+        }
+    }
     match state.needs_notification() {
         Ok(true) => {
             if state.signal_used_queue().is_ok() {
@@ -467,7 +481,7 @@ pub fn notify_ports(to_notify: &mut Vec<Arc<SwitchPort>>) {
         let target = port.target.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = &*target {
             let mut state = t.vring.get_mut();
-            notify_guest(&mut state, &t.stats);
+            notify_guest(&mut state, &t.mem.memory(), &t.stats);
         }
     }
 }
@@ -526,7 +540,7 @@ fn deliver_into<'f>(
     stats.add(&stats.rx_dropped_too_large, too_large);
     stats.add(&stats.rx_dropped_guest_ring_full, full);
     if n > 0 && notify {
-        notify_guest(&mut state, stats);
+        notify_guest(&mut state, &mem, stats);
     }
     n
 }

@@ -404,7 +404,7 @@ impl QueuePairWorker {
         s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
         s.add(&s.tx_switched, switched);
         if tally.chains() > 0 {
-            switch::notify_guest(&mut state, &self.stats);
+            switch::notify_guest(&mut state, mem, &self.stats);
         }
         drop(state);
         switch::notify_ports(&mut self.to_notify);
@@ -535,7 +535,7 @@ impl QueuePairWorker {
         s.add(&s.rx_buffers, tally.buffers);
         s.add(&s.rx_dropped_too_large, tally.dropped_too_large);
         if tally.frames > 0 {
-            switch::notify_guest(&mut state, &self.stats);
+            switch::notify_guest(&mut state, mem, &self.stats);
         }
         if guest_full {
             // Ask for a kick when the guest posts buffers; if it already has, go again.
