@@ -87,9 +87,9 @@ impl SwitchPort {
     /// guest has disabled (VQ_PAIRS_SET) whose NIC queues still carry traffic. Returns how
     /// many frames were taken (all of them: what does not fit is dropped and counted), or
     /// `None` when no frontend is connected.
-    pub fn deliver_from_nic<'f>(
+    pub fn deliver_from_nic(
         &self,
-        frames: &mut dyn Iterator<Item = &'f [u8]>,
+        frames: &mut dyn Iterator<Item = &[u8]>,
         scratch: &mut RxScratch,
     ) -> Option<usize> {
         let target = self.target.lock().unwrap_or_else(|p| p.into_inner());

@@ -7,6 +7,7 @@
 
 pub mod guest_memory;
 pub mod rx;
+mod split_ring;
 pub mod tx;
 
 use virtio_queue::desc::split::Descriptor;

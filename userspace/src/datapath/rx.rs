@@ -5,10 +5,11 @@
 //! guest how many). If the guest has too few buffers for a frame, the chains taken for it are
 //! put back and the caller keeps the frame until the guest posts more.
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{collect_segments, write_at, GuestMemoryCursor, QueueError, Segment};
+use super::split_ring::Chains;
+use super::{write_at, GuestMemoryCursor, QueueError, Segment};
 use crate::device::{rx_header, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS};
 
 /// What happened to one frame.
@@ -46,7 +47,7 @@ pub struct RxTally {
 enum Fill {
     /// Written, in this many chains (their used entries are in `scratch.used`).
     Delivered { chains: u16 },
-    /// Too large for the buffers; the one chain tried waits in `pending` for the next frame.
+    /// Too large for the buffers; the one chain tried is given back for the next frame.
     TooLarge,
     /// Too large even across 65535 merged buffers: drop it and end the batch there.
     TooLargeEnd,
@@ -54,14 +55,10 @@ enum Fill {
     NoBuffers,
 }
 
-type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
-
-/// Writes one frame into chains taken from `chains` (after `pending`, a chain an earlier
-/// frame gave back).
-fn fill_frame<'m>(
+/// Writes one frame into chains taken from `chains`.
+fn fill_frame(
     cursor: &mut GuestMemoryCursor<'_>,
-    chains: &mut dyn Iterator<Item = Chain<'m>>,
-    pending: &mut Option<Chain<'m>>,
+    chains: &mut Chains<'_, '_>,
     frame: &[u8],
     mrg_rxbuf: bool,
     scratch: &mut RxScratch,
@@ -71,13 +68,9 @@ fn fill_frame<'m>(
     scratch.taken.clear();
 
     while written < need {
-        let Some(chain) = pending.take().or_else(|| chains.next()) else {
+        let Some((head, capacity)) = chains.take(true, &mut scratch.segs)? else {
             return Ok(Fill::NoBuffers);
         };
-        let head = chain.head_index();
-        // Kept to hand the chain to the next frame if this one cannot use it.
-        let again = (!mrg_rxbuf).then(|| chain.clone());
-        let capacity = collect_segments(chain, true, &mut scratch.segs)?;
         let first = written == 0;
         if first && capacity < VNET_HDR_LEN as u64 {
             return Err(QueueError::Malformed {
@@ -87,7 +80,7 @@ fn fill_frame<'m>(
         }
         if !mrg_rxbuf && capacity < need as u64 {
             // Checked before writing, so the chain goes to the next frame untouched.
-            *pending = again;
+            chains.untake();
             return Ok(Fill::TooLarge);
         }
         let oom = |source| QueueError::OutOfMemory { head, source };
@@ -166,30 +159,19 @@ pub fn deliver_batch<'f>(
     tally: &mut RxTally,
 ) -> Result<usize, QueueError> {
     let mut cursor = GuestMemoryCursor::new(mem);
-    let start = queue.next_avail();
     scratch.used.clear();
-    let mut committed = 0u16;
     let mut consumed = 0;
-    let outcome = {
-        let mut chains = match queue.iter(mem) {
-            Ok(it) => it,
-            Err(virtio_queue::Error::InvalidAvailRingIndex) => return Err(QueueError::AvailIndex),
-            // Not ready (reset under us) or an unreadable avail ring: nothing to take now.
-            Err(_) => return Ok(0),
+    let (outcome, next_avail) = {
+        // One pass over the avail ring per batch: the avail index is read once.
+        let Some(mut chains) = Chains::open(mem, queue)? else {
+            return Ok(0);
         };
-        let mut pending = None;
         let mut outcome = Ok(());
+        let mut delivered_upto = chains.next_avail();
         for frame in frames {
-            match fill_frame(
-                &mut cursor,
-                &mut chains,
-                &mut pending,
-                frame,
-                mrg_rxbuf,
-                scratch,
-            ) {
+            match fill_frame(&mut cursor, &mut chains, frame, mrg_rxbuf, scratch) {
                 Ok(Fill::Delivered { chains: n }) => {
-                    committed = committed.wrapping_add(n);
+                    delivered_upto = chains.next_avail();
                     tally.frames += 1;
                     tally.bytes += frame.len() as u64;
                     tally.buffers += u64::from(n);
@@ -208,9 +190,9 @@ pub fn deliver_batch<'f>(
             }
             consumed += 1;
         }
-        outcome
+        (outcome, delivered_upto)
     };
-    queue.set_next_avail(start.wrapping_add(committed));
+    queue.set_next_avail(next_avail);
     outcome?;
     for &(head, len) in &scratch.used {
         queue

@@ -5,10 +5,11 @@
 //! frame is copied into a buffer the caller provides (a UMEM frame) and the chain is returned
 //! to the guest at once, since the copy no longer needs it.
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{collect_segments, read_at, GuestMemoryCursor, QueueError, Segment};
+use super::split_ring::Chains;
+use super::{read_at, GuestMemoryCursor, QueueError, Segment};
 use crate::device::{TxHeader, ETH_HLEN, VNET_HDR_LEN};
 
 /// Where transmitted frames go: free NIC buffers, taken one at a time.
@@ -103,28 +104,24 @@ pub fn transmit_batch(
     tally: &mut TxTally,
 ) -> Result<TxStop, QueueError> {
     let mut cursor = GuestMemoryCursor::new(mem);
-    let start = queue.next_avail();
     scratch.used.clear();
     let mut stop = TxStop::Budget;
-    {
-        // One avail-ring iterator per batch: the avail index is read once, not per chain.
-        let mut chains = match queue.iter(mem) {
-            Ok(it) => it,
-            Err(virtio_queue::Error::InvalidAvailRingIndex) => return Err(QueueError::AvailIndex),
-            // Not ready (reset under us) or an unreadable avail ring: nothing to take now.
-            Err(_) => return Ok(TxStop::RingEmpty),
+    let next_avail = {
+        // One pass over the avail ring per batch: the avail index is read once.
+        let Some(mut chains) = Chains::open(mem, queue)? else {
+            return Ok(TxStop::RingEmpty);
         };
         for _ in 0..budget {
-            let Some(chain) = chains.next() else {
+            let Some((head, total)) = chains.take(false, &mut scratch.segs)? else {
                 stop = TxStop::RingEmpty;
                 break;
             };
-            let head = chain.head_index();
             let Some(buf) = buffers.next_buffer() else {
+                // The chain waits for a buffer; the ring resumes with it.
+                chains.untake();
                 stop = TxStop::NoBuffers;
                 break;
             };
-            let total = collect_segments(chain, false, &mut scratch.segs)?;
             let oom = |source| QueueError::OutOfMemory { head, source };
 
             let verdict = if total < VNET_HDR_LEN as u64 {
@@ -154,10 +151,9 @@ pub fn transmit_batch(
             }
             scratch.used.push(head);
         }
-    }
-    // The chain taken without a buffer for it goes back: the ring resumes right after the
-    // chains that were handled.
-    queue.set_next_avail(start.wrapping_add(scratch.used.len() as u16));
+        chains.next_avail()
+    };
+    queue.set_next_avail(next_avail);
     for &head in &scratch.used {
         queue
             .add_used(mem, head, 0)
