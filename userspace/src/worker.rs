@@ -322,6 +322,8 @@ impl QueuePairWorker {
         if !state.get_queue().ready() || !state.is_enabled() {
             return false;
         }
+        // The guest is notified (or not) for everything this round puts in the used ring.
+        let used_before = state.get_queue().next_used();
         let mut tally = TxTally::default();
         let mut switched = 0;
         let mut more = false;
@@ -403,8 +405,8 @@ impl QueuePairWorker {
         s.add(&s.tx_dropped_spoofed, tally.dropped_spoofed);
         s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
         s.add(&s.tx_switched, switched);
-        if tally.chains() > 0 {
-            switch::notify_guest(&mut state, mem, &self.stats);
+        if state.get_queue().next_used() != used_before {
+            switch::notify_guest_since(&mut state, mem, &self.stats, used_before);
         }
         drop(state);
         switch::notify_ports(&mut self.to_notify);

@@ -8,7 +8,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::split_ring::Chains;
+use super::split_ring::{publish_used, Chains};
 use super::{read_at, GuestMemoryCursor, QueueError, Segment};
 use crate::device::{TxHeader, ETH_HLEN, VNET_HDR_LEN};
 
@@ -90,7 +90,9 @@ pub struct TxScratch {
     used: Vec<u16>,
 }
 
-/// Moves up to `budget` frames from the guest's transmit queue into `buffers`.
+/// Moves up to `budget` frames from the guest's transmit queue into `buffers`. The handled
+/// chains go back to the used ring together, with one index update; the caller decides the
+/// notification with `switch::notify_guest_since`.
 ///
 /// `max_frame` is the largest frame (Ethernet header included) the port may send. Returns why
 /// it stopped; on `Err` the queue is unusable until the device is reset.
@@ -154,6 +156,9 @@ pub fn transmit_batch(
         chains.next_avail()
     };
     queue.set_next_avail(next_avail);
+    if publish_used(mem, queue, &scratch.used, 0)? {
+        return Ok(stop);
+    }
     for &head in &scratch.used {
         queue
             .add_used(mem, head, 0)
