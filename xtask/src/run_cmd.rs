@@ -41,6 +41,11 @@ pub fn spawn_daemon(bin: &Path, netns: Option<&str>, args: &[String]) -> Result<
     cmd.spawn().with_context(|| format!("starting {cmd:?}"))
 }
 
+/// The daemon's control socket for a port socket (its default: next to it).
+fn ctl_path(socket: &str) -> std::path::PathBuf {
+    std::path::Path::new(socket).with_file_name("xvdpa.ctl")
+}
+
 /// The command line an operator adds to their own VM, for the lab's port.
 pub fn print_qemu_hint(socket: &str, mac: &str) {
     let lines = [
@@ -56,6 +61,11 @@ pub fn print_qemu_hint(socket: &str, mac: &str) {
         "(vectors=0 works around QEMU 7.2's crash with vhost-user and MSI-X under TCG; with KVM it can go.)".to_string(),
         format!("In the guest: ip link set eth0 up; ip addr add {}/{} dev eth0; ping {}", lab::guest_ip(0), lab::PREFIX, lab::WIRE_IP),
         "Or boot the ready-made test guest: cargo xtask vm".to_string(),
+        format!(
+            "Ports and counters at runtime: target/debug/xvdpa ctl --ctl {} list | add-port ... | del-port ...; target/debug/xvdpa stats --ctl {} --watch 1",
+            ctl_path(socket).display(),
+            ctl_path(socket).display()
+        ),
     ];
     for l in lines {
         eprintln!("{l}");
