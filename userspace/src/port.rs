@@ -157,10 +157,6 @@ impl Port {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.state() == PortState::Connected
-    }
-
     /// Disconnects the frontend, if any, and makes `serve` return after it.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);

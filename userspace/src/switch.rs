@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use vhost_user_backend::{VringState, VringT};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::datapath::rx::{self, RxScratch};
@@ -97,13 +97,6 @@ impl SwitchPort {
         let mut offered = 0;
         deliver_into(t, frames.inspect(|_| offered += 1), scratch, false, true);
         Some(offered)
-    }
-
-    pub fn is_published(&self) -> bool {
-        self.target
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
     }
 }
 
@@ -389,39 +382,54 @@ impl TxBuffers for PortTx<'_> {
     }
 }
 
-/// Notifies the guest behind `state` if it asked to be, counting either way: with EVENT_IDX
-/// by its used_event; without, unless it set VRING_AVAIL_F_NO_INTERRUPT (polling drivers such
-/// as DPDK's do, and virtio-queue's check ignores the flag).
+/// Whether a driver without EVENT_IDX set VRING_AVAIL_F_NO_INTERRUPT (polling drivers such
+/// as DPDK's do; virtio-queue's check ignores the flag). Call after publishing the used index.
+fn declined_interrupts(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    // The used index was published before this read (virtio 2.7.7.2).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let flags = mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire);
+    flags.is_ok_and(|f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
+}
+
+/// Signals the guest if `wanted`, counting notifications sent and suppressed; `None` (the
+/// ring could not be read) does neither.
+fn signal_if(
+    state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    stats: &QueueStats,
+    wanted: Option<bool>,
+) {
+    match wanted {
+        Some(true) => {
+            if state.signal_used_queue().is_ok() {
+                stats.add(&stats.notifications_sent, 1);
+            }
+        }
+        Some(false) => stats.add(&stats.notifications_suppressed, 1),
+        None => {}
+    }
+}
+
+/// Notifies the guest behind `state` if it asked to be, for used entries added with
+/// `add_used`: with EVENT_IDX by its used_event (virtio-queue's check); without, unless it
+/// declined interrupts.
 pub fn notify_guest(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
     stats: &QueueStats,
 ) {
     let queue = state.get_queue();
-    if !queue.event_idx_enabled() {
-        // The used entries were published before this read (virtio 2.7.7.2).
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let flags = mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire);
-        if flags.is_ok_and(|f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0) {
-            stats.add(&stats.notifications_suppressed, 1);
-            return;
-        }
-    }
-    match state.needs_notification() {
-        Ok(true) => {
-            if state.signal_used_queue().is_ok() {
-                stats.add(&stats.notifications_sent, 1);
-            }
-        }
-        Ok(false) => stats.add(&stats.notifications_suppressed, 1),
-        Err(_) => {}
-    }
+    let wanted = if !queue.event_idx_enabled() && declined_interrupts(queue, mem) {
+        Some(false)
+    } else {
+        state.needs_notification().ok()
+    };
+    signal_if(state, stats, wanted);
 }
 
 /// Notifies the guest behind `state` if it asked to be, for used entries published since the
 /// used index was `old` without `add_used` (the transmit path publishes a batch at once, and
 /// virtio-queue's own check only counts `add_used` entries). With EVENT_IDX: when used_event
-/// lies in `[old, new)`, as virtio specifies; without: unless VRING_AVAIL_F_NO_INTERRUPT.
+/// lies in `[old, new)`, as virtio specifies; without: unless it declined interrupts.
 pub fn notify_guest_since(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
@@ -429,10 +437,10 @@ pub fn notify_guest_since(
     old: u16,
 ) {
     let queue = state.get_queue();
-    let new = queue.next_used();
-    // The used index was published before these reads (virtio 2.7.7.2).
-    std::sync::atomic::fence(Ordering::SeqCst);
     let wanted = if queue.event_idx_enabled() {
+        let new = queue.next_used();
+        // The used index was published before this read (virtio 2.7.7.2).
+        std::sync::atomic::fence(Ordering::SeqCst);
         let at = queue.avail_ring() + 4 + 2 * u64::from(queue.size());
         match mem.load::<u16>(GuestAddress(at), Ordering::Relaxed) {
             Ok(event) => event_idx_wants(old, new, u16::from_le(event)),
@@ -440,14 +448,9 @@ pub fn notify_guest_since(
             Err(_) => true,
         }
     } else {
-        let flags = mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire);
-        !flags.is_ok_and(|f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
+        !declined_interrupts(queue, mem)
     };
-    if !wanted {
-        stats.add(&stats.notifications_suppressed, 1);
-    } else if state.signal_used_queue().is_ok() {
-        stats.add(&stats.notifications_sent, 1);
-    }
+    signal_if(state, stats, Some(wanted));
 }
 
 /// EVENT_IDX: whether a driver whose used_event is `event` wants a notification now that the

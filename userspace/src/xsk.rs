@@ -386,13 +386,6 @@ impl NicQueue {
         // consistent (every mutation is a push/pop pair), so a poisoned lock is still usable.
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// Tx frames free in the shared pool, after reaping completions.
-    pub fn tx_free(&self) -> usize {
-        let mut shared = self.lock();
-        shared.reap(u64::from(self.geometry.frame_size));
-        shared.tx_free.len()
-    }
 }
 
 fn setup_error(
@@ -637,11 +630,6 @@ impl XskSocket {
                 break;
             }
         }
-    }
-
-    /// Frames free for this socket's next transmits (its own and the shared pool's).
-    pub fn tx_free(&self) -> usize {
-        self.tx_free.len() + self.queue.lock().tx_free.len()
     }
 
     pub fn kernel_stats(&self) -> XskKernelStats {

@@ -59,16 +59,6 @@ impl TxTally {
             TxDrop::RateLimited => self.dropped_rate_limited += 1,
         }
     }
-
-    /// Chains returned to the guest: sent and dropped alike.
-    pub fn chains(&self) -> u64 {
-        self.frames
-            + self.dropped_oversized
-            + self.dropped_runt
-            + self.dropped_offload
-            + self.dropped_spoofed
-            + self.dropped_rate_limited
-    }
 }
 
 /// How a transmit batch ended.
