@@ -399,13 +399,9 @@ fn signal_if(
     wanted: Option<bool>,
 ) {
     match wanted {
-        Some(true) => {
-            if state.signal_used_queue().is_ok() {
-                stats.add(&stats.notifications_sent, 1);
-            }
-        }
+        Some(true) if state.signal_used_queue().is_ok() => stats.add(&stats.notifications_sent, 1),
         Some(false) => stats.add(&stats.notifications_suppressed, 1),
-        None => {}
+        Some(true) | None => {}
     }
 }
 
