@@ -704,6 +704,15 @@ pub fn guest_rx_count(
     Ok((frames, thread_cpu_seconds() - cpu0))
 }
 
+/// Refills the tx ring with the template (kicking only when the device asks for kicks) and
+/// returns how many chains the device had finished since the last call.
+fn keep_tx_full(fe: &mut VirtioNetFrontend) -> Result<usize> {
+    if fe.post_tx_template(usize::MAX)? > 0 && fe.device_wants_kick(TX_QUEUE)? {
+        fe.kick(TX_QUEUE)?;
+    }
+    fe.reclaim_used(TX_QUEUE)
+}
+
 /// The guest side of the tx scenario: keeps the tx ring full of `frame`, kicking only when
 /// the device asks for kicks. Returns (frames the device consumed, CPU seconds spent).
 pub fn guest_tx_blast(
@@ -716,10 +725,7 @@ pub fn guest_tx_blast(
     let end = Instant::now() + duration;
     let mut done = 0u64;
     while Instant::now() < end {
-        if fe.post_tx_template(usize::MAX)? > 0 && fe.device_wants_kick(TX_QUEUE)? {
-            fe.kick(TX_QUEUE)?;
-        }
-        let n = fe.reclaim_used(TX_QUEUE)?;
+        let n = keep_tx_full(fe)?;
         done += n as u64;
         // Sleep until the device returns buffers rather than spin on a nearly idle ring.
         if n < 32 {
@@ -745,10 +751,7 @@ pub fn guest_vm_to_vm(
     let end = Instant::now() + duration;
     let mut received = 0u64;
     while Instant::now() < end {
-        if a.post_tx_template(usize::MAX)? > 0 && a.device_wants_kick(TX_QUEUE)? {
-            a.kick(TX_QUEUE)?;
-        }
-        let sent = a.reclaim_used(TX_QUEUE)?;
+        let sent = keep_tx_full(a)?;
         let got = b.reclaim_used(RX_QUEUE)?;
         if got > 0 {
             received += got as u64;

@@ -191,6 +191,15 @@ struct UnderTest {
 }
 
 impl UnderTest {
+    fn daemon(d: Daemon) -> Result<Self> {
+        Ok(UnderTest {
+            pid: d.pid().context("daemon pid")?,
+            daemon: Some(d),
+            testpmd: None,
+            dpdk_prefix: None,
+        })
+    }
+
     fn finish(mut self) -> Result<()> {
         if let Some(d) = self.daemon.take() {
             d.stop()?;
@@ -287,12 +296,7 @@ fn start_vhost_peer(
                 &args,
                 Some(pin.datapath),
             )?;
-            UnderTest {
-                pid: d.pid().context("daemon pid")?,
-                daemon: Some(d),
-                testpmd: None,
-                dpdk_prefix: None,
-            }
+            UnderTest::daemon(d)?
         }
         Peer::Dpdk => start_testpmd(
             lab,
@@ -353,12 +357,7 @@ fn start_vm_to_vm_peer(
             args.extend(daemon_args.iter().map(|s| s.as_str()));
             let mut d = Daemon::spawn_pinned(lab, &args, Some(pin.datapath))?;
             d.wait_for_count("port ready for a frontend", 2, Duration::from_secs(20))?;
-            UnderTest {
-                pid: d.pid().context("daemon pid")?,
-                daemon: Some(d),
-                testpmd: None,
-                dpdk_prefix: None,
-            }
+            UnderTest::daemon(d)?
         }
         Peer::Dpdk => start_testpmd(
             lab,
