@@ -134,10 +134,10 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
     Ok(port)
 }
 
-/// A rate in the file: a number, or a string with a suffix.
-#[derive(Debug, Deserialize)]
+/// A rate in the file or a control request: a number, or a string with a suffix.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
-enum RateValue {
+pub enum RateValue {
     Int(u64),
     Text(String),
 }
@@ -152,21 +152,54 @@ impl RateValue {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A port as a `[[port]]` table in the config file or an `add-port` control request spell
+/// it; [`PortFields::into_spec`] checks it the same way for both.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct FilePort {
-    socket: PathBuf,
-    mac: String,
+pub struct PortFields {
+    pub socket: PathBuf,
+    pub mac: String,
     #[serde(default)]
-    allow_macs: Vec<String>,
-    rate_pps: Option<RateValue>,
-    rate_bps: Option<RateValue>,
-    queues: Option<u16>,
+    pub allow_macs: Vec<String>,
+    pub rate_pps: Option<RateValue>,
+    pub rate_bps: Option<RateValue>,
+    pub queues: Option<u16>,
     #[serde(default)]
-    cpus: Vec<usize>,
-    vlan: Option<u16>,
+    pub cpus: Vec<usize>,
+    pub vlan: Option<u16>,
     #[serde(default)]
-    promisc: bool,
+    pub promisc: bool,
+}
+
+impl PortFields {
+    /// The port these fields describe, or what is wrong with them.
+    pub fn into_spec(self) -> Result<PortSpec, String> {
+        let mac = MacAddr::parse_unicast(&self.mac).map_err(|e| format!("mac: {e}"))?;
+        let allow_macs = self
+            .allow_macs
+            .iter()
+            .map(|m| MacAddr::parse_unicast(m).map_err(|e| format!("allow_macs: {e}")))
+            .collect::<Result<_, _>>()?;
+        let rate = |r: &Option<RateValue>, key: &str| {
+            r.as_ref()
+                .map(|v| v.value().map_err(|e| format!("{key}: {e}")))
+                .transpose()
+        };
+        Ok(PortSpec {
+            rate_pps: rate(&self.rate_pps, "rate_pps")?,
+            rate_bps: rate(&self.rate_bps, "rate_bps")?,
+            queue_pairs: match self.queues {
+                Some(q) => parse_queues(&q.to_string())?,
+                None => 1,
+            },
+            vlan: self.vlan.map(|v| parse_vlan(&v.to_string())).transpose()?,
+            socket: self.socket,
+            mac,
+            allow_macs,
+            cpus: self.cpus,
+            promisc: self.promisc,
+        })
+    }
 }
 
 /// The config file: every field optional, command-line flags win.
@@ -181,7 +214,7 @@ pub struct ConfigFile {
     pub ctl: Option<PathBuf>,
     pub metrics: Option<String>,
     #[serde(default, rename = "port")]
-    ports: Vec<FilePort>,
+    ports: Vec<PortFields>,
     #[serde(skip)]
     pub parsed_ports: Vec<PortSpec>,
 }
@@ -241,36 +274,10 @@ impl ConfigFile {
         let mut file: ConfigFile =
             toml::from_str(text).map_err(|e| parse_err(e.to_string().trim().to_string()))?;
         for (i, p) in file.ports.iter().enumerate() {
-            let at =
-                |why: String| parse_err(format!("port {} ({}): {why}", i + 1, p.socket.display()));
-            let mac = MacAddr::parse_unicast(&p.mac).map_err(|e| at(format!("mac: {e}")))?;
-            let allow_macs = p
-                .allow_macs
-                .iter()
-                .map(|m| MacAddr::parse_unicast(m).map_err(|e| at(format!("allow_macs: {e}"))))
-                .collect::<Result<_, _>>()?;
-            let rate = |r: &Option<RateValue>, key: &str| {
-                r.as_ref()
-                    .map(|v| v.value().map_err(|e| at(format!("{key}: {e}"))))
-                    .transpose()
-            };
-            file.parsed_ports.push(PortSpec {
-                socket: p.socket.clone(),
-                mac,
-                allow_macs,
-                rate_pps: rate(&p.rate_pps, "rate_pps")?,
-                rate_bps: rate(&p.rate_bps, "rate_bps")?,
-                queue_pairs: match p.queues {
-                    Some(q) => parse_queues(&q.to_string()).map_err(at)?,
-                    None => 1,
-                },
-                cpus: p.cpus.clone(),
-                vlan: p
-                    .vlan
-                    .map(|v| parse_vlan(&v.to_string()).map_err(at))
-                    .transpose()?,
-                promisc: p.promisc,
-            });
+            let spec = p.clone().into_spec().map_err(|why| {
+                parse_err(format!("port {} ({}): {why}", i + 1, p.socket.display()))
+            })?;
+            file.parsed_ports.push(spec);
         }
         Ok(file)
     }

@@ -21,9 +21,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+use crate::config::PortFields;
 use crate::daemon::{Daemon, PortInfo, StatsSnapshot};
-use crate::mac::MacAddr;
-use crate::port::{self, PortSpec};
+use crate::port;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -31,24 +31,8 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    AddPort {
-        socket: PathBuf,
-        mac: String,
-        #[serde(default)]
-        allow_macs: Vec<String>,
-        rate_pps: Option<u64>,
-        rate_bps: Option<u64>,
-        /// Queue pairs (default 1).
-        queues: Option<u16>,
-        #[serde(default)]
-        cpus: Vec<usize>,
-        vlan: Option<u16>,
-        #[serde(default)]
-        promisc: bool,
-    },
-    DelPort {
-        port: String,
-    },
+    AddPort(PortFields),
+    DelPort { port: String },
     List,
     Stats,
 }
@@ -155,52 +139,16 @@ async fn connection(stream: tokio::net::UnixStream, allowed: bool, daemon: Arc<D
 /// Carries out one request.
 pub fn handle(daemon: &Daemon, req: Request) -> Response {
     match req {
-        Request::AddPort {
-            socket,
-            mac,
-            allow_macs,
-            rate_pps,
-            rate_bps,
-            queues,
-            cpus,
-            vlan,
-            promisc,
-        } => {
-            let spec = (|| -> Result<PortSpec, String> {
-                let mac = MacAddr::parse_unicast(&mac).map_err(|e| format!("mac: {e}"))?;
-                let allow_macs = allow_macs
-                    .iter()
-                    .map(|m| MacAddr::parse_unicast(m).map_err(|e| format!("allow_macs: {e}")))
-                    .collect::<Result<_, _>>()?;
-                if socket.as_os_str().is_empty() || !socket.is_absolute() {
-                    return Err(format!("socket: {:?} is not an absolute path", socket));
-                }
-                if rate_pps == Some(0) || rate_bps == Some(0) {
-                    return Err("a rate must be at least 1".into());
-                }
-                let queue_pairs = match queues {
-                    Some(q) => crate::config::parse_queues(&q.to_string())?,
-                    None => 1,
-                };
-                let vlan = vlan
-                    .map(|v| crate::config::parse_vlan(&v.to_string()))
-                    .transpose()?;
-                Ok(PortSpec {
-                    socket,
-                    mac,
-                    allow_macs,
-                    rate_pps,
-                    rate_bps,
-                    queue_pairs,
-                    cpus,
-                    vlan,
-                    promisc,
-                })
-            })();
-            match spec
-                .map_err(|e| e.to_string())
-                .and_then(|s| daemon.add_port(s).map_err(|e| e.to_string()))
-            {
+        Request::AddPort(fields) => {
+            let spec = if fields.socket.as_os_str().is_empty() || !fields.socket.is_absolute() {
+                Err(format!(
+                    "socket: {:?} is not an absolute path",
+                    fields.socket
+                ))
+            } else {
+                fields.into_spec()
+            };
+            match spec.and_then(|s| daemon.add_port(s).map_err(|e| e.to_string())) {
                 Ok(info) => Response {
                     ok: true,
                     port: Some(info),
@@ -284,7 +232,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             r,
-            Request::AddPort {
+            Request::AddPort(PortFields {
                 socket: "/a.sock".into(),
                 mac: "52:54:00:00:00:01".into(),
                 allow_macs: vec![],
@@ -294,11 +242,15 @@ mod tests {
                 cpus: vec![],
                 vlan: None,
                 promisc: false,
-            }
+            })
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();
         assert_eq!(r, Request::DelPort { port: "3".into() });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(
+            r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01","speed":1}"#
+        )
+        .is_err());
         assert_eq!(
             serde_json::to_string(&Request::List).unwrap(),
             r#"{"cmd":"list"}"#

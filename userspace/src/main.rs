@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use xvdpa::config::{self, ConfigFile};
+use xvdpa::config::{self, ConfigFile, PortFields, RateValue};
 use xvdpa::control::{self, Request};
 use xvdpa::daemon::{self, DaemonConfig, StatsSnapshot};
 use xvdpa::mac::MacAddr;
@@ -251,17 +251,17 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             } else {
                 socket
             };
-            Request::AddPort {
+            Request::AddPort(PortFields {
                 socket,
                 mac,
                 allow_macs,
-                rate_pps,
-                rate_bps,
+                rate_pps: rate_pps.map(RateValue::Int),
+                rate_bps: rate_bps.map(RateValue::Int),
                 queues,
                 cpus,
                 vlan,
                 promisc,
-            }
+            })
         }
         CtlCommand::DelPort { port } => Request::DelPort { port },
         CtlCommand::List { json } => {
