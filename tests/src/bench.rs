@@ -689,13 +689,14 @@ pub fn guest_rx_count(
     buf_len: u32,
 ) -> Result<(u64, f64)> {
     let cpu0 = thread_cpu_seconds();
+    fe.set_napi_mode()?;
     fe.post_rx_buffers(fe.free_descriptors(RX_QUEUE), buf_len)?;
     let end = Instant::now() + duration;
     let mut frames = 0u64;
     while Instant::now() < end {
         let n = fe.reclaim_used(RX_QUEUE)?;
         if n == 0 {
-            fe.wait_call(RX_QUEUE, Duration::from_millis(1));
+            fe.napi_wait(RX_QUEUE, Duration::from_millis(1))?;
             continue;
         }
         frames += n as u64;
@@ -721,6 +722,7 @@ pub fn guest_tx_blast(
     duration: Duration,
 ) -> Result<(u64, f64)> {
     let cpu0 = thread_cpu_seconds();
+    fe.set_napi_mode()?;
     fe.prepare_tx_template(frame)?;
     let end = Instant::now() + duration;
     let mut done = 0u64;
@@ -729,7 +731,7 @@ pub fn guest_tx_blast(
         done += n as u64;
         // Sleep until the device returns buffers rather than spin on a nearly idle ring.
         if n < 32 {
-            fe.wait_call(TX_QUEUE, Duration::from_millis(1));
+            fe.napi_wait(TX_QUEUE, Duration::from_millis(1))?;
         }
     }
     Ok((done, thread_cpu_seconds() - cpu0))
@@ -746,6 +748,8 @@ pub fn guest_vm_to_vm(
     buf_len: u32,
 ) -> Result<(u64, f64)> {
     let cpu0 = thread_cpu_seconds();
+    a.set_napi_mode()?;
+    b.set_napi_mode()?;
     a.prepare_tx_template(frame)?;
     b.post_rx_buffers(b.free_descriptors(RX_QUEUE), buf_len)?;
     let end = Instant::now() + duration;
@@ -758,7 +762,7 @@ pub fn guest_vm_to_vm(
             b.post_rx_buffers(got, buf_len)?;
         }
         if got < 32 && sent < 32 {
-            b.wait_call(RX_QUEUE, Duration::from_millis(1));
+            b.napi_wait(RX_QUEUE, Duration::from_millis(1))?;
         }
     }
     Ok((received, thread_cpu_seconds() - cpu0))

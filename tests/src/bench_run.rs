@@ -15,7 +15,7 @@ use crate::bench::{
 use crate::daemon::{socket_dir, Daemon};
 use crate::dpdk;
 use crate::frames::ip_bytes;
-use crate::frontend::{FrontendOptions, VirtioNetFrontend};
+use crate::frontend::{FrontendOptions, VirtioNetFrontend, VIRTIO_RING_F_EVENT_IDX};
 use crate::lab::{self, guest_mac, mac_str, Lab};
 use crate::output::{LineLog, Wait};
 
@@ -309,14 +309,19 @@ fn start_vhost_peer(
         )?,
         Peer::Limit => unreachable!("the limit peer has no vhost side"),
     };
-    let fe = VirtioNetFrontend::connect(
-        &socket,
-        FrontendOptions {
-            queue_size: 1024,
-            ..Default::default()
-        },
-    )?;
+    let fe = VirtioNetFrontend::connect(&socket, bench_frontend())?;
     Ok((ut, fe))
+}
+
+/// The guest side's driver settings: large rings and EVENT_IDX, as a Linux guest negotiates
+/// (its notifications are NAPI-style, see `VirtioNetFrontend::set_napi_mode`).
+fn bench_frontend() -> FrontendOptions {
+    let defaults = FrontendOptions::default();
+    FrontendOptions {
+        queue_size: 1024,
+        features: defaults.features | VIRTIO_RING_F_EVENT_IDX,
+        ..defaults
+    }
 }
 
 /// The vm-to-vm scenario's datapath: xvdpa with two ports, or testpmd forwarding between two
@@ -370,12 +375,8 @@ fn start_vm_to_vm_peer(
         )?,
         Peer::Limit => bail!("the vm-to-vm scenario has no ceiling peer (no NIC is involved)"),
     };
-    let opts = || FrontendOptions {
-        queue_size: 1024,
-        ..Default::default()
-    };
-    let a = VirtioNetFrontend::connect(&socks[0], opts())?;
-    let b = VirtioNetFrontend::connect(&socks[1], opts())?;
+    let a = VirtioNetFrontend::connect(&socks[0], bench_frontend())?;
+    let b = VirtioNetFrontend::connect(&socks[1], bench_frontend())?;
     Ok((ut, a, b))
 }
 

@@ -130,6 +130,9 @@ pub struct VirtioNetFrontend {
     /// Length each rx descriptor was last written with (0: not written).
     rx_desc_len: Vec<u32>,
     scratch_heads: Vec<u16>,
+    /// Re-arm the device's notification after every reclaim (an interrupt-driven driver).
+    /// Off in NAPI mode, where notifications are armed only before sleeping.
+    arm_on_reclaim: bool,
 }
 
 /// Options for [`VirtioNetFrontend::connect`].
@@ -245,6 +248,7 @@ impl VirtioNetFrontend {
             tx_template: None,
             rx_desc_len: vec![0; rx_size],
             scratch_heads: Vec::new(),
+            arm_on_reclaim: true,
         };
         fe.start_rings()?;
         Ok(fe)
@@ -584,7 +588,7 @@ impl VirtioNetFrontend {
                 if chain.is_empty() {
                     bail!("device returned head {head} that was not in flight");
                 }
-                free.extend(chain.drain(..));
+                free.append(chain);
                 *last_used = last_used.wrapping_add(1);
                 each(Used {
                     head: head as u16,
@@ -593,7 +597,7 @@ impl VirtioNetFrontend {
             }
             n += run;
         }
-        if n > 0 && self.has(VIRTIO_RING_F_EVENT_IDX) {
+        if n > 0 && self.arm_on_reclaim && self.has(VIRTIO_RING_F_EVENT_IDX) {
             let next = self.queues[queue].last_used;
             self.set_used_event(queue, next)?;
         }
@@ -671,6 +675,49 @@ impl VirtioNetFrontend {
             self.commit_avail(TX_QUEUE)?;
         }
         Ok(n)
+    }
+
+    /// Switches to NAPI-style notifications, as a loaded Linux virtio-net driver behaves:
+    /// while it polls, the device's notifications stay off (no used_event re-armed, or
+    /// VRING_AVAIL_F_NO_INTERRUPT set without EVENT_IDX); [`Self::napi_wait`] turns them on
+    /// only for as long as the driver sleeps.
+    pub fn set_napi_mode(&mut self) -> Result<()> {
+        self.arm_on_reclaim = false;
+        for q in 0..2 {
+            self.disarm_call(q)?;
+        }
+        Ok(())
+    }
+
+    fn disarm_call(&mut self, queue: usize) -> Result<()> {
+        if self.has(VIRTIO_RING_F_EVENT_IDX) {
+            // An index the used ring has just passed: the device does not notify again until
+            // it wraps around (Linux writes a similar stale value).
+            let stale = self.queues[queue].last_used.wrapping_sub(1);
+            self.set_used_event(queue, stale)
+        } else {
+            self.set_no_interrupt(queue, true)
+        }
+    }
+
+    /// Sleeps until the device's notification on `queue` or `timeout`, in NAPI mode: arms the
+    /// notification, re-checks the used ring (work that arrived meanwhile needs no sleep),
+    /// waits, and disarms again. Returns whether work arrived.
+    pub fn napi_wait(&mut self, queue: usize, timeout: Duration) -> Result<bool> {
+        let last = self.queues[queue].last_used;
+        if self.has(VIRTIO_RING_F_EVENT_IDX) {
+            self.set_used_event(queue, last)?;
+        } else {
+            self.set_no_interrupt(queue, false)?;
+        }
+        // The arming is visible before the used index is read again (virtio 2.7.7.2).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let idx: u16 = self
+            .mem
+            .load(GuestAddress(self.queues[queue].used + 2), Ordering::Acquire)?;
+        let woke = idx != last || self.wait_call(queue, timeout);
+        self.disarm_call(queue)?;
+        Ok(woke)
     }
 
     /// Waits for the device's notification on `queue` or `timeout`, whichever comes first.
