@@ -6,7 +6,8 @@
 //! - [`frontend`]: a vhost-user frontend (a VMM in a process) with memfd guest memory and its
 //!   own split-queue driver;
 //! - [`guest`]: a real Linux guest under QEMU;
-//! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check.
+//! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check;
+//! - [`sockopts`]: another process's AF_XDP socket options.
 
 pub mod bench;
 pub mod bench_run;
@@ -19,6 +20,7 @@ pub mod guest;
 pub mod lab;
 pub mod netns;
 pub mod output;
+pub mod sockopts;
 pub mod wire;
 
 use std::path::PathBuf;

@@ -119,7 +119,7 @@ impl WireSocket {
         msg.msg_controllen = std::mem::size_of_val(&control);
         // SAFETY: recvmsg into buffers that live for the call.
         let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
-        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
             return None;
         }
         let data = &buf[..n as usize];

@@ -14,6 +14,7 @@ use xvdpa_tests::frontend::{
     VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use xvdpa_tests::lab::{self, guest_mac, mac_str, Lab};
+use xvdpa_tests::sockopts::xdp_socket_busy_poll;
 use xvdpa_tests::wire::WireSocket;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -29,9 +30,13 @@ struct Setup {
 }
 
 fn setup(tag: &str) -> Result<Setup> {
+    setup_with(tag, &[])
+}
+
+fn setup_with(tag: &str, daemon_args: &[&str]) -> Result<Setup> {
     let lab = Lab::unique(tag)?;
     let socket = socket_dir(tag)?.join("vm0.sock");
-    let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), &[])?;
+    let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), daemon_args)?;
     let wire = WireSocket::open(&lab)?;
     let wire_mac = lab.wire_mac()?;
     Ok(Setup {
@@ -496,5 +501,44 @@ fn a_driver_that_asks_for_no_interrupts_is_not_signalled() -> Result<()> {
         Daemon::final_counter(&log, "notifications_suppressed") >= Some(1),
         "suppressions not counted:\n{log}"
     );
+    Ok(())
+}
+
+#[test]
+fn busy_polling_sets_the_kernel_options_and_moves_frames_both_ways() -> Result<()> {
+    let s = setup_with("busy", &["--busy-poll"])?;
+    let pid = s.daemon.pid().context("daemon pid")?;
+    let mut fe = connect(&s, VIRTIO_RING_F_EVENT_IDX)?;
+    fe.post_rx_buffers(128, 2048)?;
+    // The port's socket (and the queue's anchor) busy-poll with the kernel's preferred mode.
+    let opts = xdp_socket_busy_poll(pid)?;
+    let busy: Vec<_> = opts.iter().filter(|o| o.prefer_busy_poll == 1).collect();
+    ensure!(
+        !busy.is_empty(),
+        "no AF_XDP socket prefers busy polling: {opts:?}"
+    );
+    for o in &busy {
+        ensure!(
+            o.busy_poll_usecs > 0 && o.budget.is_none_or(|b| b == 64),
+            "busy-polling socket options {o:?}"
+        );
+    }
+    // Frames move with nothing but the worker's own polling: wire -> VM at several sizes ...
+    let frames: Vec<Vec<u8>> = [60usize, 512, 1514]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| test_frame(guest_mac(0), s.wire_mac, i as u32, len))
+        .collect();
+    wire_to_vm(&s, &mut fe, &frames)?;
+    // ... and VM -> wire.
+    let out = test_frame(s.wire_mac, guest_mac(0), 1000, 300);
+    let got = vm_to_wire(&s, &mut fe, &out, 1, WAIT)?;
+    ensure!(
+        got == vec![out],
+        "wire got {} copies of the VM's frame",
+        got.len()
+    );
+    drop(fe);
+    s.daemon.stop()?;
     Ok(())
 }

@@ -66,7 +66,7 @@ impl NetBackend {
             mem: self.0.mem.clone(),
             acked: self.0.acked.clone(),
             stats: worker.stats(),
-            broken: worker.rx_broken_flag(),
+            shared: worker.rx_shared(),
         });
     }
 

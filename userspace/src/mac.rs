@@ -4,8 +4,17 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A 48-bit Ethernet address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct MacAddr(pub [u8; 6]);
+
+impl std::hash::Hash for MacAddr {
+    /// One 64-bit word, not a length prefix and six bytes: the switch hashes a destination
+    /// for every frame a guest sends.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let [a, b, c, d, e, f] = self.0;
+        state.write_u64(u64::from_le_bytes([a, b, c, d, e, f, 0, 0]));
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MacError {

@@ -64,7 +64,8 @@ struct ServeArgs {
     /// How AF_XDP moves frames [default: auto].
     #[arg(long, value_enum)]
     xsk_mode: Option<XskModeChoice>,
-    /// Poll the rings continuously instead of sleeping between events (one CPU per queue pair).
+    /// Poll the rings continuously instead of sleeping between events, with the kernel's
+    /// preferred busy polling (SO_PREFER_BUSY_POLL) on the AF_XDP sockets (a CPU per queue pair).
     #[arg(long)]
     busy_poll: bool,
     /// Control socket for `xvdpa ctl` and `xvdpa stats` [default: xvdpa.ctl next to the first

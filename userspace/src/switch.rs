@@ -16,7 +16,7 @@
 //! with the receiver's own worker.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -39,8 +39,65 @@ pub struct RxTarget {
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     pub acked: Arc<AtomicU64>,
     pub stats: Arc<QueueStats>,
-    /// Set when the guest broke the ring's rules; shared with the port's own worker.
-    pub broken: Arc<AtomicBool>,
+    /// Shared with the port's own worker.
+    pub shared: Arc<RxQueueShared>,
+}
+
+/// What every thread writing into one receive queue (its port's worker, and other ports'
+/// workers switching frames into it) shares. Only used under the queue's vring lock.
+pub struct RxQueueShared {
+    /// The guest broke the ring's rules: the queue is stopped until the device is reset.
+    broken: AtomicBool,
+    /// The used index when a notification was last decided, or [`NEVER_SIGNALLED`]: with
+    /// EVENT_IDX the next decision covers every entry published since (as DPDK's vhost and
+    /// Linux's vhost do), so batches published by different threads are not missed.
+    signalled: AtomicU32,
+}
+
+/// No notification was decided since the ring (re)started: the next one is sent.
+const NEVER_SIGNALLED: u32 = u32::MAX;
+
+impl Default for RxQueueShared {
+    fn default() -> Self {
+        RxQueueShared {
+            broken: AtomicBool::new(false),
+            signalled: AtomicU32::new(NEVER_SIGNALLED),
+        }
+    }
+}
+
+impl RxQueueShared {
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    pub fn mark_broken(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+
+    /// The ring stopped (GET_VRING_BASE or a device reset); it restarts from a fresh ring.
+    pub fn reset(&self) {
+        self.broken.store(false, Ordering::Release);
+        self.signalled.store(NEVER_SIGNALLED, Ordering::Release);
+    }
+
+    /// Notifies the guest behind `state` if it asked to be for the used entries published
+    /// since the last decision (by any thread). Call under the vring lock.
+    pub fn notify_guest(
+        &self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+        mem: &GuestMemoryMmap,
+        stats: &QueueStats,
+    ) {
+        let new = state.get_queue().next_used();
+        let old = self.signalled.swap(u32::from(new), Ordering::AcqRel);
+        if old == u32::from(new) {
+            return;
+        }
+        // The first decision after a (re)start has no range to check: with EVENT_IDX it
+        // notifies, as DPDK's vhost does; without, only NO_INTERRUPT counts anyway.
+        notify_guest_since(state, mem, stats, u16::try_from(old).ok());
+    }
 }
 
 /// A port as the switch knows it.
@@ -110,6 +167,11 @@ impl std::hash::Hasher for MacHasher {
         for &b in bytes {
             self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        // One multiply-xorshift round (MacAddr hashes as one word).
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 
     fn finish(&self) -> u64 {
@@ -251,11 +313,11 @@ impl TxPolicy {
 
 /// Where one transmitted frame goes.
 #[derive(Debug, Clone, PartialEq)]
-pub enum TxVerdict {
+pub enum TxVerdict<'p, V> {
     /// To the NIC only.
     Wire,
-    /// To the port with this MAC, not the NIC.
-    Local(MacAddr),
+    /// To this port, not the NIC.
+    Local(&'p V),
     /// To the NIC and every other port.
     Flood,
     Drop(TxDrop),
@@ -263,11 +325,11 @@ pub enum TxVerdict {
 
 /// Decides where a frame from the guest goes. `ports` are the daemon's ports by MAC; only
 /// those on the sender's VLAN count.
-pub fn classify<V: Member, S: std::hash::BuildHasher>(
+pub fn classify<'p, V: Member, S: std::hash::BuildHasher>(
     frame: &[u8],
     policy: &mut TxPolicy,
-    ports: &HashMap<MacAddr, V, S>,
-) -> TxVerdict {
+    ports: &'p HashMap<MacAddr, V, S>,
+) -> TxVerdict<'p, V> {
     if frame.len() < ETH_HLEN {
         return TxVerdict::Drop(TxDrop::Runt);
     }
@@ -285,11 +347,11 @@ pub fn classify<V: Member, S: std::hash::BuildHasher>(
     dst.copy_from_slice(&frame[0..6]);
     let dst = MacAddr(dst);
     if dst.is_multicast() {
-        TxVerdict::Flood
-    } else if dst != policy.own_mac() && ports.get(&dst).is_some_and(|p| p.vlan() == policy.vlan) {
-        TxVerdict::Local(dst)
-    } else {
-        TxVerdict::Wire
+        return TxVerdict::Flood;
+    }
+    match ports.get(&dst) {
+        Some(p) if dst != policy.own_mac() && p.vlan() == policy.vlan => TxVerdict::Local(p),
+        _ => TxVerdict::Wire,
     }
 }
 
@@ -297,8 +359,9 @@ pub fn classify<V: Member, S: std::hash::BuildHasher>(
 pub struct LocalFrame {
     pub to: Arc<SwitchPort>,
     pub frame: HeldFrame,
-    /// Also on its way to the NIC (flooded): not released after delivery.
-    pub staged: bool,
+    /// This entry hands the buffer back after delivery. False when the buffer is also on
+    /// its way to the NIC (an untagged flood) or another entry of a tagged flood owns it.
+    pub owns: bool,
 }
 
 /// The transmit sink of one port for one batch: the NIC socket, the policy and the switch.
@@ -328,12 +391,12 @@ impl TxBuffers for PortTx<'_> {
                 self.sock.stage(len);
                 Ok(())
             }
-            TxVerdict::Local(mac) => {
-                if let (Some(to), Some(frame)) = (self.ports.get(&mac), self.sock.hold(len)) {
+            TxVerdict::Local(to) => {
+                if let Some(frame) = self.sock.hold(len) {
                     self.local.push(LocalFrame {
                         to: to.clone(),
                         frame,
-                        staged: false,
+                        owns: true,
                     });
                 }
                 Ok(())
@@ -352,7 +415,7 @@ impl TxBuffers for PortTx<'_> {
                                 self.local.push(LocalFrame {
                                     to: p.clone(),
                                     frame,
-                                    staged: true,
+                                    owns: false,
                                 });
                             }
                         }
@@ -366,7 +429,7 @@ impl TxBuffers for PortTx<'_> {
                                 self.local.push(LocalFrame {
                                     to: p.clone(),
                                     frame,
-                                    staged: false,
+                                    owns: !any,
                                 });
                                 any = true;
                             }
@@ -405,35 +468,23 @@ fn signal_if(
     }
 }
 
-/// Notifies the guest behind `state` if it asked to be, for used entries added with
-/// `add_used`: with EVENT_IDX by its used_event (virtio-queue's check); without, unless it
-/// declined interrupts.
-pub fn notify_guest(
-    state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
-    mem: &GuestMemoryMmap,
-    stats: &QueueStats,
-) {
-    let queue = state.get_queue();
-    let wanted = if !queue.event_idx_enabled() && declined_interrupts(queue, mem) {
-        Some(false)
-    } else {
-        state.needs_notification().ok()
-    };
-    signal_if(state, stats, wanted);
-}
-
 /// Notifies the guest behind `state` if it asked to be, for used entries published since the
 /// used index was `old` without `add_used` (the transmit path publishes a batch at once, and
 /// virtio-queue's own check only counts `add_used` entries). With EVENT_IDX: when used_event
-/// lies in `[old, new)`, as virtio specifies; without: unless it declined interrupts.
+/// lies in `[old, new)`, as virtio specifies, or always when `old` is unknown; without: unless
+/// it declined interrupts.
 pub fn notify_guest_since(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
     stats: &QueueStats,
-    old: u16,
+    old: Option<u16>,
 ) {
     let queue = state.get_queue();
     let wanted = if queue.event_idx_enabled() {
+        let Some(old) = old else {
+            signal_if(state, stats, Some(true));
+            return;
+        };
         let new = queue.next_used();
         // The used index was published before this read (virtio 2.7.7.2).
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -499,11 +550,8 @@ pub fn deliver_local(
         drop(target);
         start = end;
     }
-    // A held frame may go to several peers (a tagged port's flood); give it back once.
-    let mut released: Vec<u64> = Vec::new();
     for f in local.drain(..) {
-        if !f.staged && !released.contains(&f.frame.addr) {
-            released.push(f.frame.addr);
+        if f.owns {
             sock.release(f.frame);
         }
     }
@@ -518,7 +566,7 @@ pub fn notify_ports(to_notify: &mut Vec<Arc<SwitchPort>>) {
         let target = port.target.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = &*target {
             let mut state = t.vring.get_mut();
-            notify_guest(&mut state, &t.mem.memory(), &t.stats);
+            t.shared.notify_guest(&mut state, &t.mem.memory(), &t.stats);
         }
     }
 }
@@ -535,7 +583,7 @@ fn deliver_into<'f>(
 ) -> u64 {
     let stats = &target.stats;
     let mut state = target.vring.get_mut();
-    if !state.get_queue().ready() || !state.is_enabled() || target.broken.load(Ordering::Acquire) {
+    if !state.get_queue().ready() || !state.is_enabled() || target.shared.is_broken() {
         stats.add(&stats.rx_dropped_queue_stopped, frames.count() as u64);
         return 0;
     }
@@ -562,7 +610,7 @@ fn deliver_into<'f>(
     let full = match consumed {
         Ok(c) => pulled - c as u64 + left,
         Err(e) => {
-            target.broken.store(true, Ordering::Release);
+            target.shared.mark_broken();
             stats.add(&stats.queue_errors, 1);
             tracing::error!(error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
             0
@@ -577,7 +625,7 @@ fn deliver_into<'f>(
     stats.add(&stats.rx_dropped_too_large, too_large);
     stats.add(&stats.rx_dropped_guest_ring_full, full);
     if n > 0 && notify {
-        notify_guest(&mut state, &mem, stats);
+        target.shared.notify_guest(&mut state, &mem, stats);
     }
     n
 }
@@ -598,14 +646,17 @@ mod tests {
         f
     }
 
-    impl Member for Option<u16> {
+    /// A port as the tests' tables hold it: its MAC (to tell which was chosen) and VLAN.
+    type TestPort = (MacAddr, Option<u16>);
+
+    impl Member for TestPort {
         fn vlan(&self) -> Option<u16> {
-            *self
+            self.1
         }
     }
 
-    fn ports(macs: &[MacAddr]) -> HashMap<MacAddr, Option<u16>> {
-        macs.iter().map(|m| (*m, None)).collect()
+    fn ports(macs: &[MacAddr]) -> HashMap<MacAddr, TestPort> {
+        macs.iter().map(|m| (*m, (*m, None))).collect()
     }
 
     #[test]
@@ -614,7 +665,7 @@ mod tests {
         let mut policy = TxPolicy::new(mac(1), &[mac(9)], None, None);
         assert_eq!(
             classify(&frame(mac(2), mac(1), 60), &mut policy, &table),
-            TxVerdict::Local(mac(2))
+            TxVerdict::Local(&(mac(2), None))
         );
         assert_eq!(
             classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
@@ -637,7 +688,7 @@ mod tests {
         // The allow-list admits extra sources; anything else is spoofed.
         assert_eq!(
             classify(&frame(mac(2), mac(9), 60), &mut policy, &table),
-            TxVerdict::Local(mac(2))
+            TxVerdict::Local(&(mac(2), None))
         );
         assert_eq!(
             classify(&frame(mac(2), mac(2), 60), &mut policy, &table),
@@ -655,18 +706,19 @@ mod tests {
 
     #[test]
     fn switching_stays_inside_a_vlan() {
-        let table: HashMap<MacAddr, Option<u16>> = [
+        let table: HashMap<MacAddr, TestPort> = [
             (mac(1), Some(100)),
             (mac(2), Some(100)),
             (mac(3), Some(200)),
             (mac(4), None),
         ]
         .into_iter()
+        .map(|(m, v)| (m, (m, v)))
         .collect();
         let mut policy = TxPolicy::new(mac(1), &[], None, Some(100));
         assert_eq!(
             classify(&frame(mac(2), mac(1), 60), &mut policy, &table),
-            TxVerdict::Local(mac(2))
+            TxVerdict::Local(&(mac(2), Some(100)))
         );
         // Another VLAN's port or an untagged one is not reachable by switching: the frame
         // goes out tagged, as a real switch port on VLAN 100 would send it.

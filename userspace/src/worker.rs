@@ -9,7 +9,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +24,7 @@ use crate::datapath::QueueError;
 use crate::device::NegotiatedFeatures;
 use crate::packet_tap::PacketTap;
 use crate::stats::QueueStats;
-use crate::switch::{self, LocalFrame, PortTx, SwitchPort, SwitchTable, TxPolicy};
+use crate::switch::{self, LocalFrame, PortTx, RxQueueShared, SwitchPort, SwitchTable, TxPolicy};
 use crate::xsk::XskSocket;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
@@ -34,6 +33,9 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
 pub const BATCH: usize = 64;
 /// Batches per event before yielding to the other direction and the library's events.
 const BUDGET_BATCHES: usize = 8;
+/// SO_BUSY_POLL for busy-polling sockets. The worker's polls are non-blocking, which run one
+/// NAPI poll whatever the value; it only has to be non-zero.
+const BUSY_POLL_USECS: u32 = 50;
 
 /// Local vring indices inside a queue pair's worker.
 const RX: usize = 0;
@@ -135,7 +137,7 @@ pub struct QueuePairWorker {
     /// Next socket to read first, so one busy NIC queue cannot starve the others.
     next_rx_socket: usize,
     /// Shared with other ports' workers, which deliver switched frames into this rx queue.
-    rx_broken: Arc<AtomicBool>,
+    rx_shared: Arc<RxQueueShared>,
     tx_broken: bool,
     /// Kernel drop counters already added to the stats: (ring full, fill ring empty).
     xsk_drops_seen: (u64, u64),
@@ -149,6 +151,8 @@ pub struct QueuePairWorker {
     to_notify: Vec<Arc<SwitchPort>>,
     /// CPU to move the library's thread for this pair to, on the first event.
     cpu: Option<usize>,
+    /// Frames moved (or dropped) so far; a busy-polling round that moved none yields the CPU.
+    progress: u64,
 }
 
 /// What a worker needs beyond its sockets: the port's identity and policy.
@@ -180,6 +184,15 @@ impl QueuePairWorker {
         } = config;
         let rearm = EventFd::new(EFD_NONBLOCK)?;
         if busy_poll {
+            for s in sockets.iter().chain(&tx_only) {
+                s.enable_busy_poll(BUSY_POLL_USECS, BATCH as u16)
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("busy polling on NIC queue {}: {e}", s.queue_id()),
+                        )
+                    })?;
+            }
             // Left readable for good: the level-triggered epoll returns at once, every time.
             rearm.write(1)?;
         }
@@ -196,7 +209,7 @@ impl QueuePairWorker {
             rx_scratch: RxScratch::default(),
             tx_scratch: TxScratch::default(),
             next_rx_socket: 0,
-            rx_broken: Arc::new(AtomicBool::new(false)),
+            rx_shared: Arc::new(RxQueueShared::default()),
             tx_broken: false,
             xsk_drops_seen: (0, 0),
             policy,
@@ -205,12 +218,13 @@ impl QueuePairWorker {
             local: Vec::with_capacity(BATCH),
             to_notify: Vec::new(),
             cpu,
+            progress: 0,
         })
     }
 
     /// The flag other ports' deliveries check before writing into this rx queue.
-    pub fn rx_broken_flag(&self) -> Arc<AtomicBool> {
-        self.rx_broken.clone()
+    pub fn rx_shared(&self) -> Arc<RxQueueShared> {
+        self.rx_shared.clone()
     }
 
     pub fn stats(&self) -> Arc<QueueStats> {
@@ -265,6 +279,7 @@ impl QueuePairWorker {
             self.timer.consume();
             self.housekeeping();
         }
+        let progress = self.progress;
         let tx_first = event as usize == TX;
         if tx_first {
             self.service_tx(&vrings[TX], mem);
@@ -279,6 +294,12 @@ impl QueuePairWorker {
         if (more_rx || more_tx) && !self.busy_poll {
             // More than one budget of work: come back after the library's other events.
             let _ = self.rearm.write(1);
+        }
+        if self.busy_poll && self.progress == progress {
+            // Nothing to do: let other pollers sharing this CPU (another port's queue pair)
+            // run, rather than spin through their time slice.
+            // SAFETY: sched_yield(2) has no arguments and cannot fail in a way that matters.
+            unsafe { libc::sched_yield() };
         }
     }
 
@@ -396,6 +417,12 @@ impl QueuePairWorker {
                 }
             }
         }
+        self.progress += tally.frames
+            + tally.dropped_oversized
+            + tally.dropped_runt
+            + tally.dropped_offload
+            + tally.dropped_spoofed
+            + tally.dropped_rate_limited;
         let s = &self.stats;
         s.add(&s.tx_packets, tally.frames);
         s.add(&s.tx_bytes, tally.bytes);
@@ -406,7 +433,7 @@ impl QueuePairWorker {
         s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
         s.add(&s.tx_switched, switched);
         if state.get_queue().next_used() != used_before {
-            switch::notify_guest_since(&mut state, mem, &self.stats, used_before);
+            switch::notify_guest_since(&mut state, mem, &self.stats, Some(used_before));
         }
         drop(state);
         switch::notify_ports(&mut self.to_notify);
@@ -426,17 +453,9 @@ impl QueuePairWorker {
         read_tap: bool,
     ) -> bool {
         let mut state = vring.get_mut();
-        let running = state.get_queue().ready()
-            && state.is_enabled()
-            && !self.rx_broken.load(Ordering::Acquire);
-        if !running && self.pair != 0 && !self.rx_broken.load(Ordering::Acquire) {
-            // The guest disabled this pair (fewer combined channels); its NIC queues still
-            // carry the port's traffic, which goes to the first pair instead.
-            drop(state);
-            self.forward_to_first_pair();
-            return false;
-        }
-        if !running && self.pair != 0 && !self.rx_broken.load(Ordering::Acquire) {
+        let broken = self.rx_shared.is_broken();
+        let running = state.get_queue().ready() && state.is_enabled() && !broken;
+        if !running && self.pair != 0 && !broken {
             // The guest disabled this pair (fewer combined channels); its NIC queues still
             // carry the port's traffic, which goes to the first pair instead.
             drop(state);
@@ -461,6 +480,9 @@ impl QueuePairWorker {
         let n = self.sockets.len();
         'sockets: for k in 0..n {
             let sock = &mut self.sockets[(self.next_rx_socket + k) % n];
+            if self.busy_poll {
+                sock.busy_poll_rx();
+            }
             for batch in 0..BUDGET_BATCHES {
                 sock.poll_rx(BATCH as u32);
                 if sock.rx_pending() == 0 {
@@ -531,13 +553,14 @@ impl QueuePairWorker {
             }
         }
 
+        self.progress += tally.frames + tally.dropped_too_large;
         let s = &self.stats;
         s.add(&s.rx_packets, tally.frames);
         s.add(&s.rx_bytes, tally.bytes);
         s.add(&s.rx_buffers, tally.buffers);
         s.add(&s.rx_dropped_too_large, tally.dropped_too_large);
         if tally.frames > 0 {
-            switch::notify_guest(&mut state, mem, &self.stats);
+            self.rx_shared.notify_guest(&mut state, mem, &self.stats);
         }
         if guest_full {
             // Ask for a kick when the guest posts buffers; if it already has, go again.
@@ -549,7 +572,7 @@ impl QueuePairWorker {
         }
         drop(state);
         if let Err(e) = result {
-            self.rx_broken.store(true, Ordering::Release);
+            self.rx_shared.mark_broken();
             self.queue_failed("rx", &e);
         }
         more
@@ -593,7 +616,7 @@ impl QueuePairWorker {
 
     /// The guest stopped or reset the queues: forget per-run state.
     pub fn reset(&mut self) {
-        self.rx_broken.store(false, Ordering::Release);
+        self.rx_shared.reset();
         self.tx_broken = false;
         let stale: usize = self
             .sockets

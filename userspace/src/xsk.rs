@@ -479,6 +479,56 @@ impl XskSocket {
         self.rx.as_raw_fd()
     }
 
+    /// Turns on the kernel's preferred busy polling for this socket: the worker's syscalls on
+    /// it run the NIC queue's NAPI poll (up to `budget` frames) on the worker's CPU, and the
+    /// softirq leaves the queue alone while they do (SO_PREFER_BUSY_POLL, SO_BUSY_POLL,
+    /// SO_BUSY_POLL_BUDGET; Linux 5.11+).
+    pub fn enable_busy_poll(&self, usecs: u32, budget: u16) -> io::Result<()> {
+        let set = |name: &str, opt: libc::c_int, value: libc::c_int| {
+            // SAFETY: setsockopt on this socket's own fd with a c_int value and its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&value as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                let e = io::Error::last_os_error();
+                Err(io::Error::new(e.kind(), format!("{name}: {e}")))
+            }
+        };
+        set("SO_PREFER_BUSY_POLL", libc::SO_PREFER_BUSY_POLL, 1)?;
+        set("SO_BUSY_POLL", libc::SO_BUSY_POLL, usecs as libc::c_int)?;
+        set(
+            "SO_BUSY_POLL_BUDGET",
+            libc::SO_BUSY_POLL_BUDGET,
+            libc::c_int::from(budget),
+        )
+    }
+
+    /// Busy-polls the NIC queue once (a non-blocking recvfrom, which the kernel turns into a
+    /// NAPI poll on this CPU when busy polling is on), so the rx ring fills without an
+    /// interrupt.
+    pub fn busy_poll_rx(&self) {
+        // SAFETY: a zero-length, non-blocking recvfrom on this socket's fd with no buffers;
+        // EAGAIN is the normal answer and is ignored.
+        unsafe {
+            libc::recvfrom(
+                self.fd(),
+                std::ptr::null_mut(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
     /// Largest frame this socket can send.
     pub fn max_tx_frame(&self) -> usize {
         self.queue.geometry.frame_size as usize

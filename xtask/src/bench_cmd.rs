@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -377,7 +377,7 @@ fn write_json(
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn plot(path: &PathBuf, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<()> {
+fn plot(path: &Path, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<()> {
     ensure_packages(&[("gnuplot-nox", "gnuplot")])?;
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;

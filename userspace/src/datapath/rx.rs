@@ -8,7 +8,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::split_ring::Chains;
+use super::split_ring::{publish_used, Chains};
 use super::{write_at, GuestMemoryCursor, QueueError, Segment};
 use crate::device::{rx_header, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS};
 
@@ -194,6 +194,11 @@ pub fn deliver_batch<'f>(
     };
     queue.set_next_avail(next_avail);
     outcome?;
+    // One used-index update per batch; the caller decides the notification for everything
+    // published since the last one (`switch::RxQueueShared::notify_guest`).
+    if publish_used(mem, queue, &scratch.used)? {
+        return Ok(consumed);
+    }
     for &(head, len) in &scratch.used {
         queue
             .add_used(mem, head, len)

@@ -122,26 +122,25 @@ impl<'q, 'm> Chains<'q, 'm> {
     }
 }
 
-/// Returns the chains `heads` (each having had `len` bytes written) to the used ring through
-/// one slice and publishes the used index once, instead of once per chain as `add_used` does.
+/// Returns chains to the used ring, as (head, bytes written) pairs, through one slice and
+/// publishes the used index once, instead of once per chain as `add_used` does.
 /// Returns false, writing nothing, when the used ring does not lie in one region (the caller
 /// then uses `add_used`). The caller decides notifications itself (see
 /// `switch::notify_guest_since`): virtio-queue's own check only counts `add_used` entries.
 pub(crate) fn publish_used(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
-    heads: &[u16],
-    len: u32,
+    entries: &[(u16, u32)],
 ) -> Result<bool, QueueError> {
     let size = queue.size();
-    if heads.is_empty() {
+    if entries.is_empty() {
         return Ok(true);
     }
     let Some(used) = slice(mem, queue.used_ring(), 4 + 8 * usize::from(size)) else {
         return Ok(false);
     };
     let mut next = queue.next_used();
-    for &head in heads {
+    for &(head, len) in entries {
         let unwritable = |_| QueueError::Malformed {
             head,
             why: "used ring is outside guest memory",
@@ -155,7 +154,7 @@ pub(crate) fn publish_used(
     // Release: the entries are visible before the index that covers them.
     used.store(next.to_le(), 2, Ordering::Release)
         .map_err(|_| QueueError::Malformed {
-            head: heads[0],
+            head: entries[0].0,
             why: "used ring is outside guest memory",
         })?;
     queue.set_next_used(next);

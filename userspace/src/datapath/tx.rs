@@ -76,8 +76,8 @@ pub enum TxStop {
 #[derive(Default)]
 pub struct TxScratch {
     segs: Vec<Segment>,
-    /// Heads of the batch's handled chains, returned to the used ring together.
-    used: Vec<u16>,
+    /// The batch's handled chains (head, 0 bytes written), returned to the used ring together.
+    used: Vec<(u16, u32)>,
 }
 
 /// Moves up to `budget` frames from the guest's transmit queue into `buffers`. The handled
@@ -141,17 +141,17 @@ pub fn transmit_batch(
                 }
                 Err(why) => tally.drop(why),
             }
-            scratch.used.push(head);
+            scratch.used.push((head, 0));
         }
         chains.next_avail()
     };
     queue.set_next_avail(next_avail);
-    if publish_used(mem, queue, &scratch.used, 0)? {
+    if publish_used(mem, queue, &scratch.used)? {
         return Ok(stop);
     }
-    for &head in &scratch.used {
+    for &(head, len) in &scratch.used {
         queue
-            .add_used(mem, head, 0)
+            .add_used(mem, head, len)
             .map_err(|_| QueueError::Malformed {
                 head,
                 why: "used ring is outside guest memory",
