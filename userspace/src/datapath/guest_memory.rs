@@ -53,6 +53,23 @@ impl<'m> GuestMemoryCursor<'m> {
             addr: addr.raw_value(),
             len,
         };
+        // The usual case: the whole range lies in the region of the last access.
+        if let Some(r) = self.last {
+            let in_last = addr
+                .raw_value()
+                .checked_sub(r.start_addr().raw_value())
+                .filter(|off| {
+                    off.checked_add(len as u64)
+                        .is_some_and(|end| end <= r.len())
+                });
+            if let Some(off) = in_last {
+                let slice = r
+                    .get_slice(MemoryRegionAddress(off), len)
+                    .map_err(|_| oob)?;
+                f(0, &slice);
+                return Ok(());
+            }
+        }
         // Validate first: walk the regions without touching memory.
         let mut pieces: [(GuestAddress, usize); 4] = [(GuestAddress(0), 0); 4];
         let mut n = 0;

@@ -242,11 +242,19 @@ impl<'m> SplitRing<'m> {
                 ));
             }
             let at = 16 * index;
-            let unreadable = |_| malformed("descriptor table is unreadable");
-            let addr = u64::from_le(table.read_obj::<u64>(at).map_err(unreadable)?);
-            let len = u32::from_le(table.read_obj::<u32>(at + 8).map_err(unreadable)?);
-            let flags = u16::from_le(table.read_obj::<u16>(at + 12).map_err(unreadable)?);
-            let next = u16::from_le(table.read_obj::<u16>(at + 14).map_err(unreadable)?);
+            // One 16-byte read per descriptor rather than one per field.
+            let raw = table
+                .read_obj::<[u8; 16]>(at)
+                .map_err(|_| malformed("descriptor table is unreadable"))?;
+            let field = |from: usize, n: usize| {
+                let mut b = [0u8; 8];
+                b[..n].copy_from_slice(&raw[from..from + n]);
+                u64::from_le_bytes(b)
+            };
+            let addr = field(0, 8);
+            let len = field(8, 4) as u32;
+            let flags = field(12, 2) as u16;
+            let next = field(14, 2) as u16;
             if u32::from(flags) & VRING_DESC_F_INDIRECT != 0 {
                 if indirect || u32::from(flags) & VRING_DESC_F_NEXT != 0 {
                     return Err(malformed(
