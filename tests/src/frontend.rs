@@ -89,6 +89,8 @@ struct DriverQueue {
     /// Descriptor indices of each in-flight chain, by head.
     chains: Vec<Vec<u16>>,
     avail_idx: u16,
+    /// The avail index at the last kick decision (EVENT_IDX compares avail_event with it).
+    kick_checked: u16,
     last_used: u16,
     kick: EventFd,
     call: EventFd,
@@ -109,6 +111,7 @@ impl DriverQueue {
             free: (0..size).rev().collect(),
             chains: vec![Vec::new(); size as usize],
             avail_idx: 0,
+            kick_checked: 0,
             last_used: 0,
             kick: EventFd::new(EFD_NONBLOCK)?,
             call: EventFd::new(EFD_NONBLOCK)?,
@@ -400,11 +403,21 @@ impl VirtioNetFrontend {
         self.queues[queue].free.len()
     }
 
-    /// Whether the device wants a kick for new work in `queue` (VRING_USED_F_NO_NOTIFY clear).
-    pub fn device_wants_kick(&self, queue: usize) -> Result<bool> {
-        let flags: u16 = self
-            .mem
-            .load(GuestAddress(self.queues[queue].used), Ordering::Acquire)?;
+    /// Whether the device wants a kick for the entries published in `queue` since the last
+    /// call, as a Linux driver decides it: with EVENT_IDX, when the device's avail_event lies
+    /// among them; without, when VRING_USED_F_NO_NOTIFY is clear.
+    pub fn device_wants_kick(&mut self, queue: usize) -> Result<bool> {
+        // The new avail index is visible before the device's wish is read (virtio 2.7.7.2).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let q = &mut self.queues[queue];
+        if self.features & VIRTIO_RING_F_EVENT_IDX != 0 {
+            let at = GuestAddress(q.used + 4 + 8 * u64::from(q.size));
+            let event: u16 = u16::from_le(self.mem.load(at, Ordering::Acquire)?);
+            let (old, new) = (q.kick_checked, q.avail_idx);
+            q.kick_checked = new;
+            return Ok(new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old));
+        }
+        let flags: u16 = self.mem.load(GuestAddress(q.used), Ordering::Acquire)?;
         Ok(flags & 1 == 0)
     }
 
