@@ -98,6 +98,26 @@ impl<'m> GuestMemoryCursor<'m> {
         Ok(())
     }
 
+    /// Asks the CPU to start loading the cache line at guest address `addr`, so a copy a few
+    /// frames later does not wait for it. Nothing happens for an address outside guest memory.
+    pub fn prefetch(&mut self, addr: GuestAddress) {
+        let Some(r) = self.region(addr) else { return };
+        let offset = MemoryRegionAddress(addr.raw_value() - r.start_addr().raw_value());
+        if let Ok(slice) = r.get_slice(offset, 1) {
+            let ptr = slice.ptr_guard().as_ptr();
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a prefetch is a hint: it never faults and reads or writes nothing the
+            // program can observe; `ptr` points into the guest mapping anyway.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    ptr.cast::<i8>(),
+                );
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = ptr;
+        }
+    }
+
     /// Writes `data` to guest memory at `addr`.
     pub fn write(&mut self, addr: GuestAddress, data: &[u8]) -> Result<(), OutOfGuestMemory> {
         self.for_each_piece(addr, data.len(), |off, s| {

@@ -113,6 +113,15 @@ impl<'q, 'm> Chains<'q, 'm> {
         }
     }
 
+    /// The first buffer of the chain `ahead` places after the next one, if this batch has it
+    /// and it is a plain descriptor: something to prefetch while the current frame is copied.
+    pub fn peek_buffer(&self, ahead: u16) -> Option<GuestAddress> {
+        match self {
+            Chains::Direct(ring) => ring.peek_buffer(ahead),
+            Chains::Iter { .. } => None,
+        }
+    }
+
     /// The avail index after the chains taken (and not given back).
     pub fn next_avail(&self) -> u16 {
         match self {
@@ -200,6 +209,26 @@ impl<'m> SplitRing<'m> {
             next,
             end,
         }))
+    }
+
+    fn peek_buffer(&self, ahead: u16) -> Option<GuestAddress> {
+        let at = self.next.wrapping_add(ahead);
+        if at.wrapping_sub(self.next) >= self.end.wrapping_sub(self.next) {
+            return None;
+        }
+        let slot = 4 + 2 * usize::from(at % self.size);
+        let head = u16::from_le(self.avail.load::<u16>(slot, Ordering::Relaxed).ok()?);
+        if head >= self.size {
+            return None;
+        }
+        let desc = 16 * usize::from(head);
+        let flags = u16::from_le(self.desc.read_obj::<u16>(desc + 12).ok()?);
+        if u32::from(flags) & VRING_DESC_F_INDIRECT != 0 {
+            return None;
+        }
+        Some(GuestAddress(u64::from_le(
+            self.desc.read_obj::<u64>(desc).ok()?,
+        )))
     }
 
     fn take(

@@ -108,6 +108,9 @@ pub fn transmit_batch(
                 stop = TxStop::RingEmpty;
                 break;
             };
+            if let Some(next) = chains.peek_buffer(super::rx::PREFETCH_AHEAD) {
+                cursor.prefetch(next);
+            }
             let Some(buf) = buffers.next_buffer() else {
                 // The chain waits for a buffer; the ring resumes with it.
                 chains.untake();
