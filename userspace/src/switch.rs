@@ -2,14 +2,16 @@
 //! same daemon, which never touch the NIC.
 //!
 //! Frames from the NIC reach a port through XDP steering (unicast) or the packet tap
-//! (broadcast and multicast). Frames a guest sends are classified here, per frame, right after
-//! they were copied out of the guest into a UMEM buffer:
+//! (broadcast and multicast). Frames a guest sends are classified here, per frame, from their
+//! Ethernet header, before they are copied out of the guest ([`PortTx::route`]):
 //! - a source MAC the port may not use, or a frame over the port's rate limit: dropped and
 //!   counted;
-//! - unicast to another port's MAC: written straight into that port's receive queue, the
-//!   buffer never goes to the NIC;
-//! - broadcast and multicast: to the NIC and to every other port;
-//! - anything else: to the NIC.
+//! - unicast to another port's MAC: read into the batch's arena and written into that port's
+//!   receive queue at the end of the batch; it takes no NIC buffer, so traffic between
+//!   guests never competes with the wire for the UMEM;
+//! - broadcast and multicast: copied into a NIC buffer, sent, and written into every other
+//!   port from that buffer;
+//! - anything else: copied into a NIC buffer and sent.
 //!
 //! Deliveries into another port run on the sender's worker thread, under the receiver's rx
 //! vring lock; that lock is always taken last and held for one batch, so it cannot deadlock
@@ -26,7 +28,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::datapath::rx::{self, RxScratch};
-use crate::datapath::tx::{TxBuffers, TxDrop};
+use crate::datapath::tx::{DirectFrame, Route, TxBuffers, TxDrop};
 use crate::device::{NegotiatedFeatures, ETH_HLEN};
 use crate::mac::MacAddr;
 use crate::stats::QueueStats;
@@ -267,6 +269,16 @@ impl RateLimit {
         }
     }
 
+    /// Gives back the tokens `admit` took for a `len`-byte frame that was not sent after all.
+    pub fn refund(&mut self, len: usize) {
+        if self.pps.is_some() {
+            self.packets = (self.packets + 1.0).min(self.packet_burst());
+        }
+        if self.bps.is_some() {
+            self.bits = (self.bits + (len * 8) as f64).min(self.bit_burst());
+        }
+    }
+
     /// Takes the tokens for one frame of `len` bytes, or says it is over the limit.
     pub fn admit(&mut self, len: usize) -> bool {
         let bits = (len * 8) as f64;
@@ -323,28 +335,30 @@ pub enum TxVerdict<'p, V> {
     Drop(TxDrop),
 }
 
-/// Decides where a frame from the guest goes. `ports` are the daemon's ports by MAC; only
-/// those on the sender's VLAN count.
+/// Decides where a frame from the guest goes, from its Ethernet header `eth` (at least the
+/// two addresses) and its length. `ports` are the daemon's ports by MAC; only those on the
+/// sender's VLAN count.
 pub fn classify<'p, V: Member, S: std::hash::BuildHasher>(
-    frame: &[u8],
+    eth: &[u8],
+    len: usize,
     policy: &mut TxPolicy,
     ports: &'p HashMap<MacAddr, V, S>,
 ) -> TxVerdict<'p, V> {
-    if frame.len() < ETH_HLEN {
+    if len < ETH_HLEN || eth.len() < 12 {
         return TxVerdict::Drop(TxDrop::Runt);
     }
     let mut src = [0u8; 6];
-    src.copy_from_slice(&frame[6..12]);
+    src.copy_from_slice(&eth[6..12]);
     if !policy.allowed_sources.contains(&MacAddr(src)) {
         return TxVerdict::Drop(TxDrop::Spoofed);
     }
     if let Some(rate) = &mut policy.rate {
-        if !rate.admit(frame.len()) {
+        if !rate.admit(len) {
             return TxVerdict::Drop(TxDrop::RateLimited);
         }
     }
     let mut dst = [0u8; 6];
-    dst.copy_from_slice(&frame[0..6]);
+    dst.copy_from_slice(&eth[0..6]);
     let dst = MacAddr(dst);
     if dst.is_multicast() {
         return TxVerdict::Flood;
@@ -355,7 +369,7 @@ pub fn classify<'p, V: Member, S: std::hash::BuildHasher>(
     }
 }
 
-/// A frame waiting to be written into another port.
+/// A flooded frame waiting, in its NIC buffer, to be written into another port.
 pub struct LocalFrame {
     pub to: Arc<SwitchPort>,
     pub frame: HeldFrame,
@@ -364,12 +378,58 @@ pub struct LocalFrame {
     pub owns: bool,
 }
 
+/// Where a frame `route` sent to the NIC buffer path goes once copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copied {
+    Wire,
+    Flood,
+}
+
+/// Per-worker state the transmit sink keeps between batches.
+#[derive(Default)]
+pub struct SwitchScratch {
+    /// Destinations of the batch's direct frames; a frame's tag is its index here.
+    direct_to: Vec<Arc<SwitchPort>>,
+    rx: RxScratch,
+}
+
 /// The transmit sink of one port for one batch: the NIC socket, the policy and the switch.
 pub struct PortTx<'a> {
     pub sock: &'a mut XskSocket,
     pub policy: &'a mut TxPolicy,
     pub ports: &'a MacMap<Arc<SwitchPort>>,
+    /// Flooded frames for the other ports, written after the batch.
     pub local: &'a mut Vec<LocalFrame>,
+    pub scratch: &'a mut SwitchScratch,
+    /// Ports that got frames; their guests are notified after the round.
+    pub to_notify: &'a mut Vec<Arc<SwitchPort>>,
+    /// Frames delivered straight into other ports.
+    pub switched: u64,
+    /// The route of the frame being copied.
+    copied: Option<Copied>,
+}
+
+impl<'a> PortTx<'a> {
+    pub fn new(
+        sock: &'a mut XskSocket,
+        policy: &'a mut TxPolicy,
+        ports: &'a MacMap<Arc<SwitchPort>>,
+        local: &'a mut Vec<LocalFrame>,
+        scratch: &'a mut SwitchScratch,
+        to_notify: &'a mut Vec<Arc<SwitchPort>>,
+    ) -> Self {
+        scratch.direct_to.clear();
+        PortTx {
+            sock,
+            policy,
+            ports,
+            local,
+            scratch,
+            to_notify,
+            switched: 0,
+            copied: None,
+        }
+    }
 }
 
 impl TxBuffers for PortTx<'_> {
@@ -377,13 +437,66 @@ impl TxBuffers for PortTx<'_> {
         self.sock.next_buffer()
     }
 
-    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
-        let Some(frame) = self.sock.current(len) else {
-            return Err(TxDrop::Oversized);
-        };
-        match classify(frame, self.policy, self.ports) {
-            TxVerdict::Drop(why) => Err(why),
+    fn route(&mut self, eth: &[u8], len: usize) -> Route {
+        self.copied = None;
+        match classify(eth, len, self.policy, self.ports) {
+            TxVerdict::Drop(why) => Route::Drop(why),
             TxVerdict::Wire => {
+                self.copied = Some(Copied::Wire);
+                Route::Copy
+            }
+            TxVerdict::Flood => {
+                self.copied = Some(Copied::Flood);
+                Route::Copy
+            }
+            TxVerdict::Local(to) => {
+                let direct_to = &mut self.scratch.direct_to;
+                let tag = match direct_to.iter().position(|p| p.index == to.index) {
+                    Some(i) => i,
+                    None => {
+                        direct_to.push(to.clone());
+                        direct_to.len() - 1
+                    }
+                };
+                Route::Direct(tag as u32)
+            }
+        }
+    }
+
+    fn unroute(&mut self, len: usize) {
+        self.copied = None;
+        if let Some(rate) = &mut self.policy.rate {
+            rate.refund(len);
+        }
+    }
+
+    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &[u8]) {
+        for (tag, to) in self.scratch.direct_to.iter().enumerate() {
+            let target = to.target.lock().unwrap_or_else(|p| p.into_inner());
+            // A known port without a frontend has nobody to deliver to.
+            let Some(t) = &*target else { continue };
+            let mine = frames
+                .iter()
+                .filter(|f| f.tag == tag as u32)
+                .map(|f| f.bytes(arena));
+            let n = deliver_into(t, mine, &mut self.scratch.rx, true, false);
+            if n > 0 && !self.to_notify.iter().any(|p| p.index == to.index) {
+                self.to_notify.push(to.clone());
+            }
+            self.switched += n;
+        }
+    }
+
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        let Some(route) = self.copied.take() else {
+            // `route` runs before every copy; nothing unrouted reaches the NIC.
+            return Err(TxDrop::Runt);
+        };
+        if self.sock.current(len).is_none() {
+            return Err(TxDrop::Oversized);
+        }
+        match route {
+            Copied::Wire => {
                 let len = match self.policy.vlan {
                     Some(vid) => self.sock.tag_current(len, vid).ok_or(TxDrop::Oversized)?,
                     None => len,
@@ -391,17 +504,7 @@ impl TxBuffers for PortTx<'_> {
                 self.sock.stage(len);
                 Ok(())
             }
-            TxVerdict::Local(to) => {
-                if let Some(frame) = self.sock.hold(len) {
-                    self.local.push(LocalFrame {
-                        to: to.clone(),
-                        frame,
-                        owns: true,
-                    });
-                }
-                Ok(())
-            }
-            TxVerdict::Flood => {
+            Copied::Flood => {
                 let (own, vlan) = (self.policy.own_mac(), self.policy.vlan);
                 let peers = self
                     .ports
@@ -506,7 +609,7 @@ fn event_idx_wants(old: u16, new: u16, event: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
-/// Writes the batch's local frames into their ports, one lock and one notification per
+/// Writes the batch's flooded frames into their ports, one lock and one notification per
 /// receiving port, then returns the frames that went nowhere else to the sender's pool.
 /// Returns how many frames were delivered.
 pub fn deliver_local(
@@ -655,6 +758,14 @@ mod tests {
         }
     }
 
+    fn classify_frame<'p>(
+        f: &[u8],
+        policy: &mut TxPolicy,
+        table: &'p HashMap<MacAddr, TestPort>,
+    ) -> TxVerdict<'p, TestPort> {
+        classify(&f[..f.len().min(ETH_HLEN)], f.len(), policy, table)
+    }
+
     fn ports(macs: &[MacAddr]) -> HashMap<MacAddr, TestPort> {
         macs.iter().map(|m| (*m, (*m, None))).collect()
     }
@@ -664,42 +775,42 @@ mod tests {
         let table = ports(&[mac(1), mac(2)]);
         let mut policy = TxPolicy::new(mac(1), &[mac(9)], None, None);
         assert_eq!(
-            classify(&frame(mac(2), mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mac(2), mac(1), 60), &mut policy, &table),
             TxVerdict::Local(&(mac(2), None))
         );
         assert_eq!(
-            classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mac(3), mac(1), 60), &mut policy, &table),
             TxVerdict::Wire
         );
         assert_eq!(
-            classify(&frame(MacAddr::BROADCAST, mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(MacAddr::BROADCAST, mac(1), 60), &mut policy, &table),
             TxVerdict::Flood
         );
         let mcast = MacAddr([0x33, 0x33, 0, 0, 0, 1]);
         assert_eq!(
-            classify(&frame(mcast, mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mcast, mac(1), 60), &mut policy, &table),
             TxVerdict::Flood
         );
         // To itself: not switched back (no hairpin); the wire decides.
         assert_eq!(
-            classify(&frame(mac(1), mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mac(1), mac(1), 60), &mut policy, &table),
             TxVerdict::Wire
         );
         // The allow-list admits extra sources; anything else is spoofed.
         assert_eq!(
-            classify(&frame(mac(2), mac(9), 60), &mut policy, &table),
+            classify_frame(&frame(mac(2), mac(9), 60), &mut policy, &table),
             TxVerdict::Local(&(mac(2), None))
         );
         assert_eq!(
-            classify(&frame(mac(2), mac(2), 60), &mut policy, &table),
+            classify_frame(&frame(mac(2), mac(2), 60), &mut policy, &table),
             TxVerdict::Drop(TxDrop::Spoofed)
         );
         assert_eq!(
-            classify(&frame(mac(3), mac(7), 60), &mut policy, &table),
+            classify_frame(&frame(mac(3), mac(7), 60), &mut policy, &table),
             TxVerdict::Drop(TxDrop::Spoofed)
         );
         assert_eq!(
-            classify(&[0u8; 10], &mut policy, &table),
+            classify_frame(&[0u8; 10], &mut policy, &table),
             TxVerdict::Drop(TxDrop::Runt)
         );
     }
@@ -717,22 +828,22 @@ mod tests {
         .collect();
         let mut policy = TxPolicy::new(mac(1), &[], None, Some(100));
         assert_eq!(
-            classify(&frame(mac(2), mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mac(2), mac(1), 60), &mut policy, &table),
             TxVerdict::Local(&(mac(2), Some(100)))
         );
         // Another VLAN's port or an untagged one is not reachable by switching: the frame
         // goes out tagged, as a real switch port on VLAN 100 would send it.
         assert_eq!(
-            classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mac(3), mac(1), 60), &mut policy, &table),
             TxVerdict::Wire
         );
         assert_eq!(
-            classify(&frame(mac(4), mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mac(4), mac(1), 60), &mut policy, &table),
             TxVerdict::Wire
         );
         let mut untagged = TxPolicy::new(mac(4), &[], None, None);
         assert_eq!(
-            classify(&frame(mac(1), mac(4), 60), &mut untagged, &table),
+            classify_frame(&frame(mac(1), mac(4), 60), &mut untagged, &table),
             TxVerdict::Wire
         );
     }
@@ -769,6 +880,12 @@ mod tests {
         // 1 ms later: 10 more.
         r.refill(t0 + Duration::from_millis(11));
         assert_eq!((0..100).filter(|_| r.admit(60)).count(), 10);
+        // A frame admitted but not sent gets its token back.
+        r.refill(t0 + Duration::from_millis(11) + Duration::from_micros(100));
+        assert!(r.admit(60));
+        assert!(!r.admit(60));
+        r.refund(60);
+        assert!(r.admit(60));
     }
 
     #[test]
@@ -790,16 +907,16 @@ mod tests {
         let mut policy = TxPolicy::new(mac(1), &[], RateLimit::new(Some(200), None), None);
         policy.rate.as_mut().unwrap().refill(Instant::now());
         assert_eq!(
-            classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mac(3), mac(1), 60), &mut policy, &table),
             TxVerdict::Wire
         );
         assert_eq!(
-            classify(&frame(mac(3), mac(1), 60), &mut policy, &table),
+            classify_frame(&frame(mac(3), mac(1), 60), &mut policy, &table),
             TxVerdict::Drop(TxDrop::RateLimited)
         );
         // A spoofed frame does not spend tokens.
         assert_eq!(
-            classify(&frame(mac(3), mac(5), 60), &mut policy, &table),
+            classify_frame(&frame(mac(3), mac(5), 60), &mut policy, &table),
             TxVerdict::Drop(TxDrop::Spoofed)
         );
     }

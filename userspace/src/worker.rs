@@ -24,7 +24,9 @@ use crate::datapath::QueueError;
 use crate::device::NegotiatedFeatures;
 use crate::packet_tap::PacketTap;
 use crate::stats::QueueStats;
-use crate::switch::{self, LocalFrame, PortTx, RxQueueShared, SwitchPort, SwitchTable, TxPolicy};
+use crate::switch::{
+    self, LocalFrame, PortTx, RxQueueShared, SwitchPort, SwitchScratch, SwitchTable, TxPolicy,
+};
 use crate::xsk::XskSocket;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
@@ -145,8 +147,9 @@ pub struct QueuePairWorker {
     switch: Arc<SwitchTable>,
     /// This port in the switch: where a disabled pair hands its NIC frames.
     own: Arc<SwitchPort>,
-    /// Frames of the current tx batch bound for other ports.
+    /// Flooded frames of the current tx batch, bound for other ports.
     local: Vec<LocalFrame>,
+    switch_scratch: SwitchScratch,
     /// Ports that got switched frames and whose guests are notified after this round.
     to_notify: Vec<Arc<SwitchPort>>,
     /// CPU to move the library's thread for this pair to, on the first event.
@@ -216,6 +219,7 @@ impl QueuePairWorker {
             switch,
             own,
             local: Vec::with_capacity(BATCH),
+            switch_scratch: SwitchScratch::default(),
             to_notify: Vec::new(),
             cpu,
             progress: 0,
@@ -357,12 +361,14 @@ impl QueuePairWorker {
                 if let Some(rate) = &mut self.policy.rate {
                     rate.refill(Instant::now());
                 }
-                let mut sink = PortTx {
+                let mut sink = PortTx::new(
                     sock,
-                    policy: &mut self.policy,
-                    ports: &ports,
-                    local: &mut self.local,
-                };
+                    &mut self.policy,
+                    &ports,
+                    &mut self.local,
+                    &mut self.switch_scratch,
+                    &mut self.to_notify,
+                );
                 let batch = tx::transmit_batch(
                     mem,
                     state.get_queue_mut(),
@@ -372,8 +378,9 @@ impl QueuePairWorker {
                     &mut self.tx_scratch,
                     &mut tally,
                 );
-                // Local frames first: flooded ones are also staged for the NIC and must be
-                // read before the flush can complete them and free their buffers.
+                switched += sink.switched;
+                // Flooded frames before the flush: they are also staged for the NIC and must
+                // be read before the flush can complete them and free their buffers.
                 switched += switch::deliver_local(
                     &mut self.local,
                     sock,

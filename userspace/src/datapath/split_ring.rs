@@ -290,7 +290,7 @@ impl<'m> SplitRing<'m> {
                         "chain loops, outruns its table or nests indirect tables",
                     ));
                 }
-                if len == 0 || len % 16 != 0 {
+                if len == 0 || !len.is_multiple_of(16) {
                     return Err(malformed(
                         "indirect table length is not a whole number of descriptors",
                     ));

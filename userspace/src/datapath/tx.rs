@@ -12,7 +12,8 @@ use super::split_ring::{publish_used, Chains};
 use super::{read_at, GuestMemoryCursor, QueueError, Segment};
 use crate::device::{TxHeader, ETH_HLEN, VNET_HDR_LEN};
 
-/// Where transmitted frames go: free NIC buffers, taken one at a time.
+/// Where transmitted frames go: free NIC buffers, taken one at a time, or (for a sink that
+/// switches) straight to another port.
 pub trait TxBuffers {
     /// A free buffer for the next frame, or `None` when all are in flight.
     fn next_buffer(&mut self) -> Option<&mut [u8]>;
@@ -20,6 +21,42 @@ pub trait TxBuffers {
     /// or to another port). A sink that refuses the frame (policy) says why; the buffer then
     /// stays free for the next frame.
     fn submit(&mut self, len: usize) -> Result<(), TxDrop>;
+    /// Decides where a frame goes from its Ethernet header and length, before it is copied
+    /// anywhere; called once per frame, before `next_buffer` and `submit`.
+    fn route(&mut self, _eth: &[u8], _len: usize) -> Route {
+        Route::Copy
+    }
+    /// Takes back the last [`Route::Copy`] decision, for a `len`-byte frame that found no
+    /// free buffer and will be routed again later (a policer returns its tokens).
+    fn unroute(&mut self, _len: usize) {}
+    /// Takes the batch's [`Route::Direct`] frames, whose bytes are in `arena`.
+    fn deliver_direct(&mut self, _frames: &[DirectFrame], _arena: &[u8]) {}
+}
+
+/// Where one frame goes, as the sink decides from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Into a NIC buffer (`next_buffer`, then `submit`).
+    Copy,
+    /// Elsewhere, by the sink itself, with this tag of its choosing: the frame is read into
+    /// the batch's arena and handed to `deliver_direct` at the end of the batch, skipping
+    /// the NIC buffer pool (frames between two ports of the daemon).
+    Direct(u32),
+    Drop(TxDrop),
+}
+
+/// A frame routed [`Route::Direct`]: its tag and where its bytes lie in the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectFrame {
+    pub tag: u32,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl DirectFrame {
+    pub fn bytes<'a>(&self, arena: &'a [u8]) -> &'a [u8] {
+        &arena[self.start..self.start + self.len]
+    }
 }
 
 /// Why a transmitted frame was dropped.
@@ -76,6 +113,9 @@ pub enum TxStop {
 #[derive(Default)]
 pub struct TxScratch {
     segs: Vec<Segment>,
+    /// The batch's direct frames and their bytes (the arena only grows, and stays warm).
+    direct: Vec<DirectFrame>,
+    arena: Vec<u8>,
     /// The batch's handled chains (head, 0 bytes written), returned to the used ring together.
     used: Vec<(u16, u32)>,
 }
@@ -97,6 +137,8 @@ pub fn transmit_batch(
 ) -> Result<TxStop, QueueError> {
     let mut cursor = GuestMemoryCursor::new(mem);
     scratch.used.clear();
+    scratch.direct.clear();
+    let mut arena_used = 0usize;
     let mut stop = TxStop::Budget;
     let next_avail = {
         // One pass over the avail ring per batch: the avail index is read once.
@@ -111,33 +153,68 @@ pub fn transmit_batch(
             if let Some(next) = chains.peek_buffer(super::rx::PREFETCH_AHEAD) {
                 cursor.prefetch(next);
             }
-            let Some(buf) = buffers.next_buffer() else {
-                // The chain waits for a buffer; the ring resumes with it.
-                chains.untake();
-                stop = TxStop::NoBuffers;
-                break;
-            };
             let oom = |source| QueueError::OutOfMemory { head, source };
 
+            // The net header and the Ethernet header, in one read.
+            let mut start = [0u8; VNET_HDR_LEN + ETH_HLEN];
+            let got = (total as usize).min(start.len());
+            read_at(&mut cursor, &scratch.segs, 0, &mut start[..got]).map_err(oom)?;
+            let len = (total as usize).saturating_sub(VNET_HDR_LEN);
             let verdict = if total < VNET_HDR_LEN as u64 {
                 Err(TxDrop::Runt)
+            } else if TxHeader::parse(&start.first_chunk().copied().unwrap_or_default())
+                .wants_offload()
+            {
+                Err(TxDrop::Offload)
+            } else if len > max_frame {
+                Err(TxDrop::Oversized)
+            } else if len < ETH_HLEN {
+                Err(TxDrop::Runt)
             } else {
-                let mut hdr = [0u8; VNET_HDR_LEN];
-                read_at(&mut cursor, &scratch.segs, 0, &mut hdr).map_err(oom)?;
-                let len = (total - VNET_HDR_LEN as u64) as usize;
-                if TxHeader::parse(&hdr).wants_offload() {
-                    Err(TxDrop::Offload)
-                } else if len > max_frame || len > buf.len() {
-                    Err(TxDrop::Oversized)
-                } else if len < ETH_HLEN {
-                    Err(TxDrop::Runt)
-                } else {
-                    read_at(&mut cursor, &scratch.segs, VNET_HDR_LEN, &mut buf[..len])
+                match buffers.route(&start[VNET_HDR_LEN..], len) {
+                    Route::Drop(why) => Err(why),
+                    Route::Direct(tag) => {
+                        let at = arena_used;
+                        if scratch.arena.len() < at + len {
+                            scratch.arena.resize(at + len, 0);
+                        }
+                        read_at(
+                            &mut cursor,
+                            &scratch.segs,
+                            VNET_HDR_LEN,
+                            &mut scratch.arena[at..at + len],
+                        )
                         .map_err(oom)?;
-                    Ok(len)
+                        arena_used += len;
+                        scratch.direct.push(DirectFrame {
+                            tag,
+                            start: at,
+                            len,
+                        });
+                        Ok(None)
+                    }
+                    Route::Copy => match buffers.next_buffer() {
+                        Some(buf) if len <= buf.len() => {
+                            read_at(&mut cursor, &scratch.segs, VNET_HDR_LEN, &mut buf[..len])
+                                .map_err(oom)?;
+                            Ok(Some(len))
+                        }
+                        Some(_) => Err(TxDrop::Oversized),
+                        None => {
+                            // The chain waits for a NIC buffer; the ring resumes with it, and
+                            // the sink forgets the route (it is routed again then).
+                            buffers.unroute(len);
+                            chains.untake();
+                            stop = TxStop::NoBuffers;
+                            break;
+                        }
+                    },
                 }
             };
-            match verdict.and_then(|len| buffers.submit(len).map(|()| len)) {
+            match verdict.and_then(|copied| match copied {
+                Some(len) => buffers.submit(len).map(|()| len),
+                None => Ok(len),
+            }) {
                 Ok(len) => {
                     tally.frames += 1;
                     tally.bytes += len as u64;
@@ -149,6 +226,9 @@ pub fn transmit_batch(
         chains.next_avail()
     };
     queue.set_next_avail(next_avail);
+    if !scratch.direct.is_empty() {
+        buffers.deliver_direct(&scratch.direct, &scratch.arena[..arena_used]);
+    }
     if publish_used(mem, queue, &scratch.used)? {
         return Ok(stop);
     }
@@ -333,6 +413,92 @@ mod tests {
             (1, 3, 1)
         );
         assert_eq!(t.used(0).len(), 5, "every chain goes back to the guest");
+    }
+
+    /// A sink that routes by the destination's first byte: 0xd0 + n goes direct with tag n,
+    /// 0xdd is dropped as spoofed, anything else is copied.
+    struct RoutingBuffers {
+        nic: VecBuffers,
+        routed: usize,
+        direct: Vec<(u32, Vec<u8>)>,
+    }
+
+    impl TxBuffers for RoutingBuffers {
+        fn next_buffer(&mut self) -> Option<&mut [u8]> {
+            self.nic.next_buffer()
+        }
+        fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+            self.nic.submit(len)
+        }
+        fn route(&mut self, eth: &[u8], len: usize) -> Route {
+            self.routed += 1;
+            assert_eq!(eth.len(), ETH_HLEN);
+            assert!(len >= ETH_HLEN);
+            match eth[0] {
+                0xdd => Route::Drop(TxDrop::Spoofed),
+                b @ 0xd0..=0xd3 => Route::Direct(u32::from(b - 0xd0)),
+                _ => Route::Copy,
+            }
+        }
+        fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &[u8]) {
+            self.direct
+                .extend(frames.iter().map(|f| (f.tag, f.bytes(arena).to_vec())));
+        }
+    }
+
+    #[test]
+    fn direct_frames_skip_nic_buffers_and_keep_their_order() {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        let mut sent = Vec::new();
+        for (i, (dst, len)) in [
+            (0xd1u8, 60usize),
+            (0x02, 70),
+            (0xd0, 1514),
+            (0xdd, 60),
+            (0xd1, 61),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut f = frame(len, i as u8);
+            f[0] = dst;
+            let at = BUF_BASE + 0x1000 * i as u64;
+            t.write(at, &[0u8; 12]);
+            t.write(at + 12, &f);
+            t.post(&[Buf(at, 12 + len as u32, false)]);
+            sent.push(f);
+        }
+        let mut q = t.queue();
+        // One NIC buffer: enough for the one copied frame; direct frames need none.
+        let mut bufs = RoutingBuffers {
+            nic: VecBuffers::new(1),
+            routed: 0,
+            direct: Vec::new(),
+        };
+        let mut tally = TxTally::default();
+        let r = transmit_batch(
+            &mem,
+            &mut q,
+            &mut bufs,
+            1518,
+            64,
+            &mut TxScratch::default(),
+            &mut tally,
+        );
+        assert_eq!(r, Ok(TxStop::RingEmpty));
+        assert_eq!(bufs.routed, 5, "each frame is routed once");
+        assert_eq!(bufs.nic.sent, vec![sent[1].clone()]);
+        assert_eq!(
+            bufs.direct,
+            vec![
+                (1, sent[0].clone()),
+                (0, sent[2].clone()),
+                (1, sent[4].clone())
+            ]
+        );
+        assert_eq!((tally.frames, tally.dropped_spoofed), (4, 1));
+        assert_eq!(t.used(0).len(), 5);
     }
 
     #[test]
