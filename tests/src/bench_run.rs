@@ -12,7 +12,7 @@ use crate::bench::{
     guest_rx_count, guest_tx_blast, guest_vm_to_vm, iface_counter, pin_thread, process_cpu_seconds,
     process_rss_bytes, udp_frame, Generator,
 };
-use crate::daemon::{socket_dir, Daemon};
+use crate::daemon::{socket_dir, Daemon, SocketDir};
 use crate::dpdk;
 use crate::frames::ip_bytes;
 use crate::frontend::{FrontendOptions, VirtioNetFrontend, VIRTIO_RING_F_EVENT_IDX};
@@ -114,18 +114,39 @@ pub struct FrameSpec {
     pub dport: Option<u16>,
 }
 
+/// What a measured run cost besides its frames.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cost {
+    /// CPU seconds the datapath process used over the run, when measured.
+    datapath_cpu_s: Option<f64>,
+    guest_cpu_s: f64,
+    rss_bytes: u64,
+}
+
+impl Cost {
+    fn of(ut: &UnderTest, datapath_cpu_s: f64, guest_cpu_s: f64) -> Self {
+        Cost {
+            datapath_cpu_s: Some(datapath_cpu_s),
+            guest_cpu_s,
+            rss_bytes: process_rss_bytes(ut.pid).unwrap_or(0),
+        }
+    }
+}
+
 impl Measurement {
-    /// `datapath_cpu_s`: CPU seconds the datapath process used over `seconds`, when measured.
     fn new(
         peer: Peer,
         direction: Direction,
         size: usize,
         frames: u64,
         seconds: f64,
-        datapath_cpu_s: Option<f64>,
-        guest_cpu_s: f64,
-        rss_bytes: u64,
+        cost: Cost,
     ) -> Self {
+        let Cost {
+            datapath_cpu_s,
+            guest_cpu_s,
+            rss_bytes,
+        } = cost;
         Measurement {
             peer,
             direction,
@@ -188,6 +209,8 @@ struct UnderTest {
     daemon: Option<Daemon>,
     testpmd: Option<std::process::Child>,
     dpdk_prefix: Option<String>,
+    /// The directory of the peer's vhost-user sockets, removed last.
+    dir: Option<SocketDir>,
 }
 
 impl UnderTest {
@@ -197,6 +220,7 @@ impl UnderTest {
             daemon: Some(d),
             testpmd: None,
             dpdk_prefix: None,
+            dir: None,
         })
     }
 
@@ -273,6 +297,7 @@ fn start_testpmd(lab: &Lab, pin: Pinning, tag: &str, vdevs: &[String]) -> Result
         daemon: None,
         testpmd: Some(child),
         dpdk_prefix: Some(prefix),
+        dir: None,
     })
 }
 
@@ -283,9 +308,10 @@ fn start_vhost_peer(
     tag: &str,
     daemon_args: &[String],
 ) -> Result<(UnderTest, VirtioNetFrontend)> {
-    let socket = socket_dir(tag)?.join("bench.sock");
+    let dir = socket_dir(tag)?;
+    let socket = dir.join("bench.sock");
     let _ = std::fs::remove_file(&socket);
-    let ut = match peer {
+    let mut ut = match peer {
         Peer::Xvdpa => {
             let mut args: Vec<&str> = vec!["--log", "warn,xvdpa=info"];
             args.extend(daemon_args.iter().map(|s| s.as_str()));
@@ -309,6 +335,7 @@ fn start_vhost_peer(
         )?,
         Peer::Limit => unreachable!("the limit peer has no vhost side"),
     };
+    ut.dir = Some(dir);
     let fe = VirtioNetFrontend::connect(&socket, bench_frontend())?;
     Ok((ut, fe))
 }
@@ -338,7 +365,7 @@ fn start_vm_to_vm_peer(
     for s in &socks {
         let _ = std::fs::remove_file(s);
     }
-    let ut = match peer {
+    let mut ut = match peer {
         Peer::Xvdpa => {
             let specs: Vec<String> = (0..2)
                 .map(|i| {
@@ -375,6 +402,7 @@ fn start_vm_to_vm_peer(
         )?,
         Peer::Limit => bail!("the vm-to-vm scenario has no ceiling peer (no NIC is involved)"),
     };
+    ut.dir = Some(dir);
     let a = VirtioNetFrontend::connect(&socks[0], bench_frontend())?;
     let b = VirtioNetFrontend::connect(&socks[1], bench_frontend())?;
     Ok((ut, a, b))
@@ -466,7 +494,7 @@ pub fn measure(
             Direction::Tx => wire1 - wire0,
         };
         // The whole run counts here (no separate warm-up window): the ceiling is a bound.
-        let mut m = Measurement::new(peer, direction, size, frames, seconds, None, 0.0, 0);
+        let mut m = Measurement::new(peer, direction, size, frames, seconds, Cost::default());
         m.generator = generator_name;
         return Ok(m);
     }
@@ -493,9 +521,7 @@ pub fn measure(
                 size,
                 frames,
                 seconds,
-                Some(cpu),
-                guest_cpu,
-                process_rss_bytes(ut.pid).unwrap_or(0),
+                Cost::of(&ut, cpu, guest_cpu),
             ))
         })();
         drop((a, b));
@@ -547,9 +573,7 @@ pub fn measure(
             size,
             frames,
             seconds,
-            Some(cpu),
-            guest_cpu_s,
-            process_rss_bytes(ut.pid).unwrap_or(0),
+            Cost::of(&ut, cpu, guest_cpu_s),
         ))
     })()
     .map(|mut m| {

@@ -32,11 +32,35 @@ pub struct Daemon {
     pub sockets: Vec<PathBuf>,
 }
 
+/// A test's directory for its sockets, removed with what is in it when dropped: keep it
+/// alive as long as the daemon and frontends use its sockets.
+#[derive(Debug)]
+pub struct SocketDir(PathBuf);
+
+impl std::ops::Deref for SocketDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for SocketDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh directory for one test's sockets.
-pub fn socket_dir(tag: &str) -> Result<PathBuf> {
+pub fn socket_dir(tag: &str) -> Result<SocketDir> {
     let dir = std::env::temp_dir().join(format!("xvdpa-test-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+    Ok(SocketDir(dir))
 }
 
 impl Daemon {

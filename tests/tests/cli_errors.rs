@@ -78,7 +78,8 @@ fn invalid_macs_are_rejected_before_anything_starts() -> Result<()> {
 #[test]
 fn socket_path_held_by_a_live_daemon_is_refused_and_left_alone() -> Result<()> {
     let lab = Lab::unique("cli-sock")?;
-    let sock = socket_dir("cli-sock")?.join("vm0.sock");
+    let dir = socket_dir("cli-sock")?;
+    let sock = dir.join("vm0.sock");
     let first = Daemon::start(&lab, &sock, &mac_str(guest_mac(0)), &[])?;
     let out = fails(
         Some(&lab.host_ns),
@@ -106,7 +107,8 @@ fn socket_path_held_by_a_live_daemon_is_refused_and_left_alone() -> Result<()> {
 #[test]
 fn stale_socket_file_is_replaced() -> Result<()> {
     let lab = Lab::unique("cli-stale")?;
-    let sock = socket_dir("cli-stale")?.join("vm0.sock");
+    let dir = socket_dir("cli-stale")?;
+    let sock = dir.join("vm0.sock");
     // A socket nobody listens on, as a crashed daemon leaves behind.
     drop(std::os::unix::net::UnixListener::bind(&sock)?);
     ensure!(sock.exists());

@@ -12,7 +12,8 @@ use xvdpa_tests::lab::{guest_ip, guest_mac, mac_str, Lab};
 #[test]
 fn dpdk_virtio_user_answers_ping_from_the_wire() -> Result<()> {
     let lab = Lab::unique("dpdk")?;
-    let socket = socket_dir("dpdk")?.join("vm0.sock");
+    let dir = socket_dir("dpdk")?;
+    let socket = dir.join("vm0.sock");
     let mut daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), &[])?;
     let prefix = format!("xvt-dpdk-{}", std::process::id());
     let mut testpmd =

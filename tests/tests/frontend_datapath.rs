@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use xvdpa_tests::daemon::{socket_dir, Daemon};
+use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frames::{
     arp_reply_sender, arp_request, ip_bytes, test_frame, test_seq, BROADCAST,
 };
@@ -27,6 +27,8 @@ struct Setup {
     wire: WireSocket,
     socket: std::path::PathBuf,
     wire_mac: [u8; 6],
+    /// Holds the socket's directory until the test ends.
+    _dir: SocketDir,
 }
 
 fn setup(tag: &str) -> Result<Setup> {
@@ -35,7 +37,8 @@ fn setup(tag: &str) -> Result<Setup> {
 
 fn setup_with(tag: &str, daemon_args: &[&str]) -> Result<Setup> {
     let lab = Lab::unique(tag)?;
-    let socket = socket_dir(tag)?.join("vm0.sock");
+    let dir = socket_dir(tag)?;
+    let socket = dir.join("vm0.sock");
     let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), daemon_args)?;
     let wire = WireSocket::open(&lab)?;
     let wire_mac = lab.wire_mac()?;
@@ -45,6 +48,7 @@ fn setup_with(tag: &str, daemon_args: &[&str]) -> Result<Setup> {
         wire,
         socket,
         wire_mac,
+        _dir: dir,
     })
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use xvdpa_tests::ctl::Ctl;
-use xvdpa_tests::daemon::{socket_dir, Daemon};
+use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frames::{tagged, test_frame, test_seq, untag, BROADCAST};
 use xvdpa_tests::frontend::{
     FrontendOptions, VirtioNetFrontend, RX_QUEUE, TX_QUEUE, VIRTIO_RING_F_EVENT_IDX,
@@ -27,7 +27,7 @@ struct Setup {
     daemon: Daemon,
     wire: WireSocket,
     wire_mac: [u8; 6],
-    dir: PathBuf,
+    dir: SocketDir,
     sockets: Vec<PathBuf>,
     ctl: Ctl,
 }
@@ -551,7 +551,7 @@ fn vlan_ports_tag_on_the_wire_and_switch_only_within_their_vlan() -> Result<()> 
         lab,
         daemon,
         sockets: (0..3).map(sock).collect(),
-        dir: dir.clone(),
+        dir,
         ctl: Ctl::new(&ctl_path),
     };
     let (mut a, mut b, mut c) = (vm(&s.sockets[0])?, vm(&s.sockets[1])?, vm(&s.sockets[2])?);

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use xvdpa_tests::daemon::{socket_dir, Daemon};
+use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::guest::{Guest, GuestConfig, READY_MARKER};
 use xvdpa_tests::lab::{self, guest_ip, guest_mac, mac_str, Lab};
 
@@ -21,7 +21,7 @@ struct Bench {
     lab: Lab,
     daemon: Option<Daemon>,
     socket: PathBuf,
-    dir: PathBuf,
+    dir: SocketDir,
 }
 
 fn setup(tag: &str) -> Result<Bench> {
