@@ -15,7 +15,9 @@ use crate::bench::{
 use crate::daemon::{socket_dir, Daemon, SocketDir};
 use crate::dpdk;
 use crate::frames::ip_bytes;
-use crate::frontend::{FrontendOptions, VirtioNetFrontend, VIRTIO_RING_F_EVENT_IDX};
+use crate::frontend::{
+    FrontendOptions, VirtioNetFrontend, LINUX_RX_BUFFER, VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::lab::{self, guest_mac, mac_str, Lab};
 use crate::output::{LineLog, Wait};
 
@@ -341,15 +343,20 @@ fn start_vhost_peer(
 }
 
 /// The guest side's driver settings: large rings and EVENT_IDX, as a Linux guest negotiates
-/// (its notifications are NAPI-style, see `VirtioNetFrontend::set_napi_mode`).
+/// (its notifications are NAPI-style, see `VirtioNetFrontend::set_napi_mode`), and buffers
+/// laid out as Linux lays out its receive buffers.
 fn bench_frontend() -> FrontendOptions {
     let defaults = FrontendOptions::default();
     FrontendOptions {
         queue_size: 1024,
         features: defaults.features | VIRTIO_RING_F_EVENT_IDX,
+        slot_len: LINUX_RX_BUFFER,
         ..defaults
     }
 }
+
+/// The guest side's receive buffers: one data slot each.
+const RX_BUFFER: u32 = LINUX_RX_BUFFER as u32;
 
 /// The vm-to-vm scenario's datapath: xvdpa with two ports, or testpmd forwarding between two
 /// vhost ports; returns it with the sending (A) and receiving (B) guest sides.
@@ -509,10 +516,11 @@ pub fn measure(
         // The switch reaches B's queue once B's worker has had its first event.
         std::thread::sleep(Duration::from_millis(300));
         let result = (|| -> Result<Measurement> {
-            guest_vm_to_vm(&mut a, &mut b, &frame, setup.warmup, 2048)?;
+            guest_vm_to_vm(&mut a, &mut b, &frame, setup.warmup, RX_BUFFER)?;
             let cpu0 = process_cpu_seconds(ut.pid)?;
             let t0 = Instant::now();
-            let (frames, guest_cpu) = guest_vm_to_vm(&mut a, &mut b, &frame, setup.duration, 2048)?;
+            let (frames, guest_cpu) =
+                guest_vm_to_vm(&mut a, &mut b, &frame, setup.duration, RX_BUFFER)?;
             let seconds = t0.elapsed().as_secs_f64();
             let cpu = process_cpu_seconds(ut.pid)? - cpu0;
             Ok(Measurement::new(
@@ -546,10 +554,10 @@ pub fn measure(
                     Some(pin.load),
                 )?;
                 generator_name = Some(gen.kind().name());
-                guest_rx_count(&mut fe, setup.warmup, 2048)?;
+                guest_rx_count(&mut fe, setup.warmup, RX_BUFFER)?;
                 let cpu0 = process_cpu_seconds(ut.pid)?;
                 let t0 = Instant::now();
-                let (frames, guest_cpu) = guest_rx_count(&mut fe, setup.duration, 2048)?;
+                let (frames, guest_cpu) = guest_rx_count(&mut fe, setup.duration, RX_BUFFER)?;
                 let seconds = t0.elapsed().as_secs_f64();
                 let cpu = process_cpu_seconds(ut.pid)? - cpu0;
                 gen.stop()?;
