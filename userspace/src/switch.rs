@@ -401,8 +401,6 @@ pub struct PortTx<'a> {
     /// Flooded frames for the other ports, written after the batch.
     pub local: &'a mut Vec<LocalFrame>,
     pub scratch: &'a mut SwitchScratch,
-    /// Ports that got frames; their guests are notified after the round.
-    pub to_notify: &'a mut Vec<Arc<SwitchPort>>,
     /// Frames delivered straight into other ports.
     pub switched: u64,
     /// The route of the frame being copied.
@@ -416,7 +414,6 @@ impl<'a> PortTx<'a> {
         ports: &'a MacMap<Arc<SwitchPort>>,
         local: &'a mut Vec<LocalFrame>,
         scratch: &'a mut SwitchScratch,
-        to_notify: &'a mut Vec<Arc<SwitchPort>>,
     ) -> Self {
         scratch.direct_to.clear();
         PortTx {
@@ -425,7 +422,6 @@ impl<'a> PortTx<'a> {
             ports,
             local,
             scratch,
-            to_notify,
             switched: 0,
             copied: None,
         }
@@ -479,11 +475,11 @@ impl TxBuffers for PortTx<'_> {
                 .iter()
                 .filter(|f| f.tag == tag as u32)
                 .map(|f| f.bytes(arena));
-            let n = deliver_into(t, mine, &mut self.scratch.rx, true, false);
-            if n > 0 && !self.to_notify.iter().any(|p| p.index == to.index) {
-                self.to_notify.push(to.clone());
-            }
-            self.switched += n;
+            // Notified per batch, not per round: a receiver that went to sleep starts on
+            // this batch while the next ones are copied and keeps polling, where a wake-up
+            // per round let it fall asleep after every round (each wake-up costs the sender
+            // several microseconds). A receiver that is polling asked for no notification.
+            self.switched += deliver_into(t, mine, &mut self.scratch.rx, true, true);
         }
     }
 
@@ -661,9 +657,9 @@ pub fn deliver_local(
     delivered
 }
 
-/// Notifies the guests of the ports that got switched frames since the last call: once per
-/// round of batches rather than once per batch, because waking a guest (an eventfd write that
-/// wakes a sleeping vCPU thread) costs more than a whole batch of 64-byte copies.
+/// Notifies the guests of the ports that got flooded frames since the last call, once per
+/// round of batches. (Unicast between ports notifies per batch, see
+/// `PortTx::deliver_direct`; floods are rare and several batches of them are one wake-up.)
 pub fn notify_ports(to_notify: &mut Vec<Arc<SwitchPort>>) {
     for port in to_notify.drain(..) {
         let target = port.target.lock().unwrap_or_else(|p| p.into_inner());

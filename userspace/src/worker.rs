@@ -367,7 +367,6 @@ impl QueuePairWorker {
                     &ports,
                     &mut self.local,
                     &mut self.switch_scratch,
-                    &mut self.to_notify,
                 );
                 let batch = tx::transmit_batch(
                     mem,
