@@ -268,10 +268,14 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
         if port.stopping.load(Ordering::Acquire) {
             break;
         }
-        let library_side = connect_library(path, port.index, &mut daemon)?;
-        let shim = Shim::start(frontend, library_side).map_err(PortError::Worker)?;
-        *port.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        // Steer the port's MAC to its sockets before the frontend's first message goes
+        // through: once the frontend has its acks (its rings enabled) it may expect frames,
+        // and a frame steered before its socket is in the map is dropped by XDP.
         let bound = bind_sockets(nic, port, &backend);
+        let shim = connect_library(path, port.index, &mut daemon)
+            .and_then(|library_side| Shim::start(frontend, library_side).map_err(PortError::Worker))
+            .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
+        *port.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         if !port.stopping.load(Ordering::Acquire) {
             port.set_state(PortState::Connected);
         }
