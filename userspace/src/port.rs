@@ -324,10 +324,9 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
 }
 
 /// One worker per queue pair. Pair `i` serves the NIC queues `q` with `q % pairs == i`, so
-/// every NIC queue's frames for this port have exactly one reader; a pair left without a NIC
-/// queue (more pairs than NIC queues) transmits through a socket of its own on NIC queue
-/// `i % queues`, which is never in the steering map. Group-addressed copies from the tap go
-/// to pair 0.
+/// every NIC queue's frames for this port have exactly one reader, and transmits through a
+/// socket of its own on NIC queue `i % queues`, which is never in the steering map (nor in
+/// the worker's epoll set). Group-addressed copies from the tap go to pair 0.
 fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortError> {
     let pairs = usize::from(port.spec.queue_pairs.max(1));
     let mut tap = Some(
@@ -346,15 +345,8 @@ fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortErr
             .filter(|q| q.queue_id() as usize % pairs == pair)
             .map(|q| XskSocket::open(q).map(|s| s.strip_vlan_on_receive(port.spec.vlan.is_some())))
             .collect::<Result<Vec<_>, _>>()?;
-        let tx_only = match sockets.is_empty() {
-            true => Some(XskSocket::open(&nic.queues[pair % nic.queues.len()])?),
-            false => None,
-        };
-        let max_tx = sockets
-            .first()
-            .or(tx_only.as_ref())
-            .map(XskSocket::max_tx_frame)
-            .unwrap_or(0);
+        let tx = XskSocket::open(&nic.queues[pair % nic.queues.len()])?;
+        let max_tx = tx.max_tx_frame();
         let config = WorkerConfig {
             max_frame: (usize::from(nic.mtu) + ETH_HLEN).min(max_tx),
             busy_poll: nic.busy_poll,
@@ -366,7 +358,7 @@ fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortErr
         let worker = QueuePairWorker::new(
             pair,
             sockets,
-            tx_only,
+            tx,
             tap.take(),
             config,
             port.stats[pair].clone(),

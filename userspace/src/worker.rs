@@ -126,8 +126,12 @@ pub struct QueuePairWorker {
     pair: usize,
     /// One socket per NIC queue this pair serves, in the steering map while connected.
     sockets: Vec<XskSocket>,
-    /// A transmit socket for a pair that serves no NIC queue.
-    tx_only: Option<XskSocket>,
+    /// The socket the pair transmits through. It is never in the epoll set: freeing each
+    /// sent frame wakes the socket's waiters, and with the socket registered that was an
+    /// epoll callback per frame (8-13 % of tx throughput at 64 B). Completions are reaped on
+    /// every tx round, and a round short of buffers comes back by itself, so no readiness
+    /// event is needed.
+    tx: XskSocket,
     tap: Option<PacketTap>,
     rearm: EventFd,
     timer: Timer,
@@ -172,7 +176,7 @@ impl QueuePairWorker {
     pub fn new(
         pair: usize,
         sockets: Vec<XskSocket>,
-        tx_only: Option<XskSocket>,
+        tx: XskSocket,
         tap: Option<PacketTap>,
         config: WorkerConfig,
         stats: Arc<QueueStats>,
@@ -187,7 +191,7 @@ impl QueuePairWorker {
         } = config;
         let rearm = EventFd::new(EFD_NONBLOCK)?;
         if busy_poll {
-            for s in sockets.iter().chain(&tx_only) {
+            for s in sockets.iter().chain([&tx]) {
                 s.enable_busy_poll(BUSY_POLL_USECS, BATCH as u16)
                     .map_err(|e| {
                         io::Error::new(
@@ -202,7 +206,7 @@ impl QueuePairWorker {
         Ok(QueuePairWorker {
             pair,
             sockets,
-            tx_only,
+            tx,
             tap,
             rearm,
             timer: Timer::periodic(200)?,
@@ -244,12 +248,12 @@ impl QueuePairWorker {
         if let Some(tap) = &self.tap {
             v.push((tap.fd(), EventSet::IN, ids.tap));
         }
-        for (i, s) in self.sockets.iter().chain(&self.tx_only).enumerate() {
+        for (i, s) in self.sockets.iter().enumerate() {
             // Edge-triggered: a backlog the guest cannot take yet must not spin the thread;
-            // the guest's rx kick resumes it.
+            // the guest's rx kick resumes it. Receive only: see `tx`.
             v.push((
                 s.fd(),
-                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
                 ids.first_xsk + i as u16,
             ));
         }
@@ -336,9 +340,7 @@ impl QueuePairWorker {
 
     /// Guest -> NIC. Returns true if work was left for another round.
     fn service_tx(&mut self, vring: &Vring, mem: &GuestMemoryMmap) -> bool {
-        let Some(sock) = self.tx_only.as_mut().or(self.sockets.first_mut()) else {
-            return false;
-        };
+        let sock = &mut self.tx;
         sock.reap_completions();
         if self.tx_broken {
             return false;
