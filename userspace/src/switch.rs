@@ -154,7 +154,14 @@ impl SwitchPort {
         let target = self.target.lock().unwrap_or_else(|p| p.into_inner());
         let t = target.as_ref()?;
         let mut offered = 0;
-        deliver_into(t, frames.inspect(|_| offered += 1), scratch, false, true);
+        deliver_into(
+            t,
+            frames.inspect(|_| offered += 1),
+            rx::Framing::Bare,
+            scratch,
+            false,
+            true,
+        );
         Some(offered)
     }
 }
@@ -474,12 +481,19 @@ impl TxBuffers for PortTx<'_> {
             let mine = frames
                 .iter()
                 .filter(|f| f.tag == tag as u32)
-                .map(|f| f.bytes(arena));
+                .map(|f| f.with_rx_header(arena));
             // Notified per batch, not per round: a receiver that went to sleep starts on
             // this batch while the next ones are copied and keeps polling, where a wake-up
             // per round let it fall asleep after every round (each wake-up costs the sender
             // several microseconds). A receiver that is polling asked for no notification.
-            self.switched += deliver_into(t, mine, &mut self.scratch.rx, true, true);
+            self.switched += deliver_into(
+                t,
+                mine,
+                rx::Framing::WithHeader,
+                &mut self.scratch.rx,
+                true,
+                true,
+            );
         }
     }
 
@@ -637,6 +651,7 @@ pub fn deliver_local(
             let n = deliver_into(
                 t,
                 local[start..end].iter().map(|f| sock.held(f.frame)),
+                rx::Framing::Bare,
                 scratch,
                 true,
                 false,
@@ -676,6 +691,7 @@ pub fn notify_ports(to_notify: &mut Vec<Arc<SwitchPort>>) {
 fn deliver_into<'f>(
     target: &RxTarget,
     frames: impl Iterator<Item = &'f [u8]>,
+    framing: rx::Framing,
     scratch: &mut RxScratch,
     switched: bool,
     notify: bool,
@@ -695,6 +711,7 @@ fn deliver_into<'f>(
         &mem,
         state.get_queue_mut(),
         frames.by_ref().inspect(|_| pulled += 1),
+        framing,
         mrg,
         scratch,
         &mut tally,

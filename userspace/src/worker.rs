@@ -500,7 +500,15 @@ impl QueuePairWorker {
                 let queue = state.get_queue_mut();
                 let scratch = &mut self.rx_scratch;
                 let got = sock.drain_rx(BATCH, |frames| {
-                    rx::deliver_batch(mem, queue, frames, features.mrg_rxbuf, scratch, &mut tally)
+                    rx::deliver_batch(
+                        mem,
+                        queue,
+                        frames,
+                        rx::Framing::Bare,
+                        features.mrg_rxbuf,
+                        scratch,
+                        &mut tally,
+                    )
                 });
                 match got {
                     Ok(done) if done < want => {

@@ -59,15 +59,34 @@ enum Fill {
     NoBuffers,
 }
 
+/// How the frames handed to [`deliver_batch`] begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Bare Ethernet frames: the net header is written in front of each.
+    Bare,
+    /// Each frame already starts with its net header, `rx_header(1)` (frames switched
+    /// between ports are read out of the sender that way): one copy per frame, not two.
+    WithHeader,
+}
+
 /// Writes one frame into chains taken from `chains`.
 fn fill_frame(
     cursor: &mut GuestMemoryCursor<'_>,
     chains: &mut Chains<'_, '_>,
     frame: &[u8],
+    framing: Framing,
     mrg_rxbuf: bool,
     scratch: &mut RxScratch,
 ) -> Result<Fill, QueueError> {
-    let need = VNET_HDR_LEN + frame.len();
+    let header = rx_header(1);
+    // What goes to the guest is `prefix` then `body`.
+    let (prefix, body): (&[u8], &[u8]) = match framing {
+        Framing::Bare => (&header, frame),
+        Framing::WithHeader if frame.len() >= VNET_HDR_LEN => (&[], frame),
+        // Callers build these frames; a short one is a bug, not guest input.
+        Framing::WithHeader => return Ok(Fill::TooLarge),
+    };
+    let need = prefix.len() + body.len();
     let mut written = 0usize;
     scratch.taken.clear();
 
@@ -93,7 +112,7 @@ fn fill_frame(
         let oom = |source| QueueError::OutOfMemory { head, source };
         let mut in_chain = 0usize;
         if first {
-            in_chain += write_at(cursor, &scratch.segs, 0, &rx_header(1)).map_err(oom)?;
+            in_chain += write_at(cursor, &scratch.segs, 0, prefix).map_err(oom)?;
             // Where num_buffers goes if the frame spans several chains. Remembered cheaply:
             // a slice copy per frame showed up as 14 % of the rx profile.
             scratch.first.clear();
@@ -105,9 +124,9 @@ fn fill_frame(
                 }
             }
         }
-        // Frame bytes [written - hdr.., ...) go at this chain's offset `in_chain`.
-        let frame_from = written + in_chain - VNET_HDR_LEN;
-        in_chain += write_at(cursor, &scratch.segs, in_chain, &frame[frame_from..]).map_err(oom)?;
+        // Body bytes [written - prefix.., ...) go at this chain's offset `in_chain`.
+        let body_from = written + in_chain - prefix.len();
+        in_chain += write_at(cursor, &scratch.segs, in_chain, &body[body_from..]).map_err(oom)?;
         written += in_chain;
         scratch.taken.push((head, in_chain as u32));
         if written < need && scratch.taken.len() == usize::from(u16::MAX) {
@@ -141,7 +160,15 @@ pub fn deliver_frame(
     scratch: &mut RxScratch,
 ) -> Result<RxOutcome, QueueError> {
     let mut tally = RxTally::default();
-    let consumed = deliver_batch(mem, queue, [frame], mrg_rxbuf, scratch, &mut tally)?;
+    let consumed = deliver_batch(
+        mem,
+        queue,
+        [frame],
+        Framing::Bare,
+        mrg_rxbuf,
+        scratch,
+        &mut tally,
+    )?;
     Ok(match (consumed, tally.frames) {
         (0, _) => RxOutcome::NoBuffers,
         (_, 0) => RxOutcome::TooLarge,
@@ -161,10 +188,15 @@ pub fn deliver_batch<'f>(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     frames: impl IntoIterator<Item = &'f [u8]>,
+    framing: Framing,
     mrg_rxbuf: bool,
     scratch: &mut RxScratch,
     tally: &mut RxTally,
 ) -> Result<usize, QueueError> {
+    let header_len = match framing {
+        Framing::Bare => 0,
+        Framing::WithHeader => VNET_HDR_LEN as u64,
+    };
     let mut cursor = GuestMemoryCursor::new(mem);
     scratch.used.clear();
     let mut consumed = 0;
@@ -176,11 +208,11 @@ pub fn deliver_batch<'f>(
         let mut outcome = Ok(());
         let mut delivered_upto = chains.next_avail();
         for frame in frames {
-            match fill_frame(&mut cursor, &mut chains, frame, mrg_rxbuf, scratch) {
+            match fill_frame(&mut cursor, &mut chains, frame, framing, mrg_rxbuf, scratch) {
                 Ok(Fill::Delivered { chains: n }) => {
                     delivered_upto = chains.next_avail();
                     tally.frames += 1;
-                    tally.bytes += frame.len() as u64;
+                    tally.bytes += frame.len() as u64 - header_len;
                     tally.buffers += u64::from(n);
                 }
                 Ok(Fill::TooLarge) => tally.dropped_too_large += 1,
@@ -249,6 +281,7 @@ mod tests {
             &mem,
             &mut q,
             [f.as_slice()],
+            Framing::Bare,
             true,
             &mut RxScratch::default(),
             &mut tally,
@@ -286,6 +319,7 @@ mod tests {
             &mem,
             &mut q,
             [f.as_slice()],
+            Framing::Bare,
             false,
             &mut RxScratch::default(),
             &mut RxTally::default(),
@@ -313,6 +347,7 @@ mod tests {
             &mem,
             &mut q,
             [f.as_slice()],
+            Framing::Bare,
             true,
             &mut RxScratch::default(),
             &mut tally,
@@ -353,6 +388,7 @@ mod tests {
             &mem,
             &mut q,
             [big.as_slice(), small.as_slice()],
+            Framing::Bare,
             true,
             &mut RxScratch::default(),
             &mut RxTally::default(),
@@ -367,6 +403,7 @@ mod tests {
             &mem,
             &mut q,
             [big.as_slice()],
+            Framing::Bare,
             true,
             &mut RxScratch::default(),
             &mut RxTally::default(),
@@ -374,6 +411,60 @@ mod tests {
         .unwrap();
         assert_eq!(n, 1);
         assert_eq!(t.used(0).len(), 2);
+    }
+
+    #[test]
+    fn frames_with_their_header_land_like_bare_ones() {
+        // The same frames, bare into one queue and header-first into another (a buffer
+        // of 512 bytes, so the large one spans three chains), must leave the same bytes
+        // and used entries in both.
+        let small = frame(60, 3);
+        let large = frame(1400, 4);
+        let with_header = |f: &[u8]| {
+            let mut v = rx_header(1).to_vec();
+            v.extend_from_slice(f);
+            v
+        };
+        let (small_h, large_h) = (with_header(&small), with_header(&large));
+        let mut seen = Vec::new();
+        for (framing, frames) in [
+            (Framing::Bare, [small.as_slice(), large.as_slice()]),
+            (
+                Framing::WithHeader,
+                [small_h.as_slice(), large_h.as_slice()],
+            ),
+        ] {
+            let mem = memory();
+            let mut t = TestQueue::new(&mem);
+            for i in 0..5 {
+                t.post(&[Buf(BUF_BASE + i * 0x1000, 512, true)]);
+            }
+            let mut q = t.queue();
+            let mut tally = RxTally::default();
+            let n = deliver_batch(
+                &mem,
+                &mut q,
+                frames,
+                framing,
+                true,
+                &mut RxScratch::default(),
+                &mut tally,
+            )
+            .unwrap();
+            assert_eq!(n, 2);
+            assert_eq!((tally.frames, tally.bytes, tally.buffers), (2, 1460, 4));
+            let bytes: Vec<Vec<u8>> = (0..4).map(|i| t.read(BUF_BASE + i * 0x1000, 512)).collect();
+            seen.push((t.used(0), bytes));
+        }
+        assert_eq!(seen[0], seen[1]);
+        let (used, bytes) = &seen[1];
+        assert_eq!(
+            used.iter().map(|u| u.1).collect::<Vec<_>>(),
+            [72, 512, 512, 388]
+        );
+        assert_eq!(&bytes[0][12..72], small.as_slice());
+        assert_eq!(u16::from_le_bytes([bytes[1][10], bytes[1][11]]), 3);
+        assert_eq!(&bytes[1][12..], &large[..500]);
     }
 
     #[test]
@@ -389,6 +480,7 @@ mod tests {
             &mem,
             &mut q,
             [big.as_slice(), small.as_slice()],
+            Framing::Bare,
             false,
             &mut RxScratch::default(),
             &mut tally,
@@ -418,6 +510,7 @@ mod tests {
             &mem,
             &mut q,
             [f.as_slice()],
+            Framing::Bare,
             true,
             &mut RxScratch::default(),
             &mut RxTally::default(),
@@ -437,6 +530,7 @@ mod tests {
             &mem,
             &mut q,
             [f.as_slice()],
+            Framing::Bare,
             true,
             &mut RxScratch::default(),
             &mut RxTally::default(),
@@ -494,6 +588,7 @@ mod tests {
             &mem,
             &mut q,
             [f.as_slice()],
+            Framing::Bare,
             true,
             &mut RxScratch::default(),
             &mut RxTally::default(),

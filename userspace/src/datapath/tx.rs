@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::split_ring::{publish_used, Chains};
 use super::{read_at, GuestMemoryCursor, QueueError, Segment};
-use crate::device::{TxHeader, ETH_HLEN, VNET_HDR_LEN};
+use crate::device::{rx_header, TxHeader, ETH_HLEN, VNET_HDR_LEN};
 
 /// Where transmitted frames go: free NIC buffers, taken one at a time, or (for a sink that
 /// switches) straight to another port.
@@ -45,17 +45,27 @@ pub enum Route {
     Drop(TxDrop),
 }
 
-/// A frame routed [`Route::Direct`]: its tag and where its bytes lie in the arena.
+/// A frame routed [`Route::Direct`]: its tag and where it lies in the arena. The arena holds
+/// a receive-side net header (`rx_header(1)`) right before the frame, so the receiving port
+/// writes header and frame into its guest with one copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirectFrame {
     pub tag: u32,
+    /// Where the net header starts; the frame follows it.
     pub start: usize,
+    /// The frame's length, without the header.
     pub len: usize,
 }
 
 impl DirectFrame {
+    /// The frame alone.
     pub fn bytes<'a>(&self, arena: &'a [u8]) -> &'a [u8] {
-        &arena[self.start..self.start + self.len]
+        &arena[self.start + VNET_HDR_LEN..self.start + VNET_HDR_LEN + self.len]
+    }
+
+    /// The net header and the frame, as a receive queue takes them.
+    pub fn with_rx_header<'a>(&self, arena: &'a [u8]) -> &'a [u8] {
+        &arena[self.start..self.start + VNET_HDR_LEN + self.len]
     }
 }
 
@@ -175,17 +185,19 @@ pub fn transmit_batch(
                     Route::Drop(why) => Err(why),
                     Route::Direct(tag) => {
                         let at = arena_used;
-                        if scratch.arena.len() < at + len {
-                            scratch.arena.resize(at + len, 0);
+                        let end = at + VNET_HDR_LEN + len;
+                        if scratch.arena.len() < end {
+                            scratch.arena.resize(end, 0);
                         }
+                        scratch.arena[at..at + VNET_HDR_LEN].copy_from_slice(&rx_header(1));
                         read_at(
                             &mut cursor,
                             &scratch.segs,
                             VNET_HDR_LEN,
-                            &mut scratch.arena[at..at + len],
+                            &mut scratch.arena[at + VNET_HDR_LEN..end],
                         )
                         .map_err(oom)?;
-                        arena_used += len;
+                        arena_used = end;
                         scratch.direct.push(DirectFrame {
                             tag,
                             start: at,
