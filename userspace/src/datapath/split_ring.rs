@@ -155,9 +155,8 @@ pub(crate) fn publish_used(
             why: "used ring is outside guest memory",
         };
         let at = 4 + 8 * usize::from(next % size);
-        used.write_obj(u32::from(head).to_le(), at)
-            .map_err(unwritable)?;
-        used.write_obj(len.to_le(), at + 4).map_err(unwritable)?;
+        put_u32(&used, at, u32::from(head)).map_err(unwritable)?;
+        put_u32(&used, at + 4, len).map_err(unwritable)?;
         next = next.wrapping_add(1);
     }
     // Release: the entries are visible before the index that covers them.
@@ -221,14 +220,11 @@ impl<'m> SplitRing<'m> {
         if head >= self.size {
             return None;
         }
-        let desc = 16 * usize::from(head);
-        let flags = u16::from_le(self.desc.read_obj::<u16>(desc + 12).ok()?);
+        let (addr, _, flags, _) = read_descriptor(&self.desc, 16 * usize::from(head))?;
         if u32::from(flags) & VRING_DESC_F_INDIRECT != 0 {
             return None;
         }
-        Some(GuestAddress(u64::from_le(
-            self.desc.read_obj::<u64>(desc).ok()?,
-        )))
+        Some(GuestAddress(addr))
     }
 
     fn take(
@@ -319,6 +315,14 @@ impl<'m> SplitRing<'m> {
 /// straight into registers: copying the 16 bytes to the stack first and picking the fields
 /// out of the copy was the hottest spot of the switch path. A table without the spec's
 /// 16-byte alignment (an indirect table a driver placed oddly) is read bytewise instead.
+/// Stores a little-endian u32 in the used ring: one aligned store, or a bytewise write when
+/// the driver placed the ring off its 4-byte alignment.
+fn put_u32(used: &Slice<'_>, at: usize, v: u32) -> Result<(), vm_memory::VolatileMemoryError> {
+    used.store(v.to_le(), at, Ordering::Relaxed)
+        .or_else(|_| used.write_obj(v.to_le(), at))
+}
+
+/// Reads one descriptor as (addr, len, flags, next).
 fn read_descriptor(table: &Slice<'_>, at: usize) -> Option<(u64, u32, u16, u16)> {
     let (lo, hi) = match (
         table.load::<u64>(at, Ordering::Relaxed),

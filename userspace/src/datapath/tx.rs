@@ -174,11 +174,11 @@ pub fn transmit_batch(
             // up to the end of its Ethernet header, the rest once its route is known.
             let at = arena_used;
             let whole = total as usize <= WHOLE_READ;
-            let mut start = [0u8; VNET_HDR_LEN + ETH_HLEN];
+            const HEADERS: usize = VNET_HDR_LEN + ETH_HLEN;
             let got = if whole {
                 total as usize
             } else {
-                (total as usize).min(start.len())
+                (total as usize).min(HEADERS)
             };
             if scratch.arena.len() < at + got {
                 scratch.arena.resize(at + got, 0);
@@ -190,13 +190,14 @@ pub fn transmit_batch(
                 &mut scratch.arena[at..at + got],
             )
             .map_err(oom)?;
-            let head_got = got.min(start.len());
-            start[..head_got].copy_from_slice(&scratch.arena[at..at + head_got]);
+            // The headers are looked at where they were read.
+            let read = &scratch.arena[at..at + got];
             let len = (total as usize).saturating_sub(VNET_HDR_LEN);
             let verdict = if total < VNET_HDR_LEN as u64 {
                 Err(TxDrop::Runt)
-            } else if TxHeader::parse(&start.first_chunk().copied().unwrap_or_default())
-                .wants_offload()
+            } else if read
+                .first_chunk::<VNET_HDR_LEN>()
+                .is_some_and(|h| TxHeader::parse(h).wants_offload())
             {
                 Err(TxDrop::Offload)
             } else if len > max_frame {
@@ -204,7 +205,8 @@ pub fn transmit_batch(
             } else if len < ETH_HLEN {
                 Err(TxDrop::Runt)
             } else {
-                match buffers.route(&start[VNET_HDR_LEN..], len) {
+                // `got` covers both headers here: the chain holds at least HEADERS bytes.
+                match buffers.route(&read[VNET_HDR_LEN..HEADERS], len) {
                     Route::Drop(why) => Err(why),
                     Route::Direct(tag) => {
                         // The frame stays where it was read; its tx header makes way for
