@@ -155,8 +155,7 @@ pub(crate) fn publish_used(
             why: "used ring is outside guest memory",
         };
         let at = 4 + 8 * usize::from(next % size);
-        put_u32(&used, at, u32::from(head)).map_err(unwritable)?;
-        put_u32(&used, at + 4, len).map_err(unwritable)?;
+        put_used_elem(&used, at, head, len).map_err(unwritable)?;
         next = next.wrapping_add(1);
     }
     // Release: the entries are visible before the index that covers them.
@@ -311,18 +310,30 @@ impl<'m> SplitRing<'m> {
     }
 }
 
+/// Writes the used element (id, len) at byte `at` of the used ring as one 8-byte store.
+/// Elements sit at 4 mod 8 in a ring aligned as the spec asks, so no aligned 8-byte access
+/// fits them, and vm-memory's `write_obj` splits them into smaller stores; a batch's worth of
+/// those, each waiting for a line the driver's CPU holds, filled the store buffer.
+fn put_used_elem(
+    used: &Slice<'_>,
+    at: usize,
+    id: u16,
+    len: u32,
+) -> Result<(), vm_memory::VolatileMemoryError> {
+    let elem = (u64::from(len) << 32 | u64::from(id)).to_le_bytes();
+    let slice = used.subslice(at, elem.len())?;
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: `subslice` checked that these 8 bytes lie in the used ring's slice of mapped
+    // guest memory, which stays mapped while `guard` lives; `[u8; 8]` has no alignment to
+    // meet, and the volatile store never forms a reference to memory the driver shares.
+    unsafe { guard.as_ptr().cast::<[u8; 8]>().write_volatile(elem) };
+    Ok(())
+}
+
 /// The descriptor at byte `at` of `table` as (addr, len, flags, next). Two 8-byte loads
 /// straight into registers: copying the 16 bytes to the stack first and picking the fields
 /// out of the copy was the hottest spot of the switch path. A table without the spec's
 /// 16-byte alignment (an indirect table a driver placed oddly) is read bytewise instead.
-/// Stores a little-endian u32 in the used ring: one aligned store, or a bytewise write when
-/// the driver placed the ring off its 4-byte alignment.
-fn put_u32(used: &Slice<'_>, at: usize, v: u32) -> Result<(), vm_memory::VolatileMemoryError> {
-    used.store(v.to_le(), at, Ordering::Relaxed)
-        .or_else(|_| used.write_obj(v.to_le(), at))
-}
-
-/// Reads one descriptor as (addr, len, flags, next).
 fn read_descriptor(table: &Slice<'_>, at: usize) -> Option<(u64, u32, u16, u16)> {
     let (lo, hi) = match (
         table.load::<u64>(at, Ordering::Relaxed),
