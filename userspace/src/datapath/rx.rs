@@ -235,17 +235,7 @@ pub fn deliver_batch<'f>(
     outcome?;
     // One used-index update per batch; the caller decides the notification for everything
     // published since the last one (`switch::RxQueueShared::notify_guest`).
-    if publish_used(mem, queue, &scratch.used)? {
-        return Ok(consumed);
-    }
-    for &(head, len) in &scratch.used {
-        queue
-            .add_used(mem, head, len)
-            .map_err(|_| QueueError::Malformed {
-                head,
-                why: "used ring is outside guest memory",
-            })?;
-    }
+    publish_used(mem, queue, &scratch.used)?;
     Ok(consumed)
 }
 

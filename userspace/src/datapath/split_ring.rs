@@ -132,40 +132,42 @@ impl<'q, 'm> Chains<'q, 'm> {
 }
 
 /// Returns chains to the used ring, as (head, bytes written) pairs, through one slice and
-/// publishes the used index once, instead of once per chain as `add_used` does.
-/// Returns false, writing nothing, when the used ring does not lie in one region (the caller
-/// then uses `add_used`). The caller decides notifications itself (see
-/// `switch::notify_guest_since`): virtio-queue's own check only counts `add_used` entries.
+/// publishes the used index once, instead of once per chain as `add_used` does. A used ring
+/// that does not lie in one region goes through `add_used`, entry by entry. The caller
+/// decides notifications itself (see `switch::notify_guest_since`): virtio-queue's own check
+/// only counts `add_used` entries.
 pub(crate) fn publish_used(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     entries: &[(u16, u32)],
-) -> Result<bool, QueueError> {
+) -> Result<(), QueueError> {
+    let unwritable = |head| QueueError::Malformed {
+        head,
+        why: "used ring is outside guest memory",
+    };
     let size = queue.size();
-    if entries.is_empty() {
-        return Ok(true);
-    }
+    let Some(&(first, _)) = entries.first() else {
+        return Ok(());
+    };
     let Some(used) = slice(mem, queue.used_ring(), 4 + 8 * usize::from(size)) else {
-        return Ok(false);
+        for &(head, len) in entries {
+            queue
+                .add_used(mem, head, len)
+                .map_err(|_| unwritable(head))?;
+        }
+        return Ok(());
     };
     let mut next = queue.next_used();
     for &(head, len) in entries {
-        let unwritable = |_| QueueError::Malformed {
-            head,
-            why: "used ring is outside guest memory",
-        };
         let at = 4 + 8 * usize::from(next % size);
-        put_used_elem(&used, at, head, len).map_err(unwritable)?;
+        put_used_elem(&used, at, head, len).map_err(|_| unwritable(head))?;
         next = next.wrapping_add(1);
     }
     // Release: the entries are visible before the index that covers them.
     used.store(next.to_le(), 2, Ordering::Release)
-        .map_err(|_| QueueError::Malformed {
-            head: entries[0].0,
-            why: "used ring is outside guest memory",
-        })?;
+        .map_err(|_| unwritable(first))?;
     queue.set_next_used(next);
-    Ok(true)
+    Ok(())
 }
 
 /// The descriptor table and avail ring of a split queue, as slices of guest memory.
@@ -401,6 +403,32 @@ mod tests {
                 c.take(false, &mut segs),
                 Err(QueueError::Malformed { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn used_entries_land_alike_whether_or_not_the_used_ring_is_in_one_region() {
+        // Where the mock puts the used ring; the second memory splits it inside entry 3.
+        let used = TestQueue::new(&memory()).mock.used_addr().0;
+        let cut = used + 4 + 8 * 3 + 4;
+        let split = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), cut as usize),
+            (GuestAddress(cut), MEM_SIZE - cut as usize),
+        ])
+        .unwrap();
+        for mem in [memory(), split] {
+            let mut t = TestQueue::new(&mem);
+            let heads: Vec<u16> = (0..6)
+                .map(|i| t.post(&[Buf(BUF_BASE + 0x1000 * i, 64, true)]))
+                .collect();
+            let mut q = t.queue();
+            let entries: Vec<(u16, u32)> = heads.iter().map(|&h| (h, 60 + u32::from(h))).collect();
+            publish_used(&mem, &mut q, &entries[..4]).unwrap();
+            publish_used(&mem, &mut q, &entries[4..]).unwrap();
+            publish_used(&mem, &mut q, &[]).unwrap();
+            assert_eq!(q.next_used(), 6);
+            let want: Vec<(u32, u32)> = entries.iter().map(|&(h, l)| (u32::from(h), l)).collect();
+            assert_eq!(t.used(0), want);
         }
     }
 

@@ -273,17 +273,7 @@ pub fn transmit_batch(
     if !scratch.direct.is_empty() {
         buffers.deliver_direct(&scratch.direct, &scratch.arena[..arena_used]);
     }
-    if publish_used(mem, queue, &scratch.used)? {
-        return Ok(stop);
-    }
-    for &(head, len) in &scratch.used {
-        queue
-            .add_used(mem, head, len)
-            .map_err(|_| QueueError::Malformed {
-                head,
-                why: "used ring is outside guest memory",
-            })?;
-    }
+    publish_used(mem, queue, &scratch.used)?;
     Ok(stop)
 }
 
