@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::device::MAX_QUEUE_PAIRS;
+use crate::datapath::device::MAX_QUEUE_PAIRS;
 use crate::mac::{MacAddr, MacError};
-use crate::port::PortSpec;
-use crate::steering::XdpModeChoice;
-use crate::xsk::XskModeChoice;
+use crate::nic::steering::XdpModeChoice;
+use crate::nic::xsk::XskModeChoice;
+use crate::vhost::port::PortSpec;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {

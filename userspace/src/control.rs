@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::config::PortFields;
 use crate::daemon::{Daemon, PortInfo, StatsSnapshot};
-use crate::port;
+use crate::vhost::port;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;

@@ -13,13 +13,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use xvdpa_common::{XdpCounter, MAX_PORTS};
 
-use crate::device::{MAX_MTU, SPEED_UNKNOWN};
+use crate::datapath::device::{MAX_MTU, SPEED_UNKNOWN};
 use crate::mac::MacAddr;
-use crate::port::{self, Nic, Port, PortError, PortSpec};
+use crate::nic::steering::{Steering, SteeringError, XdpModeChoice};
+use crate::nic::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskModeChoice};
+use crate::nic::Nic;
 use crate::stats::QueueStats;
-use crate::steering::{Steering, SteeringError, XdpModeChoice};
 use crate::switch::SwitchTable;
-use crate::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskModeChoice};
+use crate::vhost::port::{self, Port, PortError, PortSpec};
 
 /// Everything the daemon is started with.
 #[derive(Debug, Clone)]
@@ -196,6 +197,8 @@ struct PortSlot {
 /// removes ports while the others keep serving.
 pub struct Daemon {
     nic: Arc<Nic>,
+    /// The switch between the ports (frames from one guest to another never reach the NIC).
+    switch: Arc<SwitchTable>,
     ports: Mutex<BTreeMap<u32, PortSlot>>,
     started: Instant,
 }
@@ -290,19 +293,19 @@ impl Daemon {
             steering.reset_port_counter(index)?;
             steering.add_port(port.spec.mac, port.spec.vlan, index)?;
         }
-        self.nic.switch.insert(port.switch_port.clone());
-        let (nic, p) = (self.nic.clone(), port.clone());
+        self.switch.insert(port.switch_port.clone());
+        let (nic, switch, p) = (self.nic.clone(), self.switch.clone(), port.clone());
         let thread = std::thread::Builder::new()
             .name(format!("xvdpa-port{index}"))
             .spawn(move || {
-                if let Err(e) = port::serve(&nic, &p) {
+                if let Err(e) = port::serve(&nic, &switch, &p) {
                     tracing::error!(port = p.index, socket = %p.spec.socket.display(), error = %e, "port failed; the other ports keep running");
                 }
             });
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
-                self.nic.switch.remove(port.spec.mac);
+                self.switch.remove(port.spec.mac);
                 let _ = self.steering().remove_port(port.spec.mac, port.spec.vlan);
                 return Err(DaemonError::Runtime(e));
             }
@@ -339,7 +342,7 @@ impl Daemon {
         if let Err(e) = self.steering().remove_port(port.spec.mac, port.spec.vlan) {
             tracing::warn!(port = port.index, error = %e, "cannot remove the port's MAC from the steering map");
         }
-        self.nic.switch.remove(port.spec.mac);
+        self.switch.remove(port.spec.mac);
         port.stop();
         if let Some(t) = slot.thread.take() {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -483,10 +486,10 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         mtu: config.mtu,
         busy_poll: config.busy_poll,
         steering: Mutex::new(steering),
-        switch: Arc::new(SwitchTable::default()),
     });
     let daemon = Arc::new(Daemon {
         nic,
+        switch: Arc::new(SwitchTable::default()),
         ports: Mutex::new(BTreeMap::new()),
         started: Instant::now(),
     });

@@ -1,29 +1,31 @@
 //! xvdpa: a software vDPA datapath.
 //!
 //! A vhost-user-net backend whose guest queues are fed by AF_XDP sockets, with an XDP program
-//! on the NIC steering each VM's frames to them by destination MAC.
+//! on the NIC steering each VM's frames to them by destination MAC. `docs/architecture.md`
+//! is the map; the modules, from the process edge down to the per-packet path (each imports
+//! only what is below it):
 //!
-//! - [`device`]: the virtio-net device model (features, config space, net header);
-//! - [`datapath`]: the per-packet copy functions over guest memory and virtqueues;
-//! - [`xsk`], [`packet_tap`], [`steering`]: the NIC side (AF_XDP, multicast copies, XDP);
-//! - [`switch`]: what a guest may send, and frames between two ports of the daemon;
-//! - [`worker`], [`backend`], [`port`]: vhost-user serving;
 //! - [`daemon`], [`config`], [`control`], [`metrics`]: the process around it all, its
-//!   configuration, its control socket and its Prometheus endpoint.
+//!   configuration, its control socket and its Prometheus endpoint;
+//! - [`vhost`]: one VM port: its vhost-user socket, the backend, the protocol shim;
+//! - [`worker`]: one queue pair's event loop, moving frames both ways;
+//! - [`switch`]: what a guest may send, and frames between two ports of the daemon;
+//! - [`nic`]: the NIC side: AF_XDP sockets and UMEM, XDP steering, the multicast tap;
+//! - [`vring`]: a guest virtqueue as several threads share it (delivery, notification);
+//! - [`datapath`]: the device model and the per-packet copy functions over guest memory and
+//!   virtqueues, with no kernel, thread or socket in sight;
+//! - [`mac`], [`stats`], [`sync`]: small vocabulary every layer uses.
 
-pub mod backend;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
-pub mod device;
 pub mod mac;
 pub mod metrics;
-pub mod packet_tap;
-pub mod port;
-pub mod protocol_shim;
+pub mod nic;
 pub mod stats;
-pub mod steering;
 pub mod switch;
+pub mod sync;
+pub mod vhost;
+pub mod vring;
 pub mod worker;
-pub mod xsk;

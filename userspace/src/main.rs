@@ -12,9 +12,9 @@ use xvdpa::config::{self, ConfigFile, PortFields, RateValue};
 use xvdpa::control::{self, Request};
 use xvdpa::daemon::{self, DaemonConfig, StatsSnapshot};
 use xvdpa::mac::MacAddr;
-use xvdpa::port::PortSpec;
-use xvdpa::steering::XdpModeChoice;
-use xvdpa::xsk::XskModeChoice;
+use xvdpa::nic::steering::XdpModeChoice;
+use xvdpa::nic::xsk::XskModeChoice;
+use xvdpa::vhost::port::PortSpec;
 
 /// Software vDPA: a vhost-user-net backend whose datapath is XDP steering and AF_XDP sockets.
 ///

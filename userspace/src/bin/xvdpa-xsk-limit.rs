@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use xvdpa::datapath::tx::TxBuffers;
 use xvdpa::mac::MacAddr;
-use xvdpa::steering::{Steering, XdpModeChoice};
-use xvdpa::xsk::{NicQueue, XskGeometry, XskModeChoice, XskSocket};
+use xvdpa::nic::steering::{Steering, XdpModeChoice};
+use xvdpa::nic::xsk::{NicQueue, XskGeometry, XskModeChoice, XskSocket};
 
 #[derive(Parser)]
 struct Cli {

@@ -1,11 +1,20 @@
 //! The per-packet path: plain functions over guest memory and virtqueue state.
 //!
-//! Nothing here knows about sockets, threads or vhost-user. The worker hands in a batch of
-//! frames (rx) or a place to put them (tx), these functions walk the guest's descriptor
-//! chains, copy, and fill the used ring; the worker then sends one notification per batch.
-//! That keeps every guest-controlled byte's handling unit-testable with virtio-queue's mocks.
+//! Nothing here knows about sockets, threads or vhost-user: it depends on vm-memory,
+//! virtio-queue and virtio-bindings alone. The worker hands in a batch of frames (rx) or a
+//! place to put them (tx), these functions walk the guest's descriptor chains, copy, and fill
+//! the used ring; [`notify`] decides whether the driver wants to hear of it, and the caller
+//! signals once per batch. That keeps every guest-controlled byte's handling unit-testable
+//! with virtio-queue's mocks.
+//!
+//! - [`device`]: the virtio-net device model (features, config space, net header);
+//! - `split_ring`: the avail ring and descriptor walk, used-ring publication;
+//! - [`rx`], [`tx`]: frames into and out of the guest;
+//! - [`guest_memory`]: translated, bounds-checked access to guest RAM.
 
+pub mod device;
 pub mod guest_memory;
+pub mod notify;
 pub mod rx;
 mod split_ring;
 pub mod tx;

@@ -201,7 +201,7 @@ impl Shim {
             .spawn(move || {
                 let result = (|| -> io::Result<()> {
                     while let Some(m) = recv_message(&b_in)? {
-                        send_message(&to_frontend.lock().unwrap_or_else(|p| p.into_inner()), &m)?;
+                        send_message(&crate::sync::lock(&to_frontend), &m)?;
                     }
                     Ok(())
                 })();
@@ -249,7 +249,7 @@ fn forward_requests(
                     payload: 0u64.to_le_bytes().to_vec(),
                     fds: Vec::new(),
                 };
-                send_message(&reply.lock().unwrap_or_else(|p| p.into_inner()), &ack)?;
+                send_message(&crate::sync::lock(reply), &ack)?;
             }
             let index = u32::from_le_bytes(m.payload[0..4].try_into().expect("4 bytes"));
             held.insert(

@@ -384,7 +384,7 @@ impl NicQueue {
     fn lock(&self) -> MutexGuard<'_, SharedRings> {
         // The guarded state is ring indices and frame lists; a panic elsewhere leaves them
         // consistent (every mutation is a push/pop pair), so a poisoned lock is still usable.
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.shared)
     }
 }
 

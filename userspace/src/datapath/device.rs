@@ -2,9 +2,9 @@
 //!
 //! Follows Linux vhost-vdpa's virtio-net: only features that work end to end are offered, the
 //! config space has the standard layout (mac, status, max_virtqueue_pairs, mtu, speed, duplex),
-//! and it is served for frontends that read it through VHOST_USER_GET_CONFIG.
+//! and it is served for frontends that read it through VHOST_USER_GET_CONFIG. What the
+//! transport (vhost-user) adds on top lives in `vhost::backend`.
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
@@ -57,18 +57,6 @@ pub fn device_features(queue_pairs: u16) -> u64 {
         | (1u64 << VIRTIO_NET_F_MTU)
         | (1u64 << VIRTIO_NET_F_MRG_RXBUF)
         | (1u64 << VIRTIO_NET_F_SPEED_DUPLEX)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-}
-
-/// The vhost-user protocol features xvdpa speaks.
-///
-/// Not CONFIGURE_MEM_SLOTS: with it, QEMU 7.2 sends ADD_MEM_REG from the vhost device of
-/// every queue pair, so a multiqueue guest adds each region twice and the backend refuses the
-/// overlap; SET_MEM_TABLE is sent once per connection.
-pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG
 }
 
 /// Features the driver acknowledged, decoded once so the datapath reads plain booleans.

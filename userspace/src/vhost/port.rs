@@ -15,16 +15,17 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::NetBackend;
-use crate::device::{NetConfig, DUPLEX_FULL, ETH_HLEN};
+use crate::datapath::device::{NetConfig, DUPLEX_FULL, ETH_HLEN};
 use crate::mac::MacAddr;
-use crate::packet_tap::PacketTap;
-use crate::protocol_shim::Shim;
+use crate::nic::packet_tap::PacketTap;
+use crate::nic::steering::SteeringError;
+use crate::nic::xsk::{XskError, XskSocket};
+use crate::nic::Nic;
 use crate::stats::QueueStats;
-use crate::steering::{Steering, SteeringError};
 use crate::switch::{RateLimit, SwitchPort, SwitchTable, TxPolicy};
+use crate::vhost::backend::NetBackend;
+use crate::vhost::protocol_shim::Shim;
 use crate::worker::{QueuePairWorker, WorkerConfig};
-use crate::xsk::{NicQueue, XskError, XskSocket};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
@@ -86,20 +87,6 @@ impl Default for PortSpec {
     }
 }
 
-/// The NIC side every port of the daemon shares.
-pub struct Nic {
-    pub iface: String,
-    pub ifindex: u32,
-    /// One UMEM and binding per NIC receive queue, shared by every port's socket on it.
-    pub queues: Vec<Arc<NicQueue>>,
-    /// Mbit/s for the config space.
-    pub speed: u32,
-    pub mtu: u16,
-    pub busy_poll: bool,
-    pub steering: Mutex<Steering>,
-    pub switch: Arc<SwitchTable>,
-}
-
 /// Where a port is in its life, for `xvdpa ctl list`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortState {
@@ -150,23 +137,18 @@ impl Port {
     }
 
     pub fn state(&self) -> PortState {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.state).clone()
     }
 
     fn set_state(&self, state: PortState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        *crate::sync::lock(&self.state) = state;
     }
 
     /// Disconnects the frontend, if any, and makes `serve` return after it.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
         self.set_state(PortState::Stopping);
-        if let Some(h) = self
-            .shutdown
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(h) = crate::sync::lock(&self.shutdown).take() {
             h.shutdown();
         }
         // A port waiting in accept() wakes up on a connection; `serve` then sees `stopping`.
@@ -222,15 +204,15 @@ fn vhost_err(path: &Path) -> impl Fn(String) -> PortError + '_ {
 
 /// Serves frontends on the port's socket until [`Port::stop`]. An error ends this port only;
 /// it is recorded in the port's state for `xvdpa ctl list`.
-pub fn serve(nic: &Nic, port: &Port) -> Result<(), PortError> {
-    let result = serve_connections(nic, port);
+pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
+    let result = serve_connections(nic, switch, port);
     if let Err(e) = &result {
         port.set_state(PortState::Failed(e.to_string()));
     }
     result
 }
 
-fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
+fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
     let path = &port.spec.socket;
     let public = UnixListener::bind(path).map_err(|source| PortError::SocketPath {
         path: path.clone(),
@@ -238,7 +220,7 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
     })?;
     tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
     while !port.stopping.load(Ordering::Acquire) {
-        let workers = build_workers(nic, port)?;
+        let workers = build_workers(nic, switch, port)?;
         let config = NetConfig {
             mac: port.spec.mac,
             link_up: true,
@@ -275,7 +257,7 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
         let shim = connect_library(path, port.index, &mut daemon)
             .and_then(|library_side| Shim::start(frontend, library_side).map_err(PortError::Worker))
             .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
-        *port.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        *crate::sync::lock(&port.shutdown) = daemon.shutdown_handle();
         if !port.stopping.load(Ordering::Acquire) {
             port.set_state(PortState::Connected);
         }
@@ -300,10 +282,7 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
         if !port.stopping.load(Ordering::Acquire) {
             port.set_state(PortState::Waiting);
         }
-        port.shutdown
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        crate::sync::lock(&port.shutdown).take();
         port.switch_port.unpublish();
         unbind_sockets(nic, port, &backend);
         for handler in &handlers {
@@ -327,7 +306,11 @@ fn serve_connections(nic: &Nic, port: &Port) -> Result<(), PortError> {
 /// every NIC queue's frames for this port have exactly one reader, and transmits through a
 /// socket of its own on NIC queue `i % queues`, which is never in the steering map (nor in
 /// the worker's epoll set). Group-addressed copies from the tap go to pair 0.
-fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortError> {
+fn build_workers(
+    nic: &Nic,
+    switch: &Arc<SwitchTable>,
+    port: &Port,
+) -> Result<Vec<QueuePairWorker>, PortError> {
     let pairs = usize::from(port.spec.queue_pairs.max(1));
     let mut tap = Some(
         PacketTap::open(nic.ifindex, port.spec.vlan, port.spec.promisc).map_err(|source| {
@@ -351,7 +334,7 @@ fn build_workers(nic: &Nic, port: &Port) -> Result<Vec<QueuePairWorker>, PortErr
             max_frame: (usize::from(nic.mtu) + ETH_HLEN).min(max_tx),
             busy_poll: nic.busy_poll,
             policy: port.policy(),
-            switch: nic.switch.clone(),
+            switch: switch.clone(),
             own: port.switch_port.clone(),
             cpu: (!port.spec.cpus.is_empty()).then(|| port.spec.cpus[pair % port.spec.cpus.len()]),
         };
@@ -393,7 +376,7 @@ fn connect_library(
 }
 
 fn bind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) -> Result<(), SteeringError> {
-    let mut steering = nic.steering.lock().unwrap_or_else(|p| p.into_inner());
+    let mut steering = crate::sync::lock(&nic.steering);
     for i in 0..backend.queue_pairs() {
         for s in backend.worker(i).sockets() {
             steering.bind_socket(port.index, s.queue_id(), s.fd())?;
@@ -403,7 +386,7 @@ fn bind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) -> Result<(), Stee
 }
 
 fn unbind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) {
-    let mut steering = nic.steering.lock().unwrap_or_else(|p| p.into_inner());
+    let mut steering = crate::sync::lock(&nic.steering);
     for i in 0..backend.queue_pairs() {
         for s in backend.worker(i).sockets() {
             if let Err(e) = steering.unbind_socket(port.index, s.queue_id()) {

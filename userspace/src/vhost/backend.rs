@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -13,12 +13,24 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::device::{device_features, protocol_features, NegotiatedFeatures, NetConfig};
-use crate::switch::{RxTarget, SwitchPort};
-use crate::worker::{EventIds, QueuePairWorker, Vring};
+use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig};
+use crate::switch::SwitchPort;
+use crate::vring::{RxQueue, Vring};
+use crate::worker::{EventIds, QueuePairWorker};
 
 /// Descriptors per virtqueue the device accepts at most (QEMU's default is 256).
 pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// The vhost-user protocol features xvdpa speaks.
+///
+/// Not CONFIGURE_MEM_SLOTS: with it, QEMU 7.2 sends ADD_MEM_REG from the vhost device of
+/// every queue pair, so a multiqueue guest adds each region twice and the backend refuses the
+/// overlap; SET_MEM_TABLE is sent once per connection.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+}
 
 struct Inner {
     config: NetConfig,
@@ -61,7 +73,7 @@ impl NetBackend {
             return;
         }
         let worker = self.worker(0);
-        self.0.switch_port.publish(RxTarget {
+        self.0.switch_port.publish(RxQueue {
             vring: vrings[0].clone(),
             mem: self.0.mem.clone(),
             acked: self.0.acked.clone(),
@@ -77,7 +89,7 @@ impl NetBackend {
     /// The worker of queue pair `i`. A worker that panicked is still handed out: its state
     /// is plain data and the next reset puts it right.
     pub fn worker(&self, i: usize) -> MutexGuard<'_, QueuePairWorker> {
-        self.0.workers[i].lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.0.workers[i])
     }
 
     pub fn queue_pairs(&self) -> usize {
@@ -103,6 +115,7 @@ impl VhostUserBackend for NetBackend {
 
     fn features(&self) -> u64 {
         device_features(self.0.config.max_virtqueue_pairs)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn acked_features(&self, features: u64) {

@@ -1,0 +1,281 @@
+//! Unit tests of `datapath::tx` over virtio-queue's mock queues.
+use super::*;
+use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+/// NIC buffers as plain vectors.
+struct VecBuffers {
+    free: usize,
+    current: Vec<u8>,
+    sent: Vec<Vec<u8>>,
+}
+
+impl VecBuffers {
+    fn new(free: usize) -> Self {
+        VecBuffers {
+            free,
+            current: vec![0; 2048],
+            sent: Vec::new(),
+        }
+    }
+}
+
+impl TxBuffers for VecBuffers {
+    fn next_buffer(&mut self) -> Option<&mut [u8]> {
+        if self.free == 0 {
+            return None;
+        }
+        Some(&mut self.current)
+    }
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        self.free -= 1;
+        self.sent.push(self.current[..len].to_vec());
+        Ok(())
+    }
+}
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
+}
+
+fn run(
+    t: &TestQueue<'_>,
+    q: &mut Queue,
+    bufs: &mut VecBuffers,
+    budget: usize,
+) -> (Result<TxStop, QueueError>, TxTally) {
+    let mut tally = TxTally::default();
+    let r = transmit_batch(
+        t.mem,
+        q,
+        bufs,
+        1518,
+        budget,
+        &mut TxScratch::default(),
+        &mut tally,
+    );
+    (r, tally)
+}
+
+#[test]
+fn header_and_frame_in_one_buffer() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let f = frame(60, 1);
+    t.write(BUF_BASE, &[0u8; 12]);
+    t.write(BUF_BASE + 12, &f);
+    let head = t.post(&[Buf(BUF_BASE, 72, false)]);
+    let mut q = t.queue();
+    let mut bufs = VecBuffers::new(8);
+    let (r, tally) = run(&t, &mut q, &mut bufs, 64);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!(bufs.sent, vec![f]);
+    assert_eq!(t.used(0), vec![(u32::from(head), 0)]);
+    assert_eq!(tally.frames, 1);
+    assert_eq!(tally.bytes, 60);
+}
+
+#[test]
+fn gathers_across_descriptors_and_indirect_tables() {
+    // 200 bytes are read whole before routing, 1514 in two steps: both gather alike.
+    for size in [200usize, 1514] {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        let f = frame(size, 2);
+        let rest = size as u32 - 100;
+        // Header split 4 + 8, frame split 100 + rest.
+        t.write(BUF_BASE + 0x1000, &f[..100]);
+        t.write(BUF_BASE + 0x2000, &f[100..]);
+        t.post(&[
+            Buf(BUF_BASE, 4, false),
+            Buf(BUF_BASE + 0x100, 8, false),
+            Buf(BUF_BASE + 0x1000, 100, false),
+            Buf(BUF_BASE + 0x2000, rest, false),
+        ]);
+        t.post_indirect(
+            0x9000,
+            &[
+                Buf(BUF_BASE, 12, false),
+                Buf(BUF_BASE + 0x1000, 100, false),
+                Buf(BUF_BASE + 0x2000, rest, false),
+            ],
+        );
+        let mut q = t.queue();
+        let mut bufs = VecBuffers::new(8);
+        let (r, tally) = run(&t, &mut q, &mut bufs, 64);
+        assert_eq!(r, Ok(TxStop::RingEmpty));
+        assert_eq!(bufs.sent, vec![f.clone(), f], "{size}-byte frame");
+        assert_eq!(tally.frames, 2);
+    }
+}
+
+#[test]
+fn stops_without_losing_a_chain_when_nic_buffers_run_out() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    for i in 0..3 {
+        t.post(&[Buf(BUF_BASE + i * 0x1000, 80, false)]);
+    }
+    let mut q = t.queue();
+    let mut bufs = VecBuffers::new(2);
+    let (r, _) = run(&t, &mut q, &mut bufs, 64);
+    assert_eq!(r, Ok(TxStop::NoBuffers));
+    assert_eq!(t.used(0).len(), 2);
+    assert_eq!(
+        q.next_avail(),
+        2,
+        "the third chain is still the guest's to send"
+    );
+    bufs.free = 1;
+    let (r, _) = run(&t, &mut q, &mut bufs, 64);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!(bufs.sent.len(), 3);
+}
+
+#[test]
+fn budget_bounds_a_batch() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    for i in 0..5 {
+        t.post(&[Buf(BUF_BASE + i * 0x1000, 80, false)]);
+    }
+    let mut q = t.queue();
+    let (r, tally) = run(&t, &mut q, &mut VecBuffers::new(64), 3);
+    assert_eq!(r, Ok(TxStop::Budget));
+    assert_eq!(tally.frames, 3);
+}
+
+#[test]
+fn bad_frames_are_dropped_counted_and_returned() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    t.post(&[Buf(BUF_BASE, 12 + 1519, false)]); // one byte over the MTU frame
+    t.post(&[Buf(BUF_BASE, 12 + 10, false)]); // runt frame
+    t.post(&[Buf(BUF_BASE, 8, false)]); // shorter than the header
+    t.post(&[Buf(BUF_BASE, 0, false)]); // zero-length
+    t.write(BUF_BASE + 0x3000, &[1u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    t.post(&[Buf(BUF_BASE + 0x3000, 12 + 60, false)]); // NEEDS_CSUM without the feature
+    let mut q = t.queue();
+    let mut bufs = VecBuffers::new(8);
+    let (r, tally) = run(&t, &mut q, &mut bufs, 64);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert!(bufs.sent.is_empty());
+    assert_eq!(
+        (
+            tally.dropped_oversized,
+            tally.dropped_runt,
+            tally.dropped_offload
+        ),
+        (1, 3, 1)
+    );
+    assert_eq!(t.used(0).len(), 5, "every chain goes back to the guest");
+}
+
+/// A sink that routes by the destination's first byte: 0xd0 + n goes direct with tag n,
+/// 0xdd is dropped as spoofed, anything else is copied.
+struct RoutingBuffers {
+    nic: VecBuffers,
+    routed: usize,
+    direct: Vec<(u32, Vec<u8>)>,
+}
+
+impl TxBuffers for RoutingBuffers {
+    fn next_buffer(&mut self) -> Option<&mut [u8]> {
+        self.nic.next_buffer()
+    }
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        self.nic.submit(len)
+    }
+    fn route(&mut self, eth: &[u8], len: usize) -> Route {
+        self.routed += 1;
+        assert_eq!(eth.len(), ETH_HLEN);
+        assert!(len >= ETH_HLEN);
+        match eth[0] {
+            0xdd => Route::Drop(TxDrop::Spoofed),
+            b @ 0xd0..=0xd3 => Route::Direct(u32::from(b - 0xd0)),
+            _ => Route::Copy,
+        }
+    }
+    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &[u8]) {
+        self.direct
+            .extend(frames.iter().map(|f| (f.tag, f.bytes(arena).to_vec())));
+    }
+}
+
+#[test]
+fn direct_frames_skip_nic_buffers_and_keep_their_order() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let mut sent = Vec::new();
+    for (i, (dst, len)) in [
+        (0xd1u8, 60usize),
+        (0x02, 70),
+        (0xd0, 1514),
+        (0xdd, 60),
+        (0xd1, 61),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = frame(len, i as u8);
+        f[0] = dst;
+        let at = BUF_BASE + 0x1000 * i as u64;
+        t.write(at, &[0u8; 12]);
+        t.write(at + 12, &f);
+        t.post(&[Buf(at, 12 + len as u32, false)]);
+        sent.push(f);
+    }
+    let mut q = t.queue();
+    // One NIC buffer: enough for the one copied frame; direct frames need none.
+    let mut bufs = RoutingBuffers {
+        nic: VecBuffers::new(1),
+        routed: 0,
+        direct: Vec::new(),
+    };
+    let mut tally = TxTally::default();
+    let r = transmit_batch(
+        &mem,
+        &mut q,
+        &mut bufs,
+        1518,
+        64,
+        &mut TxScratch::default(),
+        &mut tally,
+    );
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!(bufs.routed, 5, "each frame is routed once");
+    assert_eq!(bufs.nic.sent, vec![sent[1].clone()]);
+    assert_eq!(
+        bufs.direct,
+        vec![
+            (1, sent[0].clone()),
+            (0, sent[2].clone()),
+            (1, sent[4].clone())
+        ]
+    );
+    assert_eq!((tally.frames, tally.dropped_spoofed), (4, 1));
+    assert_eq!(t.used(0).len(), 5);
+}
+
+#[test]
+fn malformed_chains_are_refused() {
+    let w = VRING_DESC_F_WRITE as u16;
+    let n = VRING_DESC_F_NEXT as u16;
+    for (descs, what) in [
+        (vec![(BUF_BASE, 80, w, 0)], "write-only buffer"),
+        (vec![(BUF_BASE, 12, n, 1), (BUF_BASE, 80, n, 0)], "loop"),
+        (
+            vec![(MEM_SIZE as u64 - 20, 80, 0, 0)],
+            "outside guest memory",
+        ),
+    ] {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        t.post_raw(&descs);
+        let mut q = t.queue();
+        let (r, _) = run(&t, &mut q, &mut VecBuffers::new(8), 64);
+        assert!(r.is_err(), "{what}: {r:?}");
+    }
+}

@@ -1,0 +1,26 @@
+//! The NIC side of the datapath, shared by every port of the daemon: one UMEM and AF_XDP
+//! binding per NIC receive queue ([`xsk`]), the XDP program that steers each frame to its
+//! port's sockets by destination MAC ([`steering`]), and the AF_PACKET copy of broadcast and
+//! multicast frames for the guests ([`packet_tap`]).
+
+pub mod packet_tap;
+pub mod steering;
+pub mod xsk;
+
+use std::sync::{Arc, Mutex};
+
+use steering::Steering;
+use xsk::NicQueue;
+
+/// The NIC every port of the daemon serves its guest on.
+pub struct Nic {
+    pub iface: String,
+    pub ifindex: u32,
+    /// One UMEM and binding per NIC receive queue, shared by every port's socket on it.
+    pub queues: Vec<Arc<NicQueue>>,
+    /// Mbit/s for the config space.
+    pub speed: u32,
+    pub mtu: u16,
+    pub busy_poll: bool,
+    pub steering: Mutex<Steering>,
+}

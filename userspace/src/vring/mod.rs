@@ -1,0 +1,24 @@
+//! A guest's virtqueues as the daemon's threads share them.
+//!
+//! rust-vmm's library hands each queue pair's worker its vrings behind one lock per vring.
+//! A receive queue is written by more than its own worker: other ports' workers switch
+//! frames into it. [`RxQueue`] is the one way in for all of them: it takes the vring lock,
+//! tells whether the queue runs, delivers a batch through the datapath, stops the queue when
+//! the guest broke the ring's rules, counts, and notifies the guest for everything published
+//! since the last decision, whoever published it. [`notify_guest_since`] does the same
+//! signalling for a transmit queue.
+
+mod notify;
+mod rx_queue;
+
+use vhost_user_backend::VringRwLock;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use notify::notify_guest_since;
+pub use rx_queue::{RxQueue, RxQueueLock, RxQueueShared};
+
+/// One virtqueue as rust-vmm's vhost-user library shares it with the backend.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+/// The vring's state, locked.
+pub type VringState = vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>;

@@ -1,0 +1,298 @@
+//! One queue pair's worker: moves frames between its AF_XDP sockets (one per NIC queue), the
+//! multicast tap and the guest's rx/tx virtqueues.
+//!
+//! It runs on the vhost-user library's epoll thread for that queue pair and is woken by guest
+//! kicks, socket readiness, its own re-arm eventfd (more work than one batch) and a slow
+//! housekeeping timer. Nothing a guest does can make it return an error to the library, which
+//! would end the thread: a guest that breaks the ring's rules gets its queue stopped and
+//! counted until the device is reset.
+//!
+//! `mod.rs` dispatches events; `rx` and `tx` hold the two directions, `sys`
+//! the timer and CPU pinning.
+
+mod rx;
+mod sys;
+mod tx;
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::datapath::device::NegotiatedFeatures;
+use crate::datapath::rx::RxScratch;
+use crate::datapath::tx::TxScratch;
+use crate::datapath::QueueError;
+use crate::nic::packet_tap::PacketTap;
+use crate::nic::xsk::XskSocket;
+use crate::stats::QueueStats;
+use crate::switch::{LocalFrame, SwitchPort, SwitchScratch, SwitchTable, TxPolicy};
+use crate::vring::{RxQueueShared, Vring};
+use sys::{pin_current_thread, Timer};
+
+/// Frames moved per batch: one notification and one ring update per batch.
+pub const BATCH: usize = 64;
+/// Batches per event before yielding to the other direction and the library's events.
+pub(crate) const BUDGET_BATCHES: usize = 8;
+/// SO_BUSY_POLL for busy-polling sockets. The worker's polls are non-blocking, which run one
+/// NAPI poll whatever the value; it only has to be non-zero.
+const BUSY_POLL_USECS: u32 = 50;
+
+/// Local vring indices inside a queue pair's worker.
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// Event ids of the worker's own fds, above the library's (queues and exit event).
+#[derive(Debug, Clone, Copy)]
+pub struct EventIds {
+    pub rearm: u16,
+    pub timer: u16,
+    pub tap: u16,
+    pub first_xsk: u16,
+}
+
+impl EventIds {
+    pub fn new(num_queues: usize) -> Self {
+        let base = num_queues as u16 + 1;
+        EventIds {
+            rearm: base,
+            timer: base + 1,
+            tap: base + 2,
+            first_xsk: base + 3,
+        }
+    }
+}
+
+/// Per-queue-pair datapath state.
+pub struct QueuePairWorker {
+    pair: usize,
+    /// One socket per NIC queue this pair serves, in the steering map while connected.
+    sockets: Vec<XskSocket>,
+    /// The socket the pair transmits through. It is never in the epoll set: freeing each
+    /// sent frame wakes the socket's waiters, and with the socket registered that was an
+    /// epoll callback per frame (8-13 % of tx throughput at 64 B). Completions are reaped on
+    /// every tx round, and a round short of buffers comes back by itself, so no readiness
+    /// event is needed.
+    tx: XskSocket,
+    tap: Option<PacketTap>,
+    rearm: EventFd,
+    timer: Timer,
+    busy_poll: bool,
+    max_frame: usize,
+    stats: Arc<QueueStats>,
+    rx_scratch: RxScratch,
+    tx_scratch: TxScratch,
+    /// Next socket to read first, so one busy NIC queue cannot starve the others.
+    next_rx_socket: usize,
+    /// Shared with other ports' workers, which deliver switched frames into this rx queue.
+    rx_shared: Arc<RxQueueShared>,
+    tx_broken: bool,
+    /// Kernel drop counters already added to the stats: (ring full, fill ring empty).
+    xsk_drops_seen: (u64, u64),
+    policy: TxPolicy,
+    switch: Arc<SwitchTable>,
+    /// This port in the switch: where a disabled pair hands its NIC frames.
+    own: Arc<SwitchPort>,
+    /// Flooded frames of the current tx batch, bound for other ports.
+    local: Vec<LocalFrame>,
+    switch_scratch: SwitchScratch,
+    /// Ports that got switched frames and whose guests are notified after this round.
+    to_notify: Vec<Arc<SwitchPort>>,
+    /// CPU to move the library's thread for this pair to, on the first event.
+    cpu: Option<usize>,
+    /// Frames moved (or dropped) so far; a busy-polling round that moved none yields the CPU.
+    progress: u64,
+}
+
+/// What a worker needs beyond its sockets: the port's identity and policy.
+pub struct WorkerConfig {
+    pub max_frame: usize,
+    pub busy_poll: bool,
+    pub policy: TxPolicy,
+    pub switch: Arc<SwitchTable>,
+    pub own: Arc<SwitchPort>,
+    pub cpu: Option<usize>,
+}
+
+impl QueuePairWorker {
+    pub fn new(
+        pair: usize,
+        sockets: Vec<XskSocket>,
+        tx: XskSocket,
+        tap: Option<PacketTap>,
+        config: WorkerConfig,
+        stats: Arc<QueueStats>,
+    ) -> io::Result<Self> {
+        let WorkerConfig {
+            max_frame,
+            busy_poll,
+            policy,
+            switch,
+            own,
+            cpu,
+        } = config;
+        let rearm = EventFd::new(EFD_NONBLOCK)?;
+        if busy_poll {
+            for s in sockets.iter().chain([&tx]) {
+                s.enable_busy_poll(BUSY_POLL_USECS, BATCH as u16)
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("busy polling on NIC queue {}: {e}", s.queue_id()),
+                        )
+                    })?;
+            }
+            // Left readable for good: the level-triggered epoll returns at once, every time.
+            rearm.write(1)?;
+        }
+        Ok(QueuePairWorker {
+            pair,
+            sockets,
+            tx,
+            tap,
+            rearm,
+            timer: Timer::periodic(200)?,
+            busy_poll,
+            max_frame,
+            stats,
+            rx_scratch: RxScratch::default(),
+            tx_scratch: TxScratch::default(),
+            next_rx_socket: 0,
+            rx_shared: Arc::new(RxQueueShared::default()),
+            tx_broken: false,
+            xsk_drops_seen: (0, 0),
+            policy,
+            switch,
+            own,
+            local: Vec::with_capacity(BATCH),
+            switch_scratch: SwitchScratch::default(),
+            to_notify: Vec::new(),
+            cpu,
+            progress: 0,
+        })
+    }
+
+    /// The flag other ports' deliveries check before writing into this rx queue.
+    pub fn rx_shared(&self) -> Arc<RxQueueShared> {
+        self.rx_shared.clone()
+    }
+
+    pub fn stats(&self) -> Arc<QueueStats> {
+        self.stats.clone()
+    }
+
+    /// The fds to register with the queue pair's epoll handler: (fd, events, id).
+    pub fn event_sources(&self, ids: EventIds) -> Vec<(RawFd, EventSet, u16)> {
+        let mut v = vec![
+            (self.rearm.as_raw_fd(), EventSet::IN, ids.rearm),
+            (self.timer.fd(), EventSet::IN, ids.timer),
+        ];
+        if let Some(tap) = &self.tap {
+            v.push((tap.fd(), EventSet::IN, ids.tap));
+        }
+        for (i, s) in self.sockets.iter().enumerate() {
+            // Edge-triggered: a backlog the guest cannot take yet must not spin the thread;
+            // the guest's rx kick resumes it. Receive only: see `tx`.
+            v.push((
+                s.fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                ids.first_xsk + i as u16,
+            ));
+        }
+        v
+    }
+
+    pub fn sockets(&self) -> &[XskSocket] {
+        &self.sockets
+    }
+
+    /// Handles one event. Never fails: errors are the guest's or transient, and are counted.
+    pub fn handle(
+        &mut self,
+        event: u16,
+        ids: EventIds,
+        vrings: &[Vring],
+        mem: &GuestMemoryMmap,
+        features: NegotiatedFeatures,
+    ) {
+        // The library hands each thread only its own pair's vrings: rx, then tx.
+        if vrings.len() < 2 {
+            return;
+        }
+        if let Some(cpu) = self.cpu.take() {
+            pin_current_thread(cpu, self.pair);
+        }
+        if event == ids.rearm && !self.busy_poll {
+            let _ = self.rearm.read();
+        }
+        if event == ids.timer {
+            self.timer.consume();
+            self.housekeeping();
+        }
+        let progress = self.progress;
+        let tx_first = event as usize == TX;
+        if tx_first {
+            self.service_tx(&vrings[TX], mem);
+        }
+        let more_rx = self.service_rx(
+            &vrings[RX],
+            mem,
+            features,
+            event == ids.tap || event == ids.timer,
+        );
+        let more_tx = self.service_tx(&vrings[TX], mem);
+        if (more_rx || more_tx) && !self.busy_poll {
+            // More than one budget of work: come back after the library's other events.
+            let _ = self.rearm.write(1);
+        }
+        if self.busy_poll && self.progress == progress {
+            // Nothing to do: let other pollers sharing this CPU (another port's queue pair)
+            // run, rather than spin through their time slice.
+            // SAFETY: sched_yield(2) has no arguments and cannot fail in a way that matters.
+            unsafe { libc::sched_yield() };
+        }
+    }
+
+    /// Reads kernel socket counters and retries anything left waiting.
+    fn housekeeping(&mut self) {
+        let (mut full, mut empty) = (0, 0);
+        for k in self.sockets.iter().map(|s| s.kernel_stats()) {
+            full += k.rx_ring_full;
+            empty += k.rx_fill_ring_empty;
+        }
+        let s = &self.stats;
+        s.add(
+            &s.rx_dropped_xsk_ring_full,
+            full.saturating_sub(self.xsk_drops_seen.0),
+        );
+        s.add(
+            &s.rx_dropped_no_umem_frame,
+            empty.saturating_sub(self.xsk_drops_seen.1),
+        );
+        self.xsk_drops_seen = (
+            full.max(self.xsk_drops_seen.0),
+            empty.max(self.xsk_drops_seen.1),
+        );
+    }
+
+    fn queue_failed(&mut self, dir: &'static str, e: &QueueError) {
+        tracing::error!(pair = self.pair, dir, error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
+        self.stats.add(&self.stats.queue_errors, 1);
+    }
+
+    /// The guest stopped or reset the queues: forget per-run state.
+    pub fn reset(&mut self) {
+        self.rx_shared.reset();
+        self.tx_broken = false;
+        let stale: usize = self
+            .sockets
+            .iter_mut()
+            .map(|s| s.discard_rx_backlog())
+            .sum();
+        self.stats
+            .add(&self.stats.rx_dropped_queue_stopped, stale as u64);
+    }
+}

@@ -1,0 +1,165 @@
+//! NIC -> guest: one queue pair's receive rounds, from its AF_XDP sockets and the multicast
+//! tap into the guest's receive queue.
+
+use vm_memory::GuestMemoryMmap;
+
+use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
+use crate::datapath::device::NegotiatedFeatures;
+use crate::datapath::rx::{Framing, RxTally};
+use crate::nic::xsk::XskSocket;
+use crate::vring::{RxQueueLock, Vring};
+
+impl QueuePairWorker {
+    /// NIC -> guest. Returns true if work was left for another round.
+    pub(super) fn service_rx(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemoryMmap,
+        features: NegotiatedFeatures,
+        read_tap: bool,
+    ) -> bool {
+        let mut queue =
+            RxQueueLock::new(vring, mem, &self.rx_shared, &self.stats, features.mrg_rxbuf);
+        let broken = queue.is_broken();
+        if !queue.is_running() {
+            drop(queue);
+            if self.pair != 0 && !broken {
+                // The guest disabled this pair (fewer combined channels); its NIC queues
+                // still carry the port's traffic, which goes to the first pair instead.
+                self.forward_to_first_pair();
+            } else {
+                // Nobody to deliver to: keep the NIC's rings moving and count the loss.
+                let mut lost = drop_waiting_rx(&mut self.sockets);
+                if let Some(tap) = &mut self.tap {
+                    lost += tap.recv_batch().count();
+                }
+                self.stats
+                    .add(&self.stats.rx_dropped_queue_stopped, lost as u64);
+            }
+            return false;
+        }
+
+        let mut tally = RxTally::default();
+        let mut guest_full = false;
+        let mut more = false;
+        let mut failed = false;
+        let n = self.sockets.len();
+        'sockets: for k in 0..n {
+            let sock = &mut self.sockets[(self.next_rx_socket + k) % n];
+            if self.busy_poll {
+                sock.busy_poll_rx();
+            }
+            for batch in 0..BUDGET_BATCHES {
+                sock.poll_rx(BATCH as u32);
+                if sock.rx_pending() == 0 {
+                    break;
+                }
+                let want = sock.rx_pending().min(BATCH);
+                let scratch = &mut self.rx_scratch;
+                let got = sock.drain_rx(BATCH, |frames| {
+                    queue.deliver(frames, Framing::Bare, scratch, &mut tally)
+                });
+                match got {
+                    Ok(done) if done < want => {
+                        guest_full = true;
+                        break 'sockets;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        failed = true;
+                        break 'sockets;
+                    }
+                }
+                if batch + 1 == BUDGET_BATCHES {
+                    more = true;
+                }
+            }
+        }
+        self.next_rx_socket = (self.next_rx_socket + 1) % n.max(1);
+        if guest_full {
+            // The guest has no buffers: drop what waits rather than hold it, so the NIC's
+            // ring keeps moving and the guest later sees fresh traffic, not a stale backlog.
+            let lost = drop_waiting_rx(&mut self.sockets);
+            self.stats
+                .add(&self.stats.rx_dropped_guest_ring_full, lost as u64);
+        }
+
+        if read_tap && !failed {
+            if let Some(tap) = &mut self.tap {
+                let frames = tap.recv_batch();
+                if guest_full {
+                    self.stats.add(
+                        &self.stats.rx_dropped_guest_ring_full,
+                        frames.count() as u64,
+                    );
+                } else {
+                    let before = tally.frames;
+                    let mut pulled = 0usize;
+                    let mut frames = frames.inspect(|_| pulled += 1);
+                    let delivered =
+                        queue.deliver(&mut frames, Framing::Bare, &mut self.rx_scratch, &mut tally);
+                    // What the guest had no buffers for: the frame that found none and the
+                    // rest of the batch.
+                    let left = frames.count();
+                    if let Ok(consumed) = delivered {
+                        let lost = pulled - consumed + left;
+                        guest_full = lost > 0;
+                        self.stats
+                            .add(&self.stats.rx_dropped_guest_ring_full, lost as u64);
+                    }
+                    self.stats
+                        .add(&self.stats.rx_multicast, tally.frames - before);
+                }
+            }
+        }
+
+        self.progress += tally.frames + tally.dropped_too_large;
+        queue.record(&tally, false);
+        if tally.frames > 0 {
+            queue.notify();
+        }
+        if guest_full {
+            // Ask for a kick when the guest posts buffers; if it already has, go again.
+            more |= queue.want_kicks();
+        } else {
+            queue.no_kicks();
+        }
+        more
+    }
+
+    /// Hands every frame waiting on this pair's sockets to the port's first receive queue.
+    fn forward_to_first_pair(&mut self) {
+        let own = self.own.clone();
+        for sock in &mut self.sockets {
+            loop {
+                sock.poll_rx(BATCH as u32);
+                if sock.rx_pending() == 0 {
+                    break;
+                }
+                let scratch = &mut self.rx_scratch;
+                let taken = sock.drain_rx(BATCH, |frames| {
+                    own.deliver_from_nic(frames, scratch).ok_or(())
+                });
+                if taken.is_err() {
+                    // No frontend: drop as a stopped queue would.
+                    let lost = sock.discard_rx_backlog();
+                    self.stats
+                        .add(&self.stats.rx_dropped_queue_stopped, lost as u64);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Takes every frame waiting on the sockets' rx rings and returns it to the fill rings.
+/// Returns how many were dropped.
+pub(super) fn drop_waiting_rx(sockets: &mut [XskSocket]) -> usize {
+    sockets
+        .iter_mut()
+        .map(|s| {
+            s.poll_rx(u32::MAX);
+            s.discard_rx_backlog()
+        })
+        .sum()
+}

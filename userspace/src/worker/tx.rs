@@ -1,0 +1,128 @@
+//! Guest -> NIC (and -> other ports): one queue pair's transmit rounds.
+
+use std::time::Instant;
+
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+
+use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
+use crate::datapath::tx::{self, TxStop, TxTally};
+use crate::switch::{self, PortTx};
+use crate::vring::{notify_guest_since, Vring};
+
+impl QueuePairWorker {
+    /// Guest -> NIC. Returns true if work was left for another round.
+    pub(super) fn service_tx(&mut self, vring: &Vring, mem: &GuestMemoryMmap) -> bool {
+        let sock = &mut self.tx;
+        sock.reap_completions();
+        if self.tx_broken {
+            return false;
+        }
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return false;
+        }
+        // The guest is notified (or not) for everything this round puts in the used ring.
+        let used_before = state.get_queue().next_used();
+        let mut tally = TxTally::default();
+        let mut switched = 0;
+        let mut more = false;
+        let mut result = Ok(());
+        let ports = self.switch.snapshot();
+        'outer: for round in 0.. {
+            let _ = state.get_queue_mut().disable_notification(mem);
+            let mut stop = TxStop::Budget;
+            for _ in 0..BUDGET_BATCHES {
+                if let Some(rate) = &mut self.policy.rate {
+                    rate.refill(Instant::now());
+                }
+                let mut sink = PortTx::new(
+                    sock,
+                    &mut self.policy,
+                    &ports,
+                    &mut self.local,
+                    &mut self.switch_scratch,
+                );
+                let batch = tx::transmit_batch(
+                    mem,
+                    state.get_queue_mut(),
+                    &mut sink,
+                    self.max_frame,
+                    BATCH,
+                    &mut self.tx_scratch,
+                    &mut tally,
+                );
+                switched += sink.switched;
+                // Flooded frames before the flush: they are also staged for the NIC and must
+                // be read before the flush can complete them and free their buffers.
+                switched += switch::deliver_local(
+                    &mut self.local,
+                    sock,
+                    &mut self.rx_scratch,
+                    &mut self.to_notify,
+                );
+                sock.flush_tx();
+                sock.reap_completions();
+                stop = match batch {
+                    Ok(s) => s,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'outer;
+                    }
+                };
+                if stop != TxStop::Budget {
+                    break;
+                }
+            }
+            match stop {
+                // The queue's shared tx pool is empty: other ports' completions do not wake
+                // this socket, so come back after the library's other events.
+                TxStop::NoBuffers => {
+                    more = true;
+                    break;
+                }
+                TxStop::Budget => {
+                    more = true;
+                    break;
+                }
+                TxStop::RingEmpty => {
+                    // Re-enable kicks; if the guest added chains meanwhile, go again once.
+                    match state.get_queue_mut().enable_notification(mem) {
+                        Ok(true) if round == 0 => continue,
+                        Ok(true) => {
+                            more = true;
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+        self.progress += tally.frames
+            + tally.dropped_oversized
+            + tally.dropped_runt
+            + tally.dropped_offload
+            + tally.dropped_spoofed
+            + tally.dropped_rate_limited;
+        let s = &self.stats;
+        s.add(&s.tx_packets, tally.frames);
+        s.add(&s.tx_bytes, tally.bytes);
+        s.add(&s.tx_dropped_oversized, tally.dropped_oversized);
+        s.add(&s.tx_dropped_runt, tally.dropped_runt);
+        s.add(&s.tx_dropped_offload, tally.dropped_offload);
+        s.add(&s.tx_dropped_spoofed, tally.dropped_spoofed);
+        s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
+        s.add(&s.tx_switched, switched);
+        if state.get_queue().next_used() != used_before {
+            notify_guest_since(&mut state, mem, &self.stats, Some(used_before));
+        }
+        drop(state);
+        switch::notify_ports(&mut self.to_notify);
+        if let Err(e) = result {
+            self.tx_broken = true;
+            self.queue_failed("tx", &e);
+        }
+        more
+    }
+}
