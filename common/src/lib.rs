@@ -109,9 +109,10 @@ impl XdpCounter {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both are repr(C), contain only integers and have no implicit padding
-    // (MacKey: 6 + 2 bytes; PortEntry: 2 x u32), so every bit pattern is valid.
+    // SAFETY: repr(C), only integers and no implicit padding (6 + 2 bytes), so every bit
+    // pattern is valid.
     unsafe impl aya::Pod for super::MacKey {}
+    // SAFETY: repr(C), two u32s and no padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::PortEntry {}
 }
 

@@ -32,9 +32,44 @@ pub enum QueueError {
     #[error("avail ring index is more than a queue ahead of the device")]
     AvailIndex,
     #[error("descriptor chain at head {head}: {why}")]
-    Malformed { head: u16, why: &'static str },
+    Malformed { head: u16, why: Malformed },
     #[error("descriptor chain at head {head}: {source}")]
     OutOfMemory { head: u16, source: OutOfGuestMemory },
+}
+
+/// How a descriptor chain (or the ring around it) breaks the virtio rules: one list for
+/// every walker, so a guest's mistake reads the same whichever path met it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("device-readable buffer in a receive chain")]
+    ReadableInReceiveChain,
+    #[error("device-writable buffer in a transmit chain")]
+    WritableInTransmitChain,
+    #[error("chain has no usable descriptor")]
+    NoUsableDescriptor,
+    #[error("chain loops, outruns its table or nests indirect tables")]
+    Loop,
+    #[error("descriptor index outside its table")]
+    IndexOutsideTable,
+    #[error("descriptor table is unreadable")]
+    TableUnreadable,
+    #[error("indirect table length is not a whole number of descriptors")]
+    IndirectTableLength,
+    #[error("receive buffer smaller than the net header")]
+    BufferSmallerThanHeader,
+    #[error("used ring is outside guest memory")]
+    UsedRingOutsideMemory,
+}
+
+impl Malformed {
+    /// A buffer whose direction does not fit the queue's (`writable`: a receive queue).
+    fn wrong_direction(writable: bool) -> Self {
+        if writable {
+            Malformed::ReadableInReceiveChain
+        } else {
+            Malformed::WritableInTransmitChain
+        }
+    }
 }
 
 /// One buffer of a descriptor chain: guest address and length.
@@ -57,11 +92,7 @@ pub(crate) fn collect_segments(
     let mut last: Option<Descriptor> = None;
     for desc in chain {
         if desc.is_write_only() != writable {
-            let why = if writable {
-                "device-readable buffer in a receive chain"
-            } else {
-                "device-writable buffer in a transmit chain"
-            };
+            let why = Malformed::wrong_direction(writable);
             return Err(QueueError::Malformed { head, why });
         }
         if desc.len() > 0 {
@@ -73,11 +104,11 @@ pub(crate) fn collect_segments(
     match last {
         None => Err(QueueError::Malformed {
             head,
-            why: "chain has no usable descriptor",
+            why: Malformed::NoUsableDescriptor,
         }),
         Some(d) if d.has_next() => Err(QueueError::Malformed {
             head,
-            why: "chain loops, outruns its table or nests indirect tables",
+            why: Malformed::Loop,
         }),
         Some(_) => Ok(total),
     }

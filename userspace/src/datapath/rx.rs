@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::split_ring::{publish_used, Chains};
-use super::{write_at, GuestMemoryCursor, QueueError, Segment};
+use super::{write_at, GuestMemoryCursor, Malformed, QueueError, Segment};
 use crate::datapath::device::{rx_header, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS};
 
 /// How many chains ahead of the one being filled the next buffer is prefetched: a guest's
@@ -101,7 +101,7 @@ fn fill_frame(
         if first && capacity < VNET_HDR_LEN as u64 {
             return Err(QueueError::Malformed {
                 head,
-                why: "receive buffer smaller than the net header",
+                why: Malformed::BufferSmallerThanHeader,
             });
         }
         if !mrg_rxbuf && capacity < need as u64 {

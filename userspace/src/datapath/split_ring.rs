@@ -17,7 +17,7 @@ use vm_memory::{
     MemoryRegionAddress, VolatileSlice,
 };
 
-use super::{collect_segments, OutOfGuestMemory, QueueError, Segment};
+use super::{collect_segments, Malformed, OutOfGuestMemory, QueueError, Segment};
 
 type Slice<'m> = VolatileSlice<'m, ()>;
 
@@ -143,7 +143,7 @@ pub(crate) fn publish_used(
 ) -> Result<(), QueueError> {
     let unwritable = |head| QueueError::Malformed {
         head,
-        why: "used ring is outside guest memory",
+        why: Malformed::UsedRingOutsideMemory,
     };
     let size = queue.size();
     let Some(&(first, _)) = entries.first() else {
@@ -259,26 +259,20 @@ impl<'m> SplitRing<'m> {
         let mut total = 0u64;
         loop {
             if index >= entries {
-                return Err(malformed("descriptor index outside its table"));
+                return Err(malformed(Malformed::IndexOutsideTable));
             }
             steps += 1;
             if steps > entries {
-                return Err(malformed(
-                    "chain loops, outruns its table or nests indirect tables",
-                ));
+                return Err(malformed(Malformed::Loop));
             }
             let (addr, len, flags, next) = read_descriptor(&table, 16 * index)
-                .ok_or_else(|| malformed("descriptor table is unreadable"))?;
+                .ok_or_else(|| malformed(Malformed::TableUnreadable))?;
             if u32::from(flags) & VRING_DESC_F_INDIRECT != 0 {
                 if indirect || u32::from(flags) & VRING_DESC_F_NEXT != 0 {
-                    return Err(malformed(
-                        "chain loops, outruns its table or nests indirect tables",
-                    ));
+                    return Err(malformed(Malformed::Loop));
                 }
                 if len == 0 || !len.is_multiple_of(16) {
-                    return Err(malformed(
-                        "indirect table length is not a whole number of descriptors",
-                    ));
+                    return Err(malformed(Malformed::IndirectTableLength));
                 }
                 table = slice(self.mem, addr, len as usize).ok_or(QueueError::OutOfMemory {
                     head,
@@ -294,11 +288,7 @@ impl<'m> SplitRing<'m> {
                 continue;
             }
             if (u32::from(flags) & VRING_DESC_F_WRITE != 0) != writable {
-                return Err(malformed(if writable {
-                    "device-readable buffer in a receive chain"
-                } else {
-                    "device-writable buffer in a transmit chain"
-                }));
+                return Err(malformed(Malformed::wrong_direction(writable)));
             }
             if len > 0 {
                 segs.push((GuestAddress(addr), len));
