@@ -47,6 +47,8 @@ pub enum Malformed {
     WritableInTransmitChain,
     #[error("chain has no usable descriptor")]
     NoUsableDescriptor,
+    #[error("chain has more descriptors than the queue has entries")]
+    ChainTooLong,
     #[error("chain loops, outruns its table or nests indirect tables")]
     Loop,
     #[error("descriptor index outside its table")]
@@ -76,7 +78,9 @@ impl Malformed {
 pub type Segment = (GuestAddress, u32);
 
 /// Collects a chain's buffers into `segs`, requiring all of them to be device-writable (rx)
-/// or all device-readable (tx). Zero-length buffers are skipped. Returns the total length.
+/// or all device-readable (tx), and at most `max_descriptors` of them (the queue's size,
+/// virtio 2.7.5.3.1; an indirect table's length is the guest's to choose, up to 65536
+/// entries for virtio-queue). Zero-length buffers are skipped. Returns the total length.
 ///
 /// virtio-queue's iterator ends silently on a loop, a `next` outside the table or a bad
 /// indirect table; such a chain always ends on a descriptor that still says NEXT, or yields
@@ -84,13 +88,20 @@ pub type Segment = (GuestAddress, u32);
 pub(crate) fn collect_segments(
     chain: DescriptorChain<&GuestMemoryMmap>,
     writable: bool,
+    max_descriptors: u16,
     segs: &mut Vec<Segment>,
 ) -> Result<u64, QueueError> {
     let head = chain.head_index();
     segs.clear();
     let mut total = 0u64;
     let mut last: Option<Descriptor> = None;
-    for desc in chain {
+    for (i, desc) in chain.enumerate() {
+        if i >= usize::from(max_descriptors) {
+            return Err(QueueError::Malformed {
+                head,
+                why: Malformed::ChainTooLong,
+            });
+        }
         if desc.is_write_only() != writable {
             let why = Malformed::wrong_direction(writable);
             return Err(QueueError::Malformed { head, why });

@@ -33,6 +33,8 @@ pub(crate) enum Chains<'q, 'm> {
     Direct(SplitRing<'m>),
     Iter {
         it: AvailIter<'q, &'m GuestMemoryMmap>,
+        /// The queue's size: the most descriptors one chain may hold.
+        size: u16,
         start: u16,
         taken: u16,
         /// The last chain taken, kept so it can be given back.
@@ -56,9 +58,11 @@ impl<'q, 'm> Chains<'q, 'm> {
             return Ok(Some(Chains::Direct(ring)));
         }
         let start = queue.next_avail();
+        let size = queue.size();
         match queue.iter(mem) {
             Ok(it) => Ok(Some(Chains::Iter {
                 it,
+                size,
                 start,
                 taken: 0,
                 last: None,
@@ -81,6 +85,7 @@ impl<'q, 'm> Chains<'q, 'm> {
             Chains::Direct(ring) => ring.take(writable, segs),
             Chains::Iter {
                 it,
+                size,
                 taken,
                 last,
                 back,
@@ -97,7 +102,10 @@ impl<'q, 'm> Chains<'q, 'm> {
                 let Some(chain) = chain else { return Ok(None) };
                 *taken = taken.wrapping_add(1);
                 let head = chain.head_index();
-                Ok(Some((head, collect_segments(chain, writable, segs)?)))
+                Ok(Some((
+                    head,
+                    collect_segments(chain, writable, *size, segs)?,
+                )))
             }
         }
     }
@@ -247,14 +255,18 @@ impl<'m> SplitRing<'m> {
         Ok(Some((head, total)))
     }
 
-    /// Follows the chain at `head` through the table and at most one indirect table.
+    /// Follows the chain at `head` through the table and at most one indirect table. The
+    /// chain may hold at most as many descriptors as the queue has entries, indirect ones
+    /// included (virtio 2.7.5.3.1), which bounds both the walk and the segments it collects.
     fn walk(&self, head: u16, writable: bool, segs: &mut Vec<Segment>) -> Result<u64, QueueError> {
         let malformed = |why| QueueError::Malformed { head, why };
         segs.clear();
         let mut table = self.desc;
         let mut entries = usize::from(self.size);
         let mut index = usize::from(head);
+        // Descriptors walked in the current table, and in the whole chain.
         let mut steps = 0usize;
+        let mut walked = 0usize;
         let mut indirect = false;
         let mut total = 0u64;
         loop {
@@ -265,6 +277,10 @@ impl<'m> SplitRing<'m> {
             if steps > entries {
                 return Err(malformed(Malformed::Loop));
             }
+            walked += 1;
+            if walked > usize::from(self.size) {
+                return Err(malformed(Malformed::ChainTooLong));
+            }
             let (addr, len, flags, next) = read_descriptor(&table, 16 * index)
                 .ok_or_else(|| malformed(Malformed::TableUnreadable))?;
             if u32::from(flags) & VRING_DESC_F_INDIRECT != 0 {
@@ -273,6 +289,11 @@ impl<'m> SplitRing<'m> {
                 }
                 if len == 0 || !len.is_multiple_of(16) {
                     return Err(malformed(Malformed::IndirectTableLength));
+                }
+                // The indirect descriptor itself does not count; its table's entries do.
+                walked -= 1;
+                if walked + len as usize / 16 > usize::from(self.size) {
+                    return Err(malformed(Malformed::ChainTooLong));
                 }
                 table = slice(self.mem, addr, len as usize).ok_or(QueueError::OutOfMemory {
                     head,
@@ -445,6 +466,42 @@ mod tests {
                 ],
                 "table at {table:#x}"
             );
+        }
+    }
+
+    /// Whatever way the ring is read, no chain may hold more descriptors than the queue has
+    /// entries (virtio 2.7.5.3.1), indirect tables included: an indirect table's length is
+    /// the guest's to choose (up to 2^28 entries), and every entry walked is a segment kept
+    /// in the worker's scratch.
+    #[test]
+    fn chains_longer_than_the_queue_are_malformed_even_through_an_indirect_table() {
+        let size = usize::from(crate::datapath::testing::QUEUE_SIZE);
+        for (mem, direct) in [(memory(), true), (split_memory(), false)] {
+            for (entries, ok) in [(size, true), (size + 1, false), (4 * size, false)] {
+                let mut t = TestQueue::new(&mem);
+                let bufs: Vec<Buf> = (0..entries)
+                    .map(|i| Buf(BUF_BASE + 0x100 * i as u64, 64, false))
+                    .collect();
+                let head = t.post_indirect(BUF_BASE + 0x8_0000, &bufs);
+                let mut q = t.queue();
+                let mut segs = Vec::new();
+                let mut c = Chains::open(&mem, &mut q).unwrap().unwrap();
+                assert_eq!(matches!(c, Chains::Direct(_)), direct);
+                let got = c.take(false, &mut segs);
+                if ok {
+                    assert_eq!(got.unwrap(), Some((head, 64 * entries as u64)));
+                    assert_eq!(segs.len(), entries);
+                } else {
+                    assert_eq!(
+                        got,
+                        Err(QueueError::Malformed {
+                            head,
+                            why: Malformed::ChainTooLong
+                        }),
+                        "{entries} descriptors, direct: {direct}"
+                    );
+                }
+            }
         }
     }
 }
