@@ -254,8 +254,11 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
         // through: once the frontend has its acks (its rings enabled) it may expect frames,
         // and a frame steered before its socket is in the map is dropped by XDP.
         let bound = bind_sockets(nic, port, &backend);
+        let num_queues = 2 * backend.queue_pairs() as u32;
         let shim = connect_library(path, port.index, &mut daemon)
-            .and_then(|library_side| Shim::start(frontend, library_side).map_err(PortError::Worker))
+            .and_then(|library_side| {
+                Shim::start(frontend, library_side, num_queues).map_err(PortError::Worker)
+            })
             .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
         *crate::sync::lock(&port.shutdown) = daemon.shutdown_handle();
         if !port.stopping.load(Ordering::Acquire) {

@@ -179,7 +179,9 @@ pub struct Shim {
 
 impl Shim {
     /// Starts forwarding between `frontend` (QEMU) and `backend` (the library's connection).
-    pub fn start(frontend: UnixStream, backend: UnixStream) -> io::Result<Shim> {
+    /// `num_queues` is how many virtqueues the device offers: early SET_VRING_ENABLEs for
+    /// any other ring are refused rather than held.
+    pub fn start(frontend: UnixStream, backend: UnixStream, num_queues: u32) -> io::Result<Shim> {
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let f_in = frontend.try_clone()?;
         let b_out = backend.try_clone()?;
@@ -190,7 +192,7 @@ impl Shim {
         let down = std::thread::Builder::new()
             .name("xvdpa-shim-req".into())
             .spawn(move || {
-                if let Err(e) = forward_requests(&f_in, &b_out, &tf) {
+                if let Err(e) = forward_requests(&f_in, &b_out, &tf, num_queues) {
                     tracing::debug!(error = %e, "frontend request stream ended");
                 }
                 let _ = f_close.shutdown(Shutdown::Both);
@@ -229,36 +231,48 @@ impl Shim {
 }
 
 /// Frontend -> library, holding back SET_VRING_ENABLE until SET_FEATURES has been seen.
+/// At most one message per ring the device has (`num_queues`) is held, without fds (the
+/// message carries none); one for any other ring is refused.
 fn forward_requests(
     from: &UnixStream,
     to: &UnixStream,
     reply: &Mutex<UnixStream>,
+    num_queues: u32,
 ) -> io::Result<()> {
     let mut features_seen = false;
     // Latest early enable state per ring index (the payload is {u32 index, u32 num}).
     let mut held: BTreeMap<u32, Message> = BTreeMap::new();
     while let Some(m) = recv_message(from)? {
         if m.request == REQ_SET_VRING_ENABLE && !features_seen {
-            if m.payload.len() < 8 {
+            // {u32 index, u32 num}
+            let Some(&[a, b, c, d, ..]) = m.payload.first_chunk::<8>() else {
                 return Err(invalid("short SET_VRING_ENABLE"));
-            }
+            };
+            let index = u32::from_le_bytes([a, b, c, d]);
+            let known = index < num_queues;
             if m.flags & FLAG_NEED_REPLY != 0 {
                 let ack = Message {
                     request: m.request,
                     flags: FLAG_VERSION | FLAG_REPLY,
-                    payload: 0u64.to_le_bytes().to_vec(),
+                    payload: u64::from(!known).to_le_bytes().to_vec(),
                     fds: Vec::new(),
                 };
                 send_message(&crate::sync::lock(reply), &ack)?;
             }
-            let index = u32::from_le_bytes(m.payload[0..4].try_into().expect("4 bytes"));
-            held.insert(
-                index,
-                Message {
+            if known {
+                let m = Message {
                     flags: m.flags & !FLAG_NEED_REPLY,
+                    fds: Vec::new(),
                     ..m
-                },
-            );
+                };
+                held.insert(index, m);
+            } else {
+                tracing::warn!(
+                    ring = index,
+                    num_queues,
+                    "SET_VRING_ENABLE for a ring the device does not have; refused"
+                );
+            }
             continue;
         }
         let is_features = m.request == REQ_SET_FEATURES;
@@ -312,7 +326,7 @@ mod tests {
     fn early_vring_enable_is_acked_and_replayed_after_set_features() {
         let (qemu, shim_front) = UnixStream::pair().unwrap();
         let (shim_back, lib) = UnixStream::pair().unwrap();
-        let shim = Shim::start(shim_front, shim_back).unwrap();
+        let shim = Shim::start(shim_front, shim_back, 2).unwrap();
         let enable = |idx: u32, on: u32| {
             let mut p = idx.to_le_bytes().to_vec();
             p.extend(on.to_le_bytes());
@@ -365,6 +379,56 @@ mod tests {
         // Replies flow back untouched.
         send_message(&lib, &msg(1, FLAG_VERSION | FLAG_REPLY, &[9; 8])).unwrap();
         assert_eq!(recv_message(&qemu).unwrap().unwrap().payload, vec![9; 8]);
+        shim.stop();
+    }
+
+    /// A frontend that floods early SET_VRING_ENABLEs for rings the device does not have
+    /// (each could carry fds) must not make the shim hold them: they are refused, and only
+    /// the device's own rings are replayed after SET_FEATURES.
+    #[test]
+    fn early_vring_enable_for_a_ring_the_device_lacks_is_refused_not_held() {
+        let (qemu, shim_front) = UnixStream::pair().unwrap();
+        let (shim_back, lib) = UnixStream::pair().unwrap();
+        let shim = Shim::start(shim_front, shim_back, 2).unwrap();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        for idx in [0u32, 2, 7, u32::MAX, 1] {
+            let mut p = idx.to_le_bytes().to_vec();
+            p.extend(1u32.to_le_bytes());
+            let mut m = msg(REQ_SET_VRING_ENABLE, FLAG_VERSION | FLAG_NEED_REPLY, &p);
+            m.fds.push(file.as_fd().try_clone_to_owned().unwrap());
+            send_message(&qemu, &m).unwrap();
+            let ack = recv_message(&qemu).unwrap().unwrap();
+            let refused = idx >= 2;
+            assert_eq!(
+                ack.payload,
+                u64::from(refused).to_le_bytes().to_vec(),
+                "ring {idx}"
+            );
+        }
+        send_message(&qemu, &msg(REQ_SET_FEATURES, FLAG_VERSION, &[0; 8])).unwrap();
+        let replayed: Vec<(u32, u32, usize)> = (0..3)
+            .map(|_| {
+                let m = recv_message(&lib).unwrap().unwrap();
+                let idx = u32::from_le_bytes(m.payload[0..4].try_into().unwrap());
+                (
+                    m.request,
+                    if m.request == REQ_SET_VRING_ENABLE {
+                        idx
+                    } else {
+                        0
+                    },
+                    m.fds.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            replayed,
+            vec![
+                (REQ_SET_FEATURES, 0, 0),
+                (REQ_SET_VRING_ENABLE, 0, 0),
+                (REQ_SET_VRING_ENABLE, 1, 0),
+            ]
+        );
         shim.stop();
     }
 }
