@@ -238,8 +238,18 @@ pub fn transmit_batch(
                                     &scratch.arena[at + VNET_HDR_LEN..at + VNET_HDR_LEN + len],
                                 );
                             } else {
-                                read_at(&mut cursor, &scratch.segs, VNET_HDR_LEN, &mut buf[..len])
-                                    .map_err(oom)?;
+                                // The Ethernet header is the one routed, not a second read of
+                                // guest memory another vCPU may have rewritten since.
+                                buf[..ETH_HLEN].copy_from_slice(
+                                    &scratch.arena[at + VNET_HDR_LEN..at + HEADERS],
+                                );
+                                read_at(
+                                    &mut cursor,
+                                    &scratch.segs,
+                                    HEADERS,
+                                    &mut buf[ETH_HLEN..len],
+                                )
+                                .map_err(oom)?;
                             }
                             Ok(Some(len))
                         }

@@ -2,6 +2,7 @@
 use super::*;
 use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::{Bytes, GuestAddress};
 
 /// NIC buffers as plain vectors.
 struct VecBuffers {
@@ -277,5 +278,72 @@ fn malformed_chains_are_refused() {
         let mut q = t.queue();
         let (r, _) = run(&t, &mut q, &mut VecBuffers::new(8), 64);
         assert!(r.is_err(), "{what}: {r:?}");
+    }
+}
+
+/// A sink that, like a second vCPU of a hostile guest, rewrites the frame's source MAC in
+/// guest memory right after the header was examined (`route`), before the frame is copied.
+struct FlippingBuffers<'m> {
+    inner: VecBuffers,
+    mem: &'m GuestMemoryMmap,
+    /// Where the frame's source MAC lies in guest memory.
+    src_at: u64,
+    seen_sources: Vec<[u8; 6]>,
+}
+
+impl TxBuffers for FlippingBuffers<'_> {
+    fn next_buffer(&mut self) -> Option<&mut [u8]> {
+        self.inner.next_buffer()
+    }
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        self.inner.submit(len)
+    }
+    fn route(&mut self, eth: &[u8], _len: usize) -> Route {
+        self.seen_sources.push(eth[6..12].try_into().unwrap());
+        self.mem
+            .write_slice(&[0x66; 6], GuestAddress(self.src_at))
+            .unwrap();
+        Route::Copy
+    }
+}
+
+/// What reaches the NIC carries the Ethernet header the sink examined, whatever the guest
+/// wrote meanwhile: anti-spoofing and the switch decide on that header, so a frame whose
+/// source changed between the check and the copy must not leave with the new one.
+#[test]
+fn the_header_that_was_checked_is_the_header_that_is_sent() {
+    let mem = memory();
+    for len in [60usize, 1500] {
+        let mut t = TestQueue::new(&mem);
+        let f = frame(len, 7);
+        t.write(BUF_BASE, &[0u8; 12]);
+        t.write(BUF_BASE + 12, &f);
+        t.post(&[Buf(BUF_BASE, 12 + len as u32, false)]);
+        let mut q = t.queue();
+        let mut bufs = FlippingBuffers {
+            inner: VecBuffers::new(8),
+            mem: &mem,
+            src_at: BUF_BASE + 12 + 6,
+            seen_sources: Vec::new(),
+        };
+        let mut tally = TxTally::default();
+        let r = transmit_batch(
+            &mem,
+            &mut q,
+            &mut bufs,
+            1518,
+            64,
+            &mut TxScratch::default(),
+            &mut tally,
+        );
+        assert_eq!(r, Ok(TxStop::RingEmpty));
+        assert_eq!(
+            bufs.seen_sources,
+            vec![<[u8; 6]>::try_from(&f[6..12]).unwrap()]
+        );
+        assert_eq!(bufs.inner.sent.len(), 1);
+        let sent = &bufs.inner.sent[0];
+        assert_eq!(sent[6..12], f[6..12], "source MAC of the {len}-byte frame");
+        assert!(*sent == f, "the rest of the {len}-byte frame");
     }
 }
