@@ -106,7 +106,7 @@ impl TxBuffers for PortTx<'_> {
 
     fn unroute(&mut self, len: usize) {
         self.copied = None;
-        if let Some(rate) = &mut self.policy.rate {
+        if let Some(rate) = &self.policy.rate {
             rate.refund(len);
         }
     }

@@ -323,6 +323,8 @@ fn build_workers(
             }
         })?,
     );
+    // One policy for the port; each pair's copy shares its policer.
+    let policy = port.policy();
     let mut workers = Vec::with_capacity(pairs);
     for pair in 0..pairs {
         let sockets = nic
@@ -336,7 +338,7 @@ fn build_workers(
         let config = WorkerConfig {
             max_frame: (usize::from(nic.mtu) + ETH_HLEN).min(max_tx),
             busy_poll: nic.busy_poll,
-            policy: port.policy(),
+            policy: policy.clone(),
             switch: switch.clone(),
             own: port.switch_port.clone(),
             cpu: (!port.spec.cpus.is_empty()).then(|| port.spec.cpus[pair % port.spec.cpus.len()]),

@@ -34,7 +34,7 @@ impl QueuePairWorker {
             let _ = state.get_queue_mut().disable_notification(mem);
             let mut stop = TxStop::Budget;
             for _ in 0..BUDGET_BATCHES {
-                if let Some(rate) = &mut self.policy.rate {
+                if let Some(rate) = &self.policy.rate {
                     rate.refill(Instant::now());
                 }
                 let mut sink = PortTx::new(
