@@ -3,5 +3,6 @@
 //! front of rust-vmm's library ([`protocol_shim`]).
 
 pub mod backend;
+mod frontend_checks;
 pub mod port;
 pub mod protocol_shim;

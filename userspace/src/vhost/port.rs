@@ -23,7 +23,7 @@ use crate::nic::xsk::{XskError, XskSocket};
 use crate::nic::Nic;
 use crate::stats::QueueStats;
 use crate::switch::{RateLimit, SwitchPort, SwitchTable, TxPolicy};
-use crate::vhost::backend::NetBackend;
+use crate::vhost::backend::{NetBackend, MAX_QUEUE_SIZE};
 use crate::vhost::protocol_shim::Shim;
 use crate::worker::{QueuePairWorker, WorkerConfig};
 
@@ -257,7 +257,8 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
         let num_queues = 2 * backend.queue_pairs() as u32;
         let shim = connect_library(path, port.index, &mut daemon)
             .and_then(|library_side| {
-                Shim::start(frontend, library_side, num_queues).map_err(PortError::Worker)
+                Shim::start(frontend, library_side, num_queues, MAX_QUEUE_SIZE as u16)
+                    .map_err(PortError::Worker)
             })
             .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
         *crate::sync::lock(&port.shutdown) = daemon.shutdown_handle();

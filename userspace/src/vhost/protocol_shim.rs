@@ -16,6 +16,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::frontend_checks::check_request;
+
 const HDR_LEN: usize = 12;
 /// Largest payload any vhost-user message has (SET_MEM_TABLE with 8 regions is ~330 bytes;
 /// GET/SET_CONFIG up to 256); anything beyond this is a broken peer.
@@ -181,7 +183,13 @@ impl Shim {
     /// Starts forwarding between `frontend` (QEMU) and `backend` (the library's connection).
     /// `num_queues` is how many virtqueues the device offers: early SET_VRING_ENABLEs for
     /// any other ring are refused rather than held.
-    pub fn start(frontend: UnixStream, backend: UnixStream, num_queues: u32) -> io::Result<Shim> {
+    /// `max_queue_size` bounds SET_VRING_NUM.
+    pub fn start(
+        frontend: UnixStream,
+        backend: UnixStream,
+        num_queues: u32,
+        max_queue_size: u16,
+    ) -> io::Result<Shim> {
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let f_in = frontend.try_clone()?;
         let b_out = backend.try_clone()?;
@@ -192,7 +200,7 @@ impl Shim {
         let down = std::thread::Builder::new()
             .name("xvdpa-shim-req".into())
             .spawn(move || {
-                if let Err(e) = forward_requests(&f_in, &b_out, &tf, num_queues) {
+                if let Err(e) = forward_requests(&f_in, &b_out, &tf, num_queues, max_queue_size) {
                     tracing::debug!(error = %e, "frontend request stream ended");
                 }
                 let _ = f_close.shutdown(Shutdown::Both);
@@ -230,7 +238,23 @@ impl Shim {
     }
 }
 
-/// Frontend -> library, holding back SET_VRING_ENABLE until SET_FEATURES has been seen.
+/// The REPLY_ACK answer to `request`: 0 for success, 1 for failure.
+fn reply_ack(request: u32, ok: bool) -> Message {
+    Message {
+        request,
+        flags: FLAG_VERSION | FLAG_REPLY,
+        payload: u64::from(!ok).to_le_bytes().to_vec(),
+        fds: Vec::new(),
+    }
+}
+
+fn nack(request: u32) -> Message {
+    reply_ack(request, false)
+}
+
+/// Frontend -> library, holding back SET_VRING_ENABLE until SET_FEATURES has been seen, and
+/// refusing what [`check_request`] finds unsafe (NACKed when the frontend asked for a reply,
+/// else the connection ends).
 /// At most one message per ring the device has (`num_queues`) is held, without fds (the
 /// message carries none); one for any other ring is refused.
 fn forward_requests(
@@ -238,6 +262,7 @@ fn forward_requests(
     to: &UnixStream,
     reply: &Mutex<UnixStream>,
     num_queues: u32,
+    max_queue_size: u16,
 ) -> io::Result<()> {
     let mut features_seen = false;
     // Latest early enable state per ring index (the payload is {u32 index, u32 num}).
@@ -251,12 +276,7 @@ fn forward_requests(
             let index = u32::from_le_bytes([a, b, c, d]);
             let known = index < num_queues;
             if m.flags & FLAG_NEED_REPLY != 0 {
-                let ack = Message {
-                    request: m.request,
-                    flags: FLAG_VERSION | FLAG_REPLY,
-                    payload: u64::from(!known).to_le_bytes().to_vec(),
-                    fds: Vec::new(),
-                };
+                let ack = reply_ack(m.request, known);
                 send_message(&crate::sync::lock(reply), &ack)?;
             }
             if known {
@@ -273,6 +293,15 @@ fn forward_requests(
                     "SET_VRING_ENABLE for a ring the device does not have; refused"
                 );
             }
+            continue;
+        }
+        if let Err(why) = check_request(m.request, &m.payload, &m.fds, max_queue_size) {
+            tracing::warn!(request = m.request, %why, "frontend message refused");
+            if m.flags & FLAG_NEED_REPLY == 0 {
+                // Nothing to NACK: the frontend would go on as if it had been applied.
+                return Err(invalid(&format!("refused request {}: {why}", m.request)));
+            }
+            send_message(&crate::sync::lock(reply), &nack(m.request))?;
             continue;
         }
         let is_features = m.request == REQ_SET_FEATURES;
@@ -326,7 +355,7 @@ mod tests {
     fn early_vring_enable_is_acked_and_replayed_after_set_features() {
         let (qemu, shim_front) = UnixStream::pair().unwrap();
         let (shim_back, lib) = UnixStream::pair().unwrap();
-        let shim = Shim::start(shim_front, shim_back, 2).unwrap();
+        let shim = Shim::start(shim_front, shim_back, 2, 1024).unwrap();
         let enable = |idx: u32, on: u32| {
             let mut p = idx.to_le_bytes().to_vec();
             p.extend(on.to_le_bytes());
@@ -389,7 +418,7 @@ mod tests {
     fn early_vring_enable_for_a_ring_the_device_lacks_is_refused_not_held() {
         let (qemu, shim_front) = UnixStream::pair().unwrap();
         let (shim_back, lib) = UnixStream::pair().unwrap();
-        let shim = Shim::start(shim_front, shim_back, 2).unwrap();
+        let shim = Shim::start(shim_front, shim_back, 2, 1024).unwrap();
         let file = std::fs::File::open("/proc/self/status").unwrap();
         for idx in [0u32, 2, 7, u32::MAX, 1] {
             let mut p = idx.to_le_bytes().to_vec();
@@ -429,6 +458,57 @@ mod tests {
                 (REQ_SET_VRING_ENABLE, 1, 0),
             ]
         );
+        shim.stop();
+    }
+
+    /// The frontend's fds and sizes are checked before the library sees them: a pipe as a
+    /// kick fd (whose 8-byte read would block a worker under the vring lock) and a ring size
+    /// that is no power of two are refused with a NACK; what passes reaches the library.
+    #[test]
+    fn a_pipe_as_kick_fd_and_a_bad_ring_size_are_refused_before_the_library() {
+        let (qemu, shim_front) = UnixStream::pair().unwrap();
+        let (shim_back, lib) = UnixStream::pair().unwrap();
+        let shim = Shim::start(shim_front, shim_back, 2, 1024).unwrap();
+        // A reply that never comes fails the test instead of hanging it.
+        let patience = Some(std::time::Duration::from_secs(5));
+        qemu.set_read_timeout(patience).unwrap();
+        lib.set_read_timeout(patience).unwrap();
+        send_message(&qemu, &msg(REQ_SET_FEATURES, FLAG_VERSION, &[0; 8])).unwrap();
+        assert_eq!(
+            recv_message(&lib).unwrap().unwrap().request,
+            REQ_SET_FEATURES
+        );
+
+        let mut ends = [0; 2];
+        // SAFETY: pipe(2) into a live array of two ints.
+        assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0);
+        // SAFETY: fresh fds from pipe(2), owned by nobody else.
+        let (read_end, _write_end) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        let mut kick = msg(12, FLAG_VERSION | FLAG_NEED_REPLY, &0u64.to_le_bytes());
+        kick.fds.push(read_end);
+        send_message(&qemu, &kick).unwrap();
+        let nack = recv_message(&qemu).unwrap().unwrap();
+        assert_eq!(
+            (nack.request, nack.payload),
+            (12, 1u64.to_le_bytes().to_vec())
+        );
+
+        let mut num = 0u32.to_le_bytes().to_vec();
+        num.extend(100u32.to_le_bytes());
+        send_message(&qemu, &msg(8, FLAG_VERSION | FLAG_NEED_REPLY, &num)).unwrap();
+        let nack = recv_message(&qemu).unwrap().unwrap();
+        assert_eq!(
+            (nack.request, nack.payload),
+            (8, 1u64.to_le_bytes().to_vec())
+        );
+
+        // A good size goes through, and nothing refused went before it.
+        let mut num = 0u32.to_le_bytes().to_vec();
+        num.extend(256u32.to_le_bytes());
+        send_message(&qemu, &msg(8, FLAG_VERSION, &num)).unwrap();
+        let m = recv_message(&lib).unwrap().unwrap();
+        assert_eq!((m.request, m.payload), (8, num));
         shim.stop();
     }
 }
