@@ -267,26 +267,6 @@ impl Daemon {
         Ok(out)
     }
 
-    /// The value of counter `name` in the final per-queue counter lines of `log` (summed over
-    /// queue pairs), as the daemon logs them at shutdown.
-    pub fn final_counter(log: &str, name: &str) -> Option<u64> {
-        let key = format!("{name}=");
-        let mut total = None;
-        for line in log
-            .lines()
-            .filter(|l| l.contains("queue_pair=") || l.contains("xdp counters:"))
-        {
-            for word in line.split_whitespace() {
-                if let Some(v) = word.strip_prefix(&key) {
-                    if let Ok(v) = v.parse::<u64>() {
-                        *total.get_or_insert(0) += v;
-                    }
-                }
-            }
-        }
-        total
-    }
-
     /// The daemon's control socket, as `xvdpa ctl` and `xvdpa stats` reach it.
     pub fn ctl(&self) -> Result<Ctl> {
         let path = self
