@@ -79,3 +79,25 @@ impl Ctl {
         Ok(self.stats()?["xdp"][name].as_u64().unwrap_or(0))
     }
 }
+
+/// Counter `name` of the whole daemon in an `xvdpa stats --json` snapshot: the XDP program's
+/// counter of that name plus the queue counter of that name summed over every queue pair of
+/// every port. A name found nowhere is an error, so a misspelt counter cannot read as 0.
+pub fn daemon_counter(stats: &Value, name: &str) -> Result<u64> {
+    let xdp = stats["xdp"].get(name);
+    let queues = stats["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["queues"].as_array().into_iter().flatten())
+        .filter_map(|q| q["counters"].get(name));
+    let values: Vec<u64> = xdp
+        .into_iter()
+        .chain(queues)
+        .map(|v| v.as_u64().with_context(|| format!("counter {name} is {v}")))
+        .collect::<Result<_>>()?;
+    if values.is_empty() {
+        bail!("no counter {name:?} in {stats}");
+    }
+    Ok(values.iter().sum())
+}

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::ctl::{daemon_counter, Ctl};
 use crate::lab::{Lab, NIC};
 use crate::output::{LineLog, Wait};
 
@@ -30,6 +31,8 @@ pub struct Daemon {
     child: Option<Child>,
     log: Arc<LineLog>,
     pub sockets: Vec<PathBuf>,
+    /// The control socket given with `--ctl`, if any.
+    ctl: Option<PathBuf>,
 }
 
 /// A test's directory for its sockets, removed with what is in it when dropped: keep it
@@ -78,7 +81,7 @@ impl Daemon {
             cmd.args(["taskset", "-c", &cpu.to_string()]);
         }
         cmd.arg(&bin).args(["--iface", NIC]).args(args);
-        Self::spawn_command(cmd)
+        Self::spawn_command(cmd, ctl_arg(args))
     }
 
     /// The daemon's process id.
@@ -98,10 +101,10 @@ impl Daemon {
             None => Command::new(&bin),
         };
         cmd.args(args);
-        Self::spawn_command(cmd)
+        Self::spawn_command(cmd, ctl_arg(args))
     }
 
-    fn spawn_command(mut cmd: Command) -> Result<Daemon> {
+    fn spawn_command(mut cmd: Command, ctl: Option<PathBuf>) -> Result<Daemon> {
         // RUST_LOG overrides the daemon's --log; set it only when the tester asks.
         match std::env::var("XVDPA_TEST_LOG") {
             Ok(filter) => cmd.env("RUST_LOG", filter),
@@ -116,10 +119,12 @@ impl Daemon {
             child: Some(child),
             log,
             sockets: Vec::new(),
+            ctl,
         })
     }
 
-    /// Starts a daemon serving one port and waits until it accepts frontends.
+    /// Starts a daemon serving one port and waits until it accepts frontends. Its control
+    /// socket is `ctl.sock` next to the port's socket.
     pub fn start(lab: &Lab, socket: &Path, mac: &str, extra: &[&str]) -> Result<Daemon> {
         Self::start_pinned(lab, socket, mac, extra, None)
     }
@@ -133,7 +138,9 @@ impl Daemon {
         cpu: Option<usize>,
     ) -> Result<Daemon> {
         let socket_s = socket.to_str().context("socket path")?;
-        let mut args = vec!["--socket", socket_s, "--mac", mac];
+        let ctl = socket.with_file_name("ctl.sock");
+        let ctl = ctl.to_str().context("ctl path")?;
+        let mut args = vec!["--socket", socket_s, "--mac", mac, "--ctl", ctl];
         args.extend_from_slice(extra);
         let mut d = Self::spawn_pinned(lab, &args, cpu)?;
         d.sockets.push(socket.to_path_buf());
@@ -260,25 +267,45 @@ impl Daemon {
         Ok(out)
     }
 
-    /// The value of counter `name` in the final per-queue counter lines of `log` (summed over
-    /// queue pairs), as the daemon logs them at shutdown.
-    pub fn final_counter(log: &str, name: &str) -> Option<u64> {
-        let key = format!("{name}=");
-        let mut total = None;
-        for line in log
-            .lines()
-            .filter(|l| l.contains("queue_pair=") || l.contains("xdp counters:"))
-        {
-            for word in line.split_whitespace() {
-                if let Some(v) = word.strip_prefix(&key) {
-                    if let Ok(v) = v.parse::<u64>() {
-                        *total.get_or_insert(0) += v;
-                    }
-                }
-            }
-        }
-        total
+    /// The daemon's control socket, as `xvdpa ctl` and `xvdpa stats` reach it.
+    pub fn ctl(&self) -> Result<Ctl> {
+        let path = self
+            .ctl
+            .as_ref()
+            .context("the daemon was started without --ctl")?;
+        Ok(Ctl::new(path))
     }
+
+    /// Counter `name` of the running daemon, read with `xvdpa stats --json`: an XDP program
+    /// counter, or a queue counter summed over every queue pair of every port.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        daemon_counter(&self.ctl()?.stats()?, name)
+    }
+
+    /// Counter `name` once it has reached `at_least`, or its last value if it has not within
+    /// `COUNTER_WAIT`; the caller asserts on what it gets. The datapath adds a batch to its
+    /// counters after handing the frames on, so right after traffic a counter may still be
+    /// catching up; counters only grow, so a value past `at_least` is returned at once.
+    pub fn counter_reaching(&self, name: &str, at_least: u64) -> Result<u64> {
+        let deadline = Instant::now() + COUNTER_WAIT;
+        loop {
+            let value = self.counter(name)?;
+            if value >= at_least || Instant::now() > deadline {
+                return Ok(value);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// How long [`Daemon::counter_reaching`] waits for a counter to catch up.
+const COUNTER_WAIT: Duration = Duration::from_secs(10);
+
+/// The path given with `--ctl PATH` among a daemon's arguments.
+fn ctl_arg(args: &[&str]) -> Option<PathBuf> {
+    args.windows(2)
+        .find(|w| w[0] == "--ctl")
+        .map(|w| PathBuf::from(w[1]))
 }
 
 impl Drop for Daemon {

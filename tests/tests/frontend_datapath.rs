@@ -154,15 +154,11 @@ fn unicast_from_the_wire_reaches_the_vm_at_every_size() -> Result<()> {
         &seqs[..seqs.len().min(8)]
     );
     drop(fe);
-    let log = s.daemon.stop()?;
-    ensure!(
-        Daemon::final_counter(&log, "steered") >= Some(309),
-        "xdp steered counter: {log}"
-    );
-    ensure!(
-        Daemon::final_counter(&log, "rx_packets") >= Some(309),
-        "rx_packets counter"
-    );
+    let steered = s.daemon.counter_reaching("steered", 309)?;
+    ensure!(steered >= 309, "xdp steered counter: {steered}");
+    let rx_packets = s.daemon.counter_reaching("rx_packets", 309)?;
+    ensure!(rx_packets >= 309, "rx_packets counter: {rx_packets}");
+    s.daemon.stop()?;
     Ok(())
 }
 
@@ -199,11 +195,9 @@ fn frames_larger_than_every_buffer_are_dropped_and_counted_without_mrg() -> Resu
     let small = test_frame(guest_mac(0), s.wire_mac, 2, 200);
     wire_to_vm(&s, &mut fe, &[small])?;
     drop(fe);
-    let log = s.daemon.stop()?;
-    ensure!(
-        Daemon::final_counter(&log, "rx_dropped_too_large") == Some(1),
-        "rx_dropped_too_large in:\n{log}"
-    );
+    let too_large = s.daemon.counter_reaching("rx_dropped_too_large", 1)?;
+    ensure!(too_large == 1, "rx_dropped_too_large: {too_large}");
+    s.daemon.stop()?;
     Ok(())
 }
 
@@ -237,11 +231,9 @@ fn vm_frames_reach_the_wire_direct_chained_and_indirect() -> Result<()> {
         "not every tx chain came back used"
     );
     drop(fe);
-    let log = s.daemon.stop()?;
-    ensure!(
-        Daemon::final_counter(&log, "tx_packets") == Some(sent.len() as u64),
-        "tx_packets in:\n{log}"
-    );
+    let tx_packets = s.daemon.counter_reaching("tx_packets", sent.len() as u64)?;
+    ensure!(tx_packets == sent.len() as u64, "tx_packets: {tx_packets}");
+    s.daemon.stop()?;
     Ok(())
 }
 
@@ -300,11 +292,9 @@ fn broadcast_reaches_vm_and_host_unknown_unicast_stays_with_host() -> Result<()>
         String::from_utf8_lossy(&ping.stdout)
     );
     drop(fe);
-    let log = s.daemon.stop()?;
-    ensure!(
-        Daemon::final_counter(&log, "rx_multicast") >= Some(2),
-        "rx_multicast in:\n{log}"
-    );
+    let multicast = s.daemon.counter_reaching("rx_multicast", 2)?;
+    ensure!(multicast >= 2, "rx_multicast: {multicast}");
+    s.daemon.stop()?;
     Ok(())
 }
 
@@ -397,11 +387,9 @@ fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()>
         "tx after reconnect did not reach the wire"
     );
     drop(fe);
-    let log = s.daemon.stop()?;
-    ensure!(
-        Daemon::final_counter(&log, "queue_errors") == Some(3),
-        "queue_errors in:\n{log}"
-    );
+    let queue_errors = s.daemon.counter_reaching("queue_errors", 3)?;
+    ensure!(queue_errors == 3, "queue_errors: {queue_errors}");
+    s.daemon.stop()?;
     Ok(())
 }
 
@@ -429,11 +417,9 @@ fn guest_ring_without_buffers_drops_and_counts_then_recovers() -> Result<()> {
         &[test_frame(guest_mac(0), s.wire_mac, 100, 1514)],
     )?;
     drop(fe);
-    let log = s.daemon.stop()?;
-    ensure!(
-        Daemon::final_counter(&log, "rx_dropped_guest_ring_full") == Some(6),
-        "rx_dropped_guest_ring_full in:\n{log}"
-    );
+    let ring_full = s.daemon.counter_reaching("rx_dropped_guest_ring_full", 6)?;
+    ensure!(ring_full == 6, "rx_dropped_guest_ring_full: {ring_full}");
+    s.daemon.stop()?;
     Ok(())
 }
 
@@ -500,11 +486,9 @@ fn a_driver_that_asks_for_no_interrupts_is_not_signalled() -> Result<()> {
         "no signal once interrupts were wanted again"
     );
     drop(fe);
-    let log = s.daemon.stop()?;
-    ensure!(
-        Daemon::final_counter(&log, "notifications_suppressed") >= Some(1),
-        "suppressions not counted:\n{log}"
-    );
+    let suppressed = s.daemon.counter_reaching("notifications_suppressed", 1)?;
+    ensure!(suppressed >= 1, "suppressions not counted: {suppressed}");
+    s.daemon.stop()?;
     Ok(())
 }
 
