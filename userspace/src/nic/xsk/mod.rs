@@ -1,19 +1,21 @@
 //! AF_XDP: one UMEM per NIC queue, shared by the sockets of every port on that queue.
 //!
-//! - [`umem`]: the UMEM mapping, its registration, and the [`UmemFrame`] tokens that say who
-//!   owns which frame; the only code that turns a UMEM offset into bytes.
-//! - [`queue`]: a [`NicQueue`]: one NIC queue's UMEM, its binding (an anchor socket), and the
+//! - `umem.rs`: the UMEM mapping ([`UmemArea`]), its registration ([`RegisteredUmem`]), and
+//!   the [`UmemFrame`] tokens that say who owns which frame; the only code that turns a UMEM
+//!   offset into bytes.
+//! - `queue.rs`: a [`NicQueue`]: one NIC queue's UMEM, its binding (an anchor socket), and the
 //!   fill and completion rings and frame pools that the queue's sockets share.
-//! - [`socket`]: an [`XskSocket`]: one port's rx and tx rings on a NIC queue, and the frames
-//!   it holds between batches.
+//! - `socket.rs`: an [`XskSocket`]: one port's rx and tx rings on a NIC queue, and the frames
+//!   it holds between batches ([`FrameView`] lets other ports read them until the flush).
 //!
-//! This file holds what those share: modes, errors, sizes, kernel counters.
+//! This file holds what those share: modes, errors, sizes, kernel counters. Outside the
+//! daemon, the benchmark's AF_XDP generator maps its UMEM with [`UmemArea`] too.
 
-pub mod queue;
-pub mod socket;
+mod queue;
+mod socket;
 #[cfg(test)]
 mod tests;
-pub mod umem;
+mod umem;
 
 use std::io;
 

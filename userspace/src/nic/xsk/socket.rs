@@ -195,7 +195,7 @@ impl XskSocket {
                 };
                 if self.strip_vlan {
                     // The steering program only hands a tagged port frames with its tag;
-                    // drop it here, once per frame, so the guest sees plain Ethernet.
+                    // it comes off here, once per frame, so the guest sees plain Ethernet.
                     let (start, end) = (rx.start as usize, rx.start as usize + rx.len as usize);
                     let stripped = area
                         .frame_mut(&mut rx.frame)

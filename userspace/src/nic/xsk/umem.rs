@@ -102,11 +102,6 @@ impl UmemArea {
         Ok((area, tokens))
     }
 
-    /// Bytes per frame.
-    pub fn frame_size(&self) -> u32 {
-        self.frame_size
-    }
-
     /// The address the kernel's rings name `frame` by (its offset in the UMEM).
     pub fn addr(&self, frame: &UmemFrame) -> u64 {
         u64::from(frame.index) * u64::from(self.frame_size)
@@ -131,7 +126,7 @@ impl UmemArea {
     ///
     /// # Panics
     /// If `frame` belongs to another area.
-    pub fn frame(&self, frame: &UmemFrame) -> &[u8] {
+    pub(super) fn frame(&self, frame: &UmemFrame) -> &[u8] {
         let ptr = self.frame_ptr(frame);
         // SAFETY: in bounds of the live mapping (`frame_ptr`); the shared borrow of the
         // frame's unique token rules out a `frame_mut` of it meanwhile, and the kernel does
@@ -152,7 +147,7 @@ impl UmemArea {
 
     /// `len` bytes of `frame` from `start` on: a frame's data as a ring descriptor placed it.
     /// A span outside the frame (a descriptor the kernel got wrong) reads as empty.
-    pub fn data(&self, frame: &UmemFrame, start: u32, len: u32) -> &[u8] {
+    pub(super) fn data(&self, frame: &UmemFrame, start: u32, len: u32) -> &[u8] {
         let (start, len) = (start as usize, len as usize);
         start
             .checked_add(len)
@@ -167,7 +162,7 @@ impl UmemArea {
     /// `addr` must come from the kernel's rx or completion ring of this UMEM: it names a frame
     /// that was given to the kernel (its token dropped) and that the kernel now hands back and
     /// no longer touches, so no other token for it exists.
-    pub unsafe fn reclaim(&self, addr: u64) -> Option<(UmemFrame, u32)> {
+    pub(super) unsafe fn reclaim(&self, addr: u64) -> Option<(UmemFrame, u32)> {
         let size = u64::from(self.frame_size);
         let index = u32::try_from(addr / size)
             .ok()
@@ -223,7 +218,7 @@ unsafe impl Sync for RegisteredUmem {}
 
 impl RegisteredUmem {
     /// The memory, to reach frames through their tokens.
-    pub fn area(&self) -> &UmemArea {
+    pub(super) fn area(&self) -> &UmemArea {
         &self.area
     }
 
