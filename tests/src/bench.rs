@@ -433,7 +433,8 @@ impl Generator {
     ) -> Result<Generator> {
         use std::num::NonZeroU32;
         use xdpilone::xdp::XdpDesc;
-        use xdpilone::{IfInfo, Socket, SocketConfig, Umem, UmemConfig};
+        use xdpilone::{IfInfo, Socket, SocketConfig};
+        use xvdpa::nic::xsk::UmemArea;
 
         let ns_file = std::fs::File::open(format!("/var/run/netns/{netns}"))
             .with_context(|| format!("namespace {netns}"))?;
@@ -455,70 +456,35 @@ impl Generator {
                             frame.len()
                         );
                     }
-                    let len = (FRAMES * FRAME_SIZE) as usize;
-                    // SAFETY: a fresh private anonymous mapping, unmapped by the Drop below.
-                    let area = unsafe {
-                        libc::mmap(
-                            std::ptr::null_mut(),
-                            len,
-                            libc::PROT_READ | libc::PROT_WRITE,
-                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                            -1,
-                            0,
-                        )
-                    };
-                    if area == libc::MAP_FAILED {
-                        return Err(std::io::Error::last_os_error()).context("UMEM mmap");
-                    }
-                    struct Area(*mut libc::c_void, usize);
-                    impl Drop for Area {
-                        fn drop(&mut self) {
-                            // SAFETY: unmaps the mapping made above, after the socket (declared
-                            // later, dropped earlier) is gone.
-                            unsafe { libc::munmap(self.0, self.1) };
-                        }
-                    }
-                    let area = Area(area, len);
+                    // The daemon's own UMEM type: it maps, registers and unmaps in order.
+                    let (area, mut frames) =
+                        UmemArea::new(FRAMES, FRAME_SIZE).context("UMEM mapping")?;
                     let sport = frame_sport(&frame);
-                    for i in 0..FRAMES as usize {
-                        let mut f = frame.clone();
-                        if flows > 1 && f.len() >= 36 {
+                    for (i, slot) in frames.iter_mut().enumerate() {
+                        let buf = area.frame_mut(slot);
+                        buf[..frame.len()].copy_from_slice(&frame);
+                        if flows > 1 && frame.len() >= 36 {
                             let p = (u32::from(sport) + i as u32 % flows) as u16;
-                            f[34..36].copy_from_slice(&p.to_be_bytes());
+                            buf[34..36].copy_from_slice(&p.to_be_bytes());
                         }
-                        // SAFETY: frame i lies inside the mapping; nothing else uses it yet.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                f.as_ptr(),
-                                (area.0 as *mut u8).add(i * FRAME_SIZE as usize),
-                                f.len(),
-                            )
-                        };
                     }
-                    let ptr = std::ptr::NonNull::new(area.0 as *mut u8).context("mmap")?;
-                    let slice = std::ptr::NonNull::slice_from_raw_parts(ptr, len);
-                    let config = UmemConfig {
-                        fill_size: FRAMES,
-                        complete_size: FRAMES,
-                        frame_size: FRAME_SIZE,
-                        headroom: 0,
-                        flags: 0,
-                    };
+                    // From here on the frames only go round the tx and completion rings, by
+                    // address; nothing writes them again.
+                    let free: Vec<u64> = frames.iter().map(|f| area.addr(f)).collect();
+                    let umem = area.register(FRAMES, FRAMES).context("AF_XDP UMEM")?;
                     let errno = |what: &'static str| {
                         move |e: xdpilone::Errno| {
                             anyhow::anyhow!("AF_XDP {what}: errno {}", e.get_raw())
                         }
                     };
-                    // SAFETY: the area is page aligned, sized for the frames and outlives the UMEM
-                    // (dropped after it at the end of this thread).
-                    let umem = unsafe { Umem::new(config, slice) }.map_err(errno("UMEM"))?;
                     let mut info = IfInfo::invalid();
                     info.from_ifindex(crate::netns::ifindex(&ifname)?)
                         .map_err(errno("interface"))?;
                     info.set_queue(0);
-                    let sock = Socket::with_shared(&info, &umem).map_err(errno("socket"))?;
-                    let device = umem.fq_cq(&sock).map_err(errno("rings"))?;
+                    let sock = Socket::with_shared(&info, umem.xdp()).map_err(errno("socket"))?;
+                    let device = umem.xdp().fq_cq(&sock).map_err(errno("rings"))?;
                     let user = umem
+                        .xdp()
                         .rx_tx(
                             &sock,
                             &SocketConfig {
@@ -530,13 +496,11 @@ impl Generator {
                         )
                         .map_err(errno("tx ring"))?;
                     let tx = user.map_tx().map_err(errno("tx ring mapping"))?;
-                    umem.bind(&user).map_err(errno("bind"))?;
-                    Ok(((area, umem, device, user, tx), ()))
+                    umem.xdp().bind(&user).map_err(errno("bind"))?;
+                    Ok(((umem, device, user, tx, free), ()))
                 })();
-                let (_area, _umem, mut device, _user, mut tx) = report(setup, &ready_tx)?;
-                let mut free: Vec<u64> = (0..u64::from(FRAMES))
-                    .map(|i| i * u64::from(FRAME_SIZE))
-                    .collect();
+                // Bindings drop in reverse order: the rings and socket before the UMEM.
+                let (_umem, mut device, _user, mut tx, mut free) = report(setup, &ready_tx)?;
                 let mut in_flight = 0u32;
                 while !stop2.load(Ordering::Relaxed) {
                     {

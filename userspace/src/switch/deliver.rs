@@ -5,24 +5,23 @@ use std::sync::Arc;
 
 use super::SwitchPort;
 use crate::datapath::rx::{Framing, RxScratch};
-use crate::nic::xsk::{HeldFrame, XskSocket};
+use crate::nic::xsk::{FrameView, XskSocket};
 use crate::vring::RxQueue;
 
-/// A flooded frame waiting, in its NIC buffer, to be written into another port.
+/// A flooded frame waiting, in its NIC buffer, to be written into another port. The
+/// sender's socket owns the buffer until its next flush (staged for the NIC, or held for the
+/// peers only); this is a view of it, so however many ports read it, none releases it.
 pub struct LocalFrame {
     pub to: Arc<SwitchPort>,
-    pub frame: HeldFrame,
-    /// This entry hands the buffer back after delivery. False when the buffer is also on
-    /// its way to the NIC (an untagged flood) or another entry of a tagged flood owns it.
-    pub owns: bool,
+    pub frame: FrameView,
 }
 
 /// Writes the batch's flooded frames into their ports, one lock and one notification per
-/// receiving port, then returns the frames that went nowhere else to the sender's pool.
-/// Returns how many frames were delivered.
+/// receiving port; call it before the sender's `flush_tx`, which ends the views. Returns how
+/// many frames were delivered.
 pub fn deliver_local(
     local: &mut Vec<LocalFrame>,
-    sock: &mut XskSocket,
+    sock: &XskSocket,
     scratch: &mut RxScratch,
     to_notify: &mut Vec<Arc<SwitchPort>>,
 ) -> u64 {
@@ -46,7 +45,7 @@ pub fn deliver_local(
         // A known port without a frontend has nobody to deliver to.
         let n = to
             .with_rx_queue(|rx| {
-                let frames = local[start..end].iter().map(|f| sock.held(f.frame));
+                let frames = local[start..end].iter().map(|f| sock.view(f.frame));
                 rx.deliver(frames, Framing::Bare, scratch, true, false)
             })
             .unwrap_or(0);
@@ -56,11 +55,7 @@ pub fn deliver_local(
         delivered += n;
         start = end;
     }
-    for f in local.drain(..) {
-        if f.owns {
-            sock.release(f.frame);
-        }
-    }
+    local.clear();
     delivered
 }
 

@@ -152,36 +152,21 @@ impl TxBuffers for PortTx<'_> {
                     .ports
                     .values()
                     .filter(|p| p.mac != own && p.vlan == vlan);
-                match vlan {
+                let frame = match vlan {
                     // Untagged: one buffer serves the NIC and, until the flush, the peers.
-                    None => {
-                        if let Some(frame) = self.sock.stage(len) {
-                            for p in peers {
-                                self.local.push(LocalFrame {
-                                    to: p.clone(),
-                                    frame,
-                                    owns: false,
-                                });
-                            }
-                        }
-                    }
-                    // Tagged on the NIC, untagged for the peers: the NIC gets a tagged copy.
-                    Some(vid) => {
-                        if let Some(frame) = self.sock.hold(len) {
-                            self.sock.stage_tagged_copy(frame, vid);
-                            let mut any = false;
-                            for p in peers {
-                                self.local.push(LocalFrame {
-                                    to: p.clone(),
-                                    frame,
-                                    owns: !any,
-                                });
-                                any = true;
-                            }
-                            if !any {
-                                self.sock.release(frame);
-                            }
-                        }
+                    None => self.sock.stage(len),
+                    // Tagged on the NIC, untagged for the peers: the socket holds the untagged
+                    // frame for the peers until the flush and stages a tagged copy for the NIC.
+                    Some(vid) => self.sock.hold(len).inspect(|&frame| {
+                        self.sock.stage_tagged_copy(frame, vid);
+                    }),
+                };
+                if let Some(frame) = frame {
+                    for p in peers {
+                        self.local.push(LocalFrame {
+                            to: p.clone(),
+                            frame,
+                        });
                     }
                 }
                 Ok(())

@@ -1,0 +1,135 @@
+//! AF_XDP: one UMEM per NIC queue, shared by the sockets of every port on that queue.
+//!
+//! - `umem.rs`: the UMEM mapping ([`UmemArea`]), its registration ([`RegisteredUmem`]), and
+//!   the [`UmemFrame`] tokens that say who owns which frame; the only code that turns a UMEM
+//!   offset into bytes.
+//! - `queue.rs`: a [`NicQueue`]: one NIC queue's UMEM, its binding (an anchor socket), and the
+//!   fill and completion rings and frame pools that the queue's sockets share.
+//! - `socket.rs`: an [`XskSocket`]: one port's rx and tx rings on a NIC queue, and the frames
+//!   it holds between batches ([`FrameView`] lets other ports read them until the flush).
+//!
+//! This file holds what those share: modes, errors, sizes, kernel counters. Outside the
+//! daemon, the benchmark's AF_XDP generator maps its UMEM with [`UmemArea`] too.
+
+mod queue;
+mod socket;
+#[cfg(test)]
+mod tests;
+mod umem;
+
+use std::io;
+
+pub use queue::NicQueue;
+pub use socket::{FrameView, XskSocket};
+pub use umem::{RegisteredUmem, UmemArea, UmemError, UmemFrame};
+
+/// How the socket moves frames; reported in the log at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XskMode {
+    /// The driver DMAs straight into UMEM.
+    ZeroCopy,
+    /// The kernel copies between its buffers and UMEM (veth, drivers without AF_XDP support).
+    Copy,
+}
+
+/// Which modes to try, from the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XskModeChoice {
+    /// Zero-copy where the driver supports it, else copy.
+    #[default]
+    Auto,
+    ZeroCopy,
+    Copy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XskError {
+    #[error("cannot map {bytes} bytes of UMEM: {source}")]
+    Mmap { bytes: usize, source: io::Error },
+    #[error("AF_XDP {what} on {ifname} queue {queue}: {source}")]
+    Setup {
+        what: &'static str,
+        ifname: String,
+        queue: u32,
+        source: io::Error,
+    },
+}
+
+/// Sizes of a NIC queue's UMEM and of the rings of its sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct XskGeometry {
+    /// Bytes per UMEM frame; a received or sent frame must fit one.
+    pub frame_size: u32,
+    /// Entries of the completion ring and frames of the tx pool (power of two).
+    pub ring_size: u32,
+    /// Entries of the fill ring and frames of the rx pool (power of two). Larger than the
+    /// tx side: frames waiting in the sockets' rx rings and backlogs are out of the fill ring,
+    /// and an empty fill ring makes the kernel drop (`rx_dropped_no_umem_frame`).
+    pub fill_size: u32,
+    /// Entries of each port socket's rx and tx rings (power of two).
+    pub socket_ring_size: u32,
+}
+
+impl Default for XskGeometry {
+    fn default() -> Self {
+        XskGeometry {
+            frame_size: 4096,
+            ring_size: 2048,
+            fill_size: 2048,
+            socket_ring_size: 2048,
+        }
+    }
+}
+
+impl XskGeometry {
+    /// Bytes of UMEM one NIC queue maps.
+    pub fn umem_bytes(&self) -> u64 {
+        u64::from(self.fill_size + self.ring_size) * u64::from(self.frame_size)
+    }
+}
+
+/// Counters the kernel keeps for one socket.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct XskKernelStats {
+    pub rx_dropped: u64,
+    pub rx_ring_full: u64,
+    pub rx_fill_ring_empty: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+}
+
+/// The `io::Error` for an errno xdpilone reports (it may carry it negated).
+fn errno(e: xdpilone::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.get_raw().abs())
+}
+
+/// Makes `fail(what)`, which turns an xdpilone error in step `what` of setting up a socket on
+/// `ifname` queue `queue_id` into the daemon's error.
+fn setup_error(
+    ifname: &str,
+    queue_id: u32,
+) -> impl Fn(&'static str) -> Box<dyn Fn(xdpilone::Errno) -> XskError> + '_ {
+    move |what| {
+        let ifname = ifname.to_string();
+        Box::new(move |e| XskError::Setup {
+            what,
+            ifname: ifname.clone(),
+            queue: queue_id,
+            source: errno(e),
+        })
+    }
+}
+
+/// How many receive queues the interface has (each gets its own socket).
+pub fn rx_queue_count(ifname: &str) -> io::Result<u32> {
+    let dir = format!("/sys/class/net/{ifname}/queues");
+    let n = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    Ok((n as u32).max(1))
+}
+
+/// Headroom the kernel leaves before received data; exported for sizing checks.
+/// (XDP_PACKET_HEADROOM; the UMEM itself is registered with none of its own.)
+pub const RX_HEADROOM: u32 = 256;

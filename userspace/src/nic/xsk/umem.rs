@@ -1,0 +1,229 @@
+//! The UMEM: the memory every AF_XDP socket of a NIC queue moves frames through, and who may
+//! touch which frame of it.
+//!
+//! This file is the only place where a UMEM offset becomes a slice. Frames are owned through
+//! [`UmemFrame`] tokens, which are neither `Copy` nor `Clone`: [`UmemArea::new`] makes one
+//! token per frame, holding a token is the right to read and write that frame, and giving a
+//! frame to the kernel (fill or tx ring) drops its token. A frame comes back from the kernel
+//! (rx or completion ring) as a bare address, which [`UmemArea::reclaim`] turns into a token
+//! again; that is the one step whose soundness rests on the kernel, so it is `unsafe`.
+//!
+//! Two edges, one type each: [`UmemArea`] owns the anonymous mapping (mmap, munmap and the
+//! pointer arithmetic), [`RegisteredUmem`] owns its registration with the kernel as an
+//! AF_XDP UMEM and keeps the mapping alive as long as the registration.
+
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use xdpilone::UmemConfig;
+
+/// Why a UMEM could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UmemError {
+    #[error("cannot map {bytes} bytes of UMEM: {source}")]
+    Map { bytes: usize, source: io::Error },
+    #[error("UMEM registration: {0}")]
+    Register(io::Error),
+}
+
+/// The right to one frame of one [`UmemArea`]: whoever holds it may read and write the frame,
+/// nobody else (the kernel included) touches it meanwhile.
+///
+/// Not `Copy` or `Clone`, so a frame has one owner. Dropping a token gives up the frame
+/// without returning it anywhere: that is what handing it to the kernel does, and anywhere
+/// else it is a leak that shrinks the pool, not a hazard.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UmemFrame {
+    /// Which frame of the area: it starts at `index * frame_size`.
+    index: u32,
+    /// The area it belongs to ([`UmemArea::id`]), so a token is never read against another.
+    area: u32,
+}
+
+/// Ids for [`UmemArea`]s, never reused within the process: a token outliving its area can
+/// never match a later one.
+static NEXT_AREA_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Anonymous memory for a UMEM, cut into equal frames; unmapped on drop.
+pub struct UmemArea {
+    ptr: NonNull<u8>,
+    /// Bytes mapped: `frames * frame_size`.
+    len: usize,
+    frames: u32,
+    frame_size: u32,
+    id: u32,
+}
+
+// SAFETY: the area is plain memory that this value owns; its bytes are only reached through
+// `frame`/`frame_mut`, which need the frame's unique token (a `&mut` one to write), so moving
+// the area to or sharing it with another thread cannot create a data race on them.
+unsafe impl Send for UmemArea {}
+// SAFETY: as above: `&UmemArea` hands out no byte without the frame's token.
+unsafe impl Sync for UmemArea {}
+
+impl UmemArea {
+    /// Maps `frames` frames of `frame_size` bytes each, and returns the area with a token for
+    /// every frame, in address order.
+    pub fn new(frames: u32, frame_size: u32) -> Result<(Self, Vec<UmemFrame>), UmemError> {
+        let bytes = frames as usize * frame_size as usize;
+        let fail = |source| UmemError::Map { bytes, source };
+        let id = NEXT_AREA_ID
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
+            .map_err(|_| fail(io::Error::other("every UMEM id of this process is used")))?;
+        if bytes == 0 {
+            return Err(fail(io::Error::from(io::ErrorKind::InvalidInput)));
+        }
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(ptr.cast()).expect("mmap never returns null on success");
+        let area = UmemArea {
+            ptr,
+            len: bytes,
+            frames,
+            frame_size,
+            id,
+        };
+        let tokens = (0..frames)
+            .map(|index| UmemFrame { index, area: id })
+            .collect();
+        Ok((area, tokens))
+    }
+
+    /// The address the kernel's rings name `frame` by (its offset in the UMEM).
+    pub fn addr(&self, frame: &UmemFrame) -> u64 {
+        u64::from(frame.index) * u64::from(self.frame_size)
+    }
+
+    /// Where `frame` starts in the mapping.
+    fn frame_ptr(&self, frame: &UmemFrame) -> *mut u8 {
+        // A token of another area names some other memory: reading it here would alias a
+        // frame this area's own token holder may be writing. Only a bug mixes them up.
+        assert_eq!(frame.area, self.id, "a UMEM frame used with another UMEM");
+        debug_assert!(frame.index < self.frames);
+        // SAFETY: the token was made by this area (checked above) for an index below
+        // `frames`, so the frame lies inside the mapping.
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(frame.index as usize * self.frame_size as usize)
+        }
+    }
+
+    /// The bytes of `frame`.
+    ///
+    /// # Panics
+    /// If `frame` belongs to another area.
+    pub(super) fn frame(&self, frame: &UmemFrame) -> &[u8] {
+        let ptr = self.frame_ptr(frame);
+        // SAFETY: in bounds of the live mapping (`frame_ptr`); the shared borrow of the
+        // frame's unique token rules out a `frame_mut` of it meanwhile, and the kernel does
+        // not write a frame whose token is held.
+        unsafe { std::slice::from_raw_parts(ptr, self.frame_size as usize) }
+    }
+
+    /// The bytes of `frame`, to write.
+    ///
+    /// # Panics
+    /// If `frame` belongs to another area.
+    pub fn frame_mut<'a>(&'a self, frame: &'a mut UmemFrame) -> &'a mut [u8] {
+        let ptr = self.frame_ptr(frame);
+        // SAFETY: in bounds of the live mapping (`frame_ptr`); the exclusive borrow of the
+        // frame's unique token is the only way to these bytes for as long as the slice lives.
+        unsafe { std::slice::from_raw_parts_mut(ptr, self.frame_size as usize) }
+    }
+
+    /// `len` bytes of `frame` from `start` on: a frame's data as a ring descriptor placed it.
+    /// A span outside the frame (a descriptor the kernel got wrong) reads as empty.
+    pub(super) fn data(&self, frame: &UmemFrame, start: u32, len: u32) -> &[u8] {
+        let (start, len) = (start as usize, len as usize);
+        start
+            .checked_add(len)
+            .and_then(|end| self.frame(frame).get(start..end))
+            .unwrap_or(&[])
+    }
+
+    /// Takes back the frame holding `addr`, which the kernel returned on a ring, with where
+    /// in the frame `addr` points. `None` if `addr` is outside the area.
+    ///
+    /// # Safety
+    /// `addr` must come from the kernel's rx or completion ring of this UMEM: it names a frame
+    /// that was given to the kernel (its token dropped) and that the kernel now hands back and
+    /// no longer touches, so no other token for it exists.
+    pub(super) unsafe fn reclaim(&self, addr: u64) -> Option<(UmemFrame, u32)> {
+        let size = u64::from(self.frame_size);
+        let index = u32::try_from(addr / size)
+            .ok()
+            .filter(|&i| i < self.frames)?;
+        let frame = UmemFrame {
+            index,
+            area: self.id,
+        };
+        Some((frame, (addr % size) as u32))
+    }
+
+    /// Registers the area with the kernel as an AF_XDP UMEM whose fill and completion rings
+    /// hold `fill_size` and `complete_size` entries (powers of two).
+    pub fn register(self, fill_size: u32, complete_size: u32) -> Result<RegisteredUmem, UmemError> {
+        let config = UmemConfig {
+            fill_size,
+            complete_size,
+            frame_size: self.frame_size,
+            headroom: 0,
+            flags: 0,
+        };
+        let area = NonNull::slice_from_raw_parts(self.ptr, self.len);
+        // SAFETY: the area is page aligned (fresh mmap), sized for `frames` frames, and
+        // outlives the registration: `RegisteredUmem` owns both and drops `xdp` first.
+        let xdp = unsafe { xdpilone::Umem::new(config, area) }
+            .map_err(|e| UmemError::Register(super::errno(e)))?;
+        Ok(RegisteredUmem { xdp, area: self })
+    }
+}
+
+impl Drop for UmemArea {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`. A registration using it is
+        // dropped first (`RegisteredUmem`'s field order); the kernel pins the pages of a UMEM
+        // it still uses, so a socket closing late never writes into unmapped memory.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A [`UmemArea`] registered with the kernel: the UMEM that AF_XDP sockets are made on.
+pub struct RegisteredUmem {
+    // Field order is drop order: the registration goes before the memory it names.
+    xdp: xdpilone::Umem,
+    area: UmemArea,
+}
+
+// SAFETY: xdpilone's `Umem` is neither Send nor Sync only because it keeps the area's pointer,
+// which it never dereferences for us; its other parts are an `Arc` of the fd and a `Send +
+// Sync` device set. The area itself is Send and Sync (above).
+unsafe impl Send for RegisteredUmem {}
+// SAFETY: as above; xdpilone's `Umem` methods take `&self` and synchronise internally.
+unsafe impl Sync for RegisteredUmem {}
+
+impl RegisteredUmem {
+    /// The memory, to reach frames through their tokens.
+    pub(super) fn area(&self) -> &UmemArea {
+        &self.area
+    }
+
+    /// The registration, to make and bind sockets with.
+    pub fn xdp(&self) -> &xdpilone::Umem {
+        &self.xdp
+    }
+}
