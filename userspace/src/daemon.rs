@@ -450,8 +450,9 @@ fn port_info(p: &Port) -> PortInfo {
     }
 }
 
-/// Runs the daemon until SIGINT or SIGTERM. A port that fails stops alone.
-pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+/// Runs the daemon with the XDP program `xdp_object` (see [`Steering::attach`]) until SIGINT
+/// or SIGTERM. A port that fails stops alone.
+pub fn run(config: DaemonConfig, xdp_object: &[u8]) -> Result<(), DaemonError> {
     validate(&config)?;
     let ifindex = ifindex(&config.iface)?;
     check_privileges()?;
@@ -470,7 +471,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     let ctl_listener = crate::control::bind(&config.ctl).map_err(DaemonError::Runtime)?;
 
-    let (steering, logger) = Steering::attach(&config.iface, config.xdp_mode)?;
+    let (steering, logger) = Steering::attach(xdp_object, &config.iface, config.xdp_mode)?;
     let queues = (0..rx_queues)
         .map(|q| NicQueue::open(&config.iface, ifindex, q, geometry, config.xsk_mode))
         .collect::<Result<Vec<_>, _>>()?;

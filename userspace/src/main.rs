@@ -16,6 +16,13 @@ use xvdpa::port::PortSpec;
 use xvdpa::steering::XdpModeChoice;
 use xvdpa::xsk::XskModeChoice;
 
+#[cfg(not(xvdpa_ebpf))]
+compile_error!("the XDP program is not built: run `cargo xtask build`, which installs the eBPF toolchain and builds it");
+#[cfg(not(xvdpa_ebpf))]
+const XDP_OBJECT: &[u8] = &[]; // so that the line above is the only error
+#[cfg(xvdpa_ebpf)]
+use xvdpa::steering::XDP_OBJECT;
+
 /// Software vDPA: a vhost-user-net backend whose datapath is XDP steering and AF_XDP sockets.
 ///
 /// Without a subcommand, runs the daemon on --iface with the ports given by --port (or
@@ -226,7 +233,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ctl,
         metrics,
     };
-    Ok(daemon::run(config)?)
+    Ok(daemon::run(config, XDP_OBJECT)?)
 }
 
 fn ctl(args: CtlArgs) -> anyhow::Result<()> {
