@@ -208,8 +208,8 @@ impl PortFields {
 pub struct ConfigFile {
     pub iface: Option<String>,
     pub mtu: Option<u16>,
-    pub xdp_mode: Option<XdpModeName>,
-    pub xsk_mode: Option<XskModeName>,
+    pub xdp_mode: Option<XdpModeChoice>,
+    pub xsk_mode: Option<XskModeChoice>,
     pub busy_poll: Option<bool>,
     pub ctl: Option<PathBuf>,
     pub metrics: Option<String>,
@@ -217,44 +217,6 @@ pub struct ConfigFile {
     ports: Vec<PortFields>,
     #[serde(skip)]
     pub parsed_ports: Vec<PortSpec>,
-}
-
-/// `xdp_mode` in the file, as on the command line.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum XdpModeName {
-    Auto,
-    Driver,
-    Skb,
-}
-
-impl From<XdpModeName> for XdpModeChoice {
-    fn from(m: XdpModeName) -> Self {
-        match m {
-            XdpModeName::Auto => XdpModeChoice::Auto,
-            XdpModeName::Driver => XdpModeChoice::Driver,
-            XdpModeName::Skb => XdpModeChoice::Skb,
-        }
-    }
-}
-
-/// `xsk_mode` in the file, as on the command line.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum XskModeName {
-    Auto,
-    ZeroCopy,
-    Copy,
-}
-
-impl From<XskModeName> for XskModeChoice {
-    fn from(m: XskModeName) -> Self {
-        match m {
-            XskModeName::Auto => XskModeChoice::Auto,
-            XskModeName::ZeroCopy => XskModeChoice::ZeroCopy,
-            XskModeName::Copy => XskModeChoice::Copy,
-        }
-    }
 }
 
 impl ConfigFile {
@@ -349,10 +311,7 @@ mod tests {
         assert_eq!(f.parsed_ports.len(), 2);
         assert_eq!(f.parsed_ports[1].rate_bps, Some(100_000_000));
         assert_eq!(f.parsed_ports[1].rate_pps, Some(50_000));
-        assert!(matches!(
-            XskModeChoice::from(f.xsk_mode.unwrap()),
-            XskModeChoice::Copy
-        ));
+        assert_eq!(f.xsk_mode, Some(XskModeChoice::Copy));
 
         let bad = ConfigFile::parse(
             Path::new("x.toml"),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use xvdpa::config::{self, ConfigFile, PortFields, RateValue};
@@ -66,10 +67,19 @@ struct ServeArgs {
     #[arg(long)]
     mtu: Option<u16>,
     /// How to attach XDP to the NIC [default: auto].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = mode_parser::<XdpModeChoice>([
+        PossibleValue::new("auto")
+            .help("Native (driver) mode if the driver has it, generic (skb) mode otherwise"),
+        PossibleValue::new("driver"),
+        PossibleValue::new("skb"),
+    ]))]
     xdp_mode: Option<XdpModeChoice>,
     /// How AF_XDP moves frames [default: auto].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = mode_parser::<XskModeChoice>([
+        PossibleValue::new("auto").help("Zero-copy where the driver supports it, else copy"),
+        PossibleValue::new("zero-copy"),
+        PossibleValue::new("copy"),
+    ]))]
     xsk_mode: Option<XskModeChoice>,
     /// Poll the rings continuously instead of sleeping between events, with the kernel's
     /// preferred busy polling (SO_PREFER_BUSY_POLL) on the AF_XDP sockets (a CPU per queue pair).
@@ -151,6 +161,17 @@ struct StatsArgs {
     json: bool,
 }
 
+/// A mode flag: clap offers `names` (in help and errors) and the library enum reads the one
+/// given, in the same kebab-case spelling as the config file.
+fn mode_parser<T>(names: [PossibleValue; 3]) -> impl TypedValueParser<Value = T>
+where
+    T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(names).try_map(|name| {
+        T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&name))
+    })
+}
+
 fn parse_mac(s: &str) -> Result<MacAddr, String> {
     MacAddr::parse_unicast(s).map_err(|e| e.to_string())
 }
@@ -221,14 +242,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         iface,
         ports,
         mtu: args.mtu.or(file.mtu).unwrap_or(1500),
-        xdp_mode: args
-            .xdp_mode
-            .or(file.xdp_mode.map(Into::into))
-            .unwrap_or_default(),
-        xsk_mode: args
-            .xsk_mode
-            .or(file.xsk_mode.map(Into::into))
-            .unwrap_or_default(),
+        xdp_mode: args.xdp_mode.or(file.xdp_mode).unwrap_or_default(),
+        xsk_mode: args.xsk_mode.or(file.xsk_mode).unwrap_or_default(),
         busy_poll: args.busy_poll || file.busy_poll.unwrap_or(false),
         ctl,
         metrics,

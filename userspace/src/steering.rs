@@ -22,8 +22,10 @@ pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XVDPA_EBPF_OBJE
 /// The aya-log reader of the XDP program's log records.
 pub type XdpLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// How to attach the XDP program, from the CLI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// How to attach the XDP program, as `--xdp-mode` and the config file's `xdp_mode` spell it
+/// (`auto`, `driver`, `skb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum XdpModeChoice {
     /// Native (driver) mode if the driver has it, generic (skb) mode otherwise.
     #[default]
