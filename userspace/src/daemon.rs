@@ -19,6 +19,7 @@ use crate::port::{self, Nic, Port, PortError, PortSpec};
 use crate::stats::QueueStats;
 use crate::steering::{Steering, SteeringError, XdpModeChoice};
 use crate::switch::SwitchTable;
+use crate::sync;
 use crate::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskModeChoice};
 
 /// Everything the daemon is started with.
@@ -261,11 +262,11 @@ fn queue_counters(pair: usize, stats: &QueueStats) -> QueueCounters {
 
 impl Daemon {
     fn lock_ports(&self) -> MutexGuard<'_, BTreeMap<u32, PortSlot>> {
-        self.ports.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.ports)
     }
 
     fn steering(&self) -> MutexGuard<'_, Steering> {
-        self.nic.steering.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.nic.steering)
     }
 
     /// Adds a port and starts serving it; the other ports are not touched.

@@ -25,5 +25,6 @@ pub mod protocol_shim;
 pub mod stats;
 pub mod steering;
 pub mod switch;
+pub mod sync;
 pub mod worker;
 pub mod xsk;
