@@ -13,9 +13,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use xvdpa_common::{XdpCounter, MAX_PORTS};
 
+use crate::api::{PortCounters, PortInfo, PortSpec, QueueCounters, StatsSnapshot};
 use crate::device::{MAX_MTU, SPEED_UNKNOWN};
 use crate::mac::MacAddr;
-use crate::port::{self, Nic, Port, PortError, PortSpec};
+use crate::port::{self, Nic, Port, PortError};
 use crate::stats::QueueStats;
 use crate::steering::{Steering, SteeringError, XdpModeChoice};
 use crate::switch::SwitchTable;
@@ -201,54 +202,6 @@ pub struct Daemon {
     started: Instant,
 }
 
-/// A port as `xvdpa ctl list` shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct PortInfo {
-    pub index: u32,
-    pub socket: PathBuf,
-    pub mac: String,
-    pub allow_macs: Vec<String>,
-    pub rate_pps: Option<u64>,
-    pub rate_bps: Option<u64>,
-    #[serde(default)]
-    pub vlan: Option<u16>,
-    #[serde(default = "one")]
-    pub queue_pairs: u16,
-    #[serde(default)]
-    pub promisc: bool,
-    pub state: String,
-}
-
-fn one() -> u16 {
-    1
-}
-
-/// Counters of one queue pair.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct QueueCounters {
-    pub pair: u32,
-    pub counters: BTreeMap<String, u64>,
-}
-
-/// Counters of one port.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct PortCounters {
-    pub port: PortInfo,
-    /// Frames the XDP program steered to this port (before AF_XDP).
-    pub xdp_steered: u64,
-    pub queues: Vec<QueueCounters>,
-}
-
-/// Everything `xvdpa stats` and the metrics endpoint show.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct StatsSnapshot {
-    pub iface: String,
-    pub uptime_seconds: f64,
-    /// The XDP program's counters by name, summed over CPUs.
-    pub xdp: BTreeMap<String, u64>,
-    pub ports: Vec<PortCounters>,
-}
-
 fn queue_counters(pair: usize, stats: &QueueStats) -> QueueCounters {
     QueueCounters {
         pair: pair as u32,
@@ -316,7 +269,7 @@ impl Daemon {
                 thread: Some(thread),
             },
         );
-        tracing::info!(port = index, socket = %info.socket.display(), mac = %info.mac, "port added");
+        tracing::info!(port = index, socket = %info.spec.socket.display(), mac = %info.spec.mac, "port added");
         Ok(info)
     }
 
@@ -331,7 +284,7 @@ impl Daemon {
             ports.remove(&index).expect("found above")
         };
         let info = self.stop_slot(slot);
-        tracing::info!(port = info.index, socket = %info.socket.display(), "port removed");
+        tracing::info!(port = info.index, socket = %info.spec.socket.display(), "port removed");
         Ok(info)
     }
 
@@ -439,14 +392,7 @@ fn find_port(ports: &BTreeMap<u32, PortSlot>, name: &str) -> Option<u32> {
 fn port_info(p: &Port) -> PortInfo {
     PortInfo {
         index: p.index,
-        socket: p.spec.socket.clone(),
-        mac: p.spec.mac.to_string(),
-        allow_macs: p.spec.allow_macs.iter().map(|m| m.to_string()).collect(),
-        rate_pps: p.spec.rate_pps,
-        rate_bps: p.spec.rate_bps,
-        vlan: p.spec.vlan,
-        queue_pairs: p.spec.queue_pairs,
-        promisc: p.spec.promisc,
+        spec: p.spec.clone(),
         state: p.state().to_string(),
     }
 }

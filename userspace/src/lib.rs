@@ -8,9 +8,11 @@
 //! - [`xsk`], [`packet_tap`], [`steering`]: the NIC side (AF_XDP, multicast copies, XDP);
 //! - [`switch`]: what a guest may send, and frames between two ports of the daemon;
 //! - [`worker`], [`backend`], [`port`]: vhost-user serving;
-//! - [`daemon`], [`config`], [`control`], [`metrics`]: the process around it all, its
-//!   configuration, its control socket and its Prometheus endpoint.
+//! - [`daemon`], [`config`], [`api`], [`control`], [`metrics`]: the process around it all,
+//!   its configuration, its control socket's requests and replies and the socket itself, and
+//!   its Prometheus endpoint.
 
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod control;

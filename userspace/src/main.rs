@@ -9,11 +9,11 @@ use anyhow::{bail, Context};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use xvdpa::config::{self, ConfigFile, PortFields, RateValue};
-use xvdpa::control::{self, Request};
-use xvdpa::daemon::{self, DaemonConfig, StatsSnapshot};
+use xvdpa::api::{self, PortSpec, Request, StatsSnapshot};
+use xvdpa::config::{self, ConfigFile};
+use xvdpa::control;
+use xvdpa::daemon::{self, DaemonConfig};
 use xvdpa::mac::MacAddr;
-use xvdpa::port::PortSpec;
 use xvdpa::steering::XdpModeChoice;
 use xvdpa::xsk::XskModeChoice;
 
@@ -111,33 +111,7 @@ struct CtlArgs {
 #[derive(Debug, Subcommand)]
 enum CtlCommand {
     /// Adds a port; the others keep running untouched.
-    AddPort {
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
-        #[arg(long, value_name = "MAC")]
-        mac: String,
-        /// Another source MAC the guest may send with (repeatable).
-        #[arg(long = "allow-mac", value_name = "MAC")]
-        allow_macs: Vec<String>,
-        /// Transmit limit in packets per second (k, M, G suffixes).
-        #[arg(long, value_parser = config::parse_rate)]
-        rate_pps: Option<u64>,
-        /// Transmit limit in bits per second (k, M, G suffixes).
-        #[arg(long, value_parser = config::parse_rate)]
-        rate_bps: Option<u64>,
-        /// Queue pairs offered to the guest (multiqueue above 1).
-        #[arg(long, value_parser = config::parse_queues)]
-        queues: Option<u16>,
-        /// Also deliver unicast nobody owns to the port (a promiscuous guest).
-        #[arg(long)]
-        promisc: bool,
-        /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
-        #[arg(long, value_parser = config::parse_vlan)]
-        vlan: Option<u16>,
-        /// CPUs for the queue pairs' threads, e.g. 2+3.
-        #[arg(long, value_name = "CPU+CPU...")]
-        cpus: Option<String>,
-    },
+    AddPort(AddPortArgs),
     /// Removes a port, named by its socket path, MAC or index.
     DelPort { port: String },
     /// Lists the ports.
@@ -146,6 +120,60 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `xvdpa ctl add-port`: the flags of one [`PortSpec`], checked as `--port` checks them.
+#[derive(Debug, Args)]
+struct AddPortArgs {
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: MacAddr,
+    /// Another source MAC the guest may send with (repeatable).
+    #[arg(long = "allow-mac", value_name = "MAC", value_parser = parse_mac)]
+    allow_macs: Vec<MacAddr>,
+    /// Transmit limit in packets per second (k, M, G suffixes).
+    #[arg(long, value_parser = api::parse_rate)]
+    rate_pps: Option<u64>,
+    /// Transmit limit in bits per second (k, M, G suffixes).
+    #[arg(long, value_parser = api::parse_rate)]
+    rate_bps: Option<u64>,
+    /// Queue pairs offered to the guest (multiqueue above 1).
+    #[arg(long, value_parser = api::parse_queues)]
+    queues: Option<u16>,
+    /// Also deliver unicast nobody owns to the port (a promiscuous guest).
+    #[arg(long)]
+    promisc: bool,
+    /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
+    #[arg(long, value_parser = api::parse_vlan)]
+    vlan: Option<u16>,
+    /// CPUs for the queue pairs' threads, e.g. 2+3.
+    // The full path keeps clap from reading `Vec` as a repeatable flag: one value, one list.
+    #[arg(long, value_name = "CPU+CPU...", value_parser = api::parse_cpus)]
+    cpus: Option<::std::vec::Vec<usize>>,
+}
+
+impl AddPortArgs {
+    /// The port these flags describe, its socket made absolute here: the daemon would
+    /// resolve a relative one in its own working directory.
+    fn into_spec(self) -> std::io::Result<PortSpec> {
+        let socket = if self.socket.is_relative() {
+            std::env::current_dir()?.join(self.socket)
+        } else {
+            self.socket
+        };
+        Ok(PortSpec {
+            socket,
+            mac: self.mac,
+            allow_macs: self.allow_macs,
+            rate_pps: self.rate_pps,
+            rate_bps: self.rate_bps,
+            vlan: self.vlan,
+            queue_pairs: self.queues.unwrap_or(1),
+            cpus: self.cpus.unwrap_or_default(),
+            promisc: self.promisc,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -217,7 +245,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let Some(iface) = args.iface.or(file.iface.clone()) else {
         bail!("no interface: give --iface, or iface in the --config file");
     };
-    let mut ports = file.parsed_ports.clone();
+    let mut ports = file.ports.clone();
     ports.extend(args.ports);
     if let (Some(socket), Some(mac)) = (args.socket, args.mac) {
         ports.push(PortSpec {
@@ -253,39 +281,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn ctl(args: CtlArgs) -> anyhow::Result<()> {
     let req = match args.command {
-        CtlCommand::AddPort {
-            socket,
-            mac,
-            allow_macs,
-            rate_pps,
-            rate_bps,
-            queues,
-            cpus,
-            vlan,
-            promisc,
-        } => {
-            let cpus = match cpus {
-                Some(c) => config::parse_cpus(&c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?,
-                None => Vec::new(),
-            };
-            // The daemon resolves the path in its own working directory; make it ours.
-            let socket = if socket.is_relative() {
-                std::env::current_dir()?.join(socket)
-            } else {
-                socket
-            };
-            Request::AddPort(PortFields {
-                socket,
-                mac,
-                allow_macs,
-                rate_pps: rate_pps.map(RateValue::Int),
-                rate_bps: rate_bps.map(RateValue::Int),
-                queues,
-                cpus,
-                vlan,
-                promisc,
-            })
-        }
+        CtlCommand::AddPort(port) => Request::AddPort(port.into_spec()?),
         CtlCommand::DelPort { port } => Request::DelPort { port },
         CtlCommand::List { json } => {
             let reply = control::request(&args.ctl, &Request::List)?;
@@ -298,9 +294,9 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                     println!(
                         "{:<5} {:<17} {:<12} {}",
                         p.index,
-                        p.mac,
+                        p.spec.mac.to_string(),
                         p.state,
-                        p.socket.display()
+                        p.spec.socket.display()
                     );
                 }
             }
@@ -312,8 +308,8 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         println!(
             "port {} {} {} {}",
             p.index,
-            p.mac,
-            p.socket.display(),
+            p.spec.mac,
+            p.spec.socket.display(),
             p.state
         );
     }
@@ -387,7 +383,7 @@ fn render_table(s: &StatsSnapshot, previous: Option<(&StatsSnapshot, f64)>) -> S
         let before = previous.and_then(|(prev, secs)| {
             prev.ports
                 .iter()
-                .find(|q| q.port.index == p.port.index && q.port.mac == p.port.mac)
+                .find(|q| q.port.index == p.port.index && q.port.spec.mac == p.port.spec.mac)
                 .map(|q| (q, secs))
         });
         for q in &p.queues {
@@ -417,7 +413,7 @@ fn render_table(s: &StatsSnapshot, previous: Option<(&StatsSnapshot, f64)>) -> S
                 out,
                 "{:<4} {:<17} {:<10} {:>2} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
                 p.port.index,
-                p.port.mac,
+                p.port.spec.mac.to_string(),
                 p.port.state.split(':').next().unwrap_or(""),
                 q.pair,
                 rate("rx_packets"),
