@@ -8,9 +8,13 @@
 //! - [`xsk`], [`packet_tap`], [`steering`]: the NIC side (AF_XDP, multicast copies, XDP);
 //! - [`switch`]: what a guest may send, and frames between two ports of the daemon;
 //! - [`worker`], [`backend`], [`port`]: vhost-user serving;
-//! - [`daemon`], [`config`], [`api`], [`control`], [`metrics`]: the process around it all,
-//!   its configuration, its control socket's requests and replies and the socket itself, and
-//!   its Prometheus endpoint.
+//! - [`daemon`]: the port registry of the running daemon;
+//! - [`runtime`], [`config`], [`api`], [`control`], [`metrics`]: the process around it all
+//!   (start-up, environment checks, signals), its configuration, its control socket's
+//!   requests and replies and the socket itself, and its Prometheus endpoint.
+//!
+//! Imports run one way at this edge: `runtime` uses `control` and `metrics`, which use
+//! `daemon` and `api`; `daemon` uses neither.
 
 pub mod api;
 pub mod backend;
@@ -24,6 +28,7 @@ pub mod metrics;
 pub mod packet_tap;
 pub mod port;
 pub mod protocol_shim;
+pub mod runtime;
 pub mod stats;
 pub mod steering;
 pub mod switch;

@@ -1,4 +1,5 @@
-//! `xvdpa`: the daemon, and the `ctl` and `stats` clients of its control socket.
+//! `xvdpa`: the command line of the daemon (which [`xvdpa::runtime`] runs) and of the `ctl`
+//! and `stats` clients of its control socket.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -12,8 +13,8 @@ use tracing_subscriber::EnvFilter;
 use xvdpa::api::{self, PortSpec, Request, StatsSnapshot};
 use xvdpa::config::{self, ConfigFile};
 use xvdpa::control;
-use xvdpa::daemon::{self, DaemonConfig};
 use xvdpa::mac::MacAddr;
+use xvdpa::runtime::{self, RuntimeConfig};
 use xvdpa::steering::XdpModeChoice;
 use xvdpa::xsk::XskModeChoice;
 
@@ -265,8 +266,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ctl = args
         .ctl
         .or(file.ctl.clone())
-        .unwrap_or_else(|| daemon::default_ctl_path(&ports));
-    let config = DaemonConfig {
+        .unwrap_or_else(|| runtime::default_ctl_path(&ports));
+    let config = RuntimeConfig {
         iface,
         ports,
         mtu: args.mtu.or(file.mtu).unwrap_or(1500),
@@ -276,7 +277,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ctl,
         metrics,
     };
-    Ok(daemon::run(config, XDP_OBJECT)?)
+    Ok(runtime::run(config, XDP_OBJECT)?)
 }
 
 fn ctl(args: CtlArgs) -> anyhow::Result<()> {

@@ -45,7 +45,7 @@ fn main() -> Result<()> {
     steering.add_port(cli.mac, None, 0)?;
     let queue = NicQueue::open(
         &cli.iface,
-        xvdpa::daemon::ifindex(&cli.iface)?,
+        xvdpa::runtime::ifindex(&cli.iface)?,
         0,
         XskGeometry::default(),
         XskModeChoice::Auto,
