@@ -1,20 +1,19 @@
-//! Port specifications and the TOML config file, as operators write them.
+//! The operator's input: `--port` specifications and the TOML config file.
 //!
 //! On the command line a port is `--port socket=PATH,mac=MAC[,allow-mac=MAC]...
-//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...]`; rates take k, M and G suffixes
-//! (powers of 1000). The same
-//! fields, spelled with underscores, make up a `[[port]]` table in the file given to
-//! `--config`, next to the daemon-wide settings.
+//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,promisc=on]`; rates take
+//! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
+//! a `[[port]]` table in the file given to `--config` (the serde form of
+//! [`PortSpec`]), next to the daemon-wide settings.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::datapath::device::MAX_QUEUE_PAIRS;
+use crate::api::{parse_cpus, parse_queues, parse_rate, parse_vlan, PortSpec};
 use crate::mac::{MacAddr, MacError};
 use crate::nic::steering::XdpModeChoice;
 use crate::nic::xsk::XskModeChoice;
-use crate::vhost::port::PortSpec;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -33,59 +32,8 @@ fn port_err(spec: &str, why: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Parses a rate like `250000`, `100k`, `2.5M` or `10G` (powers of 1000).
-pub fn parse_rate(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&s[..i], 1e3),
-        Some((i, 'm' | 'M')) => (&s[..i], 1e6),
-        Some((i, 'g' | 'G')) => (&s[..i], 1e9),
-        _ => (s, 1.0),
-    };
-    let v: f64 = num.parse().map_err(|_| {
-        format!("invalid rate {s:?}: expected a number with an optional k, M or G suffix")
-    })?;
-    let v = v * mult;
-    if !(1.0..1e15).contains(&v) {
-        return Err(format!(
-            "invalid rate {s:?}: must be at least 1 and below 10^15"
-        ));
-    }
-    Ok(v as u64)
-}
-
 fn mac_field(spec: &str, key: &str, value: &str) -> Result<MacAddr, ConfigError> {
     MacAddr::parse_unicast(value).map_err(|e: MacError| port_err(spec, format!("{key}: {e}")))
-}
-
-/// Parses a queue-pair count (1 to [`MAX_QUEUE_PAIRS`]).
-pub fn parse_queues(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u16>() {
-        Ok(n) if (1..=MAX_QUEUE_PAIRS).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "queues={s:?}: expected 1 to {MAX_QUEUE_PAIRS} queue pairs"
-        )),
-    }
-}
-
-/// Parses an 802.1Q VLAN ID (1 to 4094).
-pub fn parse_vlan(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u16>() {
-        Ok(v) if (1..=4094).contains(&v) => Ok(v),
-        _ => Err(format!("vlan={s:?}: expected a VLAN ID from 1 to 4094")),
-    }
-}
-
-/// Parses a CPU list for the queue pairs' threads: `2+3+4` (pair i runs on the i-th CPU,
-/// wrapping around).
-pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
-    let cpus: Result<Vec<usize>, _> = s.split('+').map(|c| c.trim().parse::<usize>()).collect();
-    match cpus {
-        Ok(c) if !c.is_empty() && c.iter().all(|&c| c < 4096) => Ok(c),
-        _ => Err(format!(
-            "cpus={s:?}: expected CPU numbers joined by '+', e.g. 2+3"
-        )),
-    }
 }
 
 /// Parses one `--port` value.
@@ -134,127 +82,23 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
     Ok(port)
 }
 
-/// A rate in the file or a control request: a number, or a string with a suffix.
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(untagged)]
-pub enum RateValue {
-    Int(u64),
-    Text(String),
-}
-
-impl RateValue {
-    fn value(&self) -> Result<u64, String> {
-        match self {
-            RateValue::Int(0) => Err("a rate must be at least 1".into()),
-            RateValue::Int(v) => Ok(*v),
-            RateValue::Text(s) => parse_rate(s),
-        }
-    }
-}
-
-/// A port as a `[[port]]` table in the config file or an `add-port` control request spell
-/// it; [`PortFields::into_spec`] checks it the same way for both.
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortFields {
-    pub socket: PathBuf,
-    pub mac: String,
-    #[serde(default)]
-    pub allow_macs: Vec<String>,
-    pub rate_pps: Option<RateValue>,
-    pub rate_bps: Option<RateValue>,
-    pub queues: Option<u16>,
-    #[serde(default)]
-    pub cpus: Vec<usize>,
-    pub vlan: Option<u16>,
-    #[serde(default)]
-    pub promisc: bool,
-}
-
-impl PortFields {
-    /// The port these fields describe, or what is wrong with them.
-    pub fn into_spec(self) -> Result<PortSpec, String> {
-        let mac = MacAddr::parse_unicast(&self.mac).map_err(|e| format!("mac: {e}"))?;
-        let allow_macs = self
-            .allow_macs
-            .iter()
-            .map(|m| MacAddr::parse_unicast(m).map_err(|e| format!("allow_macs: {e}")))
-            .collect::<Result<_, _>>()?;
-        let rate = |r: &Option<RateValue>, key: &str| {
-            r.as_ref()
-                .map(|v| v.value().map_err(|e| format!("{key}: {e}")))
-                .transpose()
-        };
-        Ok(PortSpec {
-            rate_pps: rate(&self.rate_pps, "rate_pps")?,
-            rate_bps: rate(&self.rate_bps, "rate_bps")?,
-            queue_pairs: match self.queues {
-                Some(q) => parse_queues(&q.to_string())?,
-                None => 1,
-            },
-            vlan: self.vlan.map(|v| parse_vlan(&v.to_string())).transpose()?,
-            socket: self.socket,
-            mac,
-            allow_macs,
-            cpus: self.cpus,
-            promisc: self.promisc,
-        })
-    }
-}
-
 /// The config file: every field optional, command-line flags win.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub iface: Option<String>,
     pub mtu: Option<u16>,
-    pub xdp_mode: Option<XdpModeName>,
-    pub xsk_mode: Option<XskModeName>,
+    pub xdp_mode: Option<XdpModeChoice>,
+    pub xsk_mode: Option<XskModeChoice>,
     pub busy_poll: Option<bool>,
     pub ctl: Option<PathBuf>,
     pub metrics: Option<String>,
+    /// The `[[port]]` tables, each read as a [`PortSpec`] by [`ConfigFile::parse`], which
+    /// names the one that is wrong.
     #[serde(default, rename = "port")]
-    ports: Vec<PortFields>,
+    port_tables: Vec<toml::Table>,
     #[serde(skip)]
-    pub parsed_ports: Vec<PortSpec>,
-}
-
-/// `xdp_mode` in the file, as on the command line.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum XdpModeName {
-    Auto,
-    Driver,
-    Skb,
-}
-
-impl From<XdpModeName> for XdpModeChoice {
-    fn from(m: XdpModeName) -> Self {
-        match m {
-            XdpModeName::Auto => XdpModeChoice::Auto,
-            XdpModeName::Driver => XdpModeChoice::Driver,
-            XdpModeName::Skb => XdpModeChoice::Skb,
-        }
-    }
-}
-
-/// `xsk_mode` in the file, as on the command line.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum XskModeName {
-    Auto,
-    ZeroCopy,
-    Copy,
-}
-
-impl From<XskModeName> for XskModeChoice {
-    fn from(m: XskModeName) -> Self {
-        match m {
-            XskModeName::Auto => XskModeChoice::Auto,
-            XskModeName::ZeroCopy => XskModeChoice::ZeroCopy,
-            XskModeName::Copy => XskModeChoice::Copy,
-        }
-    }
+    pub ports: Vec<PortSpec>,
 }
 
 impl ConfigFile {
@@ -273,13 +117,36 @@ impl ConfigFile {
         };
         let mut file: ConfigFile =
             toml::from_str(text).map_err(|e| parse_err(e.to_string().trim().to_string()))?;
-        for (i, p) in file.ports.iter().enumerate() {
-            let spec = p.clone().into_spec().map_err(|why| {
-                parse_err(format!("port {} ({}): {why}", i + 1, p.socket.display()))
-            })?;
-            file.parsed_ports.push(spec);
+        for (i, table) in std::mem::take(&mut file.port_tables)
+            .into_iter()
+            .enumerate()
+        {
+            let socket = match table.get("socket").and_then(toml::Value::as_str) {
+                Some(socket) => format!(" ({socket})"),
+                None => String::new(),
+            };
+            let spec = toml::Value::Table(table)
+                .try_into::<PortSpec>()
+                .map_err(|e| parse_err(format!("port {}{socket}: {}", i + 1, one_line(&e))))?;
+            file.ports.push(spec);
         }
         Ok(file)
+    }
+}
+
+/// A port table's error as `key: what is wrong`, on one line: toml names the key on a line
+/// of its own, which the checks in [`PortSpec`]'s deserializer already start with.
+fn one_line(e: &toml::de::Error) -> String {
+    let text = e.to_string();
+    let mut lines = text.trim().lines();
+    let what = lines.next().unwrap_or_default();
+    let key = lines
+        .next()
+        .and_then(|l| l.strip_prefix("in `"))
+        .and_then(|l| l.strip_suffix('`'));
+    match key {
+        Some(key) if !what.starts_with(&format!("{key}:")) => format!("{key}: {what}"),
+        _ => what.to_string(),
     }
 }
 
@@ -346,19 +213,27 @@ mod tests {
         "#;
         let f = ConfigFile::parse(Path::new("x.toml"), text).unwrap();
         assert_eq!(f.iface.as_deref(), Some("eth0"));
-        assert_eq!(f.parsed_ports.len(), 2);
-        assert_eq!(f.parsed_ports[1].rate_bps, Some(100_000_000));
-        assert_eq!(f.parsed_ports[1].rate_pps, Some(50_000));
-        assert!(matches!(
-            XskModeChoice::from(f.xsk_mode.unwrap()),
-            XskModeChoice::Copy
-        ));
+        assert_eq!(f.ports.len(), 2);
+        assert_eq!(f.ports[1].rate_bps, Some(100_000_000));
+        assert_eq!(f.ports[1].rate_pps, Some(50_000));
+        assert_eq!(f.xsk_mode, Some(XskModeChoice::Copy));
 
         let bad = ConfigFile::parse(
             Path::new("x.toml"),
             "[[port]]\nsocket = \"/a\"\nmac = \"01:00:5e:00:00:01\"\n",
         );
-        assert!(bad.unwrap_err().to_string().contains("port 1 (/a): mac"));
+        let bad = bad.unwrap_err().to_string();
+        assert!(bad.contains("port 1 (/a): mac"));
+        assert!(!bad.contains('\n'), "one line: {bad:?}");
+        let bad = ConfigFile::parse(
+            Path::new("x.toml"),
+            "[[port]]\nsocket = \"/a\"\nmac = \"52:54:00:00:00:01\"\npromisc = \"yes\"\n",
+        );
+        let bad = bad.unwrap_err().to_string();
+        assert!(
+            bad.contains("port 1 (/a): promisc: invalid type"),
+            "{bad:?}"
+        );
         let unknown = ConfigFile::parse(Path::new("x.toml"), "ifname = \"eth0\"\n");
         assert!(unknown.unwrap_err().to_string().contains("unknown field"));
     }

@@ -1,15 +1,11 @@
-//! The control socket: JSON requests, one per line, each answered by one JSON line.
+//! The control socket: [`Request`]s as JSON, one per line, each answered by one
+//! [`Response`] line (the wire form is described in [`crate::api`]), carried out on the
+//! [`Daemon`]; and [`request`], the client side `xvdpa ctl` and `xvdpa stats` use.
 //!
-//! ```text
-//! {"cmd":"add-port","socket":"/run/xvdpa/vm2.sock","mac":"52:54:00:00:00:03"}
-//! {"cmd":"del-port","port":"/run/xvdpa/vm2.sock"}      (socket path, MAC or index)
-//! {"cmd":"list"}
-//! {"cmd":"stats"}
-//! ```
-//! Replies are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. The socket is created mode
-//! 0600 and every connection's peer must be root or the daemon's own user. A bad request gets
-//! an error reply and the connection stays usable; nothing a client sends reaches the
-//! datapath except through the same checks the command line uses.
+//! The socket is created mode 0600 and every connection's peer must be root or the
+//! daemon's own user. A bad request gets an error reply and the connection stays usable;
+//! nothing a client sends reaches the datapath except through the same checks the command
+//! line uses.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -18,47 +14,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-use crate::config::PortFields;
-use crate::daemon::{Daemon, PortInfo, StatsSnapshot};
+use crate::api::{Request, Response};
+use crate::daemon::Daemon;
 use crate::vhost::port;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    AddPort(PortFields),
-    DelPort { port: String },
-    List,
-    Stats,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<PortInfo>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<PortInfo>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stats: Option<StatsSnapshot>,
-}
-
-impl Response {
-    fn error(e: impl ToString) -> Self {
-        Response {
-            ok: false,
-            error: Some(e.to_string()),
-            ..Default::default()
-        }
-    }
-}
 
 /// Creates the control socket (refusing a path a live daemon listens on), mode 0600.
 pub fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
@@ -139,16 +102,13 @@ async fn connection(stream: tokio::net::UnixStream, allowed: bool, daemon: Arc<D
 /// Carries out one request.
 pub fn handle(daemon: &Daemon, req: Request) -> Response {
     match req {
-        Request::AddPort(fields) => {
-            let spec = if fields.socket.as_os_str().is_empty() || !fields.socket.is_absolute() {
-                Err(format!(
-                    "socket: {:?} is not an absolute path",
-                    fields.socket
-                ))
+        Request::AddPort(spec) => {
+            let added = if spec.socket.as_os_str().is_empty() || !spec.socket.is_absolute() {
+                Err(format!("socket: {:?} is not an absolute path", spec.socket))
             } else {
-                fields.into_spec()
+                daemon.add_port(spec).map_err(|e| e.to_string())
             };
-            match spec.and_then(|s| daemon.add_port(s).map_err(|e| e.to_string())) {
+            match added {
                 Ok(info) => Response {
                     ok: true,
                     port: Some(info),
@@ -217,43 +177,5 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
         Err(ClientError::Refused(
             reply.error.unwrap_or_else(|| "request refused".into()),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_have_a_stable_wire_form() {
-        let r: Request = serde_json::from_str(
-            r#"{"cmd":"add-port","socket":"/a.sock","mac":"52:54:00:00:00:01"}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            r,
-            Request::AddPort(PortFields {
-                socket: "/a.sock".into(),
-                mac: "52:54:00:00:00:01".into(),
-                allow_macs: vec![],
-                rate_pps: None,
-                rate_bps: None,
-                queues: None,
-                cpus: vec![],
-                vlan: None,
-                promisc: false,
-            })
-        );
-        let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();
-        assert_eq!(r, Request::DelPort { port: "3".into() });
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(
-            r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01","speed":1}"#
-        )
-        .is_err());
-        assert_eq!(
-            serde_json::to_string(&Request::List).unwrap(),
-            r#"{"cmd":"list"}"#
-        );
     }
 }

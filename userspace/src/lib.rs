@@ -5,8 +5,11 @@
 //! is the map; the modules, from the process edge down to the per-packet path (each imports
 //! only what is below it):
 //!
-//! - [`daemon`], [`config`], [`control`], [`metrics`]: the process around it all, its
-//!   configuration, its control socket and its Prometheus endpoint;
+//! - [`runtime`]: start-up, environment checks, signals and shutdown;
+//! - [`control`], [`metrics`]: the control socket and the Prometheus endpoint;
+//! - [`daemon`]: the port registry of the running daemon;
+//! - [`config`], [`api`]: the configuration, and the control socket's requests and replies
+//!   with [`api::PortSpec`], the one description of a port;
 //! - [`vhost`]: one VM port: its vhost-user socket, the backend, the protocol shim;
 //! - [`worker`]: one queue pair's event loop, moving frames both ways;
 //! - [`switch`]: what a guest may send, and frames between two ports of the daemon;
@@ -16,6 +19,7 @@
 //!   virtqueues, with no kernel, thread or socket in sight;
 //! - [`mac`], [`stats`], [`sync`]: small vocabulary every layer uses.
 
+pub mod api;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -23,6 +27,7 @@ pub mod datapath;
 pub mod mac;
 pub mod metrics;
 pub mod nic;
+pub mod runtime;
 pub mod stats;
 pub mod switch;
 pub mod sync;

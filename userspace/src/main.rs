@@ -1,4 +1,5 @@
-//! `xvdpa`: the daemon, and the `ctl` and `stats` clients of its control socket.
+//! `xvdpa`: the command line of the daemon (which [`xvdpa::runtime`] runs) and of the `ctl`
+//! and `stats` clients of its control socket.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -6,15 +7,23 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use xvdpa::config::{self, ConfigFile, PortFields, RateValue};
-use xvdpa::control::{self, Request};
-use xvdpa::daemon::{self, DaemonConfig, StatsSnapshot};
+use xvdpa::api::{self, PortSpec, Request, StatsSnapshot};
+use xvdpa::config::{self, ConfigFile};
+use xvdpa::control;
 use xvdpa::mac::MacAddr;
 use xvdpa::nic::steering::XdpModeChoice;
 use xvdpa::nic::xsk::XskModeChoice;
-use xvdpa::vhost::port::PortSpec;
+use xvdpa::runtime::{self, RuntimeConfig};
+
+#[cfg(not(xvdpa_ebpf))]
+compile_error!("the XDP program is not built: run `cargo xtask build`, which installs the eBPF toolchain and builds it");
+#[cfg(not(xvdpa_ebpf))]
+const XDP_OBJECT: &[u8] = &[]; // so that the line above is the only error
+#[cfg(xvdpa_ebpf)]
+use xvdpa::nic::steering::XDP_OBJECT;
 
 /// Software vDPA: a vhost-user-net backend whose datapath is XDP steering and AF_XDP sockets.
 ///
@@ -59,10 +68,19 @@ struct ServeArgs {
     #[arg(long)]
     mtu: Option<u16>,
     /// How to attach XDP to the NIC [default: auto].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = mode_parser::<XdpModeChoice>([
+        PossibleValue::new("auto")
+            .help("Native (driver) mode if the driver has it, generic (skb) mode otherwise"),
+        PossibleValue::new("driver"),
+        PossibleValue::new("skb"),
+    ]))]
     xdp_mode: Option<XdpModeChoice>,
     /// How AF_XDP moves frames [default: auto].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = mode_parser::<XskModeChoice>([
+        PossibleValue::new("auto").help("Zero-copy where the driver supports it, else copy"),
+        PossibleValue::new("zero-copy"),
+        PossibleValue::new("copy"),
+    ]))]
     xsk_mode: Option<XskModeChoice>,
     /// Poll the rings continuously instead of sleeping between events, with the kernel's
     /// preferred busy polling (SO_PREFER_BUSY_POLL) on the AF_XDP sockets (a CPU per queue pair).
@@ -94,33 +112,7 @@ struct CtlArgs {
 #[derive(Debug, Subcommand)]
 enum CtlCommand {
     /// Adds a port; the others keep running untouched.
-    AddPort {
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
-        #[arg(long, value_name = "MAC")]
-        mac: String,
-        /// Another source MAC the guest may send with (repeatable).
-        #[arg(long = "allow-mac", value_name = "MAC")]
-        allow_macs: Vec<String>,
-        /// Transmit limit in packets per second (k, M, G suffixes).
-        #[arg(long, value_parser = config::parse_rate)]
-        rate_pps: Option<u64>,
-        /// Transmit limit in bits per second (k, M, G suffixes).
-        #[arg(long, value_parser = config::parse_rate)]
-        rate_bps: Option<u64>,
-        /// Queue pairs offered to the guest (multiqueue above 1).
-        #[arg(long, value_parser = config::parse_queues)]
-        queues: Option<u16>,
-        /// Also deliver unicast nobody owns to the port (a promiscuous guest).
-        #[arg(long)]
-        promisc: bool,
-        /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
-        #[arg(long, value_parser = config::parse_vlan)]
-        vlan: Option<u16>,
-        /// CPUs for the queue pairs' threads, e.g. 2+3.
-        #[arg(long, value_name = "CPU+CPU...")]
-        cpus: Option<String>,
-    },
+    AddPort(AddPortArgs),
     /// Removes a port, named by its socket path, MAC or index.
     DelPort { port: String },
     /// Lists the ports.
@@ -129,6 +121,60 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `xvdpa ctl add-port`: the flags of one [`PortSpec`], checked as `--port` checks them.
+#[derive(Debug, Args)]
+struct AddPortArgs {
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: MacAddr,
+    /// Another source MAC the guest may send with (repeatable).
+    #[arg(long = "allow-mac", value_name = "MAC", value_parser = parse_mac)]
+    allow_macs: Vec<MacAddr>,
+    /// Transmit limit in packets per second (k, M, G suffixes).
+    #[arg(long, value_parser = api::parse_rate)]
+    rate_pps: Option<u64>,
+    /// Transmit limit in bits per second (k, M, G suffixes).
+    #[arg(long, value_parser = api::parse_rate)]
+    rate_bps: Option<u64>,
+    /// Queue pairs offered to the guest (multiqueue above 1).
+    #[arg(long, value_parser = api::parse_queues)]
+    queues: Option<u16>,
+    /// Also deliver unicast nobody owns to the port (a promiscuous guest).
+    #[arg(long)]
+    promisc: bool,
+    /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
+    #[arg(long, value_parser = api::parse_vlan)]
+    vlan: Option<u16>,
+    /// CPUs for the queue pairs' threads, e.g. 2+3.
+    // The full path keeps clap from reading `Vec` as a repeatable flag: one value, one list.
+    #[arg(long, value_name = "CPU+CPU...", value_parser = api::parse_cpus)]
+    cpus: Option<::std::vec::Vec<usize>>,
+}
+
+impl AddPortArgs {
+    /// The port these flags describe, its socket made absolute here: the daemon would
+    /// resolve a relative one in its own working directory.
+    fn into_spec(self) -> std::io::Result<PortSpec> {
+        let socket = if self.socket.is_relative() {
+            std::env::current_dir()?.join(self.socket)
+        } else {
+            self.socket
+        };
+        Ok(PortSpec {
+            socket,
+            mac: self.mac,
+            allow_macs: self.allow_macs,
+            rate_pps: self.rate_pps,
+            rate_bps: self.rate_bps,
+            vlan: self.vlan,
+            queue_pairs: self.queues.unwrap_or(1),
+            cpus: self.cpus.unwrap_or_default(),
+            promisc: self.promisc,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +188,17 @@ struct StatsArgs {
     /// Print the daemon's JSON snapshot instead of a table.
     #[arg(long, conflicts_with = "watch")]
     json: bool,
+}
+
+/// A mode flag: clap offers `names` (in help and errors) and the library enum reads the one
+/// given, in the same kebab-case spelling as the config file.
+fn mode_parser<T>(names: [PossibleValue; 3]) -> impl TypedValueParser<Value = T>
+where
+    T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(names).try_map(|name| {
+        T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&name))
+    })
 }
 
 fn parse_mac(s: &str) -> Result<MacAddr, String> {
@@ -189,7 +246,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let Some(iface) = args.iface.or(file.iface.clone()) else {
         bail!("no interface: give --iface, or iface in the --config file");
     };
-    let mut ports = file.parsed_ports.clone();
+    let mut ports = file.ports.clone();
     ports.extend(args.ports);
     if let (Some(socket), Some(mac)) = (args.socket, args.mac) {
         ports.push(PortSpec {
@@ -209,61 +266,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ctl = args
         .ctl
         .or(file.ctl.clone())
-        .unwrap_or_else(|| daemon::default_ctl_path(&ports));
-    let config = DaemonConfig {
+        .unwrap_or_else(|| runtime::default_ctl_path(&ports));
+    let config = RuntimeConfig {
         iface,
         ports,
         mtu: args.mtu.or(file.mtu).unwrap_or(1500),
-        xdp_mode: args
-            .xdp_mode
-            .or(file.xdp_mode.map(Into::into))
-            .unwrap_or_default(),
-        xsk_mode: args
-            .xsk_mode
-            .or(file.xsk_mode.map(Into::into))
-            .unwrap_or_default(),
+        xdp_mode: args.xdp_mode.or(file.xdp_mode).unwrap_or_default(),
+        xsk_mode: args.xsk_mode.or(file.xsk_mode).unwrap_or_default(),
         busy_poll: args.busy_poll || file.busy_poll.unwrap_or(false),
         ctl,
         metrics,
     };
-    Ok(daemon::run(config)?)
+    Ok(runtime::run(config, XDP_OBJECT)?)
 }
 
 fn ctl(args: CtlArgs) -> anyhow::Result<()> {
     let req = match args.command {
-        CtlCommand::AddPort {
-            socket,
-            mac,
-            allow_macs,
-            rate_pps,
-            rate_bps,
-            queues,
-            cpus,
-            vlan,
-            promisc,
-        } => {
-            let cpus = match cpus {
-                Some(c) => config::parse_cpus(&c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?,
-                None => Vec::new(),
-            };
-            // The daemon resolves the path in its own working directory; make it ours.
-            let socket = if socket.is_relative() {
-                std::env::current_dir()?.join(socket)
-            } else {
-                socket
-            };
-            Request::AddPort(PortFields {
-                socket,
-                mac,
-                allow_macs,
-                rate_pps: rate_pps.map(RateValue::Int),
-                rate_bps: rate_bps.map(RateValue::Int),
-                queues,
-                cpus,
-                vlan,
-                promisc,
-            })
-        }
+        CtlCommand::AddPort(port) => Request::AddPort(port.into_spec()?),
         CtlCommand::DelPort { port } => Request::DelPort { port },
         CtlCommand::List { json } => {
             let reply = control::request(&args.ctl, &Request::List)?;
@@ -276,9 +295,9 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                     println!(
                         "{:<5} {:<17} {:<12} {}",
                         p.index,
-                        p.mac,
+                        p.spec.mac.to_string(),
                         p.state,
-                        p.socket.display()
+                        p.spec.socket.display()
                     );
                 }
             }
@@ -290,8 +309,8 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         println!(
             "port {} {} {} {}",
             p.index,
-            p.mac,
-            p.socket.display(),
+            p.spec.mac,
+            p.spec.socket.display(),
             p.state
         );
     }
@@ -365,7 +384,7 @@ fn render_table(s: &StatsSnapshot, previous: Option<(&StatsSnapshot, f64)>) -> S
         let before = previous.and_then(|(prev, secs)| {
             prev.ports
                 .iter()
-                .find(|q| q.port.index == p.port.index && q.port.mac == p.port.mac)
+                .find(|q| q.port.index == p.port.index && q.port.spec.mac == p.port.spec.mac)
                 .map(|q| (q, secs))
         });
         for q in &p.queues {
@@ -395,7 +414,7 @@ fn render_table(s: &StatsSnapshot, previous: Option<(&StatsSnapshot, f64)>) -> S
                 out,
                 "{:<4} {:<17} {:<10} {:>2} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
                 p.port.index,
-                p.port.mac,
+                p.port.spec.mac.to_string(),
                 p.port.state.split(':').next().unwrap_or(""),
                 q.pair,
                 rate("rx_packets"),

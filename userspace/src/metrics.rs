@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::daemon::{Daemon, StatsSnapshot};
+use crate::api::{PortCounters, StatsSnapshot};
+use crate::daemon::Daemon;
 
 /// Escapes a label value (backslash, quote, newline).
 fn label(v: &str) -> String {
@@ -102,13 +103,13 @@ pub fn render(s: &StatsSnapshot) -> String {
     out
 }
 
-fn port_labels(s: &StatsSnapshot, p: &crate::daemon::PortCounters) -> String {
+fn port_labels(s: &StatsSnapshot, p: &PortCounters) -> String {
     format!(
         "iface=\"{}\",port=\"{}\",mac=\"{}\",socket=\"{}\"",
         label(&s.iface),
         p.port.index,
-        label(&p.port.mac),
-        label(&p.port.socket.to_string_lossy())
+        p.port.spec.mac,
+        label(&p.port.spec.socket.to_string_lossy())
     )
 }
 
@@ -170,7 +171,8 @@ async fn respond(mut stream: tokio::net::TcpStream, daemon: Arc<Daemon>) -> std:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::{PortCounters, PortInfo, QueueCounters};
+    use crate::api::{PortInfo, PortSpec, QueueCounters};
+    use crate::mac::MacAddr;
 
     #[test]
     fn snapshot_renders_as_prometheus_text() {
@@ -181,14 +183,11 @@ mod tests {
             ports: vec![PortCounters {
                 port: PortInfo {
                     index: 0,
-                    socket: "/run/x/vm\"0.sock".into(),
-                    mac: "52:54:00:00:00:01".into(),
-                    allow_macs: vec![],
-                    rate_pps: None,
-                    rate_bps: None,
-                    vlan: None,
-                    queue_pairs: 1,
-                    promisc: false,
+                    spec: PortSpec {
+                        socket: "/run/x/vm\"0.sock".into(),
+                        mac: MacAddr::parse_unicast("52:54:00:00:00:01").unwrap(),
+                        ..Default::default()
+                    },
                     state: "connected".into(),
                 },
                 xdp_steered: 5,

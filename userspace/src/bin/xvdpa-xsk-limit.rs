@@ -14,6 +14,13 @@ use xvdpa::mac::MacAddr;
 use xvdpa::nic::steering::{Steering, XdpModeChoice};
 use xvdpa::nic::xsk::{NicQueue, XskGeometry, XskModeChoice, XskSocket};
 
+#[cfg(not(xvdpa_ebpf))]
+compile_error!("the XDP program is not built: run `cargo xtask build`, which installs the eBPF toolchain and builds it");
+#[cfg(not(xvdpa_ebpf))]
+const XDP_OBJECT: &[u8] = &[]; // so that the line above is the only error
+#[cfg(xvdpa_ebpf)]
+use xvdpa::nic::steering::XDP_OBJECT;
+
 #[derive(Parser)]
 struct Cli {
     #[arg(long)]
@@ -34,11 +41,11 @@ struct Cli {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let (mut steering, _logger) =
-        Steering::attach(&cli.iface, XdpModeChoice::Auto).context("attaching XDP")?;
+        Steering::attach(XDP_OBJECT, &cli.iface, XdpModeChoice::Auto).context("attaching XDP")?;
     steering.add_port(cli.mac, None, 0)?;
     let queue = NicQueue::open(
         &cli.iface,
-        xvdpa::daemon::ifindex(&cli.iface)?,
+        xvdpa::runtime::ifindex(&cli.iface)?,
         0,
         XskGeometry::default(),
         XskModeChoice::Auto,

@@ -12,14 +12,20 @@ use xvdpa_common::{
 
 use crate::mac::MacAddr;
 
-/// The compiled XDP program, built by `cargo xtask build` and embedded at compile time.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XVDPA_EBPF_OBJECT"));
+/// The compiled XDP program, built by `cargo xtask build` and embedded at compile time; only
+/// there when it was built (the cfg `xvdpa_ebpf`, set by `build.rs`), so the rest of the
+/// library builds and tests without the eBPF toolchain. The binaries hand it to
+/// [`Steering::attach`].
+#[cfg(xvdpa_ebpf)]
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XVDPA_EBPF_OBJECT"));
 
 /// The aya-log reader of the XDP program's log records.
 pub type XdpLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// How to attach the XDP program, from the CLI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// How to attach the XDP program, as `--xdp-mode` and the config file's `xdp_mode` spell it
+/// (`auto`, `driver`, `skb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum XdpModeChoice {
     /// Native (driver) mode if the driver has it, generic (skb) mode otherwise.
     #[default]
@@ -73,14 +79,17 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> SteeringError {
 }
 
 impl Steering {
-    /// Loads the program and attaches it to `iface`. Returns the aya-log logger too, which
-    /// must stay alive (and be polled) for as long as the program runs.
+    /// Loads the program from `object` (the ELF bytes, aligned as
+    /// `aya::include_bytes_aligned!` gives them, e.g. `XDP_OBJECT`) and attaches it to
+    /// `iface`. Returns the aya-log logger too, which must stay alive (and be polled) for as
+    /// long as the program runs.
     pub fn attach(
+        object: &[u8],
         iface: &str,
         choice: XdpModeChoice,
     ) -> Result<(Self, Option<XdpLogger>), SteeringError> {
         let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
+            .load(object)
             .map_err(SteeringError::Load)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),

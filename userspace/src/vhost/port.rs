@@ -15,8 +15,8 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::api::PortSpec;
 use crate::datapath::device::{NetConfig, DUPLEX_FULL, ETH_HLEN};
-use crate::mac::MacAddr;
 use crate::nic::packet_tap::PacketTap;
 use crate::nic::steering::SteeringError;
 use crate::nic::xsk::{XskError, XskSocket};
@@ -45,46 +45,6 @@ pub enum PortError {
     Tap { iface: String, source: io::Error },
     #[error("worker setup: {0}")]
     Worker(io::Error),
-}
-
-/// What a port is, as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortSpec {
-    pub socket: PathBuf,
-    pub mac: MacAddr,
-    /// Source MACs the guest may send with besides `mac`.
-    pub allow_macs: Vec<MacAddr>,
-    /// Transmit rate limit (a policer), packets per second.
-    pub rate_pps: Option<u64>,
-    /// Transmit rate limit (a policer), bits per second.
-    pub rate_bps: Option<u64>,
-    /// Virtqueue pairs offered to the guest (VIRTIO_NET_F_MQ above 1), one worker each.
-    pub queue_pairs: u16,
-    /// CPUs for the queue pairs' threads (pair i on `cpus[i % len]`); empty: not pinned.
-    pub cpus: Vec<usize>,
-    /// 802.1Q VLAN ID: the port's frames carry this tag on the NIC (pushed on transmit,
-    /// stripped on receive) and it switches only with ports on the same VLAN.
-    pub vlan: Option<u16>,
-    /// Also receive unicast no port and not the host owns (what a switch floods), as a
-    /// guest in promiscuous mode expects. The guest's own RX_MODE request stays in QEMU,
-    /// which keeps the control queue, so this is the operator's setting.
-    pub promisc: bool,
-}
-
-impl Default for PortSpec {
-    fn default() -> Self {
-        PortSpec {
-            socket: PathBuf::new(),
-            mac: MacAddr::default(),
-            allow_macs: Vec::new(),
-            rate_pps: None,
-            rate_bps: None,
-            queue_pairs: 1,
-            cpus: Vec::new(),
-            vlan: None,
-            promisc: false,
-        }
-    }
 }
 
 /// Where a port is in its life, for `xvdpa ctl list`.

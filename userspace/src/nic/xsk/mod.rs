@@ -32,8 +32,10 @@ pub enum XskMode {
     Copy,
 }
 
-/// Which modes to try, from the CLI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// Which modes to try, as `--xsk-mode` and the config file's `xsk_mode` spell it (`auto`,
+/// `zero-copy`, `copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum XskModeChoice {
     /// Zero-copy where the driver supports it, else copy.
     #[default]

@@ -1,0 +1,400 @@
+//! What the control socket speaks, and the one description of a port's settings.
+//!
+//! [`PortSpec`] is a port wherever it is written down: a `[[port]]` table in the config file
+//! and an `add-port` request are its serde form, `--port`'s key=value list
+//! ([`crate::config::parse_port`]) and `xvdpa ctl add-port`'s flags build one, and
+//! [`PortInfo`] shows it back with the port's index and state. Its keys are `socket`, `mac`,
+//! `allow_macs`, `rate_pps` and `rate_bps` (a number, or a string with a k, M or G suffix),
+//! `queues`, `cpus`, `vlan` and `promisc`; unknown keys are refused, and every value is
+//! checked as the command line checks it. Written back (in `add-port`, `list` and `stats`
+//! replies) the queue count is named `queue_pairs` and rates are plain numbers; both
+//! spellings of the queue count are read.
+//!
+//! The control socket takes one JSON object per line and answers each with one line:
+//! ```text
+//! {"cmd":"add-port","socket":"/run/xvdpa/vm2.sock","mac":"52:54:00:00:00:03"}
+//! {"cmd":"del-port","port":"/run/xvdpa/vm2.sock"}      (socket path, MAC or index)
+//! {"cmd":"list"}
+//! {"cmd":"stats"}
+//! ```
+//! Replies are `{"ok":true,...}` (with `port`, `ports` or `stats`) or
+//! `{"ok":false,"error":"..."}`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::datapath::device::MAX_QUEUE_PAIRS;
+use crate::mac::MacAddr;
+
+/// A port's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// The vhost-user socket; the daemon is the server.
+    pub socket: PathBuf,
+    #[serde(serialize_with = "write_mac", deserialize_with = "read_mac")]
+    pub mac: MacAddr,
+    /// Source MACs the guest may send with besides `mac`.
+    #[serde(
+        default,
+        serialize_with = "write_macs",
+        deserialize_with = "read_allow_macs"
+    )]
+    pub allow_macs: Vec<MacAddr>,
+    /// Transmit rate limit (a policer), packets per second.
+    #[serde(default, deserialize_with = "read_rate_pps")]
+    pub rate_pps: Option<u64>,
+    /// Transmit rate limit (a policer), bits per second.
+    #[serde(default, deserialize_with = "read_rate_bps")]
+    pub rate_bps: Option<u64>,
+    /// 802.1Q VLAN ID: the port's frames carry this tag on the NIC (pushed on transmit,
+    /// stripped on receive) and it switches only with ports on the same VLAN.
+    #[serde(default, deserialize_with = "read_vlan")]
+    pub vlan: Option<u16>,
+    /// Virtqueue pairs offered to the guest (VIRTIO_NET_F_MQ above 1), one worker each.
+    #[serde(
+        rename(serialize = "queue_pairs", deserialize = "queues"),
+        alias = "queue_pairs",
+        default = "one_pair",
+        deserialize_with = "read_queues"
+    )]
+    pub queue_pairs: u16,
+    /// CPUs for the queue pairs' threads (pair i on `cpus[i % len]`); empty: not pinned.
+    #[serde(default)]
+    pub cpus: Vec<usize>,
+    /// Also receive unicast no port and not the host owns (what a switch floods), as a
+    /// guest in promiscuous mode expects. The guest's own RX_MODE request stays in QEMU,
+    /// which keeps the control queue, so this is the operator's setting.
+    #[serde(default)]
+    pub promisc: bool,
+}
+
+impl Default for PortSpec {
+    fn default() -> Self {
+        PortSpec {
+            socket: PathBuf::new(),
+            mac: MacAddr::default(),
+            allow_macs: Vec::new(),
+            rate_pps: None,
+            rate_bps: None,
+            vlan: None,
+            queue_pairs: one_pair(),
+            cpus: Vec::new(),
+            promisc: false,
+        }
+    }
+}
+
+fn one_pair() -> u16 {
+    1
+}
+
+/// Parses a rate like `250000`, `100k`, `2.5M` or `10G` (powers of 1000).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1e3),
+        Some((i, 'm' | 'M')) => (&s[..i], 1e6),
+        Some((i, 'g' | 'G')) => (&s[..i], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num.parse().map_err(|_| {
+        format!("invalid rate {s:?}: expected a number with an optional k, M or G suffix")
+    })?;
+    let v = v * mult;
+    if !(1.0..1e15).contains(&v) {
+        return Err(format!(
+            "invalid rate {s:?}: must be at least 1 and below 10^15"
+        ));
+    }
+    Ok(v as u64)
+}
+
+/// Parses a queue-pair count (1 to [`MAX_QUEUE_PAIRS`]).
+pub fn parse_queues(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(n) if (1..=MAX_QUEUE_PAIRS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "queues={s:?}: expected 1 to {MAX_QUEUE_PAIRS} queue pairs"
+        )),
+    }
+}
+
+/// Parses an 802.1Q VLAN ID (1 to 4094).
+pub fn parse_vlan(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(v) if (1..=4094).contains(&v) => Ok(v),
+        _ => Err(format!("vlan={s:?}: expected a VLAN ID from 1 to 4094")),
+    }
+}
+
+/// Parses a CPU list for the queue pairs' threads: `2+3+4` (pair i runs on the i-th CPU,
+/// wrapping around).
+pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
+    let cpus: Result<Vec<usize>, _> = s.split('+').map(|c| c.trim().parse::<usize>()).collect();
+    match cpus {
+        Ok(c) if !c.is_empty() && c.iter().all(|&c| c < 4096) => Ok(c),
+        _ => Err(format!(
+            "cpus={s:?}: expected CPU numbers joined by '+', e.g. 2+3"
+        )),
+    }
+}
+
+fn write_mac<S: Serializer>(mac: &MacAddr, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(mac)
+}
+
+fn write_macs<S: Serializer>(macs: &[MacAddr], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(macs.iter().map(MacAddr::to_string))
+}
+
+fn unicast<E: serde::de::Error>(key: &str, s: &str) -> Result<MacAddr, E> {
+    MacAddr::parse_unicast(s).map_err(|e| E::custom(format!("{key}: {e}")))
+}
+
+fn read_mac<'de, D: Deserializer<'de>>(d: D) -> Result<MacAddr, D::Error> {
+    unicast("mac", &String::deserialize(d)?)
+}
+
+fn read_allow_macs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<MacAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|m| unicast("allow_macs", m))
+        .collect()
+}
+
+/// A rate as written: a number, or a string with a suffix.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "invalid rate: expected a number, or a string with an optional k, M or G suffix"
+)]
+enum RateValue {
+    Int(u64),
+    Text(String),
+}
+
+fn read_rate<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<u64>, D::Error> {
+    let in_key = |e: &dyn std::fmt::Display| D::Error::custom(format!("{key}: {e}"));
+    let value = match Option::<RateValue>::deserialize(d).map_err(|e| in_key(&e))? {
+        None => return Ok(None),
+        Some(RateValue::Int(0)) => Err("a rate must be at least 1".to_string()),
+        Some(RateValue::Int(v)) => Ok(v),
+        Some(RateValue::Text(s)) => parse_rate(&s),
+    };
+    value.map(Some).map_err(|e| in_key(&e))
+}
+
+fn read_rate_pps<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    read_rate(d, "rate_pps")
+}
+
+fn read_rate_bps<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    read_rate(d, "rate_bps")
+}
+
+fn read_queues<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    match Option::<u16>::deserialize(d)? {
+        None => Ok(one_pair()),
+        Some(q) => parse_queues(&q.to_string()).map_err(D::Error::custom),
+    }
+}
+
+fn read_vlan<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    Option::<u16>::deserialize(d)?
+        .map(|v| parse_vlan(&v.to_string()).map_err(D::Error::custom))
+        .transpose()
+}
+
+/// A port as `xvdpa ctl list` shows it: its settings, where it sits and how it is doing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortInfo {
+    pub index: u32,
+    #[serde(flatten)]
+    pub spec: PortSpec,
+    /// `waiting`, `connected`, `stopping`, `removed` or `failed: <why>`.
+    pub state: String,
+}
+
+/// Counters of one queue pair.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueCounters {
+    pub pair: u32,
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Counters of one port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortCounters {
+    pub port: PortInfo,
+    /// Frames the XDP program steered to this port (before AF_XDP).
+    pub xdp_steered: u64,
+    pub queues: Vec<QueueCounters>,
+}
+
+/// Everything `xvdpa stats` and the metrics endpoint show.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatsSnapshot {
+    pub iface: String,
+    pub uptime_seconds: f64,
+    /// The XDP program's counters by name, summed over CPUs.
+    pub xdp: BTreeMap<String, u64>,
+    pub ports: Vec<PortCounters>,
+}
+
+/// A control request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    AddPort(PortSpec),
+    /// Removes the port named by socket path, MAC or index.
+    DelPort {
+        port: String,
+    },
+    List,
+    Stats,
+}
+
+/// The reply to a request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortInfo>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<StatsSnapshot>,
+}
+
+impl Response {
+    /// A refusal saying why.
+    pub fn error(e: impl ToString) -> Self {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(s: &str) -> MacAddr {
+        MacAddr::parse_unicast(s).unwrap()
+    }
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"add-port","socket":"/a.sock","mac":"52:54:00:00:00:01"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::AddPort(PortSpec {
+                socket: "/a.sock".into(),
+                mac: mac("52:54:00:00:00:01"),
+                allow_macs: vec![],
+                rate_pps: None,
+                rate_bps: None,
+                vlan: None,
+                queue_pairs: 1,
+                cpus: vec![],
+                promisc: false,
+            })
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();
+        assert_eq!(r, Request::DelPort { port: "3".into() });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(
+            r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01","speed":1}"#
+        )
+        .is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::List).unwrap(),
+            r#"{"cmd":"list"}"#
+        );
+    }
+
+    #[test]
+    fn add_port_reads_every_key_and_checks_values() {
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01",
+                "allow_macs":["52:54:00:00:00:09"],"rate_pps":100000,"rate_bps":"2G",
+                "queues":2,"cpus":[2,3],"vlan":100,"promisc":true}"#,
+        )
+        .unwrap();
+        let spec = PortSpec {
+            socket: "/a".into(),
+            mac: mac("52:54:00:00:00:01"),
+            allow_macs: vec![mac("52:54:00:00:00:09")],
+            rate_pps: Some(100_000),
+            rate_bps: Some(2_000_000_000),
+            vlan: Some(100),
+            queue_pairs: 2,
+            cpus: vec![2, 3],
+            promisc: true,
+        };
+        assert_eq!(r, Request::AddPort(spec.clone()));
+        // What `xvdpa ctl add-port` sends reads back the same.
+        let sent = serde_json::to_string(&Request::AddPort(spec.clone())).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Request>(&sent).unwrap(),
+            Request::AddPort(spec)
+        );
+
+        let err = |body: &str| {
+            let line = format!(r#"{{"cmd":"add-port","socket":"/a",{body}}}"#);
+            serde_json::from_str::<Request>(&line)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(r#""mac":"ff:ff:ff:ff:ff:ff""#).contains("mac: invalid MAC"));
+        assert!(err(r#""mac":"52:54:00""#).contains("invalid MAC"));
+        let ok_mac = r#""mac":"52:54:00:00:00:01""#;
+        assert!(err(&format!(r#"{ok_mac},"rate_pps":0"#))
+            .contains("rate_pps: a rate must be at least 1"));
+        assert!(err(&format!(r#"{ok_mac},"rate_bps":"fast""#)).contains("rate_bps: invalid rate"));
+        assert!(err(&format!(r#"{ok_mac},"rate_bps":-1"#)).contains("rate_bps: invalid rate"));
+        assert!(err(&format!(r#"{ok_mac},"queues":17"#)).contains("1 to 16"));
+        assert!(err(&format!(r#"{ok_mac},"vlan":4095"#)).contains("1 to 4094"));
+        assert!(
+            err(&format!(r#"{ok_mac},"allow_macs":["01:00:5e:00:00:01"]"#))
+                .contains("allow_macs: invalid MAC")
+        );
+    }
+
+    #[test]
+    fn port_info_keeps_its_json_field_names() {
+        let info = PortInfo {
+            index: 2,
+            spec: PortSpec {
+                socket: "/a".into(),
+                mac: mac("52:54:00:00:00:01"),
+                rate_bps: Some(2_000_000_000),
+                queue_pairs: 2,
+                cpus: vec![1],
+                ..Default::default()
+            },
+            state: "waiting".into(),
+        };
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "index": 2, "socket": "/a", "mac": "52:54:00:00:00:01", "allow_macs": [],
+                "rate_pps": null, "rate_bps": 2_000_000_000u64, "vlan": null,
+                "queue_pairs": 2, "cpus": [1], "promisc": false, "state": "waiting",
+            })
+        );
+        assert_eq!(serde_json::from_value::<PortInfo>(json).unwrap(), info);
+    }
+}
