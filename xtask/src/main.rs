@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod bootstrap;
 mod build;
+mod fuzz_cmd;
 mod guest_image;
 mod lab_cmd;
 mod run_cmd;
@@ -59,6 +60,17 @@ enum Cmd {
     /// Benchmarks xvdpa against DPDK testpmd (vhost + AF_XDP PMDs) and the bare AF_XDP
     /// ceiling, with a kernel-side traffic generator; prints a table (needs root).
     Bench(bench_cmd::BenchArgs),
+    /// Runs the cargo-fuzz targets (userspace/fuzz/), each for `--seconds`, installing
+    /// cargo-fuzz if missing; new inputs join the committed corpus, crashes are saved under
+    /// userspace/fuzz/artifacts/.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (datapath, switch_classify, vhost_shim, config, control_request).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// The whole suite: unit, integration and QEMU end-to-end tests (needs root).
     Test {
         /// Arguments for `cargo test` (e.g. a test name filter).
@@ -84,6 +96,7 @@ fn main() {
             daemon_args,
         } => vm_cmd::vm(cmd.as_deref(), &ip, &daemon_args),
         Cmd::Test { cargo_args } => test_cmd::test(&cargo_args),
+        Cmd::Fuzz { seconds, target } => fuzz_cmd::fuzz(seconds, target.as_deref()),
         Cmd::Bench(args) => bench_cmd::bench(args),
     };
     match result {

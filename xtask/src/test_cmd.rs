@@ -7,7 +7,10 @@ use anyhow::{bail, Context, Result};
 use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, PEER_PACKAGES, VM_PACKAGES};
 use crate::say;
 use crate::util::{is_root, output, run, workspace_root};
-use crate::{build, guest_image};
+use crate::{build, fuzz_cmd, guest_image};
+
+/// How long the suite runs each fuzz target (`cargo xtask fuzz` runs them longer).
+const FUZZ_SECONDS: u64 = 10;
 
 /// Removes namespaces that test labs of an earlier, interrupted run left behind.
 fn remove_stale_test_labs() -> Result<()> {
@@ -43,6 +46,9 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
         .env("XVDPA_GUEST_KERNEL", &image.kernel)
         .env("XVDPA_GUEST_INITRD", &image.initrd);
     run(&mut cmd).context("the test suite failed")?;
+    // Every fuzz target for a short while over its committed corpus; a crash fails the suite.
+    say!("fuzzing each target for {FUZZ_SECONDS} s");
+    fuzz_cmd::fuzz_targets(fuzz_cmd::TARGETS, FUZZ_SECONDS, false)?;
     say!("all tests passed");
     Ok(())
 }

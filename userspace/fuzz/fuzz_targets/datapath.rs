@@ -1,0 +1,200 @@
+//! The descriptor walker and the copy paths, over guest memory the fuzzer writes.
+//!
+//! Guest memory is two regions with a hole between them (so rings and buffers can straddle
+//! a region's end, which sends `Chains` to virtio-queue's iterator), filled with the input;
+//! the queue's size, ring addresses and positions come from the input too. Then
+//! `datapath::tx::transmit_batch` (with a sink that routes, refuses and runs out of buffers
+//! as the input says) or `datapath::rx::deliver_batch` (with frames from the input) runs a
+//! few batches. Any panic is a bug: a guest must only be able to get a `QueueError`.
+//!
+//! Input layout (missing bytes read as zero):
+//! `[mode][size log2][desc u16][avail u16][used u16][next_avail u16][next_used u16]`
+//! `[budget][buffers][route][max_frame]` then `[frames: n, n × len u16]` (rx) and the rest
+//! is guest memory from address 0 on.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use xvdpa::datapath::rx::{deliver_batch, Framing, RxScratch, RxTally};
+use xvdpa::datapath::tx::{
+    transmit_batch, DirectFrame, Route, TxBuffers, TxDrop, TxScratch, TxTally,
+};
+use xvdpa_fuzz::Input;
+
+/// Region 0 is [0, 32 KiB), region 1 [48 KiB, 80 KiB): a 16 KiB hole between them.
+const REGION: usize = 0x8000;
+const SECOND: u64 = 0xc000;
+const MAX_QUEUE: u16 = 256;
+const NIC_FRAME: usize = 2048;
+
+/// A NIC buffer pool and a switch, both as the input says: `free` buffers, then none; every
+/// `route` decision taken from the frame's own bytes and the input's `route` byte.
+struct Sink {
+    free: usize,
+    buf: Vec<u8>,
+    route: u8,
+    routed: usize,
+    unrouted: usize,
+}
+
+impl TxBuffers for Sink {
+    fn next_buffer(&mut self) -> Option<&mut [u8]> {
+        (self.free > 0).then_some(&mut self.buf[..])
+    }
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        assert!(
+            len <= self.buf.len(),
+            "submitted more than the buffer holds"
+        );
+        if self.route & 0x40 != 0 && len % 3 == 0 {
+            return Err(TxDrop::Spoofed);
+        }
+        self.free -= 1;
+        Ok(())
+    }
+    fn route(&mut self, eth: &[u8], len: usize) -> Route {
+        assert_eq!(eth.len(), 14, "route sees exactly the Ethernet header");
+        assert!(len >= 14);
+        self.routed += 1;
+        match (self.route & 3, eth[0] & 3) {
+            (0, _) => Route::Copy,
+            (1, _) => Route::Direct(len as u32),
+            (2, 0) => Route::Drop(TxDrop::Spoofed),
+            (2, 1) => Route::Direct(eth[1].into()),
+            _ => Route::Copy,
+        }
+    }
+    fn unroute(&mut self, _len: usize) {
+        self.unrouted += 1;
+    }
+    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &[u8]) {
+        for f in frames {
+            // Both views must lie inside the arena.
+            let with = f.with_rx_header(arena);
+            assert_eq!(with.len(), 12 + f.bytes(arena).len());
+        }
+    }
+}
+
+fn memory(contents: &[u8]) -> GuestMemoryMmap {
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), REGION), (GuestAddress(SECOND), REGION)])
+            .expect("two fixed regions");
+    let first = contents.len().min(REGION);
+    mem.write_slice(&contents[..first], GuestAddress(0))
+        .expect("inside region 0");
+    let rest = &contents[first..];
+    let second = rest.len().min(REGION);
+    mem.write_slice(&rest[..second], GuestAddress(SECOND))
+        .expect("inside region 1");
+    mem
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Input(data);
+    let mode = input.u8();
+    let size = 1u16 << (input.u8() % 9); // 1 to 256, powers of two as SET_VRING_NUM allows
+    let desc = input.u16();
+    let avail = input.u16();
+    let used = input.u16();
+    let next_avail = input.u16();
+    let next_used = input.u16();
+    let budget = usize::from(input.u8() % 64) + 1;
+    let buffers = usize::from(input.u8() % 16);
+    let route = input.u8();
+    let max_frame = match input.u8() % 4 {
+        0 => 1514,
+        1 => 1518,
+        2 => 60,
+        _ => NIC_FRAME,
+    };
+    let tx = mode & 1 == 0;
+    let mrg_rxbuf = mode & 2 != 0;
+    let with_header = mode & 4 != 0;
+    // Frames for rx: a count and their lengths; their bytes are a pattern.
+    let mut frames = Vec::new();
+    if !tx {
+        for _ in 0..input.u8() % 8 {
+            let len = usize::from(input.u16() % 4096);
+            let len = if with_header { len.max(12) } else { len };
+            frames.push((0..len).map(|i| i as u8).collect::<Vec<u8>>());
+        }
+    }
+    let mem = memory(input.0);
+
+    let mut q = Queue::new(MAX_QUEUE).expect("a valid maximum size");
+    q.set_size(size);
+    // Addresses: mostly in region 0 (the u16 as it is), with mode bits moving them into
+    // region 1 or the hole.
+    let place = |a: u16, bit: u8| -> u64 {
+        if mode & bit != 0 {
+            SECOND - 0x2000 + u64::from(a)
+        } else {
+            u64::from(a)
+        }
+    };
+    let (d, a, u) = (place(desc, 0x10), place(avail, 0x20), place(used, 0x40));
+    q.set_desc_table_address(Some(d as u32), Some((d >> 32) as u32));
+    q.set_avail_ring_address(Some(a as u32), Some((a >> 32) as u32));
+    q.set_used_ring_address(Some(u as u32), Some((u >> 32) as u32));
+    q.set_event_idx(mode & 8 != 0);
+    q.set_next_avail(next_avail);
+    q.set_next_used(next_used);
+    q.set_ready(true);
+
+    if tx {
+        let mut sink = Sink {
+            free: buffers,
+            buf: vec![0; NIC_FRAME],
+            route,
+            routed: 0,
+            unrouted: 0,
+        };
+        let mut scratch = TxScratch::default();
+        for _ in 0..3 {
+            let mut tally = TxTally::default();
+            let r = transmit_batch(
+                &mem,
+                &mut q,
+                &mut sink,
+                max_frame,
+                budget,
+                &mut scratch,
+                &mut tally,
+            );
+            if r.is_err() {
+                break;
+            }
+            sink.free = buffers;
+        }
+        assert!(sink.unrouted <= sink.routed);
+    } else {
+        let framing = if with_header {
+            Framing::WithHeader
+        } else {
+            Framing::Bare
+        };
+        let mut scratch = RxScratch::default();
+        let mut left: &[Vec<u8>] = &frames;
+        for _ in 0..3 {
+            let mut tally = RxTally::default();
+            let r = deliver_batch(
+                &mem,
+                &mut q,
+                left.iter().map(|f| f.as_slice()),
+                framing,
+                mrg_rxbuf,
+                &mut scratch,
+                &mut tally,
+            );
+            match r {
+                Ok(n) => {
+                    assert!(n <= left.len(), "consumed more frames than given");
+                    left = &left[n..];
+                }
+                Err(_) => break,
+            }
+        }
+    }
+});
