@@ -44,7 +44,7 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
 fn run(
     t: &TestQueue<'_>,
     q: &mut Queue,
-    bufs: &mut VecBuffers,
+    bufs: &mut impl TxBuffers,
     budget: usize,
 ) -> (Result<TxStop, QueueError>, TxTally) {
     let mut tally = TxTally::default();
@@ -235,16 +235,7 @@ fn direct_frames_skip_nic_buffers_and_keep_their_order() {
         routed: 0,
         direct: Vec::new(),
     };
-    let mut tally = TxTally::default();
-    let r = transmit_batch(
-        &mem,
-        &mut q,
-        &mut bufs,
-        1518,
-        64,
-        &mut TxScratch::default(),
-        &mut tally,
-    );
+    let (r, tally) = run(&t, &mut q, &mut bufs, 64);
     assert_eq!(r, Ok(TxStop::RingEmpty));
     assert_eq!(bufs.routed, 5, "each frame is routed once");
     assert_eq!(bufs.nic.sent, vec![sent[1].clone()]);
@@ -326,16 +317,7 @@ fn the_header_that_was_checked_is_the_header_that_is_sent() {
             src_at: BUF_BASE + 12 + 6,
             seen_sources: Vec::new(),
         };
-        let mut tally = TxTally::default();
-        let r = transmit_batch(
-            &mem,
-            &mut q,
-            &mut bufs,
-            1518,
-            64,
-            &mut TxScratch::default(),
-            &mut tally,
-        );
+        let (r, _) = run(&t, &mut q, &mut bufs, 64);
         assert_eq!(r, Ok(TxStop::RingEmpty));
         assert_eq!(
             bufs.seen_sources,
