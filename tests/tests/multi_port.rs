@@ -364,6 +364,18 @@ fn control_socket_answers_bad_requests_with_errors_and_keeps_serving() -> Result
         std::os::unix::fs::PermissionsExt::mode(&mode)
     );
 
+    // The port's vhost-user socket: group-accessible (a QEMU running as its own user in the
+    // daemon's group), nobody else; and no helper socket or directory left beside it.
+    let port_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&s.sockets[0])?.permissions());
+    ensure!(port_mode & 0o777 == 0o660, "port socket mode {port_mode:o}");
+    let stray: Vec<_> = std::fs::read_dir(&s.dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    ensure!(stray.is_empty(), "left beside the sockets: {stray:?}");
+
     let taken = s.sockets[0].display().to_string();
     let fresh = s.dir.join("new.sock").display().to_string();
     let cases: Vec<(String, &str)> = vec![

@@ -6,3 +6,4 @@ pub mod backend;
 mod frontend_checks;
 pub mod port;
 pub mod protocol_shim;
+mod socket_file;

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ use crate::stats::QueueStats;
 use crate::switch::{RateLimit, SwitchPort, SwitchTable, TxPolicy};
 use crate::vhost::backend::{NetBackend, MAX_QUEUE_SIZE};
 use crate::vhost::protocol_shim::Shim;
+use crate::vhost::socket_file;
 use crate::worker::{QueuePairWorker, WorkerConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -174,10 +175,13 @@ pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), Po
 
 fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
     let path = &port.spec.socket;
-    let public = UnixListener::bind(path).map_err(|source| PortError::SocketPath {
-        path: path.clone(),
-        source,
-    })?;
+    // 0660: the daemon's user and group (a QEMU running as its own user in that group), nobody
+    // else. The socket has that mode before anyone can reach it.
+    let public =
+        socket_file::bind_with_mode(path, 0o660).map_err(|source| PortError::SocketPath {
+            path: path.clone(),
+            source,
+        })?;
     tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
     while !port.stopping.load(Ordering::Acquire) {
         let workers = build_workers(nic, switch, port)?;
@@ -215,7 +219,7 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
         // and a frame steered before its socket is in the map is dropped by XDP.
         let bound = bind_sockets(nic, port, &backend);
         let num_queues = 2 * backend.queue_pairs() as u32;
-        let shim = connect_library(path, port.index, &mut daemon)
+        let shim = connect_library(path, &mut daemon)
             .and_then(|library_side| {
                 Shim::start(frontend, library_side, num_queues, MAX_QUEUE_SIZE as u16)
                     .map_err(PortError::Worker)
@@ -318,23 +322,18 @@ fn build_workers(
     Ok(workers)
 }
 
-/// Hands the library its end of a private connection: it accepts on a listener bound to a
-/// hidden path next to the port's socket, which is removed as soon as the connection exists.
+/// Hands the library its end of a private connection: it accepts on a listener bound inside
+/// a fresh 0700 directory next to the port's socket, gone as soon as the connection exists,
+/// so no other local process can slip in as the library's peer.
 fn connect_library(
     path: &Path,
-    index: u32,
     daemon: &mut VhostUserDaemon<NetBackend>,
 ) -> Result<UnixStream, PortError> {
-    let inner = path.with_file_name(format!(".xvdpa-{}-{}.inner", std::process::id(), index));
-    let err = |source| PortError::SocketPath {
-        path: inner.clone(),
-        source,
-    };
-    let _ = std::fs::remove_file(&inner);
-    let listener = UnixListener::bind(&inner).map_err(err)?;
-    let ours = UnixStream::connect(&inner).map_err(err);
-    let _ = std::fs::remove_file(&inner);
-    let ours = ours?;
+    let (listener, ours) =
+        socket_file::private_pair(path).map_err(|source| PortError::SocketPath {
+            path: path.to_path_buf(),
+            source,
+        })?;
     daemon
         .start(&mut Listener::from(listener))
         .map_err(|e| vhost_err(path)(e.to_string()))?;
