@@ -16,18 +16,6 @@ use crate::datapath::device::{rx_header, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS};
 /// buffer is rarely in this CPU's cache, and the copy otherwise waits for it.
 pub(crate) const PREFETCH_AHEAD: u16 = 2;
 
-/// What happened to one frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RxOutcome {
-    /// Written to the guest, in this many buffers (chains).
-    Delivered { buffers: u16 },
-    /// The guest's ring has not enough buffers right now; nothing was consumed.
-    NoBuffers,
-    /// The frame cannot fit any buffer the guest gives without MRG_RXBUF; the chain was
-    /// put back and the frame should be dropped and counted.
-    TooLarge,
-}
-
 /// Reusable per-worker state, so the packet path does not allocate.
 #[derive(Default)]
 pub struct RxScratch {
@@ -149,33 +137,6 @@ fn fill_frame(
         scratch.used.push(t);
     }
     Ok(Fill::Delivered { chains: buffers })
-}
-
-/// Writes one frame into the guest's receive queue (a batch of one, see [`deliver_batch`]).
-pub fn deliver_frame(
-    mem: &GuestMemoryMmap,
-    queue: &mut Queue,
-    frame: &[u8],
-    mrg_rxbuf: bool,
-    scratch: &mut RxScratch,
-) -> Result<RxOutcome, QueueError> {
-    let mut tally = RxTally::default();
-    let consumed = deliver_batch(
-        mem,
-        queue,
-        [frame],
-        Framing::Bare,
-        mrg_rxbuf,
-        scratch,
-        &mut tally,
-    )?;
-    Ok(match (consumed, tally.frames) {
-        (0, _) => RxOutcome::NoBuffers,
-        (_, 0) => RxOutcome::TooLarge,
-        _ => RxOutcome::Delivered {
-            buffers: tally.buffers as u16,
-        },
-    })
 }
 
 /// Delivers frames in order until they run out or the guest's buffers do. Returns how many

@@ -76,24 +76,9 @@ impl RxQueue {
         let mem = self.mem.memory();
         let mrg_rxbuf = NegotiatedFeatures::new(self.acked.load(Ordering::Acquire)).mrg_rxbuf;
         let mut queue = RxQueueLock::new(&self.vring, &mem, &self.shared, &self.stats, mrg_rxbuf);
-        let stats = &self.stats;
-        if !queue.is_running() {
-            stats.add(&stats.rx_dropped_queue_stopped, frames.count() as u64);
-            return 0;
-        }
-        let mut pulled = 0u64;
-        let mut frames = frames.inspect(|_| pulled += 1);
         let mut tally = RxTally::default();
-        let consumed = queue.deliver(&mut frames, framing, scratch, &mut tally);
-        let left = frames.count() as u64;
-        // The guest had no buffers for what was pulled but not consumed, nor for the rest;
-        // a queue the guest just broke counts the frame that broke it as an error only.
-        if let Ok(consumed) = consumed {
-            stats.add(
-                &stats.rx_dropped_guest_ring_full,
-                pulled - consumed as u64 + left,
-            );
-        }
+        // A broken ring is logged and counted inside; the queue stays stopped until a reset.
+        let _ = queue.deliver_or_drop(frames, framing, scratch, &mut tally);
         queue.record(&tally, switched);
         if tally.frames > 0 && notify {
             queue.notify();
@@ -181,6 +166,34 @@ impl<'a> RxQueueLock<'a> {
             tracing::error!(dir = "rx", error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
         }
         result
+    }
+
+    /// Delivers every frame of `frames`: what the queue takes (see [`RxQueueLock::deliver`])
+    /// and, for the rest, a counted drop: `rx_dropped_queue_stopped` when the queue is not
+    /// running, `rx_dropped_guest_ring_full` when the guest ran out of buffers. A queue the
+    /// guest just broke counts the frame that broke it as an error only. Returns how many
+    /// were dropped.
+    pub fn deliver_or_drop<'f>(
+        &mut self,
+        frames: impl Iterator<Item = &'f [u8]>,
+        framing: Framing,
+        scratch: &mut RxScratch,
+        tally: &mut RxTally,
+    ) -> Result<u64, QueueError> {
+        let stats = self.stats;
+        if !self.is_running() {
+            let lost = frames.count() as u64;
+            stats.add(&stats.rx_dropped_queue_stopped, lost);
+            return Ok(lost);
+        }
+        let mut pulled = 0u64;
+        let mut frames = frames.inspect(|_| pulled += 1);
+        let consumed = self.deliver(&mut frames, framing, scratch, tally)?;
+        // The frame that found no buffers was pulled but not consumed; the rest never was.
+        let left = frames.count() as u64;
+        let lost = pulled - consumed as u64 + left;
+        stats.add(&stats.rx_dropped_guest_ring_full, lost);
+        Ok(lost)
     }
 
     /// Adds a round's totals to the queue's counters; `switched`: the frames came from

@@ -94,18 +94,11 @@ impl QueuePairWorker {
                     );
                 } else {
                     let before = tally.frames;
-                    let mut pulled = 0usize;
-                    let mut frames = frames.inspect(|_| pulled += 1);
-                    let delivered =
-                        queue.deliver(&mut frames, Framing::Bare, &mut self.rx_scratch, &mut tally);
-                    // What the guest had no buffers for: the frame that found none and the
-                    // rest of the batch.
-                    let left = frames.count();
-                    if let Ok(consumed) = delivered {
-                        let lost = pulled - consumed + left;
+                    let scratch = &mut self.rx_scratch;
+                    if let Ok(lost) =
+                        queue.deliver_or_drop(frames, Framing::Bare, scratch, &mut tally)
+                    {
                         guest_full = lost > 0;
-                        self.stats
-                            .add(&self.stats.rx_dropped_guest_ring_full, lost as u64);
                     }
                     self.stats
                         .add(&self.stats.rx_multicast, tally.frames - before);
