@@ -10,11 +10,13 @@
 //! - [`device`]: the virtio-net device model (features, config space, net header);
 //! - `split_ring`: the avail ring and descriptor walk, used-ring publication;
 //! - [`rx`], [`tx`]: frames into and out of the guest;
+//! - [`offload`]: checksum and segmentation offloads, checked and done in software;
 //! - [`guest_memory`]: translated, bounds-checked access to guest RAM.
 
 pub mod device;
 pub mod guest_memory;
 pub mod notify;
+pub mod offload;
 pub mod rx;
 mod split_ring;
 pub mod tx;

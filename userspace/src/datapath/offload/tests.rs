@@ -1,0 +1,405 @@
+//! The offloads against an independent implementation: every segment is compared byte for
+//! byte with the frame etherparse builds for it from scratch (its own lengths, checksums and
+//! flags), for IPv4 and IPv6, with TCP and IPv4 options, and a short last segment.
+
+use etherparse::{
+    IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv6Extensions, Ipv6FlowLabel, Ipv6Header,
+    PacketBuilder, TcpHeader,
+};
+
+use super::*;
+
+const SRC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+const DST: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+
+#[derive(Clone, Copy)]
+struct Flow {
+    ipv6: bool,
+    seq: u32,
+    id: u16,
+    fin: bool,
+    psh: bool,
+    cwr: bool,
+    ip_options: bool,
+    tcp_options: bool,
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Flow {
+            ipv6: false,
+            seq: 0xffff_f000, // wraps inside the frame
+            id: 0xfffe,       // wraps too
+            fin: false,
+            psh: true,
+            cwr: false,
+            ip_options: false,
+            tcp_options: true,
+        }
+    }
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// The frame etherparse builds for `data` with the flow's headers at sequence `seq`, id `id`.
+fn build(f: &Flow, seq: u32, id: u16, fin: bool, psh: bool, cwr: bool, data: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(40000, 5201, seq, 64240);
+    tcp.ack = true;
+    tcp.acknowledgment_number = 0x1234_5678;
+    tcp.fin = fin;
+    tcp.psh = psh;
+    tcp.cwr = cwr;
+    if f.tcp_options {
+        // NOP NOP timestamp(10): 12 bytes, as Linux sends.
+        tcp.set_options_raw(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2])
+            .unwrap();
+    }
+    let ip = if f.ipv6 {
+        let h = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Ipv6FlowLabel::try_new(0x12345).unwrap(),
+            payload_length: 0,
+            next_header: IpNumber::TCP,
+            hop_limit: 64,
+            source: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            destination: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        };
+        IpHeaders::Ipv6(h, Ipv6Extensions::default())
+    } else {
+        let mut h = Ipv4Header::new(0, 64, IpNumber::TCP, [10, 0, 0, 1], [10, 0, 0, 2]).unwrap();
+        h.identification = id;
+        h.dont_fragment = true;
+        if f.ip_options {
+            h.options = etherparse::Ipv4Options::try_from(&[1u8, 1, 1, 0][..]).unwrap();
+        }
+        IpHeaders::Ipv4(h, Ipv4Extensions::default())
+    };
+    let builder = PacketBuilder::ethernet2(SRC, DST).ip(ip).tcp_header(tcp);
+    let mut out = Vec::with_capacity(builder.size(data.len()));
+    builder.write(&mut out, data).unwrap();
+    out
+}
+
+fn segment_all(frame: &[u8], plan: &TsoPlan) -> Vec<Vec<u8>> {
+    (0..plan.segments())
+        .map(|i| {
+            let mut out = vec![0u8; plan.segment_len(i)];
+            let n = plan.write_segment(frame, i, &mut out);
+            out.truncate(n);
+            out
+        })
+        .collect()
+}
+
+fn all() -> Offloads {
+    Offloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        ecn: true,
+    }
+}
+
+fn tso_header(ipv6: bool, mss: u16) -> NetHeader {
+    NetHeader {
+        flags: F_NEEDS_CSUM,
+        gso_type: if ipv6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        hdr_len: 0,
+        gso_size: mss,
+        csum_start: 34,
+        csum_offset: 16,
+    }
+}
+
+/// Segments a frame of `len` payload bytes and compares with etherparse's segments.
+fn check_segmentation(f: Flow, len: usize, mss: usize) {
+    let data = payload(len);
+    let big = build(&f, f.seq, f.id, f.fin, f.psh, f.cwr, &data);
+    let mut hdr = tso_header(f.ipv6, mss as u16);
+    if f.cwr {
+        hdr.gso_type |= GSO_ECN;
+    }
+    let Ok(Offload::Tso(plan)) = classify(&hdr, &big, all()) else {
+        panic!("not a TSO plan");
+    };
+    let segs = segment_all(&big, &plan);
+    let chunks: Vec<&[u8]> = data.chunks(mss).collect();
+    assert_eq!(segs.len(), chunks.len());
+    for (i, (seg, chunk)) in segs.iter().zip(&chunks).enumerate() {
+        let last = i + 1 == chunks.len();
+        let seq = f.seq.wrapping_add((i * mss) as u32);
+        let id = f.id.wrapping_add(i as u16);
+        let want = build(
+            &f,
+            seq,
+            id,
+            f.fin && last,
+            f.psh && last,
+            f.cwr && i == 0,
+            chunk,
+        );
+        assert_eq!(seg, &want, "segment {i} of {}", segs.len());
+    }
+}
+
+#[test]
+fn ipv4_segments_match_an_independent_builder() {
+    check_segmentation(Flow::default(), 10_000, 1448);
+    check_segmentation(Flow::default(), 1448 * 4, 1448);
+    check_segmentation(Flow::default(), 65_000, 1448);
+}
+
+#[test]
+fn ipv6_segments_match_an_independent_builder() {
+    let f = Flow {
+        ipv6: true,
+        ..Flow::default()
+    };
+    check_segmentation(f, 10_000, 1428);
+    check_segmentation(f, 3, 1428);
+}
+
+#[test]
+fn fin_and_psh_only_on_the_last_segment_cwr_only_on_the_first() {
+    let f = Flow {
+        fin: true,
+        psh: true,
+        cwr: true,
+        ..Flow::default()
+    };
+    check_segmentation(f, 5000, 1000);
+}
+
+#[test]
+fn ip_options_and_no_tcp_options_are_carried() {
+    let f = Flow {
+        ip_options: true,
+        tcp_options: false,
+        ..Flow::default()
+    };
+    check_segmentation(f, 4000, 1460);
+}
+
+#[test]
+fn a_frame_with_no_payload_is_one_segment() {
+    let f = Flow::default();
+    let big = build(&f, 1, 1, false, false, false, &[]);
+    let Ok(Offload::Tso(plan)) = classify(&tso_header(false, 1448), &big, all()) else {
+        panic!()
+    };
+    assert_eq!(plan.segments(), 1);
+    assert_eq!(segment_all(&big, &plan), vec![big]);
+}
+
+#[test]
+fn a_completed_checksum_equals_the_one_etherparse_computes() {
+    let f = Flow::default();
+    let mut frame = build(&f, 7, 9, false, true, false, &payload(333));
+    let want = frame.clone();
+    // What a guest sends: the pseudo-header sum, not inverted, in the checksum field.
+    let tcp_len = frame.len() - 34;
+    let pseudo = checksum::fold(checksum::pseudo_header(
+        &frame[26..30],
+        &frame[30..34],
+        6,
+        tcp_len,
+    ));
+    frame[50..52].copy_from_slice(&pseudo.to_be_bytes());
+    let hdr = NetHeader {
+        flags: F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..NetHeader::default()
+    };
+    let offload = classify(&hdr, &frame, all()).unwrap();
+    assert_eq!(
+        offload,
+        Offload::Checksum {
+            start: 34,
+            offset: 16
+        }
+    );
+    complete_checksum(&mut frame, &offload);
+    assert_eq!(frame, want);
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let f = Flow::default();
+    let big = build(&f, 1, 1, false, false, false, &payload(3000));
+    let refuse = |hdr: NetHeader, frame: &[u8], allowed: Offloads| classify(&hdr, frame, allowed);
+
+    // Not negotiated.
+    let none = Offloads::default();
+    assert_eq!(
+        refuse(tso_header(false, 1448), &big, none),
+        Err(BadOffload::NotNegotiated)
+    );
+    let csum = NetHeader {
+        flags: F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..NetHeader::default()
+    };
+    assert_eq!(refuse(csum, &big, none), Err(BadOffload::NotNegotiated));
+    let no_ecn = Offloads {
+        ecn: false,
+        ..all()
+    };
+    let mut ecn = tso_header(false, 1448);
+    ecn.gso_type |= GSO_ECN;
+    assert_eq!(refuse(ecn, &big, no_ecn), Err(BadOffload::NotNegotiated));
+    let v4_only = Offloads {
+        tso6: false,
+        ..all()
+    };
+    assert_eq!(
+        refuse(tso_header(true, 1448), &big, v4_only),
+        Err(BadOffload::NotNegotiated)
+    );
+
+    // Checksum field outside the frame, or inside the Ethernet header.
+    for (start, offset) in [
+        (34, 60_000),
+        (u16::MAX, 16),
+        (4, 0),
+        (big.len() as u16 - 1, 0),
+    ] {
+        let h = NetHeader {
+            csum_start: start,
+            csum_offset: offset,
+            ..csum
+        };
+        assert_eq!(
+            refuse(h, &big, all()),
+            Err(BadOffload::ChecksumOutsideFrame),
+            "{start}+{offset}"
+        );
+    }
+
+    // gso_size 0, UDP, unknown types.
+    assert_eq!(
+        refuse(tso_header(false, 0), &big, all()),
+        Err(BadOffload::ZeroGsoSize)
+    );
+    for t in [GSO_UDP, 2, 5, 0x7f, GSO_ECN] {
+        let h = NetHeader {
+            gso_type: t,
+            ..tso_header(false, 1448)
+        };
+        assert_eq!(
+            refuse(h, &big, all()),
+            Err(BadOffload::GsoType),
+            "gso_type {t}"
+        );
+    }
+
+    // An IPv4 frame sent as TCPV6, and the other way.
+    assert_eq!(
+        refuse(tso_header(true, 1448), &big, all()),
+        Err(BadOffload::NotTcp)
+    );
+
+    // Not TCP.
+    let mut udp = big.clone();
+    udp[23] = 17;
+    assert_eq!(
+        refuse(tso_header(false, 1448), &udp, all()),
+        Err(BadOffload::NotTcp)
+    );
+
+    // Fragments, a bad IHL, a length past the frame.
+    let mut frag = big.clone();
+    frag[20] |= 0x20; // MF
+    assert_eq!(
+        refuse(tso_header(false, 1448), &frag, all()),
+        Err(BadOffload::IpHeader)
+    );
+    let mut ihl = big.clone();
+    ihl[14] = 0x44;
+    assert_eq!(
+        refuse(tso_header(false, 1448), &ihl, all()),
+        Err(BadOffload::IpHeader)
+    );
+    let mut long = big.clone();
+    long[16..18].copy_from_slice(&(big.len() as u16).to_be_bytes());
+    assert_eq!(
+        refuse(tso_header(false, 1448), &long, all()),
+        Err(BadOffload::IpHeader)
+    );
+
+    // A TCP header longer than the packet; truncated frames at every length.
+    let short = build(&f, 1, 1, false, false, false, &[]);
+    let mut doff = short.clone();
+    doff[46] = 0xf0;
+    assert_eq!(
+        refuse(tso_header(false, 1448), &doff, all()),
+        Err(BadOffload::TcpHeader)
+    );
+    for len in 0..short.len() {
+        assert!(
+            refuse(tso_header(false, 1448), &short[..len], all()).is_err(),
+            "{len}"
+        );
+    }
+
+    // IPv6 extension headers.
+    let v6 = Flow { ipv6: true, ..f };
+    let mut ext = build(&v6, 1, 1, false, false, false, &payload(3000));
+    ext[20] = 0; // hop-by-hop
+    assert_eq!(
+        refuse(tso_header(true, 1448), &ext, all()),
+        Err(BadOffload::IpHeader)
+    );
+
+    // More segments than one frame may become.
+    assert_eq!(
+        refuse(tso_header(false, 1), &big, all()),
+        Err(BadOffload::TooManySegments)
+    );
+}
+
+#[test]
+fn receivers_accept_what_they_negotiated() {
+    let f = Flow::default();
+    let big = build(&f, 1, 1, false, false, false, &payload(3000));
+    let tso = classify(&tso_header(false, 1448), &big, all()).unwrap();
+    assert!(all().accept(&tso));
+    assert!(!Offloads {
+        csum: false,
+        ..all()
+    }
+    .accept(&tso));
+    assert!(!Offloads {
+        tso4: false,
+        ..all()
+    }
+    .accept(&tso));
+    assert!(Offloads {
+        tso6: false,
+        ..all()
+    }
+    .accept(&tso));
+    assert!(Offloads::default().accept(&Offload::None));
+    assert!(!Offloads::default().accept(&Offload::Checksum {
+        start: 34,
+        offset: 16
+    }));
+}
+
+#[test]
+fn headers_round_trip() {
+    let h = NetHeader {
+        flags: 1,
+        gso_type: 4,
+        hdr_len: 74,
+        gso_size: 1428,
+        csum_start: 54,
+        csum_offset: 16,
+    };
+    let b = h.to_bytes(3);
+    assert_eq!(NetHeader::parse(&b), h);
+    assert_eq!(u16::from_le_bytes([b[10], b[11]]), 3);
+}
