@@ -49,6 +49,8 @@ pub struct GuestConfig {
     pub allow_reboot: bool,
     /// Virtqueue pairs (`queues=` and `mq=on` above 1) and as many vCPUs.
     pub queue_pairs: u16,
+    /// More `virtio-net-pci` properties, e.g. `,csum=off,host_tso4=off` (empty for none).
+    pub device_props: String,
 }
 
 /// QEMU's command line for `config`, with this platform's work-arounds in one place:
@@ -98,7 +100,10 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
         "-netdev",
         &netdev,
         "-device",
-        &format!("virtio-net-pci,netdev=n0,mac={},vectors=0{mq}", config.mac),
+        &format!(
+            "virtio-net-pci,netdev=n0,mac={},vectors=0{mq}{}",
+            config.mac, config.device_props
+        ),
     ]
     .iter()
     .map(|s| s.to_string())

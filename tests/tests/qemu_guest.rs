@@ -47,6 +47,7 @@ fn config(b: &Bench, script: &str) -> GuestConfig {
         script: Some(script.to_string()),
         reconnect: None,
         allow_reboot: false,
+        device_props: String::new(),
         queue_pairs: 1,
     }
 }
@@ -128,6 +129,7 @@ fn traffic_script(tag: &str) -> String {
     let w = lab::WIRE_IP;
     format!(
         "read go\n\
+         echo \"{tag}-FEATURES $(cat /sys/class/net/eth0/device/features)\"\n\
          ping -c 3 -W 5 {w} || exit 11\n\
          ping -c 2 -W 5 -s 1472 {w} || exit 12\n\
          dd if=/dev/urandom of=/tmp/up bs=65536 count={blocks} 2>/dev/null\n\
@@ -141,7 +143,8 @@ fn traffic_script(tag: &str) -> String {
 }
 
 /// One round of traffic with a guest that runs [`traffic_script`]: wire pings the guest, then
-/// TCP both ways, checksums compared at the far ends.
+/// TCP both ways, checksums compared at the far ends. Returns the virtio features the guest's
+/// driver negotiated, as its sysfs shows them (one '0'/'1' per bit, bit 0 first).
 /// `booting`: the guest is (re)booting and its ready marker comes first.
 fn traffic_round(
     b: &Bench,
@@ -149,7 +152,7 @@ fn traffic_round(
     tag: &str,
     from_line: usize,
     booting: bool,
-) -> Result<()> {
+) -> Result<String> {
     if booting {
         let t0 = Instant::now();
         guest.wait_for_from(READY_MARKER, from_line, BOOT)?;
@@ -173,6 +176,12 @@ fn traffic_round(
     guest.send_line("go")?;
 
     let t1 = Instant::now();
+    let features = guest
+        .wait_for_from(&format!("{tag}-FEATURES "), from_line, Duration::from_secs(10))?
+        .split_whitespace()
+        .nth(1)
+        .context("features in guest output")?
+        .to_string();
     let up_line = guest.wait_for_from(
         &format!("{tag}-UP-MD5 "),
         from_line,
@@ -207,11 +216,35 @@ fn traffic_round(
     ensure!(md5(&blob)? == down_md5, "{tag}: wire->guest data differs");
     let _ = std::fs::remove_file(&blob);
     let _ = std::fs::remove_file(&up_recv);
-    Ok(())
+    Ok(features)
 }
 
-/// Reads the counters once: the guest has exited, so nothing is moving.
-fn full_size_frames_flowed(daemon: &Daemon) -> Result<()> {
+/// The offload feature bits (virtio-net): what `ethtool -k` in the guest shows as
+/// tx-checksumming (CSUM), rx-checksumming (GUEST_CSUM), tcp-segmentation-offload (HOST_TSO4/6,
+/// HOST_ECN) and what the guest takes (GUEST_TSO4/6, GUEST_ECN).
+const OFFLOAD_BITS: [(usize, &str); 8] = [
+    (0, "CSUM"),
+    (1, "GUEST_CSUM"),
+    (7, "GUEST_TSO4"),
+    (8, "GUEST_TSO6"),
+    (9, "GUEST_ECN"),
+    (11, "HOST_TSO4"),
+    (12, "HOST_TSO6"),
+    (13, "HOST_ECN"),
+];
+
+/// The offload bits the guest negotiated, by name.
+fn offloads_negotiated(features: &str) -> Vec<&'static str> {
+    OFFLOAD_BITS
+        .iter()
+        .filter(|(bit, _)| features.as_bytes().get(*bit) == Some(&b'1'))
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+/// Reads the counters once: the guest has exited, so nothing is moving. `offloads`: the guest
+/// sent TSO frames, which the daemon cut for the wire.
+fn full_size_frames_flowed(daemon: &Daemon, offloads: bool) -> Result<()> {
     let stats = daemon.ctl()?.stats()?;
     let tx_packets = daemon_counter(&stats, "tx_packets")?;
     let tx_bytes = daemon_counter(&stats, "tx_bytes")?;
@@ -227,6 +260,25 @@ fn full_size_frames_flowed(daemon: &Daemon) -> Result<()> {
         "guest->wire frames average {} bytes: not full-size",
         tx_bytes / tx_packets
     );
+    let gso = daemon_counter(&stats, "tx_gso_frames")?;
+    let segments = daemon_counter(&stats, "tx_segments")?;
+    let csum = daemon_counter(&stats, "tx_csum_computed")?;
+    ensure!(
+        daemon_counter(&stats, "tx_dropped_offload")? == 0,
+        "offload requests dropped: {stats}"
+    );
+    if offloads {
+        // 16 MiB in TSO frames of up to 64 KiB, each cut into MSS-sized segments.
+        ensure!(
+            gso > 0 && segments > gso * 2,
+            "the guest's TCP did not go out as TSO frames: {stats}"
+        );
+    } else {
+        ensure!(
+            gso == 0 && segments == 0 && csum == 0,
+            "offloads used that the device had turned off: {stats}"
+        );
+    }
     Ok(())
 }
 
@@ -243,7 +295,14 @@ fn guest_pings_and_moves_tcp_both_ways_then_again_after_a_reboot() -> Result<()>
     let mut cfg = config(&b, &script);
     cfg.allow_reboot = true;
     let mut guest = Guest::boot(&cfg)?;
-    traffic_round(&b, &mut guest, "round", 0, true)?;
+    let features = traffic_round(&b, &mut guest, "round", 0, true)?;
+    // Every offload the device offers is on in a stock guest.
+    let all: Vec<&str> = OFFLOAD_BITS.iter().map(|(_, name)| *name).collect();
+    ensure!(
+        offloads_negotiated(&features) == all,
+        "guest features {features}: offloads {:?}",
+        offloads_negotiated(&features)
+    );
     guest.wait_for("XVDPA-ROUND-DONE", Duration::from_secs(30))?;
     eprintln!(
         "[test] first boot and traffic: {:.1}s wall",
@@ -261,11 +320,36 @@ fn guest_pings_and_moves_tcp_both_ways_then_again_after_a_reboot() -> Result<()>
     );
     guest.wait_exit(Duration::from_secs(30))?;
     let daemon = b.daemon.take().unwrap();
-    full_size_frames_flowed(&daemon)?;
+    full_size_frames_flowed(&daemon, true)?;
     let queue_errors = daemon.counter("queue_errors")?;
     ensure!(queue_errors == 0, "queue errors: {queue_errors}");
     daemon.stop()?;
     eprintln!("[test] total {:.1}s wall", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[test]
+fn a_guest_with_the_device_offloads_turned_off_gets_exactly_that() -> Result<()> {
+    let mut b = setup("qoff")?;
+    let mut cfg = config(&b, &traffic_script("off"));
+    cfg.device_props = ",csum=off,guest_csum=off,host_tso4=off,host_tso6=off,host_ecn=off,\
+                        guest_tso4=off,guest_tso6=off,guest_ecn=off"
+        .to_string();
+    let mut guest = Guest::boot(&cfg)?;
+    let features = traffic_round(&b, &mut guest, "off", 0, true)?;
+    ensure!(
+        offloads_negotiated(&features).is_empty(),
+        "guest features {features}: offloads {:?}",
+        offloads_negotiated(&features)
+    );
+    ensure!(
+        guest.wait_done(Duration::from_secs(30))? == 0,
+        "guest script failed"
+    );
+    guest.wait_exit(Duration::from_secs(30))?;
+    let daemon = b.daemon.take().unwrap();
+    full_size_frames_flowed(&daemon, false)?;
+    daemon.stop()?;
     Ok(())
 }
 

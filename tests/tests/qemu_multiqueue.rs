@@ -122,6 +122,7 @@ fn multiqueue_guest_uses_both_pairs_and_survives_fewer_channels() -> Result<()> 
         script: Some(script),
         reconnect: None,
         allow_reboot: false,
+        device_props: String::new(),
         queue_pairs: 2,
     };
     let mut guest = Guest::boot(&cfg)?;

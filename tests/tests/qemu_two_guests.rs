@@ -24,6 +24,7 @@ fn config(socket: std::path::PathBuf, n: u8, script: String) -> GuestConfig {
         script: Some(script),
         reconnect: None,
         allow_reboot: false,
+        device_props: String::new(),
         queue_pairs: 1,
     }
 }

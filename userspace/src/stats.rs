@@ -43,8 +43,18 @@ counters! {
         tx_bytes,
         /// Frames to another port of the daemon, not the NIC (included in tx_packets).
         tx_switched,
+        /// TSO frames the guest sent (each is one of tx_packets).
+        tx_gso_frames,
+        /// Frames the software segmenter made from them (for the NIC, or for a guest that
+        /// does not take TSO frames).
+        tx_segments,
+        /// Partial checksums completed in software.
+        tx_csum_computed,
+        /// Frames handed to another guest with their offload intact (it negotiated it).
+        tx_offload_passed,
         tx_dropped_oversized,
         tx_dropped_runt,
+        /// Offload requests that were not negotiated or do not fit the frame.
         tx_dropped_offload,
         /// Sent with a source MAC the port may not use.
         tx_dropped_spoofed,

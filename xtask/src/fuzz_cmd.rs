@@ -22,6 +22,7 @@ pub const TARGETS: &[&str] = &[
     "vhost_shim",
     "config",
     "control_request",
+    "offload",
 ];
 
 fn fuzz_dir() -> PathBuf {

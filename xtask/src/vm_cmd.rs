@@ -55,6 +55,7 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         reconnect: None,
         allow_reboot: false,
         queue_pairs: 1,
+        device_props: String::new(),
     };
     let qemu_args = guest::qemu_args(&config, &image.kernel, &image.initrd);
     say!("booting the test guest (QEMU, software emulation: a few seconds)");

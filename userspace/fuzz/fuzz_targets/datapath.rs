@@ -8,7 +8,7 @@
 //! few batches. Any panic is a bug: a guest must only be able to get a `QueueError`.
 //!
 //! Input layout (missing bytes read as zero):
-//! `[mode][size log2][desc u16][avail u16][used u16][next_avail u16][next_used u16]`
+//! `[mode (0x80: the guest negotiated every offload)][size log2][desc u16][avail u16][used u16][next_avail u16][next_used u16]`
 //! `[budget][buffers][route][max_frame]` then `[frames: n, n × len u16]` (rx) and the rest
 //! is guest memory from address 0 on.
 #![no_main]
@@ -16,9 +16,11 @@
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use xvdpa::datapath::device::Offloads;
+use xvdpa::datapath::offload::{FinishTally, Finished};
 use xvdpa::datapath::rx::{deliver_batch, Framing, RxScratch, RxTally};
 use xvdpa::datapath::tx::{
-    transmit_batch, DirectFrame, Route, TxBuffers, TxDrop, TxScratch, TxTally,
+    transmit_batch, DirectFrame, Route, TxBuffers, TxDrop, TxLimits, TxScratch, TxTally,
 };
 use xvdpa_fuzz::Input;
 
@@ -68,12 +70,27 @@ impl TxBuffers for Sink {
     fn unroute(&mut self, _len: usize) {
         self.unrouted += 1;
     }
-    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &[u8]) {
+    fn reserve(&mut self, n: usize) -> bool {
+        self.free >= n
+    }
+    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &mut [u8]) {
         for f in frames {
             // Both views must lie inside the arena.
             let with = f.with_rx_header(arena);
             assert_eq!(with.len(), 12 + f.bytes(arena).len());
         }
+        // Whatever a receiver takes, finishing the batch's offloads for it stays inside the
+        // arena and its own buffer, and every finished frame has its header.
+        let takes = Offloads {
+            csum: self.route & 4 != 0,
+            tso4: self.route & 8 != 0,
+            tso6: self.route & 16 != 0,
+            ecn: self.route & 32 != 0,
+        };
+        let mut finished = Finished::default();
+        let mut tally = FinishTally::default();
+        finished.prepare(frames.iter().map(|f| (f.start, f.len)), arena, takes, &mut tally);
+        assert!(finished.frames(arena).all(|f| f.len() >= 12));
     }
 }
 
@@ -110,6 +127,13 @@ fuzz_target!(|data: &[u8]| {
         _ => NIC_FRAME,
     };
     let tx = mode & 1 == 0;
+    // Every offload, or none, for what the guest sends.
+    let offloads = Offloads {
+        csum: mode & 0x80 != 0,
+        tso4: mode & 0x80 != 0,
+        tso6: mode & 0x80 != 0,
+        ecn: mode & 0x80 != 0,
+    };
     let mrg_rxbuf = mode & 2 != 0;
     let with_header = mode & 4 != 0;
     // Frames for rx: a count and their lengths; their bytes are a pattern.
@@ -158,7 +182,10 @@ fuzz_target!(|data: &[u8]| {
                 &mem,
                 &mut q,
                 &mut sink,
-                max_frame,
+                TxLimits {
+                    max_frame,
+                    offloads,
+                },
                 budget,
                 &mut scratch,
                 &mut tally,

@@ -7,6 +7,8 @@
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_SPEED_DUPLEX, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
@@ -23,12 +25,6 @@ pub const VNET_HDR_LEN: usize = 12;
 /// Offset of `num_buffers` inside `virtio_net_hdr_v1`.
 pub const VNET_HDR_NUM_BUFFERS: usize = 10;
 
-/// `virtio_net_hdr.flags`: the checksum is left for the device to complete.
-pub const VNET_HDR_F_NEEDS_CSUM: u8 = 1;
-
-/// `virtio_net_hdr.gso_type`: not a segmentation offload.
-pub const VNET_HDR_GSO_NONE: u8 = 0;
-
 /// Ethernet header length.
 pub const ETH_HLEN: usize = 14;
 
@@ -38,6 +34,18 @@ pub const MAX_MTU: u16 = 3800;
 
 /// Queue pairs one port may have.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
+
+/// The offload bits: partial checksums and TCP segmentation both ways, with ECN. What a
+/// guest sends is completed or segmented in software where the receiver cannot take it
+/// (`datapath::offload`); what it receives carries offloads only from other guests.
+const OFFLOAD_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_HOST_ECN)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_ECN);
 
 /// The virtio feature bits xvdpa offers to a port with `queue_pairs` queue pairs. MQ is
 /// offered only with more than one; the control queue stays with the VMM (QEMU handles
@@ -57,6 +65,30 @@ pub fn device_features(queue_pairs: u16) -> u64 {
         | (1u64 << VIRTIO_NET_F_MTU)
         | (1u64 << VIRTIO_NET_F_MRG_RXBUF)
         | (1u64 << VIRTIO_NET_F_SPEED_DUPLEX)
+        | OFFLOAD_FEATURES
+}
+
+/// The offloads one direction of a port negotiated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// Partial checksums (CSUM for what the guest sends, GUEST_CSUM for what it takes).
+    pub csum: bool,
+    pub tso4: bool,
+    pub tso6: bool,
+    /// TSO frames with CWR set (HOST_ECN / GUEST_ECN).
+    pub ecn: bool,
+}
+
+impl Offloads {
+    fn from_bits(bits: u64, csum: u32, tso4: u32, tso6: u32, ecn: u32) -> Self {
+        let has = |bit: u32| bits & (1 << bit) != 0;
+        Offloads {
+            csum: has(csum),
+            tso4: has(tso4),
+            tso6: has(tso6),
+            ecn: has(ecn),
+        }
+    }
 }
 
 /// Features the driver acknowledged, decoded once so the datapath reads plain booleans.
@@ -65,6 +97,10 @@ pub struct NegotiatedFeatures {
     pub bits: u64,
     pub mrg_rxbuf: bool,
     pub event_idx: bool,
+    /// What the guest may ask of the device for frames it sends (CSUM, HOST_*).
+    pub tx_offloads: Offloads,
+    /// What the guest takes in frames it receives (GUEST_*).
+    pub rx_offloads: Offloads,
 }
 
 impl NegotiatedFeatures {
@@ -73,6 +109,20 @@ impl NegotiatedFeatures {
             bits,
             mrg_rxbuf: bits & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             event_idx: bits & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            tx_offloads: Offloads::from_bits(
+                bits,
+                VIRTIO_NET_F_CSUM,
+                VIRTIO_NET_F_HOST_TSO4,
+                VIRTIO_NET_F_HOST_TSO6,
+                VIRTIO_NET_F_HOST_ECN,
+            ),
+            rx_offloads: Offloads::from_bits(
+                bits,
+                VIRTIO_NET_F_GUEST_CSUM,
+                VIRTIO_NET_F_GUEST_TSO4,
+                VIRTIO_NET_F_GUEST_TSO6,
+                VIRTIO_NET_F_GUEST_ECN,
+            ),
         }
     }
 }
@@ -126,27 +176,6 @@ impl NetConfig {
     }
 }
 
-/// The parts of a transmitted `virtio_net_hdr_v1` the datapath checks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TxHeader {
-    pub flags: u8,
-    pub gso_type: u8,
-}
-
-impl TxHeader {
-    pub fn parse(hdr: &[u8; VNET_HDR_LEN]) -> Self {
-        TxHeader {
-            flags: hdr[0],
-            gso_type: hdr[1],
-        }
-    }
-
-    /// Whether the guest asked for an offload this device did not offer.
-    pub fn wants_offload(&self) -> bool {
-        self.flags & VNET_HDR_F_NEEDS_CSUM != 0 || self.gso_type != VNET_HDR_GSO_NONE
-    }
-}
-
 /// The receive header: no offloads, `num_buffers` filled in.
 pub fn rx_header(num_buffers: u16) -> [u8; VNET_HDR_LEN] {
     let mut h = [0u8; VNET_HDR_LEN];
@@ -192,8 +221,8 @@ mod tests {
     }
 
     #[test]
-    fn offered_features_exclude_unimplemented_offloads() {
-        use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_TSO4};
+    fn offered_features_are_the_implemented_ones() {
+        use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_UFO};
         let f = device_features(1);
         assert_eq!(
             f & (1 << VIRTIO_NET_F_MQ),
@@ -201,11 +230,21 @@ mod tests {
             "MQ only with several queue pairs"
         );
         assert_ne!(device_features(4) & (1 << VIRTIO_NET_F_MQ), 0);
-        assert_eq!(f & (1 << VIRTIO_NET_F_CSUM), 0);
-        assert_eq!(f & (1 << VIRTIO_NET_F_GUEST_TSO4), 0);
+        assert_eq!(f & (1 << VIRTIO_NET_F_HOST_UFO), 0);
+        assert_eq!(f & (1 << VIRTIO_NET_F_GUEST_UFO), 0);
         assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
         let n = NegotiatedFeatures::new(f);
         assert!(n.mrg_rxbuf && n.event_idx);
+        let all = Offloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            ecn: true,
+        };
+        assert_eq!((n.tx_offloads, n.rx_offloads), (all, all));
+        // A guest that turned receive offloads off keeps its transmit ones.
+        let n = NegotiatedFeatures::new(f & !(1 << VIRTIO_NET_F_GUEST_TSO4));
+        assert!(!n.rx_offloads.tso4 && n.tx_offloads.tso4);
     }
 
     #[test]

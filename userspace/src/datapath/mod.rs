@@ -193,6 +193,96 @@ pub(crate) mod testing {
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+    /// TCP frames built by etherparse, an implementation independent of the datapath's.
+    pub mod packets {
+        use etherparse::{
+            IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv6Extensions, Ipv6FlowLabel,
+            Ipv6Header, PacketBuilder, TcpHeader,
+        };
+
+        const SRC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+        const DST: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+
+        #[derive(Clone, Copy)]
+        pub struct Flow {
+            pub ipv6: bool,
+            pub seq: u32,
+            pub id: u16,
+            pub fin: bool,
+            pub psh: bool,
+            pub cwr: bool,
+            pub ip_options: bool,
+            pub tcp_options: bool,
+        }
+
+        impl Default for Flow {
+            fn default() -> Self {
+                Flow {
+                    ipv6: false,
+                    seq: 0xffff_f000, // wraps inside the frame
+                    id: 0xfffe,       // wraps too
+                    fin: false,
+                    psh: true,
+                    cwr: false,
+                    ip_options: false,
+                    tcp_options: true,
+                }
+            }
+        }
+
+        pub fn payload(len: usize) -> Vec<u8> {
+            (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+        }
+
+        /// The frame etherparse builds for `data` with the flow's headers at sequence `seq`, id `id`.
+        pub fn build(
+            f: &Flow,
+            seq: u32,
+            id: u16,
+            fin: bool,
+            psh: bool,
+            cwr: bool,
+            data: &[u8],
+        ) -> Vec<u8> {
+            let mut tcp = TcpHeader::new(40000, 5201, seq, 64240);
+            tcp.ack = true;
+            tcp.acknowledgment_number = 0x1234_5678;
+            tcp.fin = fin;
+            tcp.psh = psh;
+            tcp.cwr = cwr;
+            if f.tcp_options {
+                // NOP NOP timestamp(10): 12 bytes, as Linux sends.
+                tcp.set_options_raw(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2])
+                    .unwrap();
+            }
+            let ip = if f.ipv6 {
+                let h = Ipv6Header {
+                    traffic_class: 0,
+                    flow_label: Ipv6FlowLabel::try_new(0x12345).unwrap(),
+                    payload_length: 0,
+                    next_header: IpNumber::TCP,
+                    hop_limit: 64,
+                    source: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                    destination: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                };
+                IpHeaders::Ipv6(h, Ipv6Extensions::default())
+            } else {
+                let mut h =
+                    Ipv4Header::new(0, 64, IpNumber::TCP, [10, 0, 0, 1], [10, 0, 0, 2]).unwrap();
+                h.identification = id;
+                h.dont_fragment = true;
+                if f.ip_options {
+                    h.options = etherparse::Ipv4Options::try_from(&[1u8, 1, 1, 0][..]).unwrap();
+                }
+                IpHeaders::Ipv4(h, Ipv4Extensions::default())
+            };
+            let builder = PacketBuilder::ethernet2(SRC, DST).ip(ip).tcp_header(tcp);
+            let mut out = Vec::with_capacity(builder.size(data.len()));
+            builder.write(&mut out, data).unwrap();
+            out
+        }
+    }
+
     pub const QUEUE_SIZE: u16 = 16;
     pub const MEM_SIZE: usize = 0x10_0000;
     /// Where test buffers start, past the rings.

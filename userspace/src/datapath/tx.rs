@@ -8,9 +8,10 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::offload::{self, NetHeader, Offload, Offloads, TsoPlan, F_NEEDS_CSUM, MAX_GSO_FRAME};
 use super::split_ring::{publish_used, Chains};
 use super::{read_at, GuestMemoryCursor, QueueError, Segment};
-use crate::datapath::device::{rx_header, TxHeader, ETH_HLEN, VNET_HDR_LEN};
+use crate::datapath::device::{rx_header, ETH_HLEN, VNET_HDR_LEN};
 
 /// Where transmitted frames go: free NIC buffers, taken one at a time, or (for a sink that
 /// switches) straight to another port.
@@ -21,16 +22,23 @@ pub trait TxBuffers {
     /// or to another port). A sink that refuses the frame (policy) says why; the buffer then
     /// stays free for the next frame.
     fn submit(&mut self, len: usize) -> Result<(), TxDrop>;
+    /// Makes sure the next `n` calls of `next_buffer` find a buffer (a TSO frame's segments
+    /// go out together or not at all); false if that many are not free now.
+    fn reserve(&mut self, _n: usize) -> bool {
+        true
+    }
     /// Decides where a frame goes from its Ethernet header and length, before it is copied
-    /// anywhere; called once per frame, before `next_buffer` and `submit`.
+    /// anywhere; called once per frame, before `next_buffer` and `submit` (which a TSO
+    /// frame's segments call once each).
     fn route(&mut self, _eth: &[u8], _len: usize) -> Route {
         Route::Copy
     }
     /// Takes back the last [`Route::Copy`] decision, for a `len`-byte frame that found no
     /// free buffer and will be routed again later (a policer returns its tokens).
     fn unroute(&mut self, _len: usize) {}
-    /// Takes the batch's [`Route::Direct`] frames, whose bytes are in `arena`.
-    fn deliver_direct(&mut self, _frames: &[DirectFrame], _arena: &[u8]) {}
+    /// Takes the batch's [`Route::Direct`] frames, whose bytes are in `arena` (the sink may
+    /// finish their offloads there).
+    fn deliver_direct(&mut self, _frames: &[DirectFrame], _arena: &mut [u8]) {}
 }
 
 /// Where one frame goes, as the sink decides from its header.
@@ -46,8 +54,9 @@ pub enum Route {
 }
 
 /// A frame routed [`Route::Direct`]: its tag and where it lies in the arena. The arena holds
-/// a receive-side net header (`rx_header(1)`) right before the frame, so the receiving port
-/// writes header and frame into its guest with one copy.
+/// a receive-side net header right before the frame (`rx_header(1)`, or the sender's
+/// offload request, checked, with `num_buffers` 1), so the receiving port writes header and
+/// frame into its guest with one copy, or finishes the offload first if it cannot take it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirectFrame {
     pub tag: u32,
@@ -76,7 +85,7 @@ pub enum TxDrop {
     Oversized,
     /// Shorter than an Ethernet header, or the chain is shorter than the net header.
     Runt,
-    /// Asks for checksum or segmentation offload, which was not negotiated.
+    /// Asks for an offload that was not negotiated, or a malformed one (`offload::BadOffload`).
     Offload,
     /// Sent with a source MAC the port may not use.
     Spoofed,
@@ -94,6 +103,12 @@ pub struct TxTally {
     pub dropped_offload: u64,
     pub dropped_spoofed: u64,
     pub dropped_rate_limited: u64,
+    /// TSO frames taken from the guest (each also counts once in `frames`).
+    pub gso_frames: u64,
+    /// Frames the software segmenter made for the NIC.
+    pub segments: u64,
+    /// Partial checksums completed in software.
+    pub csum_computed: u64,
 }
 
 impl TxTally {
@@ -119,6 +134,14 @@ pub enum TxStop {
     Budget,
 }
 
+/// What a port may send: the largest frame without segmentation (Ethernet header included),
+/// and the offloads the guest negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxLimits {
+    pub max_frame: usize,
+    pub offloads: Offloads,
+}
+
 /// Chains up to this long (net header included) are read out of the guest in one piece
 /// before they are routed.
 const WHOLE_READ: usize = 256;
@@ -134,17 +157,27 @@ pub struct TxScratch {
     used: Vec<(u16, u32)>,
 }
 
+/// How one chain's frame left the batch.
+enum Sent {
+    /// Handed on: `len` bytes of frame.
+    Frame(usize),
+    /// Waits for NIC buffers: the chain goes back to the ring.
+    NoBuffers,
+}
+
 /// Moves up to `budget` frames from the guest's transmit queue into `buffers`. The handled
 /// chains go back to the used ring together, with one index update; the caller decides the
 /// notification with `switch::notify_guest_since`.
 ///
-/// `max_frame` is the largest frame (Ethernet header included) the port may send. Returns why
-/// it stopped; on `Err` the queue is unusable until the device is reset.
+/// A frame asking for an offload is checked against `limits.offloads` and itself
+/// ([`offload::classify`]); to the NIC its checksum is completed, or it is segmented, here;
+/// to another port it goes as it is, and the receiver finishes what its guest cannot take.
+/// Returns why it stopped; on `Err` the queue is unusable until the device is reset.
 pub fn transmit_batch(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     buffers: &mut impl TxBuffers,
-    max_frame: usize,
+    limits: TxLimits,
     budget: usize,
     scratch: &mut TxScratch,
     tally: &mut TxTally,
@@ -167,113 +200,30 @@ pub fn transmit_batch(
             if let Some(next) = chains.peek_buffer(super::rx::PREFETCH_AHEAD) {
                 cursor.prefetch(next);
             }
-            let oom = |source| QueueError::OutOfMemory { head, source };
-
-            // A small chain is read whole into the arena in one go (every read of guest
-            // memory has a fixed cost a short frame does not amortise); a larger one only
-            // up to the end of its Ethernet header, the rest once its route is known.
-            let at = arena_used;
-            let whole = total as usize <= WHOLE_READ;
-            const HEADERS: usize = VNET_HDR_LEN + ETH_HLEN;
-            let got = if whole {
-                total as usize
-            } else {
-                (total as usize).min(HEADERS)
+            let mut frame = ChainFrame {
+                cursor: &mut cursor,
+                segs: &scratch.segs,
+                arena: &mut scratch.arena,
+                at: arena_used,
+                total: total as usize,
+                head,
             };
-            if scratch.arena.len() < at + got {
-                scratch.arena.resize(at + got, 0);
-            }
-            read_at(
-                &mut cursor,
-                &scratch.segs,
-                0,
-                &mut scratch.arena[at..at + got],
-            )
-            .map_err(oom)?;
-            // The headers are looked at where they were read.
-            let read = &scratch.arena[at..at + got];
-            let len = (total as usize).saturating_sub(VNET_HDR_LEN);
-            let verdict = if total < VNET_HDR_LEN as u64 {
-                Err(TxDrop::Runt)
-            } else if read
-                .first_chunk::<VNET_HDR_LEN>()
-                .is_some_and(|h| TxHeader::parse(h).wants_offload())
-            {
-                Err(TxDrop::Offload)
-            } else if len > max_frame {
-                Err(TxDrop::Oversized)
-            } else if len < ETH_HLEN {
-                Err(TxDrop::Runt)
-            } else {
-                // `got` covers both headers here: the chain holds at least HEADERS bytes.
-                match buffers.route(&read[VNET_HDR_LEN..HEADERS], len) {
-                    Route::Drop(why) => Err(why),
-                    Route::Direct(tag) => {
-                        // The frame stays where it was read; its tx header makes way for
-                        // the receiver's.
-                        let end = at + VNET_HDR_LEN + len;
-                        if !whole {
-                            scratch.arena.resize(scratch.arena.len().max(end), 0);
-                            read_at(
-                                &mut cursor,
-                                &scratch.segs,
-                                got,
-                                &mut scratch.arena[at + got..end],
-                            )
-                            .map_err(oom)?;
-                        }
-                        scratch.arena[at..at + VNET_HDR_LEN].copy_from_slice(&rx_header(1));
-                        arena_used = end;
-                        scratch.direct.push(DirectFrame {
-                            tag,
-                            start: at,
-                            len,
-                        });
-                        Ok(None)
-                    }
-                    Route::Copy => match buffers.next_buffer() {
-                        Some(buf) if len <= buf.len() => {
-                            if whole {
-                                buf[..len].copy_from_slice(
-                                    &scratch.arena[at + VNET_HDR_LEN..at + VNET_HDR_LEN + len],
-                                );
-                            } else {
-                                // The Ethernet header is the one routed, not a second read of
-                                // guest memory another vCPU may have rewritten since.
-                                buf[..ETH_HLEN].copy_from_slice(
-                                    &scratch.arena[at + VNET_HDR_LEN..at + HEADERS],
-                                );
-                                read_at(
-                                    &mut cursor,
-                                    &scratch.segs,
-                                    HEADERS,
-                                    &mut buf[ETH_HLEN..len],
-                                )
-                                .map_err(oom)?;
-                            }
-                            Ok(Some(len))
-                        }
-                        Some(_) => Err(TxDrop::Oversized),
-                        None => {
-                            // The chain waits for a NIC buffer; the ring resumes with it, and
-                            // the sink forgets the route (it is routed again then).
-                            buffers.unroute(len);
-                            chains.untake();
-                            stop = TxStop::NoBuffers;
-                            break;
-                        }
-                    },
-                }
-            };
-            match verdict.and_then(|copied| match copied {
-                Some(len) => buffers.submit(len).map(|()| len),
-                None => Ok(len),
-            }) {
-                Ok(len) => {
+            match frame.send(buffers, limits, &mut scratch.direct, tally)? {
+                Ok(Sent::Frame(len)) => {
                     tally.frames += 1;
                     tally.bytes += len as u64;
                 }
+                Ok(Sent::NoBuffers) => {
+                    // The chain waits for a NIC buffer; the ring resumes with it, and the
+                    // sink forgot the route (it is routed again then).
+                    chains.untake();
+                    stop = TxStop::NoBuffers;
+                    break;
+                }
                 Err(why) => tally.drop(why),
+            }
+            if let Some(last) = scratch.direct.last() {
+                arena_used = arena_used.max(last.start + VNET_HDR_LEN + last.len);
             }
             scratch.used.push((head, 0));
         }
@@ -281,10 +231,198 @@ pub fn transmit_batch(
     };
     queue.set_next_avail(next_avail);
     if !scratch.direct.is_empty() {
-        buffers.deliver_direct(&scratch.direct, &scratch.arena[..arena_used]);
+        buffers.deliver_direct(&scratch.direct, &mut scratch.arena[..arena_used]);
     }
     publish_used(mem, queue, &scratch.used)?;
     Ok(stop)
+}
+
+/// One transmit chain on its way out: its buffers, and the arena where its bytes are read.
+struct ChainFrame<'a, 'm> {
+    cursor: &'a mut GuestMemoryCursor<'m>,
+    segs: &'a [Segment],
+    arena: &'a mut Vec<u8>,
+    /// Where in the arena this chain's bytes (net header first) go.
+    at: usize,
+    /// Chain length, net header included.
+    total: usize,
+    head: u16,
+}
+
+/// Both headers: what routing needs before anything else is read.
+const HEADERS: usize = VNET_HDR_LEN + ETH_HLEN;
+
+impl ChainFrame<'_, '_> {
+    /// Reads bytes `[from, to)` of the chain into the arena at the same offsets.
+    fn read(&mut self, from: usize, to: usize) -> Result<(), QueueError> {
+        let (at, head) = (self.at, self.head);
+        if self.arena.len() < at + to {
+            self.arena.resize(at + to, 0);
+        }
+        read_at(
+            self.cursor,
+            self.segs,
+            from,
+            &mut self.arena[at + from..at + to],
+        )
+        .map(|_| ())
+        .map_err(|source| QueueError::OutOfMemory { head, source })
+    }
+
+    /// The frame's bytes in the arena, `len` long.
+    fn frame(&self, len: usize) -> &[u8] {
+        &self.arena[self.at + VNET_HDR_LEN..self.at + VNET_HDR_LEN + len]
+    }
+
+    /// Checks, routes and hands on the chain's frame. The outer `Err` breaks the queue; the
+    /// inner one is a counted drop.
+    fn send(
+        &mut self,
+        buffers: &mut impl TxBuffers,
+        limits: TxLimits,
+        direct: &mut Vec<DirectFrame>,
+        tally: &mut TxTally,
+    ) -> Result<Result<Sent, TxDrop>, QueueError> {
+        let total = self.total;
+        if total < VNET_HDR_LEN {
+            return Ok(Err(TxDrop::Runt));
+        }
+        // A small chain is read whole into the arena in one go (every read of guest memory
+        // has a fixed cost a short frame does not amortise); a larger one only up to the end
+        // of its Ethernet header, the rest once its route is known.
+        let mut read = if total <= WHOLE_READ {
+            total
+        } else {
+            total.min(HEADERS)
+        };
+        self.read(0, read)?;
+        let hdr = NetHeader::parse(self.arena[self.at..].first_chunk().expect("read above"));
+        let len = total - VNET_HDR_LEN;
+        let limit = if hdr.gso_type == offload::GSO_NONE {
+            limits.max_frame
+        } else {
+            MAX_GSO_FRAME
+        };
+        if len > limit {
+            return Ok(Err(TxDrop::Oversized));
+        }
+        if len < ETH_HLEN {
+            return Ok(Err(TxDrop::Runt));
+        }
+        // An offload is checked on the whole frame, read once: every byte the checks saw is
+        // the byte that is sent.
+        let offload = if hdr.wants_offload() {
+            if read < total {
+                self.read(read, total)?;
+                read = total;
+            }
+            match offload::classify(&hdr, self.frame(len), limits.offloads) {
+                Ok(o) => o,
+                Err(_) => return Ok(Err(TxDrop::Offload)),
+            }
+        } else {
+            Offload::None
+        };
+        match buffers.route(&self.frame(ETH_HLEN)[..ETH_HLEN], len) {
+            Route::Drop(why) => Ok(Err(why)),
+            Route::Direct(tag) => {
+                // The frame stays where it was read; its tx header makes way for the
+                // receiver's, which keeps a checked offload request for it.
+                if read < total {
+                    self.read(read, total)?;
+                }
+                let rx = match offload {
+                    Offload::None => rx_header(1),
+                    _ => NetHeader {
+                        flags: hdr.flags & F_NEEDS_CSUM,
+                        ..hdr
+                    }
+                    .to_bytes(1),
+                };
+                self.arena[self.at..self.at + VNET_HDR_LEN].copy_from_slice(&rx);
+                direct.push(DirectFrame {
+                    tag,
+                    start: self.at,
+                    len,
+                });
+                Ok(Ok(Sent::Frame(len)))
+            }
+            Route::Copy => match offload {
+                Offload::Tso(plan) => self.segment(buffers, &plan, len, limits, tally),
+                _ => self.copy(buffers, &offload, len, read, tally),
+            },
+        }
+    }
+
+    /// Copies the frame into one NIC buffer, completing a partial checksum there.
+    fn copy(
+        &mut self,
+        buffers: &mut impl TxBuffers,
+        offload: &Offload,
+        len: usize,
+        read: usize,
+        tally: &mut TxTally,
+    ) -> Result<Result<Sent, TxDrop>, QueueError> {
+        let (at, head) = (self.at, self.head);
+        let Some(buf) = buffers.next_buffer() else {
+            buffers.unroute(len);
+            return Ok(Ok(Sent::NoBuffers));
+        };
+        if len > buf.len() {
+            return Ok(Err(TxDrop::Oversized));
+        }
+        if read == self.total {
+            buf[..len].copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + VNET_HDR_LEN + len]);
+        } else {
+            // The Ethernet header is the one routed, not a second read of guest memory
+            // another vCPU may have rewritten since.
+            buf[..ETH_HLEN].copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + HEADERS]);
+            read_at(self.cursor, self.segs, HEADERS, &mut buf[ETH_HLEN..len])
+                .map_err(|source| QueueError::OutOfMemory { head, source })?;
+        }
+        if let Offload::Checksum { .. } = offload {
+            offload::complete_checksum(&mut buf[..len], offload);
+            tally.csum_computed += 1;
+        }
+        Ok(buffers.submit(len).map(|()| Sent::Frame(len)))
+    }
+
+    /// Cuts a TSO frame into NIC buffers: all its segments, or none while too few buffers
+    /// are free.
+    fn segment(
+        &mut self,
+        buffers: &mut impl TxBuffers,
+        plan: &TsoPlan,
+        len: usize,
+        limits: TxLimits,
+        tally: &mut TxTally,
+    ) -> Result<Result<Sent, TxDrop>, QueueError> {
+        // Segments must fit the link: an MSS the MTU does not allow is the guest's mistake.
+        if plan.max_segment_len() > limits.max_frame {
+            return Ok(Err(TxDrop::Offload));
+        }
+        if !buffers.reserve(plan.segments()) {
+            buffers.unroute(len);
+            return Ok(Ok(Sent::NoBuffers));
+        }
+        let frame = self.frame(len);
+        for i in 0..plan.segments() {
+            let Some(buf) = buffers.next_buffer() else {
+                // `reserve` promised these; a sink that breaks it loses the rest.
+                return Ok(Err(TxDrop::Oversized));
+            };
+            if buf.len() < plan.segment_len(i) {
+                return Ok(Err(TxDrop::Oversized));
+            }
+            let n = plan.write_segment(frame, i, buf);
+            if let Err(why) = buffers.submit(n) {
+                return Ok(Err(why));
+            }
+            tally.segments += 1;
+        }
+        tally.gso_frames += 1;
+        Ok(Ok(Sent::Frame(len)))
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::policy::{classify_with, TxPolicy, TxVerdict};
 use super::{LocalFrame, MacMap, SwitchPort};
+use crate::datapath::offload::{FinishTally, Finished};
 use crate::datapath::rx::{Framing, RxScratch};
 use crate::datapath::tx::{DirectFrame, Route, TxBuffers, TxDrop};
 use crate::mac::MacAddr;
@@ -23,6 +24,8 @@ pub struct SwitchScratch {
     /// Destinations of the batch's direct frames; a frame's tag is its index here.
     direct_to: Vec<Arc<SwitchPort>>,
     rx: RxScratch,
+    /// One receiver's direct frames, offloads finished for it.
+    finished: Finished,
 }
 
 /// The transmit sink of one port for one batch: the NIC socket, the policy and the switch.
@@ -35,6 +38,8 @@ pub struct PortTx<'a> {
     pub scratch: &'a mut SwitchScratch,
     /// Frames delivered straight into other ports.
     pub switched: u64,
+    /// What finishing offloads for the receivers of direct frames did.
+    pub finished: FinishTally,
     /// The route of the frame being copied.
     copied: Option<Copied>,
     /// The last destination found in `ports`: a guest sending a burst mostly sends it to
@@ -58,6 +63,7 @@ impl<'a> PortTx<'a> {
             local,
             scratch,
             switched: 0,
+            finished: FinishTally::default(),
             copied: None,
             last_found: None,
         }
@@ -67,6 +73,10 @@ impl<'a> PortTx<'a> {
 impl TxBuffers for PortTx<'_> {
     fn next_buffer(&mut self) -> Option<&mut [u8]> {
         self.sock.next_buffer()
+    }
+
+    fn reserve(&mut self, n: usize) -> bool {
+        self.sock.reserve(n)
     }
 
     fn route(&mut self, eth: &[u8], len: usize) -> Route {
@@ -111,26 +121,35 @@ impl TxBuffers for PortTx<'_> {
         }
     }
 
-    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &[u8]) {
+    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &mut [u8]) {
         for (tag, to) in self.scratch.direct_to.iter().enumerate() {
             let mine = frames
                 .iter()
                 .filter(|f| f.tag == tag as u32)
-                .map(|f| f.with_rx_header(arena));
+                .map(|f| (f.start, f.len));
             // Notified per batch, not per round: a receiver that went to sleep starts on
             // this batch while the next ones are copied and keeps polling, where a wake-up
             // per round let it fall asleep after every round (each wake-up costs the sender
             // several microseconds). A receiver that is polling asked for no notification.
             // A known port without a frontend has nobody to deliver to.
-            let rx_scratch = &mut self.scratch.rx;
+            let (rx_scratch, finished) = (&mut self.scratch.rx, &mut self.scratch.finished);
+            let tally = &mut self.finished;
             self.switched += to
-                .with_rx_queue(|rx| rx.deliver(mine, Framing::WithHeader, rx_scratch, true, true))
+                .with_rx_queue(|rx| {
+                    // Each receiver gets what its guest negotiated: offloads as they are, or
+                    // finished here.
+                    finished.prepare(mine, arena, rx.offloads(), tally);
+                    let frames = finished.frames(arena);
+                    rx.deliver(frames, Framing::WithHeader, rx_scratch, true, true)
+                })
                 .unwrap_or(0);
         }
     }
 
     fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
-        let Some(route) = self.copied.take() else {
+        // The route holds for every buffer of the frame (a TSO frame's segments) until the
+        // next `route`.
+        let Some(route) = self.copied else {
             // `route` runs before every copy; nothing unrouted reaches the NIC.
             return Err(TxDrop::Runt);
         };

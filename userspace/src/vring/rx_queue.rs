@@ -8,7 +8,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::{notify_guest_since, Vring, VringState};
-use crate::datapath::device::NegotiatedFeatures;
+use crate::datapath::device::{NegotiatedFeatures, Offloads};
 use crate::datapath::rx::{self, Framing, RxScratch, RxTally};
 use crate::datapath::QueueError;
 use crate::stats::QueueStats;
@@ -84,6 +84,11 @@ impl RxQueue {
             queue.notify();
         }
         tally.frames
+    }
+
+    /// The offloads the guest takes in frames it receives (GUEST_CSUM, GUEST_TSO*).
+    pub fn offloads(&self) -> Offloads {
+        NegotiatedFeatures::new(self.acked.load(Ordering::Acquire)).rx_offloads
     }
 
     /// Notifies the guest of what was delivered since the last decision, if it asked to be.

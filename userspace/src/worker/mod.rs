@@ -235,7 +235,7 @@ impl QueuePairWorker {
         let progress = self.progress;
         let tx_first = event as usize == TX;
         if tx_first {
-            self.service_tx(&vrings[TX], mem);
+            self.service_tx(&vrings[TX], mem, features.tx_offloads);
         }
         let more_rx = self.service_rx(
             &vrings[RX],
@@ -243,7 +243,7 @@ impl QueuePairWorker {
             features,
             event == ids.tap || event == ids.timer,
         );
-        let more_tx = self.service_tx(&vrings[TX], mem);
+        let more_tx = self.service_tx(&vrings[TX], mem, features.tx_offloads);
         if (more_rx || more_tx) && !self.busy_poll {
             // More than one budget of work: come back after the library's other events.
             let _ = self.rearm.write(1);

@@ -7,13 +7,20 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
 use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
-use crate::datapath::tx::{self, TxStop, TxTally};
+use crate::datapath::device::Offloads;
+use crate::datapath::offload::FinishTally;
+use crate::datapath::tx::{self, TxLimits, TxStop, TxTally};
 use crate::switch::{self, PortTx};
 use crate::vring::{notify_guest_since, Vring};
 
 impl QueuePairWorker {
     /// Guest -> NIC. Returns true if work was left for another round.
-    pub(super) fn service_tx(&mut self, vring: &Vring, mem: &GuestMemoryMmap) -> bool {
+    pub(super) fn service_tx(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemoryMmap,
+        offloads: Offloads,
+    ) -> bool {
         let sock = &mut self.tx;
         sock.reap_completions();
         if self.tx_broken {
@@ -27,6 +34,11 @@ impl QueuePairWorker {
         let used_before = state.get_queue().next_used();
         let mut tally = TxTally::default();
         let mut switched = 0;
+        let mut finished = FinishTally::default();
+        let limits = TxLimits {
+            max_frame: self.max_frame,
+            offloads,
+        };
         let mut more = false;
         let mut result = Ok(());
         let ports = self.switch.snapshot();
@@ -48,12 +60,16 @@ impl QueuePairWorker {
                     mem,
                     state.get_queue_mut(),
                     &mut sink,
-                    self.max_frame,
+                    limits,
                     BATCH,
                     &mut self.tx_scratch,
                     &mut tally,
                 );
                 switched += sink.switched;
+                let f = sink.finished;
+                finished.passed += f.passed;
+                finished.csum_computed += f.csum_computed;
+                finished.segments += f.segments;
                 // Flooded frames before the flush: they are also staged for the NIC and must
                 // be read before the flush can complete them and free their buffers.
                 switched += switch::deliver_local(
@@ -114,6 +130,13 @@ impl QueuePairWorker {
         s.add(&s.tx_dropped_spoofed, tally.dropped_spoofed);
         s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
         s.add(&s.tx_switched, switched);
+        s.add(&s.tx_gso_frames, tally.gso_frames);
+        s.add(&s.tx_segments, tally.segments + finished.segments);
+        s.add(
+            &s.tx_csum_computed,
+            tally.csum_computed + finished.csum_computed,
+        );
+        s.add(&s.tx_offload_passed, finished.passed);
         if state.get_queue().next_used() != used_before {
             notify_guest_since(&mut state, mem, &self.stats, Some(used_before));
         }

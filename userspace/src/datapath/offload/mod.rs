@@ -6,16 +6,20 @@
 //! - [`Offloads`]: which offloads one side negotiated (CSUM / HOST_* for what a guest may
 //!   send, GUEST_* for what it takes);
 //! - [`classify`]: a transmitted frame's request, validated: [`Offload`] or [`BadOffload`];
-//! - [`checksum`], [`segment`]: the work itself, on plain byte slices.
+//! - [`checksum`], [`segment`]: the work itself, on plain byte slices;
+//! - [`finish`]: frames from one guest made fit for another that lacks an offload.
 //!
 //! Nothing here trusts the guest's `hdr_len` or `csum_start`: the segmenter finds the headers
 //! by parsing the frame, and a checksum request is bounds-checked against the frame.
 
 pub mod checksum;
+pub mod finish;
 pub mod segment;
 
+pub use finish::{FinishTally, Finished};
 pub use segment::TsoPlan;
 
+pub use super::device::Offloads;
 use super::device::{ETH_HLEN, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS};
 
 /// `virtio_net_hdr.flags`: the checksum from `csum_start` on is left for the device.
@@ -82,17 +86,6 @@ impl NetHeader {
     pub fn wants_offload(&self) -> bool {
         self.flags & F_NEEDS_CSUM != 0 || self.gso_type != GSO_NONE
     }
-}
-
-/// The offloads one direction of a port negotiated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Offloads {
-    /// Partial checksums (CSUM for what the guest sends, GUEST_CSUM for what it takes).
-    pub csum: bool,
-    pub tso4: bool,
-    pub tso6: bool,
-    /// TSO frames with CWR set (HOST_ECN / GUEST_ECN).
-    pub ecn: bool,
 }
 
 impl Offloads {

@@ -2,85 +2,8 @@
 //! byte with the frame etherparse builds for it from scratch (its own lengths, checksums and
 //! flags), for IPv4 and IPv6, with TCP and IPv4 options, and a short last segment.
 
-use etherparse::{
-    IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv6Extensions, Ipv6FlowLabel, Ipv6Header,
-    PacketBuilder, TcpHeader,
-};
-
 use super::*;
-
-const SRC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
-const DST: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
-
-#[derive(Clone, Copy)]
-struct Flow {
-    ipv6: bool,
-    seq: u32,
-    id: u16,
-    fin: bool,
-    psh: bool,
-    cwr: bool,
-    ip_options: bool,
-    tcp_options: bool,
-}
-
-impl Default for Flow {
-    fn default() -> Self {
-        Flow {
-            ipv6: false,
-            seq: 0xffff_f000, // wraps inside the frame
-            id: 0xfffe,       // wraps too
-            fin: false,
-            psh: true,
-            cwr: false,
-            ip_options: false,
-            tcp_options: true,
-        }
-    }
-}
-
-fn payload(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
-}
-
-/// The frame etherparse builds for `data` with the flow's headers at sequence `seq`, id `id`.
-fn build(f: &Flow, seq: u32, id: u16, fin: bool, psh: bool, cwr: bool, data: &[u8]) -> Vec<u8> {
-    let mut tcp = TcpHeader::new(40000, 5201, seq, 64240);
-    tcp.ack = true;
-    tcp.acknowledgment_number = 0x1234_5678;
-    tcp.fin = fin;
-    tcp.psh = psh;
-    tcp.cwr = cwr;
-    if f.tcp_options {
-        // NOP NOP timestamp(10): 12 bytes, as Linux sends.
-        tcp.set_options_raw(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2])
-            .unwrap();
-    }
-    let ip = if f.ipv6 {
-        let h = Ipv6Header {
-            traffic_class: 0,
-            flow_label: Ipv6FlowLabel::try_new(0x12345).unwrap(),
-            payload_length: 0,
-            next_header: IpNumber::TCP,
-            hop_limit: 64,
-            source: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-            destination: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
-        };
-        IpHeaders::Ipv6(h, Ipv6Extensions::default())
-    } else {
-        let mut h = Ipv4Header::new(0, 64, IpNumber::TCP, [10, 0, 0, 1], [10, 0, 0, 2]).unwrap();
-        h.identification = id;
-        h.dont_fragment = true;
-        if f.ip_options {
-            h.options = etherparse::Ipv4Options::try_from(&[1u8, 1, 1, 0][..]).unwrap();
-        }
-        IpHeaders::Ipv4(h, Ipv4Extensions::default())
-    };
-    let builder = PacketBuilder::ethernet2(SRC, DST).ip(ip).tcp_header(tcp);
-    let mut out = Vec::with_capacity(builder.size(data.len()));
-    builder.write(&mut out, data).unwrap();
-    out
-}
+use crate::datapath::testing::packets::{build, payload, Flow};
 
 fn segment_all(frame: &[u8], plan: &TsoPlan) -> Vec<Vec<u8>> {
     (0..plan.segments())
@@ -402,4 +325,118 @@ fn headers_round_trip() {
     let b = h.to_bytes(3);
     assert_eq!(NetHeader::parse(&b), h);
     assert_eq!(u16::from_le_bytes([b[10], b[11]]), 3);
+}
+
+/// A batch arena as the transmit path leaves it: each frame behind its receive header.
+fn arena_of(frames: &[(NetHeader, Vec<u8>)]) -> (Vec<u8>, Vec<(usize, usize)>) {
+    let mut arena = Vec::new();
+    let mut at = Vec::new();
+    for (h, f) in frames {
+        at.push((arena.len(), f.len()));
+        arena.extend_from_slice(&h.to_bytes(1));
+        arena.extend_from_slice(f);
+    }
+    (arena, at)
+}
+
+#[test]
+fn each_receiver_gets_the_offloads_it_negotiated_and_finished_frames_otherwise() {
+    let f = Flow::default();
+    let data = payload(4000);
+    let whole = build(&f, f.seq, f.id, false, true, false, &data);
+    // As a guest sends it: the TCP checksum field holds the pseudo-header sum.
+    let mut partial = whole.clone();
+    let tcp_len = partial.len() - 34;
+    let pseudo = checksum::pseudo_header(&partial[26..30], &partial[30..34], 6, tcp_len);
+    partial[50..52].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+    let plain = build(&f, 1, 1, false, false, false, &payload(10));
+    let csum_hdr = NetHeader {
+        flags: F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..NetHeader::default()
+    };
+    let small = build(&f, 5, 5, false, true, false, &payload(100));
+    let mut small_partial = small.clone();
+    let pseudo = checksum::pseudo_header(&small[26..30], &small[30..34], 6, small.len() - 34);
+    small_partial[50..52].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+    let frames = vec![
+        (NetHeader::default(), plain.clone()),
+        (tso_header(false, 1448), partial.clone()),
+        (csum_hdr, small_partial.clone()),
+    ];
+
+    // A receiver with every offload takes the frames as they were sent.
+    let (mut arena, at) = arena_of(&frames);
+    let mut fin = Finished::default();
+    let mut tally = FinishTally::default();
+    fin.prepare(at.iter().copied(), &mut arena, all(), &mut tally);
+    let got: Vec<Vec<u8>> = fin.frames(&arena).map(<[u8]>::to_vec).collect();
+    let (want_arena, _) = arena_of(&frames);
+    assert_eq!(got.concat(), want_arena);
+    assert_eq!(
+        tally,
+        FinishTally {
+            passed: 2,
+            csum_computed: 0,
+            segments: 0
+        }
+    );
+
+    // One without any gets segments and completed checksums, with plain headers.
+    let (mut arena, at) = arena_of(&frames);
+    let mut tally = FinishTally::default();
+    fin.prepare(
+        at.iter().copied(),
+        &mut arena,
+        Offloads::default(),
+        &mut tally,
+    );
+    let got: Vec<Vec<u8>> = fin.frames(&arena).map(<[u8]>::to_vec).collect();
+    let plain_hdr = NetHeader::default().to_bytes(1).to_vec();
+    let mut want = vec![[&plain_hdr[..], &plain].concat()];
+    for (i, c) in data.chunks(1448).enumerate() {
+        let last = (i + 1) * 1448 >= data.len();
+        let seg = build(
+            &f,
+            f.seq.wrapping_add((i * 1448) as u32),
+            f.id.wrapping_add(i as u16),
+            false,
+            last,
+            false,
+            c,
+        );
+        want.push([&plain_hdr[..], &seg].concat());
+    }
+    want.push([&plain_hdr[..], &small].concat());
+    assert_eq!(got, want);
+    assert_eq!(
+        tally,
+        FinishTally {
+            passed: 0,
+            csum_computed: 1,
+            segments: 3
+        }
+    );
+
+    // One with checksums but not TSO: segments marked DATA_VALID, the partial checksum kept.
+    let (mut arena, at) = arena_of(&frames);
+    let mut tally = FinishTally::default();
+    let csum_only = Offloads {
+        csum: true,
+        ..Offloads::default()
+    };
+    fin.prepare(at.iter().copied(), &mut arena, csum_only, &mut tally);
+    let got: Vec<Vec<u8>> = fin.frames(&arena).map(<[u8]>::to_vec).collect();
+    assert_eq!(got.len(), 5);
+    assert!(got[1..4].iter().all(|g| g[0] == F_DATA_VALID));
+    assert_eq!(got[4], [&csum_hdr.to_bytes(1)[..], &small_partial].concat());
+    assert_eq!(
+        tally,
+        FinishTally {
+            passed: 1,
+            csum_computed: 0,
+            segments: 3
+        }
+    );
 }

@@ -1,5 +1,7 @@
 //! Unit tests of `datapath::tx` over virtio-queue's mock queues.
 use super::*;
+use crate::datapath::offload::{checksum, GSO_ECN, GSO_TCPV4, GSO_TCPV6};
+use crate::datapath::testing::packets::{build, payload, Flow};
 use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
@@ -33,6 +35,9 @@ impl TxBuffers for VecBuffers {
         self.sent.push(self.current[..len].to_vec());
         Ok(())
     }
+    fn reserve(&mut self, n: usize) -> bool {
+        self.free >= n
+    }
 }
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
@@ -41,18 +46,50 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// A 1500-byte MTU link, no offloads negotiated.
+const PLAIN: TxLimits = TxLimits {
+    max_frame: 1518,
+    offloads: Offloads {
+        csum: false,
+        tso4: false,
+        tso6: false,
+        ecn: false,
+    },
+};
+
+/// A 1500-byte MTU link, every offload negotiated.
+const OFFLOADS: TxLimits = TxLimits {
+    max_frame: 1518,
+    offloads: Offloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        ecn: true,
+    },
+};
+
 fn run(
     t: &TestQueue<'_>,
     q: &mut Queue,
     bufs: &mut impl TxBuffers,
     budget: usize,
 ) -> (Result<TxStop, QueueError>, TxTally) {
+    run_with(t, q, bufs, budget, PLAIN)
+}
+
+fn run_with(
+    t: &TestQueue<'_>,
+    q: &mut Queue,
+    bufs: &mut impl TxBuffers,
+    budget: usize,
+    limits: TxLimits,
+) -> (Result<TxStop, QueueError>, TxTally) {
     let mut tally = TxTally::default();
     let r = transmit_batch(
         t.mem,
         q,
         bufs,
-        1518,
+        limits,
         budget,
         &mut TxScratch::default(),
         &mut tally,
@@ -199,9 +236,15 @@ impl TxBuffers for RoutingBuffers {
             _ => Route::Copy,
         }
     }
-    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &[u8]) {
-        self.direct
-            .extend(frames.iter().map(|f| (f.tag, f.bytes(arena).to_vec())));
+    fn reserve(&mut self, n: usize) -> bool {
+        self.nic.reserve(n)
+    }
+    fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &mut [u8]) {
+        self.direct.extend(
+            frames
+                .iter()
+                .map(|f| (f.tag, f.with_rx_header(arena).to_vec())),
+        );
     }
 }
 
@@ -239,12 +282,13 @@ fn direct_frames_skip_nic_buffers_and_keep_their_order() {
     assert_eq!(r, Ok(TxStop::RingEmpty));
     assert_eq!(bufs.routed, 5, "each frame is routed once");
     assert_eq!(bufs.nic.sent, vec![sent[1].clone()]);
+    let with_header = |f: &Vec<u8>| [&rx_header(1)[..], f].concat();
     assert_eq!(
         bufs.direct,
         vec![
-            (1, sent[0].clone()),
-            (0, sent[2].clone()),
-            (1, sent[4].clone())
+            (1, with_header(&sent[0])),
+            (0, with_header(&sent[2])),
+            (1, with_header(&sent[4]))
         ]
     );
     assert_eq!((tally.frames, tally.dropped_spoofed), (4, 1));
@@ -328,4 +372,238 @@ fn the_header_that_was_checked_is_the_header_that_is_sent() {
         assert_eq!(sent[6..12], f[6..12], "source MAC of the {len}-byte frame");
         assert!(*sent == f, "the rest of the {len}-byte frame");
     }
+}
+
+/// A guest's TSO request for `frame` (a TCP frame etherparse built, checksums complete): the
+/// header as Linux's virtio-net fills it, and the TCP checksum field holding the
+/// pseudo-header sum as a guest leaves it.
+fn guest_tso(frame: &[u8], ipv6: bool, mss: u16) -> (Vec<u8>, Vec<u8>) {
+    let (l3, l4) = (14, if ipv6 { 54 } else { 34 });
+    let mut f = frame.to_vec();
+    let tcp_len = f.len() - l4;
+    let pseudo = if ipv6 {
+        checksum::pseudo_header(&f[l3 + 8..l3 + 24], &f[l3 + 24..l3 + 40], 6, tcp_len)
+    } else {
+        checksum::pseudo_header(&f[l3 + 12..l3 + 16], &f[l3 + 16..l3 + 20], 6, tcp_len)
+    };
+    f[l4 + 16..l4 + 18].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+    let hdr = NetHeader {
+        flags: F_NEEDS_CSUM,
+        gso_type: if ipv6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        hdr_len: (l4 + 32) as u16,
+        gso_size: mss,
+        csum_start: l4 as u16,
+        csum_offset: 16,
+    };
+    (hdr.to_bytes(0).to_vec(), f)
+}
+
+/// Posts header and frame as a two-descriptor chain at `at`.
+fn post_frame(t: &mut TestQueue<'_>, at: u64, hdr: &[u8], frame: &[u8]) -> u16 {
+    t.write(at, hdr);
+    t.write(at + 0x100, frame);
+    t.post(&[
+        Buf(at, hdr.len() as u32, false),
+        Buf(at + 0x100, frame.len() as u32, false),
+    ])
+}
+
+#[test]
+fn a_tso_frame_to_the_nic_becomes_mtu_sized_segments() {
+    for ipv6 in [false, true] {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        let f = Flow {
+            ipv6,
+            fin: true,
+            ..Flow::default()
+        };
+        let data = payload(20_000);
+        let mss = if ipv6 { 1428 } else { 1448 };
+        let big = build(&f, f.seq, f.id, true, true, false, &data);
+        let (hdr, frame) = guest_tso(&big, ipv6, mss as u16);
+        post_frame(&mut t, BUF_BASE, &hdr, &frame);
+        let mut q = t.queue();
+        let mut bufs = VecBuffers::new(64);
+        let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+        assert_eq!(r, Ok(TxStop::RingEmpty));
+        let want: Vec<Vec<u8>> = data
+            .chunks(mss)
+            .enumerate()
+            .map(|(i, c)| {
+                let last = (i + 1) * mss >= data.len();
+                let seq = f.seq.wrapping_add((i * mss) as u32);
+                build(&f, seq, f.id.wrapping_add(i as u16), last, last, false, c)
+            })
+            .collect();
+        assert_eq!(bufs.sent, want, "ipv6 {ipv6}");
+        assert!(bufs.sent.iter().all(|s| s.len() <= 1514));
+        assert_eq!((tally.frames, tally.bytes), (1, frame.len() as u64));
+        assert_eq!((tally.gso_frames, tally.segments), (1, want.len() as u64));
+    }
+}
+
+#[test]
+fn a_partial_checksum_to_the_nic_is_completed() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let f = Flow::default();
+    let want = build(&f, 1, 2, false, true, false, &payload(1000));
+    let (_, frame) = guest_tso(&want, false, 1448);
+    let hdr = NetHeader {
+        flags: F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..NetHeader::default()
+    };
+    post_frame(&mut t, BUF_BASE, &hdr.to_bytes(0), &frame);
+    let mut q = t.queue();
+    let mut bufs = VecBuffers::new(8);
+    let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+    assert_eq!(bufs.sent, vec![want]);
+    assert_eq!(tally.csum_computed, 1);
+}
+
+#[test]
+fn a_tso_frame_waits_until_all_its_segments_have_buffers() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let big = build(&Flow::default(), 1, 1, false, true, false, &payload(5000));
+    let (hdr, frame) = guest_tso(&big, false, 1448);
+    post_frame(&mut t, BUF_BASE, &hdr, &frame);
+    let mut q = t.queue();
+    // Four segments, three buffers: nothing goes, the chain stays in the ring.
+    let mut bufs = VecBuffers::new(3);
+    let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+    assert_eq!(r, Ok(TxStop::NoBuffers));
+    assert!(bufs.sent.is_empty());
+    assert_eq!(tally, TxTally::default());
+    assert!(t.used(0).is_empty());
+    bufs.free = 4;
+    let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!((bufs.sent.len(), tally.segments), (4, 4));
+    assert_eq!(t.used(0).len(), 1);
+}
+
+#[test]
+fn offload_requests_not_negotiated_or_malformed_are_dropped() {
+    let big = build(&Flow::default(), 1, 1, false, true, false, &payload(5000));
+    let (hdr, frame) = guest_tso(&big, false, 1448);
+    let parsed = NetHeader::parse(hdr[..12].try_into().unwrap());
+    let cases: Vec<(NetHeader, TxLimits, &str)> = vec![
+        (parsed, PLAIN, "TSO without HOST_TSO4"),
+        (
+            NetHeader {
+                gso_type: GSO_TCPV4 | GSO_ECN,
+                ..parsed
+            },
+            TxLimits {
+                offloads: Offloads {
+                    ecn: false,
+                    ..OFFLOADS.offloads
+                },
+                ..OFFLOADS
+            },
+            "ECN without HOST_ECN",
+        ),
+        (
+            NetHeader {
+                gso_size: 0,
+                ..parsed
+            },
+            OFFLOADS,
+            "gso_size 0",
+        ),
+        (
+            NetHeader {
+                gso_size: 1480,
+                ..parsed
+            },
+            OFFLOADS,
+            "segments over the MTU",
+        ),
+        (
+            NetHeader {
+                gso_type: GSO_TCPV6,
+                ..parsed
+            },
+            OFFLOADS,
+            "IPv4 frame as TCPV6",
+        ),
+        (
+            NetHeader {
+                gso_type: 3,
+                ..parsed
+            },
+            OFFLOADS,
+            "UFO",
+        ),
+    ];
+    for (hdr, limits, what) in cases {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        post_frame(&mut t, BUF_BASE, &hdr.to_bytes(0), &frame);
+        let mut q = t.queue();
+        let mut bufs = VecBuffers::new(64);
+        let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, limits);
+        assert_eq!(r, Ok(TxStop::RingEmpty), "{what}");
+        assert!(bufs.sent.is_empty(), "{what}");
+        assert_eq!((tally.frames, tally.dropped_offload), (0, 1), "{what}");
+        assert_eq!(t.used(0).len(), 1, "{what}");
+    }
+    // A partial checksum whose field lies past the end of the frame.
+    let small = build(&Flow::default(), 1, 1, false, true, false, &payload(100));
+    let bad = NetHeader {
+        flags: F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: small.len() as u16 - 34 - 1,
+        ..NetHeader::default()
+    };
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    post_frame(&mut t, BUF_BASE, &bad.to_bytes(0), &small);
+    let mut q = t.queue();
+    let mut bufs = VecBuffers::new(64);
+    let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+    assert!(bufs.sent.is_empty());
+    assert_eq!(tally.dropped_offload, 1);
+
+    // A TSO frame over 64 KiB is oversized whatever it asks.
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    t.post(&[Buf(BUF_BASE, 12 + MAX_GSO_FRAME as u32 + 1, false)]);
+    t.write(BUF_BASE, &hdr[..12]);
+    let mut q = t.queue();
+    let (_, tally) = run_with(&t, &mut q, &mut VecBuffers::new(64), 64, OFFLOADS);
+    assert_eq!(tally.dropped_oversized, 1);
+}
+
+#[test]
+fn a_tso_frame_to_another_port_keeps_its_checked_request() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let f = Flow {
+        seq: 9,
+        ..Flow::default()
+    };
+    let mut big = build(&f, 9, 1, false, true, false, &payload(5000));
+    big[0] = 0xd1; // routed direct, tag 1
+    let (hdr, frame) = guest_tso(&big, false, 1448);
+    post_frame(&mut t, BUF_BASE, &hdr, &frame);
+    let mut q = t.queue();
+    let mut bufs = RoutingBuffers {
+        nic: VecBuffers::new(0),
+        routed: 0,
+        direct: Vec::new(),
+    };
+    let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!((tally.frames, tally.segments), (1, 0));
+    let (tag, got) = &bufs.direct[0];
+    assert_eq!(*tag, 1);
+    let mut want_hdr = NetHeader::parse(hdr[..12].try_into().unwrap()).to_bytes(1);
+    want_hdr[0] = F_NEEDS_CSUM;
+    assert_eq!(&got[..12], &want_hdr, "the request, num_buffers 1");
+    assert_eq!(&got[12..], &frame[..]);
 }

@@ -277,6 +277,21 @@ impl XskSocket {
         done
     }
 
+    /// Makes sure `n` free buffers are at hand (a TSO frame's segments), taking them from the
+    /// queue's shared pool past the usual local share if need be; false if the pool has not
+    /// that many free now.
+    pub fn reserve(&mut self, n: usize) -> bool {
+        if self.tx_free.len() >= n {
+            return true;
+        }
+        let mut shared = self.queue.lock();
+        shared.reap(self.queue.area());
+        let want = (n - self.tx_free.len()).min(shared.tx_free.len());
+        let from = shared.tx_free.len() - want;
+        self.tx_free.extend(shared.tx_free.drain(from..));
+        self.tx_free.len() >= n
+    }
+
     /// Puts staged frames on the tx ring and kicks the kernel. Held frames go back to the
     /// free list, and every [`FrameView`] made so far stops reading.
     pub fn flush_tx(&mut self) {
