@@ -177,7 +177,11 @@ fn traffic_round(
 
     let t1 = Instant::now();
     let features = guest
-        .wait_for_from(&format!("{tag}-FEATURES "), from_line, Duration::from_secs(10))?
+        .wait_for_from(
+            &format!("{tag}-FEATURES "),
+            from_line,
+            Duration::from_secs(10),
+        )?
         .split_whitespace()
         .nth(1)
         .context("features in guest output")?

@@ -41,7 +41,8 @@ counters! {
         rx_switched,
         tx_packets,
         tx_bytes,
-        /// Frames to another port of the daemon, not the NIC (included in tx_packets).
+        /// Frames to another port of the daemon, not the NIC (included in tx_packets; the
+        /// receiving port's rx counters say what fitted its ring).
         tx_switched,
         /// TSO frames the guest sent (each is one of tx_packets).
         tx_gso_frames,

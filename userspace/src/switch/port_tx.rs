@@ -36,7 +36,7 @@ pub struct PortTx<'a> {
     /// Flooded frames for the other ports, written after the batch.
     pub local: &'a mut Vec<LocalFrame>,
     pub scratch: &'a mut SwitchScratch,
-    /// Frames delivered straight into other ports.
+    /// Frames handed straight to other ports.
     pub switched: u64,
     /// What finishing offloads for the receivers of direct frames did.
     pub finished: FinishTally,
@@ -134,15 +134,18 @@ impl TxBuffers for PortTx<'_> {
             // A known port without a frontend has nobody to deliver to.
             let (rx_scratch, finished) = (&mut self.scratch.rx, &mut self.scratch.finished);
             let tally = &mut self.finished;
-            self.switched += to
-                .with_rx_queue(|rx| {
-                    // Each receiver gets what its guest negotiated: offloads as they are, or
-                    // finished here.
-                    finished.prepare(mine, arena, rx.offloads(), tally);
-                    let frames = finished.frames(arena);
-                    rx.deliver(frames, Framing::WithHeader, rx_scratch, true, true)
-                })
-                .unwrap_or(0);
+            // Counted as the sender's frames handed over (a TSO frame cut for the receiver is
+            // one), so tx_switched stays a part of tx_packets; the receiver's own counters say
+            // what fit its ring.
+            let mut handed = 0;
+            to.with_rx_queue(|rx| {
+                // Each receiver gets what its guest negotiated: offloads as they are, or
+                // finished here.
+                finished.prepare(mine.inspect(|_| handed += 1), arena, rx.offloads(), tally);
+                let frames = finished.frames(arena);
+                rx.deliver(frames, Framing::WithHeader, rx_scratch, true, true)
+            });
+            self.switched += handed;
         }
     }
 
