@@ -271,15 +271,22 @@ fn full_size_frames_flowed(daemon: &Daemon, offloads: bool) -> Result<()> {
         daemon_counter(&stats, "tx_dropped_offload")? == 0,
         "offload requests dropped: {stats}"
     );
+    let coalesced = daemon_counter(&stats, "rx_coalesced")?;
+    let verified = daemon_counter(&stats, "rx_csum_verified")?;
     if offloads {
         // 16 MiB in TSO frames of up to 64 KiB, each cut into MSS-sized segments.
         ensure!(
             gso > 0 && segments > gso * 2,
             "the guest's TCP did not go out as TSO frames: {stats}"
         );
+        // The download's segments arrive in bursts: some of them were merged.
+        ensure!(
+            coalesced > 0 && verified > 0,
+            "no frames from the wire were merged or verified: {stats}"
+        );
     } else {
         ensure!(
-            gso == 0 && segments == 0 && csum == 0,
+            gso == 0 && segments == 0 && csum == 0 && coalesced == 0 && verified == 0,
             "offloads used that the device had turned off: {stats}"
         );
     }

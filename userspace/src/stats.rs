@@ -39,6 +39,11 @@ counters! {
         rx_dropped_no_umem_frame,
         /// Frames from another port of the daemon (included in rx_packets).
         rx_switched,
+        /// Frames from the NIC merged into the frame before them (software GRO): rx_packets
+        /// counts the merged frame once.
+        rx_coalesced,
+        /// Frames from the NIC whose checksums were verified and marked so (DATA_VALID).
+        rx_csum_verified,
         tx_packets,
         tx_bytes,
         /// Frames to another port of the daemon, not the NIC (included in tx_packets; the

@@ -13,7 +13,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use xvdpa::datapath::device::Offloads;
-use xvdpa::datapath::offload::{checksum, classify, NetHeader, Offload};
+use xvdpa::datapath::offload::{checksum, classify, CoalesceTally, Coalescer, NetHeader, Offload};
 use xvdpa_fuzz::Input;
 
 fuzz_target!(|data: &[u8]| {
@@ -60,6 +60,29 @@ fuzz_target!(|data: &[u8]| {
     } else {
         rest.to_vec()
     };
+
+    // Coalescing: the frame, then copies of it cut at the header's gso_size, as one batch.
+    // Whatever merges must account for every input and come out as a valid TSO frame.
+    let mut coalescer = Coalescer::default();
+    let mut tally = CoalesceTally::default();
+    coalescer.clear();
+    let cut = usize::from(hdr.gso_size).clamp(1, frame.len().max(1));
+    let mut pushed = 1;
+    coalescer.push(&frame, offloads, &mut tally);
+    for piece in frame.chunks(cut).take(8) {
+        coalescer.push(piece, offloads, &mut tally);
+        pushed += 1;
+    }
+    coalescer.finish();
+    let outputs = coalescer.frames().count();
+    assert_eq!(coalescer.inputs_in(outputs), pushed);
+    for out in coalescer.frames() {
+        let h = NetHeader::parse(out[..12].try_into().expect("every output has its header"));
+        if h.gso_type != 0 {
+            let all = Offloads { csum: true, tso4: true, tso6: true, ecn: true };
+            assert!(matches!(classify(&h, &out[12..], all), Ok(Offload::Tso(_))));
+        }
+    }
 
     match classify(&hdr, &frame, offloads) {
         Err(_) | Ok(Offload::None) => {}

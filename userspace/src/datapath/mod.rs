@@ -213,6 +213,7 @@ pub(crate) mod testing {
             pub cwr: bool,
             pub ip_options: bool,
             pub tcp_options: bool,
+            pub sport: u16,
         }
 
         impl Default for Flow {
@@ -226,6 +227,7 @@ pub(crate) mod testing {
                     cwr: false,
                     ip_options: false,
                     tcp_options: true,
+                    sport: 40000,
                 }
             }
         }
@@ -244,7 +246,7 @@ pub(crate) mod testing {
             cwr: bool,
             data: &[u8],
         ) -> Vec<u8> {
-            let mut tcp = TcpHeader::new(40000, 5201, seq, 64240);
+            let mut tcp = TcpHeader::new(f.sport, 5201, seq, 64240);
             tcp.ack = true;
             tcp.acknowledgment_number = 0x1234_5678;
             tcp.fin = fin;

@@ -23,6 +23,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::datapath::device::NegotiatedFeatures;
+use crate::datapath::offload::Coalescer;
 use crate::datapath::rx::RxScratch;
 use crate::datapath::tx::TxScratch;
 use crate::datapath::QueueError;
@@ -84,6 +85,8 @@ pub struct QueuePairWorker {
     max_frame: usize,
     stats: Arc<QueueStats>,
     rx_scratch: RxScratch,
+    /// Frames from the NIC, merged and marked for a guest that takes offloads.
+    coalescer: Coalescer,
     tx_scratch: TxScratch,
     /// Next socket to read first, so one busy NIC queue cannot starve the others.
     next_rx_socket: usize,
@@ -159,6 +162,7 @@ impl QueuePairWorker {
             max_frame,
             stats,
             rx_scratch: RxScratch::default(),
+            coalescer: Coalescer::default(),
             tx_scratch: TxScratch::default(),
             next_rx_socket: 0,
             rx_shared: Arc::new(RxQueueShared::default()),

@@ -5,6 +5,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::device::NegotiatedFeatures;
+use crate::datapath::offload::CoalesceTally;
 use crate::datapath::rx::{Framing, RxTally};
 use crate::nic::xsk::XskSocket;
 use crate::vring::{RxQueueLock, Vring};
@@ -40,6 +41,10 @@ impl QueuePairWorker {
         }
 
         let mut tally = RxTally::default();
+        let mut coalesced = CoalesceTally::default();
+        // A guest that takes partial checksums gets verified ones marked, and with TSO,
+        // runs of one TCP flow merged (software GRO); any other gets the frames as they are.
+        let takes = features.rx_offloads;
         let mut guest_full = false;
         let mut more = false;
         let mut failed = false;
@@ -55,9 +60,23 @@ impl QueuePairWorker {
                     break;
                 }
                 let want = sock.rx_pending().min(BATCH);
-                let scratch = &mut self.rx_scratch;
+                let (scratch, coalescer) = (&mut self.rx_scratch, &mut self.coalescer);
                 let got = sock.drain_rx(BATCH, |frames| {
-                    queue.deliver(frames, Framing::Bare, scratch, &mut tally)
+                    if !takes.csum {
+                        return queue.deliver(frames, Framing::Bare, scratch, &mut tally);
+                    }
+                    coalescer.clear();
+                    for frame in frames {
+                        coalescer.push(frame, takes, &mut coalesced);
+                    }
+                    coalescer.finish();
+                    let out = queue.deliver(
+                        &mut coalescer.frames(),
+                        Framing::WithHeader,
+                        scratch,
+                        &mut tally,
+                    )?;
+                    Ok(coalescer.inputs_in(out))
                 });
                 match got {
                     Ok(done) if done < want => {
@@ -108,6 +127,8 @@ impl QueuePairWorker {
 
         self.progress += tally.frames + tally.dropped_too_large;
         queue.record(&tally, false);
+        self.stats.add(&self.stats.rx_coalesced, coalesced.merged);
+        self.stats.add(&self.stats.rx_csum_verified, coalesced.verified);
         if tally.frames > 0 {
             queue.notify();
         }

@@ -7,15 +7,18 @@
 //!   send, GUEST_* for what it takes);
 //! - [`classify`]: a transmitted frame's request, validated: [`Offload`] or [`BadOffload`];
 //! - [`checksum`], [`segment`]: the work itself, on plain byte slices;
-//! - [`finish`]: frames from one guest made fit for another that lacks an offload.
+//! - [`finish`]: frames from one guest made fit for another that lacks an offload;
+//! - [`coalesce`]: software GRO, frames from the NIC merged for a guest that takes TSO.
 //!
 //! Nothing here trusts the guest's `hdr_len` or `csum_start`: the segmenter finds the headers
 //! by parsing the frame, and a checksum request is bounds-checked against the frame.
 
 pub mod checksum;
+pub mod coalesce;
 pub mod finish;
 pub mod segment;
 
+pub use coalesce::{CoalesceTally, Coalescer};
 pub use finish::{FinishTally, Finished};
 pub use segment::TsoPlan;
 

@@ -440,3 +440,165 @@ fn each_receiver_gets_the_offloads_it_negotiated_and_finished_frames_otherwise()
         }
     );
 }
+
+/// A flow's consecutive segments as a sender (the wire) puts them out: ids incrementing,
+/// PSH on the last.
+fn wire_segments(f: &Flow, data: &[u8], mss: usize) -> Vec<Vec<u8>> {
+    let n = data.chunks(mss).count();
+    data.chunks(mss)
+        .enumerate()
+        .map(|(i, c)| {
+            let seq = f.seq.wrapping_add((i * mss) as u32);
+            build(
+                f,
+                seq,
+                f.id.wrapping_add(i as u16),
+                false,
+                i + 1 == n,
+                false,
+                c,
+            )
+        })
+        .collect()
+}
+
+fn coalesce(frames: &[Vec<u8>], takes: Offloads) -> (Vec<Vec<u8>>, CoalesceTally, Coalescer) {
+    let mut c = Coalescer::default();
+    let mut tally = CoalesceTally::default();
+    c.clear();
+    for f in frames {
+        c.push(f, takes, &mut tally);
+    }
+    c.finish();
+    let out = c.frames().map(<[u8]>::to_vec).collect();
+    (out, tally, c)
+}
+
+#[test]
+fn in_order_segments_of_one_flow_become_one_tso_frame_that_segments_back_to_them() {
+    for ipv6 in [false, true] {
+        let f = Flow {
+            ipv6,
+            ..Flow::default()
+        };
+        let mss = 1448;
+        let data = payload(mss * 30 + 100);
+        let segs = wire_segments(&f, &data, mss);
+        let (out, tally, c) = coalesce(&segs, all());
+        assert_eq!(out.len(), 1, "ipv6 {ipv6}");
+        assert_eq!(c.inputs_in(1), segs.len());
+        assert_eq!(
+            tally,
+            CoalesceTally {
+                merged: 30,
+                verified: 1
+            }
+        );
+        let hdr = NetHeader::parse(out[0][..12].try_into().unwrap());
+        let frame = &out[0][12..];
+        assert_eq!(hdr.flags, F_NEEDS_CSUM);
+        assert_eq!(hdr.gso_type, if ipv6 { GSO_TCPV6 } else { GSO_TCPV4 });
+        assert_eq!(usize::from(hdr.gso_size), mss);
+        // What the guest's stack sees is the whole stream in one frame...
+        let whole = build(&f, f.seq, f.id, false, true, false, &data);
+        assert_eq!(frame.len(), whole.len());
+        // ...and cut again at its MSS (as a forwarding guest would), it is what was sent.
+        let Ok(Offload::Tso(plan)) = classify(&hdr, frame, all()) else {
+            panic!("a merged frame is a valid TSO frame");
+        };
+        assert_eq!(segment_all(frame, &plan), segs, "ipv6 {ipv6}");
+    }
+}
+
+#[test]
+fn coalescing_stops_where_linux_gro_would() {
+    let f = Flow::default();
+    let mss = 1000;
+    let segs = wire_segments(&f, &payload(mss * 6), mss);
+    let count = |frames: &[Vec<u8>]| coalesce(frames, all()).0.len();
+
+    // A gap in the sequence, or reordering.
+    let mut gap = segs.clone();
+    gap.remove(2);
+    assert_eq!(count(&gap), 2);
+    let mut swapped = segs.clone();
+    swapped.swap(1, 2);
+    assert!(count(&swapped) >= 3);
+    // Another flow in between breaks the run.
+    let other = Flow { sport: 40001, ..f };
+    let mut mixed = segs.clone();
+    mixed.insert(
+        3,
+        build(&other, f.seq, 5, false, false, false, &payload(mss)),
+    );
+    let (out, tally, _) = coalesce(&mixed, all());
+    assert_eq!(
+        out.len(),
+        3,
+        "three merged, the other flow's, the last three merged"
+    );
+    assert_eq!(tally.verified, 3);
+    // A bad TCP checksum: neither merged nor marked.
+    let mut bad = segs.clone();
+    let last = bad[2].len() - 1;
+    bad[2][last] ^= 0xff;
+    let (out, tally, _) = coalesce(&bad, all());
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[1][0], 0, "the bad segment is not DATA_VALID");
+    assert_eq!(tally.verified, 2);
+    // FIN, SYN, a window or option change, a short segment in the middle.
+    let with_fin = build(&f, f.seq, f.id, true, false, false, &payload(mss));
+    assert_eq!(count(&[with_fin, segs[1].clone()]), 2);
+    let mut window = segs.clone();
+    window[3] = {
+        let mut w = build(
+            &f,
+            f.seq.wrapping_add(3 * mss as u32),
+            f.id.wrapping_add(3),
+            false,
+            false,
+            false,
+            &payload(mss * 4)[mss * 3..],
+        );
+        // Another advertised window (checksum fixed up to match).
+        w[48] ^= 1;
+        w[50..52].fill(0);
+        let pseudo = checksum::pseudo_header(&w[26..30], &w[30..34], 6, w.len() - 34);
+        let c = checksum::finish(checksum::sum(&w[34..], pseudo));
+        w[50..52].copy_from_slice(&c.to_be_bytes());
+        w
+    };
+    assert_eq!(count(&window), 3, "0-2, 3 alone (another window), 4-5");
+    let short = build(&f, f.seq, f.id, false, false, false, &payload(mss - 1));
+    assert_eq!(count(&[short, segs[1].clone()]), 2);
+}
+
+#[test]
+fn what_a_guest_does_not_take_it_does_not_get() {
+    let f = Flow::default();
+    let segs = wire_segments(&f, &payload(5000), 1000);
+    // Checksums but no TSO: every segment alone, marked verified.
+    let csum_only = Offloads {
+        csum: true,
+        ..Offloads::default()
+    };
+    let (out, tally, _) = coalesce(&segs, csum_only);
+    assert_eq!(out.len(), 5);
+    assert!(out.iter().all(|o| o[0] == F_DATA_VALID && o[1] == 0));
+    assert_eq!(tally.verified, 5);
+    // Neither: the frames as they came, plain headers.
+    let (out, tally, _) = coalesce(&segs, Offloads::default());
+    let plain: Vec<Vec<u8>> = segs
+        .iter()
+        .map(|s| [&NetHeader::default().to_bytes(1)[..], s].concat())
+        .collect();
+    assert_eq!(out, plain);
+    assert_eq!(tally, CoalesceTally::default());
+    // Not TCP at all (an ARP-sized frame): as it came.
+    let arp = vec![0xffu8; 60];
+    let (out, _, _) = coalesce(&[arp.clone()], all());
+    assert_eq!(
+        out,
+        vec![[&NetHeader::default().to_bytes(1)[..], &arp].concat()]
+    );
+}
