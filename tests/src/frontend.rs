@@ -518,8 +518,19 @@ impl VirtioNetFrontend {
     /// Queues one frame for transmission: a zeroed virtio-net header, then `frame` split into
     /// `pieces` descriptors (the header travels in the first), or through an indirect table.
     pub fn send(&mut self, frame: &[u8], pieces: usize, indirect: bool) -> Result<()> {
+        self.send_with_header(&[0u8; VNET_HDR_LEN], frame, pieces, indirect)
+    }
+
+    /// [`VirtioNetFrontend::send`] with the virtio-net header given (offload requests).
+    pub fn send_with_header(
+        &mut self,
+        header: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+        pieces: usize,
+        indirect: bool,
+    ) -> Result<()> {
         self.tx_template = None;
-        let mut data = vec![0u8; VNET_HDR_LEN];
+        let mut data = header.to_vec();
         data.extend_from_slice(frame);
         let pieces = pieces.clamp(1, 16);
         let chunk = data.len().div_ceil(pieces);

@@ -530,3 +530,164 @@ fn busy_polling_sets_the_kernel_options_and_moves_frames_both_ways() -> Result<(
     s.daemon.stop()?;
     Ok(())
 }
+
+/// A TCP/IPv4 frame from the VM to the wire's MAC, to an address nobody holds (the wire's
+/// stack ignores it; its raw socket sees it), checksums complete.
+fn tcp_frame(s: &Setup, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut tcp = etherparse::TcpHeader::new(40000, 5201, seq, 64240);
+    tcp.ack = true;
+    tcp.psh = true;
+    let builder = etherparse::PacketBuilder::ethernet2(guest_mac(0), s.wire_mac)
+        .ipv4([10, 77, 0, 2], [192, 0, 2, 1], 64)
+        .tcp_header(tcp);
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).expect("frame");
+    out
+}
+
+/// The frame as a guest hands it over with NEEDS_CSUM: the TCP checksum field holds the
+/// pseudo-header sum.
+fn as_partial(frame: &[u8]) -> Vec<u8> {
+    use xvdpa::datapath::offload::checksum;
+    let mut f = frame.to_vec();
+    let pseudo = checksum::pseudo_header(&f[26..30], &f[30..34], 6, f.len() - 34);
+    f[50..52].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+    f
+}
+
+fn net_header(
+    flags: u8,
+    gso_type: u8,
+    gso_size: u16,
+    csum_start: u16,
+    csum_offset: u16,
+) -> [u8; 12] {
+    xvdpa::datapath::offload::NetHeader {
+        flags,
+        gso_type,
+        hdr_len: 54,
+        gso_size,
+        csum_start,
+        csum_offset,
+    }
+    .to_bytes(0)
+}
+
+/// A wire frame of the test flow: (sequence number, payload), with both checksums verified
+/// by etherparse; `None` for other frames.
+fn checked_segment(f: &[u8]) -> Option<Result<(u32, Vec<u8>)>> {
+    let ip = etherparse::Ipv4HeaderSlice::from_slice(f.get(14..)?).ok()?;
+    let l4 = 14 + ip.slice().len();
+    let tcp = etherparse::TcpHeaderSlice::from_slice(f.get(l4..)?).ok()?;
+    if tcp.source_port() != 40000 || ip.destination() != [192, 0, 2, 1] {
+        return None;
+    }
+    let end = 14 + usize::from(ip.total_len());
+    let payload = &f[l4 + tcp.slice().len()..end];
+    let check = || -> Result<(u32, Vec<u8>)> {
+        let ip_h = ip.to_header();
+        ensure!(
+            ip_h.calc_header_checksum() == ip.header_checksum(),
+            "bad IPv4 checksum"
+        );
+        let want = tcp.to_header().calc_checksum_ipv4(&ip_h, payload)?;
+        ensure!(want == tcp.checksum(), "bad TCP checksum");
+        ensure!(f.len() <= 1514, "segment of {} bytes", f.len());
+        Ok((tcp.sequence_number(), payload.to_vec()))
+    };
+    Some(check())
+}
+
+#[test]
+fn offload_requests_reach_the_wire_finished_and_malformed_ones_are_dropped() -> Result<()> {
+    use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
+    let s = setup("offl")?;
+    let mut fe = connect(
+        &s,
+        (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | VIRTIO_RING_F_EVENT_IDX,
+    )?;
+    let big: Vec<u8> = (0..8000u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let small: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+    let tso = as_partial(&tcp_frame(&s, 1_000_000, &big));
+    let csum = as_partial(&tcp_frame(&s, 2_000_000, &small));
+
+    // The attacks first: none of them may put a frame on the wire.
+    let attacks: [([u8; 12], &[u8], &str); 4] = [
+        (
+            net_header(1, 1, 1, 34, 16),
+            &tso,
+            "gso_size 1: 8000 segments",
+        ),
+        (net_header(1, 1, 0, 34, 16), &tso, "gso_size 0"),
+        (
+            net_header(1, 3, 1448, 34, 6),
+            &tso,
+            "UDP fragmentation offload, not offered",
+        ),
+        (
+            net_header(1, 0, 0, 34, 60_000),
+            &csum,
+            "checksum field far past the frame",
+        ),
+    ];
+    for (hdr, frame, _) in &attacks {
+        fe.send_with_header(hdr, frame, 5, false)?;
+    }
+    fe.send_with_header(&net_header(1, 1, 1448, 34, 16), &tso, 5, false)?;
+    fe.send_with_header(&net_header(1, 0, 0, 34, 16), &csum, 2, false)?;
+    fe.kick(TX_QUEUE)?;
+
+    let want_segments = big.len().div_ceil(1448) + 1;
+    let got = s.wire.recv_until(WAIT, |g| {
+        g.iter().filter(|f| checked_segment(f).is_some()).count() >= want_segments
+    });
+    let mut segments = got
+        .iter()
+        .filter_map(|f| checked_segment(f))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        segments.len() == want_segments,
+        "wire got {} frames of the flow, want {want_segments}",
+        segments.len()
+    );
+    // The TSO frame's payload, cut at 1448 bytes, in order; then the checksummed frame.
+    let last = segments.pop().context("the checksummed frame")?;
+    ensure!(last == (2_000_000, small.clone()), "the NEEDS_CSUM frame");
+    let mut stream = Vec::new();
+    for (i, (seq, payload)) in segments.iter().enumerate() {
+        ensure!(
+            *seq == 1_000_000 + (i * 1448) as u32,
+            "segment {i} at seq {seq}"
+        );
+        ensure!(
+            payload.len() == 1448 || i + 1 == segments.len(),
+            "segment {i}"
+        );
+        stream.extend_from_slice(payload);
+    }
+    ensure!(
+        stream == big,
+        "the segments do not carry the TSO frame's payload"
+    );
+
+    let drops = s
+        .daemon
+        .counter_reaching("tx_dropped_offload", attacks.len() as u64)?;
+    ensure!(drops == attacks.len() as u64, "tx_dropped_offload {drops}");
+    ensure!(s.daemon.counter("tx_segments")? == 6, "tx_segments");
+    ensure!(
+        s.daemon.counter("tx_csum_computed")? == 1,
+        "tx_csum_computed"
+    );
+    ensure!(
+        s.daemon.counter("queue_errors")? == 0,
+        "the queue kept running"
+    );
+    ensure!(
+        fe.wait_tx_used(attacks.len() + 2, WAIT)? == attacks.len() + 2,
+        "every chain came back used"
+    );
+    drop(fe);
+    s.daemon.stop()?;
+    Ok(())
+}
