@@ -128,7 +128,8 @@ impl QueuePairWorker {
         self.progress += tally.frames + tally.dropped_too_large;
         queue.record(&tally, false);
         self.stats.add(&self.stats.rx_coalesced, coalesced.merged);
-        self.stats.add(&self.stats.rx_csum_verified, coalesced.verified);
+        self.stats
+            .add(&self.stats.rx_csum_verified, coalesced.verified);
         if tally.frames > 0 {
             queue.notify();
         }

@@ -596,7 +596,7 @@ fn what_a_guest_does_not_take_it_does_not_get() {
     assert_eq!(tally, CoalesceTally::default());
     // Not TCP at all (an ARP-sized frame): as it came.
     let arp = vec![0xffu8; 60];
-    let (out, _, _) = coalesce(&[arp.clone()], all());
+    let (out, _, _) = coalesce(std::slice::from_ref(&arp), all());
     assert_eq!(
         out,
         vec![[&NetHeader::default().to_bytes(1)[..], &arp].concat()]
