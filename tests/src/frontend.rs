@@ -173,7 +173,8 @@ impl Default for FrontendOptions {
     }
 }
 
-fn memfd(size: u64) -> Result<File> {
+/// A memfd of `size` bytes, as guest memory (sealing allowed, not sealed).
+pub fn memfd(size: u64) -> Result<File> {
     let name = c"xvdpa-test-guest";
     // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -766,6 +767,15 @@ impl VirtioNetFrontend {
         let woke = idx != last || self.wait_call(queue, timeout);
         self.disarm_call(queue)?;
         Ok(woke)
+    }
+
+    /// Fills `queue`'s call eventfd to its limit (0xffff_ffff_ffff_fffe), as a driver that
+    /// never reads it would: a blocking write by the device would then never return.
+    pub fn saturate_call(&self, queue: usize) -> Result<()> {
+        self.queues[queue]
+            .call
+            .write(u64::MAX - 1)
+            .context("saturating the call eventfd")
     }
 
     /// Waits for the device's notification on `queue` or `timeout`, whichever comes first.

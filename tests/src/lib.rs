@@ -20,6 +20,7 @@ pub mod guest;
 pub mod lab;
 pub mod netns;
 pub mod output;
+pub mod raw_vhost;
 pub mod sockopts;
 pub mod wire;
 
