@@ -16,6 +16,23 @@ pub fn sum(data: &[u8], mut acc: u64) -> u64 {
     acc + u64::from(u32::from_be_bytes(tail))
 }
 
+/// Copies `src` into `dst` (the same length) and returns [`sum`]`(src, acc)`: one pass over
+/// the bytes where a copy and a sum would take two. `src` must start at an even offset of the
+/// data being summed, as a segment's payload does.
+pub fn copy_and_sum(dst: &mut [u8], src: &[u8], mut acc: u64) -> u64 {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let w = u64::from_be_bytes(s.try_into().expect("8 bytes"));
+        d.copy_from_slice(s);
+        acc += w >> 32;
+        acc += w & 0xffff_ffff;
+    }
+    let rest = s.remainder();
+    d.into_remainder().copy_from_slice(rest);
+    sum(rest, acc)
+}
+
 /// Folds a [`sum`] to 16 bits with end-around carries.
 pub fn fold(mut acc: u64) -> u16 {
     while acc >> 16 != 0 {
@@ -79,6 +96,17 @@ mod tests {
         }
         let ones = vec![0xffu8; 70_000];
         assert_eq!(finish(sum(&ones, 0)), reference(&ones));
+    }
+
+    #[test]
+    fn copy_and_sum_copies_and_sums_like_sum() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 13 + 5) as u8).collect();
+        for len in [0, 1, 7, 8, 9, 63, 64, 999, 1000] {
+            let mut out = vec![0u8; len];
+            let acc = copy_and_sum(&mut out, &data[..len], 12345);
+            assert_eq!(out, &data[..len]);
+            assert_eq!(fold(acc), fold(sum(&data[..len], 12345)), "{len}");
+        }
     }
 
     #[test]

@@ -129,7 +129,11 @@ impl TsoPlan {
         let from = self.headers + i * self.mss;
         let n = len - self.headers;
         out[..self.headers].copy_from_slice(&frame[..self.headers]);
-        out[self.headers..len].copy_from_slice(&frame[from..from + n]);
+        // The payload's checksum is summed while it is copied; the headers are added below.
+        // (The payload starts at an even offset of the TCP segment: TCP headers are whole
+        // 32-bit words.)
+        let payload_sum =
+            checksum::copy_and_sum(&mut out[self.headers..len], &frame[from..from + n], 0);
         let seg = &mut out[..len];
         let (l3, l4) = (self.l3, self.l4);
         let l4_len = len - l4;
@@ -162,7 +166,7 @@ impl TsoPlan {
         } else {
             checksum::pseudo_header(&seg[l3 + 12..l3 + 16], &seg[l3 + 16..l3 + 20], 6, l4_len)
         };
-        let c = checksum::finish(checksum::sum(&seg[l4..], pseudo));
+        let c = checksum::finish(checksum::sum(&seg[l4..self.headers], pseudo + payload_sum));
         seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
         len
     }
