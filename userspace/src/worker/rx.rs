@@ -5,7 +5,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::device::NegotiatedFeatures;
-use crate::datapath::offload::CoalesceTally;
+use crate::datapath::offload::{is_tcp, CoalesceTally};
 use crate::datapath::rx::{Framing, RxTally};
 use crate::nic::xsk::XskSocket;
 use crate::vring::{RxQueueLock, Vring};
@@ -65,8 +65,21 @@ impl QueuePairWorker {
                     if !takes.csum {
                         return queue.deliver(frames, Framing::Bare, scratch, &mut tally);
                     }
+                    // A batch with no TCP in it (small UDP, ARP...) has nothing to verify or
+                    // merge: it goes as it came, without a copy through the coalescer.
+                    let mut batch: [&[u8]; BATCH] = [&[]; BATCH];
+                    let mut n = 0;
+                    for frame in frames.take(BATCH) {
+                        batch[n] = frame;
+                        n += 1;
+                    }
+                    let batch = &batch[..n];
+                    if !batch.iter().any(|f| is_tcp(f)) {
+                        let mut frames = batch.iter().copied();
+                        return queue.deliver(&mut frames, Framing::Bare, scratch, &mut tally);
+                    }
                     coalescer.clear();
-                    for frame in frames {
+                    for frame in batch {
                         coalescer.push(frame, takes, &mut coalesced);
                     }
                     coalescer.finish();

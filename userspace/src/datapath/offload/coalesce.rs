@@ -118,6 +118,16 @@ impl Segment {
     }
 }
 
+/// Whether `frame` is TCP over IPv4 or IPv6: the only frames coalescing or checksum
+/// verification does anything for. A batch without one goes to the guest as it is.
+pub fn is_tcp(frame: &[u8]) -> bool {
+    match frame.get(12..14).map(|t| u16::from_be_bytes([t[0], t[1]])) {
+        Some(ETHERTYPE_IPV4) => frame.get(ETH_HLEN + 9) == Some(&IPPROTO_TCP),
+        Some(ETHERTYPE_IPV6) => frame.get(ETH_HLEN + 6) == Some(&IPPROTO_TCP),
+        _ => false,
+    }
+}
+
 /// The frame being built: where it starts in the buffer and what the next segment must be.
 #[derive(Debug, Clone, Copy)]
 struct Run {

@@ -18,7 +18,7 @@ pub mod coalesce;
 pub mod finish;
 pub mod segment;
 
-pub use coalesce::{CoalesceTally, Coalescer};
+pub use coalesce::{is_tcp, CoalesceTally, Coalescer};
 pub use finish::{FinishTally, Finished};
 pub use segment::TsoPlan;
 

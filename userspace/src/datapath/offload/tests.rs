@@ -602,3 +602,27 @@ fn what_a_guest_does_not_take_it_does_not_get() {
         vec![[&NetHeader::default().to_bytes(1)[..], &arp].concat()]
     );
 }
+
+#[test]
+fn only_tcp_frames_are_worth_coalescing() {
+    let v4 = build(&Flow::default(), 1, 1, false, false, false, &payload(10));
+    let v6 = build(
+        &Flow {
+            ipv6: true,
+            ..Flow::default()
+        },
+        1,
+        1,
+        false,
+        false,
+        false,
+        &[],
+    );
+    assert!(is_tcp(&v4) && is_tcp(&v6));
+    let mut udp = v4.clone();
+    udp[23] = 17;
+    assert!(!is_tcp(&udp));
+    assert!(!is_tcp(&[0xff; 60]));
+    assert!(!is_tcp(&v4[..13]));
+    assert!(!is_tcp(&v4[..20]));
+}
