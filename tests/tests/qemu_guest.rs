@@ -130,6 +130,7 @@ fn traffic_script(tag: &str) -> String {
     format!(
         "read go\n\
          echo \"{tag}-FEATURES $(cat /sys/class/net/eth0/device/features)\"\n\
+         echo \"{tag}-ETHTOOL $(ethtool -k eth0 | grep -E '^(rx-checksumming|tx-checksumming|tcp-segmentation-offload):' | tr -d ' ' | tr '\\n' ';')\"\n\
          ping -c 3 -W 5 {w} || exit 11\n\
          ping -c 2 -W 5 -s 1472 {w} || exit 12\n\
          dd if=/dev/urandom of=/tmp/up bs=65536 count={blocks} 2>/dev/null\n\
@@ -186,6 +187,20 @@ fn traffic_round(
         .nth(1)
         .context("features in guest output")?
         .to_string();
+    let ethtool = guest.wait_for_from(
+        &format!("{tag}-ETHTOOL "),
+        from_line,
+        Duration::from_secs(10),
+    )?;
+    eprintln!("[test] {tag}: guest's ethtool -k: {ethtool}");
+    let offloads_shown = [
+        "rx-checksumming:on",
+        "tx-checksumming:on",
+        "tcp-segmentation-offload:on",
+    ]
+    .iter()
+    .filter(|o| ethtool.contains(*o))
+    .count();
     let up_line = guest.wait_for_from(
         &format!("{tag}-UP-MD5 "),
         from_line,
@@ -220,6 +235,14 @@ fn traffic_round(
     ensure!(md5(&blob)? == down_md5, "{tag}: wire->guest data differs");
     let _ = std::fs::remove_file(&blob);
     let _ = std::fs::remove_file(&up_recv);
+    // What the guest's driver negotiated and what its ethtool shows must agree.
+    let negotiated = offloads_negotiated(&features);
+    let expect_shown = if negotiated.is_empty() { 0 } else { 2 };
+    ensure!(
+        offloads_shown == expect_shown,
+        "{tag}: the guest's ethtool shows {offloads_shown} of tx checksumming and TSO on, \
+         with {negotiated:?} negotiated"
+    );
     Ok(features)
 }
 
