@@ -126,3 +126,34 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::time::Duration;
+
+    #[test]
+    fn receiver_counts_only_the_window_after_warmup() {
+        // A free port: bind to 0, note it, let it go for the receiver.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let rx = std::thread::spawn(move || super::receive(port, Duration::from_millis(200)));
+        let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let sent = (0..100)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                super::send(to, Duration::from_millis(600)).ok()
+            })
+            .expect("the receiver never listened");
+        let (bytes, secs) = rx.join().unwrap().unwrap();
+        assert!(
+            bytes > 0 && bytes < sent.0,
+            "window {bytes} of {} sent",
+            sent.0
+        );
+        assert!(secs > 0.2 && secs < 0.6, "window of {secs} s");
+    }
+}
