@@ -392,20 +392,13 @@ fn start_bed(lab: &Lab, peer: TcpPeer, guests: u8, setup: &TcpSetup) -> Result<B
             .context("the guest image has no tcpperf: rebuild it (`cargo xtask bench` does)")?;
     }
     // Every guest resolves and reaches the wire (and, with two, the other guest) before
-    // anything is measured.
-    let others: Vec<String> = (0..guests).map(guest_ip).collect();
+    // anything is measured; one answered ping each, retried while ARP settles.
+    let mut targets: Vec<String> = vec![lab::WIRE_IP.to_string()];
+    targets.extend((0..guests).map(guest_ip));
     for (n, g) in bed.guests.iter_mut().enumerate() {
-        g.run(
-            &format!("ping -c 2 -W 5 {} >/dev/null", lab::WIRE_IP),
-            Duration::from_secs(30),
-        )?;
-        for (m, ip) in others.iter().enumerate() {
-            if m != n {
-                g.run(
-                    &format!("ping -c 2 -W 5 {ip} >/dev/null"),
-                    Duration::from_secs(30),
-                )?;
-            }
+        for ip in targets.iter().filter(|ip| **ip != guest_ip(n as u8)) {
+            let once = format!("ping -c 1 -W 3 {ip} >/dev/null");
+            g.run(&[once.as_str(); 3].join(" || "), Duration::from_secs(30))?;
         }
     }
     Ok(bed)

@@ -1,6 +1,7 @@
-//! A short guest-tcp benchmark run: real guests move TCP up, down and VM-to-VM on xvdpa and on
-//! QEMU's virtio-net over a bridged tap, and every figure the benchmark reports is there. No
-//! rate is asserted (speed is reported by `cargo xtask bench --scenarios guest-tcp`). Needs
+//! A short guest-tcp benchmark run: real guests move TCP up, down and VM-to-VM on xvdpa, and up
+//! on QEMU's virtio-net over a bridged tap (the reference needs to work, not every direction:
+//! one guest instead of two keeps the test near a minute), and every figure the benchmark
+//! reports is there. No rate is asserted (speed is reported by `cargo xtask bench --scenarios guest-tcp`). Needs
 //! root, QEMU and the guest image with `tcpperf` (`cargo xtask test` builds it).
 
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use xvdpa_tests::bench_tcp::{
 use xvdpa_tests::lab::Lab;
 
 #[test]
-fn guest_tcp_streams_flow_for_xvdpa_and_tap() -> Result<()> {
+fn guest_tcp_streams_flow_on_xvdpa_and_tap() -> Result<()> {
     let started = Instant::now();
     let lab = Lab::unique("gtcp")?;
     // The benchmark's default pinning: datapath on CPU 1, guests' vCPUs and the wire on 0.
@@ -27,10 +28,13 @@ fn guest_tcp_streams_flow_for_xvdpa_and_tap() -> Result<()> {
         daemon_args: vec![],
         pinning,
     };
-    for peer in [TcpPeer::Xvdpa, TcpPeer::Tap] {
-        let ms = measure_tcp(&lab, peer, &TcpDirection::ALL, &setup)?;
+    for (peer, directions) in [
+        (TcpPeer::Xvdpa, &TcpDirection::ALL[..]),
+        (TcpPeer::Tap, &[TcpDirection::Up][..]),
+    ] {
+        let ms = measure_tcp(&lab, peer, directions, &setup)?;
         ensure!(
-            ms.len() == 3,
+            ms.len() == directions.len(),
             "{}: {} directions measured",
             peer.name(),
             ms.len()
