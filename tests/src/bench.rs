@@ -610,7 +610,17 @@ pub fn iface_counter(netns: &str, ifname: &str, counter: &str) -> Result<u64> {
 
 /// CPU seconds (user + system) a process has used, from /proc.
 pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) one thread `tid` of process `pid` has used.
+pub fn task_cpu_seconds(pid: u32, tid: u32) -> Result<f64> {
+    stat_cpu_seconds(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+/// utime + stime from a `/proc/.../stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();

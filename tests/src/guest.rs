@@ -33,6 +33,20 @@ pub fn initrd_path() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join("target/guest/initrd.gz"))
 }
 
+/// The guest's kernel and initramfs, which must exist.
+pub fn image() -> Result<(PathBuf, PathBuf)> {
+    let (kernel, initrd) = (kernel_path(), initrd_path());
+    for p in [&kernel, &initrd] {
+        if !p.exists() {
+            bail!(
+                "{} missing: run the tests with `cargo xtask test` (it builds the guest image)",
+                p.display()
+            );
+        }
+    }
+    Ok((kernel, initrd))
+}
+
 /// How to start a guest.
 #[derive(Clone, Debug)]
 pub struct GuestConfig {
@@ -111,6 +125,26 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
     .collect()
 }
 
+/// QEMU's command line for `config` with QEMU's own virtio-net backend on the tap device
+/// `tap` (`-netdev tap,...,vhost=off`: this kernel has no vhost-net) in place of vhost-user.
+/// Machine, memory and device stay as [`qemu_args`] makes them, `vectors=0` included, so a
+/// guest on a tap and a guest on vhost-user differ only in the backend (`config.socket` and
+/// `config.reconnect` are unused).
+pub fn qemu_tap_args(config: &GuestConfig, tap: &str, kernel: &Path, initrd: &Path) -> Vec<String> {
+    let mut args = qemu_args(config, kernel, initrd);
+    if let Some(i) = args.iter().position(|a| a == "-chardev") {
+        args.drain(i..i + 2);
+    }
+    if let Some(i) = args.iter().position(|a| a == "-netdev") {
+        let queues = match config.queue_pairs.max(1) {
+            1 => String::new(),
+            n => format!(",queues={n}"),
+        };
+        args[i + 1] = format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off{queues}");
+    }
+    args
+}
+
 /// Standard base64 (the guest decodes it with busybox `base64 -d`).
 pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -139,17 +173,16 @@ pub struct Guest {
 impl Guest {
     /// Boots a guest (QEMU in the calling process's network namespace: the socket is a path).
     pub fn boot(config: &GuestConfig) -> Result<Guest> {
-        let (kernel, initrd) = (kernel_path(), initrd_path());
-        for p in [&kernel, &initrd] {
-            if !p.exists() {
-                bail!(
-                    "{} missing: run the tests with `cargo xtask test` (it builds the guest image)",
-                    p.display()
-                );
-            }
-        }
+        let (kernel, initrd) = image()?;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(qemu_args(config, &kernel, &initrd));
+        Self::spawn(cmd)
+    }
+
+    /// Starts a guest from a prepared QEMU command line (for instance one that runs QEMU in a
+    /// namespace under `taskset`: `ip netns exec` and `taskset` exec QEMU, so the child is
+    /// QEMU itself), with its serial console on the command's stdio.
+    pub fn spawn(mut cmd: Command) -> Result<Guest> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -163,6 +196,11 @@ impl Guest {
             stdin,
             console,
         })
+    }
+
+    /// The QEMU process's id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Waits for a console line containing `needle`, failing early if QEMU exits.
@@ -251,6 +289,46 @@ impl Drop for Guest {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::{qemu_args, qemu_tap_args, GuestConfig};
+
+    #[test]
+    fn tap_args_swap_only_the_backend() {
+        let config = GuestConfig {
+            socket: "/tmp/vm0.sock".into(),
+            mac: "52:54:00:12:34:56".into(),
+            ip: "10.77.0.2/24".into(),
+            memory_mib: 256,
+            script: None,
+            reconnect: Some(1),
+            allow_reboot: false,
+            queue_pairs: 1,
+        };
+        let (k, i) = (Path::new("/k"), Path::new("/i"));
+        let vhost = qemu_args(&config, k, i);
+        let tap = qemu_tap_args(&config, "xvtap0", k, i);
+        assert!(!tap
+            .iter()
+            .any(|a| a == "-chardev" || a.contains("vhost-user")));
+        let netdev = tap.iter().position(|a| a == "-netdev").unwrap();
+        assert_eq!(
+            tap[netdev + 1],
+            "tap,id=n0,ifname=xvtap0,script=no,downscript=no,vhost=off"
+        );
+        // Everything else, the device with vectors=0 included, is the vhost-user guest's.
+        let rest = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .filter(|a| *a != "-chardev" && !a.starts_with("socket,") && !a.contains(",id=n0"))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(rest(&vhost), rest(&tap));
+        assert!(tap
+            .iter()
+            .any(|a| a.starts_with("virtio-net-pci,netdev=n0") && a.contains("vectors=0")));
+    }
+
     #[test]
     fn base64_matches_rfc4648_vectors() {
         for (i, o) in [

@@ -6,11 +6,14 @@
 //! - [`frontend`]: a vhost-user frontend (a VMM in a process) with memfd guest memory and its
 //!   own split-queue driver;
 //! - [`guest`]: a real Linux guest under QEMU;
+//! - [`bench`], [`bench_run`], [`bench_tcp`]: the benchmark's generator, packet scenarios and
+//!   guest TCP streams;
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check;
 //! - [`sockopts`]: another process's AF_XDP socket options.
 
 pub mod bench;
 pub mod bench_run;
+pub mod bench_tcp;
 pub mod ctl;
 pub mod daemon;
 pub mod dpdk;

@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: every scenario for xvdpa, DPDK testpmd and the AF_XDP ceiling, in the
-//! same lab with the same generator, guest side and pinning; medians of several runs, ratios
-//! taken pairwise within each run.
+//! `cargo xtask bench`: every packet scenario for xvdpa, DPDK testpmd and the AF_XDP ceiling,
+//! in the same lab with the same generator, guest side and pinning, and (`guest-tcp`) real
+//! guests' TCP streams on xvdpa and on QEMU's virtio-net over a tap; medians of several runs,
+//! ratios taken pairwise within each run.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,16 +13,19 @@ use anyhow::{bail, Context, Result};
 use xvdpa_tests::bench_run::{
     measure, Direction, FrameSpec, GeneratorKind, Measurement, Peer, Pinning, Setup,
 };
+use xvdpa_tests::bench_tcp::{measure_tcp, TcpDirection, TcpMeasurement, TcpPeer, TcpSetup};
 use xvdpa_tests::lab::Lab;
 
 use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, PEER_PACKAGES};
 use crate::build;
+use crate::guest_image;
 use crate::say;
 use crate::util::{is_root, run, workspace_root};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios: rx, tx, vm-to-vm.
+    /// Scenarios: rx, tx, vm-to-vm (frames from the test frontend), guest-tcp (TCP streams
+    /// of QEMU guests up, down and VM-to-VM; about a minute per peer and run).
     #[arg(long, value_delimiter = ',', default_value = "rx,tx,vm-to-vm")]
     scenarios: Vec<String>,
     /// Frame sizes on the wire, FCS included.
@@ -30,6 +34,10 @@ pub struct BenchArgs {
     /// Peers to measure: xvdpa, dpdk, limit.
     #[arg(long, value_delimiter = ',', default_value = "xvdpa,dpdk,limit")]
     peers: Vec<String>,
+    /// Peers of the guest-tcp scenario: xvdpa, tap (QEMU's virtio-net on a tap bridged with
+    /// the NIC). DPDK testpmd cannot carry a TSO guest to an AF_XDP port (see bench_tcp.rs).
+    #[arg(long, value_delimiter = ',', default_value = "xvdpa,tap")]
+    tcp_peers: Vec<String>,
     /// Seconds measured per figure (after a warm-up of a third of that).
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
@@ -94,7 +102,7 @@ fn parse_direction(s: &str) -> Result<Direction> {
         "rx" => Ok(Direction::Rx),
         "tx" => Ok(Direction::Tx),
         "vm-to-vm" => Ok(Direction::VmToVm),
-        other => bail!("unknown scenario {other:?} (rx, tx, vm-to-vm)"),
+        other => bail!("unknown scenario {other:?} (rx, tx, vm-to-vm, guest-tcp)"),
     }
 }
 
@@ -121,6 +129,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The smallest and largest finite value, for run-to-run spread.
+fn min_max(v: &[f64]) -> Option<(f64, f64)> {
+    let finite = v.iter().copied().filter(|x| x.is_finite());
+    let lo = finite.clone().fold(f64::INFINITY, f64::min);
+    let hi = finite.fold(f64::NEG_INFINITY, f64::max);
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// The guest-tcp scenario's name on the command line.
+const GUEST_TCP: &str = "guest-tcp";
+
+/// The daemon `build::build` made: cargo puts it under CARGO_TARGET_DIR when that is set
+/// (relative to the workspace root, where the build runs).
+fn release_daemon() -> Result<PathBuf> {
+    let built = build::build(true)?;
+    Ok(match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir).join("release/xvdpa"),
+        None => built,
+    })
+}
+
 type Key = (Direction, usize);
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -132,7 +161,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let directions: Vec<Direction> = args
         .scenarios
         .iter()
+        .filter(|s| *s != GUEST_TCP)
         .map(|s| parse_direction(s))
+        .collect::<Result<_>>()?;
+    let guest_tcp = args.scenarios.iter().any(|s| s == GUEST_TCP);
+    let tcp_peers: Vec<TcpPeer> = args
+        .tcp_peers
+        .iter()
+        .map(|s| TcpPeer::parse(s))
         .collect::<Result<_>>()?;
     let peers: Vec<Peer> = args
         .peers
@@ -146,12 +182,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         bail!("--datapath-cpu/--load-cpu must be below {cpus} (CPUs on this machine)");
     }
     ensure_packages(BUILD_PACKAGES)?;
-    if peers.contains(&Peer::Dpdk) {
+    if peers.contains(&Peer::Dpdk) && !directions.is_empty() {
         ensure_packages(PEER_PACKAGES)?;
     }
-    let daemon = build::build(true)?;
+    let daemon = release_daemon()?;
     // The scenario runner finds the daemon, the ceiling binary and the generator from here.
     std::env::set_var("XVDPA_BIN", &daemon);
+    let tcpperf = if guest_tcp {
+        let image = guest_image::ensure()?;
+        std::env::set_var("XVDPA_GUEST_KERNEL", &image.kernel);
+        std::env::set_var("XVDPA_GUEST_INITRD", &image.initrd);
+        Some(image.tcpperf)
+    } else {
+        None
+    };
 
     let lab = Lab::named("xvdpa-bench");
     lab.create()?;
@@ -180,6 +224,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         },
     };
     let mut all: Vec<(usize, Measurement)> = Vec::new();
+    let mut tcp: Vec<(usize, TcpMeasurement)> = Vec::new();
     let limit_runs =
         usize::from(peers.contains(&Peer::Limit) && directions.contains(&Direction::VmToVm));
     let total = (directions.len() * peers.len() - limit_runs) * args.sizes.len() * args.runs;
@@ -209,22 +254,170 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 }
             }
         }
+        if let Some(tcpperf) = &tcpperf {
+            let tcp_setup = TcpSetup {
+                duration: setup.duration,
+                warmup: setup.warmup,
+                pinning,
+                daemon_args: setup.daemon_args.clone(),
+                tcpperf: tcpperf.clone(),
+            };
+            // Peers alternate within each run, so a ratio compares neighbours in time.
+            for run_no in 0..args.runs {
+                for &peer in &tcp_peers {
+                    let ms = measure_tcp(&lab, peer, &TcpDirection::ALL, &tcp_setup)
+                        .with_context(|| format!("guest-tcp {} run {}", peer.name(), run_no + 1))?;
+                    for m in ms {
+                        say!(
+                            "guest-tcp {:<8} run {} {:<5} {:>6.2} Gbit/s  ({:.2} CPU s/GB {})",
+                            m.direction.name(),
+                            run_no + 1,
+                            peer.name(),
+                            m.gbit_s,
+                            m.datapath_cpu_s_per_gb(),
+                            peer.datapath_label()
+                        );
+                        tcp.push((run_no, m));
+                    }
+                }
+            }
+        }
         Ok(())
     })();
     lab.destroy();
     result?;
 
-    let table = render_table(&all, &peers, &args, pinning);
-    println!("{table}");
+    if !all.is_empty() {
+        println!("{}", render_table(&all, &peers, &args, pinning));
+    }
+    if !tcp.is_empty() {
+        println!("{}", render_tcp_table(&tcp, &tcp_peers, &args, pinning));
+    }
     if let Some(path) = &args.json {
-        write_json(path, &all, &args, pinning)?;
+        write_json(path, &all, &tcp, &args, pinning)?;
         say!("raw figures written to {}", path.display());
     }
     if let Some(path) = &args.plot {
-        plot(path, &all, &peers)?;
-        say!("chart written to {}", path.display());
+        if all.is_empty() {
+            say!("no packet scenario measured: no chart");
+        } else {
+            plot(path, &all, &peers)?;
+            say!("chart written to {}", path.display());
+        }
     }
     Ok(())
+}
+
+/// `median (min-max)` of `values`, each formatted with `fmt`.
+fn spread(values: &[f64], fmt: impl Fn(f64) -> String) -> String {
+    match min_max(values) {
+        Some((lo, hi)) => format!("{} ({}-{})", fmt(median(values.to_vec())), fmt(lo), fmt(hi)),
+        None => "-".into(),
+    }
+}
+
+/// `a`'s Gbit/s over `b`'s for each run both measured `d` in.
+fn tcp_ratios(
+    tcp: &[(usize, TcpMeasurement)],
+    d: TcpDirection,
+    a: TcpPeer,
+    b: TcpPeer,
+) -> Vec<f64> {
+    let of = |peer: TcpPeer, run: usize| {
+        tcp.iter()
+            .find(|(r, m)| *r == run && m.peer == peer && m.direction == d)
+            .map(|(_, m)| m.gbit_s)
+    };
+    tcp.iter()
+        .filter(|(_, m)| m.peer == a && m.direction == d)
+        .filter_map(|(run, m)| Some(m.gbit_s / of(b, *run)?))
+        .collect()
+}
+
+fn render_tcp_table(
+    tcp: &[(usize, TcpMeasurement)],
+    peers: &[TcpPeer],
+    args: &BenchArgs,
+    pin: Pinning,
+) -> String {
+    let mut out = format!(
+        "\nguest TCP: one stream of tcpperf (256 KiB writes) between TCG guests (no KVM) and the wire, {} run(s) x {:.1} s after {:.1} s of warm-up; median (min-max over runs)\n",
+        args.runs,
+        args.duration,
+        args.duration / 3.0
+    );
+    let _ = writeln!(
+        out,
+        "pinning: CPU {} = datapath (xvdpa daemon) + QEMU's non-vCPU threads (main loop: interrupts, and the tap backend); CPU {} = guest vCPUs + the wire's tcpperf",
+        pin.datapath, pin.load
+    );
+    let mut header = "| direction |".to_string();
+    for p in peers {
+        let _ = write!(header, " {} Gbit/s |", p.name());
+    }
+    let pair = peers.contains(&TcpPeer::Xvdpa) && peers.contains(&TcpPeer::Tap);
+    if pair {
+        header.push_str(" xvdpa/tap |");
+    }
+    for p in peers {
+        let _ = write!(header, " {} CPU s/GB |", p.name());
+    }
+    // For tap the datapath is QEMU's I/O threads already; for xvdpa they come on top.
+    if peers.contains(&TcpPeer::Xvdpa) {
+        header.push_str(" xvdpa's QEMU I/O CPU s/GB |");
+    }
+    for p in peers {
+        let _ = write!(header, " {} vCPUs busy |", p.name());
+    }
+    let _ = writeln!(out, "{header}");
+    let cols = header.matches('|').count() - 1;
+    let _ = writeln!(out, "|{}", "---|".repeat(cols));
+    for d in TcpDirection::ALL {
+        let of = |p: TcpPeer, f: &dyn Fn(&TcpMeasurement) -> f64| -> Vec<f64> {
+            tcp.iter()
+                .filter(|(_, m)| m.peer == p && m.direction == d)
+                .map(|(_, m)| f(m))
+                .collect()
+        };
+        if peers.iter().all(|&p| of(p, &|m| m.gbit_s).is_empty()) {
+            continue;
+        }
+        let mut line = format!("| {} |", d.name());
+        for &p in peers {
+            let _ = write!(
+                line,
+                " {} |",
+                spread(&of(p, &|m| m.gbit_s), |v| format!("{v:.2}"))
+            );
+        }
+        if pair {
+            let r = tcp_ratios(tcp, d, TcpPeer::Xvdpa, TcpPeer::Tap);
+            let _ = write!(line, " {} |", spread(&r, |v| format!("{v:.2}x")));
+        }
+        for &p in peers {
+            let _ = write!(
+                line,
+                " {} |",
+                spread(&of(p, &|m| m.datapath_cpu_s_per_gb()), |v| format!(
+                    "{v:.2}"
+                ))
+            );
+        }
+        if peers.contains(&TcpPeer::Xvdpa) {
+            let io = median(of(TcpPeer::Xvdpa, &|m| m.qemu_io_cpu_s_per_gb()));
+            let _ = write!(line, " {io:.2} |");
+        }
+        for &p in peers {
+            let vcpu = median(of(p, &|m| m.vcpu_cpu_s / m.seconds));
+            let _ = write!(line, " {:.0} % |", vcpu * 100.0);
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out, "\nup: guest -> NIC -> wire; down: wire -> NIC -> guest; vm-to-vm: guest A -> guest B on the same datapath. Gbit/s of TCP payload counted by the receiver.");
+    let _ = writeln!(out, "tap: QEMU's virtio-net (vhost=off; no vhost-net here) on a vnet_hdr tap in a Linux bridge with the same veth NIC; vm-to-vm = two taps on that bridge.");
+    let _ = writeln!(out, "CPU s/GB: CPU seconds per 1e9 payload bytes over the receiver's window, from /proc/PID/stat: xvdpa = {}; tap = {}, kernel time in them included;", TcpPeer::Xvdpa.datapath_label(), TcpPeer::Tap.datapath_label());
+    let _ = writeln!(out, "xvdpa's QEMU I/O: the same QEMU threads when the guests are on xvdpa (interrupt injection), on top of the daemon. vCPUs busy: the guests' vCPU threads, % of one CPU (TCG).");
+    out
 }
 
 fn by_key(all: &[(usize, Measurement)]) -> BTreeMap<Key, Vec<(usize, Measurement)>> {
@@ -353,9 +546,22 @@ fn render_table(
 fn write_json(
     path: &PathBuf,
     all: &[(usize, Measurement)],
+    tcp: &[(usize, TcpMeasurement)],
     args: &BenchArgs,
     pin: Pinning,
 ) -> Result<()> {
+    let tcp_rows: Vec<serde_json::Value> = tcp
+        .iter()
+        .map(|(run, m)| {
+            serde_json::json!({
+                "run": run, "peer": m.peer.name(), "scenario": GUEST_TCP, "direction": m.direction.name(),
+                "bytes": m.bytes, "seconds": m.seconds, "gbit_s": m.gbit_s,
+                "datapath_cpu_s": m.datapath_cpu_s, "datapath": m.peer.datapath_label(),
+                "datapath_cpu_s_per_gb": m.datapath_cpu_s_per_gb(),
+                "qemu_io_cpu_s": m.qemu_io_cpu_s, "vcpu_cpu_s": m.vcpu_cpu_s,
+            })
+        })
+        .collect();
     let rows: Vec<serde_json::Value> = all
         .iter()
         .map(|(run, m)| {
@@ -372,6 +578,7 @@ fn write_json(
         "duration_s": args.duration, "runs": args.runs, "flows": args.flows,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "measurements": rows,
+        "guest_tcp": tcp_rows,
     });
     std::fs::write(path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", path.display()))
@@ -418,4 +625,45 @@ fn plot(path: &Path, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<()>
     let script_path = dir.join("bench.gp");
     std::fs::write(&script_path, script)?;
     run(Command::new("gnuplot").arg(&script_path)).context("gnuplot")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(run: usize, peer: TcpPeer, d: TcpDirection, gbit_s: f64) -> (usize, TcpMeasurement) {
+        let m = TcpMeasurement {
+            peer,
+            direction: d,
+            bytes: 1,
+            seconds: 1.0,
+            gbit_s,
+            datapath_cpu_s: 0.0,
+            qemu_io_cpu_s: 0.0,
+            vcpu_cpu_s: 0.0,
+        };
+        (run, m)
+    }
+
+    #[test]
+    fn tcp_ratios_pair_peers_within_a_run() {
+        use TcpDirection::{Down, Up};
+        use TcpPeer::{Tap, Xvdpa};
+        let tcp = [
+            stream(0, Xvdpa, Up, 2.0),
+            stream(0, Tap, Up, 1.0),
+            stream(1, Xvdpa, Up, 3.0),
+            stream(1, Tap, Up, 6.0),
+            stream(1, Xvdpa, Down, 9.0),
+            // Run 2's xvdpa figure has no tap partner: no ratio.
+            stream(2, Xvdpa, Up, 5.0),
+        ];
+        assert_eq!(tcp_ratios(&tcp, Up, Xvdpa, Tap), vec![2.0, 0.5]);
+        assert!(tcp_ratios(&tcp, Down, Xvdpa, Tap).is_empty());
+        assert_eq!(
+            spread(&tcp_ratios(&tcp, Up, Xvdpa, Tap), |v| format!("{v:.2}x")),
+            "1.25x (0.50x-2.00x)"
+        );
+        assert_eq!(spread(&[], |v| format!("{v}")), "-");
+    }
 }

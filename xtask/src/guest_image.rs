@@ -1,5 +1,6 @@
 //! The test guest: Debian's kernel package and an initramfs of busybox-static plus the
-//! virtio modules, cached under target/guest and rebuilt when an input changes.
+//! virtio modules and the workspace's static `tcpperf`, cached under target/guest and rebuilt
+//! when an input changes.
 
 use std::fs;
 use std::io::Write;
@@ -16,7 +17,7 @@ use crate::util::{output, run, workspace_root};
 pub const KERNEL_PACKAGE: &str = "linux-image-6.1.0-56-amd64";
 
 /// Bump when the image's layout changes in a way the stamp does not see (the cpio contents).
-const IMAGE_LAYOUT: u32 = 3;
+const IMAGE_LAYOUT: u32 = 4;
 
 /// Loaded in dependency order.
 const MODULES: &[&str] = &[
@@ -110,6 +111,51 @@ fn add_host_binary(cpio: &mut Cpio, path: &str) -> Result<()> {
 pub struct GuestImage {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The static `tcpperf` the image carries at /bin/tcpperf (the host side runs it too).
+    pub tcpperf: PathBuf,
+}
+
+/// Builds the workspace's TCP stream tool as a static executable and returns its path.
+/// Static (`+crt-static` on the gnu target, a static-pie) so that the busybox guest, which has
+/// no C library, runs the same binary as the host; stripped to keep the initramfs small.
+pub fn build_tcpperf() -> Result<PathBuf> {
+    say!("building tcpperf (static)");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args([
+            "rustc",
+            "--quiet",
+            "--package",
+            "xvdpa-tcpperf",
+            "--bin",
+            "tcpperf",
+            "--release",
+            "--message-format=json-render-diagnostics",
+            "--",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=symbols",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo rustc (tcpperf)")?;
+    if !out.status.success() {
+        bail!("building tcpperf failed ({})", out.status);
+    }
+    // Cargo says where the executable is (it honours CARGO_TARGET_DIR and the like).
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|m| m.get("executable")?.as_str().map(PathBuf::from))
+        .context("cargo named no tcpperf executable")
+}
+
+/// A short fingerprint of a file's bytes for the image stamp (FNV-1a).
+fn fingerprint(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn guest_dir() -> PathBuf {
@@ -125,16 +171,21 @@ pub fn ensure() -> Result<GuestImage> {
     let bb_meta = fs::metadata(&busybox).context("/bin/busybox (busybox-static)")?;
     let init = INIT.replace("MODULES", &MODULES.join(" "));
     let ethtool = fs::metadata(ETHTOOL).context("/usr/sbin/ethtool (package ethtool)")?;
+    let tcpperf_path = build_tcpperf()?;
+    let tcpperf =
+        fs::read(&tcpperf_path).with_context(|| format!("reading {}", tcpperf_path.display()))?;
     let stamp = format!(
-        "layout {IMAGE_LAYOUT}\n{KERNEL_PACKAGE}\n{}\n{:?}\n{}\n{}\n",
+        "layout {IMAGE_LAYOUT}\n{KERNEL_PACKAGE}\n{}\n{:?}\n{}\ntcpperf {:016x}\n{}\n",
         bb_meta.len(),
         bb_meta.modified().ok(),
         ethtool.len(),
+        fingerprint(&tcpperf),
         init
     );
     let image = GuestImage {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.gz"),
+        tcpperf: tcpperf_path,
     };
     let stamp_path = dir.join("stamp");
     if image.kernel.exists()
@@ -190,6 +241,7 @@ pub fn ensure() -> Result<GuestImage> {
         cpio.file(&format!("lib/modules/{m}.ko"), &fs::read(&path)?, 0o644);
     }
     add_host_binary(&mut cpio, ETHTOOL)?;
+    cpio.file("bin/tcpperf", &tcpperf, 0o755);
     let archive = cpio.finish();
     let mut gz = Command::new("gzip")
         .args(["-6", "-c"])
