@@ -309,6 +309,7 @@ fn guest_config(socket: &Path, n: u8) -> GuestConfig {
         reconnect: None,
         allow_reboot: false,
         queue_pairs: 1,
+        device_props: String::new(),
     }
 }
 
