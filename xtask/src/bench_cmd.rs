@@ -140,16 +140,6 @@ fn min_max(v: &[f64]) -> Option<(f64, f64)> {
 /// The guest-tcp scenario's name on the command line.
 const GUEST_TCP: &str = "guest-tcp";
 
-/// The daemon `build::build` made: cargo puts it under CARGO_TARGET_DIR when that is set
-/// (relative to the workspace root, where the build runs).
-fn release_daemon() -> Result<PathBuf> {
-    let built = build::build(true)?;
-    Ok(match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => workspace_root().join(dir).join("release/xvdpa"),
-        None => built,
-    })
-}
-
 type Key = (Direction, usize);
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -185,7 +175,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if peers.contains(&Peer::Dpdk) && !directions.is_empty() {
         ensure_packages(PEER_PACKAGES)?;
     }
-    let daemon = release_daemon()?;
+    let daemon = build::build(true)?;
     // The scenario runner finds the daemon, the ceiling binary and the generator from here.
     std::env::set_var("XVDPA_BIN", &daemon);
     let tcpperf = if guest_tcp {

@@ -14,12 +14,15 @@ pub fn ebpf_object() -> PathBuf {
     workspace_root().join("target/ebpf/bpfel-unknown-none/release/xvdpa-ebpf")
 }
 
+/// Where cargo puts the daemon: under CARGO_TARGET_DIR when that is set (relative to the
+/// workspace root, where the build runs), else under target/.
 pub fn daemon_binary(release: bool) -> PathBuf {
-    workspace_root().join(if release {
-        "target/release/xvdpa"
-    } else {
-        "target/debug/xvdpa"
-    })
+    let dir = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    };
+    dir.join(if release { "release" } else { "debug" })
+        .join("xvdpa")
 }
 
 pub fn build_ebpf() -> Result<PathBuf> {
