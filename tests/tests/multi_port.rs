@@ -785,3 +785,105 @@ fn promiscuous_port_also_gets_unicast_nobody_owns() -> Result<()> {
     daemon.stop()?;
     Ok(())
 }
+
+fn still_running(daemon: &mut Daemon) -> Result<()> {
+    ensure!(
+        daemon.try_wait()?.is_none(),
+        "the daemon died:\n{}",
+        daemon.output()
+    );
+    Ok(())
+}
+
+/// Port `i` (frontend `fe`) gets a frame from the wire and sends one there, with sequence
+/// numbers `seq` and `seq + 1`.
+fn forwards_both_ways(s: &Setup, fe: &mut VirtioNetFrontend, i: u8, seq: u32) -> Result<()> {
+    let from_wire = test_frame(guest_mac(i), s.wire_mac, seq, 200);
+    s.wire.send(&from_wire)?;
+    ensure!(
+        received(fe, 1, WAIT)? == vec![from_wire],
+        "nothing received from the wire"
+    );
+    send(fe, &test_frame(s.wire_mac, guest_mac(i), seq + 1, 200))?;
+    ensure!(wire_saw(s, seq + 1), "nothing sent to the wire");
+    Ok(())
+}
+
+/// A frontend that shrinks its unsealable guest memory file after handing it over: the
+/// daemon's next access to it faults. Only that port may stop (counted, logged once); the
+/// daemon lives, the other port keeps forwarding, and the port serves again after a
+/// reconnect with good memory.
+#[test]
+fn guest_memory_shrunk_under_the_daemon_stops_only_that_port() -> Result<()> {
+    let mut s = setup("mpshrink", 2, &[])?;
+    let (a, mut b) = (vm(&s.sockets[0])?, vm(&s.sockets[1])?);
+    let errors_before = s.ctl.counter(0, "queue_errors")?;
+
+    // From here on the test must not touch A's memory: its own mapping faults too.
+    a.shrink_guest_memory(0)?;
+    // The daemon reads A's rings on a kick and on a frame from the wire.
+    a.kick(TX_QUEUE)?;
+    a.kick(RX_QUEUE)?;
+    s.wire.send(&test_frame(guest_mac(0), s.wire_mac, 1, 100))?;
+    // B -> A through the switch: another port's worker writes into A's memory.
+    let _ = send(&mut b, &test_frame(guest_mac(0), guest_mac(1), 2, 100));
+
+    let deadline = std::time::Instant::now() + WAIT;
+    while s.ctl.counter(0, "queue_errors").unwrap_or(0) == errors_before
+        && std::time::Instant::now() < deadline
+    {
+        still_running(&mut s.daemon)?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    still_running(&mut s.daemon)?;
+    ensure!(
+        s.ctl.counter(0, "queue_errors")? > errors_before,
+        "the lost memory was not counted: {}",
+        s.ctl.stats()?
+    );
+
+    forwards_both_ways(&s, &mut b, 1, 3).context("B, after A's memory shrank")?;
+    // More traffic for A is dropped, not a second fault.
+    s.wire.send(&test_frame(guest_mac(0), s.wire_mac, 5, 100))?;
+    a.kick(TX_QUEUE)?;
+    std::thread::sleep(QUIET);
+    still_running(&mut s.daemon)?;
+    let log = s.daemon.output();
+    ensure!(
+        log.matches("guest memory region shrank under the daemon")
+            .count()
+            == 1,
+        "expected one log line for the lost memory:\n{log}"
+    );
+
+    // A reconnects with good memory and is served again.
+    drop(a);
+    let mut a = vm(&s.sockets[0])?;
+    forwards_both_ways(&s, &mut a, 0, 6).context("A, after reconnecting")?;
+    drop((a, b));
+    let log = s.daemon.stop()?;
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+/// What QEMU's memfd backend does: a memfd that allows sealing. The daemon seals it, so the
+/// frontend can no longer shrink it at all.
+#[test]
+fn sealable_guest_memory_is_sealed_against_shrinking() -> Result<()> {
+    let s = setup("mpseal", 1, &[])?;
+    let opts = FrontendOptions {
+        allow_sealing: true,
+        ..FrontendOptions::default()
+    };
+    let a = VirtioNetFrontend::connect(&s.sockets[0], opts)?;
+    let err = a
+        .shrink_guest_memory(0)
+        .expect_err("the daemon should have sealed the memfd");
+    ensure!(
+        format!("{err:#}").contains("ermitted"),
+        "unexpected error: {err:#}"
+    );
+    drop(a);
+    s.daemon.stop()?;
+    Ok(())
+}

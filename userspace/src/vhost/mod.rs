@@ -4,6 +4,7 @@
 
 pub mod backend;
 mod frontend_checks;
+mod memory_guard;
 pub mod port;
 pub mod protocol_shim;
 mod socket_file;

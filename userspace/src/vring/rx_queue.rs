@@ -41,6 +41,12 @@ impl RxQueueShared {
         self.broken.load(Ordering::Acquire)
     }
 
+    /// Stops the queue as broken: its memory is gone (the frontend shrank it). Only a reset
+    /// restarts it.
+    pub fn stop(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+
     /// The ring stopped (GET_VRING_BASE or a device reset); it restarts from a fresh ring.
     pub fn reset(&self) {
         self.broken.store(false, Ordering::Release);
