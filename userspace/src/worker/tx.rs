@@ -104,7 +104,8 @@ impl QueuePairWorker {
             + tally.dropped_runt
             + tally.dropped_offload
             + tally.dropped_spoofed
-            + tally.dropped_rate_limited;
+            + tally.dropped_rate_limited
+            + tally.dropped_vlan;
         let s = &self.stats;
         s.add(&s.tx_packets, tally.frames);
         s.add(&s.tx_bytes, tally.bytes);
@@ -113,6 +114,7 @@ impl QueuePairWorker {
         s.add(&s.tx_dropped_offload, tally.dropped_offload);
         s.add(&s.tx_dropped_spoofed, tally.dropped_spoofed);
         s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
+        s.add(&s.tx_dropped_vlan, tally.dropped_vlan);
         s.add(&s.tx_switched, switched);
         if state.get_queue().next_used() != used_before {
             notify_guest_since(&mut state, mem, &self.stats, Some(used_before));
