@@ -13,8 +13,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::memory_guard::{self, MemoryWatch};
 use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig};
+use crate::memory_guard::{self, MemoryWatch};
 use crate::stats::QueueStats;
 use crate::switch::SwitchPort;
 use crate::vring::{RxQueue, RxQueueShared, Vring};
@@ -93,7 +93,8 @@ impl NetBackend {
     /// is found poisoned, its queues are stopped, and that is logged and counted once.
     fn memory_lost(&self) -> bool {
         let events = memory_guard::poison_events();
-        if self.0.poison_seen.swap(events, Ordering::AcqRel) != events
+        if self.0.poison_seen.load(Ordering::Acquire) != events
+            && self.0.poison_seen.swap(events, Ordering::AcqRel) != events
             && crate::sync::lock(&self.0.watch).poisoned()
             && !self.0.memory_lost.swap(true, Ordering::AcqRel)
         {

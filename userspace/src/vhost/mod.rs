@@ -4,7 +4,6 @@
 
 pub mod backend;
 mod frontend_checks;
-mod memory_guard;
 pub mod port;
 pub mod protocol_shim;
 mod socket_file;

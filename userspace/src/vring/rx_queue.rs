@@ -11,6 +11,7 @@ use super::{notify_guest_since, Vring, VringState};
 use crate::datapath::device::NegotiatedFeatures;
 use crate::datapath::rx::{self, Framing, RxScratch, RxTally};
 use crate::datapath::QueueError;
+use crate::memory_guard;
 use crate::stats::QueueStats;
 
 /// What every thread writing into one receive queue (its port's worker, and other ports'
@@ -168,8 +169,12 @@ impl<'a> RxQueueLock<'a> {
         );
         if let Err(e) = &result {
             self.shared.broken.store(true, Ordering::Release);
-            self.stats.add(&self.stats.queue_errors, 1);
-            tracing::error!(dir = "rx", error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
+            // A ring read from memory that shrank under the daemon is the frontend's doing,
+            // which the port's backend reports once.
+            if !memory_guard::lost(self.mem) {
+                self.stats.add(&self.stats.queue_errors, 1);
+                tracing::error!(dir = "rx", error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
+            }
         }
         result
     }

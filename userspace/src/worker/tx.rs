@@ -8,6 +8,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::tx::{self, TxStop, TxTally};
+use crate::memory_guard;
 use crate::switch::{self, PortTx};
 use crate::vring::{notify_guest_since, Vring};
 
@@ -123,7 +124,11 @@ impl QueuePairWorker {
         switch::notify_ports(&mut self.to_notify);
         if let Err(e) = result {
             self.tx_broken = true;
-            self.queue_failed("tx", &e);
+            // A ring read from memory that shrank under the daemon is the frontend's doing,
+            // which the backend reports once for the port.
+            if !memory_guard::lost(mem) {
+                self.queue_failed("tx", &e);
+            }
         }
         more
     }

@@ -14,7 +14,11 @@
 //!   Anywhere else it hands the signal on to the handler installed before it (Rust's own, or
 //!   the default action), so any other fault still ends the process as it did.
 //! - The port's backend sees the poisoned flag and stops the port's queues until the
-//!   frontend hands over new memory or reconnects.
+//!   frontend hands over new memory or reconnects. A ring that read the zeros before that
+//!   asks [`lost`] before blaming the guest.
+//!
+//! It sits beside `sync` and `stats` at the bottom of the import order, so that the workers
+//! and receive queues below the backend can ask about the memory they read.
 //!
 //! A registration holds the mapping itself (an `Arc` of the guest memory), so a region is
 //! never unmapped while it is registered, and it is released only once nothing else holds
@@ -159,6 +163,18 @@ static RETIRED: Mutex<Vec<Guarded>> = Mutex::new(Vec::new());
 /// How many regions poisoned so far, process-wide (see [`Registry::poison_events`]).
 pub fn poison_events() -> u64 {
     REGISTRY.poison_events()
+}
+
+/// Whether a region of `mem` was replaced by zero pages because its file shrank: a ring
+/// that read nonsense from it met lost memory, not a guest breaking the rules. Costs a scan
+/// of the registry per region; for error paths.
+pub fn lost(mem: &GuestMemoryMmap) -> bool {
+    poison_events() != 0
+        && mem.iter().any(|region| {
+            REGISTRY
+                .find(region.as_ptr() as usize)
+                .is_some_and(|(i, _, _)| REGISTRY.is_poisoned(i))
+        })
 }
 
 fn install() -> Result<(), GuardError> {
@@ -409,6 +425,7 @@ mod tests {
         let byte: u8 = guard.read_obj(GuestAddress(4096)).unwrap();
         assert_eq!(byte, 0, "the shrunk region reads as zero pages");
         assert!(watch.poisoned());
+        assert!(lost(&guard));
         assert!(poison_events() > events);
         // Still usable memory (private now): writes land and read back.
         guard.write_obj(7u8, GuestAddress(8192)).unwrap();
@@ -420,6 +437,7 @@ mod tests {
         atomic.lock().unwrap().replace(fresh);
         watch.watch(&atomic).unwrap();
         assert!(!watch.poisoned());
+        assert!(!lost(&atomic.memory()));
     }
 
     /// A retired mapping stays registered (and mapped) while a reader holds it.
