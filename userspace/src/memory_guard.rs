@@ -403,9 +403,28 @@ mod tests {
     /// The real thing: a memfd shrunk under a watched mapping reads as zeros afterwards
     /// instead of killing the test process, and the watch reports it.
     #[test]
-    fn a_shrunk_guest_memory_file_reads_zeros_and_is_reported() {
-        let len = 4 * 4096;
-        let file = memfd(len as u64);
+    fn a_shrunk_memfd_reads_zeros_and_is_reported() {
+        shrunk_file_reads_zeros_and_is_reported(memfd(4 * 4096));
+    }
+
+    /// The same for guest RAM in a tmpfs file (as in /dev/shm, or a hugetlbfs file, which
+    /// cannot be sealed either).
+    #[test]
+    fn a_shrunk_tmpfs_file_reads_zeros_and_is_reported() {
+        let path = format!("/dev/shm/xvdpa-guard-test-{}", std::process::id());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file.set_len(4 * 4096).unwrap();
+        shrunk_file_reads_zeros_and_is_reported(file);
+    }
+
+    fn shrunk_file_reads_zeros_and_is_reported(file: File) {
+        let len = file.metadata().unwrap().len() as usize;
         let shrink = file.try_clone().unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
@@ -438,6 +457,50 @@ mod tests {
         watch.watch(&atomic).unwrap();
         assert!(!watch.poisoned());
         assert!(!lost(&atomic.memory()));
+    }
+
+    /// A fault the guard does not own still ends the process with SIGBUS, as it did before
+    /// the guard (checked in a child process, which it kills).
+    #[test]
+    fn a_fault_outside_guest_memory_still_kills_the_process() {
+        install().unwrap();
+        let file = memfd(4096);
+        // SAFETY: a fresh shared mapping of the memfd, never registered with the guard and
+        // only read by the child below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        file.set_len(0).unwrap();
+        // SAFETY: the child only reads the mapping and exits; it allocates nothing and takes
+        // no lock another thread of the test process could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // A handler that swallowed the fault would retry it forever: SIGALRM ends that.
+            // SAFETY: alarm(2) has no memory-safety preconditions.
+            unsafe { libc::alarm(5) };
+            // SAFETY: the mapping is live; past the file's end, this read raises SIGBUS.
+            let byte = unsafe { std::ptr::read_volatile(map as *const u8) };
+            // SAFETY: _exit(2) ends the child at once; reaching it means the fault was eaten.
+            unsafe { libc::_exit(i32::from(byte) + 100) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        // SAFETY: munmap of the mapping made above, which nothing uses any more.
+        unsafe { libc::munmap(map, 4096) };
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+            "child status {status:#x}"
+        );
     }
 
     /// A retired mapping stays registered (and mapped) while a reader holds it.
