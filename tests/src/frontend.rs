@@ -156,6 +156,11 @@ pub struct FrontendOptions {
     /// Bytes of guest memory per descriptor's data slot (a multiple of 64): the largest
     /// buffer or frame one descriptor can carry.
     pub slot_len: u64,
+    /// Make the guest memory memfd with `MFD_ALLOW_SEALING`, as QEMU's memfd backend does
+    /// (the daemon then seals it against shrinking). Without it the memfd cannot be sealed,
+    /// like a tmpfs or hugetlbfs file, and [`VirtioNetFrontend::shrink_guest_memory`] can
+    /// cut it short under the daemon.
+    pub allow_sealing: bool,
 }
 
 impl Default for FrontendOptions {
@@ -169,15 +174,21 @@ impl Default for FrontendOptions {
             connect_timeout: Duration::from_secs(10),
             queue_size: 256,
             slot_len: 2048,
+            allow_sealing: false,
         }
     }
 }
 
-/// A memfd of `size` bytes, as guest memory (sealing allowed, not sealed).
-pub fn memfd(size: u64) -> Result<File> {
+/// A memfd of `size` bytes, as guest memory; `allow_sealing` as QEMU's memfd backend makes it.
+pub fn memfd(size: u64, allow_sealing: bool) -> Result<File> {
     let name = c"xvdpa-test-guest";
+    let flags = if allow_sealing {
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING
+    } else {
+        libc::MFD_CLOEXEC
+    };
     // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("memfd_create");
     }
@@ -213,7 +224,7 @@ impl VirtioNetFrontend {
             bail!("data slot of {slot_len} bytes: a multiple of 64 is needed");
         }
         let mem_size = RING_AREA + 2 * u64::from(qsize) * slot_len;
-        let file = memfd(mem_size)?;
+        let file = memfd(mem_size, opts.allow_sealing)?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
             mem_size as usize,
@@ -342,6 +353,18 @@ impl VirtioNetFrontend {
         }
         self.rx_desc_len.fill(0);
         self.start_rings()
+    }
+
+    /// Cuts the guest memory file down to `len` bytes behind the backend's back (what a
+    /// hostile frontend can do to a file it did not seal). The frontend's own mapping past
+    /// `len` is gone too: nothing here may touch guest memory afterwards.
+    pub fn shrink_guest_memory(&self, len: u64) -> Result<()> {
+        let region = self.mem.iter().next().expect("one region");
+        let file = region
+            .file_offset()
+            .context("guest memory is not file-backed")?
+            .file();
+        file.set_len(len).context("shrinking the guest memory file")
     }
 
     pub fn has(&self, feature: u64) -> bool {

@@ -304,6 +304,7 @@ mod tests {
             reconnect: Some(1),
             allow_reboot: false,
             queue_pairs: 1,
+            device_props: ",csum=off".into(),
         };
         let (k, i) = (Path::new("/k"), Path::new("/i"));
         let vhost = qemu_args(&config, k, i);

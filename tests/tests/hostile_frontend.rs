@@ -238,7 +238,7 @@ fn protocol_and_fd_attacks_end_one_connection_and_leave_the_daemon_serving() -> 
     still_serving(&mut s, &mut good, 1, 1, "nothing")?;
     let fds_before = open_fds(&s.daemon)?;
 
-    let memory = memfd(1 << 20)?;
+    let memory = memfd(1 << 20, false)?;
     let (r, w) = {
         let mut fds = [0; 2];
         // SAFETY: pipe(2) fills the two-element array on success.

@@ -785,3 +785,284 @@ fn promiscuous_port_also_gets_unicast_nobody_owns() -> Result<()> {
     daemon.stop()?;
     Ok(())
 }
+
+fn still_running(daemon: &mut Daemon) -> Result<()> {
+    ensure!(
+        daemon.try_wait()?.is_none(),
+        "the daemon died:\n{}",
+        daemon.output()
+    );
+    Ok(())
+}
+
+/// Port `i` (frontend `fe`) gets a frame from the wire and sends one there, with sequence
+/// numbers `seq` and `seq + 1`.
+fn forwards_both_ways(s: &Setup, fe: &mut VirtioNetFrontend, i: u8, seq: u32) -> Result<()> {
+    let from_wire = test_frame(guest_mac(i), s.wire_mac, seq, 200);
+    s.wire.send(&from_wire)?;
+    ensure!(
+        received(fe, 1, WAIT)? == vec![from_wire],
+        "nothing received from the wire"
+    );
+    send(fe, &test_frame(s.wire_mac, guest_mac(i), seq + 1, 200))?;
+    ensure!(wire_saw(s, seq + 1), "nothing sent to the wire");
+    Ok(())
+}
+
+/// A frontend that shrinks its unsealable guest memory file after handing it over: the
+/// daemon's next access to it faults. Only that port may stop (counted, logged once); the
+/// daemon lives, the other port keeps forwarding, and the port serves again after a
+/// reconnect with good memory.
+#[test]
+fn guest_memory_shrunk_under_the_daemon_stops_only_that_port() -> Result<()> {
+    let mut s = setup("mpshrink", 2, &[])?;
+    let (mut a, mut b) = (vm(&s.sockets[0])?, vm(&s.sockets[1])?);
+    // A's rings are in use (their indexes past zero) when the memory goes.
+    forwards_both_ways(&s, &mut a, 0, 20).context("A, before")?;
+    let errors_before = s.ctl.counter(0, "queue_errors")?;
+
+    // From here on the test must not touch A's memory: its own mapping faults too.
+    a.shrink_guest_memory(0)?;
+    // The daemon reads A's rings on a kick and on a frame from the wire.
+    a.kick(TX_QUEUE)?;
+    a.kick(RX_QUEUE)?;
+    s.wire.send(&test_frame(guest_mac(0), s.wire_mac, 1, 100))?;
+    // B -> A through the switch: another port's worker writes into A's memory.
+    let _ = send(&mut b, &test_frame(guest_mac(0), guest_mac(1), 2, 100));
+
+    let deadline = std::time::Instant::now() + WAIT;
+    while s.ctl.counter(0, "queue_errors").unwrap_or(0) == errors_before
+        && std::time::Instant::now() < deadline
+    {
+        still_running(&mut s.daemon)?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    still_running(&mut s.daemon)?;
+    ensure!(
+        s.ctl.counter(0, "queue_errors")? > errors_before,
+        "the lost memory was not counted: {}",
+        s.ctl.stats()?
+    );
+
+    forwards_both_ways(&s, &mut b, 1, 3).context("B, after A's memory shrank")?;
+    // More traffic for A is dropped, not a second fault.
+    s.wire.send(&test_frame(guest_mac(0), s.wire_mac, 5, 100))?;
+    a.kick(TX_QUEUE)?;
+    std::thread::sleep(QUIET);
+    still_running(&mut s.daemon)?;
+    let log = s.daemon.output();
+    ensure!(
+        log.matches("guest memory region shrank under the daemon")
+            .count()
+            == 1,
+        "expected one log line for the lost memory:\n{log}"
+    );
+    // Rings that read the zeros are not the guest's fault, and the loss counts once.
+    ensure!(
+        !log.contains("guest broke the virtqueue rules"),
+        "the lost memory was blamed on the guest:\n{log}"
+    );
+    ensure!(
+        s.ctl.counter(0, "queue_errors")? == errors_before + 1,
+        "{}",
+        s.ctl.stats()?
+    );
+
+    // A reconnects with good memory and is served again.
+    drop(a);
+    let mut a = vm(&s.sockets[0])?;
+    forwards_both_ways(&s, &mut a, 0, 6).context("A, after reconnecting")?;
+    drop((a, b));
+    let log = s.daemon.stop()?;
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+/// What QEMU's memfd backend does: a memfd that allows sealing. The daemon seals it, so the
+/// frontend can no longer shrink it at all.
+#[test]
+fn sealable_guest_memory_is_sealed_against_shrinking() -> Result<()> {
+    let s = setup("mpseal", 1, &[])?;
+    let opts = FrontendOptions {
+        allow_sealing: true,
+        ..FrontendOptions::default()
+    };
+    let a = VirtioNetFrontend::connect(&s.sockets[0], opts)?;
+    let err = a
+        .shrink_guest_memory(0)
+        .expect_err("the daemon should have sealed the memfd");
+    ensure!(
+        format!("{err:#}").contains("ermitted"),
+        "unexpected error: {err:#}"
+    );
+    drop(a);
+    s.daemon.stop()?;
+    Ok(())
+}
+
+/// A daemon with one port per entry of `options` (appended to the port's `--port` spec, e.g.
+/// `",vlan=100"`), the wire and the control socket.
+fn setup_with_options(tag: &str, options: &[&str]) -> Result<Setup> {
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    let sockets: Vec<PathBuf> = (0..options.len())
+        .map(|i| dir.join(format!("vm{i}.sock")))
+        .collect();
+    let specs: Vec<String> = options
+        .iter()
+        .enumerate()
+        .map(|(i, opt)| {
+            format!(
+                "socket={},mac={}{opt}",
+                sockets[i].display(),
+                mac_str(guest_mac(i as u8))
+            )
+        })
+        .collect();
+    let ctl_path = dir.join("ctl.sock");
+    let mut args = vec!["--ctl", ctl_path.to_str().unwrap()];
+    for spec in &specs {
+        args.extend(["--port", spec.as_str()]);
+    }
+    let mut daemon = Daemon::spawn(&lab, &args)?;
+    daemon.wait_for_count(
+        "port ready for a frontend",
+        options.len(),
+        Duration::from_secs(20),
+    )?;
+    Ok(Setup {
+        wire: WireSocket::open(&lab)?,
+        wire_mac: lab.wire_mac()?,
+        lab,
+        daemon,
+        sockets,
+        dir,
+        ctl: Ctl::new(&ctl_path),
+    })
+}
+
+/// Frames the wire sees within [`QUIET`] whose source MAC is `src`.
+fn wire_frames_from(s: &Setup, src: [u8; 6]) -> Vec<Vec<u8>> {
+    let from = |f: &Vec<u8>| f.len() >= 12 && f[6..12] == src;
+    s.wire
+        .recv_until(QUIET, |g| g.iter().any(from))
+        .into_iter()
+        .filter(from)
+        .collect()
+}
+
+/// `frame` with a tag of protocol `tpid` and TCI `tci` after the MAC addresses.
+fn with_tag(frame: &[u8], tpid: u16, tci: u16) -> Vec<u8> {
+    [
+        &frame[..12],
+        &tpid.to_be_bytes()[..],
+        &tci.to_be_bytes()[..],
+        &frame[12..],
+    ]
+    .concat()
+}
+
+/// A guest may not put frames on a VLAN of its choosing: tags it adds itself (802.1Q,
+/// 802.1ad, priority tags) are dropped and counted, from an untagged port and (as QinQ) from
+/// a tagged one. Priority-tagged frames from the wire reach an untagged port without the tag.
+#[test]
+fn guests_cannot_send_vlan_tags_of_their_own_and_priority_tags_come_off() -> Result<()> {
+    let s = setup_with_options("mpvtag", &["", "", ",vlan=100"])?;
+    let (mut a, mut b, mut c) = (vm(&s.sockets[0])?, vm(&s.sockets[1])?, vm(&s.sockets[2])?);
+    // From the untagged port A: to the wire (802.1Q, 802.1ad, priority tag) and to B.
+    let out = test_frame(s.wire_mac, guest_mac(0), 1, 200);
+    for f in [
+        with_tag(&out, 0x8100, 5),
+        with_tag(&out, 0x88a8, 5),
+        with_tag(&out, 0x8100, 0),
+    ] {
+        send(&mut a, &f)?;
+    }
+    let seen = wire_frames_from(&s, guest_mac(0));
+    ensure!(
+        seen.is_empty(),
+        "A's own tags reached the wire: {:?}",
+        seen.iter().map(|f| &f[12..16]).collect::<Vec<_>>()
+    );
+    send(
+        &mut a,
+        &tagged(&test_frame(guest_mac(1), guest_mac(0), 2, 200), 0),
+    )?;
+    ensure!(
+        received(&mut b, 1, QUIET)?.is_empty(),
+        "B got a tagged frame from A"
+    );
+    // From C on VLAN 100: it would leave as QinQ.
+    send(
+        &mut c,
+        &tagged(&test_frame(s.wire_mac, guest_mac(2), 3, 200), 7),
+    )?;
+    ensure!(
+        wire_frames_from(&s, guest_mac(2)).is_empty(),
+        "C's own tag left under VLAN 100"
+    );
+    ensure!(
+        s.ctl.counter(0, "tx_dropped_vlan")? == 4 && s.ctl.counter(2, "tx_dropped_vlan")? == 1,
+        "VLAN drops: {}",
+        s.ctl.stats()?
+    );
+    // Untagged frames still leave.
+    send(&mut a, &out)?;
+    ensure!(wire_saw(&s, 1), "A's untagged frame did not reach the wire");
+
+    // A priority tag (VID 0, priority 5) from the wire comes off before A sees the frame.
+    let plain = test_frame(guest_mac(0), s.wire_mac, 4, 200);
+    s.wire.send(&with_tag(&plain, 0x8100, 0xa000))?;
+    ensure!(
+        received(&mut a, 1, WAIT)? == vec![plain],
+        "A did not get the priority-tagged frame untagged"
+    );
+    drop((a, b, c));
+    s.daemon.stop()?;
+    Ok(())
+}
+
+/// `vlan-passthrough=on`: the guest's own tags leave as sent (QinQ under a tagged port's
+/// tag), to the wire only, never switched to another port.
+#[test]
+fn vlan_passthrough_ports_send_their_tagged_frames_to_the_wire_only() -> Result<()> {
+    let s = setup_with_options(
+        "mpvpass",
+        &[",vlan-passthrough=on", "", ",vlan=100,vlan-passthrough=on"],
+    )?;
+    let (mut a, mut b, mut c) = (vm(&s.sockets[0])?, vm(&s.sockets[1])?, vm(&s.sockets[2])?);
+    let out = tagged(&test_frame(s.wire_mac, guest_mac(0), 1, 200), 5);
+    send(&mut a, &out)?;
+    ensure!(
+        wire_frames_from(&s, guest_mac(0)) == vec![out],
+        "A's tagged frame did not leave as sent"
+    );
+    // Tagged, to B's MAC: the wire's business, not the switch's.
+    let to_b = tagged(&test_frame(guest_mac(1), guest_mac(0), 2, 200), 5);
+    send(&mut a, &to_b)?;
+    ensure!(
+        received(&mut b, 1, QUIET)?.is_empty(),
+        "B got A's tagged frame through the switch"
+    );
+    // From VLAN 100: QinQ, the port's tag outside the guest's.
+    let inner = tagged(&test_frame(s.wire_mac, guest_mac(2), 3, 200), 7);
+    send(&mut c, &inner)?;
+    ensure!(
+        wire_frames_from(&s, guest_mac(2)) == vec![tagged(&inner, 100)],
+        "C's frame did not leave as QinQ"
+    );
+    ensure!(
+        s.ctl.counter(0, "tx_dropped_vlan")? == 0,
+        "{}",
+        s.ctl.stats()?
+    );
+    let list = s.ctl.raw(r#"{"cmd":"list"}"#)?;
+    ensure!(
+        list["ports"][0]["vlan_passthrough"] == true
+            && list["ports"][1]["vlan_passthrough"] == false,
+        "{list}"
+    );
+    drop((a, b, c));
+    s.daemon.stop()?;
+    Ok(())
+}

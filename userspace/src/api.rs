@@ -5,7 +5,7 @@
 //! ([`crate::config::parse_port`]) and `xvdpa ctl add-port`'s flags build one, and
 //! [`PortInfo`] shows it back with the port's index and state. Its keys are `socket`, `mac`,
 //! `allow_macs`, `rate_pps` and `rate_bps` (a number, or a string with a k, M or G suffix),
-//! `queues`, `cpus`, `vlan` and `promisc`; unknown keys are refused, and every value is
+//! `queues`, `cpus`, `vlan`, `vlan_passthrough` and `promisc`; unknown keys are refused, and every value is
 //! checked as the command line checks it. Written back (in `add-port`, `list` and `stats`
 //! replies) the queue count is named `queue_pairs` and rates are plain numbers; both
 //! spellings of the queue count are read.
@@ -54,6 +54,10 @@ pub struct PortSpec {
     /// stripped on receive) and it switches only with ports on the same VLAN.
     #[serde(default, deserialize_with = "read_vlan")]
     pub vlan: Option<u16>,
+    /// The guest may send frames that carry VLAN tags of their own (802.1Q, 802.1ad; QinQ on
+    /// a tagged port); they go to the wire only. Off: such frames are dropped and counted.
+    #[serde(default)]
+    pub vlan_passthrough: bool,
     /// Virtqueue pairs offered to the guest (VIRTIO_NET_F_MQ above 1), one worker each.
     #[serde(
         rename(serialize = "queue_pairs", deserialize = "queues"),
@@ -81,6 +85,7 @@ impl Default for PortSpec {
             rate_pps: None,
             rate_bps: None,
             vlan: None,
+            vlan_passthrough: false,
             queue_pairs: one_pair(),
             cpus: Vec::new(),
             promisc: false,
@@ -306,6 +311,7 @@ mod tests {
                 rate_pps: None,
                 rate_bps: None,
                 vlan: None,
+                vlan_passthrough: false,
                 queue_pairs: 1,
                 cpus: vec![],
                 promisc: false,
@@ -329,7 +335,7 @@ mod tests {
         let r: Request = serde_json::from_str(
             r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01",
                 "allow_macs":["52:54:00:00:00:09"],"rate_pps":100000,"rate_bps":"2G",
-                "queues":2,"cpus":[2,3],"vlan":100,"promisc":true}"#,
+                "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true}"#,
         )
         .unwrap();
         let spec = PortSpec {
@@ -339,6 +345,7 @@ mod tests {
             rate_pps: Some(100_000),
             rate_bps: Some(2_000_000_000),
             vlan: Some(100),
+            vlan_passthrough: true,
             queue_pairs: 2,
             cpus: vec![2, 3],
             promisc: true,
@@ -391,7 +398,7 @@ mod tests {
             json,
             serde_json::json!({
                 "index": 2, "socket": "/a", "mac": "52:54:00:00:00:01", "allow_macs": [],
-                "rate_pps": null, "rate_bps": 2_000_000_000u64, "vlan": null,
+                "rate_pps": null, "rate_bps": 2_000_000_000u64, "vlan": null, "vlan_passthrough": false,
                 "queue_pairs": 2, "cpus": [1], "promisc": false, "state": "waiting",
             })
         );

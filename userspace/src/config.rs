@@ -1,7 +1,7 @@
 //! The operator's input: `--port` specifications and the TOML config file.
 //!
 //! On the command line a port is `--port socket=PATH,mac=MAC[,allow-mac=MAC]...
-//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,promisc=on]`; rates take
+//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]`; rates take
 //! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
 //! a `[[port]]` table in the file given to `--config` (the serde form of
 //! [`PortSpec`]), next to the daemon-wide settings.
@@ -36,6 +36,18 @@ fn mac_field(spec: &str, key: &str, value: &str) -> Result<MacAddr, ConfigError>
     MacAddr::parse_unicast(value).map_err(|e: MacError| port_err(spec, format!("{key}: {e}")))
 }
 
+/// A switch's value: `on` or `off` (or true/false, 1/0).
+fn on_off(spec: &str, key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(port_err(
+            spec,
+            format!("{key}={value:?}: expected on or off"),
+        )),
+    }
+}
+
 /// Parses one `--port` value.
 pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
     let mut socket = None;
@@ -54,24 +66,14 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "queues" => port.queue_pairs = parse_queues(value).map_err(|e| port_err(spec, e))?,
             "cpus" => port.cpus = parse_cpus(value).map_err(|e| port_err(spec, e))?,
             "vlan" => port.vlan = Some(parse_vlan(value).map_err(|e| port_err(spec, e))?),
-            "promisc" => {
-                port.promisc = match value {
-                    "on" | "true" | "1" => true,
-                    "off" | "false" | "0" => false,
-                    _ => {
-                        return Err(port_err(
-                            spec,
-                            format!("promisc={value:?}: expected on or off"),
-                        ))
-                    }
-                }
-            }
+            "vlan-passthrough" => port.vlan_passthrough = on_off(spec, "vlan-passthrough", value)?,
+            "promisc" => port.promisc = on_off(spec, "promisc", value)?,
             other => {
                 return Err(port_err(
                     spec,
                     format!(
                         "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, \
-                         rate-bps, queues, cpus, vlan, promisc)"
+                         rate-bps, queues, cpus, vlan, vlan-passthrough, promisc)"
                     ),
                 ))
             }
@@ -189,6 +191,23 @@ mod tests {
                 .vlan,
             Some(100)
         );
+        let passthrough = |v: &str| {
+            parse_port(&format!(
+                "socket=/a,mac=52:54:00:00:00:01,vlan-passthrough={v}"
+            ))
+            .map(|p| p.vlan_passthrough)
+        };
+        assert!(passthrough("on").unwrap());
+        assert!(!passthrough("off").unwrap());
+        assert!(
+            !parse_port("socket=/a,mac=52:54:00:00:00:01")
+                .unwrap()
+                .vlan_passthrough
+        );
+        assert!(passthrough("maybe")
+            .unwrap_err()
+            .to_string()
+            .contains("vlan-passthrough=\"maybe\": expected on or off"));
     }
 
     #[test]

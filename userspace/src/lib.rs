@@ -17,7 +17,9 @@
 //! - [`vring`]: a guest virtqueue as several threads share it (delivery, notification);
 //! - [`datapath`]: the device model and the per-packet copy functions over guest memory and
 //!   virtqueues, with no kernel, thread or socket in sight;
-//! - [`mac`], [`stats`], [`sync`]: small vocabulary every layer uses.
+//! - [`mac`], [`stats`], [`sync`]: small vocabulary every layer uses;
+//! - [`memory_guard`]: the SIGBUS guard over guest memory a frontend shrinks, which the
+//!   backend registers memory with and every layer that reads a ring can consult.
 
 pub mod api;
 pub mod config;
@@ -25,6 +27,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod mac;
+pub mod memory_guard;
 pub mod metrics;
 pub mod nic;
 pub mod runtime;

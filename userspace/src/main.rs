@@ -148,6 +148,10 @@ struct AddPortArgs {
     /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
     #[arg(long, value_parser = api::parse_vlan)]
     vlan: Option<u16>,
+    /// Let the guest send frames with VLAN tags of its own (to the wire only); without it
+    /// they are dropped and counted (tx_dropped_vlan).
+    #[arg(long)]
+    vlan_passthrough: bool,
     /// CPUs for the queue pairs' threads, e.g. 2+3.
     // The full path keeps clap from reading `Vec` as a repeatable flag: one value, one list.
     #[arg(long, value_name = "CPU+CPU...", value_parser = api::parse_cpus)]
@@ -170,6 +174,7 @@ impl AddPortArgs {
             rate_pps: self.rate_pps,
             rate_bps: self.rate_bps,
             vlan: self.vlan,
+            vlan_passthrough: self.vlan_passthrough,
             queue_pairs: self.queues.unwrap_or(1),
             cpus: self.cpus.unwrap_or_default(),
             promisc: self.promisc,

@@ -66,6 +66,8 @@ counters! {
         tx_dropped_spoofed,
         /// Over the port's rate limit.
         tx_dropped_rate_limited,
+        /// Carried a VLAN tag of its own, on a port without `vlan-passthrough`.
+        tx_dropped_vlan,
         /// Queues stopped because the guest broke the ring's rules.
         queue_errors,
         notifications_sent,

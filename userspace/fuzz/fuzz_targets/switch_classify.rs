@@ -2,10 +2,12 @@
 //! takes) with an arbitrary port table, policy (own and extra MACs, VLAN, policer) and a run
 //! of frames: arbitrary Ethernet header bytes and lengths, with the policer refilled at
 //! input-chosen times. Checks the verdicts against the rules README states: a frame whose
-//! source is not allowed never leaves, one is only switched to another port on the sender's
-//! VLAN, and multicast floods.
+//! source is not allowed never leaves, one carrying a VLAN tag of its own leaves only to the
+//! wire and only from a port with VLAN passthrough, one is only switched to another port on
+//! the sender's VLAN, and multicast floods.
 //!
-//! Input layout (missing bytes read as zero):
+//! Input layout (missing bytes read as zero; flags: 1 pps, 2 bps, 4 `classify_with`,
+//! 8 refund, 0x70 bps shift, 0x80 VLAN passthrough):
 //! `[flags][vlan u16][rate_pps u32][rate_bps u32][n_ports] n_ports × [mac 6][vlan u16]`
 //! `[n_extra] n_extra × [mac 6]` then frames: `[header len][len u32][dt_us u16][header bytes]`.
 #![no_main]
@@ -45,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     let bps = input.u32();
     let rate = RateLimit::new(
         (flags & 1 != 0).then_some(u64::from(pps)),
-        (flags & 2 != 0).then_some(u64::from(bps) << (flags >> 4)),
+        (flags & 2 != 0).then_some(u64::from(bps) << ((flags >> 4) & 7)),
     );
     let mut table = HashMap::new();
     for _ in 0..input.u8() % 16 {
@@ -55,7 +57,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let own = mac(&mut input);
     let extra: Vec<MacAddr> = (0..input.u8() % 4).map(|_| mac(&mut input)).collect();
-    let mut policy = TxPolicy::new(own, &extra, rate, vlan);
+    let passthrough = flags & 0x80 != 0;
+    let mut policy = TxPolicy::new(own, &extra, rate, vlan).with_vlan_passthrough(passthrough);
     let allowed = policy.allowed_sources.clone();
     assert_eq!(policy.own_mac(), own);
 
@@ -74,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
         } else {
             classify(&eth, len, &mut policy, &table)
         };
-        if eth.len() < 12 || len < 14 {
+        if eth.len() < 14 || len < 14 {
             assert_eq!(verdict, TxVerdict::Drop(TxDrop::Runt));
             continue;
         }
@@ -84,7 +87,16 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(verdict, TxVerdict::Drop(TxDrop::Spoofed));
             continue;
         }
+        let tpid = u16::from_be_bytes([eth[12], eth[13]]);
+        let tagged = [0x8100, 0x88a8, 0x9100].contains(&tpid);
+        if tagged && !passthrough {
+            assert_eq!(verdict, TxVerdict::Drop(TxDrop::Vlan));
+            continue;
+        }
         match verdict {
+            TxVerdict::Local(_) | TxVerdict::Flood if tagged => {
+                panic!("a tagged frame was switched: {verdict:?}")
+            }
             TxVerdict::Local(p) => {
                 assert_eq!(p.0, dst, "switched to the destination's port");
                 assert_ne!(dst, own, "never hairpinned");
@@ -92,7 +104,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(!dst.is_multicast());
             }
             TxVerdict::Flood => assert!(dst.is_multicast()),
-            TxVerdict::Wire => assert!(!dst.is_multicast()),
+            TxVerdict::Wire => assert!(tagged || !dst.is_multicast()),
             TxVerdict::Drop(why) => {
                 assert_eq!(why, TxDrop::RateLimited);
                 assert!(policy.rate.is_some());

@@ -91,6 +91,8 @@ pub enum TxDrop {
     Spoofed,
     /// Over the port's rate limit.
     RateLimited,
+    /// Carries a VLAN tag of its own, which the port does not allow.
+    Vlan,
 }
 
 /// Totals of one batch.
@@ -103,6 +105,7 @@ pub struct TxTally {
     pub dropped_offload: u64,
     pub dropped_spoofed: u64,
     pub dropped_rate_limited: u64,
+    pub dropped_vlan: u64,
     /// TSO frames taken from the guest (each also counts once in `frames`).
     pub gso_frames: u64,
     /// Frames the software segmenter made for the NIC.
@@ -119,6 +122,7 @@ impl TxTally {
             TxDrop::Offload => self.dropped_offload += 1,
             TxDrop::Spoofed => self.dropped_spoofed += 1,
             TxDrop::RateLimited => self.dropped_rate_limited += 1,
+            TxDrop::Vlan => self.dropped_vlan += 1,
         }
     }
 }

@@ -3,7 +3,14 @@
 //! Plain functions over byte slices, so that every edge (short frames, full buffers, untagged
 //! frames) is unit-tested without a socket; the AF_XDP socket calls them on UMEM frames.
 //! A tagged port's guest sees plain Ethernet: frames from the wire lose the tag before
-//! delivery, and frames the guest sends get it inserted on their way to the NIC.
+//! delivery, and frames the guest sends get it inserted on their way to the NIC. An untagged
+//! port's guest gets priority-tagged frames (VID 0, which the steering program treats as
+//! untagged) without the tag.
+//!
+//! The priority tag comes off here, on receive, rather than in the XDP program: this is where
+//! a tagged port's tag already comes off, on bytes the copy to the guest reads next anyway,
+//! with the same unit-tested byte work; the steering program stays a lookup that never writes
+//! a frame, so what it passes to the host stack reaches it exactly as it came off the wire.
 
 use xvdpa_common::ETH_P_8021Q;
 
@@ -15,6 +22,29 @@ const MACS_LEN: usize = 12;
 
 /// The smallest frame [`strip_in_place`] takes a tag from: MACs, tag and an EtherType.
 const MIN_TAGGED_LEN: usize = MACS_LEN + TAG_LEN + 2;
+
+/// Tag protocol identifiers a frame may open with: 802.1Q, 802.1ad (the QinQ service tag)
+/// and 0x9100, which QinQ used before 802.1ad.
+const VLAN_TPIDS: [u16; 3] = [ETH_P_8021Q, 0x88a8, 0x9100];
+
+/// Whether `frame` (at least its Ethernet header) carries a VLAN tag of any kind, priority
+/// tags (VID 0) included. A frame too short to hold an EtherType carries none.
+pub fn carries_vlan_tag(frame: &[u8]) -> bool {
+    frame
+        .get(MACS_LEN..MACS_LEN + 2)
+        .is_some_and(|t| VLAN_TPIDS.contains(&u16::from_be_bytes([t[0], t[1]])))
+}
+
+/// Takes the tag a port's guest must not see off a received frame, in place as
+/// [`strip_in_place`] does: for a tagged port (`tagged_port`) its 802.1Q tag, which is the
+/// only one the steering program hands it; for an untagged port a priority tag (802.1Q with
+/// VID 0), which the steering program treats as untagged. Returns whether a tag was removed.
+pub fn strip_on_receive(frame: &mut [u8], tagged_port: bool) -> bool {
+    let priority_tagged = frame
+        .get(MACS_LEN + 2..MACS_LEN + TAG_LEN)
+        .is_some_and(|tci| u16::from_be_bytes([tci[0], tci[1]]) & 0x0fff == 0);
+    (tagged_port || priority_tagged) && strip_in_place(frame)
+}
 
 /// The four bytes of an 802.1Q tag for VLAN `vid` (priority 0). Only the low 12 bits of `vid`
 /// are a VLAN id; higher bits would set the priority and DEI fields, so they are dropped.
@@ -210,6 +240,52 @@ mod tests {
         let mut to = vec![0; 64];
         assert_eq!(tagged_copy(&plain[..11], &mut to, 3), None);
         assert_eq!(tagged_copy(&plain[..12], &mut to, 3), Some(16));
+    }
+
+    /// A frame whose first tag has TPID `tpid` and TCI `tci`.
+    fn with_tag(tpid: u16, tci: u16) -> Vec<u8> {
+        let plain = untagged(46);
+        let mut f = plain[..12].to_vec();
+        f.extend(tpid.to_be_bytes());
+        f.extend(tci.to_be_bytes());
+        f.extend(&plain[12..]);
+        f
+    }
+
+    #[test]
+    fn tagged_frames_are_recognised_by_any_vlan_tpid() {
+        assert!(carries_vlan_tag(&tagged(46, 7)));
+        assert!(carries_vlan_tag(&with_tag(0x88a8, 7)), "802.1ad S-tag");
+        assert!(carries_vlan_tag(&with_tag(0x9100, 7)), "pre-standard QinQ");
+        assert!(carries_vlan_tag(&with_tag(0x8100, 0)), "priority tag");
+        assert!(!carries_vlan_tag(&untagged(46)));
+        // Too short to hold an EtherType: nothing to say.
+        assert!(!carries_vlan_tag(&tagged(46, 7)[..13]));
+        assert!(!carries_vlan_tag(&[]));
+    }
+
+    #[test]
+    fn receive_strip_takes_any_tag_for_a_tagged_port_and_only_priority_tags_otherwise() {
+        // A tagged port: the steering program hands it frames with its own tag only.
+        let mut f = tagged(46, 100);
+        assert!(strip_on_receive(&mut f, true));
+        assert_eq!(&f[TAG_LEN..], &untagged(46)[..]);
+        // An untagged port: a VID-0 (priority) tag comes off, priority bits and all...
+        let mut f = with_tag(0x8100, 0xe000);
+        assert!(strip_on_receive(&mut f, false));
+        assert_eq!(&f[TAG_LEN..], &untagged(46)[..]);
+        // ...any other tag stays (the steering program never sends it one), and so do
+        // untagged frames, 802.1ad tags and frames too short to hold a tag.
+        for mut f in [
+            tagged(46, 5),
+            untagged(46),
+            with_tag(0x88a8, 0),
+            tagged(0, 0)[..16].to_vec(),
+        ] {
+            let before = f.clone();
+            assert!(!strip_on_receive(&mut f, false));
+            assert_eq!(f, before);
+        }
     }
 
     #[test]

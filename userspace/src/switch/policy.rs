@@ -1,5 +1,11 @@
 //! What a port's guest may send: its source MACs, its VLAN and its rate (a policer), and
 //! where each frame goes by its Ethernet header. Pure functions over the port table.
+//!
+//! VLANs are the operator's: a guest's frame that carries a tag of its own (802.1Q, 802.1ad,
+//! a priority tag) would reach the wire on a VLAN the port was not given, or as QinQ under a
+//! tagged port's tag, so it is dropped unless the port allows it (`vlan-passthrough`). What
+//! such a port sends tagged goes to the wire only: the daemon's switch and floods carry
+//! untagged frames, within the ports' own VLANs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,6 +14,7 @@ use std::time::Instant;
 use crate::datapath::device::ETH_HLEN;
 use crate::datapath::tx::TxDrop;
 use crate::mac::MacAddr;
+use crate::nic::vlan::carries_vlan_tag;
 use crate::sync;
 
 /// What the classifier needs to know of a port.
@@ -131,6 +138,8 @@ pub struct TxPolicy {
     pub rate: Option<PortRate>,
     /// The port's VLAN: its frames get this tag on the NIC and switch within it.
     pub vlan: Option<u16>,
+    /// The guest may send frames carrying VLAN tags of its own (to the wire only).
+    pub vlan_passthrough: bool,
 }
 
 impl TxPolicy {
@@ -146,7 +155,14 @@ impl TxPolicy {
             allowed_sources,
             rate: rate.map(PortRate::new),
             vlan,
+            vlan_passthrough: false,
         }
+    }
+
+    /// Lets the guest send frames with VLAN tags of its own (see the module's comment).
+    pub fn with_vlan_passthrough(mut self, allowed: bool) -> Self {
+        self.vlan_passthrough = allowed;
+        self
     }
 
     pub fn own_mac(&self) -> MacAddr {
@@ -166,8 +182,8 @@ pub enum TxVerdict<'p, V> {
     Drop(TxDrop),
 }
 
-/// Decides where a frame from the guest goes, from its Ethernet header `eth` (at least the
-/// two addresses) and its length. `ports` are the daemon's ports by MAC; only those on the
+/// Decides where a frame from the guest goes, from its Ethernet header `eth` (addresses and
+/// EtherType; a shorter one is a runt) and its length. `ports` are the daemon's ports by MAC; only those on the
 /// sender's VLAN count.
 pub fn classify<'p, V: Member, S: std::hash::BuildHasher>(
     eth: &[u8],
@@ -185,7 +201,7 @@ pub fn classify_with<'p, V: Member>(
     policy: &mut TxPolicy,
     lookup: impl FnOnce(&MacAddr) -> Option<&'p V>,
 ) -> TxVerdict<'p, V> {
-    if len < ETH_HLEN || eth.len() < 12 {
+    if len < ETH_HLEN || eth.len() < ETH_HLEN {
         return TxVerdict::Drop(TxDrop::Runt);
     }
     let mut src = [0u8; 6];
@@ -193,10 +209,17 @@ pub fn classify_with<'p, V: Member>(
     if !policy.allowed_sources.contains(&MacAddr(src)) {
         return TxVerdict::Drop(TxDrop::Spoofed);
     }
+    let tagged = carries_vlan_tag(eth);
+    if tagged && !policy.vlan_passthrough {
+        return TxVerdict::Drop(TxDrop::Vlan);
+    }
     if let Some(rate) = &policy.rate {
         if !rate.admit(len) {
             return TxVerdict::Drop(TxDrop::RateLimited);
         }
+    }
+    if tagged {
+        return TxVerdict::Wire;
     }
     let mut dst = [0u8; 6];
     dst.copy_from_slice(&eth[0..6]);
@@ -321,6 +344,114 @@ mod tests {
         let mut untagged = TxPolicy::new(mac(4), &[], None, None);
         assert_eq!(
             classify_frame(&frame(mac(1), mac(4), 60), &mut untagged, &table),
+            TxVerdict::Wire
+        );
+    }
+
+    /// `frame(dst, src, len)` with a tag of protocol `tpid` for VLAN `vid` after the MACs.
+    fn tagged_frame(dst: MacAddr, src: MacAddr, tpid: u16, vid: u16, len: usize) -> Vec<u8> {
+        let mut f = frame(dst, src, len);
+        f.splice(
+            12..12,
+            tpid.to_be_bytes().into_iter().chain(vid.to_be_bytes()),
+        );
+        f
+    }
+
+    /// The verdict on a 64-byte frame from `src` to `dst` tagged with (`tpid`, `vid`).
+    fn tagged_verdict<'p>(
+        (dst, src, tpid, vid): (MacAddr, MacAddr, u16, u16),
+        policy: &mut TxPolicy,
+        table: &'p HashMap<MacAddr, TestPort>,
+    ) -> TxVerdict<'p, TestPort> {
+        classify_frame(&tagged_frame(dst, src, tpid, vid, 64), policy, table)
+    }
+
+    #[test]
+    fn guests_may_not_send_vlan_tags_of_their_own() {
+        let table = ports(&[mac(1), mac(2)]);
+        let mut untagged = TxPolicy::new(mac(1), &[], None, None);
+        // 802.1Q, 802.1ad and pre-standard QinQ tags, a priority tag (VID 0), to the wire,
+        // to another port and to everyone: dropped and counted as VLAN drops.
+        for (dst, tpid, vid) in [
+            (mac(3), 0x8100, 5),
+            (mac(3), 0x88a8, 5),
+            (mac(3), 0x9100, 5),
+            (mac(3), 0x8100, 0),
+            (mac(2), 0x8100, 5),
+            (MacAddr::BROADCAST, 0x8100, 5),
+        ] {
+            assert_eq!(
+                tagged_verdict((dst, mac(1), tpid, vid), &mut untagged, &table),
+                TxVerdict::Drop(TxDrop::Vlan),
+                "{tpid:#x} VID {vid} to {dst}"
+            );
+        }
+        // From a tagged port it would leave as QinQ, under the port's own tag.
+        let mut on_100 = TxPolicy::new(mac(1), &[], None, Some(100));
+        let qinq = (mac(3), mac(1), 0x8100, 7);
+        assert_eq!(
+            tagged_verdict(qinq, &mut on_100, &table),
+            TxVerdict::Drop(TxDrop::Vlan)
+        );
+        // The source check comes first: a forged frame is a spoofed one, tagged or not.
+        let forged = (mac(3), mac(9), 0x8100, 5);
+        assert_eq!(
+            tagged_verdict(forged, &mut untagged, &table),
+            TxVerdict::Drop(TxDrop::Spoofed)
+        );
+        // A header cut before its EtherType cannot be checked: a runt.
+        let f = tagged_frame(mac(3), mac(1), 0x8100, 5, 64);
+        assert_eq!(
+            classify(&f[..13], f.len(), &mut untagged, &table),
+            TxVerdict::Drop(TxDrop::Runt)
+        );
+    }
+
+    #[test]
+    fn vlan_passthrough_sends_tagged_frames_to_the_wire_only() {
+        let table = ports(&[mac(1), mac(2)]);
+        let mut trunk = TxPolicy::new(mac(1), &[], None, None).with_vlan_passthrough(true);
+        // Tagged frames leave as sent; the daemon's switch does not carry them, not even to
+        // a port whose MAC they name, nor as a flood.
+        for (dst, tpid) in [
+            (mac(3), 0x8100),
+            (mac(2), 0x8100),
+            (MacAddr::BROADCAST, 0x8100),
+            (mac(3), 0x88a8),
+        ] {
+            assert_eq!(
+                tagged_verdict((dst, mac(1), tpid, 5), &mut trunk, &table),
+                TxVerdict::Wire
+            );
+        }
+        // Untagged frames are switched as before.
+        assert_eq!(
+            classify_frame(&frame(mac(2), mac(1), 60), &mut trunk, &table),
+            TxVerdict::Local(&(mac(2), None))
+        );
+        // A tagged port that allows it sends QinQ.
+        let mut qinq = TxPolicy::new(mac(1), &[], None, Some(100)).with_vlan_passthrough(true);
+        assert_eq!(
+            tagged_verdict((mac(3), mac(1), 0x8100, 7), &mut qinq, &table),
+            TxVerdict::Wire
+        );
+    }
+
+    #[test]
+    fn vlan_drops_spend_no_rate_tokens() {
+        let table = ports(&[mac(1)]);
+        let mut policy = TxPolicy::new(mac(1), &[], RateLimit::new(Some(200), None), None);
+        policy.rate.as_ref().unwrap().refill(Instant::now());
+        for _ in 0..3 {
+            assert_eq!(
+                tagged_verdict((mac(3), mac(1), 0x8100, 5), &mut policy, &table),
+                TxVerdict::Drop(TxDrop::Vlan)
+            );
+        }
+        // The one-frame burst is still there.
+        assert_eq!(
+            classify_frame(&frame(mac(3), mac(1), 60), &mut policy, &table),
             TxVerdict::Wire
         );
     }

@@ -14,8 +14,10 @@ use vmm_sys_util::event::{
 };
 
 use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig};
+use crate::memory_guard::{self, MemoryWatch};
+use crate::stats::QueueStats;
 use crate::switch::SwitchPort;
-use crate::vring::{RxQueue, Vring};
+use crate::vring::{RxQueue, RxQueueShared, Vring};
 use crate::worker::{EventIds, QueuePairWorker};
 
 /// Descriptors per virtqueue the device accepts at most (QEMU's default is 256).
@@ -42,6 +44,18 @@ struct Inner {
     /// event, which is when the library hands the backend its vrings.
     switch_port: Arc<SwitchPort>,
     published: AtomicBool,
+    /// The guest memory's regions in the process-wide SIGBUS guard.
+    watch: Mutex<MemoryWatch>,
+    /// A region of the current guest memory shrank under the daemon: the queues are stopped
+    /// until the frontend sends new memory or reconnects.
+    memory_lost: AtomicBool,
+    /// The guard's poison count when this backend last looked at its regions.
+    poison_seen: AtomicU64,
+    /// Where the lost memory is counted (`queue_errors`), once for the port.
+    first_pair_stats: Arc<QueueStats>,
+    /// Every pair's receive queue flags, which other ports' workers check before switching
+    /// frames in.
+    rx_shared: Vec<Arc<RxQueueShared>>,
 }
 
 /// The backend of one VM port for one frontend connection.
@@ -56,6 +70,8 @@ impl NetBackend {
         switch_port: Arc<SwitchPort>,
     ) -> Self {
         let num_queues = 2 * workers.len();
+        let first_pair_stats = workers.first().map(|w| w.stats()).unwrap_or_default();
+        let rx_shared = workers.iter().map(|w| w.rx_shared()).collect();
         NetBackend(Arc::new(Inner {
             config,
             acked: Arc::new(AtomicU64::new(0)),
@@ -64,7 +80,39 @@ impl NetBackend {
             ids: EventIds::new(num_queues),
             switch_port,
             published: AtomicBool::new(false),
+            watch: Mutex::new(MemoryWatch::default()),
+            memory_lost: AtomicBool::new(false),
+            poison_seen: AtomicU64::new(memory_guard::poison_events()),
+            first_pair_stats,
+            rx_shared,
         }))
+    }
+
+    /// Whether the current guest memory lost a region. One atomic load unless the guard
+    /// poisoned a region somewhere since the last look; the first time this port's memory
+    /// is found poisoned, its queues are stopped, and that is logged and counted once.
+    fn memory_lost(&self) -> bool {
+        let events = memory_guard::poison_events();
+        if self.0.poison_seen.load(Ordering::Acquire) != events
+            && self.0.poison_seen.swap(events, Ordering::AcqRel) != events
+            && crate::sync::lock(&self.0.watch).poisoned()
+            && !self.0.memory_lost.swap(true, Ordering::AcqRel)
+        {
+            // Other ports' workers stop switching frames in at once, rather than find the
+            // zeroed ring on their own and call it the guest's fault.
+            for shared in &self.0.rx_shared {
+                shared.stop();
+            }
+            let stats = &self.0.first_pair_stats;
+            stats.add(&stats.queue_errors, 1);
+            let port = &self.0.switch_port;
+            tracing::error!(
+                port = port.index,
+                mac = %port.mac,
+                "guest memory region shrank under the daemon; the port's queues are stopped until the frontend sends new memory or reconnects"
+            );
+        }
+        self.0.memory_lost.load(Ordering::Acquire)
     }
 
     /// Makes queue pair 0's receive queue reachable by the other ports' workers.
@@ -141,8 +189,13 @@ impl VhostUserBackend for NetBackend {
         self.0.config.read(offset, size)
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        // The library swaps the regions inside the GuestMemoryAtomic we share with it.
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // The library swapped the regions inside the GuestMemoryAtomic we share with it;
+        // the guard watches the new ones from here on.
+        crate::sync::lock(&self.0.watch)
+            .watch(&mem)
+            .map_err(io::Error::other)?;
+        self.0.memory_lost.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -178,10 +231,17 @@ impl VhostUserBackend for NetBackend {
         if thread_id == 0 {
             self.publish(vrings);
         }
+        if self.memory_lost() {
+            self.worker(thread_id)
+                .handle_without_memory(device_event, self.0.ids);
+            return Ok(());
+        }
         let mem = self.0.mem.memory();
         let features = self.negotiated();
         self.worker(thread_id)
             .handle(device_event, self.0.ids, vrings, &mem, features);
+        // A region that shrank during this event is logged now, not on the next one.
+        self.memory_lost();
         Ok(())
     }
 }

@@ -123,6 +123,7 @@ impl Port {
             RateLimit::new(self.spec.rate_pps, self.spec.rate_bps),
             self.spec.vlan,
         )
+        .with_vlan_passthrough(self.spec.vlan_passthrough)
     }
 }
 

@@ -11,6 +11,7 @@ use super::{notify_guest_since, Vring, VringState};
 use crate::datapath::device::{NegotiatedFeatures, Offloads};
 use crate::datapath::rx::{self, Framing, RxScratch, RxTally};
 use crate::datapath::QueueError;
+use crate::memory_guard;
 use crate::stats::QueueStats;
 
 /// What every thread writing into one receive queue (its port's worker, and other ports'
@@ -39,6 +40,12 @@ impl Default for RxQueueShared {
 impl RxQueueShared {
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
+    }
+
+    /// Stops the queue as broken: its memory is gone (the frontend shrank it). Only a reset
+    /// restarts it.
+    pub fn stop(&self) {
+        self.broken.store(true, Ordering::Release);
     }
 
     /// The ring stopped (GET_VRING_BASE or a device reset); it restarts from a fresh ring.
@@ -167,8 +174,12 @@ impl<'a> RxQueueLock<'a> {
         );
         if let Err(e) = &result {
             self.shared.broken.store(true, Ordering::Release);
-            self.stats.add(&self.stats.queue_errors, 1);
-            tracing::error!(dir = "rx", error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
+            // A ring read from memory that shrank under the daemon is the frontend's doing,
+            // which the port's backend reports once.
+            if !memory_guard::lost(self.mem) {
+                self.stats.add(&self.stats.queue_errors, 1);
+                tracing::error!(dir = "rx", error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
+            }
         }
         result
     }

@@ -260,6 +260,26 @@ impl QueuePairWorker {
         }
     }
 
+    /// Handles one event of a port whose guest memory is gone (its file shrank under the
+    /// daemon): nothing touches the rings; the NIC's rings keep moving, and what arrives for
+    /// the guest is dropped and counted as for a stopped queue.
+    pub fn handle_without_memory(&mut self, event: u16, ids: EventIds) {
+        if event == ids.rearm && !self.busy_poll {
+            let _ = self.rearm.read();
+        }
+        if event == ids.timer {
+            self.timer.consume();
+            self.housekeeping();
+        }
+        let mut lost = rx::drop_waiting_rx(&mut self.sockets);
+        if let Some(tap) = &mut self.tap {
+            lost += tap.recv_batch().count();
+        }
+        self.stats
+            .add(&self.stats.rx_dropped_queue_stopped, lost as u64);
+        self.tx.reap_completions();
+    }
+
     /// Reads kernel socket counters and retries anything left waiting.
     fn housekeeping(&mut self) {
         let (mut full, mut empty) = (0, 0);

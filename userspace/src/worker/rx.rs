@@ -27,7 +27,7 @@ impl QueuePairWorker {
             if self.pair != 0 && !broken {
                 // The guest disabled this pair (fewer combined channels); its NIC queues
                 // still carry the port's traffic, which goes to the first pair instead.
-                self.forward_to_first_pair();
+                return self.forward_to_first_pair();
             } else {
                 // Nobody to deliver to: keep the NIC's rings moving and count the loss.
                 let mut lost = drop_waiting_rx(&mut self.sockets);
@@ -155,14 +155,17 @@ impl QueuePairWorker {
         more
     }
 
-    /// Hands every frame waiting on this pair's sockets to the port's first receive queue.
-    fn forward_to_first_pair(&mut self) {
+    /// Hands the frames waiting on this pair's sockets to the port's first receive queue,
+    /// up to a budget per socket, as a running pair's round does: traffic that keeps coming
+    /// must not keep the thread here. Returns true if frames may be left for another round.
+    fn forward_to_first_pair(&mut self) -> bool {
         let own = self.own.clone();
+        let mut more = false;
         for sock in &mut self.sockets {
-            loop {
+            more |= budgeted(BUDGET_BATCHES, || {
                 sock.poll_rx(BATCH as u32);
                 if sock.rx_pending() == 0 {
-                    break;
+                    return Batch::Empty;
                 }
                 let scratch = &mut self.rx_scratch;
                 let taken = sock.drain_rx(BATCH, |frames| {
@@ -173,11 +176,35 @@ impl QueuePairWorker {
                     let lost = sock.discard_rx_backlog();
                     self.stats
                         .add(&self.stats.rx_dropped_queue_stopped, lost as u64);
-                    break;
+                    return Batch::Stop;
                 }
-            }
+                Batch::Moved
+            });
+        }
+        more
+    }
+}
+
+/// What one batch of a budgeted loop did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// Frames moved; there may be more.
+    Moved,
+    /// Nothing was waiting.
+    Empty,
+    /// Nothing more can be done this round.
+    Stop,
+}
+
+/// Runs `batch` until it finds nothing or stops, at most `budget` times. Returns true if
+/// the budget ran out, so the caller comes back for the rest after the thread's other events.
+fn budgeted(budget: usize, mut batch: impl FnMut() -> Batch) -> bool {
+    for _ in 0..budget {
+        if batch() != Batch::Moved {
+            return false;
         }
     }
+    true
 }
 
 /// Takes every frame waiting on the sockets' rx rings and returns it to the fill rings.
@@ -190,4 +217,43 @@ pub(super) fn drop_waiting_rx(sockets: &mut [XskSocket]) -> usize {
             s.discard_rx_backlog()
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source that never runs dry (a NIC queue under constant traffic) gets one budget per
+    /// call, and the caller is told to come back.
+    #[test]
+    fn an_endless_source_is_served_one_budget_per_round() {
+        let mut calls = 0;
+        assert!(budgeted(BUDGET_BATCHES, || {
+            calls += 1;
+            Batch::Moved
+        }));
+        assert_eq!(calls, BUDGET_BATCHES);
+    }
+
+    #[test]
+    fn a_source_that_runs_dry_or_stops_ends_the_round() {
+        let mut left = 3;
+        let mut calls = 0;
+        let more = budgeted(BUDGET_BATCHES, || {
+            calls += 1;
+            if left == 0 {
+                return Batch::Empty;
+            }
+            left -= 1;
+            Batch::Moved
+        });
+        assert!(!more);
+        assert_eq!(calls, 4);
+        let mut calls = 0;
+        assert!(!budgeted(BUDGET_BATCHES, || {
+            calls += 1;
+            Batch::Stop
+        }));
+        assert_eq!(calls, 1);
+    }
 }

@@ -10,6 +10,7 @@ use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::device::Offloads;
 use crate::datapath::offload::FinishTally;
 use crate::datapath::tx::{self, TxLimits, TxStop, TxTally};
+use crate::memory_guard;
 use crate::switch::{self, PortTx};
 use crate::vring::{notify_guest_since, Vring};
 
@@ -120,7 +121,8 @@ impl QueuePairWorker {
             + tally.dropped_runt
             + tally.dropped_offload
             + tally.dropped_spoofed
-            + tally.dropped_rate_limited;
+            + tally.dropped_rate_limited
+            + tally.dropped_vlan;
         let s = &self.stats;
         s.add(&s.tx_packets, tally.frames);
         s.add(&s.tx_bytes, tally.bytes);
@@ -129,6 +131,7 @@ impl QueuePairWorker {
         s.add(&s.tx_dropped_offload, tally.dropped_offload);
         s.add(&s.tx_dropped_spoofed, tally.dropped_spoofed);
         s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
+        s.add(&s.tx_dropped_vlan, tally.dropped_vlan);
         s.add(&s.tx_switched, switched);
         s.add(&s.tx_gso_frames, tally.gso_frames);
         s.add(&s.tx_segments, tally.segments + finished.segments);
@@ -144,7 +147,11 @@ impl QueuePairWorker {
         switch::notify_ports(&mut self.to_notify);
         if let Err(e) = result {
             self.tx_broken = true;
-            self.queue_failed("tx", &e);
+            // A ring read from memory that shrank under the daemon is the frontend's doing,
+            // which the backend reports once for the port.
+            if !memory_guard::lost(mem) {
+                self.queue_failed("tx", &e);
+            }
         }
         more
     }

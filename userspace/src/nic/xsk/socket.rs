@@ -193,18 +193,16 @@ impl XskSocket {
                     start,
                     len: desc.len,
                 };
-                if self.strip_vlan {
-                    // The steering program only hands a tagged port frames with its tag;
-                    // it comes off here, once per frame, so the guest sees plain Ethernet.
-                    let (start, end) = (rx.start as usize, rx.start as usize + rx.len as usize);
-                    let stripped = area
-                        .frame_mut(&mut rx.frame)
-                        .get_mut(start..end)
-                        .is_some_and(vlan::strip_in_place);
-                    if stripped {
-                        rx.start += vlan::TAG_LEN as u32;
-                        rx.len -= vlan::TAG_LEN as u32;
-                    }
+                // A tagged port's tag, or a priority tag an untagged port got, comes off
+                // here, once per frame, so the guest sees plain Ethernet.
+                let (start, end) = (rx.start as usize, rx.start as usize + rx.len as usize);
+                let stripped = area
+                    .frame_mut(&mut rx.frame)
+                    .get_mut(start..end)
+                    .is_some_and(|f| vlan::strip_on_receive(f, self.strip_vlan));
+                if stripped {
+                    rx.start += vlan::TAG_LEN as u32;
+                    rx.len -= vlan::TAG_LEN as u32;
                 }
                 self.rx_backlog.push_back(rx);
             }
