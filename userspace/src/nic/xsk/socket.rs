@@ -444,7 +444,8 @@ impl XskSocket {
 
     /// Stages `frame`, larger than one buffer, for the NIC as a multi-buffer frame, with an
     /// 802.1Q tag for `vid` inserted if given. Returns false (nothing staged) when it would
-    /// span more than `MAX_PIECES` buffers or that many are not free.
+    /// span more than `MAX_PIECES` buffers (more than one without multi-buffer) or that many
+    /// are not free.
     pub fn stage_frame(&mut self, frame: &[u8], vid: Option<u16>) -> bool {
         let bytes = match vid {
             None => frame,
@@ -458,7 +459,13 @@ impl XskSocket {
         };
         let piece_len = self.queue.geometry.frame_size as usize;
         let pieces = bytes.len().div_ceil(piece_len);
-        if pieces > MAX_PIECES {
+        // Without XDP_USE_SG the kernel would take a continued descriptor as invalid.
+        let most = if self.queue.geometry.multi_buffer {
+            MAX_PIECES
+        } else {
+            1
+        };
+        if pieces > most {
             return false;
         }
         // `reserve`, without borrowing all of `self` while `bytes` may point into it.
