@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
-use xvdpa_tests::frames::{tagged, test_frame, test_seq, untag, BROADCAST};
-use xvdpa_tests::frontend::{FrontendOptions, VirtioNetFrontend, RX_QUEUE, TX_QUEUE};
+use xvdpa_tests::frames::{tagged, test_frame, BROADCAST};
+use xvdpa_tests::frontend::{FrontendOptions, VirtioNetFrontend};
 use xvdpa_tests::lab::{guest_mac, mac_str, Lab};
 use xvdpa_tests::wire::WireSocket;
 
@@ -44,34 +44,17 @@ fn jumbo_vm(socket: &std::path::Path) -> Result<VirtioNetFrontend> {
 
 /// Receives `want` frames (or what came within `within`) and posts fresh buffers.
 fn received(fe: &mut VirtioNetFrontend, want: usize, within: Duration) -> Result<Vec<Vec<u8>>> {
-    let got = fe
-        .recv_frames(want, within)?
-        .into_iter()
-        .map(|(_, f)| f)
-        .collect();
-    fe.post_rx_buffers(fe.free_descriptors(RX_QUEUE).min(128), RX_BUFFER)?;
-    Ok(got)
+    fe.recv_and_repost(want, within, RX_BUFFER, 128)
 }
 
 /// Sends `frame` from `fe` in `pieces` descriptors and waits until the device used the chain.
 fn send(fe: &mut VirtioNetFrontend, frame: &[u8], pieces: usize) -> Result<()> {
-    fe.send(frame, pieces, false)?;
-    fe.kick(TX_QUEUE)?;
-    ensure!(
-        fe.wait_tx_used(1, WAIT)? == 1,
-        "the device did not use the tx chain"
-    );
-    Ok(())
+    fe.send_and_wait(frame, pieces, WAIT)
 }
 
 /// The wire's frames carrying sequence number `seq`, tagged or not, seen within `QUIET`.
 fn wire_frames_with(wire: &WireSocket, seq: u32) -> Vec<Vec<u8>> {
-    let has =
-        |f: &Vec<u8>| test_seq(f).or_else(|| untag(f).and_then(|(_, u)| test_seq(&u))) == Some(seq);
-    wire.recv_until(QUIET, |g| g.iter().any(has))
-        .into_iter()
-        .filter(has)
-        .collect()
+    wire.frames_with_seq(seq, QUIET)
 }
 
 fn lens(frames: &[Vec<u8>]) -> Vec<usize> {
@@ -186,31 +169,9 @@ fn jumbo_frames_on_a_vlan_are_tagged_untagged_switched_and_flooded() -> Result<(
     let lab = jumbo_lab(tag)?;
     let dir = socket_dir(tag)?;
     let sock = |i: u8| dir.join(format!("vm{i}.sock"));
-    let spec = |i: u8, vlan: &str| {
-        format!(
-            "socket={},mac={}{vlan}",
-            sock(i).display(),
-            mac_str(guest_mac(i))
-        )
-    };
-    let (p0, p1, p2) = (spec(0, ",vlan=100"), spec(1, ",vlan=100"), spec(2, ""));
-    let ctl = dir.join("ctl.sock");
-    let mut daemon = Daemon::spawn(
-        &lab,
-        &[
-            "--ctl",
-            ctl.to_str().unwrap(),
-            "--mtu",
-            "9000",
-            "--port",
-            &p0,
-            "--port",
-            &p1,
-            "--port",
-            &p2,
-        ],
-    )?;
-    daemon.wait_for_count("port ready for a frontend", 3, Duration::from_secs(20))?;
+    let spec = |i: u8, vlan: &str| Daemon::port_spec(&sock(i), guest_mac(i), vlan);
+    let specs = [spec(0, ",vlan=100"), spec(1, ",vlan=100"), spec(2, "")];
+    let daemon = Daemon::start_specs(&lab, &dir.join("ctl.sock"), &specs, &["--mtu", "9000"])?;
     let wire = WireSocket::open(&lab)?;
     let wire_mac = lab.wire_mac()?;
     let (mut a, mut b, mut c) = (
