@@ -252,3 +252,24 @@ fn jumbo_frames_on_a_vlan_are_tagged_untagged_switched_and_flooded() -> Result<(
     daemon.stop()?;
     Ok(())
 }
+
+#[test]
+fn an_mtu_over_9000_is_refused_and_one_over_the_nics_is_warned_about() -> Result<()> {
+    let lab = Lab::unique("jmtu")?;
+    let dir = socket_dir("jmtu")?;
+    let socket = dir.join("vm0.sock");
+    let (sock, mac) = (socket.to_str().unwrap(), mac_str(guest_mac(0)));
+    let mut refused = Daemon::spawn(&lab, &["--socket", sock, "--mac", &mac, "--mtu", "9001"])?;
+    let status = refused.wait_exit(WAIT)?;
+    let out = refused.output();
+    ensure!(
+        !status.success() && out.contains("MTU 9001 is outside 68..=9000"),
+        "{status}: {out}"
+    );
+    // The lab's NIC is at 1500: the guests' larger frames could not leave, and the operator
+    // is told so at start.
+    let mut d = Daemon::start(&lab, &socket, &mac, &["--mtu", "9000"])?;
+    d.wait_for_log("the NIC's MTU is below --mtu", WAIT)?;
+    d.stop()?;
+    Ok(())
+}
