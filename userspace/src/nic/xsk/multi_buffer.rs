@@ -117,6 +117,17 @@ impl RxAssembly {
             self.skipping = more;
             return None;
         }
+        if !more && self.partial.is_empty() {
+            // A frame in one piece, by far the most common: straight to the waiting frames.
+            self.ready.push_back(RxPiece {
+                frame,
+                start,
+                len,
+                more,
+            });
+            self.frames += 1;
+            return self.ready.back_mut();
+        }
         self.partial.push(RxPiece {
             frame,
             start,
@@ -159,9 +170,32 @@ impl RxAssembly {
         deliver: impl FnOnce(&mut dyn Iterator<Item = &[u8]>) -> Result<usize, E>,
     ) -> Result<usize, E> {
         let n = max.min(self.frames);
-        // Join the multi-piece frames among the first `n`, in order, before handing out
-        // slices of them.
+        // Every frame waiting in one piece (the common case): nothing to join or count.
+        let single = self.ready.len() == self.frames;
         self.joined.clear();
+        let end = if single { n } else { self.join(area, n) };
+        let mut frames = Frames {
+            ready: &self.ready,
+            area,
+            joined: &self.joined,
+            next: 0,
+            end,
+            joined_at: 0,
+        };
+        let consumed = deliver(&mut frames)?.min(n);
+        let pieces = if single {
+            consumed
+        } else {
+            (0..consumed).fold(0, |end, _| self.frame_end(end))
+        };
+        recycle.extend(self.ready.drain(..pieces).map(|p| p.frame));
+        self.frames -= consumed;
+        Ok(consumed)
+    }
+
+    /// Joins the multi-piece frames among the first `n`, in order, into `joined`; returns
+    /// where the `n`th frame ends in `ready`.
+    fn join(&mut self, area: &UmemArea, n: usize) -> usize {
         let mut end = 0;
         for _ in 0..n {
             let first = end;
@@ -173,22 +207,7 @@ impl RxAssembly {
                 }
             }
         }
-        let mut frames = Frames {
-            ready: &self.ready,
-            area,
-            joined: &self.joined,
-            next: 0,
-            end,
-            joined_at: 0,
-        };
-        let consumed = deliver(&mut frames)?.min(n);
-        let mut pieces = 0;
-        for _ in 0..consumed {
-            pieces = self.frame_end(pieces);
-        }
-        recycle.extend(self.ready.drain(..pieces).map(|p| p.frame));
-        self.frames -= consumed;
-        Ok(consumed)
+        end
     }
 
     /// Where the frame whose first piece is `ready[first]` ends (one past its last piece).

@@ -211,6 +211,19 @@ mod multi_buffer {
     }
 
     #[test]
+    fn one_piece_frames_taken_in_part_leave_the_rest_in_order() {
+        let mut k = Rx::new(8);
+        let frames = [bytes(60, 1), bytes(1514, 2), bytes(3840, 3)];
+        for f in &frames {
+            assert!(k.frame(f));
+        }
+        assert_eq!(k.drain(2, 1), frames[..2].to_vec());
+        assert_eq!(k.recycle.len(), 1);
+        assert_eq!(k.drain_all(), frames[1..].to_vec());
+        assert_eq!((k.recycle.len(), k.rx.pieces()), (3, 0));
+    }
+
+    #[test]
     fn a_continuation_that_never_ends_is_one_counted_drop_holding_nothing() {
         let mut k = Rx::new(8);
         // A kernel gone wrong: pieces marked "more" forever. Each is given back at once.
