@@ -33,7 +33,10 @@ static PORT_STEERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PORTS,
 
 const ETH_HLEN: usize = 14;
 
-#[xdp]
+// `frags`: loaded as multi-buffer capable (BPF_F_XDP_HAS_FRAGS), so a driver hands it frames
+// larger than a page (jumbo MTU) instead of refusing to attach. Only the first 18 bytes are
+// read, which are always in the linear part.
+#[xdp(frags)]
 pub fn xvdpa_steer(ctx: XdpContext) -> u32 {
     steer(&ctx)
 }

@@ -148,6 +148,16 @@ impl Daemon {
         Ok(d)
     }
 
+    /// A `--port` value: the port at `socket` with MAC `mac`, then `extra` settings as they
+    /// follow in the spec (e.g. `,vlan=100`, or nothing).
+    pub fn port_spec(socket: &Path, mac: [u8; 6], extra: &str) -> String {
+        format!(
+            "socket={},mac={}{extra}",
+            socket.display(),
+            crate::lab::mac_str(mac)
+        )
+    }
+
     /// Starts a daemon serving several ports (`--port socket=...,mac=...` each) and waits until
     /// every one accepts frontends. Its control socket is `ctl.sock` next to the first socket.
     pub fn start_ports(lab: &Lab, ports: &[(PathBuf, String)], extra: &[&str]) -> Result<Daemon> {
@@ -160,17 +170,24 @@ impl Daemon {
             .context("no ports")?
             .0
             .with_file_name("ctl.sock");
-        let ctl = ctl.to_str().context("ctl path")?.to_string();
-        let mut args: Vec<&str> = vec!["--ctl", &ctl];
-        for s in &specs {
+        let mut d = Self::start_specs(lab, &ctl, &specs, extra)?;
+        d.sockets.extend(ports.iter().map(|(s, _)| s.clone()));
+        Ok(d)
+    }
+
+    /// Starts a daemon serving the ports `specs` (`--port` values, see [`Daemon::port_spec`])
+    /// with its control socket at `ctl`, and waits until every one accepts frontends.
+    pub fn start_specs(lab: &Lab, ctl: &Path, specs: &[String], extra: &[&str]) -> Result<Daemon> {
+        let ctl = ctl.to_str().context("ctl path")?;
+        let mut args: Vec<&str> = vec!["--ctl", ctl];
+        for s in specs {
             args.extend(["--port", s.as_str()]);
         }
         args.extend_from_slice(extra);
         let mut d = Self::spawn(lab, &args)?;
-        d.sockets.extend(ports.iter().map(|(s, _)| s.clone()));
         d.wait_for_count(
             "port ready for a frontend",
-            ports.len(),
+            specs.len(),
             Duration::from_secs(20),
         )?;
         Ok(d)

@@ -615,6 +615,34 @@ impl VirtioNetFrontend {
         }
     }
 
+    /// Receives up to `count` frames within `timeout` (net header stripped), then posts fresh
+    /// receive buffers of `len` bytes in the freed descriptors, `most` at a time.
+    pub fn recv_and_repost(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+        len: u32,
+        most: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let got = self
+            .recv_frames(count, timeout)?
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
+        self.post_rx_buffers(self.free_descriptors(RX_QUEUE).min(most), len)?;
+        Ok(got)
+    }
+
+    /// Sends `frame` in `pieces` descriptors, kicks, and waits until the device used the chain.
+    pub fn send_and_wait(&mut self, frame: &[u8], pieces: usize, timeout: Duration) -> Result<()> {
+        self.send(frame, pieces, false)?;
+        self.kick(TX_QUEUE)?;
+        if self.wait_tx_used(1, timeout)? != 1 {
+            bail!("the device did not use the tx chain");
+        }
+        Ok(())
+    }
+
     /// Used entries the device has returned since the last call, their descriptors freed.
     pub fn take_used(&mut self, queue: usize) -> Result<Vec<Used>> {
         let mut out = Vec::new();

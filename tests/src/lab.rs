@@ -177,6 +177,15 @@ impl Lab {
         Ok(())
     }
 
+    /// Sets the MTU of both veth ends (the NIC and the wire), e.g. 9000 for jumbo frames.
+    pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        let mtu = mtu.to_string();
+        for (ns, dev) in [(&self.host_ns, NIC), (&self.wire_ns, WIRE)] {
+            ip(&["-n", ns, "link", "set", dev, "mtu", &mtu])?;
+        }
+        Ok(())
+    }
+
     /// Removes the namespaces (their veth ends go with them). Never fails.
     pub fn destroy(&self) {
         for ns in [&self.host_ns, &self.wire_ns] {

@@ -4,6 +4,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::frames::{test_seq, untag};
 use crate::lab::{Lab, WIRE};
 use crate::netns::in_netns;
 
@@ -97,6 +98,18 @@ impl WireSocket {
             }
         }
         got
+    }
+
+    /// The test frames carrying sequence number `seq`, tagged or not, received until one
+    /// arrives or `within` passes (a frame that must not arrive is watched for that long).
+    pub fn frames_with_seq(&self, seq: u32, within: Duration) -> Vec<Vec<u8>> {
+        let has = |f: &Vec<u8>| {
+            test_seq(f).or_else(|| untag(f).and_then(|(_, u)| test_seq(&u))) == Some(seq)
+        };
+        self.recv_until(within, |g| g.iter().any(has))
+            .into_iter()
+            .filter(has)
+            .collect()
     }
 
     /// One received frame as it was on the wire (its VLAN tag, if any, put back in place);

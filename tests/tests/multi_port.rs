@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use xvdpa_tests::ctl::Ctl;
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
-use xvdpa_tests::frames::{tagged, test_frame, test_seq, untag, BROADCAST};
+use xvdpa_tests::frames::{tagged, test_frame, test_seq, BROADCAST};
 use xvdpa_tests::frontend::{
     FrontendOptions, VirtioNetFrontend, RX_QUEUE, TX_QUEUE, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -67,24 +67,12 @@ fn vm(socket: &std::path::Path) -> Result<VirtioNetFrontend> {
 
 /// Sends `frame` from `fe` and returns once the device used the chain.
 fn send(fe: &mut VirtioNetFrontend, frame: &[u8]) -> Result<()> {
-    fe.send(frame, 1, false)?;
-    fe.kick(TX_QUEUE)?;
-    ensure!(
-        fe.wait_tx_used(1, WAIT)? == 1,
-        "the device did not use the tx chain"
-    );
-    Ok(())
+    fe.send_and_wait(frame, 1, WAIT)
 }
 
 /// Frames with sequence numbers in `seqs` that `fe` receives within `within`.
 fn received(fe: &mut VirtioNetFrontend, want: usize, within: Duration) -> Result<Vec<Vec<u8>>> {
-    let got = fe
-        .recv_frames(want, within)?
-        .into_iter()
-        .map(|(_, f)| f)
-        .collect();
-    fe.post_rx_buffers(fe.free_descriptors(RX_QUEUE).min(256), 2048)?;
-    Ok(got)
+    fe.recv_and_repost(want, within, 2048, 256)
 }
 
 fn wire_saw(s: &Setup, seq: u32) -> bool {
@@ -528,13 +516,7 @@ fn metrics_endpoint_serves_prometheus_text() -> Result<()> {
 
 /// Wire frames (tags put back in place) carrying sequence number `seq`, untagged first.
 fn wire_frames_with(s: &Setup, seq: u32) -> Vec<Vec<u8>> {
-    let has =
-        |f: &Vec<u8>| test_seq(f).or_else(|| untag(f).and_then(|(_, u)| test_seq(&u))) == Some(seq);
-    s.wire
-        .recv_until(QUIET, |g| g.iter().any(has))
-        .into_iter()
-        .filter(has)
-        .collect()
+    s.wire.frames_with_seq(seq, QUIET)
 }
 
 #[test]
@@ -542,13 +524,7 @@ fn vlan_ports_tag_on_the_wire_and_switch_only_within_their_vlan() -> Result<()> 
     let lab = Lab::unique("mpvlan")?;
     let dir = socket_dir("mpvlan")?;
     let sock = |i: u8| dir.join(format!("vm{i}.sock"));
-    let spec = |i: u8, vlan: &str| {
-        format!(
-            "socket={},mac={}{vlan}",
-            sock(i).display(),
-            mac_str(guest_mac(i))
-        )
-    };
+    let spec = |i: u8, vlan: &str| Daemon::port_spec(&sock(i), guest_mac(i), vlan);
     let (p0, p1, p2) = (spec(0, ",vlan=100"), spec(1, ",vlan=100"), spec(2, ""));
     let ctl_path = dir.join("ctl.sock");
     let ctl_s = ctl_path.to_str().unwrap();

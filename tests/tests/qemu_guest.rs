@@ -26,10 +26,14 @@ struct Bench {
 }
 
 fn setup(tag: &str) -> Result<Bench> {
-    let lab = Lab::unique(tag)?;
+    setup_in(Lab::unique(tag)?, tag, &[])
+}
+
+/// [`setup`] in `lab`, with `args` for the daemon.
+fn setup_in(lab: Lab, tag: &str, args: &[&str]) -> Result<Bench> {
     let dir = socket_dir(tag)?;
     let socket = dir.join("vm0.sock");
-    let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), &[])?;
+    let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), args)?;
     Ok(Bench {
         lab,
         daemon: Some(daemon),
@@ -126,13 +130,19 @@ fn random_file(path: &Path, mib: usize) -> Result<()> {
 /// The guest half of the traffic check. It waits for a line on the console first, so the wire
 /// resolves the guest's address (ARP from the wire side) before the guest sends anything.
 fn traffic_script(tag: &str) -> String {
+    traffic_script_pinging(tag, 1472)
+}
+
+/// [`traffic_script`] with pings of `ping_size` bytes of payload; the guest also says its MTU.
+fn traffic_script_pinging(tag: &str, ping_size: usize) -> String {
     let w = lab::WIRE_IP;
     format!(
         "read go\n\
          echo \"{tag}-FEATURES $(cat /sys/class/net/eth0/device/features)\"\n\
          echo \"{tag}-ETHTOOL $(ethtool -k eth0 | grep -E '^(rx-checksumming|tx-checksumming|tcp-segmentation-offload):' | tr -d ' ' | tr '\\n' ';')\"\n\
+         echo \"{tag}-MTU $(cat /sys/class/net/eth0/mtu)\"\n\
          ping -c 3 -W 5 {w} || exit 11\n\
-         ping -c 2 -W 5 -s 1472 {w} || exit 12\n\
+         ping -c 2 -W 5 -s {ping_size} {w} || exit 12\n\
          dd if=/dev/urandom of=/tmp/up bs=65536 count={blocks} 2>/dev/null\n\
          echo \"{tag}-UP-MD5 $(md5sum < /tmp/up)\"\n\
          nc {w} 5001 < /tmp/up || exit 13\n\
@@ -487,6 +497,83 @@ fn daemon_restarted_under_a_running_guest_brings_the_link_back() -> Result<()> {
     let queue_errors = daemon.counter("queue_errors")?;
     ensure!(queue_errors == 0, "queue errors: {queue_errors}");
     daemon.stop()?;
+    eprintln!("[test] total {:.1}s wall", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A wire-side veth counter (`rx_packets`, `rx_bytes`, ...).
+fn wire_counter(lab: &Lab, name: &str) -> Result<u64> {
+    let out = lab
+        .in_wire("cat")
+        .arg(format!("/sys/class/net/{}/statistics/{name}", lab::WIRE))
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
+#[test]
+fn a_guest_at_mtu_9000_pings_with_8000_byte_payloads_and_moves_tcp() -> Result<()> {
+    let started = Instant::now();
+    let lab = Lab::unique("qjumbo")?;
+    lab.set_mtu(9000)?;
+    let b = setup_in(lab, "qjumbo", &["--mtu", "9000"])?;
+    let mut cfg = config(&b, &traffic_script_pinging("jumbo", 8000));
+    // QEMU serves the config space itself: its MTU field (and VIRTIO_NET_F_MTU) comes from
+    // the device's host_mtu, which must match the daemon's --mtu.
+    cfg.device_props = ",host_mtu=9000".to_string();
+    let mut guest = Guest::boot(&cfg)?;
+    let (rx_packets, rx_bytes) = (
+        wire_counter(&b.lab, "rx_packets")?,
+        wire_counter(&b.lab, "rx_bytes")?,
+    );
+    // Both ends at MTU 9000 fragment nothing: the 8000-byte pings and the TCP segments
+    // cross as single jumbo frames, or not at all.
+    traffic_round(&b, &mut guest, "jumbo", 0, true)?;
+    let mtu = guest.wait_for("jumbo-MTU ", Duration::from_secs(5))?;
+    ensure!(
+        mtu.split_whitespace().nth(1) == Some("9000"),
+        "the guest's MTU: {mtu}"
+    );
+    ensure!(
+        guest.wait_done(Duration::from_secs(30))? == 0,
+        "guest script failed"
+    );
+    guest.wait_exit(Duration::from_secs(30))?;
+    // The guest's upload reached the wire in frames far larger than a 1500-byte MTU allows.
+    let packets = wire_counter(&b.lab, "rx_packets")? - rx_packets;
+    let bytes = wire_counter(&b.lab, "rx_bytes")? - rx_bytes;
+    eprintln!(
+        "[test] the wire got {packets} frames averaging {} bytes",
+        bytes / packets.max(1)
+    );
+    ensure!(
+        packets > 0 && bytes / packets > 4000,
+        "the wire got {packets} frames averaging {} bytes",
+        bytes / packets.max(1)
+    );
+    let daemon = b.daemon.as_ref().context("daemon")?;
+    let stats = daemon.ctl()?.stats()?;
+    let rx = (
+        daemon_counter(&stats, "rx_packets")?,
+        daemon_counter(&stats, "rx_bytes")?,
+    );
+    eprintln!(
+        "[test] the guest got {} frames averaging {} bytes",
+        rx.0,
+        rx.1 / rx.0.max(1)
+    );
+    ensure!(
+        rx.0 > 0 && rx.1 / rx.0 > 4000,
+        "the guest got {} frames averaging {} bytes",
+        rx.0,
+        rx.1 / rx.0.max(1)
+    );
+    for drop in [
+        "tx_dropped_oversized",
+        "rx_dropped_too_large",
+        "queue_errors",
+    ] {
+        ensure!(daemon_counter(&stats, drop)? == 0, "{drop}: {stats}");
+    }
     eprintln!("[test] total {:.1}s wall", started.elapsed().as_secs_f64());
     Ok(())
 }

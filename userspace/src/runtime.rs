@@ -18,8 +18,9 @@ use xvdpa_common::MAX_PORTS;
 
 use crate::api::PortSpec;
 use crate::daemon::{Daemon, DaemonError};
-use crate::datapath::device::{MAX_MTU, SPEED_UNKNOWN};
+use crate::datapath::device::{ETH_HLEN, MAX_MTU, SPEED_UNKNOWN};
 use crate::nic::steering::{Steering, SteeringError, XdpLogger, XdpModeChoice};
+use crate::nic::vlan::TAG_LEN;
 use crate::nic::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskModeChoice};
 use crate::nic::Nic;
 use crate::vhost::port::{self, PortError};
@@ -164,6 +165,17 @@ fn link_speed(iface: &str) -> u32 {
         .unwrap_or(SPEED_UNKNOWN)
 }
 
+/// Warns when the NIC's own MTU is below `--mtu`: the kernel drops the guests' larger frames
+/// on the way out (and the wire cannot send them), so the guests would see a black hole.
+fn warn_if_nic_mtu_below(iface: &str, mtu: u16) {
+    let nic_mtu = std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if let Some(nic_mtu) = nic_mtu.filter(|&m| m < u32::from(mtu)) {
+        tracing::warn!(%iface, nic_mtu, mtu, "the NIC's MTU is below --mtu: larger frames from the guests will not reach the wire");
+    }
+}
+
 /// Checks the configuration on its own, before touching the system.
 pub fn validate(config: &RuntimeConfig) -> Result<(), RuntimeError> {
     if !(68..=MAX_MTU).contains(&config.mtu) {
@@ -199,7 +211,10 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
             max: xvdpa_common::MAX_NIC_QUEUES,
         });
     }
-    let geometry = XskGeometry::default();
+    // Frames up to the MTU, plus the Ethernet header and the tag of a tagged port; larger
+    // than one UMEM frame takes multi-buffer sockets.
+    let geometry = XskGeometry::for_frames_up_to(usize::from(config.mtu) + ETH_HLEN + TAG_LEN);
+    warn_if_nic_mtu_below(&config.iface, config.mtu);
     raise_memlock(geometry.umem_bytes() * u64::from(rx_queues) + (16 << 20))?;
     for p in &config.ports {
         port::prepare_socket_path(&p.socket)?;
@@ -327,7 +342,11 @@ mod tests {
         ));
         let mut c = config(vec![spec("/a", "52:54:00:00:00:01")]);
         c.mtu = 9000;
-        assert!(matches!(validate(&c), Err(RuntimeError::Mtu(9000))));
+        assert!(validate(&c).is_ok(), "a jumbo MTU is accepted");
+        c.mtu = MAX_MTU + 1;
+        assert!(matches!(validate(&c), Err(RuntimeError::Mtu(m)) if m == MAX_MTU + 1));
+        c.mtu = 67;
+        assert!(matches!(validate(&c), Err(RuntimeError::Mtu(67))));
     }
 
     #[test]

@@ -27,7 +27,8 @@ counters! {
         rx_buffers,
         /// Group-addressed frames copied from the host side.
         rx_multicast,
-        /// Frames larger than any buffer the guest posts (no MRG_RXBUF).
+        /// Frames larger than any buffer the guest posts (no MRG_RXBUF), or than any the link
+        /// carries (a multi-buffer frame from the NIC in too many pieces).
         rx_dropped_too_large,
         /// The guest had no receive buffers.
         rx_dropped_guest_ring_full,

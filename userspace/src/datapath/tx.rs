@@ -22,6 +22,17 @@ pub trait TxBuffers {
     /// or to another port). A sink that refuses the frame (policy) says why; the buffer then
     /// stays free for the next frame.
     fn submit(&mut self, len: usize) -> Result<(), TxDrop>;
+    /// Bytes one buffer of `next_buffer` holds for a frame; a larger frame goes whole to
+    /// `submit_frame` instead. Unbounded for a sink whose buffers take any frame it is given.
+    fn buffer_len(&self) -> usize {
+        usize::MAX
+    }
+    /// Hands on a whole frame larger than `buffer_len`, which the sink spreads over as many
+    /// buffers as it takes (a jumbo frame over multi-buffer AF_XDP), after `reserve` made sure
+    /// of them. Routed like `submit`; a sink that cannot take such frames drops them.
+    fn submit_frame(&mut self, _frame: &[u8]) -> Result<(), TxDrop> {
+        Err(TxDrop::Oversized)
+    }
     /// Makes sure the next `n` calls of `next_buffer` find a buffer (a TSO frame's segments
     /// go out together or not at all); false if that many are not free now.
     fn reserve(&mut self, _n: usize) -> bool {
@@ -353,6 +364,13 @@ impl ChainFrame<'_, '_> {
             }
             Route::Copy => match offload {
                 Offload::Tso(plan) => self.segment(buffers, &plan, len, limits, tally),
+                _ if len > buffers.buffer_len() => {
+                    if read < total {
+                        // The bytes read so far (the routed Ethernet header) stay as they are.
+                        self.read(read, total)?;
+                    }
+                    self.copy_whole(buffers, &offload, len, tally)
+                }
                 _ => self.copy(buffers, &offload, len, read, tally),
             },
         }
@@ -391,8 +409,31 @@ impl ChainFrame<'_, '_> {
         Ok(buffers.submit(len).map(|()| Sent::Frame(len)))
     }
 
+    /// Hands on a frame larger than one NIC buffer (jumbo MTU), read whole into the arena:
+    /// its partial checksum is completed there, and the sink spreads it over buffers.
+    fn copy_whole(
+        &mut self,
+        buffers: &mut impl TxBuffers,
+        offload: &Offload,
+        len: usize,
+        tally: &mut TxTally,
+    ) -> Result<Result<Sent, TxDrop>, QueueError> {
+        if !buffers.reserve(len.div_ceil(buffers.buffer_len())) {
+            buffers.unroute(len);
+            return Ok(Ok(Sent::NoBuffers));
+        }
+        let at = self.at + VNET_HDR_LEN;
+        let frame = &mut self.arena[at..at + len];
+        if let Offload::Checksum { .. } = offload {
+            offload::complete_checksum(frame, offload);
+            tally.csum_computed += 1;
+        }
+        Ok(buffers.submit_frame(frame).map(|()| Sent::Frame(len)))
+    }
+
     /// Cuts a TSO frame into NIC buffers: all its segments, or none while too few buffers
-    /// are free.
+    /// are free. A segment larger than one buffer (a jumbo MTU's) is written after the
+    /// frame in the arena and handed on whole.
     fn segment(
         &mut self,
         buffers: &mut impl TxBuffers,
@@ -405,21 +446,36 @@ impl ChainFrame<'_, '_> {
         if plan.max_segment_len() > limits.max_frame {
             return Ok(Err(TxDrop::Offload));
         }
-        if !buffers.reserve(plan.segments()) {
+        let buffer_len = buffers.buffer_len();
+        let pieces = (0..plan.segments())
+            .map(|i| plan.segment_len(i).div_ceil(buffer_len))
+            .sum();
+        if !buffers.reserve(pieces) {
             buffers.unroute(len);
             return Ok(Ok(Sent::NoBuffers));
         }
-        let frame = self.frame(len);
+        let end = self.at + VNET_HDR_LEN + len;
+        if plan.max_segment_len() > buffer_len && self.arena.len() < end + plan.max_segment_len() {
+            self.arena.resize(end + plan.max_segment_len(), 0);
+        }
+        let (taken, spare) = self.arena.split_at_mut(end);
+        let frame = &taken[self.at + VNET_HDR_LEN..];
         for i in 0..plan.segments() {
-            let Some(buf) = buffers.next_buffer() else {
-                // `reserve` promised these; a sink that breaks it loses the rest.
-                return Ok(Err(TxDrop::Oversized));
+            let sent = if plan.segment_len(i) > buffer_len {
+                let n = plan.write_segment(frame, i, spare);
+                buffers.submit_frame(&spare[..n])
+            } else {
+                let Some(buf) = buffers.next_buffer() else {
+                    // `reserve` promised these; a sink that breaks it loses the rest.
+                    return Ok(Err(TxDrop::Oversized));
+                };
+                if buf.len() < plan.segment_len(i) {
+                    return Ok(Err(TxDrop::Oversized));
+                }
+                let n = plan.write_segment(frame, i, buf);
+                buffers.submit(n)
             };
-            if buf.len() < plan.segment_len(i) {
-                return Ok(Err(TxDrop::Oversized));
-            }
-            let n = plan.write_segment(frame, i, buf);
-            if let Err(why) = buffers.submit(n) {
+            if let Err(why) = sent {
                 return Ok(Err(why));
             }
             tally.segments += 1;

@@ -9,7 +9,8 @@ use crate::datapath::offload::{FinishTally, Finished};
 use crate::datapath::rx::{Framing, RxScratch};
 use crate::datapath::tx::{DirectFrame, Route, TxBuffers, TxDrop};
 use crate::mac::MacAddr;
-use crate::nic::xsk::XskSocket;
+use crate::nic::vlan;
+use crate::nic::xsk::{FrameView, XskSocket};
 
 /// Where a frame `route` sent to the NIC buffer path goes once copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,35 @@ impl TxBuffers for PortTx<'_> {
 
     fn reserve(&mut self, n: usize) -> bool {
         self.sock.reserve(n)
+    }
+
+    fn buffer_len(&self) -> usize {
+        // A frame for a tagged port gets its tag in the buffer: room is kept for it.
+        let tag = if self.policy.vlan.is_some() {
+            vlan::TAG_LEN
+        } else {
+            0
+        };
+        self.sock.buffer_len() - tag
+    }
+
+    fn submit_frame(&mut self, frame: &[u8]) -> Result<(), TxDrop> {
+        let Some(route) = self.copied else {
+            return Err(TxDrop::Runt);
+        };
+        let vlan = self.policy.vlan;
+        // Too long for the socket (more pieces than a frame may span) or no free buffers
+        // after all: the same drop a frame too long for one buffer used to be.
+        if !self.sock.stage_frame(frame, vlan) {
+            return Err(TxDrop::Oversized);
+        }
+        if route == Copied::Flood {
+            // The NIC has the frame in pieces; the peers read a whole copy, untagged, until
+            // the flush.
+            let view = self.sock.keep_copy(frame);
+            self.flood_to_peers(view);
+        }
+        Ok(())
     }
 
     fn route(&mut self, eth: &[u8], len: usize) -> Route {
@@ -169,11 +199,7 @@ impl TxBuffers for PortTx<'_> {
                 Ok(())
             }
             Copied::Flood => {
-                let (own, vlan) = (self.policy.own_mac(), self.policy.vlan);
-                let peers = self
-                    .ports
-                    .values()
-                    .filter(|p| p.mac != own && p.vlan == vlan);
+                let vlan = self.policy.vlan;
                 let frame = match vlan {
                     // Untagged: one buffer serves the NIC and, until the flush, the peers.
                     None => self.sock.stage(len),
@@ -184,15 +210,27 @@ impl TxBuffers for PortTx<'_> {
                     }),
                 };
                 if let Some(frame) = frame {
-                    for p in peers {
-                        self.local.push(LocalFrame {
-                            to: p.clone(),
-                            frame,
-                        });
-                    }
+                    self.flood_to_peers(frame);
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+impl PortTx<'_> {
+    /// Queues a flooded frame for every other port on the sender's VLAN.
+    fn flood_to_peers(&mut self, frame: FrameView) {
+        let (own, vlan) = (self.policy.own_mac(), self.policy.vlan);
+        let peers = self
+            .ports
+            .values()
+            .filter(|p| p.mac != own && p.vlan == vlan);
+        for p in peers {
+            self.local.push(LocalFrame {
+                to: p.clone(),
+                frame,
+            });
         }
     }
 }

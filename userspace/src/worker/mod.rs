@@ -282,12 +282,16 @@ impl QueuePairWorker {
 
     /// Reads kernel socket counters and retries anything left waiting.
     fn housekeeping(&mut self) {
-        let (mut full, mut empty) = (0, 0);
-        for k in self.sockets.iter().map(|s| s.kernel_stats()) {
+        let (mut full, mut empty, mut malformed) = (0, 0, 0);
+        for sock in &mut self.sockets {
+            let k = sock.kernel_stats();
             full += k.rx_ring_full;
             empty += k.rx_fill_ring_empty;
+            malformed += sock.take_rx_dropped_malformed();
         }
         let s = &self.stats;
+        // A multi-buffer frame longer than any the link carries: too large for the guest too.
+        s.add(&s.rx_dropped_too_large, malformed);
         s.add(
             &s.rx_dropped_xsk_ring_full,
             full.saturating_sub(self.xsk_drops_seen.0),

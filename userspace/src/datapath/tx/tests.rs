@@ -11,6 +11,8 @@ struct VecBuffers {
     free: usize,
     current: Vec<u8>,
     sent: Vec<Vec<u8>>,
+    /// Frames over one buffer go whole to `submit_frame` (multi-buffer).
+    multi_buffer: bool,
 }
 
 impl VecBuffers {
@@ -19,6 +21,15 @@ impl VecBuffers {
             free,
             current: vec![0; 2048],
             sent: Vec::new(),
+            multi_buffer: false,
+        }
+    }
+
+    /// `free` buffers of 2048 bytes, a larger frame spread over several.
+    fn multi_buffer(free: usize) -> Self {
+        VecBuffers {
+            multi_buffer: true,
+            ..VecBuffers::new(free)
         }
     }
 }
@@ -37,6 +48,22 @@ impl TxBuffers for VecBuffers {
     }
     fn reserve(&mut self, n: usize) -> bool {
         self.free >= n
+    }
+    fn buffer_len(&self) -> usize {
+        if self.multi_buffer {
+            self.current.len()
+        } else {
+            usize::MAX
+        }
+    }
+    fn submit_frame(&mut self, frame: &[u8]) -> Result<(), TxDrop> {
+        let pieces = frame.len().div_ceil(self.current.len());
+        if !self.multi_buffer || pieces > self.free {
+            return Err(TxDrop::Oversized);
+        }
+        self.free -= pieces;
+        self.sent.push(frame.to_vec());
+        Ok(())
     }
 }
 
@@ -408,8 +435,16 @@ fn post_frame(t: &mut TestQueue<'_>, at: u64, hdr: &[u8], frame: &[u8]) -> u16 {
     ])
 }
 
-#[test]
-fn a_tso_frame_to_the_nic_becomes_mtu_sized_segments() {
+/// Sends a TSO frame of `payload_len` bytes with MSS `mss` (by IP version) to a sink of
+/// `bufs` and checks it arrives as exactly the segments an independent build makes; returns
+/// their lengths.
+fn tso_to_the_nic(
+    payload_len: usize,
+    mss: [usize; 2],
+    limits: TxLimits,
+    bufs: impl Fn() -> VecBuffers,
+) -> Vec<Vec<usize>> {
+    let mut lens = Vec::new();
     for ipv6 in [false, true] {
         let mem = memory();
         let mut t = TestQueue::new(&mem);
@@ -418,14 +453,14 @@ fn a_tso_frame_to_the_nic_becomes_mtu_sized_segments() {
             fin: true,
             ..Flow::default()
         };
-        let data = payload(20_000);
-        let mss = if ipv6 { 1428 } else { 1448 };
+        let data = payload(payload_len);
+        let mss = mss[usize::from(ipv6)];
         let big = build(&f, f.seq, f.id, true, true, false, &data);
         let (hdr, frame) = guest_tso(&big, ipv6, mss as u16);
         post_frame(&mut t, BUF_BASE, &hdr, &frame);
         let mut q = t.queue();
-        let mut bufs = VecBuffers::new(64);
-        let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+        let mut bufs = bufs();
+        let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, limits);
         assert_eq!(r, Ok(TxStop::RingEmpty));
         let want: Vec<Vec<u8>> = data
             .chunks(mss)
@@ -436,19 +471,28 @@ fn a_tso_frame_to_the_nic_becomes_mtu_sized_segments() {
                 build(&f, seq, f.id.wrapping_add(i as u16), last, last, false, c)
             })
             .collect();
-        assert_eq!(bufs.sent, want, "ipv6 {ipv6}");
-        assert!(bufs.sent.iter().all(|s| s.len() <= 1514));
+        let sent: Vec<usize> = bufs.sent.iter().map(Vec::len).collect();
+        assert!(bufs.sent == want, "ipv6 {ipv6}: sent {sent:?}, {tally:?}");
         assert_eq!((tally.frames, tally.bytes), (1, frame.len() as u64));
         assert_eq!((tally.gso_frames, tally.segments), (1, want.len() as u64));
+        lens.push(sent);
     }
+    lens
 }
 
 #[test]
-fn a_partial_checksum_to_the_nic_is_completed() {
+fn a_tso_frame_to_the_nic_becomes_mtu_sized_segments() {
+    let lens = tso_to_the_nic(20_000, [1448, 1428], OFFLOADS, || VecBuffers::new(64));
+    assert!(lens.iter().flatten().all(|&n| n <= 1514));
+}
+
+/// Sends a TCP frame of `payload_len` bytes with a partial checksum to `bufs` and checks it
+/// arrives once, its checksum completed.
+fn partial_checksum_to_the_nic(payload_len: usize, limits: TxLimits, mut bufs: VecBuffers) {
     let mem = memory();
     let mut t = TestQueue::new(&mem);
     let f = Flow::default();
-    let want = build(&f, 1, 2, false, true, false, &payload(1000));
+    let want = build(&f, 1, 2, false, true, false, &payload(payload_len));
     let (_, frame) = guest_tso(&want, false, 1448);
     let hdr = NetHeader {
         flags: F_NEEDS_CSUM,
@@ -458,10 +502,14 @@ fn a_partial_checksum_to_the_nic_is_completed() {
     };
     post_frame(&mut t, BUF_BASE, &hdr.to_bytes(0), &frame);
     let mut q = t.queue();
-    let mut bufs = VecBuffers::new(8);
-    let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+    let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, limits);
     assert_eq!(bufs.sent, vec![want]);
     assert_eq!(tally.csum_computed, 1);
+}
+
+#[test]
+fn a_partial_checksum_to_the_nic_is_completed() {
+    partial_checksum_to_the_nic(1000, OFFLOADS, VecBuffers::new(8));
 }
 
 #[test]
@@ -606,4 +654,96 @@ fn a_tso_frame_to_another_port_keeps_its_checked_request() {
     want_hdr[0] = F_NEEDS_CSUM;
     assert_eq!(&got[..12], &want_hdr, "the request, num_buffers 1");
     assert_eq!(&got[12..], &frame[..]);
+}
+
+/// A 9000-byte MTU link, every offload negotiated.
+const JUMBO: TxLimits = TxLimits {
+    max_frame: 9014,
+    ..OFFLOADS
+};
+
+#[test]
+fn jumbo_frames_go_whole_to_a_sink_whose_buffers_are_smaller() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let sizes = [60usize, 2048, 2049, 5000, 9014];
+    let mut at = BUF_BASE;
+    let frames: Vec<Vec<u8>> = sizes.iter().map(|&n| frame(n, n as u8)).collect();
+    for f in &frames {
+        // Header and frame in three descriptors, so the frame is gathered, not just copied.
+        t.write(at, &[0u8; 12]);
+        t.write(at + 0x100, f);
+        let half = f.len() / 2;
+        t.post(&[
+            Buf(at, 12, false),
+            Buf(at + 0x100, half as u32, false),
+            Buf(at + 0x100 + half as u64, (f.len() - half) as u32, false),
+        ]);
+        at += 0x4000;
+    }
+    let mut q = t.queue();
+    let mut bufs = VecBuffers::multi_buffer(64);
+    let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, JUMBO);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!(bufs.sent, frames);
+    assert_eq!(bufs.free, 64 - (1 + 1 + 2 + 3 + 5));
+    assert_eq!(tally.frames, sizes.len() as u64);
+    assert_eq!(tally.bytes, sizes.iter().sum::<usize>() as u64);
+}
+
+#[test]
+fn a_jumbo_frame_over_the_mtu_is_still_dropped() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let f = frame(9015, 1);
+    post_frame(&mut t, BUF_BASE, &[0u8; 12], &f);
+    let mut q = t.queue();
+    let mut bufs = VecBuffers::multi_buffer(64);
+    let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, JUMBO);
+    assert!(bufs.sent.is_empty());
+    assert_eq!(tally.dropped_oversized, 1);
+}
+
+#[test]
+fn a_jumbo_frame_waits_for_all_its_buffers() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let f = frame(9014, 2);
+    post_frame(&mut t, BUF_BASE, &[0u8; 12], &f);
+    let mut q = t.queue();
+    // Five buffers needed, four free: nothing goes, the chain stays on the ring.
+    let mut bufs = VecBuffers::multi_buffer(4);
+    let (r, tally) = run_with(&t, &mut q, &mut bufs, 64, JUMBO);
+    assert_eq!(r, Ok(TxStop::NoBuffers));
+    assert!(bufs.sent.is_empty());
+    assert_eq!((tally.frames, tally.dropped_oversized), (0, 0));
+    assert!(t.used(0).is_empty());
+    bufs.free = 5;
+    let (r, _) = run_with(&t, &mut q, &mut bufs, 64, JUMBO);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!(bufs.sent, vec![f]);
+}
+
+#[test]
+fn a_jumbo_frame_to_a_sink_without_multi_buffer_is_dropped() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    post_frame(&mut t, BUF_BASE, &[0u8; 12], &frame(5000, 3));
+    let mut q = t.queue();
+    let mut bufs = VecBuffers::new(64);
+    let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, JUMBO);
+    assert!(bufs.sent.is_empty());
+    assert_eq!(tally.dropped_oversized, 1);
+}
+
+#[test]
+fn a_jumbo_frame_with_a_partial_checksum_is_completed_before_it_is_cut() {
+    partial_checksum_to_the_nic(8000, JUMBO, VecBuffers::multi_buffer(8));
+}
+
+#[test]
+fn a_tso_frame_on_a_jumbo_link_becomes_jumbo_segments() {
+    // Ethernet, IP and TCP with timestamps: 66 or 86 bytes of headers in 9014.
+    let lens = tso_to_the_nic(30_000, [8948, 8928], JUMBO, || VecBuffers::multi_buffer(64));
+    assert!(lens.iter().all(|l| l[0] == 9014), "{lens:?}");
 }

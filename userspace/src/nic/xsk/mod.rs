@@ -11,6 +11,7 @@
 //! This file holds what those share: modes, errors, sizes, kernel counters. Outside the
 //! daemon, the benchmark's AF_XDP generator maps its UMEM with [`UmemArea`] too.
 
+mod multi_buffer;
 mod queue;
 mod socket;
 #[cfg(test)]
@@ -19,6 +20,7 @@ mod umem;
 
 use std::io;
 
+pub use multi_buffer::MAX_PIECES;
 pub use queue::NicQueue;
 pub use socket::{FrameView, XskSocket};
 pub use umem::{RegisteredUmem, UmemArea, UmemError, UmemFrame};
@@ -60,7 +62,7 @@ pub enum XskError {
 /// Sizes of a NIC queue's UMEM and of the rings of its sockets.
 #[derive(Debug, Clone, Copy)]
 pub struct XskGeometry {
-    /// Bytes per UMEM frame; a received or sent frame must fit one.
+    /// Bytes per UMEM frame; a received or sent frame must fit one unless `multi_buffer`.
     pub frame_size: u32,
     /// Entries of the completion ring and frames of the tx pool (power of two).
     pub ring_size: u32,
@@ -70,6 +72,10 @@ pub struct XskGeometry {
     pub fill_size: u32,
     /// Entries of each port socket's rx and tx rings (power of two).
     pub socket_ring_size: u32,
+    /// Frames may span several UMEM frames (`XDP_USE_SG`, Linux 6.6+), for an MTU larger
+    /// than one frame holds. Off unless needed: zero-copy drivers without multi-buffer
+    /// support refuse the flag.
+    pub multi_buffer: bool,
 }
 
 impl Default for XskGeometry {
@@ -79,11 +85,28 @@ impl Default for XskGeometry {
             ring_size: 2048,
             fill_size: 2048,
             socket_ring_size: 2048,
+            multi_buffer: false,
         }
     }
 }
 
 impl XskGeometry {
+    /// The default geometry for frames up to `max_frame` bytes (Ethernet header and VLAN tag
+    /// included): multi-buffer on when one received frame would not fit a UMEM frame after
+    /// the kernel's headroom.
+    pub fn for_frames_up_to(max_frame: usize) -> Self {
+        let geometry = XskGeometry::default();
+        XskGeometry {
+            multi_buffer: max_frame > geometry.rx_frame_room(),
+            ..geometry
+        }
+    }
+
+    /// Bytes of a received frame one UMEM frame holds.
+    pub fn rx_frame_room(&self) -> usize {
+        (self.frame_size - RX_HEADROOM) as usize
+    }
+
     /// Bytes of UMEM one NIC queue maps.
     pub fn umem_bytes(&self) -> u64 {
         u64::from(self.fill_size + self.ring_size) * u64::from(self.frame_size)

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use xdpilone::{DeviceQueue, IfInfo, Socket, SocketConfig, User};
 
+use super::multi_buffer::XDP_USE_SG;
 use super::umem::{RegisteredUmem, UmemArea, UmemError, UmemFrame};
 use super::{setup_error, XskError, XskGeometry, XskMode, XskModeChoice};
 
@@ -160,6 +161,9 @@ impl NicQueue {
             XskMode::ZeroCopy => SocketConfig::XDP_BIND_ZEROCOPY,
             XskMode::Copy => SocketConfig::XDP_BIND_COPY,
         };
+        // Multi-buffer is a property of the UMEM's binding: the sockets that share it inherit
+        // it (they may not pass bind flags of their own).
+        let sg_flag = if geometry.multi_buffer { XDP_USE_SG } else { 0 };
         let anchor = umem
             .xdp()
             .rx_tx(
@@ -167,7 +171,7 @@ impl NicQueue {
                 &SocketConfig {
                     rx_size: None,
                     tx_size: NonZeroU32::new(64),
-                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode_flag,
+                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode_flag | sg_flag,
                 },
             )
             .map_err(fail("anchor ring"))?;

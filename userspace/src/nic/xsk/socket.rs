@@ -10,7 +10,6 @@
 //! held ones back to the free list. Until that flush, other ports read a staged or held frame
 //! through a [`FrameView`], which can neither write nor release it.
 
-use std::collections::VecDeque;
 use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::RawFd;
@@ -19,6 +18,7 @@ use std::sync::Arc;
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{RingRx, RingTx, Socket, SocketConfig, User};
 
+use super::multi_buffer::{scatter, RxAssembly, TxFrame, MAX_PIECES, XDP_PKT_CONTD};
 use super::queue::NicQueue;
 use super::umem::UmemFrame;
 use super::{setup_error, XskError, XskKernelStats, XskMode};
@@ -30,21 +30,9 @@ const TX_LOCAL_FRAMES: usize = 64;
 /// Rx frames a socket collects before giving them back to the shared fill ring.
 const RX_RECYCLE_BATCH: usize = 64;
 
-/// A received frame: its UMEM frame and where the data lies in it.
-struct RxFrame {
-    frame: UmemFrame,
-    start: u32,
-    len: u32,
-}
-
-/// A filled transmit frame and how many of its bytes are the Ethernet frame.
-struct TxFrame {
-    frame: UmemFrame,
-    len: u32,
-}
-
 /// A read-only view of a transmit frame the socket keeps until its next
-/// [`XskSocket::flush_tx`]: one staged for the NIC, or one held for other ports. Read it with
+/// [`XskSocket::flush_tx`]: one staged for the NIC, one held for other ports, or a copy of a
+/// frame larger than one buffer kept for other ports. Read it with
 /// [`XskSocket::view`]. It is a plain handle (copying it copies no frame and no right): the
 /// socket owns the frame, so a view can never release it, and a view kept past the flush
 /// reads as empty instead of as a frame that has since been reused.
@@ -52,9 +40,17 @@ struct TxFrame {
 pub struct FrameView {
     /// The socket's flush count when the view was made.
     epoch: u64,
-    /// Position in the staged or held list, which only grow between flushes.
+    /// Position in its list, which only grows between flushes.
     index: u32,
-    held: bool,
+    list: ViewList,
+}
+
+/// Which of the socket's lists a [`FrameView`] points into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ViewList {
+    Staged,
+    Held,
+    Kept,
 }
 
 /// One port's AF_XDP socket on one NIC queue.
@@ -64,8 +60,9 @@ pub struct XskSocket {
     tx: RingTx,
     user: User,
     queue: Arc<NicQueue>,
-    /// Frames read from the rx ring but not yet delivered (the guest had no buffers).
-    rx_backlog: VecDeque<RxFrame>,
+    /// Frames read from the rx ring but not yet delivered (the guest had no buffers), and the
+    /// pieces of one still arriving.
+    received: RxAssembly,
     /// Delivered rx frames not yet handed back to the shared fill ring.
     rx_recycle: Vec<UmemFrame>,
     /// Tx frames taken from the shared pool for the next transmits; the last is the buffer
@@ -75,6 +72,12 @@ pub struct XskSocket {
     tx_staged: Vec<TxFrame>,
     /// Tx frames other ports read before the next flush, which returns them to `tx_free`.
     tx_held: Vec<TxFrame>,
+    /// Frames larger than one buffer that other ports read before the next flush, which
+    /// empties it: their bytes one after another, and where each lies.
+    tx_kept: Vec<u8>,
+    tx_kept_at: Vec<(usize, usize)>,
+    /// Where a frame larger than one buffer gets its VLAN tag before it is cut (reused).
+    tx_tagged: Vec<u8>,
     /// Flushes so far: a [`FrameView`] is valid only within the epoch it was made in.
     epoch: u64,
     /// Received frames carry the port's VLAN tag, which the guest must not see.
@@ -112,11 +115,14 @@ impl XskSocket {
             tx,
             user,
             queue: queue.clone(),
-            rx_backlog: VecDeque::with_capacity(queue.geometry.socket_ring_size as usize),
+            received: RxAssembly::with_capacity(queue.geometry.socket_ring_size as usize),
             rx_recycle: Vec::with_capacity(2 * RX_RECYCLE_BATCH),
             tx_free: Vec::with_capacity(TX_LOCAL_FRAMES),
             tx_staged: Vec::with_capacity(queue.geometry.socket_ring_size as usize),
             tx_held: Vec::with_capacity(TX_LOCAL_FRAMES),
+            tx_kept: Vec::new(),
+            tx_kept_at: Vec::new(),
+            tx_tagged: Vec::new(),
             epoch: 0,
             strip_vlan: false,
         })
@@ -162,18 +168,31 @@ impl XskSocket {
         SockFd(self.fd()).poke();
     }
 
-    /// Largest frame this socket can send.
+    /// Largest frame this socket can send: one UMEM frame, or with multi-buffer on, as many
+    /// as a frame may span.
     pub fn max_tx_frame(&self) -> usize {
+        if self.queue.geometry.multi_buffer {
+            self.buffer_len() * MAX_PIECES
+        } else {
+            self.buffer_len()
+        }
+    }
+
+    /// Bytes of one transmit buffer (a UMEM frame).
+    pub fn buffer_len(&self) -> usize {
         self.queue.geometry.frame_size as usize
     }
 
-    /// Moves up to `max` newly received frames into the backlog.
+    /// Moves up to `max` newly received descriptors into the backlog; a frame larger than one
+    /// UMEM frame (multi-buffer) counts once per piece and is waiting only once its last
+    /// piece has arrived, in this call or a later one.
     pub fn poll_rx(&mut self, max: u32) -> usize {
         let area = self.queue.area();
         // Two passes at most: the first may stop at xdpilone's cached view of the producer.
         let mut n = 0;
         for _ in 0..2 {
-            let room = (self.rx_backlog.capacity() - self.rx_backlog.len()) as u32;
+            let room = (self.queue.geometry.socket_ring_size as usize)
+                .saturating_sub(self.received.pieces()) as u32;
             let want = max.saturating_sub(n as u32).min(room);
             if want == 0 {
                 break;
@@ -184,27 +203,27 @@ impl XskSocket {
                 n += 1;
                 // SAFETY: `desc` comes from this socket's rx ring over the queue's UMEM: a
                 // frame the fill ring gave the kernel, which it has filled and hands back.
-                let Some((frame, start)) = (unsafe { area.reclaim(desc.addr) }) else {
-                    // An address outside the UMEM would be a kernel bug; nothing to hold.
+                // An address outside the UMEM (a kernel bug) gives `None`: nothing to hold.
+                let piece = unsafe { area.reclaim(desc.addr) };
+                let more = desc.options & XDP_PKT_CONTD != 0;
+                let Some(first) = self
+                    .received
+                    .push(piece, desc.len, more, &mut self.rx_recycle)
+                else {
                     continue;
                 };
-                let mut rx = RxFrame {
-                    frame,
-                    start,
-                    len: desc.len,
-                };
                 // A tagged port's tag, or a priority tag an untagged port got, comes off
-                // here, once per frame, so the guest sees plain Ethernet.
-                let (start, end) = (rx.start as usize, rx.start as usize + rx.len as usize);
+                // here, once per frame, so the guest sees plain Ethernet. The tag lies in the
+                // first piece, which holds thousands of bytes.
+                let (start, end) = (first.start as usize, (first.start + first.len) as usize);
                 let stripped = area
-                    .frame_mut(&mut rx.frame)
+                    .frame_mut(&mut first.frame)
                     .get_mut(start..end)
                     .is_some_and(|f| vlan::strip_on_receive(f, self.strip_vlan));
                 if stripped {
-                    rx.start += vlan::TAG_LEN as u32;
-                    rx.len -= vlan::TAG_LEN as u32;
+                    first.start += vlan::TAG_LEN as u32;
+                    first.len -= vlan::TAG_LEN as u32;
                 }
-                self.rx_backlog.push_back(rx);
             }
             reader.release();
             if n == before {
@@ -216,7 +235,13 @@ impl XskSocket {
 
     /// Frames waiting for the guest.
     pub fn rx_pending(&self) -> usize {
-        self.rx_backlog.len()
+        self.received.frames()
+    }
+
+    /// Received frames dropped for a bad multi-buffer sequence since the last call (a kernel
+    /// that broke the protocol; never expected).
+    pub fn take_rx_dropped_malformed(&mut self) -> u64 {
+        self.received.take_dropped()
     }
 
     /// Hands up to `max` backlog frames to `deliver`, which returns how many it consumed
@@ -226,19 +251,10 @@ impl XskSocket {
         max: usize,
         deliver: impl FnOnce(&mut dyn Iterator<Item = &[u8]>) -> Result<usize, E>,
     ) -> Result<usize, E> {
-        let n = max.min(self.rx_backlog.len());
-        let area = self.queue.area();
-        // A descriptor the kernel got wrong would be a kernel bug; `data` passes it on as
-        // empty rather than trusted, so it can never read outside its frame.
-        let mut frames = self
-            .rx_backlog
-            .iter()
-            .take(n)
-            .map(|f| area.data(&f.frame, f.start, f.len));
-        let consumed = deliver(&mut frames)?;
-        self.rx_recycle
-            .extend(self.rx_backlog.drain(..consumed.min(n)).map(|f| f.frame));
-        if self.rx_recycle.len() >= RX_RECYCLE_BATCH || self.rx_backlog.is_empty() {
+        let consumed =
+            self.received
+                .drain(self.queue.area(), max, &mut self.rx_recycle, deliver)?;
+        if self.rx_recycle.len() >= RX_RECYCLE_BATCH || self.received.frames() == 0 {
             self.give_back_rx();
         }
         Ok(consumed)
@@ -246,9 +262,7 @@ impl XskSocket {
 
     /// Drops every frame in the backlog (the guest's queue is gone); returns how many.
     pub fn discard_rx_backlog(&mut self) -> usize {
-        let n = self.rx_backlog.len();
-        self.rx_recycle
-            .extend(self.rx_backlog.drain(..).map(|f| f.frame));
+        let n = self.received.discard_ready(&mut self.rx_recycle);
         self.give_back_rx();
         n
     }
@@ -279,15 +293,7 @@ impl XskSocket {
     /// queue's shared pool past the usual local share if need be; false if the pool has not
     /// that many free now.
     pub fn reserve(&mut self, n: usize) -> bool {
-        if self.tx_free.len() >= n {
-            return true;
-        }
-        let mut shared = self.queue.lock();
-        shared.reap(self.queue.area());
-        let want = (n - self.tx_free.len()).min(shared.tx_free.len());
-        let from = shared.tx_free.len() - want;
-        self.tx_free.extend(shared.tx_free.drain(from..));
-        self.tx_free.len() >= n
+        take_free(&self.queue, &mut self.tx_free, n)
     }
 
     /// Puts staged frames on the tx ring and kicks the kernel. Held frames go back to the
@@ -295,6 +301,8 @@ impl XskSocket {
     pub fn flush_tx(&mut self) {
         self.epoch += 1;
         self.tx_free.extend(self.tx_held.drain(..).map(|h| h.frame));
+        self.tx_kept.clear();
+        self.tx_kept_at.clear();
         if !self.tx_staged.is_empty() {
             let area = self.queue.area();
             let mut placed = 0u32;
@@ -306,7 +314,7 @@ impl XskSocket {
                 let n = writer.insert(self.tx_staged.iter().map(|s| XdpDesc {
                     addr: area.addr(&s.frame),
                     len: s.len,
-                    options: 0,
+                    options: s.options(),
                 }));
                 writer.commit();
                 if n == 0 {
@@ -369,7 +377,7 @@ impl XskSocket {
             frame,
             len,
             self.epoch,
-            false,
+            ViewList::Staged,
         ))
     }
 
@@ -378,7 +386,13 @@ impl XskSocket {
     /// next `flush_tx`.
     pub fn hold(&mut self, len: usize) -> Option<FrameView> {
         let frame = self.tx_free.pop()?;
-        Some(push_view(&mut self.tx_held, frame, len, self.epoch, true))
+        Some(push_view(
+            &mut self.tx_held,
+            frame,
+            len,
+            self.epoch,
+            ViewList::Held,
+        ))
     }
 
     /// The bytes of a staged or held frame; empty for a view from before the last flush.
@@ -387,10 +401,15 @@ impl XskSocket {
         if view.epoch != self.epoch {
             return &[];
         }
-        let list = if view.held {
-            &self.tx_held
-        } else {
-            &self.tx_staged
+        let list = match view.list {
+            ViewList::Staged => &self.tx_staged,
+            ViewList::Held => &self.tx_held,
+            ViewList::Kept => {
+                return match self.tx_kept_at.get(view.index as usize) {
+                    Some(&(at, len)) => &self.tx_kept[at..at + len],
+                    None => &[],
+                }
+            }
         };
         match list.get(view.index as usize) {
             Some(f) => self.queue.area().data(&f.frame, 0, f.len),
@@ -411,7 +430,7 @@ impl XskSocket {
         let tagged = vlan::tagged_copy(self.view(src), self.queue.area().frame_mut(&mut to), vid);
         match tagged {
             Some(len) => {
-                push_view(&mut self.tx_staged, to, len, self.epoch, false);
+                push_view(&mut self.tx_staged, to, len, self.epoch, ViewList::Staged);
                 true
             }
             None => {
@@ -420,6 +439,71 @@ impl XskSocket {
             }
         }
     }
+
+    /// Stages `frame`, larger than one buffer, for the NIC as a multi-buffer frame, with an
+    /// 802.1Q tag for `vid` inserted if given. Returns false (nothing staged) when it would
+    /// span more than `MAX_PIECES` buffers (more than one without multi-buffer) or that many
+    /// are not free.
+    pub fn stage_frame(&mut self, frame: &[u8], vid: Option<u16>) -> bool {
+        let bytes = match vid {
+            None => frame,
+            Some(vid) => {
+                self.tx_tagged.resize(frame.len() + vlan::TAG_LEN, 0);
+                match vlan::tagged_copy(frame, &mut self.tx_tagged, vid) {
+                    Some(n) => &self.tx_tagged[..n],
+                    None => return false,
+                }
+            }
+        };
+        let piece_len = self.queue.geometry.frame_size as usize;
+        let pieces = bytes.len().div_ceil(piece_len);
+        // Without XDP_USE_SG the kernel would take a continued descriptor as invalid.
+        let most = if self.queue.geometry.multi_buffer {
+            MAX_PIECES
+        } else {
+            1
+        };
+        if pieces > most {
+            return false;
+        }
+        // `reserve`, without borrowing all of `self` while `bytes` may point into it.
+        take_free(&self.queue, &mut self.tx_free, pieces);
+        scatter(
+            self.queue.area(),
+            bytes,
+            piece_len,
+            &mut self.tx_free,
+            &mut self.tx_staged,
+        )
+    }
+
+    /// Keeps a copy of `frame` (one larger than a buffer, staged for the NIC in pieces) for
+    /// other ports to read through the returned view until the next `flush_tx`.
+    pub fn keep_copy(&mut self, frame: &[u8]) -> FrameView {
+        let at = self.tx_kept.len();
+        self.tx_kept.extend_from_slice(frame);
+        let index = self.tx_kept_at.len() as u32;
+        self.tx_kept_at.push((at, frame.len()));
+        FrameView {
+            epoch: self.epoch,
+            index,
+            list: ViewList::Kept,
+        }
+    }
+}
+
+/// Makes sure `free` holds `n` frames, taking them from `queue`'s shared pool past the usual
+/// local share if need be; false if the pool has not that many free now.
+fn take_free(queue: &NicQueue, free: &mut Vec<UmemFrame>, n: usize) -> bool {
+    if free.len() >= n {
+        return true;
+    }
+    let mut shared = queue.lock();
+    shared.reap(queue.area());
+    let want = (n - free.len()).min(shared.tx_free.len());
+    let from = shared.tx_free.len() - want;
+    free.extend(shared.tx_free.drain(from..));
+    free.len() >= n
 }
 
 /// Appends `frame`, holding `len` bytes, to a staged or held list and returns its view.
@@ -428,14 +512,19 @@ fn push_view(
     frame: UmemFrame,
     len: usize,
     epoch: u64,
-    held: bool,
+    which: ViewList,
 ) -> FrameView {
     let index = list.len() as u32;
     list.push(TxFrame {
         frame,
         len: len as u32,
+        more: false,
     });
-    FrameView { epoch, index, held }
+    FrameView {
+        epoch,
+        index,
+        list: which,
+    }
 }
 
 impl Drop for XskSocket {
@@ -456,7 +545,8 @@ impl Drop for XskSocket {
             tracing::warn!(queue = self.queue.queue_id, frames = unsent, "tx frames still on a closing socket's ring; the queue's pool is that much smaller until the daemon restarts");
         }
         self.poll_rx(u32::MAX);
-        self.discard_rx_backlog();
+        self.received.discard_all(&mut self.rx_recycle);
+        self.give_back_rx();
         let mut shared = self.queue.lock();
         shared.tx_free.append(&mut self.tx_free);
         shared
@@ -478,6 +568,18 @@ impl TxBuffers for XskSocket {
     fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
         self.stage(len);
         Ok(())
+    }
+
+    fn buffer_len(&self) -> usize {
+        XskSocket::buffer_len(self)
+    }
+
+    fn submit_frame(&mut self, frame: &[u8]) -> Result<(), TxDrop> {
+        if self.stage_frame(frame, None) {
+            Ok(())
+        } else {
+            Err(TxDrop::Oversized)
+        }
     }
 }
 
