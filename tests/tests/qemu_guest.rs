@@ -203,14 +203,12 @@ fn traffic_round(
         Duration::from_secs(10),
     )?;
     eprintln!("[test] {tag}: guest's ethtool -k: {ethtool}");
-    let offloads_shown = [
-        "rx-checksumming:on",
-        "tx-checksumming:on",
-        "tcp-segmentation-offload:on",
-    ]
-    .iter()
-    .filter(|o| ethtool.contains(*o))
-    .count();
+    // (rx-checksumming is not among them: the 6.1 guest driver shows it "on [fixed]" with or
+    // without GUEST_CSUM.)
+    let offloads_shown = ["tx-checksumming:on", "tcp-segmentation-offload:on"]
+        .iter()
+        .filter(|o| ethtool.contains(*o))
+        .count();
     let up_line = guest.wait_for_from(
         &format!("{tag}-UP-MD5 "),
         from_line,
