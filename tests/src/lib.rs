@@ -7,7 +7,8 @@
 //!   own split-queue driver;
 //! - [`guest`]: a real Linux guest under QEMU;
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check;
-//! - [`sockopts`]: another process's AF_XDP socket options.
+//! - [`sockopts`]: another process's AF_XDP socket options;
+//! - [`proc_figures`]: a process's open fds, threads, memory and CPU time, from /proc.
 
 pub mod bench;
 pub mod bench_run;
@@ -20,6 +21,7 @@ pub mod guest;
 pub mod lab;
 pub mod netns;
 pub mod output;
+pub mod proc_figures;
 pub mod sockopts;
 pub mod wire;
 

@@ -9,12 +9,11 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig};
 use crate::switch::SwitchPort;
+use crate::vhost::exit_events::ExitEvents;
 use crate::vring::{RxQueue, Vring};
 use crate::worker::{EventIds, QueuePairWorker};
 
@@ -42,6 +41,8 @@ struct Inner {
     /// event, which is when the library hands the backend its vrings.
     switch_port: Arc<SwitchPort>,
     published: AtomicBool,
+    /// Closes the exit events' fds the library leaves open, once the connection is over.
+    exit_events: ExitEvents,
 }
 
 /// The backend of one VM port for one frontend connection.
@@ -64,6 +65,7 @@ impl NetBackend {
             ids: EventIds::new(num_queues),
             switch_port,
             published: AtomicBool::new(false),
+            exit_events: ExitEvents::default(),
         }))
     }
 
@@ -153,7 +155,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        self.0.exit_events.create()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
