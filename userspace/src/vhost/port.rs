@@ -26,6 +26,7 @@ use crate::switch::{RateLimit, SwitchPort, SwitchTable, TxPolicy};
 use crate::vhost::backend::{NetBackend, MAX_QUEUE_SIZE};
 use crate::vhost::protocol_shim::Shim;
 use crate::vhost::socket_file;
+use crate::vring::RingErrorFds;
 use crate::worker::{QueuePairWorker, WorkerConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +185,9 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
         })?;
     tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
     while !port.stopping.load(Ordering::Acquire) {
-        let workers = build_workers(nic, switch, port)?;
+        let pairs = usize::from(port.spec.queue_pairs.max(1));
+        let ring_errors = RingErrorFds::new(2 * pairs);
+        let workers = build_workers(nic, switch, port, &ring_errors)?;
         let config = NetConfig {
             mac: port.spec.mac,
             link_up: true,
@@ -221,7 +224,8 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
         let num_queues = 2 * backend.queue_pairs() as u32;
         let shim = connect_library(path, &mut daemon)
             .and_then(|library_side| {
-                Shim::start(frontend, library_side, num_queues, MAX_QUEUE_SIZE as u16)
+                let max_size = MAX_QUEUE_SIZE as u16;
+                Shim::start(frontend, library_side, num_queues, max_size, ring_errors)
                     .map_err(PortError::Worker)
             })
             .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
@@ -278,6 +282,7 @@ fn build_workers(
     nic: &Nic,
     switch: &Arc<SwitchTable>,
     port: &Port,
+    ring_errors: &Arc<RingErrorFds>,
 ) -> Result<Vec<QueuePairWorker>, PortError> {
     let pairs = usize::from(port.spec.queue_pairs.max(1));
     let mut tap = Some(
@@ -307,6 +312,7 @@ fn build_workers(
             switch: switch.clone(),
             own: port.switch_port.clone(),
             cpu: (!port.spec.cpus.is_empty()).then(|| port.spec.cpus[pair % port.spec.cpus.len()]),
+            ring_errors: ring_errors.clone(),
         };
         let worker = QueuePairWorker::new(
             pair,

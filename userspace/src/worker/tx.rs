@@ -122,6 +122,7 @@ impl QueuePairWorker {
         if let Err(e) = result {
             self.tx_broken = true;
             self.queue_failed("tx", &e);
+            self.tx_error.signal();
         }
         more
     }
