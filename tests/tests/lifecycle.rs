@@ -2,23 +2,48 @@
 //! the daemon: open fds, threads, CPU. Drives the real daemon with the test frontend on a lab.
 //! Needs root (namespaces, XDP); `cargo xtask test` runs it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use xvdpa_tests::daemon::{socket_dir, Daemon};
+use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frontend::{FrontendOptions, VirtioNetFrontend};
 use xvdpa_tests::lab::{guest_mac, mac_str, Lab};
-use xvdpa_tests::proc_figures::{settled, thread_names, ProcFigures};
+use xvdpa_tests::proc_figures::{cpu_time, settled, thread_names, ProcFigures};
 
 /// How long a port may take to close a finished connection's fds and join its threads.
 const SETTLE: Duration = Duration::from_secs(5);
 
+/// A lab and a daemon serving one port. Bind every field (`..` would drop the lab and the
+/// socket directory at once).
+struct OnePort {
+    daemon: Daemon,
+    socket: PathBuf,
+    lab: Lab,
+    _dir: SocketDir,
+}
+
+fn one_port(tag: &str, daemon_args: &[&str]) -> Result<OnePort> {
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    let socket = dir.join("vm0.sock");
+    let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), daemon_args)?;
+    Ok(OnePort {
+        daemon,
+        socket,
+        lab,
+        _dir: dir,
+    })
+}
+
 #[test]
 fn reconnecting_frontends_leave_no_fds_or_threads_behind() -> Result<()> {
-    let lab = Lab::unique("fdleak")?;
-    let dir = socket_dir("fdleak")?;
-    let socket = dir.join("vm0.sock");
-    let mut daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), &[])?;
+    let OnePort {
+        mut daemon,
+        socket,
+        _dir,
+        lab: _lab,
+    } = one_port("fdleak", &[])?;
     let pid = daemon.pid().context("daemon pid")?;
     let cycle = |daemon: &mut Daemon, n: usize| -> Result<()> {
         let fe = VirtioNetFrontend::connect(&socket, FrontendOptions::default())?;
@@ -40,6 +65,119 @@ fn reconnecting_frontends_leave_no_fds_or_threads_behind() -> Result<()> {
         "after {CYCLES} more connections: {after} (was {before}); threads: {:?}",
         thread_names(pid)
     );
+    daemon.stop()?;
+    Ok(())
+}
+
+/// What [`accept_loop_backs_off_when_out_of_fds`] connects to.
+enum Endpoint {
+    Control(std::path::PathBuf),
+    Metrics { netns: String, addr: String },
+}
+
+impl Endpoint {
+    /// One idle connection (the daemon keeps an fd for it once accepted).
+    fn connect(&self) -> Result<Box<dyn Send>> {
+        Ok(match self {
+            Endpoint::Control(path) => Box::new(std::os::unix::net::UnixStream::connect(path)?),
+            Endpoint::Metrics { netns, addr } => {
+                let addr = addr.clone();
+                Box::new(xvdpa_tests::netns::in_netns(netns, move || {
+                    std::net::TcpStream::connect(&addr)
+                })?)
+            }
+        })
+    }
+}
+
+/// With its fd table full, the daemon's accept loop for `endpoint` must neither spin (CPU
+/// time while it stays full) nor stop (it serves again once fds are free), and logs the
+/// episode once.
+fn accept_loop_backs_off_when_out_of_fds(
+    daemon: &Daemon,
+    endpoint: &Endpoint,
+    serves: impl Fn() -> Result<()>,
+) -> Result<()> {
+    let pid = daemon.pid().context("daemon pid")?;
+    serves().context("before the fd table filled up")?;
+    let fds = ProcFigures::read(pid)?.fds;
+    let limit = (fds + 8).to_string();
+    let status = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()?;
+    ensure!(status.success(), "prlimit failed: {status}");
+    // More connections than fds left: the rest wait in the listen backlog.
+    let held: Vec<_> = (0..24).map(|_| endpoint.connect()).collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu_before = cpu_time(pid)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_time(pid)? - cpu_before;
+    ensure!(
+        spent < Duration::from_millis(300),
+        "the daemon used {spent:?} of CPU in 2 s with its fd table full"
+    );
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while serves().is_err() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "not serving again 10 s after the fds were freed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let episodes = daemon.output().matches("out of file descriptors").count();
+    ensure!(episodes == 1, "{episodes} log lines for one episode");
+    Ok(())
+}
+
+#[test]
+fn control_socket_backs_off_when_out_of_fds() -> Result<()> {
+    let OnePort {
+        daemon,
+        socket,
+        _dir,
+        lab: _lab,
+    } = one_port("emfctl", &[])?;
+    let ctl = daemon.ctl()?;
+    let endpoint = Endpoint::Control(socket.with_file_name("ctl.sock"));
+    accept_loop_backs_off_when_out_of_fds(&daemon, &endpoint, || ctl.stats().map(drop))?;
+    daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn metrics_endpoint_backs_off_when_out_of_fds() -> Result<()> {
+    let addr = format!("127.0.0.1:{}", 20000 + (std::process::id() % 1000) as u16);
+    let OnePort {
+        daemon,
+        lab,
+        _dir,
+        socket: _,
+    } = one_port("emfmet", &["--metrics", addr.as_str()])?;
+    let netns = lab.host_ns.clone();
+    let endpoint = Endpoint::Metrics {
+        netns: netns.clone(),
+        addr: addr.clone(),
+    };
+    let serves = || -> Result<()> {
+        let addr = addr.clone();
+        let reply = xvdpa_tests::netns::in_netns(&netns, move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(&addr)?;
+            c.set_read_timeout(Some(Duration::from_secs(2)))?;
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)?;
+            Ok(out)
+        })?;
+        ensure!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        Ok(())
+    };
+    accept_loop_backs_off_when_out_of_fds(&daemon, &endpoint, serves)?;
     daemon.stop()?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{PortCounters, StatsSnapshot};
+use crate::control::AcceptBackoff;
 use crate::daemon::Daemon;
 
 /// Escapes a label value (backslash, quote, newline).
@@ -115,9 +116,14 @@ fn port_labels(s: &StatsSnapshot, p: &PortCounters) -> String {
 
 /// Serves GET /metrics until the runtime ends.
 pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
+    let mut backoff = AcceptBackoff::new("metrics");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                backoff.failed(e).await;
+                continue;
+            }
         };
         let d = daemon.clone();
         tokio::spawn(async move {
