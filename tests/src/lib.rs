@@ -8,7 +8,8 @@
 //! - [`guest`]: a real Linux guest under QEMU;
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check;
 //! - [`sockopts`]: another process's AF_XDP socket options;
-//! - [`proc_figures`]: a process's open fds, threads, memory and CPU time, from /proc.
+//! - [`proc_figures`]: a process's open fds, threads, memory and CPU time, from /proc;
+//! - [`soak`]: connect/reset/disconnect cycles on one port while another streams.
 
 pub mod bench;
 pub mod bench_run;
@@ -22,6 +23,7 @@ pub mod lab;
 pub mod netns;
 pub mod output;
 pub mod proc_figures;
+pub mod soak;
 pub mod sockopts;
 pub mod wire;
 

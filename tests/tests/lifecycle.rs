@@ -9,9 +9,10 @@ use anyhow::{ensure, Context, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frontend::{FrontendOptions, VirtioNetFrontend};
 use xvdpa_tests::lab::{guest_mac, mac_str, Lab};
-use xvdpa_tests::proc_figures::{cpu_time, settled, thread_names, ProcFigures};
+use xvdpa_tests::proc_figures::{cpu_time, steady, thread_names, ProcFigures};
 
-/// How long a port may take to close a finished connection's fds and join its threads.
+/// How long a port may take to close a finished connection's fds, join its threads and
+/// build the next connection's.
 const SETTLE: Duration = Duration::from_secs(5);
 
 /// A lab and a daemon serving one port. Bind every field (`..` would drop the lab and the
@@ -52,14 +53,12 @@ fn reconnecting_frontends_leave_no_fds_or_threads_behind() -> Result<()> {
     };
     // The first connection may set up what lives as long as the daemon (thread pools).
     cycle(&mut daemon, 1)?;
-    // The port builds the next connection's sockets right after logging the last one's end.
-    std::thread::sleep(Duration::from_millis(500));
-    let before = ProcFigures::read(pid)?;
+    let before = steady(pid, SETTLE)?;
     const CYCLES: usize = 40;
     for n in 2..=CYCLES + 1 {
         cycle(&mut daemon, n)?;
     }
-    let after = settled(pid, before, SETTLE)?;
+    let after = steady(pid, SETTLE)?;
     ensure!(
         after.fds <= before.fds && after.threads <= before.threads,
         "after {CYCLES} more connections: {after} (was {before}); threads: {:?}",
