@@ -51,6 +51,8 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// slots measured 20-25 % below this layout for both xvdpa and DPDK, 4 KiB slots worse still.
 pub const LINUX_RX_BUFFER: u64 = 1536;
 const RING_AREA: u64 = 0x10000;
+/// How long the frontend waits for any one reply of the backend.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A descriptor as the driver writes it; `next` in [`VirtioNetFrontend::post_raw`] is a
 /// position within the posted chain, translated to the real descriptor index.
@@ -227,6 +229,10 @@ impl VirtioNetFrontend {
                 }
             }
         };
+        // A backend that stops answering fails the test instead of hanging it.
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .context("socket timeout")?;
         let mut frontend = Frontend::from_stream(stream, 2);
 
         let qsize = opts.queue_size;
