@@ -89,6 +89,59 @@ impl Endpoint {
     }
 }
 
+/// A daemon's fd table held full: its soft fd limit lowered to 8 above what it had open, and more
+/// connections open to one of its endpoints than that (the rest wait in the listen
+/// backlog). Dropping it closes the connections and gives the daemon its limit back, as
+/// when whoever held the fds lets them go.
+struct FullFdTable {
+    pid: u32,
+    /// `SOFT:HARD` as it was.
+    limit: String,
+    _held: Vec<Box<dyn Send>>,
+}
+
+fn prlimit_nofile(pid: u32, limit: &str) -> Result<()> {
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}")])
+        .status()?;
+    ensure!(status.success(), "prlimit failed: {status}");
+    Ok(())
+}
+
+fn fill_fd_table(pid: u32, endpoint: &Endpoint) -> Result<FullFdTable> {
+    let out = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            "--nofile",
+            "--raw",
+            "--noheadings",
+        ])
+        .args(["-o", "SOFT,HARD"])
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    let limit = text.split_whitespace().collect::<Vec<_>>().join(":");
+    ensure!(limit.contains(':'), "prlimit printed {text:?}");
+    // Only the soft limit: giving it back is then allowed without CAP_SYS_RESOURCE.
+    let hard = limit.rsplit(':').next().unwrap_or("unlimited");
+    let low = ProcFigures::read(pid)?.fds + 8;
+    prlimit_nofile(pid, &format!("{low}:{hard}"))?;
+    let held = (0..24).map(|_| endpoint.connect()).collect::<Result<_>>()?;
+    Ok(FullFdTable {
+        pid,
+        limit,
+        _held: held,
+    })
+}
+
+impl Drop for FullFdTable {
+    fn drop(&mut self) {
+        if let Err(e) = prlimit_nofile(self.pid, &self.limit) {
+            eprintln!("cannot restore the daemon's fd limit: {e:#}");
+        }
+    }
+}
+
 /// With its fd table full, the daemon's accept loop for `endpoint` must neither spin (CPU
 /// time while it stays full) nor stop (it serves again once fds are free), and logs the
 /// episode once.
@@ -99,18 +152,7 @@ fn accept_loop_backs_off_when_out_of_fds(
 ) -> Result<()> {
     let pid = daemon.pid().context("daemon pid")?;
     serves().context("before the fd table filled up")?;
-    let fds = ProcFigures::read(pid)?.fds;
-    let limit = (fds + 8).to_string();
-    let status = std::process::Command::new("prlimit")
-        .args([
-            "--pid",
-            &pid.to_string(),
-            &format!("--nofile={limit}:{limit}"),
-        ])
-        .status()?;
-    ensure!(status.success(), "prlimit failed: {status}");
-    // More connections than fds left: the rest wait in the listen backlog.
-    let held: Vec<_> = (0..24).map(|_| endpoint.connect()).collect::<Result<_>>()?;
+    let held = fill_fd_table(pid, endpoint)?;
     std::thread::sleep(Duration::from_millis(300));
     let cpu_before = cpu_time(pid)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -177,6 +219,34 @@ fn metrics_endpoint_backs_off_when_out_of_fds() -> Result<()> {
         Ok(())
     };
     accept_loop_backs_off_when_out_of_fds(&daemon, &endpoint, serves)?;
+    daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_port_waits_out_a_full_fd_table() -> Result<()> {
+    let OnePort {
+        daemon,
+        socket,
+        _dir,
+        lab: _lab,
+    } = one_port("emfport", &[])?;
+    let pid = daemon.pid().context("daemon pid")?;
+    let held = fill_fd_table(pid, &Endpoint::Control(socket.with_file_name("ctl.sock")))?;
+    // A frontend knocks while the daemon has no fd to accept it with, and gives up.
+    let knock = std::os::unix::net::UnixStream::connect(&socket)?;
+    std::thread::sleep(Duration::from_millis(500));
+    drop(knock);
+    drop(held);
+    // Once fds are free, the port serves the next frontend.
+    let mut fe = VirtioNetFrontend::connect(&socket, FrontendOptions::default())?;
+    ensure!(fe.config()?.len() == 17, "no device config");
+    let list = daemon.ctl()?.cli(&["ctl"], &["list"])?;
+    ensure!(
+        list.contains("connected"),
+        "port state after the episode: {list}"
+    );
+    drop(fe);
     daemon.stop()?;
     Ok(())
 }

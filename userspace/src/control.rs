@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{Request, Response};
 use crate::daemon::Daemon;
-use crate::vhost::port;
+use crate::vhost::port::{self, AcceptBackoff};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -33,48 +33,6 @@ pub fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
     listener.set_nonblocking(true)?;
     tracing::info!(path = %path.display(), "control socket ready");
     Ok(listener)
-}
-
-/// How long an accept loop waits after a failed accept before it tries again.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-/// Failures closer together than this are one episode, logged once.
-const ACCEPT_EPISODE_GAP: Duration = Duration::from_secs(10);
-
-/// What an accept loop does when `accept` fails. The usual cause is a full fd table
-/// (EMFILE/ENFILE): the pending connection stays in the backlog, the listener stays
-/// readable, and retrying at once would spin a CPU until some fd is freed. So the loop
-/// sleeps [`ACCEPT_RETRY`] between tries. While fds come free one at a time, accepts
-/// succeed and fail in turn; failures less than [`ACCEPT_EPISODE_GAP`] apart are one
-/// episode and get one log line.
-pub struct AcceptBackoff {
-    endpoint: &'static str,
-    last_failure: Option<std::time::Instant>,
-}
-
-impl AcceptBackoff {
-    pub fn new(endpoint: &'static str) -> Self {
-        AcceptBackoff {
-            endpoint,
-            last_failure: None,
-        }
-    }
-
-    /// `accept` failed with `error`: waits before the next try.
-    pub async fn failed(&mut self, error: io::Error) {
-        let now = std::time::Instant::now();
-        let new_episode = self
-            .last_failure
-            .is_none_or(|last| now.duration_since(last) >= ACCEPT_EPISODE_GAP);
-        self.last_failure = Some(now);
-        if new_episode {
-            let cause = match error.raw_os_error() {
-                Some(libc::EMFILE | libc::ENFILE) => "out of file descriptors",
-                _ => "accept failed",
-            };
-            tracing::warn!(endpoint = self.endpoint, error = %error, "{cause}: connections wait; retrying every {} ms", ACCEPT_RETRY.as_millis());
-        }
-        tokio::time::sleep(ACCEPT_RETRY).await;
-    }
 }
 
 /// Accepts control connections until the runtime ends.
@@ -93,7 +51,7 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, daemon: Arc<Daemo
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                backoff.failed(e).await;
+                tokio::time::sleep(backoff.accept_failed(&e)).await;
                 continue;
             }
         };

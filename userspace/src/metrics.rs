@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{PortCounters, StatsSnapshot};
-use crate::control::AcceptBackoff;
 use crate::daemon::Daemon;
+use crate::vhost::port::AcceptBackoff;
 
 /// Escapes a label value (backslash, quote, newline).
 fn label(v: &str) -> String {
@@ -121,7 +121,7 @@ pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                backoff.failed(e).await;
+                tokio::time::sleep(backoff.accept_failed(&e)).await;
                 continue;
             }
         };

@@ -55,6 +55,7 @@ impl NetBackend {
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         workers: Vec<QueuePairWorker>,
         switch_port: Arc<SwitchPort>,
+        exit_events: ExitEvents,
     ) -> Self {
         let num_queues = 2 * workers.len();
         NetBackend(Arc::new(Inner {
@@ -65,7 +66,7 @@ impl NetBackend {
             ids: EventIds::new(num_queues),
             switch_port,
             published: AtomicBool::new(false),
-            exit_events: ExitEvents::default(),
+            exit_events,
         }))
     }
 
@@ -154,8 +155,8 @@ impl VhostUserBackend for NetBackend {
             .collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.0.exit_events.create()
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.0.exit_events.take(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
