@@ -250,3 +250,30 @@ fn a_port_waits_out_a_full_fd_table() -> Result<()> {
     daemon.stop()?;
     Ok(())
 }
+
+#[test]
+fn idle_metrics_connections_cannot_take_the_daemons_fds() -> Result<()> {
+    let addr = format!("127.0.0.1:{}", 21000 + (std::process::id() % 1000) as u16);
+    let OnePort {
+        daemon, lab, _dir, ..
+    } = one_port("metcap", &["--metrics", addr.as_str()])?;
+    let pid = daemon.pid().context("daemon pid")?;
+    let before = ProcFigures::read(pid)?.fds;
+    let endpoint = Endpoint::Metrics {
+        netns: lab.host_ns.clone(),
+        addr: addr.clone(),
+    };
+    // Anyone who can reach the endpoint can open connections and send nothing.
+    let held: Vec<_> = (0..200)
+        .map(|_| endpoint.connect())
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let during = ProcFigures::read(pid)?.fds;
+    ensure!(
+        during <= before + 40,
+        "200 idle metrics connections: the daemon went from {before} to {during} fds"
+    );
+    drop(held);
+    daemon.stop()?;
+    Ok(())
+}
