@@ -51,6 +51,8 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// slots measured 20-25 % below this layout for both xvdpa and DPDK, 4 KiB slots worse still.
 pub const LINUX_RX_BUFFER: u64 = 1536;
 const RING_AREA: u64 = 0x10000;
+/// How long the frontend waits for any one reply of the backend.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A descriptor as the driver writes it; `next` in [`VirtioNetFrontend::post_raw`] is a
 /// position within the posted chain, translated to the real descriptor index.
@@ -96,6 +98,8 @@ struct DriverQueue {
     last_used: u16,
     kick: EventFd,
     call: EventFd,
+    /// The device signals it when it stops the queue for a broken rule (SET_VRING_ERR).
+    err: EventFd,
     /// First data slot of this queue in guest memory, and the distance between two slots.
     slots: u64,
     slot_len: u64,
@@ -118,6 +122,7 @@ impl DriverQueue {
             last_used: 0,
             kick: EventFd::new(EFD_NONBLOCK)?,
             call: EventFd::new(EFD_NONBLOCK)?,
+            err: EventFd::new(EFD_NONBLOCK)?,
             slots,
             slot_len,
         })
@@ -198,6 +203,29 @@ pub fn memfd(size: u64, allow_sealing: bool) -> Result<File> {
     Ok(file)
 }
 
+/// Waits until `event` is readable (and reads it) or `timeout` passes; whether it was.
+fn wait_eventfd(event: &EventFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: event.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd.
+    let n = unsafe {
+        libc::poll(
+            &mut pfd,
+            1,
+            timeout.as_millis().min(i32::MAX as u128) as i32,
+        )
+    };
+    if n > 0 {
+        let _ = event.read();
+        true
+    } else {
+        false
+    }
+}
+
 impl VirtioNetFrontend {
     /// Connects to the backend at `socket` and brings the device up as a driver would.
     pub fn connect(socket: &Path, opts: FrontendOptions) -> Result<Self> {
@@ -213,6 +241,10 @@ impl VirtioNetFrontend {
                 }
             }
         };
+        // A backend that stops answering fails the test instead of hanging it.
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .context("socket timeout")?;
         let mut frontend = Frontend::from_stream(stream, 2);
 
         let qsize = opts.queue_size;
@@ -318,6 +350,10 @@ impl VirtioNetFrontend {
             self.frontend
                 .set_vring_call(i, &q.call)
                 .context("SET_VRING_CALL")?;
+            // As QEMU does: the device reports a queue it stopped here.
+            self.frontend
+                .set_vring_err(i, &q.err)
+                .context("SET_VRING_ERR")?;
         }
         for i in 0..2 {
             self.frontend
@@ -832,26 +868,13 @@ impl VirtioNetFrontend {
     /// Waits for the device's notification on `queue` or `timeout`, whichever comes first.
     /// Returns whether a notification arrived.
     pub fn wait_call(&self, queue: usize, timeout: Duration) -> bool {
-        let fd = self.queues[queue].call.as_raw_fd();
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll on one valid pollfd.
-        let n = unsafe {
-            libc::poll(
-                &mut pfd,
-                1,
-                timeout.as_millis().min(i32::MAX as u128) as i32,
-            )
-        };
-        if n > 0 {
-            let _ = self.queues[queue].call.read();
-            true
-        } else {
-            false
-        }
+        wait_eventfd(&self.queues[queue].call, timeout)
+    }
+
+    /// Waits for the device to signal `queue`'s error eventfd (it stopped the queue), or
+    /// `timeout`. Returns whether it did.
+    pub fn wait_error(&self, queue: usize, timeout: Duration) -> bool {
+        wait_eventfd(&self.queues[queue].err, timeout)
     }
 
     /// Bytes the device wrote into receive buffer `head`.

@@ -9,7 +9,9 @@
 //! - [`bench`], [`bench_run`], [`bench_tcp`]: the benchmark's generator, packet scenarios and
 //!   guest TCP streams;
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check;
-//! - [`sockopts`]: another process's AF_XDP socket options.
+//! - [`sockopts`]: another process's AF_XDP socket options;
+//! - [`proc_figures`]: a process's open fds, threads, memory and CPU time, from /proc;
+//! - [`soak`]: connect/reset/disconnect cycles on one port while another streams.
 
 pub mod bench;
 pub mod bench_run;
@@ -23,7 +25,9 @@ pub mod guest;
 pub mod lab;
 pub mod netns;
 pub mod output;
+pub mod proc_figures;
 pub mod raw_vhost;
+pub mod soak;
 pub mod sockopts;
 pub mod wire;
 

@@ -298,12 +298,8 @@ fn broadcast_reaches_vm_and_host_unknown_unicast_stays_with_host() -> Result<()>
     Ok(())
 }
 
-#[test]
-fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()> {
-    let s = setup("bad")?;
-    let mut fe = connect(&s, 0)?;
-    fe.post_rx_buffers(16, 2048)?;
-    // A descriptor pointing far outside guest memory.
+/// Transmits a descriptor pointing far outside guest memory: the tx queue breaks.
+fn send_outside_guest_memory(fe: &mut VirtioNetFrontend) -> Result<()> {
     fe.post_raw(
         TX_QUEUE,
         &[RawDesc {
@@ -313,7 +309,15 @@ fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()>
             next: 0,
         }],
     )?;
-    fe.kick(TX_QUEUE)?;
+    fe.kick(TX_QUEUE)
+}
+
+#[test]
+fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()> {
+    let s = setup("bad")?;
+    let mut fe = connect(&s, 0)?;
+    fe.post_rx_buffers(16, 2048)?;
+    send_outside_guest_memory(&mut fe)?;
     // The receive queue of the same device keeps working.
     wire_to_vm(&s, &mut fe, &[test_frame(guest_mac(0), s.wire_mac, 1, 300)])?;
     // The broken tx queue stays stopped until the driver resets the device; then it works.
@@ -389,6 +393,46 @@ fn malformed_tx_chains_stop_only_that_queue_until_a_device_reset() -> Result<()>
     drop(fe);
     let queue_errors = s.daemon.counter_reaching("queue_errors", 3)?;
     ensure!(queue_errors == 3, "queue_errors: {queue_errors}");
+    s.daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_broken_queue_signals_the_frontends_error_eventfd() -> Result<()> {
+    let s = setup("errfd")?;
+    let mut fe = connect(&s, 0)?;
+    // A receive buffer far outside guest memory breaks the rx queue on the next frame.
+    fe.post_raw(
+        RX_QUEUE,
+        &[RawDesc {
+            addr: 1 << 40,
+            len: 2048,
+            flags: VRING_DESC_F_WRITE,
+            next: 0,
+        }],
+    )?;
+    fe.kick(RX_QUEUE)?;
+    ensure!(
+        !fe.wait_error(RX_QUEUE, Duration::from_millis(200)),
+        "error signalled before the guest broke anything"
+    );
+    s.wire.send(&test_frame(guest_mac(0), s.wire_mac, 1, 300))?;
+    ensure!(
+        fe.wait_error(RX_QUEUE, WAIT),
+        "the rx queue's error eventfd was not signalled"
+    );
+    ensure!(
+        !fe.wait_error(TX_QUEUE, Duration::from_millis(200)),
+        "the healthy tx queue signalled an error"
+    );
+    send_outside_guest_memory(&mut fe)?;
+    ensure!(
+        fe.wait_error(TX_QUEUE, WAIT),
+        "the tx queue's error eventfd was not signalled"
+    );
+    drop(fe);
+    let queue_errors = s.daemon.counter_reaching("queue_errors", 2)?;
+    ensure!(queue_errors == 2, "queue_errors: {queue_errors}");
     s.daemon.stop()?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! A real Linux guest under QEMU, attached with `-netdev vhost-user` to the real daemon in a
 //! lab: ARP from both sides, ping with full-size frames, 16 MiB of TCP each way with checksums
 //! compared at the far end, and the lifecycle events VMs go through (reboot, QEMU killed and
-//! restarted, daemon restarted under a running guest). Needs root and QEMU; `cargo xtask test`
+//! restarted, daemon killed under traffic and restarted). Needs root and QEMU; `cargo xtask test`
 //! provides both and the guest image.
 
 use std::io::Write;
@@ -436,9 +436,21 @@ fn wait_carrier(tag: &str, want: u8) -> String {
     )
 }
 
+/// Whether an XDP program is attached to the lab's NIC.
+fn xdp_attached(lab: &Lab) -> Result<bool> {
+    let out = lab
+        .in_host("ip")
+        .args(["link", "show", lab::NIC])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("xdp"))
+}
+
+/// The daemon is SIGKILLed while the wire pings the guest: nothing of it runs any more, the
+/// XDP program goes with it (it is attached through a bpf_link that the process holds), the
+/// host's own traffic on the NIC flows meanwhile, and a restarted daemon gets the guest back.
 #[test]
-fn daemon_restarted_under_a_running_guest_brings_the_link_back() -> Result<()> {
-    let mut b = setup("drestart")?;
+fn daemon_killed_under_traffic_and_restarted_brings_the_link_back() -> Result<()> {
+    let mut b = setup("dkill")?;
     let started = Instant::now();
     let script = format!(
         "{}echo XVDPA-ROUND-DONE\nread x\n{}read y\n{}{}",
@@ -453,8 +465,45 @@ fn daemon_restarted_under_a_running_guest_brings_the_link_back() -> Result<()> {
     traffic_round(&b, &mut guest, "before", 0, true)?;
     guest.wait_for("XVDPA-ROUND-DONE", Duration::from_secs(30))?;
 
-    // The backend goes away: QEMU reports the link down to the guest.
-    b.daemon.take().unwrap().stop()?;
+    // Traffic through the daemon when it dies: the wire pings the guest 20 times a second.
+    let mut pings = b
+        .lab
+        .in_wire("busybox")
+        .args(["ping", "-q", "-i", "0.05", &guest_ip(0)])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut daemon = b.daemon.take().unwrap();
+    let rx_before = daemon.counter("rx_packets")?;
+    ensure!(
+        daemon.counter_reaching("rx_packets", rx_before + 10)? >= rx_before + 10,
+        "the guest's pings are not flowing through the daemon"
+    );
+    ensure!(
+        xdp_attached(&b.lab)?,
+        "no XDP program on the NIC while the daemon runs"
+    );
+    daemon.signal(libc::SIGKILL)?;
+    daemon.wait_exit(Duration::from_secs(10))?;
+    drop(daemon);
+
+    // While no daemon runs: no XDP program is left on the NIC, and the host's own traffic
+    // (the wire pinging the NIC's address) gets through.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while xdp_attached(&b.lab)? {
+        ensure!(
+            Instant::now() < deadline,
+            "an XDP program is still attached 5 s after the daemon was killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        wire_ok(&b.lab, &["ping", "-c", "3", "-W", "2", lab::HOST_IP])?,
+        "the host's own address is unreachable with the daemon dead"
+    );
+    let _ = pings.kill();
+    let _ = pings.wait();
+
+    // The backend went away: QEMU reports the link down to the guest.
     guest.send_line("x")?;
     let down = guest.wait_for("XVDPA-CARRIER-DOWN", Duration::from_secs(30))?;
     ensure!(
@@ -471,10 +520,12 @@ fn daemon_restarted_under_a_running_guest_brings_the_link_back() -> Result<()> {
         &mac_str(guest_mac(0)),
         &[],
     )?);
-    b.daemon
-        .as_mut()
-        .unwrap()
-        .wait_for_log("frontend connected", Duration::from_secs(20))?;
+    let restarted = b.daemon.as_mut().unwrap();
+    ensure!(
+        restarted.output().contains("removing stale socket"),
+        "the killed daemon's socket was not found stale"
+    );
+    restarted.wait_for_log("frontend connected", Duration::from_secs(20))?;
     guest.send_line("y")?;
     let up = guest.wait_for_from("XVDPA-CARRIER-UP", mark, Duration::from_secs(30))?;
     ensure!(

@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{Request, Response};
 use crate::daemon::Daemon;
-use crate::vhost::port;
+use crate::vhost::port::{self, AcceptBackoff};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -46,9 +46,14 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, daemon: Arc<Daemo
     };
     // SAFETY: geteuid(2) has no failure modes.
     let own_uid = unsafe { libc::geteuid() };
+    let mut backoff = AcceptBackoff::new("control socket");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tokio::time::sleep(backoff.accept_failed(&e)).await;
+                continue;
+            }
         };
         let allowed = stream
             .peer_cred()

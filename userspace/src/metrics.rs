@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{PortCounters, StatsSnapshot};
 use crate::daemon::Daemon;
+use crate::vhost::port::AcceptBackoff;
 
 /// Escapes a label value (backslash, quote, newline).
 fn label(v: &str) -> String {
@@ -113,15 +114,40 @@ fn port_labels(s: &StatsSnapshot, p: &PortCounters) -> String {
     )
 }
 
+/// Connections answered at once at most. The endpoint has no access control of its own
+/// (whoever can reach the address can connect), and each connection holds an fd for up to
+/// [`RESPONSE_DEADLINE`]: beyond this many, new ones are closed at once, so idle
+/// connections cannot take the fds the ports need.
+const MAX_CONNECTIONS: usize = 16;
+/// How long one connection may take to send its request and read the answer.
+const RESPONSE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Serves GET /metrics until the runtime ends.
 pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
+    let mut backoff = AcceptBackoff::new("metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refusing = false;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tokio::time::sleep(backoff.accept_failed(&e)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if !std::mem::replace(&mut refusing, true) {
+                tracing::warn!(
+                    "{MAX_CONNECTIONS} metrics connections open; closing new ones until one ends"
+                );
+            }
             continue;
         };
+        refusing = false;
         let d = daemon.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, d)).await;
+            let _ = tokio::time::timeout(RESPONSE_DEADLINE, respond(stream, d)).await;
+            drop(slot);
         });
     }
 }

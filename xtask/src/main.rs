@@ -1,4 +1,4 @@
-//! `cargo xtask`: build, run, lab, vm, test. See README.md.
+//! `cargo xtask`: build, run, lab, vm, test, bench, fuzz, soak. See README.md.
 
 mod bench_cmd;
 mod bootstrap;
@@ -7,6 +7,7 @@ mod fuzz_cmd;
 mod guest_image;
 mod lab_cmd;
 mod run_cmd;
+mod soak_cmd;
 mod test_cmd;
 mod util;
 mod vm_cmd;
@@ -71,6 +72,16 @@ enum Cmd {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Lifecycle soak (needs root): on one port, `--cycles` frontend connect / traffic /
+    /// device reset / traffic / disconnect cycles while another port streams; prints the
+    /// daemon's open fds, threads and resident memory before and after, and fails unless
+    /// they came back. Soaks the daemon in `XVDPA_BIN` if set, else builds one.
+    Soak {
+        #[arg(long, default_value_t = 1000)]
+        cycles: usize,
+        #[arg(long)]
+        release: bool,
+    },
     /// The whole suite: unit, integration and QEMU end-to-end tests (needs root).
     Test {
         /// Arguments for `cargo test` (e.g. a test name filter).
@@ -98,6 +109,7 @@ fn main() {
         Cmd::Test { cargo_args } => test_cmd::test(&cargo_args),
         Cmd::Fuzz { seconds, target } => fuzz_cmd::fuzz(seconds, target.as_deref()),
         Cmd::Bench(args) => bench_cmd::bench(args),
+        Cmd::Soak { cycles, release } => soak_cmd::soak(cycles, release),
     };
     match result {
         Ok(()) => {}

@@ -17,6 +17,7 @@ use std::os::unix::net::UnixStream;
 
 use libfuzzer_sys::fuzz_target;
 use xvdpa::vhost::protocol_shim::Shim;
+use xvdpa::vring::RingErrorFds;
 
 /// How many virtqueues and how large a ring the shim is told the device has (one queue pair,
 /// the daemon's defaults).
@@ -113,7 +114,9 @@ fuzz_target!(|data: &[u8]| {
     });
     let (frontend, shim_front) = UnixStream::pair().expect("socketpair");
     let (shim_back, library) = UnixStream::pair().expect("socketpair");
-    let shim = Shim::start(shim_front, shim_back, NUM_QUEUES, MAX_QUEUE_SIZE).expect("shim");
+    let ring_errors = RingErrorFds::new(NUM_QUEUES as usize);
+    let shim = Shim::start(shim_front, shim_back, NUM_QUEUES, MAX_QUEUE_SIZE, ring_errors)
+        .expect("shim");
     let lib_drain = drain(library);
     let replies = drain(frontend.try_clone().expect("clone"));
 

@@ -9,14 +9,13 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig};
 use crate::memory_guard::{self, MemoryWatch};
 use crate::stats::QueueStats;
 use crate::switch::SwitchPort;
+use crate::vhost::exit_events::ExitEvents;
 use crate::vring::{RxQueue, RxQueueShared, Vring};
 use crate::worker::{EventIds, QueuePairWorker};
 
@@ -56,6 +55,8 @@ struct Inner {
     /// Every pair's receive queue flags, which other ports' workers check before switching
     /// frames in.
     rx_shared: Vec<Arc<RxQueueShared>>,
+    /// Closes the exit events' fds the library leaves open, once the connection is over.
+    exit_events: ExitEvents,
 }
 
 /// The backend of one VM port for one frontend connection.
@@ -68,6 +69,7 @@ impl NetBackend {
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         workers: Vec<QueuePairWorker>,
         switch_port: Arc<SwitchPort>,
+        exit_events: ExitEvents,
     ) -> Self {
         let num_queues = 2 * workers.len();
         let first_pair_stats = workers.first().map(|w| w.stats()).unwrap_or_default();
@@ -85,6 +87,7 @@ impl NetBackend {
             poison_seen: AtomicU64::new(memory_guard::poison_events()),
             first_pair_stats,
             rx_shared,
+            exit_events,
         }))
     }
 
@@ -205,8 +208,8 @@ impl VhostUserBackend for NetBackend {
             .collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.0.exit_events.take(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

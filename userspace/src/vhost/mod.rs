@@ -3,6 +3,7 @@
 //! front of rust-vmm's library ([`protocol_shim`]).
 
 pub mod backend;
+mod exit_events;
 mod frontend_checks;
 pub mod port;
 pub mod protocol_shim;

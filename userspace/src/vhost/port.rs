@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -24,8 +25,10 @@ use crate::nic::Nic;
 use crate::stats::QueueStats;
 use crate::switch::{RateLimit, SwitchPort, SwitchTable, TxPolicy};
 use crate::vhost::backend::{NetBackend, MAX_QUEUE_SIZE};
+use crate::vhost::exit_events::ExitEvents;
 use crate::vhost::protocol_shim::Shim;
 use crate::vhost::socket_file;
+use crate::vring::RingErrorFds;
 use crate::worker::{QueuePairWorker, WorkerConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,49 @@ pub enum PortError {
     Tap { iface: String, source: io::Error },
     #[error("worker setup: {0}")]
     Worker(io::Error),
+    /// rust-vmm's library could not create its epoll sets, eventfds or threads.
+    #[error("vhost-user on {path}: out of resources: {message}")]
+    LibraryResources { path: PathBuf, message: String },
+}
+
+impl PortError {
+    /// A shortage of fds, memory or threads while preparing for a frontend. It may pass, so
+    /// the port waits and tries again instead of stopping for good.
+    fn is_shortage(&self) -> bool {
+        let source = match self {
+            PortError::LibraryResources { .. } => return true,
+            PortError::SocketPath { source, .. }
+            | PortError::Tap { source, .. }
+            | PortError::Worker(source)
+            | PortError::Xsk(XskError::Mmap { source, .. } | XskError::Setup { source, .. }) => {
+                source
+            }
+            _ => return false,
+        };
+        is_fd_shortage(source)
+            || matches!(
+                source.raw_os_error(),
+                Some(libc::ENOMEM | libc::ENOBUFS | libc::EAGAIN)
+            )
+    }
+}
+
+/// The library's set-up error as a [`PortError`]. Creating its epoll sets and eventfds,
+/// spawning its threads, and accepting or duplicating the private connection the port has
+/// just made to it fail only for want of resources.
+fn library_error(path: &Path, e: vhost_user_backend::Error) -> PortError {
+    use vhost_user_backend::{Error, VhostUserHandlerError as Handler};
+    let message = e.to_string();
+    let path = path.to_path_buf();
+    match e {
+        Error::NewVhostUserHandler(
+            Handler::CreateEpollHandler(_) | Handler::SpawnVringWorker(_),
+        )
+        | Error::StartDaemon(_)
+        | Error::CreateBackendListener(_)
+        | Error::CreateBackendReqHandler(_) => PortError::LibraryResources { path, message },
+        _ => PortError::VhostUser { path, message },
+    }
 }
 
 /// Where a port is in its life, for `xvdpa ctl list`.
@@ -127,6 +173,71 @@ impl Port {
     }
 }
 
+/// How long an accept loop waits after a failed accept before it tries again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Failures closer together than this are one episode, logged once.
+const ACCEPT_EPISODE_GAP: Duration = Duration::from_secs(10);
+
+/// What an accept loop (a port's, the control socket's, the metrics endpoint's) does when
+/// `accept` fails. The usual cause is a full fd table (EMFILE/ENFILE): the pending connection
+/// stays in the backlog, the listener stays readable, and retrying at once would spin a CPU
+/// until some fd is freed, while giving up would end the loop for good. So the loop waits
+/// [`ACCEPT_RETRY`] between tries. While fds come free one at a time, accepts succeed and
+/// fail in turn; failures less than [`ACCEPT_EPISODE_GAP`] apart are one episode and get one
+/// log line.
+pub struct AcceptBackoff {
+    endpoint: String,
+    last_failure: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        AcceptBackoff {
+            endpoint: endpoint.into(),
+            last_failure: None,
+        }
+    }
+
+    /// `accept` failed with `error`: logs it if it starts an episode, and returns how long to
+    /// wait before the next try.
+    pub fn accept_failed(&mut self, error: &io::Error) -> Duration {
+        let cause = if is_fd_shortage(error) {
+            "out of file descriptors"
+        } else {
+            "accept failed"
+        };
+        self.failed(error, cause)
+    }
+
+    /// Something the next connection needs failed with `error`, for `cause`: logs it if it
+    /// starts an episode, and returns how long to wait before the next try.
+    pub fn failed(&mut self, error: &dyn std::fmt::Display, cause: &str) -> Duration {
+        let now = Instant::now();
+        let new_episode = self
+            .last_failure
+            .is_none_or(|last| now.duration_since(last) >= ACCEPT_EPISODE_GAP);
+        self.last_failure = Some(now);
+        if new_episode {
+            tracing::warn!(endpoint = %self.endpoint, error = %error, "{cause}: connections wait; retrying every {} ms", ACCEPT_RETRY.as_millis());
+        }
+        ACCEPT_RETRY
+    }
+}
+
+fn is_fd_shortage(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Whether a failed `accept` may work when tried again: a shortage of fds or memory, or a
+/// connection that went away before it was accepted.
+fn accept_may_recover(error: &io::Error) -> bool {
+    is_fd_shortage(error)
+        || matches!(
+            error.raw_os_error(),
+            Some(libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED | libc::EPROTO | libc::EINTR)
+        )
+}
+
 /// Makes `path` ready to bind: refuses one a live process listens on or that is not a
 /// socket, removes a stale one, creates the parent directory.
 pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
@@ -157,13 +268,6 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
     Ok(())
 }
 
-fn vhost_err(path: &Path) -> impl Fn(String) -> PortError + '_ {
-    move |message| PortError::VhostUser {
-        path: path.to_path_buf(),
-        message,
-    }
-}
-
 /// Serves frontends on the port's socket until [`Port::stop`]. An error ends this port only;
 /// it is recorded in the port's state for `xvdpa ctl list`.
 pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
@@ -184,91 +288,142 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
             source,
         })?;
     tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
+    let mut shortage = AcceptBackoff::new(path.display().to_string());
     while !port.stopping.load(Ordering::Acquire) {
-        let workers = build_workers(nic, switch, port)?;
-        let config = NetConfig {
-            mac: port.spec.mac,
-            link_up: true,
-            max_virtqueue_pairs: workers.len() as u16,
-            mtu: nic.mtu,
-            speed: nic.speed,
-            duplex: DUPLEX_FULL,
-        };
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = NetBackend::new(config, mem.clone(), workers, port.switch_port.clone());
-        let name = format!("xvdpa-port{}", port.index);
-        let mut daemon = VhostUserDaemon::new(name, backend.clone(), mem)
-            .map_err(|e| vhost_err(path)(e.to_string()))?;
-        let handlers = daemon.get_epoll_handlers();
-        for (i, handler) in handlers.iter().enumerate() {
-            for (fd, events, id) in backend.worker(i).event_sources(backend.event_ids()) {
-                handler
-                    .register_listener(fd, events, u64::from(id))
-                    .map_err(PortError::Worker)?;
+        match serve_one(nic, switch, port, &public) {
+            Ok(()) => {}
+            Err(e) if e.is_shortage() => {
+                std::thread::sleep(shortage.failed(&e, "out of resources"))
             }
-        }
-
-        let (frontend, _) = public.accept().map_err(|source| PortError::SocketPath {
-            path: path.clone(),
-            source,
-        })?;
-        if port.stopping.load(Ordering::Acquire) {
-            break;
-        }
-        // Steer the port's MAC to its sockets before the frontend's first message goes
-        // through: once the frontend has its acks (its rings enabled) it may expect frames,
-        // and a frame steered before its socket is in the map is dropped by XDP.
-        let bound = bind_sockets(nic, port, &backend);
-        let num_queues = 2 * backend.queue_pairs() as u32;
-        let shim = connect_library(path, &mut daemon)
-            .and_then(|library_side| {
-                Shim::start(frontend, library_side, num_queues, MAX_QUEUE_SIZE as u16)
-                    .map_err(PortError::Worker)
-            })
-            .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
-        *crate::sync::lock(&port.shutdown) = daemon.shutdown_handle();
-        if !port.stopping.load(Ordering::Acquire) {
-            port.set_state(PortState::Connected);
-        }
-        tracing::info!(port = port.index, socket = %path.display(), "frontend connected");
-        let result = match bound {
-            Ok(()) => match daemon.wait() {
-                // A frontend that goes away (VM shut down, QEMU killed) is the normal end.
-                Ok(())
-                | Err(vhost_user_backend::Error::HandleRequest(
-                    vhost::vhost_user::Error::Disconnected
-                    | vhost::vhost_user::Error::PartialMessage,
-                )) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            },
-            Err(e) => {
-                daemon.request_shutdown();
-                let _ = daemon.wait();
-                Err(e.to_string())
-            }
-        };
-        shim.stop();
-        if !port.stopping.load(Ordering::Acquire) {
-            port.set_state(PortState::Waiting);
-        }
-        crate::sync::lock(&port.shutdown).take();
-        port.switch_port.unpublish();
-        unbind_sockets(nic, port, &backend);
-        for handler in &handlers {
-            handler.send_exit_event();
-        }
-        drop(handlers);
-        drop(daemon);
-        match result {
-            Ok(()) => {
-                tracing::info!(socket = %path.display(), "frontend disconnected; waiting for the next")
-            }
-            Err(e) => {
-                tracing::warn!(socket = %path.display(), error = %e, "connection ended with an error; waiting for the next")
-            }
+            Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Prepares a connection's workers and the library, serves one frontend until it leaves,
+/// and closes everything the connection had. Returns at once when the port is stopping.
+fn serve_one(
+    nic: &Nic,
+    switch: &Arc<SwitchTable>,
+    port: &Port,
+    public: &std::os::unix::net::UnixListener,
+) -> Result<(), PortError> {
+    let path = &port.spec.socket;
+    let pairs = usize::from(port.spec.queue_pairs.max(1));
+    let ring_errors = RingErrorFds::new(2 * pairs);
+    let workers = build_workers(nic, switch, port, &ring_errors)?;
+    let config = NetConfig {
+        mac: port.spec.mac,
+        link_up: true,
+        max_virtqueue_pairs: workers.len() as u16,
+        mtu: nic.mtu,
+        speed: nic.speed,
+        duplex: DUPLEX_FULL,
+    };
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    // Made before the library asks for them: it cannot report failing to get one.
+    let exit_events = ExitEvents::new(workers.len()).map_err(PortError::Worker)?;
+    let backend = NetBackend::new(
+        config,
+        mem.clone(),
+        workers,
+        port.switch_port.clone(),
+        exit_events,
+    );
+    let name = format!("xvdpa-port{}", port.index);
+    let mut daemon =
+        VhostUserDaemon::new(name, backend.clone(), mem).map_err(|e| library_error(path, e))?;
+    let handlers = daemon.get_epoll_handlers();
+    for (i, handler) in handlers.iter().enumerate() {
+        for (fd, events, id) in backend.worker(i).event_sources(backend.event_ids()) {
+            handler
+                .register_listener(fd, events, u64::from(id))
+                .map_err(PortError::Worker)?;
+        }
+    }
+
+    let Some(frontend) = accept_frontend(public, port)? else {
+        return Ok(());
+    };
+    // Steer the port's MAC to its sockets before the frontend's first message goes
+    // through: once the frontend has its acks (its rings enabled) it may expect frames,
+    // and a frame steered before its socket is in the map is dropped by XDP.
+    let bound = bind_sockets(nic, port, &backend);
+    let num_queues = 2 * backend.queue_pairs() as u32;
+    let shim = connect_library(path, &mut daemon)
+        .and_then(|library_side| {
+            let max_size = MAX_QUEUE_SIZE as u16;
+            Shim::start(frontend, library_side, num_queues, max_size, ring_errors)
+                .map_err(PortError::Worker)
+        })
+        .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
+    *crate::sync::lock(&port.shutdown) = daemon.shutdown_handle();
+    if !port.stopping.load(Ordering::Acquire) {
+        port.set_state(PortState::Connected);
+    }
+    tracing::info!(port = port.index, socket = %path.display(), "frontend connected");
+    let result = match bound {
+        Ok(()) => match daemon.wait() {
+            // A frontend that goes away (VM shut down, QEMU killed) is the normal end.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => {
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            Err(e.to_string())
+        }
+    };
+    shim.stop();
+    if !port.stopping.load(Ordering::Acquire) {
+        port.set_state(PortState::Waiting);
+    }
+    crate::sync::lock(&port.shutdown).take();
+    port.switch_port.unpublish();
+    unbind_sockets(nic, port, &backend);
+    for handler in &handlers {
+        handler.send_exit_event();
+    }
+    drop(handlers);
+    drop(daemon);
+    match result {
+        Ok(()) => {
+            tracing::info!(socket = %path.display(), "frontend disconnected; waiting for the next")
+        }
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), error = %e, "connection ended with an error; waiting for the next")
+        }
+    }
+    Ok(())
+}
+
+/// The next frontend, or `None` once the port is stopping. A failed accept that may
+/// recover (no fd free: see [`AcceptBackoff`]) is tried again; any other ends the port.
+fn accept_frontend(
+    public: &std::os::unix::net::UnixListener,
+    port: &Port,
+) -> Result<Option<UnixStream>, PortError> {
+    let mut backoff = AcceptBackoff::new(port.spec.socket.display().to_string());
+    loop {
+        let accepted = public.accept();
+        if port.stopping.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        match accepted {
+            Ok((frontend, _)) => return Ok(Some(frontend)),
+            Err(e) if accept_may_recover(&e) => std::thread::sleep(backoff.accept_failed(&e)),
+            Err(source) => {
+                return Err(PortError::SocketPath {
+                    path: port.spec.socket.clone(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// One worker per queue pair. Pair `i` serves the NIC queues `q` with `q % pairs == i`, so
@@ -279,6 +434,7 @@ fn build_workers(
     nic: &Nic,
     switch: &Arc<SwitchTable>,
     port: &Port,
+    ring_errors: &Arc<RingErrorFds>,
 ) -> Result<Vec<QueuePairWorker>, PortError> {
     let pairs = usize::from(port.spec.queue_pairs.max(1));
     let mut tap = Some(
@@ -308,6 +464,7 @@ fn build_workers(
             switch: switch.clone(),
             own: port.switch_port.clone(),
             cpu: (!port.spec.cpus.is_empty()).then(|| port.spec.cpus[pair % port.spec.cpus.len()]),
+            ring_errors: ring_errors.clone(),
         };
         let worker = QueuePairWorker::new(
             pair,
@@ -337,7 +494,7 @@ fn connect_library(
         })?;
     daemon
         .start(&mut Listener::from(listener))
-        .map_err(|e| vhost_err(path)(e.to_string()))?;
+        .map_err(|e| library_error(path, e))?;
     Ok(ours)
 }
 

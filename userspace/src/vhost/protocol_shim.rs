@@ -16,7 +16,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::frontend_checks::check_request;
+use super::frontend_checks::{check_request, REQ_SET_VRING_ERR};
+use crate::vring::RingErrorFds;
 
 const HDR_LEN: usize = 12;
 /// Largest payload any vhost-user message has (SET_MEM_TABLE with 8 regions is ~330 bytes;
@@ -183,12 +184,14 @@ impl Shim {
     /// Starts forwarding between `frontend` (QEMU) and `backend` (the library's connection).
     /// `num_queues` is how many virtqueues the device offers: early SET_VRING_ENABLEs for
     /// any other ring are refused rather than held.
-    /// `max_queue_size` bounds SET_VRING_NUM.
+    /// `max_queue_size` bounds SET_VRING_NUM. A duplicate of each ring's error eventfd
+    /// (SET_VRING_ERR) goes into `ring_errors`, where the workers signal it.
     pub fn start(
         frontend: UnixStream,
         backend: UnixStream,
         num_queues: u32,
         max_queue_size: u16,
+        ring_errors: Arc<RingErrorFds>,
     ) -> io::Result<Shim> {
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let f_in = frontend.try_clone()?;
@@ -200,7 +203,8 @@ impl Shim {
         let down = std::thread::Builder::new()
             .name("xvdpa-shim-req".into())
             .spawn(move || {
-                if let Err(e) = forward_requests(&f_in, &b_out, &tf, num_queues, max_queue_size) {
+                let limits = (num_queues, max_queue_size);
+                if let Err(e) = forward_requests(&f_in, &b_out, &tf, limits, &ring_errors) {
                     tracing::debug!(error = %e, "frontend request stream ended");
                 }
                 let _ = f_close.shutdown(Shutdown::Both);
@@ -261,8 +265,8 @@ fn forward_requests(
     from: &UnixStream,
     to: &UnixStream,
     reply: &Mutex<UnixStream>,
-    num_queues: u32,
-    max_queue_size: u16,
+    (num_queues, max_queue_size): (u32, u16),
+    ring_errors: &RingErrorFds,
 ) -> io::Result<()> {
     let mut features_seen = false;
     // Latest early enable state per ring index (the payload is {u32 index, u32 num}).
@@ -304,6 +308,9 @@ fn forward_requests(
             send_message(&crate::sync::lock(reply), &nack(m.request))?;
             continue;
         }
+        if m.request == REQ_SET_VRING_ERR {
+            keep_error_fd(&m, ring_errors)?;
+        }
         let is_features = m.request == REQ_SET_FEATURES;
         send_message(to, &m)?;
         if is_features && !features_seen {
@@ -313,6 +320,16 @@ fn forward_requests(
             }
         }
     }
+    Ok(())
+}
+
+/// Keeps a duplicate of a (checked) SET_VRING_ERR's eventfd for the ring's workers; the
+/// library keeps its own copy private. No fd (the no-fd flag) takes the ring's away.
+fn keep_error_fd(m: &Message, ring_errors: &RingErrorFds) -> io::Result<()> {
+    // {u64 ring index | flags}: the index is the low byte.
+    let ring = m.payload.first().copied().map_or(0, usize::from);
+    let fd = m.fds.first().map(OwnedFd::try_clone).transpose()?;
+    ring_errors.set(ring, fd);
     Ok(())
 }
 

@@ -8,12 +8,14 @@
 //! since the last decision, whoever published it. [`notify_guest_since`] does the same
 //! signalling for a transmit queue.
 
+mod error_signal;
 mod notify;
 mod rx_queue;
 
 use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+pub use error_signal::{RingError, RingErrorFds};
 pub use notify::notify_guest_since;
 pub use rx_queue::{RxQueue, RxQueueLock, RxQueueShared};
 

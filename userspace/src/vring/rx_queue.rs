@@ -7,7 +7,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::{notify_guest_since, Vring, VringState};
+use super::{notify_guest_since, RingError, Vring, VringState};
 use crate::datapath::device::{NegotiatedFeatures, Offloads};
 use crate::datapath::rx::{self, Framing, RxScratch, RxTally};
 use crate::datapath::QueueError;
@@ -23,21 +23,23 @@ pub struct RxQueueShared {
     /// EVENT_IDX the next decision covers every entry published since (as DPDK's vhost and
     /// Linux's vhost do), so batches published by different threads are not missed.
     signalled: AtomicU32,
+    /// Tells the frontend when the guest broke the ring and the queue stopped.
+    error: RingError,
 }
 
 /// No notification was decided since the ring (re)started: the next one is sent.
 const NEVER_SIGNALLED: u32 = u32::MAX;
 
-impl Default for RxQueueShared {
-    fn default() -> Self {
+impl RxQueueShared {
+    /// A receive queue that reports its stop through `error`.
+    pub fn new(error: RingError) -> Self {
         RxQueueShared {
             broken: AtomicBool::new(false),
             signalled: AtomicU32::new(NEVER_SIGNALLED),
+            error,
         }
     }
-}
 
-impl RxQueueShared {
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
     }
@@ -180,6 +182,7 @@ impl<'a> RxQueueLock<'a> {
                 self.stats.add(&self.stats.queue_errors, 1);
                 tracing::error!(dir = "rx", error = %e, "guest broke the virtqueue rules; queue stopped until the device is reset");
             }
+            self.shared.error.signal();
         }
         result
     }

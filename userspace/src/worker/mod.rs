@@ -31,7 +31,7 @@ use crate::nic::packet_tap::PacketTap;
 use crate::nic::xsk::XskSocket;
 use crate::stats::QueueStats;
 use crate::switch::{LocalFrame, SwitchPort, SwitchScratch, SwitchTable, TxPolicy};
-use crate::vring::{RxQueueShared, Vring};
+use crate::vring::{RingError, RingErrorFds, RxQueueShared, Vring};
 use sys::{pin_current_thread, Timer};
 
 /// Frames moved per batch: one notification and one ring update per batch.
@@ -93,6 +93,8 @@ pub struct QueuePairWorker {
     /// Shared with other ports' workers, which deliver switched frames into this rx queue.
     rx_shared: Arc<RxQueueShared>,
     tx_broken: bool,
+    /// Tells the frontend the transmit queue stopped.
+    tx_error: RingError,
     /// Kernel drop counters already added to the stats: (ring full, fill ring empty).
     xsk_drops_seen: (u64, u64),
     policy: TxPolicy,
@@ -118,6 +120,8 @@ pub struct WorkerConfig {
     pub switch: Arc<SwitchTable>,
     pub own: Arc<SwitchPort>,
     pub cpu: Option<usize>,
+    /// The connection's error eventfds: a queue this worker stops signals its ring's.
+    pub ring_errors: Arc<RingErrorFds>,
 }
 
 impl QueuePairWorker {
@@ -136,6 +140,7 @@ impl QueuePairWorker {
             switch,
             own,
             cpu,
+            ring_errors,
         } = config;
         let rearm = EventFd::new(EFD_NONBLOCK)?;
         if busy_poll {
@@ -165,8 +170,9 @@ impl QueuePairWorker {
             coalescer: Coalescer::default(),
             tx_scratch: TxScratch::default(),
             next_rx_socket: 0,
-            rx_shared: Arc::new(RxQueueShared::default()),
+            rx_shared: Arc::new(RxQueueShared::new(ring_errors.ring(2 * pair))),
             tx_broken: false,
+            tx_error: ring_errors.ring(2 * pair + 1),
             xsk_drops_seen: (0, 0),
             policy,
             switch,

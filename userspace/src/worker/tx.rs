@@ -152,6 +152,7 @@ impl QueuePairWorker {
             if !memory_guard::lost(mem) {
                 self.queue_failed("tx", &e);
             }
+            self.tx_error.signal();
         }
         more
     }

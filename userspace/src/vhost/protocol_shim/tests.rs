@@ -36,7 +36,7 @@ fn messages_and_fds_cross_intact() {
 fn early_vring_enable_is_acked_and_replayed_after_set_features() {
     let (qemu, shim_front) = UnixStream::pair().unwrap();
     let (shim_back, lib) = UnixStream::pair().unwrap();
-    let shim = Shim::start(shim_front, shim_back, 2, 1024).unwrap();
+    let shim = Shim::start(shim_front, shim_back, 2, 1024, RingErrorFds::new(2)).unwrap();
     let enable = |idx: u32, on: u32| {
         let mut p = idx.to_le_bytes().to_vec();
         p.extend(on.to_le_bytes());
@@ -99,7 +99,7 @@ fn early_vring_enable_is_acked_and_replayed_after_set_features() {
 fn early_vring_enable_for_a_ring_the_device_lacks_is_refused_not_held() {
     let (qemu, shim_front) = UnixStream::pair().unwrap();
     let (shim_back, lib) = UnixStream::pair().unwrap();
-    let shim = Shim::start(shim_front, shim_back, 2, 1024).unwrap();
+    let shim = Shim::start(shim_front, shim_back, 2, 1024, RingErrorFds::new(2)).unwrap();
     let file = std::fs::File::open("/proc/self/status").unwrap();
     for idx in [0u32, 2, 7, u32::MAX, 1] {
         let mut p = idx.to_le_bytes().to_vec();
@@ -149,7 +149,7 @@ fn early_vring_enable_for_a_ring_the_device_lacks_is_refused_not_held() {
 fn a_pipe_as_kick_fd_and_a_bad_ring_size_are_refused_before_the_library() {
     let (qemu, shim_front) = UnixStream::pair().unwrap();
     let (shim_back, lib) = UnixStream::pair().unwrap();
-    let shim = Shim::start(shim_front, shim_back, 2, 1024).unwrap();
+    let shim = Shim::start(shim_front, shim_back, 2, 1024, RingErrorFds::new(2)).unwrap();
     // A reply that never comes fails the test instead of hanging it.
     let patience = Some(std::time::Duration::from_secs(5));
     qemu.set_read_timeout(patience).unwrap();
