@@ -6,6 +6,7 @@
 //! - [`frontend`]: a vhost-user frontend (a VMM in a process) with memfd guest memory and its
 //!   own split-queue driver;
 //! - [`guest`]: a real Linux guest under QEMU;
+//! - [`libvirt`]: libvirtd and `virsh` driving a guest as operators run one;
 //! - [`bench`], [`bench_run`], [`bench_tcp`]: the benchmark's generator, packet scenarios and
 //!   guest TCP streams;
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check;
@@ -21,6 +22,7 @@ pub mod frames;
 pub mod frontend;
 pub mod guest;
 pub mod lab;
+pub mod libvirt;
 pub mod netns;
 pub mod output;
 pub mod raw_vhost;
