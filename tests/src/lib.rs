@@ -10,13 +10,15 @@
 //! - [`bench`], [`bench_run`], [`bench_tcp`]: the benchmark's generator, packet scenarios and
 //!   guest TCP streams;
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check;
-//! - [`sockopts`]: another process's AF_XDP socket options.
+//! - [`sockopts`]: another process's AF_XDP socket options;
+//! - [`dashboard`]: the Grafana dashboard in docs/ checked against the metrics served.
 
 pub mod bench;
 pub mod bench_run;
 pub mod bench_tcp;
 pub mod ctl;
 pub mod daemon;
+pub mod dashboard;
 pub mod dpdk;
 pub mod frames;
 pub mod frontend;

@@ -245,9 +245,9 @@ pub fn render(
                 out,
                 "{:<4} {:<17} {:<9} {:>2}{}",
                 "",
-                "  queue pair",
+                format!("  queue pair {}", q.pair),
                 "",
-                q.pair,
+                "",
                 row.cells()
             );
         }
@@ -393,7 +393,7 @@ mod tests {
         let all = render(&now, Some((&before, 2.0)), true);
         assert!(
             all.lines()
-                .any(|l| l.contains("  queue pair  ") && l.contains("1.00M")),
+                .any(|l| l.starts_with("       queue pair 1 ") && l.contains("1.00M")),
             "{all}"
         );
         // A port whose counters start over (re-added) shows 0, not a wrapped-around rate.
