@@ -220,6 +220,9 @@ pub struct DomainConfig {
     pub mac: String,
     /// The vhost-user socket xvdpa serves; QEMU connects to it (`mode='client'`).
     pub socket: PathBuf,
+    /// Seconds between QEMU's attempts to connect again when the daemon goes away
+    /// (`<reconnect>`); `None` leaves the guest's link down for good.
+    pub reconnect: Option<u32>,
     /// The file libvirt writes the serial console to.
     pub console_log: PathBuf,
     /// `<qemu:override>` setting `vectors=0` on the interface: QEMU 7.2 under TCG crashes in
@@ -275,7 +278,7 @@ pub fn domain_xml(c: &DomainConfig) -> String {
     <interface type='vhostuser'>
       <alias name='{NIC_ALIAS}'/>
       <mac address='{mac}'/>
-      <source type='unix' path='{socket}' mode='client'/>
+      <source type='unix' path='{socket}' mode='client'>{reconnect}</source>
       <model type='virtio'/>
     </interface>
     <serial type='file'>
@@ -299,6 +302,10 @@ pub fn domain_xml(c: &DomainConfig) -> String {
         cmdline = xml_escape(&c.cmdline),
         mac = xml_escape(&c.mac),
         socket = e(&c.socket),
+        reconnect = c
+            .reconnect
+            .map(|t| format!("<reconnect enabled='yes' timeout='{t}'/>"))
+            .unwrap_or_default(),
         console = e(&c.console_log),
     )
 }
@@ -423,6 +430,7 @@ mod tests {
             cmdline: "console=ttyS0 a=b&c".into(),
             mac: "52:54:00:12:34:56".into(),
             socket: "/run/xvdpa/vm0.sock".into(),
+            reconnect: Some(1),
             console_log: "/tmp/c.log".into(),
             legacy_interrupts: true,
         };
@@ -430,15 +438,20 @@ mod tests {
         assert!(xml.contains("<name>t&lt;1&gt;</name>"), "{xml}");
         assert!(xml.contains("<uuid>dfdb34ef-df7c-47eb-9bab-2abcbef971ee</uuid>"));
         assert!(xml.contains("<cmdline>console=ttyS0 a=b&amp;c</cmdline>"));
-        assert!(xml.contains("<source type='unix' path='/run/xvdpa/vm0.sock' mode='client'/>"));
+        assert!(xml.contains(
+            "<source type='unix' path='/run/xvdpa/vm0.sock' mode='client'>\
+             <reconnect enabled='yes' timeout='1'/></source>"
+        ));
         assert!(xml.contains("<source type='memfd'/>") && xml.contains("<access mode='shared'/>"));
         assert!(xml.contains("<qemu:device alias='ua-xvdpa0'>"));
         assert!(xml.contains("name='vectors' type='unsigned' value='0'"));
         let without = domain_xml(&DomainConfig {
             legacy_interrupts: false,
             uuid: None,
+            reconnect: None,
             ..c
         });
         assert!(!without.contains("qemu:override") && !without.contains("<uuid>"));
+        assert!(without.contains("mode='client'></source>"));
     }
 }

@@ -2,7 +2,8 @@
 //! interface (`<interface type='vhostuser'>`, QEMU connecting as client), as an operator's
 //! VM would run: libvirtd from Debian, QEMU as the unprivileged `libvirt-qemu` user, TCG.
 //! The guest pings the wire through the daemon and powers off; libvirt starts it again with
-//! a guest that stays up, and `virsh destroy` and `undefine` end it. Needs root and libvirt;
+//! a guest that stays up and keeps pinging while the daemon restarts under it (QEMU
+//! reconnects), and `virsh destroy` and `undefine` end it. Needs root and libvirt;
 //! `cargo xtask test` installs it.
 
 use std::os::unix::fs::PermissionsExt;
@@ -17,6 +18,8 @@ use xvdpa_tests::libvirt::{self, Daemons, Domain, DomainConfig, QEMU_USER};
 
 /// Printed by the guest's script once the wire answered its pings.
 const PINGED: &str = "XVDPA-LIBVIRT-PINGED";
+/// Printed by the second guest after each ping the wire answered.
+const ALIVE: &str = "XVDPA-LIBVIRT-ALIVE";
 const BOOT: Duration = Duration::from_secs(60);
 
 /// The guest kernel's command line for the test guest's /init (see `guest::qemu_args`).
@@ -69,6 +72,7 @@ fn libvirt_guest_reaches_the_wire_through_xvdpa() -> Result<()> {
         cmdline: cmdline(&format!("ping -c 3 -W 5 {WIRE_IP} && echo {PINGED}")),
         mac: mac.clone(),
         socket: socket.clone(),
+        reconnect: None,
         console_log: dir.join("console.log"),
         // Debian's QEMU 7.2 under TCG needs legacy interrupts with vhost-user.
         legacy_interrupts: true,
@@ -91,18 +95,35 @@ fn libvirt_guest_reaches_the_wire_through_xvdpa() -> Result<()> {
         "counters after the pings: steered={steered} rx_packets={rx} tx_packets={tx}"
     );
 
-    // Second boot of the same domain, redefined with a guest that stays up: libvirt's QEMU
-    // connects again to the same port, and `virsh destroy` ends it.
+    // Second boot of the same domain, redefined with a guest that stays up and pings every
+    // second: libvirt's QEMU connects again to the same port. The daemon is then restarted
+    // under the running guest; QEMU reconnects (`<reconnect>`) and the pings come back
+    // through the new daemon. `virsh destroy` ends the guest.
+    config.reconnect = Some(1);
     config.cmdline = cmdline(&format!(
-        "ping -c 2 -W 5 {WIRE_IP} && echo {PINGED}-again; sleep 600"
+        "while true; do ping -c 1 -W 1 {WIRE_IP} >/dev/null && echo {ALIVE}; sleep 1; done"
     ));
     domain.redefine(&config, &dir.join("domain.xml"))?;
     let from = domain.console().len();
     domain.start()?;
-    domain.wait_console(&format!("{PINGED}-again"), from, BOOT)?;
+    domain.wait_console(ALIVE, from, BOOT)?;
+
+    daemon.stop()?;
+    let mut daemon = Daemon::start(&lab, &socket, &mac, &[])?;
+    share_socket_with_qemu(&socket)?;
+    daemon.wait_for_log("frontend connected", Duration::from_secs(20))?;
+    let from = domain.console().len();
+    domain.wait_console(ALIVE, from, Duration::from_secs(30))?;
+    let rx = daemon.counter_reaching("rx_packets", 1)?;
+    let tx = daemon.counter_reaching("tx_packets", 1)?;
+    ensure!(
+        rx >= 1 && tx >= 1,
+        "after the restart: rx_packets={rx} tx_packets={tx}"
+    );
+
     domain.destroy()?;
     domain.wait_state("shut off", Duration::from_secs(10))?;
-    daemon.wait_for_count("frontend disconnected", 2, Duration::from_secs(10))?;
+    daemon.wait_for_count("frontend disconnected", 1, Duration::from_secs(10))?;
     libvirt::virsh(&["undefine", &domain.name])?;
     let all = libvirt::virsh(&["list", "--all", "--name"])?;
     ensure!(
