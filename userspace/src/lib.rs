@@ -7,6 +7,7 @@
 //!
 //! - [`runtime`]: start-up, environment checks, signals and shutdown;
 //! - [`control`], [`metrics`]: the control socket and the Prometheus endpoint;
+//!   [`stats_table`]: the same counters as `xvdpa stats` prints them;
 //! - [`daemon`]: the port registry of the running daemon;
 //! - [`config`], [`api`]: the configuration, and the control socket's requests and replies
 //!   with [`api::PortSpec`], the one description of a port;
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod nic;
 pub mod runtime;
 pub mod stats;
+pub mod stats_table;
 pub mod switch;
 pub mod sync;
 pub mod vhost;

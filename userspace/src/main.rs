@@ -17,6 +17,7 @@ use xvdpa::mac::MacAddr;
 use xvdpa::nic::steering::XdpModeChoice;
 use xvdpa::nic::xsk::XskModeChoice;
 use xvdpa::runtime::{self, RuntimeConfig};
+use xvdpa::stats_table;
 
 #[cfg(not(xvdpa_ebpf))]
 compile_error!("the XDP program is not built: run `cargo xtask build`, which installs the eBPF toolchain and builds it");
@@ -42,7 +43,7 @@ struct Cli {
 enum Command {
     /// Adds, removes and lists the ports of a running daemon.
     Ctl(CtlArgs),
-    /// Shows a running daemon's counters per port and queue.
+    /// Shows a running daemon's counters: a line per port, queue pairs with --queues.
     Stats(StatsArgs),
 }
 
@@ -193,6 +194,10 @@ struct StatsArgs {
     /// Print the daemon's JSON snapshot instead of a table.
     #[arg(long, conflicts_with = "watch")]
     json: bool,
+    /// A line for every queue pair under its port's totals (shown anyway when there are
+    /// at most 8 queue pairs in all).
+    #[arg(long, conflicts_with = "json")]
+    queues: bool,
 }
 
 /// A mode flag: clap offers `names` (in help and errors) and the library enum reads the one
@@ -333,7 +338,7 @@ fn stats(args: StatsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let Some(every) = args.watch else {
-        print!("{}", render_table(&fetch()?, None));
+        print!("{}", stats_table::render(&fetch()?, None, args.queues));
         return Ok(());
     };
     if !(0.1..=3600.0).contains(&every) {
@@ -350,115 +355,8 @@ fn stats(args: StatsArgs) -> anyhow::Result<()> {
         if clear {
             print!("\x1b[H\x1b[2J");
         }
-        print!("{}", render_table(&now, rates));
+        print!("{}", stats_table::render(&now, rates, args.queues));
         previous = Some((now, at));
         std::thread::sleep(Duration::from_secs_f64(every));
     }
-}
-
-/// The `xvdpa stats` table; with a previous snapshot, packet columns are per-second rates.
-fn render_table(s: &StatsSnapshot, previous: Option<(&StatsSnapshot, f64)>) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let xdp: Vec<String> = s.xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let _ = writeln!(
-        out,
-        "xvdpa on {}, up {:.0} s; XDP: {}",
-        s.iface,
-        s.uptime_seconds,
-        xdp.join(" ")
-    );
-    let unit = if previous.is_some() { "/s" } else { "" };
-    let _ = writeln!(
-        out,
-        "{:<4} {:<17} {:<10} {:>2} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
-        "PORT",
-        "MAC",
-        "STATE",
-        "Q",
-        format!("RX_PKTS{unit}"),
-        format!("RX_BYTES{unit}"),
-        format!("TX_PKTS{unit}"),
-        format!("TX_BYTES{unit}"),
-        "RX_DROPS",
-        "TX_DROPS",
-        "NOTIFIED",
-        "SUPPRESSED"
-    );
-    for p in &s.ports {
-        let before = previous.and_then(|(prev, secs)| {
-            prev.ports
-                .iter()
-                .find(|q| q.port.index == p.port.index && q.port.spec.mac == p.port.spec.mac)
-                .map(|q| (q, secs))
-        });
-        for q in &p.queues {
-            let get = |name: &str| q.counters.get(name).copied().unwrap_or(0);
-            let rate = |name: &str| -> String {
-                match before.and_then(|(bp, secs)| {
-                    bp.queues
-                        .iter()
-                        .find(|bq| bq.pair == q.pair)
-                        .map(|bq| (bq, secs))
-                }) {
-                    Some((bq, secs)) if secs > 0.0 => {
-                        let old = bq.counters.get(name).copied().unwrap_or(0);
-                        format!("{:.0}", get(name).saturating_sub(old) as f64 / secs)
-                    }
-                    _ => get(name).to_string(),
-                }
-            };
-            let drops = |dir: &str| -> u64 {
-                q.counters
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&format!("{dir}_dropped_")))
-                    .map(|(_, v)| v)
-                    .sum()
-            };
-            let _ = writeln!(
-                out,
-                "{:<4} {:<17} {:<10} {:>2} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
-                p.port.index,
-                p.port.spec.mac.to_string(),
-                p.port.state.split(':').next().unwrap_or(""),
-                q.pair,
-                rate("rx_packets"),
-                rate("rx_bytes"),
-                rate("tx_packets"),
-                rate("tx_bytes"),
-                drops("rx"),
-                drops("tx"),
-                get("notifications_sent"),
-                get("notifications_suppressed"),
-            );
-            let reasons: Vec<String> = q
-                .counters
-                .iter()
-                .filter(|(k, v)| {
-                    **v > 0 && (k.contains("_dropped_") || k.as_str() == "queue_errors")
-                })
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            if !reasons.is_empty() {
-                let _ = writeln!(out, "     drops: {}", reasons.join(" "));
-            }
-        }
-        let _ = writeln!(
-            out,
-            "     steered by XDP: {}; switched in: {}; switched out: {}",
-            p.xdp_steered,
-            p.queues
-                .iter()
-                .map(|q| q.counters.get("rx_switched").copied().unwrap_or(0))
-                .sum::<u64>(),
-            p.queues
-                .iter()
-                .map(|q| q.counters.get("tx_switched").copied().unwrap_or(0))
-                .sum::<u64>()
-        );
-    }
-    if s.ports.is_empty() {
-        let _ = writeln!(out, "(no ports)");
-    }
-    out
 }

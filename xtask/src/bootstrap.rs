@@ -24,6 +24,15 @@ pub const PEER_PACKAGES: &[(&str, &str)] = &[
     ("librte-net-vhost23", ""),
     ("librte-net-virtio23", ""),
 ];
+/// libvirt's daemon, QEMU driver and `virsh`, for the test that runs a guest the way operators
+/// do. Without recommends, as everything here: the `libvirt-qemu` user and libvirt's
+/// directories a full install would add are made by the test itself
+/// (tests/src/libvirt.rs), which also starts `virtlogd` and `libvirtd` (no systemd here).
+pub const LIBVIRT_PACKAGES: &[(&str, &str)] = &[
+    ("libvirt-daemon", "libvirtd"),
+    ("libvirt-daemon-driver-qemu", ""),
+    ("libvirt-clients", "virsh"),
+];
 pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", ""),

@@ -4,7 +4,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bootstrap::{ensure_packages, BUILD_PACKAGES, PEER_PACKAGES, VM_PACKAGES};
+use crate::bootstrap::{
+    ensure_packages, BUILD_PACKAGES, LIBVIRT_PACKAGES, PEER_PACKAGES, VM_PACKAGES,
+};
 use crate::say;
 use crate::util::{is_root, output, run, workspace_root};
 use crate::{build, fuzz_cmd, guest_image};
@@ -33,6 +35,7 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     ensure_packages(BUILD_PACKAGES)?;
     ensure_packages(VM_PACKAGES)?;
     ensure_packages(PEER_PACKAGES)?;
+    ensure_packages(LIBVIRT_PACKAGES)?;
     let daemon = build::build(false)?;
     let image = guest_image::ensure()?;
     remove_stale_test_labs()?;
