@@ -3,7 +3,7 @@
 //! The kernel and initramfs are built by `cargo xtask` (see `xtask/src/guest_image.rs`) and
 //! found through `XVDPA_GUEST_KERNEL` / `XVDPA_GUEST_INITRD`, or at their cache location under
 //! `target/guest/`. The initramfs's init loads the virtio modules, configures `eth0` from the
-//! kernel command line (`xvdpa.ip=`), runs the script passed as `xvdpa.script=` (base64) or an
+//! kernel command line (`xvdpa.ip=`), runs the script passed as `xvdpa.script=` (gzip, then base64) or an
 //! interactive shell, and prints a machine-readable end marker.
 
 use std::io::Write;
@@ -71,10 +71,7 @@ pub struct GuestConfig {
 /// shared memfd RAM (vhost-user needs it) and `vectors=0` (QEMU 7.2 under TCG crashes in
 /// `msix_set_vector_notifiers` with vhost-user and MSI-X).
 pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<String> {
-    let mut append = format!("console=ttyS0 quiet panic=-1 xvdpa.ip={}", config.ip);
-    if let Some(script) = &config.script {
-        append.push_str(&format!(" xvdpa.script={}", base64(script.as_bytes())));
-    }
+    let append = kernel_cmdline(&config.ip, config.script.as_deref());
     let mut chardev = format!("socket,id=c0,path={}", config.socket.display());
     if let Some(r) = config.reconnect {
         chardev.push_str(&format!(",reconnect={r}"));
@@ -143,6 +140,49 @@ pub fn qemu_tap_args(config: &GuestConfig, tap: &str, kernel: &Path, initrd: &Pa
         args[i + 1] = format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off{queues}");
     }
     args
+}
+
+/// The longest kernel command line an x86 guest takes (COMMAND_LINE_SIZE, 2048, with its
+/// terminating zero). A longer one does not fail: the guest hangs right after "Probing EDD".
+pub const MAX_KERNEL_CMDLINE: usize = 2047;
+
+/// The test guest's kernel command line: its address (`addr/prefix`) and the script its init
+/// runs (gzipped, then base64), for QEMU's `-append` or libvirt's `<cmdline>`.
+pub fn kernel_cmdline(ip: &str, script: Option<&str>) -> String {
+    let mut append = format!("console=ttyS0 quiet panic=-1 xvdpa.ip={ip}");
+    if let Some(script) = script {
+        append.push_str(&format!(
+            " xvdpa.script={}",
+            base64(&gzip(script.as_bytes()))
+        ));
+    }
+    assert!(
+        append.len() <= MAX_KERNEL_CMDLINE,
+        "the guest's kernel command line is {} bytes, over {MAX_KERNEL_CMDLINE}: shorten the script",
+        append.len()
+    );
+    append
+}
+
+/// `data` gzip-compressed by the host's gzip (the guest's init gunzips the script: test
+/// scripts run to a few KiB, the kernel command line holds 2 KiB).
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("gzip")
+        .args(["-9", "-n", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip (Debian's gzip package) runs");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(data)
+        .expect("writing to gzip");
+    let out = child.wait_with_output().expect("gzip output");
+    assert!(out.status.success(), "gzip failed");
+    out.stdout
 }
 
 /// Standard base64 (the guest decodes it with busybox `base64 -d`).

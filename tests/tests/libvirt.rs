@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon};
-use xvdpa_tests::guest::{self, base64, DONE_MARKER};
+use xvdpa_tests::guest::{self, DONE_MARKER};
 use xvdpa_tests::lab::{self, guest_ip, guest_mac, mac_str, Lab, WIRE_IP};
 use xvdpa_tests::libvirt::{self, Daemons, Domain, DomainConfig, QEMU_USER};
 
@@ -24,12 +24,7 @@ const BOOT: Duration = Duration::from_secs(60);
 
 /// The guest kernel's command line for the test guest's /init (see `guest::qemu_args`).
 fn cmdline(script: &str) -> String {
-    format!(
-        "console=ttyS0 quiet panic=-1 xvdpa.ip={}/{} xvdpa.script={}",
-        guest_ip(0),
-        lab::PREFIX,
-        base64(script.as_bytes())
-    )
+    guest::kernel_cmdline(&format!("{}/{}", guest_ip(0), lab::PREFIX), Some(script))
 }
 
 /// Lets QEMU, running as `libvirt-qemu`, connect to the port's socket: group `libvirt-qemu`,

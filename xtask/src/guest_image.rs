@@ -17,7 +17,7 @@ use crate::util::{output, run, workspace_root};
 pub const KERNEL_PACKAGE: &str = "linux-image-6.1.0-56-amd64";
 
 /// Bump when the image's layout changes in a way the stamp does not see (the cpio contents).
-const IMAGE_LAYOUT: u32 = 4;
+const IMAGE_LAYOUT: u32 = 5;
 
 /// Loaded in dependency order.
 const MODULES: &[&str] = &[
@@ -32,7 +32,7 @@ const MODULES: &[&str] = &[
 ];
 
 /// The guest's /init: loads the virtio modules, configures eth0 from `xvdpa.ip=`, then runs
-/// the base64 script from `xvdpa.script=` (printing its exit code and powering off) or gives
+/// the gzipped, base64 script from `xvdpa.script=` (printing its exit code and powering off) or gives
 /// an interactive shell on the console.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -51,7 +51,7 @@ else
 fi
 script=$(arg xvdpa.script)
 if [ -n "$script" ]; then
-  echo "$script" | base64 -d > /tmp/script.sh
+  echo "$script" | base64 -d | gunzip > /tmp/script.sh
   sh /tmp/script.sh
   echo "XVDPA-DONE rc=$?"
   poweroff -f
