@@ -54,8 +54,9 @@ struct ServeArgs {
     /// The NIC to serve VMs on.
     #[arg(long, value_name = "IFNAME")]
     iface: Option<String>,
-    /// A VM port: socket=PATH,mac=MAC[,allow-mac=MAC]...[,rate-pps=N][,rate-bps=N]. Repeat
-    /// for more VMs.
+    /// A VM port: socket=PATH,mac=MAC[,allow-mac=MAC]...[,rate-pps=N][,rate-bps=N]
+    /// [,queues=N][,cpus=A+B][,vlan=N][,vlan-passthrough=on][,promisc=on]
+    /// [,socket-group=NAME][,socket-mode=OCTAL]. Repeat for more VMs.
     #[arg(long = "port", value_name = "SPEC", value_parser = parse_port)]
     ports: Vec<PortSpec>,
     /// vhost-user socket of a single port (with --mac); the same as --port socket=...,mac=...
@@ -93,6 +94,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9477.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// After start-up (XDP attached, NIC queues bound), run as this user and its groups,
+    /// keeping only the capabilities the running daemon uses (see README). Needs root.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
     /// Log filter, e.g. `info`, `xvdpa=debug` (RUST_LOG also works).
     #[arg(long, default_value = "info")]
     log: String,
@@ -152,6 +157,12 @@ struct AddPortArgs {
     /// they are dropped and counted (tx_dropped_vlan).
     #[arg(long)]
     vlan_passthrough: bool,
+    /// Group of the port's socket (e.g. the QEMU's group) [default: the daemon's group].
+    #[arg(long, value_name = "NAME", value_parser = api::parse_socket_group)]
+    socket_group: Option<String>,
+    /// Permission bits of the port's socket, in octal.
+    #[arg(long, value_name = "OCTAL", value_parser = api::parse_socket_mode, default_value = "0660")]
+    socket_mode: u32,
     /// CPUs for the queue pairs' threads, e.g. 2+3.
     // The full path keeps clap from reading `Vec` as a repeatable flag: one value, one list.
     #[arg(long, value_name = "CPU+CPU...", value_parser = api::parse_cpus)]
@@ -178,6 +189,8 @@ impl AddPortArgs {
             queue_pairs: self.queues.unwrap_or(1),
             cpus: self.cpus.unwrap_or_default(),
             promisc: self.promisc,
+            socket_group: self.socket_group,
+            socket_mode: self.socket_mode,
         })
     }
 }
@@ -281,6 +294,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         busy_poll: args.busy_poll || file.busy_poll.unwrap_or(false),
         ctl,
         metrics,
+        user: args.user.or(file.user.clone()),
     };
     Ok(runtime::run(config, XDP_OBJECT)?)
 }

@@ -22,6 +22,7 @@ use crate::datapath::device::{MAX_MTU, SPEED_UNKNOWN};
 use crate::nic::steering::{Steering, SteeringError, XdpLogger, XdpModeChoice};
 use crate::nic::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskModeChoice};
 use crate::nic::Nic;
+use crate::privilege::{self, Account, Capability, PrivilegeError};
 use crate::vhost::port::{self, PortError};
 
 /// Everything the daemon is started with.
@@ -37,6 +38,8 @@ pub struct RuntimeConfig {
     pub ctl: PathBuf,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The user to become once the privileged set-up is done (`--user`).
+    pub user: Option<String>,
 }
 
 /// The control socket's path when none is given: next to the first port's socket, or in
@@ -77,6 +80,10 @@ pub enum RuntimeError {
     Steering(#[from] SteeringError),
     #[error("control plane: {0}")]
     ControlPlane(io::Error),
+    #[error("--user: {0}")]
+    Privilege(#[from] PrivilegeError),
+    #[error("--user: cannot hand directory {path} to the daemon's user: {source}")]
+    SocketDir { path: PathBuf, source: io::Error },
 }
 
 /// Capabilities the datapath uses, as (bit, name).
@@ -201,6 +208,8 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     }
     let geometry = XskGeometry::default();
     raise_memlock(geometry.umem_bytes() * u64::from(rx_queues) + (16 << 20))?;
+    let account = config.user.as_deref().map(Account::lookup).transpose()?;
+    let socket_dirs = SocketDirs::before_creating(&config);
     for p in &config.ports {
         port::prepare_socket_path(&p.socket)?;
     }
@@ -220,6 +229,16 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         busy_poll: config.busy_poll,
         steering: Mutex::new(steering),
     });
+    if let Some(account) = &account {
+        // Everything that needs root is done: the ports below are made exactly as ports
+        // added later through the control socket are, by the unprivileged daemon.
+        socket_dirs.hand_to(account)?;
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let keep = kept_capabilities(config.busy_poll, &release);
+        privilege::drop_to(account, &keep)?;
+        let names: Vec<&str> = keep.iter().map(|c| c.name).collect();
+        tracing::info!(user = %account.name, uid = account.uid, capabilities = %names.join(","), "dropped root");
+    }
     let daemon = Arc::new(Daemon::new(nic));
     for spec in &config.ports {
         if let Err(e) = daemon.add_port(spec.clone()) {
@@ -259,6 +278,97 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     outcome
 }
 
+/// The capabilities the running daemon keeps after `--user`, each for something it does after
+/// start-up (README says the same; the least-privilege test checks each by running without it):
+/// - CAP_NET_RAW: every frontend connection opens fresh AF_XDP sockets on the NIC queues'
+///   UMEMs and an AF_PACKET socket for the port's broadcast and multicast copy;
+/// - CAP_NET_ADMIN, with `--busy-poll` only: SO_PREFER_BUSY_POLL (and a SO_BUSY_POLL above
+///   the system default) on each new AF_XDP socket;
+/// - CAP_BPF, on kernels before 6.5 only: they refuse every bpf(2) call, map updates on
+///   maps the daemon already holds included, to a caller without it while
+///   `kernel.unprivileged_bpf_disabled` is set (Debian's default); adding and removing a
+///   port and each connection update the steering, XSK and counter maps. Since 6.5 only
+///   creating maps and loading programs are checked, which the daemon does at start-up.
+///
+/// Not kept: detaching XDP at exit closes the program's bpf link, which needs no privilege;
+/// the locked-memory limit was lifted while root and stays with the process; new sockets
+/// share the UMEMs registered at start-up, so nothing new is locked.
+pub fn kept_capabilities(busy_poll: bool, kernel_release: &str) -> Vec<Capability> {
+    let mut keep = vec![privilege::CAP_NET_RAW];
+    if busy_poll {
+        keep.push(privilege::CAP_NET_ADMIN);
+    }
+    if map_updates_need_cap_bpf(kernel_release) {
+        keep.push(privilege::CAP_BPF);
+    }
+    keep
+}
+
+/// Whether the kernel `release` (as `uname -r` says it) checks CAP_BPF on every bpf(2) call.
+/// An unreadable release keeps it: a capability too many beats a daemon that cannot add ports.
+fn map_updates_need_cap_bpf(release: &str) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < (6, 5),
+        _ => true,
+    }
+}
+
+/// Directories the sockets live in that the daemon's user must be able to write after
+/// `--user` (to make and remove port sockets): the ones the daemon creates itself, and
+/// systemd's `RuntimeDirectory` (`$RUNTIME_DIRECTORY`), which systemd makes for root.
+struct SocketDirs(Vec<PathBuf>);
+
+impl SocketDirs {
+    /// Notes the directories that do not exist yet, before the sockets' paths are prepared.
+    fn before_creating(config: &RuntimeConfig) -> Self {
+        let mut dirs = Vec::new();
+        if let Some(run) = std::env::var_os("RUNTIME_DIRECTORY") {
+            // systemd separates several directories with colons; ours is one.
+            dirs.extend(std::env::split_paths(&run).filter(|p| p.is_absolute()));
+        }
+        let sockets = config.ports.iter().map(|p| p.socket.as_path());
+        for socket in sockets.chain([config.ctl.as_path()]) {
+            for dir in socket.ancestors().skip(1) {
+                if dir.as_os_str().is_empty() || dir.exists() {
+                    break;
+                }
+                dirs.push(dir.to_path_buf());
+            }
+        }
+        dirs.sort();
+        dirs.dedup();
+        SocketDirs(dirs)
+    }
+
+    /// Gives the directories to `account`, mode 0750 (its group may reach the sockets).
+    fn hand_to(&self, account: &Account) -> Result<(), RuntimeError> {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in &self.0 {
+            let fail = |source| RuntimeError::SocketDir {
+                path: dir.clone(),
+                source,
+            };
+            std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid)).map_err(fail)?;
+            let mode = std::fs::metadata(dir).map_err(fail)?.permissions().mode();
+            // systemd's directory keeps the mode the unit gave it (RuntimeDirectoryMode).
+            if mode & 0o7777 != 0o750 && !self.is_runtime_directory(dir) {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+                    .map_err(fail)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn is_runtime_directory(&self, dir: &Path) -> bool {
+        std::env::var_os("RUNTIME_DIRECTORY")
+            .is_some_and(|run| std::env::split_paths(&run).any(|p| p == dir))
+    }
+}
+
 /// Forwards the XDP program's aya-log records into `tracing` (through the `log` bridge).
 async fn pump_xdp_logs(logger: Option<XdpLogger>) {
     let Some(logger) = logger else { return };
@@ -293,6 +403,7 @@ mod tests {
             busy_poll: false,
             ctl: "/run/xvdpa/xvdpa.ctl".into(),
             metrics: None,
+            user: None,
         }
     }
 
@@ -337,6 +448,21 @@ mod tests {
             Path::new("/srv/vms/xvdpa.ctl")
         );
         assert_eq!(default_ctl_path(&[]), Path::new("/run/xvdpa/xvdpa.ctl"));
+    }
+
+    #[test]
+    fn kept_capabilities_follow_the_options_and_the_kernel() {
+        let names = |busy, release| -> Vec<&str> {
+            kept_capabilities(busy, release)
+                .iter()
+                .map(|c| c.name)
+                .collect()
+        };
+        assert_eq!(names(false, "6.18.44-fc-v669\n"), ["CAP_NET_RAW"]);
+        assert_eq!(names(true, "6.5.0"), ["CAP_NET_RAW", "CAP_NET_ADMIN"]);
+        assert_eq!(names(false, "6.1.0-27-amd64"), ["CAP_NET_RAW", "CAP_BPF"]);
+        assert_eq!(names(false, "5.15.0"), ["CAP_NET_RAW", "CAP_BPF"]);
+        assert_eq!(names(false, ""), ["CAP_NET_RAW", "CAP_BPF"]);
     }
 
     #[test]
