@@ -227,6 +227,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_parses() {
+        let f =
+            ConfigFile::parse(Path::new("xvdpa.toml"), include_str!("../dist/xvdpa.toml")).unwrap();
+        assert_eq!(f.iface.as_deref(), Some("eth0"));
+        assert_eq!(f.ctl, Some(PathBuf::from("/run/xvdpa/xvdpa.ctl")));
+        // The unit gives --user; the example port tables are commented out.
+        assert_eq!((f.user, f.ports.len()), (None, 0));
+    }
+
+    #[test]
     fn socket_group_and_mode_parse_and_say_what_is_wrong() {
         let p = parse_port("socket=/a,mac=52:54:00:00:00:01").unwrap();
         assert_eq!((p.socket_group, p.socket_mode), (None, 0o660));

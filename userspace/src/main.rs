@@ -44,6 +44,13 @@ enum Command {
     Ctl(CtlArgs),
     /// Shows a running daemon's counters per port and queue.
     Stats(StatsArgs),
+    /// Writes the man page (xvdpa.1) and bash, zsh and fish completions into DIR, for
+    /// packaging.
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +240,7 @@ fn main() -> std::process::ExitCode {
         None => serve(cli.serve),
         Some(Command::Ctl(args)) => ctl(args),
         Some(Command::Stats(args)) => stats(args),
+        Some(Command::GenerateDocs { dir }) => generate_docs(&dir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -297,6 +305,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         user: args.user.or(file.user.clone()),
     };
     Ok(runtime::run(config, XDP_OBJECT)?)
+}
+
+/// The man page and completions, from the same clap definition the daemon parses with.
+fn generate_docs(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    let man = dir.join("xvdpa.1");
+    std::fs::write(&man, page).with_context(|| format!("writing {}", man.display()))?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "xvdpa", dir)
+            .with_context(|| format!("writing the {shell} completions"))?;
+    }
+    Ok(())
 }
 
 fn ctl(args: CtlArgs) -> anyhow::Result<()> {

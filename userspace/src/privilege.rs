@@ -35,21 +35,21 @@ pub enum PrivilegeError {
     NoUser(String),
     #[error("no such group {0:?}")]
     NoGroup(String),
-    #[error("looking up {what} {name:?}: {source}")]
+    #[error("looking up {what} {name:?}: {why}")]
     Lookup {
         what: &'static str,
         name: String,
-        source: io::Error,
+        why: io::Error,
     },
     #[error("--user needs the daemon started as root")]
     NotRoot,
     #[error("--user: privileges are dropped before the daemon starts threads, but it has {0}")]
     Threads(usize),
-    #[error("dropping privileges to {user:?}: {step}: {source}")]
+    #[error("dropping privileges to {user:?}: {step}: {why}")]
     Drop {
         user: String,
         step: &'static str,
-        source: io::Error,
+        why: io::Error,
     },
 }
 
@@ -65,10 +65,10 @@ pub struct Account {
 impl Account {
     /// Looks `name` up in the user database (and its group memberships).
     pub fn lookup(name: &str) -> Result<Self, PrivilegeError> {
-        let lookup_err = |source| PrivilegeError::Lookup {
+        let lookup_err = |why| PrivilegeError::Lookup {
             what: "user",
             name: name.to_string(),
-            source,
+            why,
         };
         let c_name = CString::new(name).map_err(|_| PrivilegeError::NoUser(name.to_string()))?;
         let (uid, gid) = Sys::user(&c_name)
@@ -88,12 +88,21 @@ impl Account {
 pub fn group_id(name: &str) -> Result<u32, PrivilegeError> {
     let c_name = CString::new(name).map_err(|_| PrivilegeError::NoGroup(name.to_string()))?;
     Sys::group(&c_name)
-        .map_err(|source| PrivilegeError::Lookup {
+        .map_err(|why| PrivilegeError::Lookup {
             what: "group",
             name: name.to_string(),
-            source,
+            why,
         })?
         .ok_or_else(|| PrivilegeError::NoGroup(name.to_string()))
+}
+
+/// Refuses early what [`drop_to`] would refuse late: only root can become another user.
+pub fn require_root() -> Result<(), PrivilegeError> {
+    if Sys::euid() == 0 {
+        Ok(())
+    } else {
+        Err(PrivilegeError::NotRoot)
+    }
 }
 
 /// Threads of this process.
@@ -114,15 +123,13 @@ fn thread_count() -> usize {
 /// could regain the rest. Must run while the process has one thread.
 pub fn drop_to(account: &Account, keep: &[Capability]) -> Result<(), PrivilegeError> {
     let step_err = |step| {
-        move |source| PrivilegeError::Drop {
+        move |why| PrivilegeError::Drop {
             user: account.name.clone(),
             step,
-            source,
+            why,
         }
     };
-    if Sys::euid() != 0 {
-        return Err(PrivilegeError::NotRoot);
-    }
+    require_root()?;
     match thread_count() {
         1 => {}
         n => return Err(PrivilegeError::Threads(n)),
@@ -147,7 +154,7 @@ pub fn drop_to(account: &Account, keep: &[Capability]) -> Result<(), PrivilegeEr
         return Err(PrivilegeError::Drop {
             user: account.name.clone(),
             step: "checking the drop",
-            source: io::Error::other("setresuid(0) still succeeds"),
+            why: io::Error::other("setresuid(0) still succeeds"),
         });
     }
     Ok(())

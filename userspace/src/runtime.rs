@@ -80,10 +80,17 @@ pub enum RuntimeError {
     Steering(#[from] SteeringError),
     #[error("control plane: {0}")]
     ControlPlane(io::Error),
+    // Not `#[from]`: that would make the error its own cause, and the message would repeat.
     #[error("--user: {0}")]
-    Privilege(#[from] PrivilegeError),
-    #[error("--user: cannot hand directory {path} to the daemon's user: {source}")]
-    SocketDir { path: PathBuf, source: io::Error },
+    Privilege(PrivilegeError),
+    #[error("--user: cannot hand directory {path} to the daemon's user: {why}")]
+    SocketDir { path: PathBuf, why: io::Error },
+}
+
+impl From<PrivilegeError> for RuntimeError {
+    fn from(e: PrivilegeError) -> Self {
+        RuntimeError::Privilege(e)
+    }
 }
 
 /// Capabilities the datapath uses, as (bit, name).
@@ -209,6 +216,9 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     let geometry = XskGeometry::default();
     raise_memlock(geometry.umem_bytes() * u64::from(rx_queues) + (16 << 20))?;
     let account = config.user.as_deref().map(Account::lookup).transpose()?;
+    if account.is_some() {
+        privilege::require_root()?;
+    }
     let socket_dirs = SocketDirs::before_creating(&config);
     for p in &config.ports {
         port::prepare_socket_path(&p.socket)?;
@@ -232,10 +242,15 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     if let Some(account) = &account {
         // Everything that needs root is done: the ports below are made exactly as ports
         // added later through the control socket are, by the unprivileged daemon.
-        socket_dirs.hand_to(account)?;
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let keep = kept_capabilities(config.busy_poll, &release);
-        privilege::drop_to(account, &keep)?;
+        let dropped = socket_dirs
+            .hand_to(account)
+            .and_then(|()| Ok(privilege::drop_to(account, &keep)?));
+        if let Err(e) = dropped {
+            let _ = std::fs::remove_file(&config.ctl);
+            return Err(e);
+        }
         let names: Vec<&str> = keep.iter().map(|c| c.name).collect();
         tracing::info!(user = %account.name, uid = account.uid, capabilities = %names.join(","), "dropped root");
     }
@@ -348,9 +363,9 @@ impl SocketDirs {
     fn hand_to(&self, account: &Account) -> Result<(), RuntimeError> {
         use std::os::unix::fs::PermissionsExt;
         for dir in &self.0 {
-            let fail = |source| RuntimeError::SocketDir {
+            let fail = |why| RuntimeError::SocketDir {
                 path: dir.clone(),
-                source,
+                why,
             };
             std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid)).map_err(fail)?;
             let mode = std::fs::metadata(dir).map_err(fail)?.permissions().mode();
