@@ -334,53 +334,91 @@ fn map_updates_need_cap_bpf(release: &str) -> bool {
 
 /// Directories the sockets live in that the daemon's user must be able to write after
 /// `--user` (to make and remove port sockets): the ones the daemon creates itself, and
-/// systemd's `RuntimeDirectory` (`$RUNTIME_DIRECTORY`), which systemd makes for root.
-struct SocketDirs(Vec<PathBuf>);
+/// systemd's `RuntimeDirectory` (`$RUNTIME_DIRECTORY`), which systemd makes for root. Others
+/// that already exist are the operator's: they are left alone, with a warning if the user
+/// cannot write there.
+struct SocketDirs {
+    handed: Vec<PathBuf>,
+    existing: Vec<PathBuf>,
+}
 
 impl SocketDirs {
     /// Notes the directories that do not exist yet, before the sockets' paths are prepared.
     fn before_creating(config: &RuntimeConfig) -> Self {
-        let mut dirs = Vec::new();
-        if let Some(run) = std::env::var_os("RUNTIME_DIRECTORY") {
-            // systemd separates several directories with colons; ours is one.
-            dirs.extend(std::env::split_paths(&run).filter(|p| p.is_absolute()));
-        }
+        let mut handed = runtime_directories();
+        let mut existing = Vec::new();
         let sockets = config.ports.iter().map(|p| p.socket.as_path());
         for socket in sockets.chain([config.ctl.as_path()]) {
-            for dir in socket.ancestors().skip(1) {
-                if dir.as_os_str().is_empty() || dir.exists() {
-                    break;
+            let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) else {
+                continue;
+            };
+            if parent.exists() {
+                if !handed.iter().any(|h| h == parent) {
+                    existing.push(parent.to_path_buf());
                 }
-                dirs.push(dir.to_path_buf());
+                continue;
             }
+            let missing = parent
+                .ancestors()
+                .take_while(|d| !d.as_os_str().is_empty() && !d.exists());
+            handed.extend(missing.map(Path::to_path_buf));
         }
-        dirs.sort();
-        dirs.dedup();
-        SocketDirs(dirs)
+        for dirs in [&mut handed, &mut existing] {
+            dirs.sort();
+            dirs.dedup();
+        }
+        SocketDirs { handed, existing }
     }
 
-    /// Gives the directories to `account`, mode 0750 (its group may reach the sockets).
+    /// Gives the directories to `account`; those the daemon made are 0750 (its group may
+    /// reach the sockets), systemd's keeps the mode the unit gave it.
     fn hand_to(&self, account: &Account) -> Result<(), RuntimeError> {
-        use std::os::unix::fs::PermissionsExt;
-        for dir in &self.0 {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let runtime = runtime_directories();
+        for dir in &self.handed {
             let fail = |why| RuntimeError::SocketDir {
                 path: dir.clone(),
                 why,
             };
             std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid)).map_err(fail)?;
-            let mode = std::fs::metadata(dir).map_err(fail)?.permissions().mode();
-            // systemd's directory keeps the mode the unit gave it (RuntimeDirectoryMode).
-            if mode & 0o7777 != 0o750 && !self.is_runtime_directory(dir) {
+            if !runtime.contains(dir) {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
                     .map_err(fail)?;
             }
         }
+        for dir in &self.existing {
+            let Ok(meta) = std::fs::metadata(dir) else {
+                continue;
+            };
+            if !writable_by(account, meta.uid(), meta.gid(), meta.mode()) {
+                tracing::warn!(dir = %dir.display(), user = %account.name, "the daemon's user cannot write here: sockets in this directory cannot be added, removed or cleaned up after start-up");
+            }
+        }
         Ok(())
     }
+}
 
-    fn is_runtime_directory(&self, dir: &Path) -> bool {
-        std::env::var_os("RUNTIME_DIRECTORY")
-            .is_some_and(|run| std::env::split_paths(&run).any(|p| p == dir))
+/// systemd's `RuntimeDirectory`, as it tells the service (colon-separated).
+fn runtime_directories() -> Vec<PathBuf> {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .map(|run| {
+            std::env::split_paths(&run)
+                .filter(|p| p.is_absolute())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `account` may create and remove entries in a directory owned by `uid`:`gid`
+/// with `mode` (the permission bits the kernel checks for a non-root user).
+fn writable_by(account: &Account, uid: u32, gid: u32, mode: u32) -> bool {
+    let wx = |shift: u32| (mode >> shift) & 0o3 == 0o3;
+    if uid == account.uid {
+        wx(6)
+    } else if account.groups.contains(&gid) || gid == account.gid {
+        wx(3)
+    } else {
+        wx(0)
     }
 }
 
@@ -478,6 +516,25 @@ mod tests {
         assert_eq!(names(false, "6.1.0-27-amd64"), ["CAP_NET_RAW", "CAP_BPF"]);
         assert_eq!(names(false, "5.15.0"), ["CAP_NET_RAW", "CAP_BPF"]);
         assert_eq!(names(false, ""), ["CAP_NET_RAW", "CAP_BPF"]);
+    }
+
+    #[test]
+    fn directory_write_access_follows_owner_group_and_others() {
+        let user = Account {
+            name: "vm".into(),
+            uid: 1000,
+            gid: 1000,
+            groups: vec![1000, 64],
+        };
+        assert!(writable_by(&user, 1000, 0, 0o700));
+        assert!(
+            !writable_by(&user, 1000, 1000, 0o570),
+            "owner bits decide for the owner"
+        );
+        assert!(writable_by(&user, 0, 64, 0o770));
+        assert!(!writable_by(&user, 0, 64, 0o750));
+        assert!(!writable_by(&user, 0, 0, 0o755));
+        assert!(writable_by(&user, 0, 0, 0o1777));
     }
 
     #[test]

@@ -18,8 +18,12 @@ use crate::build;
 use crate::say;
 use crate::util::{output, run, workspace_root};
 
-/// Packaging and checking the package: dpkg-deb, and systemd-analyze for the unit.
-pub const DIST_PACKAGES: &[(&str, &str)] = &[("dpkg", "dpkg-deb"), ("systemd", "systemd-analyze")];
+/// Packaging and checking the package: dpkg-deb, strip, and systemd-analyze for the unit.
+pub const DIST_PACKAGES: &[(&str, &str)] = &[
+    ("dpkg", "dpkg-deb"),
+    ("binutils", "strip"),
+    ("systemd", "systemd-analyze"),
+];
 
 /// Where each file goes in the installed system.
 pub const BINARY: &str = "usr/bin/xvdpa";
@@ -94,6 +98,10 @@ pub fn dist() -> Result<PathBuf> {
     let dist = workspace_root().join("userspace/dist");
 
     install(&binary, &stage.join(BINARY), 0o755)?;
+    // Debug symbols are most of a release binary; a package ships without them.
+    run(Command::new("strip")
+        .arg("--strip-unneeded")
+        .arg(stage.join(BINARY)))?;
     install(&dist.join("xvdpa.service"), &stage.join(UNIT), 0o644)?;
     install(&dist.join("xvdpa.toml"), &stage.join(CONFIG), 0o644)?;
     install(&dist.join("xvdpa.toml"), &stage.join(EXAMPLE_CONFIG), 0o644)?;
