@@ -2,8 +2,9 @@
 //! `dpkg-deb -x`: every file where the package says, the unit accepted by systemd-analyze,
 //! the man page and completions generated from the command line, and the installed daemon
 //! started from the scratch root on a lab with the shipped config, serving a VM as an
-//! unprivileged user. Needs root and `$XVDPA_DEB` (`cargo xtask test` builds the package
-//! and sets it).
+//! unprivileged user; and the maintainer script run in a mount namespace over a copy of
+//! /etc, making the service user. Needs root and `$XVDPA_DEB` (`cargo xtask test` builds
+//! the package and sets it).
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -244,5 +245,51 @@ fn the_installed_daemon_starts_from_the_package_with_its_config() -> Result<()> 
     let stats = Ctl::new(&ctl).stats()?;
     ensure!(stats["iface"] == NIC, "stats {stats}");
     daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn the_maintainer_script_makes_the_service_user_once() -> Result<()> {
+    let control = socket_dir("pkgpost")?;
+    stdout(
+        Command::new("dpkg-deb")
+            .arg("-e")
+            .arg(package()?)
+            .arg(&*control),
+    )?;
+    let etc = control.join("etc");
+    // A private mount namespace with a copy of /etc over the real one: the script runs as
+    // dpkg would run it, and the host's user database is left untouched.
+    let script = format!(
+        "set -e; cp -a /etc {etc}; mount --bind {etc} /etc; \
+         if getent passwd xvdpa; then echo the user exists already >&2; exit 3; fi; \
+         sh {post} configure; sh {post} configure; \
+         getent passwd xvdpa; id -gn xvdpa",
+        etc = etc.display(),
+        post = control.join("postinst").display()
+    );
+    let out = stdout(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(&script),
+    )?;
+    let mut lines = out.lines();
+    let passwd = lines.next().unwrap_or_default();
+    let fields: Vec<&str> = passwd.split(':').collect();
+    ensure!(
+        fields.first() == Some(&"xvdpa")
+            && fields.get(5) == Some(&"/nonexistent")
+            && fields.get(6) == Some(&"/usr/sbin/nologin")
+            && fields
+                .get(2)
+                .and_then(|u| u.parse::<u32>().ok())
+                .is_some_and(|u| u < 1000),
+        "the service user: {passwd:?}"
+    );
+    ensure!(lines.next() == Some("xvdpa"), "its group: {out}");
+    ensure!(
+        !std::fs::read_to_string("/etc/passwd")?.contains("\nxvdpa:"),
+        "the host's /etc/passwd was changed"
+    );
     Ok(())
 }
