@@ -91,14 +91,18 @@ impl Daemon {
 
     /// Starts the binary with exactly `args` (for command-line error tests).
     pub fn spawn_raw(netns: Option<&str>, args: &[&str]) -> Result<Daemon> {
-        let bin = checked_binary()?;
+        Self::spawn_binary(&checked_binary()?, netns, args)
+    }
+
+    /// Starts the daemon binary `bin` (an installed one, say) with exactly `args`.
+    pub fn spawn_binary(bin: &Path, netns: Option<&str>, args: &[&str]) -> Result<Daemon> {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&bin);
+                c.args(["netns", "exec", ns]).arg(bin);
                 c
             }
-            None => Command::new(&bin),
+            None => Command::new(bin),
         };
         cmd.args(args);
         Self::spawn_command(cmd, ctl_arg(args))

@@ -151,3 +151,42 @@ fn bad_flag_values_are_usage_errors() -> Result<()> {
     ensure!(out.contains("--xdp-mode"), "{out}");
     Ok(())
 }
+
+#[test]
+fn user_and_socket_group_mistakes_are_clear_errors() -> Result<()> {
+    let dir = socket_dir("lperr")?;
+    let sock = dir.join("vm0.sock");
+    let bad_group = format!(
+        "socket={},mac=52:54:00:12:34:56,socket-group=xvdpa-no-such-group",
+        sock.display()
+    );
+    let out = fails(None, &["--iface", "lo", "--port", &bad_group])?;
+    ensure!(
+        out.contains("socket-group: no such group \"xvdpa-no-such-group\""),
+        "{out}"
+    );
+    let bad_mode = format!(
+        "socket={},mac=52:54:00:12:34:56,socket-mode=999",
+        sock.display()
+    );
+    let out = fails(None, &["--iface", "lo", "--port", &bad_mode])?;
+    ensure!(out.contains("expected octal permission bits"), "{out}");
+    let port = format!("socket={},mac=52:54:00:12:34:56", sock.display());
+    let out = fails(
+        None,
+        &[
+            "--iface",
+            "lo",
+            "--port",
+            &port,
+            "--user",
+            "xvdpa-no-such-user",
+        ],
+    )?;
+    ensure!(
+        out.contains("--user: no such user \"xvdpa-no-such-user\""),
+        "{out}"
+    );
+    ensure!(!sock.exists(), "a socket was made before the error");
+    Ok(())
+}

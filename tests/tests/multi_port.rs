@@ -363,6 +363,48 @@ fn control_socket_answers_bad_requests_with_errors_and_keeps_serving() -> Result
         .filter(|n| n.starts_with('.'))
         .collect();
     ensure!(stray.is_empty(), "left beside the sockets: {stray:?}");
+    // A port with the group and mode the operator chose (a QEMU's group) has them.
+    let grouped = s.dir.join("grouped.sock");
+    s.ctl.cli(
+        &["ctl"],
+        &[
+            "add-port",
+            "--socket",
+            grouped.to_str().unwrap(),
+            "--mac",
+            &mac_str(guest_mac(7)),
+            "--socket-group",
+            "nogroup",
+            "--socket-mode",
+            "0640",
+        ],
+    )?;
+    let mut grouped_meta = None;
+    for _ in 0..50 {
+        if let Ok(m) = std::fs::metadata(&grouped) {
+            grouped_meta = Some(m);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grouped_meta = grouped_meta.context("the grouped port's socket never appeared")?;
+    let (gid, mode) = (
+        std::os::unix::fs::MetadataExt::gid(&grouped_meta),
+        std::os::unix::fs::PermissionsExt::mode(&grouped_meta.permissions()) & 0o777,
+    );
+    ensure!(
+        (gid, mode) == (65534, 0o640),
+        "grouped port socket: gid {gid}, mode {mode:o}"
+    );
+    let listed = s.ctl.raw(r#"{"cmd":"list"}"#)?;
+    ensure!(
+        listed["ports"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["socket_group"] == "nogroup" && p["socket_mode"] == "0640")),
+        "list does not show the socket's group and mode: {listed}"
+    );
+    s.ctl
+        .cli(&["ctl"], &["del-port", grouped.to_str().unwrap()])?;
 
     let taken = s.sockets[0].display().to_string();
     let fresh = s.dir.join("new.sock").display().to_string();
@@ -413,6 +455,20 @@ fn control_socket_answers_bad_requests_with_errors_and_keeps_serving() -> Result
                 mac_str(guest_mac(5))
             ),
             "at least 1",
+        ),
+        (
+            format!(
+                r#"{{"cmd":"add-port","socket":"{fresh}","mac":"{}","socket_group":"xvdpa-no-such-group"}}"#,
+                mac_str(guest_mac(5))
+            ),
+            "socket_group: no such group \"xvdpa-no-such-group\"",
+        ),
+        (
+            format!(
+                r#"{{"cmd":"add-port","socket":"{fresh}","mac":"{}","socket_mode":"0999"}}"#,
+                mac_str(guest_mac(5))
+            ),
+            "expected octal permission bits",
         ),
     ];
     for (req, want) in &cases {

@@ -5,7 +5,8 @@
 //! ([`crate::config::parse_port`]) and `xvdpa ctl add-port`'s flags build one, and
 //! [`PortInfo`] shows it back with the port's index and state. Its keys are `socket`, `mac`,
 //! `allow_macs`, `rate_pps` and `rate_bps` (a number, or a string with a k, M or G suffix),
-//! `queues`, `cpus`, `vlan`, `vlan_passthrough` and `promisc`; unknown keys are refused, and every value is
+//! `queues`, `cpus`, `vlan`, `vlan_passthrough`, `promisc`, `socket_group` (a group name) and
+//! `socket_mode` (octal digits in a string, e.g. `"0660"`); unknown keys are refused, and every value is
 //! checked as the command line checks it. Written back (in `add-port`, `list` and `stats`
 //! replies) the queue count is named `queue_pairs` and rates are plain numbers; both
 //! spellings of the queue count are read.
@@ -74,6 +75,17 @@ pub struct PortSpec {
     /// which keeps the control queue, so this is the operator's setting.
     #[serde(default)]
     pub promisc: bool,
+    /// Group the vhost-user socket belongs to (the frontend's, e.g. `libvirt-qemu`); none:
+    /// the daemon's group. The daemon's user must be a member (or the daemon root).
+    #[serde(default, deserialize_with = "read_socket_group")]
+    pub socket_group: Option<String>,
+    /// Permission bits of the vhost-user socket; 0660: its owner and group only.
+    #[serde(
+        default = "default_socket_mode",
+        serialize_with = "write_socket_mode",
+        deserialize_with = "read_socket_mode"
+    )]
+    pub socket_mode: u32,
 }
 
 impl Default for PortSpec {
@@ -89,12 +101,42 @@ impl Default for PortSpec {
             queue_pairs: one_pair(),
             cpus: Vec::new(),
             promisc: false,
+            socket_group: None,
+            socket_mode: default_socket_mode(),
         }
     }
 }
 
 fn one_pair() -> u16 {
     1
+}
+
+/// A vhost-user socket's mode unless the port says otherwise.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
+fn default_socket_mode() -> u32 {
+    DEFAULT_SOCKET_MODE
+}
+
+/// Parses a socket's permission bits in octal (`0660`, `660`, `0o660`), up to 0777.
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
+        _ => Err(format!(
+            "socket-mode={s:?}: expected octal permission bits up to 0777, e.g. 0660"
+        )),
+    }
+}
+
+/// Checks that group `s` exists, so that a misspelt group fails where it is written rather
+/// than when the socket is made.
+pub fn parse_socket_group(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    crate::privilege::group_id(name)
+        .map(|_| name.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Parses a rate like `250000`, `100k`, `2.5M` or `10G` (powers of 1000).
@@ -208,6 +250,35 @@ fn read_queues<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     }
 }
 
+fn read_socket_group<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|g| parse_socket_group(&g).map_err(|e| D::Error::custom(format!("socket_group: {e}"))))
+        .transpose()
+}
+
+/// A socket mode as written: octal digits in a string, or a number (TOML's `0o660`).
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "socket_mode: expected octal permission bits in a string, e.g. \"0660\""
+)]
+enum ModeValue {
+    Int(u32),
+    Text(String),
+}
+
+fn read_socket_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match ModeValue::deserialize(d)? {
+        ModeValue::Int(m) => parse_socket_mode(&format!("{m:o}")),
+        ModeValue::Text(s) => parse_socket_mode(&s),
+    }
+    .map_err(|e| D::Error::custom(e.replace("socket-mode=", "socket_mode: ")))
+}
+
+fn write_socket_mode<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{mode:04o}"))
+}
+
 fn read_vlan<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
     Option::<u16>::deserialize(d)?
         .map(|v| parse_vlan(&v.to_string()).map_err(D::Error::custom))
@@ -315,6 +386,8 @@ mod tests {
                 queue_pairs: 1,
                 cpus: vec![],
                 promisc: false,
+                socket_group: None,
+                socket_mode: 0o660,
             })
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();
@@ -335,7 +408,8 @@ mod tests {
         let r: Request = serde_json::from_str(
             r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01",
                 "allow_macs":["52:54:00:00:00:09"],"rate_pps":100000,"rate_bps":"2G",
-                "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true}"#,
+                "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true,
+                "socket_group":"root","socket_mode":"0640"}"#,
         )
         .unwrap();
         let spec = PortSpec {
@@ -349,6 +423,8 @@ mod tests {
             queue_pairs: 2,
             cpus: vec![2, 3],
             promisc: true,
+            socket_group: Some("root".into()),
+            socket_mode: 0o640,
         };
         assert_eq!(r, Request::AddPort(spec.clone()));
         // What `xvdpa ctl add-port` sends reads back the same.
@@ -377,6 +453,29 @@ mod tests {
             err(&format!(r#"{ok_mac},"allow_macs":["01:00:5e:00:00:01"]"#))
                 .contains("allow_macs: invalid MAC")
         );
+        assert!(
+            err(&format!(r#"{ok_mac},"socket_group":"xvdpa-no-such-group""#))
+                .contains("socket_group: no such group \"xvdpa-no-such-group\"")
+        );
+        assert!(err(&format!(r#"{ok_mac},"socket_mode":"0680""#))
+            .contains("socket_mode: \"0680\": expected octal permission bits"));
+        assert!(err(&format!(r#"{ok_mac},"socket_mode":"1777""#)).contains("up to 0777"));
+    }
+
+    #[test]
+    fn socket_modes_read_as_octal() {
+        assert_eq!(parse_socket_mode("0660"), Ok(0o660));
+        assert_eq!(parse_socket_mode("600"), Ok(0o600));
+        assert_eq!(parse_socket_mode("0o640"), Ok(0o640));
+        assert!(parse_socket_mode("").is_err());
+        assert!(parse_socket_mode("0o").is_err());
+        assert!(parse_socket_mode("9").is_err());
+        assert!(parse_socket_mode("01000").is_err());
+        // A number, as TOML's 0o640 arrives, is the mode itself.
+        let spec: PortSpec =
+            serde_json::from_str(r#"{"socket":"/a","mac":"52:54:00:00:00:01","socket_mode":416}"#)
+                .unwrap();
+        assert_eq!(spec.socket_mode, 0o640);
     }
 
     #[test]
@@ -399,7 +498,8 @@ mod tests {
             serde_json::json!({
                 "index": 2, "socket": "/a", "mac": "52:54:00:00:00:01", "allow_macs": [],
                 "rate_pps": null, "rate_bps": 2_000_000_000u64, "vlan": null, "vlan_passthrough": false,
-                "queue_pairs": 2, "cpus": [1], "promisc": false, "state": "waiting",
+                "queue_pairs": 2, "cpus": [1], "promisc": false, "socket_group": null,
+                "socket_mode": "0660", "state": "waiting",
             })
         );
         assert_eq!(serde_json::from_value::<PortInfo>(json).unwrap(), info);

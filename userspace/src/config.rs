@@ -1,7 +1,8 @@
 //! The operator's input: `--port` specifications and the TOML config file.
 //!
 //! On the command line a port is `--port socket=PATH,mac=MAC[,allow-mac=MAC]...
-//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]`; rates take
+//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]
+//! [,socket-group=NAME][,socket-mode=OCTAL]`; rates take
 //! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
 //! a `[[port]]` table in the file given to `--config` (the serde form of
 //! [`PortSpec`]), next to the daemon-wide settings.
@@ -10,7 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::api::{parse_cpus, parse_queues, parse_rate, parse_vlan, PortSpec};
+use crate::api::{
+    parse_cpus, parse_queues, parse_rate, parse_socket_group, parse_socket_mode, parse_vlan,
+    PortSpec,
+};
 use crate::mac::{MacAddr, MacError};
 use crate::nic::steering::XdpModeChoice;
 use crate::nic::xsk::XskModeChoice;
@@ -68,12 +72,22 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "vlan" => port.vlan = Some(parse_vlan(value).map_err(|e| port_err(spec, e))?),
             "vlan-passthrough" => port.vlan_passthrough = on_off(spec, "vlan-passthrough", value)?,
             "promisc" => port.promisc = on_off(spec, "promisc", value)?,
+            "socket-group" => {
+                port.socket_group = Some(
+                    parse_socket_group(value)
+                        .map_err(|e| port_err(spec, format!("socket-group: {e}")))?,
+                )
+            }
+            "socket-mode" => {
+                port.socket_mode = parse_socket_mode(value).map_err(|e| port_err(spec, e))?
+            }
             other => {
                 return Err(port_err(
                     spec,
                     format!(
                         "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, \
-                         rate-bps, queues, cpus, vlan, vlan-passthrough, promisc)"
+                         rate-bps, queues, cpus, vlan, vlan-passthrough, promisc, socket-group, \
+                         socket-mode)"
                     ),
                 ))
             }
@@ -95,6 +109,8 @@ pub struct ConfigFile {
     pub busy_poll: Option<bool>,
     pub ctl: Option<PathBuf>,
     pub metrics: Option<String>,
+    /// The user to run as after start-up (`--user`).
+    pub user: Option<String>,
     /// The `[[port]]` tables, each read as a [`PortSpec`] by [`ConfigFile::parse`], which
     /// names the one that is wrong.
     #[serde(default, rename = "port")]
@@ -211,6 +227,36 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_parses() {
+        let f =
+            ConfigFile::parse(Path::new("xvdpa.toml"), include_str!("../dist/xvdpa.toml")).unwrap();
+        assert_eq!(f.iface.as_deref(), Some("eth0"));
+        assert_eq!(f.ctl, Some(PathBuf::from("/run/xvdpa/xvdpa.ctl")));
+        // The unit gives --user; the example port tables are commented out.
+        assert_eq!((f.user, f.ports.len()), (None, 0));
+    }
+
+    #[test]
+    fn socket_group_and_mode_parse_and_say_what_is_wrong() {
+        let p = parse_port("socket=/a,mac=52:54:00:00:00:01").unwrap();
+        assert_eq!((p.socket_group, p.socket_mode), (None, 0o660));
+        let p = parse_port("socket=/a,mac=52:54:00:00:00:01,socket-group=root,socket-mode=0600")
+            .unwrap();
+        assert_eq!(
+            (p.socket_group.as_deref(), p.socket_mode),
+            (Some("root"), 0o600)
+        );
+        let msg = |s: &str| parse_port(s).unwrap_err().to_string();
+        assert!(
+            msg("socket=/a,mac=52:54:00:00:00:01,socket-group=xvdpa-no-such-group")
+                .contains("socket-group: no such group \"xvdpa-no-such-group\"")
+        );
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,socket-mode=rw")
+            .contains("socket-mode=\"rw\": expected octal permission bits"));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,socket-mode=4755").contains("up to 0777"));
+    }
+
+    #[test]
     fn config_file_parses_and_checks_ports() {
         let text = r#"
             iface = "eth0"
@@ -251,6 +297,24 @@ mod tests {
         let bad = bad.unwrap_err().to_string();
         assert!(
             bad.contains("port 1 (/a): promisc: invalid type"),
+            "{bad:?}"
+        );
+        let f = ConfigFile::parse(
+            Path::new("x.toml"),
+            "user = \"nobody\"\n[[port]]\nsocket = \"/a\"\nmac = \"52:54:00:00:00:01\"\n\
+             socket_group = \"root\"\nsocket_mode = 0o600\n",
+        )
+        .unwrap();
+        assert_eq!(f.user.as_deref(), Some("nobody"));
+        assert_eq!(f.ports[0].socket_group.as_deref(), Some("root"));
+        assert_eq!(f.ports[0].socket_mode, 0o600);
+        let bad = ConfigFile::parse(
+            Path::new("x.toml"),
+            "[[port]]\nsocket = \"/a\"\nmac = \"52:54:00:00:00:01\"\nsocket_group = \"no-such-grp\"\n",
+        );
+        let bad = bad.unwrap_err().to_string();
+        assert!(
+            bad.contains("port 1 (/a): socket_group: no such group \"no-such-grp\""),
             "{bad:?}"
         );
         let unknown = ConfigFile::parse(Path::new("x.toml"), "ifname = \"eth0\"\n");

@@ -19,6 +19,7 @@
 //! - [`datapath`]: the device model and the per-packet copy functions over guest memory and
 //!   virtqueues, with no kernel, thread or socket in sight;
 //! - [`mac`], [`stats`], [`sync`]: small vocabulary every layer uses;
+//! - [`privilege`]: users, groups and capabilities (`--user`, socket groups);
 //! - [`memory_guard`]: the SIGBUS guard over guest memory a frontend shrinks, which the
 //!   backend registers memory with and every layer that reads a ring can consult.
 
@@ -31,6 +32,7 @@ pub mod mac;
 pub mod memory_guard;
 pub mod metrics;
 pub mod nic;
+pub mod privilege;
 pub mod runtime;
 pub mod stats;
 pub mod stats_table;

@@ -45,6 +45,13 @@ enum Command {
     Ctl(CtlArgs),
     /// Shows a running daemon's counters: a line per port, queue pairs with --queues.
     Stats(StatsArgs),
+    /// Writes the man page (xvdpa.1) and bash, zsh and fish completions into DIR, for
+    /// packaging.
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -55,8 +62,9 @@ struct ServeArgs {
     /// The NIC to serve VMs on.
     #[arg(long, value_name = "IFNAME")]
     iface: Option<String>,
-    /// A VM port: socket=PATH,mac=MAC[,allow-mac=MAC]...[,rate-pps=N][,rate-bps=N]. Repeat
-    /// for more VMs.
+    /// A VM port: socket=PATH,mac=MAC[,allow-mac=MAC]...[,rate-pps=N][,rate-bps=N]
+    /// [,queues=N][,cpus=A+B][,vlan=N][,vlan-passthrough=on][,promisc=on]
+    /// [,socket-group=NAME][,socket-mode=OCTAL]. Repeat for more VMs.
     #[arg(long = "port", value_name = "SPEC", value_parser = parse_port)]
     ports: Vec<PortSpec>,
     /// vhost-user socket of a single port (with --mac); the same as --port socket=...,mac=...
@@ -94,6 +102,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9477.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// After start-up (XDP attached, NIC queues bound), run as this user and its groups,
+    /// keeping only the capabilities the running daemon uses (see README). Needs root.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
     /// Log filter, e.g. `info`, `xvdpa=debug` (RUST_LOG also works).
     #[arg(long, default_value = "info")]
     log: String,
@@ -153,6 +165,12 @@ struct AddPortArgs {
     /// they are dropped and counted (tx_dropped_vlan).
     #[arg(long)]
     vlan_passthrough: bool,
+    /// Group of the port's socket (e.g. the QEMU's group) [default: the daemon's group].
+    #[arg(long, value_name = "NAME", value_parser = api::parse_socket_group)]
+    socket_group: Option<String>,
+    /// Permission bits of the port's socket, in octal.
+    #[arg(long, value_name = "OCTAL", value_parser = api::parse_socket_mode, default_value = "0660")]
+    socket_mode: u32,
     /// CPUs for the queue pairs' threads, e.g. 2+3.
     // The full path keeps clap from reading `Vec` as a repeatable flag: one value, one list.
     #[arg(long, value_name = "CPU+CPU...", value_parser = api::parse_cpus)]
@@ -179,6 +197,8 @@ impl AddPortArgs {
             queue_pairs: self.queues.unwrap_or(1),
             cpus: self.cpus.unwrap_or_default(),
             promisc: self.promisc,
+            socket_group: self.socket_group,
+            socket_mode: self.socket_mode,
         })
     }
 }
@@ -225,6 +245,7 @@ fn main() -> std::process::ExitCode {
         None => serve(cli.serve),
         Some(Command::Ctl(args)) => ctl(args),
         Some(Command::Stats(args)) => stats(args),
+        Some(Command::GenerateDocs { dir }) => generate_docs(&dir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -286,8 +307,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         busy_poll: args.busy_poll || file.busy_poll.unwrap_or(false),
         ctl,
         metrics,
+        user: args.user.or(file.user.clone()),
     };
     Ok(runtime::run(config, XDP_OBJECT)?)
+}
+
+/// The man page and completions, from the same clap definition the daemon parses with.
+fn generate_docs(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    let man = dir.join("xvdpa.1");
+    std::fs::write(&man, page).with_context(|| format!("writing {}", man.display()))?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "xvdpa", dir)
+            .with_context(|| format!("writing the {shell} completions"))?;
+    }
+    Ok(())
 }
 
 fn ctl(args: CtlArgs) -> anyhow::Result<()> {

@@ -23,6 +23,7 @@ use crate::nic::steering::{Steering, SteeringError, XdpLogger, XdpModeChoice};
 use crate::nic::vlan::TAG_LEN;
 use crate::nic::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskModeChoice};
 use crate::nic::Nic;
+use crate::privilege::{self, Account, Capability, PrivilegeError};
 use crate::vhost::port::{self, PortError};
 
 /// Everything the daemon is started with.
@@ -38,6 +39,8 @@ pub struct RuntimeConfig {
     pub ctl: PathBuf,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The user to become once the privileged set-up is done (`--user`).
+    pub user: Option<String>,
 }
 
 /// The control socket's path when none is given: next to the first port's socket, or in
@@ -78,6 +81,17 @@ pub enum RuntimeError {
     Steering(#[from] SteeringError),
     #[error("control plane: {0}")]
     ControlPlane(io::Error),
+    // Not `#[from]`: that would make the error its own cause, and the message would repeat.
+    #[error("--user: {0}")]
+    Privilege(PrivilegeError),
+    #[error("--user: cannot hand directory {path} to the daemon's user: {why}")]
+    SocketDir { path: PathBuf, why: io::Error },
+}
+
+impl From<PrivilegeError> for RuntimeError {
+    fn from(e: PrivilegeError) -> Self {
+        RuntimeError::Privilege(e)
+    }
 }
 
 /// Capabilities the datapath uses, as (bit, name).
@@ -216,6 +230,11 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     let geometry = XskGeometry::for_frames_up_to(usize::from(config.mtu) + ETH_HLEN + TAG_LEN);
     warn_if_nic_mtu_below(&config.iface, config.mtu);
     raise_memlock(geometry.umem_bytes() * u64::from(rx_queues) + (16 << 20))?;
+    let account = config.user.as_deref().map(Account::lookup).transpose()?;
+    if account.is_some() {
+        privilege::require_root()?;
+    }
+    let socket_dirs = SocketDirs::before_creating(&config);
     for p in &config.ports {
         port::prepare_socket_path(&p.socket)?;
     }
@@ -235,6 +254,21 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         busy_poll: config.busy_poll,
         steering: Mutex::new(steering),
     });
+    if let Some(account) = &account {
+        // Everything that needs root is done: the ports below are made exactly as ports
+        // added later through the control socket are, by the unprivileged daemon.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let keep = kept_capabilities(config.busy_poll, &release);
+        let dropped = socket_dirs
+            .hand_to(account)
+            .and_then(|()| Ok(privilege::drop_to(account, &keep)?));
+        if let Err(e) = dropped {
+            let _ = std::fs::remove_file(&config.ctl);
+            return Err(e);
+        }
+        let names: Vec<&str> = keep.iter().map(|c| c.name).collect();
+        tracing::info!(user = %account.name, uid = account.uid, capabilities = %names.join(","), "dropped root");
+    }
     let daemon = Arc::new(Daemon::new(nic));
     for spec in &config.ports {
         if let Err(e) = daemon.add_port(spec.clone()) {
@@ -274,6 +308,135 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     outcome
 }
 
+/// The capabilities the running daemon keeps after `--user`, each for something it does after
+/// start-up (README says the same; the least-privilege test checks each by running without it):
+/// - CAP_NET_RAW: every frontend connection opens fresh AF_XDP sockets on the NIC queues'
+///   UMEMs and an AF_PACKET socket for the port's broadcast and multicast copy;
+/// - CAP_NET_ADMIN, with `--busy-poll` only: SO_PREFER_BUSY_POLL (and a SO_BUSY_POLL above
+///   the system default) on each new AF_XDP socket;
+/// - CAP_BPF, on kernels before 6.5 only: they refuse every bpf(2) call, map updates on
+///   maps the daemon already holds included, to a caller without it while
+///   `kernel.unprivileged_bpf_disabled` is set (Debian's default); adding and removing a
+///   port and each connection update the steering, XSK and counter maps. Since 6.5 only
+///   creating maps and loading programs are checked, which the daemon does at start-up.
+///
+/// Not kept: detaching XDP at exit closes the program's bpf link, which needs no privilege;
+/// the locked-memory limit was lifted while root and stays with the process; new sockets
+/// share the UMEMs registered at start-up, so nothing new is locked.
+pub fn kept_capabilities(busy_poll: bool, kernel_release: &str) -> Vec<Capability> {
+    let mut keep = vec![privilege::CAP_NET_RAW];
+    if busy_poll {
+        keep.push(privilege::CAP_NET_ADMIN);
+    }
+    if map_updates_need_cap_bpf(kernel_release) {
+        keep.push(privilege::CAP_BPF);
+    }
+    keep
+}
+
+/// Whether the kernel `release` (as `uname -r` says it) checks CAP_BPF on every bpf(2) call.
+/// An unreadable release keeps it: a capability too many beats a daemon that cannot add ports.
+fn map_updates_need_cap_bpf(release: &str) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < (6, 5),
+        _ => true,
+    }
+}
+
+/// Directories the sockets live in that the daemon's user must be able to write after
+/// `--user` (to make and remove port sockets): the ones the daemon creates itself, and
+/// systemd's `RuntimeDirectory` (`$RUNTIME_DIRECTORY`), which systemd makes for root. Others
+/// that already exist are the operator's: they are left alone, with a warning if the user
+/// cannot write there.
+struct SocketDirs {
+    handed: Vec<PathBuf>,
+    existing: Vec<PathBuf>,
+}
+
+impl SocketDirs {
+    /// Notes the directories that do not exist yet, before the sockets' paths are prepared.
+    fn before_creating(config: &RuntimeConfig) -> Self {
+        let mut handed = runtime_directories();
+        let mut existing = Vec::new();
+        let sockets = config.ports.iter().map(|p| p.socket.as_path());
+        for socket in sockets.chain([config.ctl.as_path()]) {
+            let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) else {
+                continue;
+            };
+            if parent.exists() {
+                if !handed.iter().any(|h| h == parent) {
+                    existing.push(parent.to_path_buf());
+                }
+                continue;
+            }
+            let missing = parent
+                .ancestors()
+                .take_while(|d| !d.as_os_str().is_empty() && !d.exists());
+            handed.extend(missing.map(Path::to_path_buf));
+        }
+        for dirs in [&mut handed, &mut existing] {
+            dirs.sort();
+            dirs.dedup();
+        }
+        SocketDirs { handed, existing }
+    }
+
+    /// Gives the directories to `account`; those the daemon made are 0750 (its group may
+    /// reach the sockets), systemd's keeps the mode the unit gave it.
+    fn hand_to(&self, account: &Account) -> Result<(), RuntimeError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let runtime = runtime_directories();
+        for dir in &self.handed {
+            let fail = |why| RuntimeError::SocketDir {
+                path: dir.clone(),
+                why,
+            };
+            std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid)).map_err(fail)?;
+            if !runtime.contains(dir) {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+                    .map_err(fail)?;
+            }
+        }
+        for dir in &self.existing {
+            let Ok(meta) = std::fs::metadata(dir) else {
+                continue;
+            };
+            if !writable_by(account, meta.uid(), meta.gid(), meta.mode()) {
+                tracing::warn!(dir = %dir.display(), user = %account.name, "the daemon's user cannot write here: sockets in this directory cannot be added, removed or cleaned up after start-up");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// systemd's `RuntimeDirectory`, as it tells the service (colon-separated).
+fn runtime_directories() -> Vec<PathBuf> {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .map(|run| {
+            std::env::split_paths(&run)
+                .filter(|p| p.is_absolute())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `account` may create and remove entries in a directory owned by `uid`:`gid`
+/// with `mode` (the permission bits the kernel checks for a non-root user).
+fn writable_by(account: &Account, uid: u32, gid: u32, mode: u32) -> bool {
+    let wx = |shift: u32| (mode >> shift) & 0o3 == 0o3;
+    if uid == account.uid {
+        wx(6)
+    } else if account.groups.contains(&gid) || gid == account.gid {
+        wx(3)
+    } else {
+        wx(0)
+    }
+}
+
 /// Forwards the XDP program's aya-log records into `tracing` (through the `log` bridge).
 async fn pump_xdp_logs(logger: Option<XdpLogger>) {
     let Some(logger) = logger else { return };
@@ -308,6 +471,7 @@ mod tests {
             busy_poll: false,
             ctl: "/run/xvdpa/xvdpa.ctl".into(),
             metrics: None,
+            user: None,
         }
     }
 
@@ -356,6 +520,40 @@ mod tests {
             Path::new("/srv/vms/xvdpa.ctl")
         );
         assert_eq!(default_ctl_path(&[]), Path::new("/run/xvdpa/xvdpa.ctl"));
+    }
+
+    #[test]
+    fn kept_capabilities_follow_the_options_and_the_kernel() {
+        let names = |busy, release| -> Vec<&str> {
+            kept_capabilities(busy, release)
+                .iter()
+                .map(|c| c.name)
+                .collect()
+        };
+        assert_eq!(names(false, "6.18.44-fc-v669\n"), ["CAP_NET_RAW"]);
+        assert_eq!(names(true, "6.5.0"), ["CAP_NET_RAW", "CAP_NET_ADMIN"]);
+        assert_eq!(names(false, "6.1.0-27-amd64"), ["CAP_NET_RAW", "CAP_BPF"]);
+        assert_eq!(names(false, "5.15.0"), ["CAP_NET_RAW", "CAP_BPF"]);
+        assert_eq!(names(false, ""), ["CAP_NET_RAW", "CAP_BPF"]);
+    }
+
+    #[test]
+    fn directory_write_access_follows_owner_group_and_others() {
+        let user = Account {
+            name: "vm".into(),
+            uid: 1000,
+            gid: 1000,
+            groups: vec![1000, 64],
+        };
+        assert!(writable_by(&user, 1000, 0, 0o700));
+        assert!(
+            !writable_by(&user, 1000, 1000, 0o570),
+            "owner bits decide for the owner"
+        );
+        assert!(writable_by(&user, 0, 64, 0o770));
+        assert!(!writable_by(&user, 0, 64, 0o750));
+        assert!(!writable_by(&user, 0, 0, 0o755));
+        assert!(writable_by(&user, 0, 0, 0o1777));
     }
 
     #[test]

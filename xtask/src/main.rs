@@ -1,8 +1,9 @@
-//! `cargo xtask`: build, run, lab, vm, test, bench, fuzz, soak. See README.md.
+//! `cargo xtask`: build, run, lab, vm, dist, test, bench, fuzz, soak. See README.md.
 
 mod bench_cmd;
 mod bootstrap;
 mod build;
+mod dist_cmd;
 mod fuzz_cmd;
 mod guest_image;
 mod lab_cmd;
@@ -82,6 +83,10 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Builds the Debian package target/dist/xvdpa_<version>_<arch>.deb: the release daemon,
+    /// its systemd unit and example /etc/xvdpa.toml (userspace/dist/), the man page and
+    /// bash/zsh/fish completions.
+    Dist,
     /// The whole suite: unit, integration and QEMU end-to-end tests (needs root).
     Test {
         /// Arguments for `cargo test` (e.g. a test name filter).
@@ -106,6 +111,7 @@ fn main() {
             ip,
             daemon_args,
         } => vm_cmd::vm(cmd.as_deref(), &ip, &daemon_args),
+        Cmd::Dist => dist_cmd::dist().map(|_| ()),
         Cmd::Test { cargo_args } => test_cmd::test(&cargo_args),
         Cmd::Fuzz { seconds, target } => fuzz_cmd::fuzz(seconds, target.as_deref()),
         Cmd::Bench(args) => bench_cmd::bench(args),

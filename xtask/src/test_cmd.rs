@@ -9,7 +9,7 @@ use crate::bootstrap::{
 };
 use crate::say;
 use crate::util::{is_root, output, run, workspace_root};
-use crate::{build, fuzz_cmd, guest_image};
+use crate::{build, dist_cmd, fuzz_cmd, guest_image};
 
 /// How long the suite runs each fuzz target (`cargo xtask fuzz` runs them longer).
 const FUZZ_SECONDS: u64 = 10;
@@ -37,6 +37,8 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     ensure_packages(PEER_PACKAGES)?;
     ensure_packages(LIBVIRT_PACKAGES)?;
     let daemon = build::build(false)?;
+    // The package tests install and start (tests/tests/package.rs).
+    let package = dist_cmd::dist()?;
     let image = guest_image::ensure()?;
     remove_stale_test_labs()?;
     say!("running the test suite");
@@ -46,6 +48,7 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
         .args(cargo_args)
         .env("XVDPA_EBPF_OBJECT", build::ebpf_object())
         .env("XVDPA_BIN", &daemon)
+        .env("XVDPA_DEB", &package)
         .env("XVDPA_GUEST_KERNEL", &image.kernel)
         .env("XVDPA_GUEST_INITRD", &image.initrd);
     run(&mut cmd).context("the test suite failed")?;

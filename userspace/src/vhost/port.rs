@@ -263,7 +263,10 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
         Err(e) => return Err(err(e)),
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(err)?;
+        // 0750: the daemon's group may reach the sockets inside (each has its own mode too).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o750)
+            .create(parent)
+            .map_err(err)?;
     }
     Ok(())
 }
@@ -280,13 +283,21 @@ pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), Po
 
 fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
     let path = &port.spec.socket;
-    // 0660: the daemon's user and group (a QEMU running as its own user in that group), nobody
-    // else. The socket has that mode before anyone can reach it.
+    // The port's group and mode (by default 0660 and the daemon's group: a QEMU in that group,
+    // nobody else). The socket has them before anyone can reach it.
+    let socket_err = |source| PortError::SocketPath {
+        path: path.clone(),
+        source,
+    };
+    let gid = match &port.spec.socket_group {
+        Some(name) => Some(
+            crate::privilege::group_id(name)
+                .map_err(|e| socket_err(io::Error::new(io::ErrorKind::NotFound, e)))?,
+        ),
+        None => None,
+    };
     let public =
-        socket_file::bind_with_mode(path, 0o660).map_err(|source| PortError::SocketPath {
-            path: path.clone(),
-            source,
-        })?;
+        socket_file::bind_with_access(path, port.spec.socket_mode, gid).map_err(socket_err)?;
     tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
     let mut shortage = AcceptBackoff::new(path.display().to_string());
     while !port.stopping.load(Ordering::Acquire) {

@@ -1,6 +1,6 @@
 //! Unix sockets the daemon listens on, made so that no other process reaches them before
-//! they are ready: a socket file gets its mode while it sits in a private (0700) directory,
-//! and only then is renamed to the path frontends connect to.
+//! they are ready: a socket file gets its group and mode while it sits in a private (0700)
+//! directory, and only then is renamed to the path frontends connect to.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -32,13 +32,22 @@ impl Drop for PrivateDir {
     }
 }
 
-/// Binds a listening socket at `path` with permissions `mode`. It is bound in a private
-/// directory, given its mode there and renamed into place, so no process can connect while
-/// it still has the mode the umask gave it.
-pub fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
+/// Binds a listening socket at `path` with permissions `mode` and, if given, group `gid`
+/// (otherwise the daemon's). It is bound in a private directory, given its group and mode
+/// there and renamed into place, so no process can connect while it still has the mode the
+/// umask gave it or the wrong group.
+pub fn bind_with_access(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<UnixListener> {
     let dir = PrivateDir::next_to(path)?;
     let staged = dir.0.join("socket");
     let listener = UnixListener::bind(&staged)?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(&staged, None, Some(gid)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot give the socket group id {gid} (the daemon's user must be a member of the group): {e}"),
+            )
+        })?;
+    }
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
     std::fs::rename(&staged, path)?;
     Ok(listener)
@@ -80,9 +89,13 @@ mod tests {
     fn a_bound_socket_has_its_mode_and_nothing_is_left_beside_it() {
         let dir = scratch_dir("bind");
         let path = dir.join("vm0.sock");
-        let listener = bind_with_mode(&path, 0o660).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o660);
+        // Our own primary group: one any user may give its files.
+        // SAFETY: getegid has no arguments and cannot fail.
+        let gid = unsafe { libc::getegid() };
+        let listener = bind_with_access(&path, 0o640, Some(gid)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
         assert_eq!(entries(&dir), vec!["vm0.sock".to_string()]);
         // Connections reach the listener through the final path.
         let mut c = UnixStream::connect(&path).unwrap();
