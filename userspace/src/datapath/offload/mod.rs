@@ -127,6 +127,8 @@ pub enum BadOffload {
     NotNegotiated,
     #[error("checksum start or offset outside the frame")]
     ChecksumOutsideFrame,
+    #[error("checksum field at an odd offset from its start")]
+    ChecksumOffsetOdd,
     #[error("unknown or unsupported gso_type")]
     GsoType,
     #[error("gso_size is 0")]
@@ -156,6 +158,12 @@ pub fn classify(hdr: &NetHeader, frame: &[u8], allowed: Offloads) -> Result<Offl
             // The 16-bit field must lie inside the frame, after the Ethernet header.
             if start < ETH_HLEN || start + offset + 2 > frame.len() {
                 return Err(BadOffload::ChecksumOutsideFrame);
+            }
+            // An Internet checksum field is a 16-bit word of the data it covers: at an odd
+            // offset no value makes the sum verify (found by fuzzing). TCP's is at 16, UDP's
+            // at 6.
+            if offset % 2 != 0 {
+                return Err(BadOffload::ChecksumOffsetOdd);
             }
             Ok(Offload::Checksum { start, offset })
         }

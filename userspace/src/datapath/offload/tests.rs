@@ -202,6 +202,15 @@ fn bad_requests_are_refused() {
         );
     }
 
+    // A checksum field at an odd offset (the fuzzer's first find: the completed checksum
+    // could not verify).
+    let odd = NetHeader {
+        csum_start: 34,
+        csum_offset: 1,
+        ..csum
+    };
+    assert_eq!(refuse(odd, &big, all()), Err(BadOffload::ChecksumOffsetOdd));
+
     // gso_size 0, UDP, unknown types.
     assert_eq!(
         refuse(tso_header(false, 0), &big, all()),
