@@ -217,7 +217,7 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     warn_if_nic_mtu_below(&config.iface, config.mtu);
     raise_memlock(geometry.umem_bytes() * u64::from(rx_queues) + (16 << 20))?;
     for p in &config.ports {
-        port::prepare_socket_path(&p.socket)?;
+        port::prepare(p)?;
     }
     let ctl_listener = crate::control::bind(&config.ctl).map_err(RuntimeError::ControlPlane)?;
 

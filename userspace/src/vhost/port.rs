@@ -1,5 +1,10 @@
 //! A VM port: its vhost-user socket and the loop that serves one frontend after another.
 //!
+//! In server mode the port listens and accepts one frontend after another; in client mode
+//! QEMU listens and the port connects, and connects again with back-off
+//! ([`ReconnectBackoff`]) whenever QEMU is not there yet or has gone away. Either way the
+//! connection then goes through the same shim, library and workers.
+//!
 //! Every connection gets fresh AF_XDP sockets and UMEM, so nothing a previous VM (or a
 //! previous boot of the same VM) left behind can leak into the next one. The port's sockets
 //! are in the steering map only while a frontend is connected.
@@ -16,7 +21,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::api::PortSpec;
+use crate::api::{PortSpec, SocketMode};
 use crate::datapath::device::{NetConfig, DUPLEX_FULL, ETH_HLEN};
 use crate::nic::packet_tap::PacketTap;
 use crate::nic::steering::SteeringError;
@@ -159,7 +164,24 @@ impl Port {
             h.shutdown();
         }
         // A port waiting in accept() wakes up on a connection; `serve` then sees `stopping`.
-        let _ = UnixStream::connect(&self.spec.socket);
+        // A client port's socket is QEMU's: it must not get a stray connection, and the
+        // port's reconnect loop sees `stopping` between tries.
+        if self.spec.mode == SocketMode::Server {
+            let _ = UnixStream::connect(&self.spec.socket);
+        }
+    }
+
+    /// Sleeps for `delay`, or less if the port is stopping meanwhile.
+    fn pause(&self, delay: Duration) {
+        const SLICE: Duration = Duration::from_millis(20);
+        let end = Instant::now() + delay;
+        while !self.stopping.load(Ordering::Acquire) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(SLICE));
+        }
     }
 
     fn policy(&self) -> TxPolicy {
@@ -238,6 +260,69 @@ fn accept_may_recover(error: &io::Error) -> bool {
         )
 }
 
+/// The first wait of a client port whose frontend is not listening; it doubles up to
+/// [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// When a client port tries to connect again: QEMU (re)starting takes from a fraction of a
+/// second to a few, so the first tries come quickly, and a QEMU that stays away costs one
+/// `connect` every [`RECONNECT_MAX`]. A connection resets the schedule.
+#[derive(Debug)]
+pub struct ReconnectBackoff {
+    next: Duration,
+}
+
+impl Default for ReconnectBackoff {
+    fn default() -> Self {
+        ReconnectBackoff {
+            next: RECONNECT_FIRST,
+        }
+    }
+}
+
+impl ReconnectBackoff {
+    /// A connect failed: how long to wait before the next.
+    pub fn failed(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(RECONNECT_MAX);
+        delay
+    }
+
+    /// Whether no try has failed since the last connection (the start of an episode).
+    pub fn is_fresh(&self) -> bool {
+        self.next == RECONNECT_FIRST
+    }
+
+    /// A connection was made: the next failure starts from the beginning.
+    pub fn connected(&mut self) {
+        self.next = RECONNECT_FIRST;
+    }
+}
+
+/// Where a port's frontends come from.
+enum Frontends {
+    /// Server mode: the port's listening socket.
+    Listening(std::os::unix::net::UnixListener),
+    /// Client mode: QEMU's socket, connected to with back-off.
+    Connecting(ReconnectBackoff),
+}
+
+/// Makes a port's socket path ready: in server mode as [`prepare_socket_path`] does; in
+/// client mode the path is QEMU's, and only something there that is not a socket is refused
+/// (QEMU need not have started yet).
+pub fn prepare(spec: &PortSpec) -> Result<(), PortError> {
+    match spec.mode {
+        SocketMode::Server => prepare_socket_path(&spec.socket),
+        SocketMode::Client => match std::fs::symlink_metadata(&spec.socket) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                Err(PortError::NotASocket(spec.socket.clone()))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Makes `path` ready to bind: refuses one a live process listens on or that is not a
 /// socket, removes a stale one, creates the parent directory.
 pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
@@ -280,17 +365,23 @@ pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), Po
 
 fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
     let path = &port.spec.socket;
-    // 0660: the daemon's user and group (a QEMU running as its own user in that group), nobody
-    // else. The socket has that mode before anyone can reach it.
-    let public =
-        socket_file::bind_with_mode(path, 0o660).map_err(|source| PortError::SocketPath {
-            path: path.clone(),
-            source,
-        })?;
-    tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
+    let mut frontends = match port.spec.mode {
+        // 0660: the daemon's user and group (a QEMU running as its own user in that group),
+        // nobody else. The socket has that mode before anyone can reach it.
+        SocketMode::Server => {
+            Frontends::Listening(socket_file::bind_with_mode(path, 0o660).map_err(|source| {
+                PortError::SocketPath {
+                    path: path.clone(),
+                    source,
+                }
+            })?)
+        }
+        SocketMode::Client => Frontends::Connecting(ReconnectBackoff::default()),
+    };
+    tracing::info!(port = port.index, socket = %path.display(), mode = %port.spec.mode, mac = %port.spec.mac, "port ready for a frontend");
     let mut shortage = AcceptBackoff::new(path.display().to_string());
     while !port.stopping.load(Ordering::Acquire) {
-        match serve_one(nic, switch, port, &public) {
+        match serve_one(nic, switch, port, &mut frontends) {
             Ok(()) => {}
             Err(e) if e.is_shortage() => {
                 std::thread::sleep(shortage.failed(&e, "out of resources"))
@@ -307,7 +398,7 @@ fn serve_one(
     nic: &Nic,
     switch: &Arc<SwitchTable>,
     port: &Port,
-    public: &std::os::unix::net::UnixListener,
+    frontends: &mut Frontends,
 ) -> Result<(), PortError> {
     let path = &port.spec.socket;
     let pairs = usize::from(port.spec.queue_pairs.max(1));
@@ -343,7 +434,11 @@ fn serve_one(
         }
     }
 
-    let Some(frontend) = accept_frontend(public, port)? else {
+    let next = match frontends {
+        Frontends::Listening(public) => accept_frontend(public, port)?,
+        Frontends::Connecting(backoff) => connect_frontend(port, backoff),
+    };
+    let Some(frontend) = next else {
         return Ok(());
     };
     // Steer the port's MAC to its sockets before the frontend's first message goes
@@ -359,6 +454,12 @@ fn serve_one(
         })
         .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
     *crate::sync::lock(&port.shutdown) = daemon.shutdown_handle();
+    // A stop that came before the handle was stored found nothing to shut down.
+    if port.stopping.load(Ordering::Acquire) {
+        if let Some(h) = crate::sync::lock(&port.shutdown).take() {
+            h.shutdown();
+        }
+    }
     if !port.stopping.load(Ordering::Acquire) {
         port.set_state(PortState::Connected);
     }
@@ -421,6 +522,31 @@ fn accept_frontend(
                     path: port.spec.socket.clone(),
                     source,
                 })
+            }
+        }
+    }
+}
+
+/// A connection to the frontend listening on a client port's socket, or `None` once the port
+/// is stopping. Every failure (no socket yet, nobody listening, QEMU's backlog full, a
+/// permission the operator has yet to fix) is tried again after [`ReconnectBackoff`]'s
+/// wait, and logged once per episode.
+fn connect_frontend(port: &Port, backoff: &mut ReconnectBackoff) -> Option<UnixStream> {
+    let path = &port.spec.socket;
+    loop {
+        if port.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        match UnixStream::connect(path) {
+            Ok(frontend) => {
+                backoff.connected();
+                return Some(frontend);
+            }
+            Err(e) => {
+                if backoff.is_fresh() {
+                    tracing::info!(port = port.index, socket = %path.display(), error = %e, "frontend not listening; connecting again with back-off up to {} ms", RECONNECT_MAX.as_millis());
+                }
+                port.pause(backoff.failed());
             }
         }
     }
@@ -516,5 +642,45 @@ fn unbind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) {
                 tracing::warn!(error = %e, "cannot remove socket from the steering map");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_double_from_100_ms_to_2_s_and_reset_on_connect() {
+        let mut b = ReconnectBackoff::default();
+        assert!(b.is_fresh());
+        let ms: Vec<u128> = (0..8).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert!(!b.is_fresh());
+        b.connected();
+        assert!(b.is_fresh());
+        assert_eq!(b.failed(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_client_port_accepts_a_missing_socket_and_refuses_a_file() {
+        let dir = std::env::temp_dir().join(format!("xvdpa-client-prep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = |name: &str| PortSpec {
+            socket: dir.join(name),
+            mode: SocketMode::Client,
+            ..Default::default()
+        };
+        assert!(prepare(&spec("absent.sock")).is_ok());
+        // Not created on the way: the path is QEMU's to make.
+        assert!(!dir.join("absent.sock").exists());
+        std::fs::write(dir.join("file"), b"x").unwrap();
+        assert!(matches!(
+            prepare(&spec("file")),
+            Err(PortError::NotASocket(_))
+        ));
+        // A live listener (QEMU's) is what a client port connects to, not a conflict.
+        let _qemu = std::os::unix::net::UnixListener::bind(dir.join("live.sock")).unwrap();
+        assert!(prepare(&spec("live.sock")).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
