@@ -53,6 +53,7 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         memory_mib: 256,
         script: cmd.map(|c| c.to_string()),
         reconnect: None,
+        qemu_listens: false,
         allow_reboot: false,
         queue_pairs: 1,
         device_props: String::new(),
@@ -60,7 +61,7 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
     let qemu_args = guest::qemu_args(&config, &image.kernel, &image.initrd);
     say!("booting the test guest (QEMU, software emulation: a few seconds)");
     let result = if cmd.is_some() {
-        let out = Command::new("qemu-system-x86_64")
+        let out = Command::new(guest::qemu_binary())
             .args(&qemu_args)
             .stdin(std::process::Stdio::null())
             .output()
@@ -91,7 +92,7 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         }
     } else {
         eprintln!("(console: the guest's shell; `poweroff -f` ends the VM, Ctrl-A X kills QEMU)");
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut child = Command::new(guest::qemu_binary())
             .args(&qemu_args)
             .spawn()
             .context("qemu-system-x86_64")?;
