@@ -60,14 +60,17 @@ pub fn parse_qemu_version(text: &str) -> Option<QemuVersion> {
 /// taken for Debian stable's 7.2, so the work-arounds stay on.
 pub fn qemu_version() -> QemuVersion {
     static VERSION: OnceLock<QemuVersion> = OnceLock::new();
-    *VERSION.get_or_init(|| {
-        Command::new(qemu_binary())
-            .arg("--version")
-            .output()
-            .ok()
-            .and_then(|o| parse_qemu_version(&String::from_utf8_lossy(&o.stdout)))
-            .unwrap_or((7, 2))
-    })
+    *VERSION.get_or_init(|| version_of(&qemu_binary()))
+}
+
+/// The version of the QEMU at `binary` (7.2 if it cannot say, as [`qemu_version`]).
+pub fn version_of(binary: &Path) -> QemuVersion {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| parse_qemu_version(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or((7, 2))
 }
 
 /// A private QEMU's firmware directory (`<prefix>/usr/share/qemu` for
@@ -116,8 +119,27 @@ pub struct GuestConfig {
 
 /// QEMU's command line for `config` and the QEMU the tests run ([`qemu_version`]).
 pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<String> {
-    let mut args = qemu_args_for(config, kernel, initrd, qemu_version());
-    if let Some(dir) = private_firmware_dir(&qemu_binary()) {
+    with_firmware(
+        qemu_args_for(config, kernel, initrd, qemu_version()),
+        &qemu_binary(),
+    )
+}
+
+/// QEMU's command line for `config` and the QEMU at `binary`, whichever the tests run.
+pub fn qemu_args_on(
+    binary: &Path,
+    config: &GuestConfig,
+    kernel: &Path,
+    initrd: &Path,
+) -> Vec<String> {
+    with_firmware(
+        qemu_args_for(config, kernel, initrd, version_of(binary)),
+        binary,
+    )
+}
+
+fn with_firmware(mut args: Vec<String>, binary: &Path) -> Vec<String> {
+    if let Some(dir) = private_firmware_dir(binary) {
         args.extend(["-L".to_string(), dir.display().to_string()]);
     }
     args
@@ -260,10 +282,15 @@ pub struct Guest {
 impl Guest {
     /// Boots a guest (QEMU in the calling process's network namespace: the socket is a path).
     pub fn boot(config: &GuestConfig) -> Result<Guest> {
+        Self::boot_on(&qemu_binary(), config)
+    }
+
+    /// [`Guest::boot`] on the QEMU at `binary`.
+    pub fn boot_on(binary: &Path, config: &GuestConfig) -> Result<Guest> {
         let (kernel, initrd) = image()?;
-        let args = qemu_args(config, &kernel, &initrd);
+        let args = qemu_args_on(binary, config, &kernel, &initrd);
         check_kernel_command_line(&args)?;
-        let mut cmd = Command::new(qemu_binary());
+        let mut cmd = Command::new(binary);
         cmd.args(args);
         Self::spawn(cmd)
     }
