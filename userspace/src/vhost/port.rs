@@ -267,16 +267,20 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// When a client port tries to connect again: QEMU (re)starting takes from a fraction of a
 /// second to a few, so the first tries come quickly, and a QEMU that stays away costs one
-/// `connect` every [`RECONNECT_MAX`]. A connection resets the schedule.
+/// `connect` every [`RECONNECT_MAX`]. A connection that lasts resets the schedule; one that
+/// ends sooner counts as a failure, so a frontend that hangs up at once cannot make the port
+/// build and tear down a connection's sockets and threads in a tight loop.
 #[derive(Debug)]
 pub struct ReconnectBackoff {
     next: Duration,
+    connected_at: Option<Instant>,
 }
 
 impl Default for ReconnectBackoff {
     fn default() -> Self {
         ReconnectBackoff {
             next: RECONNECT_FIRST,
+            connected_at: None,
         }
     }
 }
@@ -294,9 +298,28 @@ impl ReconnectBackoff {
         self.next == RECONNECT_FIRST
     }
 
-    /// A connection was made: the next failure starts from the beginning.
+    /// A connection was made.
     pub fn connected(&mut self) {
-        self.next = RECONNECT_FIRST;
+        self.connected_at = Some(Instant::now());
+    }
+
+    /// The last connection (if any) has ended: how long to wait before connecting again.
+    pub fn after_connection(&mut self) -> Duration {
+        match self.connected_at.take() {
+            Some(at) => self.ended_after(at.elapsed()),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// A connection ended after `lasted`: at once again if it lasted [`RECONNECT_MAX`] (the
+    /// schedule starts over), else the schedule's next wait.
+    fn ended_after(&mut self, lasted: Duration) -> Duration {
+        if lasted >= RECONNECT_MAX {
+            self.next = RECONNECT_FIRST;
+            Duration::ZERO
+        } else {
+            self.failed()
+        }
     }
 }
 
@@ -533,6 +556,7 @@ fn accept_frontend(
 /// wait, and logged once per episode.
 fn connect_frontend(port: &Port, backoff: &mut ReconnectBackoff) -> Option<UnixStream> {
     let path = &port.spec.socket;
+    port.pause(backoff.after_connection());
     loop {
         if port.stopping.load(Ordering::Acquire) {
             return None;
@@ -650,15 +674,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reconnect_waits_double_from_100_ms_to_2_s_and_reset_on_connect() {
+    fn reconnect_waits_double_from_100_ms_to_2_s_and_start_over_after_a_lasting_connection() {
         let mut b = ReconnectBackoff::default();
         assert!(b.is_fresh());
         let ms: Vec<u128> = (0..8).map(|_| b.failed().as_millis()).collect();
         assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
         assert!(!b.is_fresh());
-        b.connected();
+        // A connection that lasts starts the schedule over, and the next try comes at once.
+        assert_eq!(b.ended_after(Duration::from_secs(60)), Duration::ZERO);
         assert!(b.is_fresh());
         assert_eq!(b.failed(), Duration::from_millis(100));
+        // Connections that end at once are failures: the waits between them grow.
+        let mut b = ReconnectBackoff::default();
+        let ms: Vec<u128> = (0..6)
+            .map(|_| b.ended_after(Duration::from_millis(5)).as_millis())
+            .collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000]);
+        // No connection yet: nothing to wait for.
+        assert_eq!(
+            ReconnectBackoff::default().after_connection(),
+            Duration::ZERO
+        );
     }
 
     #[test]
