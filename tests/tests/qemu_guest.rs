@@ -713,7 +713,7 @@ fn a_client_port_connects_to_qemu_and_again_to_a_restarted_qemu() -> Result<()> 
     );
 
     // Each guest waits at the end of its script: QEMU is killed, not left to exit.
-    let script = |tag: &str| format!("{}{}read z\n", MSIX_REPORT, traffic_script(tag));
+    let script = |tag: &str| format!("{}{MSIX_REPORT}read z\n", traffic_script(tag));
     let mut guest = Guest::boot(&client_config(&b, &script("cli-first")))?;
     b.daemon
         .as_mut()
@@ -779,7 +779,9 @@ fn the_daemon_restarts_under_a_running_guest_with_a_client_port() -> Result<()> 
     finish_after_restart(b, &mut guest, mark, t, started)
 }
 
-/// Guest shell: counts the device's per-queue MSI-X vectors (`virtio0-input.0`, ...).
+/// Guest shell: counts the device's per-queue MSI-X vectors (`virtio0-input.0`, ...). Run
+/// after the traffic round, not before its `read go`: the console echoes what the test types
+/// onto the line the guest is printing.
 const MSIX_REPORT: &str = "echo \"XVDPA-MSIX $(grep -c virtio0-input /proc/interrupts)\"\n";
 
 /// With QEMU 8 or later the device runs with MSI-X, a vector per queue; before, with
@@ -790,7 +792,7 @@ fn check_interrupts(guest: &mut Guest, version: guest::QemuVersion) -> Result<()
         .split_whitespace()
         .nth(1)
         .and_then(|n| n.parse().ok())
-        .context("MSI-X count in guest output")?;
+        .with_context(|| format!("MSI-X count in guest output: {line:?}"))?;
     eprintln!("[test] QEMU {version:?}: {vectors} receive-queue MSI-X vector(s)");
     ensure!(
         (vectors > 0) == (version >= (8, 0)),
@@ -808,7 +810,7 @@ fn debian_stables_qemu_runs_a_guest_with_its_work_around() -> Result<()> {
     let version = guest::version_of(&stable);
     eprintln!("[test] stable QEMU {}: {version:?}", stable.display());
     let mut b = setup("stable")?;
-    let cfg = config(&b, &format!("{MSIX_REPORT}{}", traffic_script("stable")));
+    let cfg = config(&b, &format!("{}{MSIX_REPORT}", traffic_script("stable")));
     let (kernel, initrd) = guest::image()?;
     let args = guest::qemu_args_on(&stable, &cfg, &kernel, &initrd);
     ensure!(
