@@ -307,6 +307,7 @@ fn guest_config(socket: &Path, n: u8) -> GuestConfig {
         memory_mib: 256,
         script: Some(COMMAND_LOOP.to_string()),
         reconnect: None,
+        qemu_listens: false,
         allow_reboot: false,
         queue_pairs: 1,
         device_props: String::new(),
@@ -332,7 +333,8 @@ fn boot_guest(lab: &Lab, peer: TcpPeer, socket: &Path, n: u8, pin: Pinning) -> R
     };
     let name = format!("guest{n}");
     let mut cmd = lab.in_host("taskset");
-    cmd.args(["-c", &pin.datapath.to_string(), "qemu-system-x86_64"])
+    cmd.args(["-c", &pin.datapath.to_string()])
+        .arg(guest::qemu_binary())
         .args(args)
         .args(["-name", &format!("{name},debug-threads=on")]);
     let guest = Guest::spawn(cmd)?;

@@ -5,11 +5,15 @@
 //! `target/guest/`. The initramfs's init loads the virtio modules, configures `eth0` from the
 //! kernel command line (`xvdpa.ip=`), runs the script passed as `xvdpa.script=` (gzip, then base64) or an
 //! interactive shell, and prints a machine-readable end marker.
+//!
+//! QEMU is `qemu-system-x86_64` from PATH, or the binary `XVDPA_QEMU` names (a QEMU unpacked
+//! into a private directory: its `usr/share/qemu` firmware is used before the system's). The
+//! command line depends on its version: see [`qemu_args_for`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -31,6 +35,49 @@ pub fn initrd_path() -> PathBuf {
     std::env::var_os("XVDPA_GUEST_INITRD")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::workspace_root().join("target/guest/initrd.gz"))
+}
+
+/// The QEMU the tests run: `XVDPA_QEMU`, or `qemu-system-x86_64` from PATH.
+pub fn qemu_binary() -> PathBuf {
+    std::env::var_os("XVDPA_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
+}
+
+/// A QEMU release, `(major, minor)`.
+pub type QemuVersion = (u32, u32);
+
+/// The version `qemu --version` prints first: `QEMU emulator version 10.0.2 (Debian ...)`.
+pub fn parse_qemu_version(text: &str) -> Option<QemuVersion> {
+    let rest = text.split("version ").nth(1)?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The version of [`qemu_binary`], asked once per test process. A QEMU that cannot say is
+/// taken for Debian stable's 7.2, so the work-arounds stay on.
+pub fn qemu_version() -> QemuVersion {
+    static VERSION: OnceLock<QemuVersion> = OnceLock::new();
+    *VERSION.get_or_init(|| version_of(&qemu_binary()))
+}
+
+/// The version of the QEMU at `binary` (7.2 if it cannot say, as [`qemu_version`]).
+pub fn version_of(binary: &Path) -> QemuVersion {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| parse_qemu_version(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or((7, 2))
+}
+
+/// A private QEMU's firmware directory (`<prefix>/usr/share/qemu` for
+/// `<prefix>/usr/bin/qemu-system-x86_64`), which QEMU searches before its built-in one.
+fn private_firmware_dir(binary: &Path) -> Option<PathBuf> {
+    let dir = binary.parent()?.parent()?.join("share/qemu");
+    dir.is_dir().then_some(dir)
 }
 
 /// The guest's kernel and initramfs, which must exist.
@@ -59,6 +106,9 @@ pub struct GuestConfig {
     pub script: Option<String>,
     /// QEMU's chardev `reconnect=` seconds (QEMU reconnects when the backend restarts).
     pub reconnect: Option<u32>,
+    /// QEMU listens on `socket` (`server=on,wait=off`) and xvdpa's port, in client mode,
+    /// connects to it; `reconnect` is then unused.
+    pub qemu_listens: bool,
     /// Let a guest reboot restart it in the same QEMU process (otherwise QEMU exits).
     pub allow_reboot: bool,
     /// Virtqueue pairs (`queues=` and `mq=on` above 1) and as many vCPUs.
@@ -67,15 +117,56 @@ pub struct GuestConfig {
     pub device_props: String,
 }
 
-/// QEMU's command line for `config`, with this platform's work-arounds in one place:
-/// shared memfd RAM (vhost-user needs it) and `vectors=0` (QEMU 7.2 under TCG crashes in
-/// `msix_set_vector_notifiers` with vhost-user and MSI-X).
+/// QEMU's command line for `config` and the QEMU the tests run ([`qemu_version`]).
 pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<String> {
+    with_firmware(
+        qemu_args_for(config, kernel, initrd, qemu_version()),
+        &qemu_binary(),
+    )
+}
+
+/// QEMU's command line for `config` and the QEMU at `binary`, whichever the tests run.
+pub fn qemu_args_on(
+    binary: &Path,
+    config: &GuestConfig,
+    kernel: &Path,
+    initrd: &Path,
+) -> Vec<String> {
+    with_firmware(
+        qemu_args_for(config, kernel, initrd, version_of(binary)),
+        binary,
+    )
+}
+
+fn with_firmware(mut args: Vec<String>, binary: &Path) -> Vec<String> {
+    if let Some(dir) = private_firmware_dir(binary) {
+        args.extend(["-L".to_string(), dir.display().to_string()]);
+    }
+    args
+}
+
+/// QEMU's command line for `config` on QEMU `version`, with this platform's work-arounds in
+/// one place: shared memfd RAM (vhost-user needs it); before QEMU 8, `vectors=0` (7.2 under
+/// TCG crashes in `msix_set_vector_notifiers` with vhost-user and MSI-X; 10.0 runs the
+/// device with MSI-X); from 9.2 on, the chardev's `reconnect-ms=` (`reconnect=` is deprecated
+/// there).
+pub fn qemu_args_for(
+    config: &GuestConfig,
+    kernel: &Path,
+    initrd: &Path,
+    version: QemuVersion,
+) -> Vec<String> {
     let append = kernel_cmdline(&config.ip, config.script.as_deref());
     let mut chardev = format!("socket,id=c0,path={}", config.socket.display());
-    if let Some(r) = config.reconnect {
-        chardev.push_str(&format!(",reconnect={r}"));
+    match (config.qemu_listens, config.reconnect) {
+        (true, _) => chardev.push_str(",server=on,wait=off"),
+        (false, Some(r)) if version >= (9, 2) => {
+            chardev.push_str(&format!(",reconnect-ms={}", r * 1000))
+        }
+        (false, Some(r)) => chardev.push_str(&format!(",reconnect={r}")),
+        (false, None) => {}
     }
+    let vectors = if version < (8, 0) { ",vectors=0" } else { "" };
     let m = config.memory_mib;
     let pairs = config.queue_pairs.max(1);
     let (netdev, mq) = match pairs {
@@ -112,7 +203,7 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
         &netdev,
         "-device",
         &format!(
-            "virtio-net-pci,netdev=n0,mac={},vectors=0{mq}{}",
+            "virtio-net-pci,netdev=n0,mac={}{vectors}{mq}{}",
             config.mac, config.device_props
         ),
     ]
@@ -124,7 +215,7 @@ pub fn qemu_args(config: &GuestConfig, kernel: &Path, initrd: &Path) -> Vec<Stri
 
 /// QEMU's command line for `config` with QEMU's own virtio-net backend on the tap device
 /// `tap` (`-netdev tap,...,vhost=off`: this kernel has no vhost-net) in place of vhost-user.
-/// Machine, memory and device stay as [`qemu_args`] makes them, `vectors=0` included, so a
+/// Machine, memory and device stay as [`qemu_args`] makes them (`vectors=0` on QEMU 7.2), so a
 /// guest on a tap and a guest on vhost-user differ only in the backend (`config.socket` and
 /// `config.reconnect` are unused).
 pub fn qemu_tap_args(config: &GuestConfig, tap: &str, kernel: &Path, initrd: &Path) -> Vec<String> {
@@ -142,10 +233,6 @@ pub fn qemu_tap_args(config: &GuestConfig, tap: &str, kernel: &Path, initrd: &Pa
     args
 }
 
-/// The longest kernel command line an x86 guest takes (COMMAND_LINE_SIZE, 2048, with its
-/// terminating zero). A longer one does not fail: the guest hangs right after "Probing EDD".
-pub const MAX_KERNEL_CMDLINE: usize = 2047;
-
 /// The test guest's kernel command line: its address (`addr/prefix`) and the script its init
 /// runs (gzipped, then base64), for QEMU's `-append` or libvirt's `<cmdline>`.
 pub fn kernel_cmdline(ip: &str, script: Option<&str>) -> String {
@@ -157,8 +244,8 @@ pub fn kernel_cmdline(ip: &str, script: Option<&str>) -> String {
         ));
     }
     assert!(
-        append.len() <= MAX_KERNEL_CMDLINE,
-        "the guest's kernel command line is {} bytes, over {MAX_KERNEL_CMDLINE}: shorten the script",
+        append.len() <= MAX_KERNEL_COMMAND_LINE,
+        "the guest's kernel command line is {} bytes, over {MAX_KERNEL_COMMAND_LINE}: shorten the script",
         append.len()
     );
     append
@@ -183,6 +270,24 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     let out = child.wait_with_output().expect("gzip output");
     assert!(out.status.success(), "gzip failed");
     out.stdout
+}
+
+/// The longest kernel command line an x86 guest takes (COMMAND_LINE_SIZE, 2048, with its
+/// terminating zero). A longer one does not fail: the guest hung right after "Probing EDD".
+pub const MAX_KERNEL_COMMAND_LINE: usize = 2047;
+
+/// Refuses QEMU arguments whose `-append` the guest kernel would cut short.
+pub fn check_kernel_command_line(args: &[String]) -> Result<()> {
+    if let Some(at) = args.iter().position(|a| a == "-append") {
+        let len = args.get(at + 1).map_or(0, String::len);
+        if len > MAX_KERNEL_COMMAND_LINE {
+            bail!(
+                "the guest's kernel command line is {len} bytes, over x86's {MAX_KERNEL_COMMAND_LINE}: \
+                 shorten the guest script"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Standard base64 (the guest decodes it with busybox `base64 -d`).
@@ -213,9 +318,16 @@ pub struct Guest {
 impl Guest {
     /// Boots a guest (QEMU in the calling process's network namespace: the socket is a path).
     pub fn boot(config: &GuestConfig) -> Result<Guest> {
+        Self::boot_on(&qemu_binary(), config)
+    }
+
+    /// [`Guest::boot`] on the QEMU at `binary`.
+    pub fn boot_on(binary: &Path, config: &GuestConfig) -> Result<Guest> {
         let (kernel, initrd) = image()?;
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(qemu_args(config, &kernel, &initrd));
+        let args = qemu_args_on(binary, config, &kernel, &initrd);
+        check_kernel_command_line(&args)?;
+        let mut cmd = Command::new(binary);
+        cmd.args(args);
         Self::spawn(cmd)
     }
 
@@ -331,23 +443,31 @@ impl Drop for Guest {
 mod tests {
     use std::path::Path;
 
-    use super::{qemu_args, qemu_tap_args, GuestConfig};
+    use super::{parse_qemu_version, qemu_args_for, qemu_tap_args, GuestConfig};
 
-    #[test]
-    fn tap_args_swap_only_the_backend() {
-        let config = GuestConfig {
+    fn sample_config() -> GuestConfig {
+        GuestConfig {
             socket: "/tmp/vm0.sock".into(),
             mac: "52:54:00:12:34:56".into(),
             ip: "10.77.0.2/24".into(),
             memory_mib: 256,
             script: None,
             reconnect: Some(1),
+            qemu_listens: false,
             allow_reboot: false,
             queue_pairs: 1,
+            device_props: String::new(),
+        }
+    }
+
+    #[test]
+    fn tap_args_swap_only_the_backend() {
+        let config = GuestConfig {
             device_props: ",csum=off".into(),
+            ..sample_config()
         };
         let (k, i) = (Path::new("/k"), Path::new("/i"));
-        let vhost = qemu_args(&config, k, i);
+        let vhost = super::qemu_args(&config, k, i);
         let tap = qemu_tap_args(&config, "xvtap0", k, i);
         assert!(!tap
             .iter()
@@ -357,7 +477,7 @@ mod tests {
             tap[netdev + 1],
             "tap,id=n0,ifname=xvtap0,script=no,downscript=no,vhost=off"
         );
-        // Everything else, the device with vectors=0 included, is the vhost-user guest's.
+        // Everything else, the device's properties included, is the vhost-user guest's.
         let rest = |v: &[String]| -> Vec<String> {
             v.iter()
                 .filter(|a| *a != "-chardev" && !a.starts_with("socket,") && !a.contains(",id=n0"))
@@ -367,7 +487,46 @@ mod tests {
         assert_eq!(rest(&vhost), rest(&tap));
         assert!(tap
             .iter()
-            .any(|a| a.starts_with("virtio-net-pci,netdev=n0") && a.contains("vectors=0")));
+            .any(|a| a.starts_with("virtio-net-pci,netdev=n0")));
+    }
+
+    #[test]
+    fn the_command_line_follows_the_qemu_version() {
+        let mut config = sample_config();
+        let (k, i) = (Path::new("/k"), Path::new("/i"));
+        let arg_after = |args: &[String], flag: &str| {
+            let at = args.iter().position(|a| a == flag).unwrap();
+            args[at + 1].clone()
+        };
+        let old = qemu_args_for(&config, k, i, (7, 2));
+        assert!(arg_after(&old, "-device").ends_with(",vectors=0"));
+        assert!(arg_after(&old, "-chardev").ends_with(",reconnect=1"));
+        let new = qemu_args_for(&config, k, i, (10, 0));
+        assert!(!arg_after(&new, "-device").contains("vectors"));
+        assert!(arg_after(&new, "-chardev").ends_with(",reconnect-ms=1000"));
+        config.qemu_listens = true;
+        let listening = qemu_args_for(&config, k, i, (10, 0));
+        assert_eq!(
+            arg_after(&listening, "-chardev"),
+            "socket,id=c0,path=/tmp/vm0.sock,server=on,wait=off"
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"),
+            Some((10, 0))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)"),
+            Some((7, 2))
+        );
+        assert_eq!(parse_qemu_version("command not found"), None);
+    }
+
+    #[test]
+    fn a_command_line_the_kernel_would_cut_is_refused() {
+        let args = |n: usize| vec!["-append".to_string(), "x".repeat(n)];
+        assert!(super::check_kernel_command_line(&args(2047)).is_ok());
+        let err = super::check_kernel_command_line(&args(2048)).unwrap_err();
+        assert!(err.to_string().contains("2048 bytes"), "{err}");
     }
 
     #[test]

@@ -121,6 +121,7 @@ fn multiqueue_guest_uses_both_pairs_and_survives_fewer_channels() -> Result<()> 
         memory_mib: 256,
         script: Some(script),
         reconnect: None,
+        qemu_listens: false,
         allow_reboot: false,
         device_props: String::new(),
         queue_pairs: 2,

@@ -23,6 +23,7 @@ fn config(socket: std::path::PathBuf, n: u8, script: String) -> GuestConfig {
         memory_mib: 256,
         script: Some(script),
         reconnect: None,
+        qemu_listens: false,
         allow_reboot: false,
         device_props: String::new(),
         queue_pairs: 1,

@@ -3,7 +3,8 @@
 //! [`PortSpec`] is a port wherever it is written down: a `[[port]]` table in the config file
 //! and an `add-port` request are its serde form, `--port`'s key=value list
 //! ([`crate::config::parse_port`]) and `xvdpa ctl add-port`'s flags build one, and
-//! [`PortInfo`] shows it back with the port's index and state. Its keys are `socket`, `mac`,
+//! [`PortInfo`] shows it back with the port's index and state. Its keys are `socket`, `mode`
+//! (`server`, the default, or `client`), `mac`,
 //! `allow_macs`, `rate_pps` and `rate_bps` (a number, or a string with a k, M or G suffix),
 //! `queues`, `cpus`, `vlan`, `vlan_passthrough`, `promisc`, `socket_group` (a group name) and
 //! `socket_mode` (octal digits in a string, e.g. `"0660"`); unknown keys are refused, and every value is
@@ -34,8 +35,11 @@ use crate::mac::MacAddr;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
-    /// The vhost-user socket; the daemon is the server.
+    /// The vhost-user socket: the daemon listens on it, or connects to it in client mode.
     pub socket: PathBuf,
+    /// Who listens on `socket`.
+    #[serde(default)]
+    pub mode: SocketRole,
     #[serde(serialize_with = "write_mac", deserialize_with = "read_mac")]
     pub mac: MacAddr,
     /// Source MACs the guest may send with besides `mac`.
@@ -92,6 +96,7 @@ impl Default for PortSpec {
     fn default() -> Self {
         PortSpec {
             socket: PathBuf::new(),
+            mode: SocketRole::Server,
             mac: MacAddr::default(),
             allow_macs: Vec::new(),
             rate_pps: None,
@@ -137,6 +142,38 @@ pub fn parse_socket_group(s: &str) -> Result<String, String> {
     crate::privilege::group_id(name)
         .map(|_| name.to_string())
         .map_err(|e| e.to_string())
+}
+
+/// Who listens on a port's vhost-user socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketRole {
+    /// The daemon listens and QEMU connects (QEMU's chardev `reconnect=` brings it back
+    /// after a daemon restart).
+    #[default]
+    Server,
+    /// QEMU listens (`-chardev socket,server=on,wait=off`) and the daemon connects,
+    /// reconnecting with back-off whenever QEMU is not there: the daemon can restart under
+    /// a running guest, which sees only a pause.
+    Client,
+}
+
+impl std::fmt::Display for SocketRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SocketRole::Server => "server",
+            SocketRole::Client => "client",
+        })
+    }
+}
+
+/// Parses a socket mode: `server` or `client`.
+pub fn parse_mode(s: &str) -> Result<SocketRole, String> {
+    match s.trim() {
+        "server" => Ok(SocketRole::Server),
+        "client" => Ok(SocketRole::Client),
+        _ => Err(format!("mode={s:?}: expected server or client")),
+    }
 }
 
 /// Parses a rate like `250000`, `100k`, `2.5M` or `10G` (powers of 1000).
@@ -377,6 +414,7 @@ mod tests {
             r,
             Request::AddPort(PortSpec {
                 socket: "/a.sock".into(),
+                mode: SocketRole::Server,
                 mac: mac("52:54:00:00:00:01"),
                 allow_macs: vec![],
                 rate_pps: None,
@@ -409,11 +447,12 @@ mod tests {
             r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01",
                 "allow_macs":["52:54:00:00:00:09"],"rate_pps":100000,"rate_bps":"2G",
                 "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true,
-                "socket_group":"root","socket_mode":"0640"}"#,
+                "socket_group":"root","socket_mode":"0640","mode":"client"}"#,
         )
         .unwrap();
         let spec = PortSpec {
             socket: "/a".into(),
+            mode: SocketRole::Client,
             mac: mac("52:54:00:00:00:01"),
             allow_macs: vec![mac("52:54:00:00:00:09")],
             rate_pps: Some(100_000),
@@ -449,6 +488,7 @@ mod tests {
         assert!(err(&format!(r#"{ok_mac},"rate_bps":-1"#)).contains("rate_bps: invalid rate"));
         assert!(err(&format!(r#"{ok_mac},"queues":17"#)).contains("1 to 16"));
         assert!(err(&format!(r#"{ok_mac},"vlan":4095"#)).contains("1 to 4094"));
+        assert!(err(&format!(r#"{ok_mac},"mode":"listen""#)).contains("unknown variant"));
         assert!(
             err(&format!(r#"{ok_mac},"allow_macs":["01:00:5e:00:00:01"]"#))
                 .contains("allow_macs: invalid MAC")
@@ -496,7 +536,7 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "index": 2, "socket": "/a", "mac": "52:54:00:00:00:01", "allow_macs": [],
+                "index": 2, "socket": "/a", "mode": "server", "mac": "52:54:00:00:00:01", "allow_macs": [],
                 "rate_pps": null, "rate_bps": 2_000_000_000u64, "vlan": null, "vlan_passthrough": false,
                 "queue_pairs": 2, "cpus": [1], "promisc": false, "socket_group": null,
                 "socket_mode": "0660", "state": "waiting",

@@ -1,6 +1,6 @@
 //! The operator's input: `--port` specifications and the TOML config file.
 //!
-//! On the command line a port is `--port socket=PATH,mac=MAC[,allow-mac=MAC]...
+//! On the command line a port is `--port socket=PATH[,mode=client],mac=MAC[,allow-mac=MAC]...
 //! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]
 //! [,socket-group=NAME][,socket-mode=OCTAL]`; rates take
 //! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::api::{
-    parse_cpus, parse_queues, parse_rate, parse_socket_group, parse_socket_mode, parse_vlan,
-    PortSpec,
+    parse_cpus, parse_mode, parse_queues, parse_rate, parse_socket_group, parse_socket_mode,
+    parse_vlan, PortSpec,
 };
 use crate::mac::{MacAddr, MacError};
 use crate::nic::steering::XdpModeChoice;
@@ -63,6 +63,7 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
         };
         match key.trim() {
             "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "mode" => port.mode = parse_mode(value).map_err(|e| port_err(spec, e))?,
             "mac" => mac = Some(mac_field(spec, "mac", value)?),
             "allow-mac" => port.allow_macs.push(mac_field(spec, "allow-mac", value)?),
             "rate-pps" => port.rate_pps = Some(parse_rate(value).map_err(|e| port_err(spec, e))?),
@@ -85,7 +86,7 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
                 return Err(port_err(
                     spec,
                     format!(
-                        "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, \
+                        "unknown key {other:?} (known: socket, mode, mac, allow-mac, rate-pps, \
                          rate-bps, queues, cpus, vlan, vlan-passthrough, promisc, socket-group, \
                          socket-mode)"
                     ),
@@ -185,6 +186,9 @@ mod tests {
         assert_eq!((p.rate_pps, p.rate_bps, p.queue_pairs), (None, None, 1));
         let p = parse_port("mac=52:54:00:00:00:01,socket=/a,queues=4,cpus=2+3").unwrap();
         assert_eq!((p.queue_pairs, p.cpus), (4, vec![2, 3]));
+        assert_eq!(p.mode, crate::api::SocketRole::Server);
+        let p = parse_port("mode=client,socket=/q/vm0.sock,mac=52:54:00:00:00:01").unwrap();
+        assert_eq!(p.mode, crate::api::SocketRole::Client);
     }
 
     #[test]
@@ -201,6 +205,7 @@ mod tests {
         assert!(msg("socket=/a,mac=52:54:00:00:00:01,queues=17").contains("1 to 16"));
         assert!(msg("socket=/a,mac=52:54:00:00:00:01,cpus=a").contains("CPU numbers"));
         assert!(msg("socket=/a,mac=52:54:00:00:00:01,vlan=4095").contains("1 to 4094"));
+        assert!(msg("socket=/a,mac=52:54:00:00:00:01,mode=listen").contains("server or client"));
         assert_eq!(
             parse_port("socket=/a,mac=52:54:00:00:00:01,vlan=100")
                 .unwrap()

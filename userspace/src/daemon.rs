@@ -104,7 +104,7 @@ impl Daemon {
         let index = (0..MAX_PORTS)
             .find(|i| !ports.contains_key(i))
             .ok_or(DaemonError::TooManyPorts)?;
-        port::prepare_socket_path(&spec.socket)?;
+        port::prepare(&spec)?;
         let port = Arc::new(Port::new(index, spec));
         {
             let mut steering = self.steering();
@@ -176,11 +176,14 @@ impl Daemon {
                 );
             }
         }
-        match std::fs::remove_file(&port.spec.socket) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(socket = %port.spec.socket.display(), error = %e, "cannot remove socket")
+        // A client port's socket is QEMU's, not ours to remove.
+        if port.spec.mode == crate::api::SocketRole::Server {
+            match std::fs::remove_file(&port.spec.socket) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(socket = %port.spec.socket.display(), error = %e, "cannot remove socket")
+                }
             }
         }
         let mut info = port_info(&port);

@@ -141,6 +141,9 @@ enum CtlCommand {
 struct AddPortArgs {
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
+    /// `client`: QEMU listens on the socket and the daemon connects (and reconnects).
+    #[arg(long, value_parser = api::parse_mode, default_value = "server")]
+    mode: api::SocketRole,
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     mac: MacAddr,
     /// Another source MAC the guest may send with (repeatable).
@@ -188,6 +191,7 @@ impl AddPortArgs {
         };
         Ok(PortSpec {
             socket,
+            mode: self.mode,
             mac: self.mac,
             allow_macs: self.allow_macs,
             rate_pps: self.rate_pps,
@@ -338,13 +342,17 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&ports)?);
             } else {
-                println!("{:<5} {:<17} {:<12} SOCKET", "INDEX", "MAC", "STATE");
+                println!(
+                    "{:<5} {:<17} {:<12} {:<6} SOCKET",
+                    "INDEX", "MAC", "STATE", "MODE"
+                );
                 for p in ports {
                     println!(
-                        "{:<5} {:<17} {:<12} {}",
+                        "{:<5} {:<17} {:<12} {:<6} {}",
                         p.index,
                         p.spec.mac.to_string(),
                         p.state,
+                        p.spec.mode.to_string(),
                         p.spec.socket.display()
                     );
                 }

@@ -236,7 +236,7 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     }
     let socket_dirs = SocketDirs::before_creating(&config);
     for p in &config.ports {
-        port::prepare_socket_path(&p.socket)?;
+        port::prepare(p)?;
     }
     let ctl_listener = crate::control::bind(&config.ctl).map_err(RuntimeError::ControlPlane)?;
 

@@ -195,3 +195,71 @@ pub fn ensure_build_tools() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()
 }
+
+/// The Debian suite current QEMU comes from: bookworm's own is 7.2, which crashes with
+/// vhost-user and MSI-X under TCG (tests then need `vectors=0`); bookworm-backports has 10.0.
+const QEMU_SUITE: &str = "bookworm-backports";
+/// The packages a QEMU for x86 guests is unpacked from; its libraries are bookworm's, which
+/// the system QEMU 7.2 already brought in.
+const QEMU_DEBS: &[&str] = &["qemu-system-x86", "qemu-system-common", "qemu-system-data"];
+
+/// Current QEMU from bookworm-backports, unpacked under `target/qemu` next to the system's
+/// 7.2 rather than over it: installing it would replace the system QEMU for everything else on
+/// the machine, and one test keeps running on 7.2. Apt gets a configuration of its own there
+/// (sources with the backports suite, package lists, cache), so the system's apt sources stay
+/// as they are. Returns the binary.
+pub fn ensure_private_qemu() -> Result<PathBuf> {
+    let root = workspace_root().join("target/qemu");
+    let binary = root.join("usr/bin/qemu-system-x86_64");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    if !have("apt-get") || !have("dpkg") {
+        bail!("QEMU from {QEMU_SUITE} is unpacked with apt-get and dpkg, which this machine lacks");
+    }
+    let apt = root.join("apt");
+    for dir in ["lists/partial", "cache/archives/partial", "debs"] {
+        std::fs::create_dir_all(apt.join(dir))?;
+    }
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    std::fs::write(
+        apt.join("sources.list"),
+        format!(
+            "deb [signed-by={keyring}] http://deb.debian.org/debian bookworm main\n\
+             deb [signed-by={keyring}] http://deb.debian.org/debian {QEMU_SUITE} main\n"
+        ),
+    )?;
+    let config = apt.join("apt.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "Dir::Etc::SourceList \"{0}/sources.list\";\nDir::Etc::SourceParts \"/nonexistent\";\n\
+             Dir::State::Lists \"{0}/lists\";\nDir::Cache \"{0}/cache\";\n",
+            apt.display()
+        ),
+    )?;
+    say!(
+        "unpacking QEMU from Debian's {QEMU_SUITE} into {} (apt with the {QEMU_SUITE} suite \
+         added in its own configuration there; the system's QEMU stays)",
+        root.display()
+    );
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("APT_CONFIG", &config))
+    .context("apt-get update with the backports suite (is the network reachable?)")?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", "-t", QEMU_SUITE])
+        .args(QEMU_DEBS)
+        .current_dir(apt.join("debs"))
+        .env("APT_CONFIG", &config))
+    .with_context(|| format!("downloading {QEMU_DEBS:?} from {QEMU_SUITE}"))?;
+    for deb in std::fs::read_dir(apt.join("debs"))? {
+        let deb = deb?.path();
+        run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))
+            .with_context(|| format!("unpacking {}", deb.display()))?;
+    }
+    let version = output(Command::new(&binary).arg("--version"))
+        .with_context(|| format!("{} does not run", binary.display()))?;
+    say!("{}", version.lines().next().unwrap_or_default());
+    Ok(binary)
+}

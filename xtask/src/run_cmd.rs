@@ -55,10 +55,10 @@ pub fn print_qemu_hint(socket: &str, mac: &str) {
         "    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\".to_string(),
         format!("    -chardev socket,id=c0,path={socket} \\"),
         "    -netdev vhost-user,id=n0,chardev=c0 \\".to_string(),
-        format!("    -device virtio-net-pci,netdev=n0,mac={mac},vectors=0 \\"),
+        format!("    -device virtio-net-pci,netdev=n0,mac={mac} \\"),
         "    <your disk or -kernel/-initrd>".to_string(),
         String::new(),
-        "(vectors=0 works around QEMU 7.2's crash with vhost-user and MSI-X under TCG; with KVM it can go.)".to_string(),
+        "(QEMU 7.2 under TCG crashes with vhost-user and MSI-X: there add vectors=0 to the device; QEMU 10 and KVM need nothing.)".to_string(),
         format!("In the guest: ip link set eth0 up; ip addr add {}/{} dev eth0; ping {}", lab::guest_ip(0), lab::PREFIX, lab::WIRE_IP),
         "Or boot the ready-made test guest: cargo xtask vm".to_string(),
         format!(

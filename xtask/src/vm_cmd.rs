@@ -15,6 +15,12 @@ use crate::{build, guest_image};
 
 pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
     let image = guest_image::ensure()?;
+    // Current QEMU, unpacked from bookworm-backports (MSI-X works under TCG), unless
+    // XVDPA_QEMU names one.
+    let qemu = match std::env::var_os("XVDPA_QEMU") {
+        Some(q) => PathBuf::from(q),
+        None => crate::bootstrap::ensure_private_qemu()?,
+    };
     let mut args = lab_daemon_args();
     if !daemon_args.is_empty() {
         args.extend(daemon_args.iter().cloned());
@@ -53,14 +59,15 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         memory_mib: 256,
         script: cmd.map(|c| c.to_string()),
         reconnect: None,
+        qemu_listens: false,
         allow_reboot: false,
         queue_pairs: 1,
         device_props: String::new(),
     };
-    let qemu_args = guest::qemu_args(&config, &image.kernel, &image.initrd);
+    let qemu_args = guest::qemu_args_on(&qemu, &config, &image.kernel, &image.initrd);
     say!("booting the test guest (QEMU, software emulation: a few seconds)");
     let result = if cmd.is_some() {
-        let out = Command::new("qemu-system-x86_64")
+        let out = Command::new(&qemu)
             .args(&qemu_args)
             .stdin(std::process::Stdio::null())
             .output()
@@ -91,7 +98,7 @@ pub fn vm(cmd: Option<&str>, ip: &str, daemon_args: &[String]) -> Result<()> {
         }
     } else {
         eprintln!("(console: the guest's shell; `poweroff -f` ends the VM, Ctrl-A X kills QEMU)");
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut child = Command::new(&qemu)
             .args(&qemu_args)
             .spawn()
             .context("qemu-system-x86_64")?;

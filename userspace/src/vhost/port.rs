@@ -1,5 +1,10 @@
 //! A VM port: its vhost-user socket and the loop that serves one frontend after another.
 //!
+//! In server mode the port listens and accepts one frontend after another; in client mode
+//! QEMU listens and the port connects, and connects again with back-off
+//! ([`ReconnectBackoff`]) whenever QEMU is not there yet or has gone away. Either way the
+//! connection then goes through the same shim, library and workers.
+//!
 //! Every connection gets fresh AF_XDP sockets and UMEM, so nothing a previous VM (or a
 //! previous boot of the same VM) left behind can leak into the next one. The port's sockets
 //! are in the steering map only while a frontend is connected.
@@ -16,7 +21,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::api::PortSpec;
+use crate::api::{PortSpec, SocketRole};
 use crate::datapath::device::{NetConfig, DUPLEX_FULL, ETH_HLEN};
 use crate::nic::packet_tap::PacketTap;
 use crate::nic::steering::SteeringError;
@@ -159,7 +164,24 @@ impl Port {
             h.shutdown();
         }
         // A port waiting in accept() wakes up on a connection; `serve` then sees `stopping`.
-        let _ = UnixStream::connect(&self.spec.socket);
+        // A client port's socket is QEMU's: it must not get a stray connection, and the
+        // port's reconnect loop sees `stopping` between tries.
+        if self.spec.mode == SocketRole::Server {
+            let _ = UnixStream::connect(&self.spec.socket);
+        }
+    }
+
+    /// Sleeps for `delay`, or less if the port is stopping meanwhile.
+    fn pause(&self, delay: Duration) {
+        const SLICE: Duration = Duration::from_millis(20);
+        let end = Instant::now() + delay;
+        while !self.stopping.load(Ordering::Acquire) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(SLICE));
+        }
     }
 
     fn policy(&self) -> TxPolicy {
@@ -238,6 +260,92 @@ fn accept_may_recover(error: &io::Error) -> bool {
         )
 }
 
+/// The first wait of a client port whose frontend is not listening; it doubles up to
+/// [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// When a client port tries to connect again: QEMU (re)starting takes from a fraction of a
+/// second to a few, so the first tries come quickly, and a QEMU that stays away costs one
+/// `connect` every [`RECONNECT_MAX`]. A connection that lasts resets the schedule; one that
+/// ends sooner counts as a failure, so a frontend that hangs up at once cannot make the port
+/// build and tear down a connection's sockets and threads in a tight loop.
+#[derive(Debug)]
+pub struct ReconnectBackoff {
+    next: Duration,
+    connected_at: Option<Instant>,
+}
+
+impl Default for ReconnectBackoff {
+    fn default() -> Self {
+        ReconnectBackoff {
+            next: RECONNECT_FIRST,
+            connected_at: None,
+        }
+    }
+}
+
+impl ReconnectBackoff {
+    /// A connect failed: how long to wait before the next.
+    pub fn failed(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(RECONNECT_MAX);
+        delay
+    }
+
+    /// Whether no try has failed since the last connection (the start of an episode).
+    pub fn is_fresh(&self) -> bool {
+        self.next == RECONNECT_FIRST
+    }
+
+    /// A connection was made.
+    pub fn connected(&mut self) {
+        self.connected_at = Some(Instant::now());
+    }
+
+    /// The last connection (if any) has ended: how long to wait before connecting again.
+    pub fn after_connection(&mut self) -> Duration {
+        match self.connected_at.take() {
+            Some(at) => self.ended_after(at.elapsed()),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// A connection ended after `lasted`: at once again if it lasted [`RECONNECT_MAX`] (the
+    /// schedule starts over), else the schedule's next wait.
+    fn ended_after(&mut self, lasted: Duration) -> Duration {
+        if lasted >= RECONNECT_MAX {
+            self.next = RECONNECT_FIRST;
+            Duration::ZERO
+        } else {
+            self.failed()
+        }
+    }
+}
+
+/// Where a port's frontends come from.
+enum Frontends {
+    /// Server mode: the port's listening socket.
+    Listening(std::os::unix::net::UnixListener),
+    /// Client mode: QEMU's socket, connected to with back-off.
+    Connecting(ReconnectBackoff),
+}
+
+/// Makes a port's socket path ready: in server mode as [`prepare_socket_path`] does; in
+/// client mode the path is QEMU's, and only something there that is not a socket is refused
+/// (QEMU need not have started yet).
+pub fn prepare(spec: &PortSpec) -> Result<(), PortError> {
+    match spec.mode {
+        SocketRole::Server => prepare_socket_path(&spec.socket),
+        SocketRole::Client => match std::fs::symlink_metadata(&spec.socket) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                Err(PortError::NotASocket(spec.socket.clone()))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Makes `path` ready to bind: refuses one a live process listens on or that is not a
 /// socket, removes a stale one, creates the parent directory.
 pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
@@ -283,25 +391,33 @@ pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), Po
 
 fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
     let path = &port.spec.socket;
-    // The port's group and mode (by default 0660 and the daemon's group: a QEMU in that group,
-    // nobody else). The socket has them before anyone can reach it.
+    // A server port's socket has the port's group and mode (by default 0660 and the daemon's
+    // group: a QEMU in that group, nobody else) before anyone can reach it. A client port
+    // connects to the socket QEMU serves.
     let socket_err = |source| PortError::SocketPath {
         path: path.clone(),
         source,
     };
-    let gid = match &port.spec.socket_group {
-        Some(name) => Some(
-            crate::privilege::group_id(name)
-                .map_err(|e| socket_err(io::Error::new(io::ErrorKind::NotFound, e)))?,
-        ),
-        None => None,
+    let mut frontends = match port.spec.mode {
+        SocketRole::Server => {
+            let gid = match &port.spec.socket_group {
+                Some(name) => Some(
+                    crate::privilege::group_id(name)
+                        .map_err(|e| socket_err(io::Error::new(io::ErrorKind::NotFound, e)))?,
+                ),
+                None => None,
+            };
+            Frontends::Listening(
+                socket_file::bind_with_access(path, port.spec.socket_mode, gid)
+                    .map_err(socket_err)?,
+            )
+        }
+        SocketRole::Client => Frontends::Connecting(ReconnectBackoff::default()),
     };
-    let public =
-        socket_file::bind_with_access(path, port.spec.socket_mode, gid).map_err(socket_err)?;
-    tracing::info!(port = port.index, socket = %path.display(), mac = %port.spec.mac, "port ready for a frontend");
+    tracing::info!(port = port.index, socket = %path.display(), mode = %port.spec.mode, mac = %port.spec.mac, "port ready for a frontend");
     let mut shortage = AcceptBackoff::new(path.display().to_string());
     while !port.stopping.load(Ordering::Acquire) {
-        match serve_one(nic, switch, port, &public) {
+        match serve_one(nic, switch, port, &mut frontends) {
             Ok(()) => {}
             Err(e) if e.is_shortage() => {
                 std::thread::sleep(shortage.failed(&e, "out of resources"))
@@ -318,7 +434,7 @@ fn serve_one(
     nic: &Nic,
     switch: &Arc<SwitchTable>,
     port: &Port,
-    public: &std::os::unix::net::UnixListener,
+    frontends: &mut Frontends,
 ) -> Result<(), PortError> {
     let path = &port.spec.socket;
     let pairs = usize::from(port.spec.queue_pairs.max(1));
@@ -354,7 +470,11 @@ fn serve_one(
         }
     }
 
-    let Some(frontend) = accept_frontend(public, port)? else {
+    let next = match frontends {
+        Frontends::Listening(public) => accept_frontend(public, port)?,
+        Frontends::Connecting(backoff) => connect_frontend(port, backoff),
+    };
+    let Some(frontend) = next else {
         return Ok(());
     };
     // Steer the port's MAC to its sockets before the frontend's first message goes
@@ -370,6 +490,12 @@ fn serve_one(
         })
         .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
     *crate::sync::lock(&port.shutdown) = daemon.shutdown_handle();
+    // A stop that came before the handle was stored found nothing to shut down.
+    if port.stopping.load(Ordering::Acquire) {
+        if let Some(h) = crate::sync::lock(&port.shutdown).take() {
+            h.shutdown();
+        }
+    }
     if !port.stopping.load(Ordering::Acquire) {
         port.set_state(PortState::Connected);
     }
@@ -432,6 +558,32 @@ fn accept_frontend(
                     path: port.spec.socket.clone(),
                     source,
                 })
+            }
+        }
+    }
+}
+
+/// A connection to the frontend listening on a client port's socket, or `None` once the port
+/// is stopping. Every failure (no socket yet, nobody listening, QEMU's backlog full, a
+/// permission the operator has yet to fix) is tried again after [`ReconnectBackoff`]'s
+/// wait, and logged once per episode.
+fn connect_frontend(port: &Port, backoff: &mut ReconnectBackoff) -> Option<UnixStream> {
+    let path = &port.spec.socket;
+    port.pause(backoff.after_connection());
+    loop {
+        if port.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        match UnixStream::connect(path) {
+            Ok(frontend) => {
+                backoff.connected();
+                return Some(frontend);
+            }
+            Err(e) => {
+                if backoff.is_fresh() {
+                    tracing::info!(port = port.index, socket = %path.display(), error = %e, "frontend not listening; connecting again with back-off up to {} ms", RECONNECT_MAX.as_millis());
+                }
+                port.pause(backoff.failed());
             }
         }
     }
@@ -527,5 +679,57 @@ fn unbind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) {
                 tracing::warn!(error = %e, "cannot remove socket from the steering map");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_double_from_100_ms_to_2_s_and_start_over_after_a_lasting_connection() {
+        let mut b = ReconnectBackoff::default();
+        assert!(b.is_fresh());
+        let ms: Vec<u128> = (0..8).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert!(!b.is_fresh());
+        // A connection that lasts starts the schedule over, and the next try comes at once.
+        assert_eq!(b.ended_after(Duration::from_secs(60)), Duration::ZERO);
+        assert!(b.is_fresh());
+        assert_eq!(b.failed(), Duration::from_millis(100));
+        // Connections that end at once are failures: the waits between them grow.
+        let mut b = ReconnectBackoff::default();
+        let ms: Vec<u128> = (0..6)
+            .map(|_| b.ended_after(Duration::from_millis(5)).as_millis())
+            .collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000]);
+        // No connection yet: nothing to wait for.
+        assert_eq!(
+            ReconnectBackoff::default().after_connection(),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn a_client_port_accepts_a_missing_socket_and_refuses_a_file() {
+        let dir = std::env::temp_dir().join(format!("xvdpa-client-prep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = |name: &str| PortSpec {
+            socket: dir.join(name),
+            mode: SocketRole::Client,
+            ..Default::default()
+        };
+        assert!(prepare(&spec("absent.sock")).is_ok());
+        // Not created on the way: the path is QEMU's to make.
+        assert!(!dir.join("absent.sock").exists());
+        std::fs::write(dir.join("file"), b"x").unwrap();
+        assert!(matches!(
+            prepare(&spec("file")),
+            Err(PortError::NotASocket(_))
+        ));
+        // A live listener (QEMU's) is what a client port connects to, not a conflict.
+        let _qemu = std::os::unix::net::UnixListener::bind(dir.join("live.sock")).unwrap();
+        assert!(prepare(&spec("live.sock")).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
