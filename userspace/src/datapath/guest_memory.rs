@@ -1,12 +1,12 @@
 //! Copies between host buffers and guest memory, with the region lookup cached.
 //!
-//! `GuestMemoryMmap::find_region` is a search over all regions; doing it for every descriptor
+//! `GuestMemory::find_region` is a search over all regions; doing it for every descriptor
 //! costs more than the copy of a small frame. A guest's buffers almost always live in the same
 //! region as the previous one, so the last region found is tried first.
 
+use super::{GuestMemory, GuestRegion};
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 /// A guest address range that is not backed by guest memory.
@@ -19,17 +19,17 @@ pub struct OutOfGuestMemory {
 
 /// A view of guest memory that remembers the region of the last access.
 pub struct GuestMemoryCursor<'m> {
-    mem: &'m GuestMemoryMmap,
-    last: Option<&'m GuestRegionMmap>,
+    mem: &'m GuestMemory,
+    last: Option<&'m GuestRegion>,
 }
 
 impl<'m> GuestMemoryCursor<'m> {
-    pub fn new(mem: &'m GuestMemoryMmap) -> Self {
+    pub fn new(mem: &'m GuestMemory) -> Self {
         GuestMemoryCursor { mem, last: None }
     }
 
     /// The region holding `addr`, from the cache when possible.
-    fn region(&mut self, addr: GuestAddress) -> Option<&'m GuestRegionMmap> {
+    fn region(&mut self, addr: GuestAddress) -> Option<&'m GuestRegion> {
         if let Some(r) = self.last {
             if addr >= r.start_addr() && addr.raw_value() - r.start_addr().raw_value() < r.len() {
                 return Some(r);
@@ -47,7 +47,10 @@ impl<'m> GuestMemoryCursor<'m> {
         &mut self,
         addr: GuestAddress,
         len: usize,
-        mut f: impl FnMut(usize, &vm_memory::VolatileSlice<'m, ()>),
+        mut f: impl FnMut(
+            usize,
+            &vm_memory::VolatileSlice<'m, vm_memory::bitmap::RefSlice<'m, super::DirtyLog>>,
+        ),
     ) -> Result<(), OutOfGuestMemory> {
         let oob = OutOfGuestMemory {
             addr: addr.raw_value(),
@@ -138,9 +141,9 @@ impl<'m> GuestMemoryCursor<'m> {
 mod tests {
     use super::*;
 
-    fn two_regions() -> GuestMemoryMmap {
+    fn two_regions() -> GuestMemory {
         // Adjacent regions, so one buffer can straddle the boundary.
-        GuestMemoryMmap::from_ranges(&[
+        GuestMemory::from_ranges(&[
             (GuestAddress(0x1000), 0x1000),
             (GuestAddress(0x2000), 0x1000),
         ])
