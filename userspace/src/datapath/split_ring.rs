@@ -10,6 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
+use super::dirty_log::region_log;
 use super::{DirtyLog, GuestMemory};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -25,9 +26,15 @@ type Slice<'m> = VolatileSlice<'m, RefSlice<'m, DirtyLog>>;
 
 /// `[addr, addr + len)` of guest memory as one slice, if it lies in one region.
 fn slice(mem: &GuestMemory, addr: u64, len: usize) -> Option<Slice<'_>> {
+    region_slice(mem, addr, len).map(|(s, _, _)| s)
+}
+
+/// [`slice`], with the region's dirty log and the slice's offset in the region.
+fn region_slice(mem: &GuestMemory, addr: u64, len: usize) -> Option<(Slice<'_>, &DirtyLog, u64)> {
     let r = mem.find_region(GuestAddress(addr))?;
     let offset = addr.checked_sub(r.start_addr().raw_value())?;
-    r.get_slice(MemoryRegionAddress(offset), len).ok()
+    let s = r.get_slice(MemoryRegionAddress(offset), len).ok()?;
+    Some((s, region_log(r), offset))
 }
 
 /// The chains of one batch.
@@ -156,7 +163,9 @@ pub(crate) fn publish_used(
     let Some(&(first, _)) = entries.first() else {
         return Ok(());
     };
-    let Some(used) = slice(mem, queue.used_ring(), 4 + 8 * usize::from(size)) else {
+    let Some((used, log, used_offset)) =
+        region_slice(mem, queue.used_ring(), 4 + 8 * usize::from(size))
+    else {
         for &(head, len) in entries {
             queue
                 .add_used(mem, head, len)
@@ -164,11 +173,24 @@ pub(crate) fn publish_used(
         }
         return Ok(());
     };
-    let mut next = queue.next_used();
+    let start = queue.next_used();
+    let mut next = start;
     for &(head, len) in entries {
         let at = 4 + 8 * usize::from(next % size);
         put_used_elem(&used, at, head, len).map_err(|_| unwritable(head))?;
         next = next.wrapping_add(1);
+    }
+    // The raw stores above bypass vm-memory's marking: the entries are logged here, once per
+    // batch (in two ranges when they wrap around the ring).
+    if log.is_on() {
+        let (from, count) = (
+            usize::from(start % size),
+            entries.len().min(usize::from(size)),
+        );
+        let first = count.min(usize::from(size) - from);
+        let base = used_offset as usize + 4;
+        log.mark_dirty(base + 8 * from, 8 * first);
+        log.mark_dirty(base, 8 * (count - first));
     }
     // Release: the entries are visible before the index that covers them.
     used.store(next.to_le(), 2, Ordering::Release)
@@ -339,8 +361,6 @@ fn put_used_elem(
     // guest memory, which stays mapped while `guard` lives; `[u8; 8]` has no alignment to
     // meet, and the volatile store never forms a reference to memory the driver shares.
     unsafe { guard.as_ptr().cast::<[u8; 8]>().write_volatile(elem) };
-    // The raw store bypasses vm-memory's own marking.
-    slice.bitmap().mark_dirty(0, elem.len());
     Ok(())
 }
 
