@@ -174,6 +174,10 @@ pub struct FrontendOptions {
     /// like a tmpfs or hugetlbfs file, and [`VirtioNetFrontend::shrink_guest_memory`] can
     /// cut it short under the daemon.
     pub allow_sealing: bool,
+    /// Program and enable the rings in `connect`, as a booting guest's driver does. Off: a
+    /// migration's destination, whose rings QEMU starts only when the migrated guest runs
+    /// ([`VirtioNetFrontend::start_rings`]).
+    pub start_rings: bool,
 }
 
 impl Default for FrontendOptions {
@@ -188,6 +192,7 @@ impl Default for FrontendOptions {
             queue_size: 256,
             slot_len: 2048,
             allow_sealing: false,
+            start_rings: true,
         }
     }
 }
@@ -326,12 +331,14 @@ impl VirtioNetFrontend {
             arm_on_reclaim: true,
             dirty_log: None,
         };
-        fe.start_rings()?;
+        if opts.start_rings {
+            fe.start_rings()?;
+        }
         Ok(fe)
     }
 
     /// Programs and enables both rings from index 0 (after FEATURES_OK, before DRIVER_OK).
-    fn start_rings(&mut self) -> Result<()> {
+    pub fn start_rings(&mut self) -> Result<()> {
         let region = self.mem.iter().next().expect("one region");
         let host_base = region.as_ptr() as u64;
         for (i, q) in self.queues.iter().enumerate() {

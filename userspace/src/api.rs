@@ -74,6 +74,10 @@ pub struct PortSpec {
     /// which keeps the control queue, so this is the operator's setting.
     #[serde(default)]
     pub promisc: bool,
+    /// The port (socket path, MAC or index) whose guest migrates to this port's: it may have
+    /// the same MAC, and the MAC's frames move here when this port's guest starts its rings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_from: Option<String>,
 }
 
 impl Default for PortSpec {
@@ -88,6 +92,7 @@ impl Default for PortSpec {
             vlan_passthrough: false,
             queue_pairs: one_pair(),
             cpus: Vec::new(),
+            migrate_from: None,
             promisc: false,
         }
     }
@@ -315,6 +320,7 @@ mod tests {
                 queue_pairs: 1,
                 cpus: vec![],
                 promisc: false,
+                migrate_from: None,
             })
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();
@@ -335,7 +341,8 @@ mod tests {
         let r: Request = serde_json::from_str(
             r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01",
                 "allow_macs":["52:54:00:00:00:09"],"rate_pps":100000,"rate_bps":"2G",
-                "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true}"#,
+                "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true,
+                "migrate_from":"/b"}"#,
         )
         .unwrap();
         let spec = PortSpec {
@@ -349,6 +356,7 @@ mod tests {
             queue_pairs: 2,
             cpus: vec![2, 3],
             promisc: true,
+            migrate_from: Some("/b".into()),
         };
         assert_eq!(r, Request::AddPort(spec.clone()));
         // What `xvdpa ctl add-port` sends reads back the same.

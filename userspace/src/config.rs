@@ -1,7 +1,7 @@
 //! The operator's input: `--port` specifications and the TOML config file.
 //!
 //! On the command line a port is `--port socket=PATH,mac=MAC[,allow-mac=MAC]...
-//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]`; rates take
+//! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on][,migrate-from=PORT]`; rates take
 //! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
 //! a `[[port]]` table in the file given to `--config` (the serde form of
 //! [`PortSpec`]), next to the daemon-wide settings.
@@ -68,12 +68,13 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "vlan" => port.vlan = Some(parse_vlan(value).map_err(|e| port_err(spec, e))?),
             "vlan-passthrough" => port.vlan_passthrough = on_off(spec, "vlan-passthrough", value)?,
             "promisc" => port.promisc = on_off(spec, "promisc", value)?,
+            "migrate-from" if !value.is_empty() => port.migrate_from = Some(value.to_string()),
             other => {
                 return Err(port_err(
                     spec,
                     format!(
                         "unknown key {other:?} (known: socket, mac, allow-mac, rate-pps, \
-                         rate-bps, queues, cpus, vlan, vlan-passthrough, promisc)"
+                         rate-bps, queues, cpus, vlan, vlan-passthrough, promisc, migrate-from)"
                     ),
                 ))
             }
@@ -169,6 +170,9 @@ mod tests {
         assert_eq!((p.rate_pps, p.rate_bps, p.queue_pairs), (None, None, 1));
         let p = parse_port("mac=52:54:00:00:00:01,socket=/a,queues=4,cpus=2+3").unwrap();
         assert_eq!((p.queue_pairs, p.cpus), (4, vec![2, 3]));
+        assert_eq!(p.migrate_from, None);
+        let p = parse_port("mac=52:54:00:00:00:01,socket=/b,migrate-from=/a").unwrap();
+        assert_eq!(p.migrate_from.as_deref(), Some("/a"));
     }
 
     #[test]

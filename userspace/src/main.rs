@@ -146,6 +146,10 @@ struct AddPortArgs {
     /// Also deliver unicast nobody owns to the port (a promiscuous guest).
     #[arg(long)]
     promisc: bool,
+    /// The port (socket, MAC or index) whose guest migrates to this one: the new port may
+    /// share its MAC and takes its frames when the migrated guest starts.
+    #[arg(long)]
+    migrate_from: Option<String>,
     /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
     #[arg(long, value_parser = api::parse_vlan)]
     vlan: Option<u16>,
@@ -179,6 +183,7 @@ impl AddPortArgs {
             queue_pairs: self.queues.unwrap_or(1),
             cpus: self.cpus.unwrap_or_default(),
             promisc: self.promisc,
+            migrate_from: self.migrate_from,
         })
     }
 }

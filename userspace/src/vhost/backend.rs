@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::datapath::GuestMemory;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -245,6 +246,11 @@ impl VhostUserBackend for NetBackend {
         }
         if thread_id == 0 {
             self.publish(vrings);
+            // A migrated guest runs once QEMU starts its rings at the end of the migration.
+            self.0.switch_port.take_over_when(|| {
+                let state = vrings[0].get_ref();
+                state.get_queue().ready() && state.is_enabled()
+            });
         }
         if self.memory_lost() {
             self.worker(thread_id)
