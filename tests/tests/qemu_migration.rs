@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use xvdpa_tests::ctl::Ctl;
-use xvdpa_tests::daemon::{socket_dir, Daemon};
+use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::guest::{self, qemu_args, Guest, GuestConfig, READY_MARKER};
 use xvdpa_tests::lab::{self, guest_ip, guest_mac, mac_str, Lab};
 
@@ -125,13 +125,22 @@ fn qemu(config: &GuestConfig, extra: &[&str]) -> Result<Guest> {
     Guest::spawn(cmd)
 }
 
-#[test]
-fn a_guest_streaming_tcp_migrates_to_another_port() -> Result<()> {
-    let lab = Lab::unique("qmig")?;
-    let dir = socket_dir("qmig")?;
+/// A daemon with the source port and its migration target, and the source guest booted.
+struct Pair {
+    lab: Lab,
+    dir: SocketDir,
+    _daemon: Daemon,
+    config: GuestConfig,
+    qmp_path: PathBuf,
+    source: Guest,
+}
+
+fn boot_source(tag: &str) -> Result<Pair> {
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
     let (src, dst) = (dir.join("src.sock"), dir.join("dst.sock"));
     let mac = mac_str(guest_mac(0));
-    let _daemon = Daemon::start_ports(&lab, &[(src.clone(), mac.clone())], &[])?;
+    let daemon = Daemon::start_ports(&lab, &[(src.clone(), mac.clone())], &[])?;
     let ctl = Ctl::new(&dir.join("ctl.sock"));
     let added = ctl.raw(&format!(
         r#"{{"cmd":"add-port","socket":"{}","mac":"{mac}","migrate_from":"{}"}}"#,
@@ -139,9 +148,8 @@ fn a_guest_streaming_tcp_migrates_to_another_port() -> Result<()> {
         src.display()
     ))?;
     ensure!(added["ok"] == true, "add-port: {added}");
-
     let config = GuestConfig {
-        socket: src.clone(),
+        socket: src,
         mac,
         ip: format!("{}/{}", guest_ip(0), lab::PREFIX),
         memory_mib: 256,
@@ -155,8 +163,72 @@ fn a_guest_streaming_tcp_migrates_to_another_port() -> Result<()> {
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
     let mut source = qemu(&config, &["-qmp", &qmp_arg])?;
     source.wait_for(READY_MARKER, BOOT)?;
+    Ok(Pair {
+        lab,
+        dir,
+        _daemon: daemon,
+        config,
+        qmp_path,
+        source,
+    })
+}
 
-    // The wire reaches the guest, then pings it throughout.
+/// The destination QEMU, waiting for the migration on the second port; and where it listens.
+fn start_destination(dir: &Path, config: &GuestConfig) -> Result<(Guest, PathBuf)> {
+    let incoming = dir.join("migrate.sock");
+    let dst_config = GuestConfig {
+        socket: dir.join("dst.sock"),
+        ..config.clone()
+    };
+    let incoming_arg = format!("unix:{}", incoming.display());
+    let dest = qemu(&dst_config, &["-incoming", &incoming_arg])?;
+    let t_wait = Instant::now();
+    while !incoming.exists() {
+        ensure!(
+            t_wait.elapsed() < Duration::from_secs(20),
+            "destination QEMU does not listen"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((dest, incoming))
+}
+
+/// Starts the source's migration to `incoming` at `bandwidth` bytes per second at most.
+fn start_migration(qmp_path: &Path, incoming: &Path, bandwidth: u64) -> Result<(Qmp, Instant)> {
+    let mut qmp = Qmp::connect(qmp_path)?;
+    qmp.execute(&format!(
+        r#"{{"execute":"migrate-set-parameters","arguments":{{"max-bandwidth":{bandwidth}}}}}"#
+    ))?;
+    let started = Instant::now();
+    qmp.execute(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
+        incoming.display()
+    ))?;
+    Ok((qmp, started))
+}
+
+/// Polls `query-migrate` until the migration ends; its final status.
+fn wait_migration(qmp: &mut Qmp, started: Instant) -> Result<String> {
+    loop {
+        let info = qmp.execute(r#"{"execute":"query-migrate"}"#)?;
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            eprintln!(
+                "[test] migration {status} after {:.1}s: {info}",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(status);
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(180),
+            "migration still {status}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the wire can ping the guest.
+fn wire_reaches_guest(lab: &Lab) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !lab
         .in_wire("busybox")
@@ -166,8 +238,18 @@ fn a_guest_streaming_tcp_migrates_to_another_port() -> Result<()> {
     {
         ensure!(Instant::now() < deadline, "the wire cannot ping the guest");
     }
+    Ok(())
+}
+
+#[test]
+fn a_guest_streaming_tcp_migrates_to_another_port() -> Result<()> {
+    let pair = boot_source("qmig")?;
+    let (lab, dir, config, mut source) = (&pair.lab, &pair.dir, &pair.config, pair.source);
+
+    // The wire reaches the guest, then pings it throughout.
+    wire_reaches_guest(lab)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let pinger = ping_from_wire(&lab, guest_ip(0), stop.clone());
+    let pinger = ping_from_wire(lab, guest_ip(0), stop.clone());
 
     // Streams both ways across the migration: 8 copies of a 16 MiB random block each way
     // (long enough under TCG to outlast the migration), checked block by block against the
@@ -212,48 +294,12 @@ fn a_guest_streaming_tcp_migrates_to_another_port() -> Result<()> {
         .context("md5 in guest output")?
         .to_string();
 
-    // The destination QEMU, waiting for the migration on the second port.
-    let incoming = dir.join("migrate.sock");
-    let dst_config = GuestConfig {
-        socket: dst.clone(),
-        ..config.clone()
-    };
-    let incoming_arg = format!("unix:{}", incoming.display());
-    let mut dest = qemu(&dst_config, &["-incoming", &incoming_arg])?;
-    let t_wait = Instant::now();
-    while !incoming.exists() {
-        ensure!(
-            t_wait.elapsed() < Duration::from_secs(20),
-            "destination QEMU does not listen"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (mut dest, incoming) = start_destination(dir, config)?;
 
-    let mut qmp = Qmp::connect(&qmp_path)?;
     // Slow enough for several passes over the RAM while the streams run, so pages the
     // daemon writes after their first copy must be copied again.
-    qmp.execute(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":16777216}}"#)?;
-    let started = Instant::now();
-    qmp.execute(&format!(
-        r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
-        incoming.display()
-    ))?;
-    let status = loop {
-        let info = qmp.execute(r#"{"execute":"query-migrate"}"#)?;
-        let status = info["status"].as_str().unwrap_or("").to_string();
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-            eprintln!(
-                "[test] migration {status} after {:.1}s: {info}",
-                started.elapsed().as_secs_f64()
-            );
-            break status;
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(180),
-            "migration still {status}: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (mut qmp, started) = start_migration(&pair.qmp_path, &incoming, 16 << 20)?;
+    let status = wait_migration(&mut qmp, started)?;
     ensure!(status == "completed", "migration {status}");
     source.kill();
 
@@ -318,8 +364,36 @@ fn a_guest_streaming_tcp_migrates_to_another_port() -> Result<()> {
         replies.last().is_some_and(|t| *t > started),
         "no ping reply after the migration"
     );
-    dest.send_line(&format!("ping -c 2 -W 5 {} && echo PING-OK", lab::WIRE_IP))?;
+    dest.send_line(&format!(
+        "ping -c 2 -W 5 {} && echo PING\"\"-OK",
+        lab::WIRE_IP
+    ))?;
     dest.wait_for("PING-OK", Duration::from_secs(30))?;
     dest.kill();
+    Ok(())
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_source_working() -> Result<()> {
+    let pair = boot_source("qmigc")?;
+    let (lab, dir, config, mut source) = (&pair.lab, &pair.dir, &pair.config, pair.source);
+    wire_reaches_guest(lab)?;
+    let (mut dest, incoming) = start_destination(dir, config)?;
+    // Slow, so it is cancelled halfway.
+    let (mut qmp, started) = start_migration(&pair.qmp_path, &incoming, 1 << 20)?;
+    std::thread::sleep(Duration::from_secs(2));
+    qmp.execute(r#"{"execute":"migrate_cancel"}"#)?;
+    let status = wait_migration(&mut qmp, started)?;
+    ensure!(status == "cancelled", "migration {status}");
+    dest.kill();
+
+    // The source's guest keeps its port and its MAC.
+    wire_reaches_guest(lab)?;
+    source.send_line(&format!(
+        "ping -c 2 -W 5 {} && echo PING\"\"-OK",
+        lab::WIRE_IP
+    ))?;
+    source.wait_for("PING-OK", Duration::from_secs(30))?;
+    source.kill();
     Ok(())
 }
