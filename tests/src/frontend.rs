@@ -7,6 +7,7 @@
 //! chains. It is the guest side of the integration tests and of the benchmark.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -18,7 +19,7 @@ use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::{virtio_config, virtio_net, virtio_ring};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -75,6 +76,11 @@ impl RawDesc {
         raw
     }
 }
+
+/// The page size of a vhost-user dirty log (`VHOST_LOG_PAGE`).
+pub const DIRTY_LOG_PAGE: u64 = 4096;
+/// `VHOST_F_LOG_ALL`.
+pub const VHOST_F_LOG_ALL: u64 = 26;
 
 /// One used-ring entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +153,8 @@ pub struct VirtioNetFrontend {
     /// Re-arm the device's notification after every reclaim (an interrupt-driven driver).
     /// Off in NAPI mode, where notifications are armed only before sleeping.
     arm_on_reclaim: bool,
+    /// The dirty log shared with the backend while a migration is simulated.
+    dirty_log: Option<File>,
 }
 
 /// Options for [`VirtioNetFrontend::connect`].
@@ -166,6 +174,10 @@ pub struct FrontendOptions {
     /// like a tmpfs or hugetlbfs file, and [`VirtioNetFrontend::shrink_guest_memory`] can
     /// cut it short under the daemon.
     pub allow_sealing: bool,
+    /// Program and enable the rings in `connect`, as a booting guest's driver does. Off: a
+    /// migration's destination, whose rings QEMU starts only when the migrated guest runs
+    /// ([`VirtioNetFrontend::start_rings`]).
+    pub start_rings: bool,
 }
 
 impl Default for FrontendOptions {
@@ -180,6 +192,7 @@ impl Default for FrontendOptions {
             queue_size: 256,
             slot_len: 2048,
             allow_sealing: false,
+            start_rings: true,
         }
     }
 }
@@ -274,7 +287,8 @@ impl VirtioNetFrontend {
             .context("GET_PROTOCOL_FEATURES")?;
         let want = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG;
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         frontend
             .set_protocol_features(proto & want)
             .context("SET_PROTOCOL_FEATURES")?;
@@ -315,13 +329,16 @@ impl VirtioNetFrontend {
             rx_desc_len: vec![0; rx_size],
             scratch_heads: Vec::new(),
             arm_on_reclaim: true,
+            dirty_log: None,
         };
-        fe.start_rings()?;
+        if opts.start_rings {
+            fe.start_rings()?;
+        }
         Ok(fe)
     }
 
     /// Programs and enables both rings from index 0 (after FEATURES_OK, before DRIVER_OK).
-    fn start_rings(&mut self) -> Result<()> {
+    pub fn start_rings(&mut self) -> Result<()> {
         let region = self.mem.iter().next().expect("one region");
         let host_base = region.as_ptr() as u64;
         for (i, q) in self.queues.iter().enumerate() {
@@ -875,6 +892,81 @@ impl VirtioNetFrontend {
     /// `timeout`. Returns whether it did.
     pub fn wait_error(&self, queue: usize, timeout: Duration) -> bool {
         wait_eventfd(&self.queues[queue].err, timeout)
+    }
+
+    /// Starts a migration's dirty logging as QEMU does: a log of one bit per 4 KiB page of
+    /// guest memory in a memfd (SET_LOG_BASE), then the features again with VHOST_F_LOG_ALL.
+    pub fn start_dirty_log(&mut self) -> Result<()> {
+        let mem_len: u64 = self.mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
+        let log_len = mem_len
+            .div_ceil(DIRTY_LOG_PAGE)
+            .div_ceil(8)
+            .next_multiple_of(8);
+        let file = memfd(log_len, true)?;
+        self.frontend
+            .set_log_base(
+                0,
+                Some(VhostUserDirtyLogRegion {
+                    mmap_size: log_len,
+                    mmap_offset: 0,
+                    mmap_handle: file.as_raw_fd(),
+                }),
+            )
+            .context("SET_LOG_BASE")?;
+        self.dirty_log = Some(file);
+        self.set_log_all(true)
+    }
+
+    /// Ends logging (the features again without VHOST_F_LOG_ALL), as QEMU does when a
+    /// migration completes or is cancelled.
+    pub fn stop_dirty_log(&mut self) -> Result<()> {
+        self.set_log_all(false)
+    }
+
+    fn set_log_all(&mut self, on: bool) -> Result<()> {
+        let log_all = if on { 1 << VHOST_F_LOG_ALL } else { 0 };
+        self.frontend
+            .set_features(
+                self.features | log_all | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            )
+            .context("SET_FEATURES")
+    }
+
+    /// The guest page numbers the dirty log marks.
+    pub fn dirty_pages(&self) -> Result<Vec<u64>> {
+        let file = self.dirty_log.as_ref().context("no dirty log started")?;
+        let mut bits = Vec::new();
+        (&*file).seek(SeekFrom::Start(0))?;
+        (&*file).read_to_end(&mut bits)?;
+        Ok(bits
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &b)| {
+                (0..8)
+                    .filter(move |k| b & (1 << k) != 0)
+                    .map(move |k| (i * 8 + k) as u64)
+            })
+            .collect())
+    }
+
+    /// Clears the dirty log, as QEMU does after each copying pass.
+    pub fn clear_dirty_log(&self) -> Result<()> {
+        let file = self.dirty_log.as_ref().context("no dirty log started")?;
+        let len = file.metadata()?.len();
+        (&*file).seek(SeekFrom::Start(0))?;
+        (&*file).write_all(&vec![0u8; len as usize])?;
+        Ok(())
+    }
+
+    /// Guest address of receive buffer `head` (its data slot).
+    pub fn rx_buffer_addr(&self, head: u16) -> u64 {
+        self.queues[RX_QUEUE].slot(head)
+    }
+
+    /// Guest address and length of `queue`'s used ring (flags, index, entries, avail_event).
+    pub fn used_ring(&self, queue: usize) -> (u64, u64) {
+        let q = &self.queues[queue];
+        (q.used, 6 + 8 * u64::from(q.size))
     }
 
     /// Bytes the device wrote into receive buffer `head`.

@@ -90,6 +90,10 @@ pub struct PortSpec {
         deserialize_with = "read_socket_mode"
     )]
     pub socket_mode: u32,
+    /// The port (socket path, MAC or index) whose guest migrates to this port's: it may have
+    /// the same MAC, and the MAC's frames move here when this port's guest starts its rings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_from: Option<String>,
 }
 
 impl Default for PortSpec {
@@ -105,6 +109,7 @@ impl Default for PortSpec {
             vlan_passthrough: false,
             queue_pairs: one_pair(),
             cpus: Vec::new(),
+            migrate_from: None,
             promisc: false,
             socket_group: None,
             socket_mode: default_socket_mode(),
@@ -426,6 +431,7 @@ mod tests {
                 promisc: false,
                 socket_group: None,
                 socket_mode: 0o660,
+                migrate_from: None,
             })
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"del-port","port":"3"}"#).unwrap();
@@ -447,7 +453,7 @@ mod tests {
             r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01",
                 "allow_macs":["52:54:00:00:00:09"],"rate_pps":100000,"rate_bps":"2G",
                 "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true,
-                "socket_group":"root","socket_mode":"0640","mode":"client"}"#,
+                "socket_group":"root","socket_mode":"0640","mode":"client","migrate_from":"/b"}"#,
         )
         .unwrap();
         let spec = PortSpec {
@@ -464,6 +470,7 @@ mod tests {
             promisc: true,
             socket_group: Some("root".into()),
             socket_mode: 0o640,
+            migrate_from: Some("/b".into()),
         };
         assert_eq!(r, Request::AddPort(spec.clone()));
         // What `xvdpa ctl add-port` sends reads back the same.

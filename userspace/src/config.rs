@@ -2,7 +2,7 @@
 //!
 //! On the command line a port is `--port socket=PATH[,mode=client],mac=MAC[,allow-mac=MAC]...
 //! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]
-//! [,socket-group=NAME][,socket-mode=OCTAL]`; rates take
+//! [,socket-group=NAME][,socket-mode=OCTAL][,migrate-from=PORT]`; rates take
 //! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
 //! a `[[port]]` table in the file given to `--config` (the serde form of
 //! [`PortSpec`]), next to the daemon-wide settings.
@@ -82,13 +82,14 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "socket-mode" => {
                 port.socket_mode = parse_socket_mode(value).map_err(|e| port_err(spec, e))?
             }
+            "migrate-from" if !value.is_empty() => port.migrate_from = Some(value.to_string()),
             other => {
                 return Err(port_err(
                     spec,
                     format!(
                         "unknown key {other:?} (known: socket, mode, mac, allow-mac, rate-pps, \
                          rate-bps, queues, cpus, vlan, vlan-passthrough, promisc, socket-group, \
-                         socket-mode)"
+                         socket-mode, migrate-from)"
                     ),
                 ))
             }
@@ -189,6 +190,9 @@ mod tests {
         assert_eq!(p.mode, crate::api::SocketRole::Server);
         let p = parse_port("mode=client,socket=/q/vm0.sock,mac=52:54:00:00:00:01").unwrap();
         assert_eq!(p.mode, crate::api::SocketRole::Client);
+        assert_eq!(p.migrate_from, None);
+        let p = parse_port("mac=52:54:00:00:00:01,socket=/b,migrate-from=/a").unwrap();
+        assert_eq!(p.migrate_from.as_deref(), Some("/a"));
     }
 
     #[test]

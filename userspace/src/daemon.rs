@@ -34,6 +34,12 @@ pub enum DaemonError {
     DuplicateSocket(PathBuf),
     #[error("no port matches {0:?} (give its socket path, MAC or index)")]
     UnknownPort(String),
+    #[error("migrate-from={from:?}: that port has MAC {mac}{}, not this port's", vlan.map(|v| format!(" on VLAN {v}")).unwrap_or_default())]
+    MigrationSourceDiffers {
+        from: String,
+        mac: String,
+        vlan: Option<u16>,
+    },
     #[error(transparent)]
     Port(#[from] PortError),
     #[error(transparent)]
@@ -92,9 +98,26 @@ impl Daemon {
     /// Adds a port and starts serving it; the other ports are not touched.
     pub fn add_port(&self, spec: PortSpec) -> Result<PortInfo, DaemonError> {
         let mut ports = self.lock_ports();
+        // A migration target shares its source's MAC (and VLAN), and only its source's.
+        let source = match &spec.migrate_from {
+            Some(from) => {
+                let index = find_port(&ports, from)
+                    .ok_or_else(|| DaemonError::UnknownPort(from.clone()))?;
+                let s = &ports[&index].port.spec;
+                if s.mac != spec.mac || s.vlan != spec.vlan {
+                    return Err(DaemonError::MigrationSourceDiffers {
+                        from: from.clone(),
+                        mac: s.mac.to_string(),
+                        vlan: s.vlan,
+                    });
+                }
+                Some(index)
+            }
+            None => None,
+        };
         for slot in ports.values() {
             let p = &slot.port.spec;
-            if p.mac == spec.mac {
+            if p.mac == spec.mac && source != Some(slot.port.index) {
                 return Err(DaemonError::DuplicateMac(spec.mac.to_string()));
             }
             if p.socket == spec.socket {
@@ -109,9 +132,16 @@ impl Daemon {
         {
             let mut steering = self.steering();
             steering.reset_port_counter(index)?;
-            steering.add_port(port.spec.mac, port.spec.vlan, index)?;
+            if source.is_none() {
+                steering.add_port(port.spec.mac, port.spec.vlan, index)?;
+            }
         }
-        self.switch.insert(port.switch_port.clone());
+        if source.is_none() {
+            self.switch.insert(port.switch_port.clone());
+        } else {
+            // The source keeps receiving until the migrated guest starts here.
+            port.switch_port.set_takeover(self.takeover(&port));
+        }
         let (nic, switch, p) = (self.nic.clone(), self.switch.clone(), port.clone());
         let thread = std::thread::Builder::new()
             .name(format!("xvdpa-port{index}"))
@@ -123,8 +153,10 @@ impl Daemon {
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
-                self.switch.remove(port.spec.mac);
-                let _ = self.steering().remove_port(port.spec.mac, port.spec.vlan);
+                self.switch.remove(&port.switch_port);
+                let _ = self
+                    .steering()
+                    .remove_port(port.spec.mac, port.spec.vlan, index);
                 return Err(DaemonError::Thread(e));
             }
         };
@@ -138,6 +170,26 @@ impl Daemon {
         );
         tracing::info!(port = index, socket = %info.spec.socket.display(), mac = %info.spec.mac, "port added");
         Ok(info)
+    }
+
+    /// The switch-over of migration target `port`: its MAC's steering entry and switch table
+    /// slot move to it from the source port. Runs on the port's worker thread, holding no
+    /// lock, when the migrated guest starts its rings.
+    fn takeover(&self, port: &Arc<Port>) -> crate::switch::Takeover {
+        let (nic, switch) = (self.nic.clone(), self.switch.clone());
+        let switch_port = Arc::downgrade(&port.switch_port);
+        let (mac, vlan, index) = (port.spec.mac, port.spec.vlan, port.index);
+        Box::new(move || {
+            let Some(switch_port) = switch_port.upgrade() else {
+                return;
+            };
+            if let Err(e) = sync::lock(&nic.steering).add_port(mac, vlan, index) {
+                tracing::error!(port = index, %mac, error = %e, "migrated guest started, but its MAC cannot be steered to its new port");
+                return;
+            }
+            switch.insert(switch_port);
+            tracing::info!(port = index, %mac, "migrated guest started; its MAC's frames go to this port now");
+        })
     }
 
     /// Removes a port, named by socket path, MAC or index: its frames go to the host stack
@@ -157,10 +209,13 @@ impl Daemon {
 
     fn stop_slot(&self, mut slot: PortSlot) -> PortInfo {
         let port = slot.port.clone();
-        if let Err(e) = self.steering().remove_port(port.spec.mac, port.spec.vlan) {
+        if let Err(e) = self
+            .steering()
+            .remove_port(port.spec.mac, port.spec.vlan, port.index)
+        {
             tracing::warn!(port = port.index, error = %e, "cannot remove the port's MAC from the steering map");
         }
-        self.switch.remove(port.spec.mac);
+        self.switch.remove(&port.switch_port);
         port.stop();
         if let Some(t) = slot.thread.take() {
             let deadline = Instant::now() + Duration::from_secs(5);

@@ -161,6 +161,10 @@ struct AddPortArgs {
     /// Also deliver unicast nobody owns to the port (a promiscuous guest).
     #[arg(long)]
     promisc: bool,
+    /// The port (socket, MAC or index) whose guest migrates to this one: the new port may
+    /// share its MAC and takes its frames when the migrated guest starts.
+    #[arg(long)]
+    migrate_from: Option<String>,
     /// 802.1Q VLAN ID of the port (tag pushed on transmit, stripped on receive).
     #[arg(long, value_parser = api::parse_vlan)]
     vlan: Option<u16>,
@@ -203,6 +207,7 @@ impl AddPortArgs {
             promisc: self.promisc,
             socket_group: self.socket_group,
             socket_mode: self.socket_mode,
+            migrate_from: self.migrate_from,
         })
     }
 }

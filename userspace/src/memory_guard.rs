@@ -29,6 +29,9 @@ use std::io;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use std::any::Any;
+
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -168,7 +171,7 @@ pub fn poison_events() -> u64 {
 /// Whether a region of `mem` was replaced by zero pages because its file shrank: a ring
 /// that read nonsense from it met lost memory, not a guest breaking the rules. Costs a scan
 /// of the registry per region; for error paths.
-pub fn lost(mem: &GuestMemoryMmap) -> bool {
+pub fn lost<B: Bitmap>(mem: &GuestMemoryMmap<B>) -> bool {
     poison_events() != 0
         && mem.iter().any(|region| {
             REGISTRY
@@ -259,7 +262,8 @@ fn previous_action(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc:
 /// The regions of one guest memory, registered, and the memory itself, kept mapped.
 struct Guarded {
     slots: Vec<usize>,
-    mem: Arc<GuestMemoryMmap>,
+    /// Whatever its regions' dirty-log type; held only to keep the mapping.
+    mem: Arc<dyn Any + Send + Sync>,
 }
 
 impl Guarded {
@@ -293,7 +297,10 @@ pub struct MemoryWatch {
 impl MemoryWatch {
     /// Watches the regions `mem` holds now instead of the ones watched before, which are
     /// released once no thread reads them.
-    pub fn watch(&mut self, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> Result<(), GuardError> {
+    pub fn watch<B: Bitmap + Send + Sync + 'static>(
+        &mut self,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap<B>>,
+    ) -> Result<(), GuardError> {
         install()?;
         let mem = mem.memory().into_inner();
         let mut retired = crate::sync::lock(&RETIRED);
@@ -310,7 +317,10 @@ impl MemoryWatch {
                 }
             }
         }
-        retired.extend(self.current.replace(Guarded { slots, mem }));
+        retired.extend(self.current.replace(Guarded {
+            slots,
+            mem: mem as Arc<dyn Any + Send + Sync>,
+        }));
         sweep(&mut retired);
         Ok(())
     }

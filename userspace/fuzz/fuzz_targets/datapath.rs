@@ -15,7 +15,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use xvdpa::datapath::GuestMemory;
 use xvdpa::datapath::device::Offloads;
 use xvdpa::datapath::offload::{FinishTally, Finished};
 use xvdpa::datapath::rx::{deliver_batch, Framing, RxScratch, RxTally};
@@ -94,9 +95,9 @@ impl TxBuffers for Sink {
     }
 }
 
-fn memory(contents: &[u8]) -> GuestMemoryMmap {
+fn memory(contents: &[u8]) -> GuestMemory {
     let mem =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), REGION), (GuestAddress(SECOND), REGION)])
+        GuestMemory::from_ranges(&[(GuestAddress(0), REGION), (GuestAddress(SECOND), REGION)])
             .expect("two fixed regions");
     let first = contents.len().min(REGION);
     mem.write_slice(&contents[..first], GuestAddress(0))

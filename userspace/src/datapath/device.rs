@@ -49,6 +49,10 @@ const OFFLOAD_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
     | (1 << VIRTIO_NET_F_GUEST_TSO6)
     | (1 << VIRTIO_NET_F_GUEST_ECN);
 
+/// `VHOST_F_LOG_ALL`: the backend logs every guest page it writes while the frontend asks it
+/// to, which QEMU requires before it migrates a guest (`dirty_log`).
+pub const VHOST_F_LOG_ALL: u32 = 26;
+
 /// The virtio feature bits xvdpa offers to a port with `queue_pairs` queue pairs. MQ is
 /// offered only with more than one; the control queue stays with the VMM (QEMU handles
 /// VIRTIO_NET_F_CTRL_VQ itself and turns VQ_PAIRS_SET into SET_VRING_ENABLE).
@@ -67,6 +71,7 @@ pub fn device_features(queue_pairs: u16) -> u64 {
         | (1u64 << VIRTIO_NET_F_MTU)
         | (1u64 << VIRTIO_NET_F_MRG_RXBUF)
         | (1u64 << VIRTIO_NET_F_SPEED_DUPLEX)
+        | (1u64 << VHOST_F_LOG_ALL)
         | OFFLOAD_FEATURES
 }
 

@@ -1,7 +1,8 @@
 //! The per-packet path: plain functions over guest memory and virtqueue state.
 //!
 //! Nothing here knows about sockets, threads or vhost-user: it depends on vm-memory,
-//! virtio-queue and virtio-bindings alone. The worker hands in a batch of frames (rx) or a
+//! virtio-queue and virtio-bindings alone (and on the vhost-user library's dirty-log bitmap,
+//! which `dirty_log` wraps). The worker hands in a batch of frames (rx) or a
 //! place to put them (tx), these functions walk the guest's descriptor chains, copy, and fill
 //! the used ring; [`notify`] decides whether the driver wants to hear of it, and the caller
 //! signals once per batch. That keeps every guest-controlled byte's handling unit-testable
@@ -11,9 +12,12 @@
 //! - `split_ring`: the avail ring and descriptor walk, used-ring publication;
 //! - [`rx`], [`tx`]: frames into and out of the guest;
 //! - [`offload`]: checksum and segmentation offloads, checked and done in software;
-//! - [`guest_memory`]: translated, bounds-checked access to guest RAM.
+//! - [`guest_memory`]: translated, bounds-checked access to guest RAM;
+//! - [`dirty_log`]: the guest memory type, whose regions log the pages written during a
+//!   live migration.
 
 pub mod device;
+pub mod dirty_log;
 pub mod guest_memory;
 pub mod notify;
 pub mod offload;
@@ -23,8 +27,9 @@ pub mod tx;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
+pub use dirty_log::{DirtyLog, GuestMemory, GuestRegion};
 pub use guest_memory::{GuestMemoryCursor, OutOfGuestMemory};
 
 /// A guest mistake that makes a queue unusable until the device is reset: the worker marks
@@ -88,7 +93,7 @@ pub type Segment = (GuestAddress, u32);
 /// indirect table; such a chain always ends on a descriptor that still says NEXT, or yields
 /// nothing at all, which is how they are told apart from a proper end.
 pub(crate) fn collect_segments(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: DescriptorChain<&GuestMemory>,
     writable: bool,
     max_descriptors: u16,
     segs: &mut Vec<Segment>,
@@ -185,13 +190,14 @@ pub(crate) fn read_at(
 #[cfg(test)]
 pub(crate) mod testing {
     //! Guest memory and queues for the datapath tests, on virtio-queue's mock split queue.
+    use super::GuestMemory;
     use virtio_bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     /// TCP frames built by etherparse, an implementation independent of the datapath's.
     pub mod packets {
@@ -290,8 +296,8 @@ pub(crate) mod testing {
     /// Where test buffers start, past the rings.
     pub const BUF_BASE: u64 = 0x1_0000;
 
-    pub fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    pub fn memory() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
     }
 
     /// A guest buffer: address, length, device-writable.
@@ -300,13 +306,13 @@ pub(crate) mod testing {
 
     /// A driver's side of one split queue: posts chains, reads the used ring.
     pub struct TestQueue<'a> {
-        pub mem: &'a GuestMemoryMmap,
-        pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
+        pub mem: &'a GuestMemory,
+        pub mock: MockSplitQueue<'a, GuestMemory>,
         next_desc: u16,
     }
 
     impl<'a> TestQueue<'a> {
-        pub fn new(mem: &'a GuestMemoryMmap) -> Self {
+        pub fn new(mem: &'a GuestMemory) -> Self {
             TestQueue {
                 mem,
                 mock: MockSplitQueue::new(mem, QUEUE_SIZE),

@@ -3,9 +3,10 @@
 
 use std::sync::atomic::Ordering;
 
+use super::GuestMemory;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Whether the driver of `queue` wants a notification for the used entries published since
 /// the used index was `old` (`None`: unknown, e.g. the first decision after a (re)start).
@@ -15,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// VRING_AVAIL_F_NO_INTERRUPT (polling drivers such as DPDK's do; virtio-queue's own check
 /// ignores the flag, and it only counts `add_used` entries, where this datapath publishes a
 /// batch at once). Call after publishing the used index.
-pub fn wants_notification(queue: &Queue, mem: &GuestMemoryMmap, old: Option<u16>) -> bool {
+pub fn wants_notification(queue: &Queue, mem: &GuestMemory, old: Option<u16>) -> bool {
     if queue.event_idx_enabled() {
         let Some(old) = old else {
             return true;
@@ -35,7 +36,7 @@ pub fn wants_notification(queue: &Queue, mem: &GuestMemoryMmap, old: Option<u16>
 }
 
 /// Whether a driver without EVENT_IDX set VRING_AVAIL_F_NO_INTERRUPT.
-fn declined_interrupts(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+fn declined_interrupts(queue: &Queue, mem: &GuestMemory) -> bool {
     // The used index was published before this read (virtio 2.7.7.2).
     std::sync::atomic::fence(Ordering::SeqCst);
     let flags = mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire);

@@ -5,8 +5,8 @@
 //! guest how many). If the guest has too few buffers for a frame, the chains taken for it are
 //! put back and the caller keeps the frame until the guest posts more.
 
+use super::GuestMemory;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::split_ring::{publish_used, Chains};
 use super::{write_at, GuestMemoryCursor, Malformed, QueueError, Segment};
@@ -146,7 +146,7 @@ fn fill_frame(
 /// used entries of the delivered frames are written after it, in order. Chains a frame could
 /// not finish are not consumed: the ring resumes right after the last delivered frame's.
 pub fn deliver_batch<'f>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     queue: &mut Queue,
     frames: impl IntoIterator<Item = &'f [u8]>,
     framing: Framing,

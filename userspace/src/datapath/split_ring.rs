@@ -10,35 +10,44 @@
 
 use std::sync::atomic::Ordering;
 
+use super::dirty_log::region_log;
+use super::{DirtyLog, GuestMemory};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::{Bitmap, RefSlice};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress, VolatileSlice,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+    VolatileSlice,
 };
 
 use super::{collect_segments, Malformed, OutOfGuestMemory, QueueError, Segment};
 
-type Slice<'m> = VolatileSlice<'m, ()>;
+type Slice<'m> = VolatileSlice<'m, RefSlice<'m, DirtyLog>>;
 
 /// `[addr, addr + len)` of guest memory as one slice, if it lies in one region.
-fn slice(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Option<Slice<'_>> {
+fn slice(mem: &GuestMemory, addr: u64, len: usize) -> Option<Slice<'_>> {
+    region_slice(mem, addr, len).map(|(s, _, _)| s)
+}
+
+/// [`slice`], with the region's dirty log and the slice's offset in the region.
+fn region_slice(mem: &GuestMemory, addr: u64, len: usize) -> Option<(Slice<'_>, &DirtyLog, u64)> {
     let r = mem.find_region(GuestAddress(addr))?;
     let offset = addr.checked_sub(r.start_addr().raw_value())?;
-    r.get_slice(MemoryRegionAddress(offset), len).ok()
+    let s = r.get_slice(MemoryRegionAddress(offset), len).ok()?;
+    Some((s, region_log(r), offset))
 }
 
 /// The chains of one batch.
 pub(crate) enum Chains<'q, 'm> {
     Direct(SplitRing<'m>),
     Iter {
-        it: AvailIter<'q, &'m GuestMemoryMmap>,
+        it: AvailIter<'q, &'m GuestMemory>,
         /// The queue's size: the most descriptors one chain may hold.
         size: u16,
         start: u16,
         taken: u16,
         /// The last chain taken, kept so it can be given back.
-        last: Option<DescriptorChain<&'m GuestMemoryMmap>>,
+        last: Option<DescriptorChain<&'m GuestMemory>>,
         /// `last` was given back and is the next to take.
         back: bool,
     },
@@ -47,10 +56,7 @@ pub(crate) enum Chains<'q, 'm> {
 impl<'q, 'm> Chains<'q, 'm> {
     /// The batch's chains, or `None` when the queue is not ready (nothing to take now). A
     /// corrupt avail index is an error.
-    pub fn open(
-        mem: &'m GuestMemoryMmap,
-        queue: &'q mut Queue,
-    ) -> Result<Option<Self>, QueueError> {
+    pub fn open(mem: &'m GuestMemory, queue: &'q mut Queue) -> Result<Option<Self>, QueueError> {
         if !queue.ready() {
             return Ok(None);
         }
@@ -145,7 +151,7 @@ impl<'q, 'm> Chains<'q, 'm> {
 /// decides notifications itself (see `switch::notify_guest_since`): virtio-queue's own check
 /// only counts `add_used` entries.
 pub(crate) fn publish_used(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     queue: &mut Queue,
     entries: &[(u16, u32)],
 ) -> Result<(), QueueError> {
@@ -157,7 +163,9 @@ pub(crate) fn publish_used(
     let Some(&(first, _)) = entries.first() else {
         return Ok(());
     };
-    let Some(used) = slice(mem, queue.used_ring(), 4 + 8 * usize::from(size)) else {
+    let Some((used, log, used_offset)) =
+        region_slice(mem, queue.used_ring(), 4 + 8 * usize::from(size))
+    else {
         for &(head, len) in entries {
             queue
                 .add_used(mem, head, len)
@@ -165,11 +173,24 @@ pub(crate) fn publish_used(
         }
         return Ok(());
     };
-    let mut next = queue.next_used();
+    let start = queue.next_used();
+    let mut next = start;
     for &(head, len) in entries {
         let at = 4 + 8 * usize::from(next % size);
         put_used_elem(&used, at, head, len).map_err(|_| unwritable(head))?;
         next = next.wrapping_add(1);
+    }
+    // The raw stores above bypass vm-memory's marking: the entries are logged here, once per
+    // batch (in two ranges when they wrap around the ring).
+    if log.is_on() {
+        let (from, count) = (
+            usize::from(start % size),
+            entries.len().min(usize::from(size)),
+        );
+        let first = count.min(usize::from(size) - from);
+        let base = used_offset as usize + 4;
+        log.mark_dirty(base + 8 * from, 8 * first);
+        log.mark_dirty(base, 8 * (count - first));
     }
     // Release: the entries are visible before the index that covers them.
     used.store(next.to_le(), 2, Ordering::Release)
@@ -180,7 +201,7 @@ pub(crate) fn publish_used(
 
 /// The descriptor table and avail ring of a split queue, as slices of guest memory.
 pub(crate) struct SplitRing<'m> {
-    mem: &'m GuestMemoryMmap,
+    mem: &'m GuestMemory,
     desc: Slice<'m>,
     avail: Slice<'m>,
     size: u16,
@@ -190,7 +211,7 @@ pub(crate) struct SplitRing<'m> {
 }
 
 impl<'m> SplitRing<'m> {
-    fn open(mem: &'m GuestMemoryMmap, queue: &Queue) -> Result<Option<Self>, QueueError> {
+    fn open(mem: &'m GuestMemory, queue: &Queue) -> Result<Option<Self>, QueueError> {
         let size = queue.size();
         if size == 0 {
             return Ok(None);
@@ -374,8 +395,8 @@ mod tests {
     use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
 
     /// Guest memory whose first region ends inside the descriptor table (at 0).
-    fn split_memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[
+    fn split_memory() -> GuestMemory {
+        GuestMemory::from_ranges(&[
             (GuestAddress(0), 0x80),
             (GuestAddress(0x80), MEM_SIZE - 0x80),
         ])
@@ -422,7 +443,7 @@ mod tests {
         // Where the mock puts the used ring; the second memory splits it inside entry 3.
         let used = TestQueue::new(&memory()).mock.used_addr().0;
         let cut = used + 4 + 8 * 3 + 4;
-        let split = GuestMemoryMmap::from_ranges(&[
+        let split = GuestMemory::from_ranges(&[
             (GuestAddress(0), cut as usize),
             (GuestAddress(cut), MEM_SIZE - cut as usize),
         ])
@@ -440,6 +461,39 @@ mod tests {
             assert_eq!(q.next_used(), 6);
             let want: Vec<(u32, u32)> = entries.iter().map(|&(h, l)| (u32::from(h), l)).collect();
             assert_eq!(t.used(0), want);
+        }
+    }
+
+    #[test]
+    fn used_entries_and_index_are_logged_on_the_pages_they_land_on() {
+        use crate::datapath::dirty_log::tests::{pages_of, Logged};
+        // The used ring right before a page boundary: the index and entry 0 on page 2,
+        // entries 1 and 2 crossing onto page 3. The second memory splits the ring between
+        // regions, so the entries go through virtio-queue's `add_used` instead.
+        let used = 0x2ff0u64;
+        let split = GuestMemory::from_ranges(&[
+            (GuestAddress(0), 0x3000),
+            (GuestAddress(0x3000), MEM_SIZE - 0x3000),
+        ])
+        .unwrap();
+        for mem in [memory(), split] {
+            let mut t = TestQueue::new(&mem);
+            let heads: Vec<u16> = (0..3)
+                .map(|i| t.post(&[Buf(BUF_BASE + 0x1000 * i, 64, true)]))
+                .collect();
+            let mut q = t.queue();
+            q.set_used_ring_address(Some(used as u32), Some(0));
+            let logged = Logged::start(&mem);
+            publish_used(&mem, &mut q, &[(heads[0], 60)]).unwrap();
+            assert_eq!(logged.pages(), vec![2], "entry 0 and the index");
+            publish_used(&mem, &mut q, &[(heads[1], 60), (heads[2], 60)]).unwrap();
+            let mut want = pages_of(used + 2, 2);
+            for i in 0..3 {
+                want.extend(pages_of(used + 4 + 8 * i, 8));
+            }
+            want.dedup();
+            assert_eq!(logged.pages(), want);
+            assert_eq!(want, vec![2, 3]);
         }
     }
 

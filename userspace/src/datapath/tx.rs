@@ -5,8 +5,8 @@
 //! frame is copied into a buffer the caller provides (a UMEM frame) and the chain is returned
 //! to the guest at once, since the copy no longer needs it.
 
+use super::GuestMemory;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::offload::{self, NetHeader, Offload, Offloads, TsoPlan, F_NEEDS_CSUM, MAX_GSO_FRAME};
 use super::split_ring::{publish_used, Chains};
@@ -189,7 +189,7 @@ enum Sent {
 /// to another port it goes as it is, and the receiver finishes what its guest cannot take.
 /// Returns why it stopped; on `Err` the queue is unusable until the device is reset.
 pub fn transmit_batch(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     queue: &mut Queue,
     buffers: &mut impl TxBuffers,
     limits: TxLimits,

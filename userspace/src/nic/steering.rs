@@ -188,9 +188,21 @@ impl Steering {
         MacKey::tagged(mac.0, vlan.unwrap_or(0))
     }
 
-    /// Stops steering `mac`; its frames go to the host stack again.
-    pub fn remove_port(&mut self, mac: MacAddr, vlan: Option<u16>) -> Result<(), SteeringError> {
-        match self.ports.remove(&Self::key(mac, vlan)) {
+    /// Stops steering `mac` to port `port_index`; its frames go to the host stack again. An
+    /// entry that points at another port (a migration target that took the MAC over) stays.
+    pub fn remove_port(
+        &mut self,
+        mac: MacAddr,
+        vlan: Option<u16>,
+        port_index: u32,
+    ) -> Result<(), SteeringError> {
+        let key = Self::key(mac, vlan);
+        match self.ports.get(&key, 0) {
+            Ok(entry) if entry.port_index != port_index => return Ok(()),
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(PORTS_MAP)(e)),
+        }
+        match self.ports.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(PORTS_MAP)(e)),
         }

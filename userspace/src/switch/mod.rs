@@ -23,6 +23,7 @@ pub mod policy;
 mod port_tx;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::datapath::rx::{Framing, RxScratch};
@@ -42,7 +43,14 @@ pub struct SwitchPort {
     pub index: u32,
     /// The port's first receive queue while a frontend is connected.
     rx: Mutex<Option<RxQueue>>,
+    /// A migration target's switch-over (its MAC's steering entry and switch table slot
+    /// moving here), run once when its guest starts its rings.
+    takeover: Mutex<Option<Takeover>>,
+    takeover_pending: AtomicBool,
 }
+
+/// What moves a migrated guest's MAC to its new port.
+pub type Takeover = Box<dyn FnOnce() + Send>;
 
 impl Member for Arc<SwitchPort> {
     fn vlan(&self) -> Option<u16> {
@@ -57,12 +65,33 @@ impl SwitchPort {
             vlan,
             index,
             rx: Mutex::new(None),
+            takeover: Mutex::new(None),
+            takeover_pending: AtomicBool::new(false),
         })
     }
 
     /// Makes the port's receive queue reachable (a frontend connected and its worker runs).
     pub fn publish(&self, rx: RxQueue) {
         *sync::lock(&self.rx) = Some(rx);
+    }
+
+    /// Makes this port a migration target: `takeover` runs when its guest starts.
+    pub fn set_takeover(&self, takeover: Takeover) {
+        *sync::lock(&self.takeover) = Some(takeover);
+        self.takeover_pending.store(true, Ordering::Release);
+    }
+
+    /// A migration target takes its MAC's frames once `guest_started` says its guest runs
+    /// (asked only while the switch-over is pending: one atomic load for every other port).
+    pub fn take_over_when(&self, guest_started: impl FnOnce() -> bool) {
+        if self.takeover_pending.load(Ordering::Acquire)
+            && guest_started()
+            && self.takeover_pending.swap(false, Ordering::AcqRel)
+        {
+            if let Some(takeover) = sync::lock(&self.takeover).take() {
+                takeover();
+            }
+        }
     }
 
     /// The frontend went away; frames for the port are dropped until the next one.
@@ -142,12 +171,15 @@ impl SwitchTable {
         *guard = Arc::new(map);
     }
 
-    pub fn remove(&self, mac: MacAddr) {
+    /// Takes `port` out of the table, if the table's entry for its MAC is still `port` (a
+    /// migration target that took the MAC over keeps it), and drops its receive queue.
+    pub fn remove(&self, port: &SwitchPort) {
         let mut guard = sync::write(&self.ports);
-        let mut map = HashMap::clone(&guard);
-        if let Some(p) = map.remove(&mac) {
-            p.unpublish();
+        if guard.get(&port.mac).is_some_and(|p| p.index == port.index) {
+            let mut map = HashMap::clone(&guard);
+            map.remove(&port.mac);
+            *guard = Arc::new(map);
         }
-        *guard = Arc::new(map);
+        port.unpublish();
     }
 }

@@ -5,13 +5,16 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::datapath::GuestMemory;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::VhostUserBackend;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig};
+use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig, VHOST_F_LOG_ALL};
+use crate::datapath::dirty_log::set_log_all;
 use crate::memory_guard::{self, MemoryWatch};
 use crate::stats::QueueStats;
 use crate::switch::SwitchPort;
@@ -27,16 +30,20 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Not CONFIGURE_MEM_SLOTS: with it, QEMU 7.2 sends ADD_MEM_REG from the vhost device of
 /// every queue pair, so a multiqueue guest adds each region twice and the backend refuses the
 /// overlap; SET_MEM_TABLE is sent once per connection.
+///
+/// LOG_SHMFD: the frontend shares its dirty log as a file (`SET_LOG_BASE`), which the library
+/// maps into every region's `DirtyLog`; with `VHOST_F_LOG_ALL` it lets QEMU migrate the guest.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 struct Inner {
     config: NetConfig,
     acked: Arc<AtomicU64>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<GuestMemory>,
     workers: Vec<Mutex<QueuePairWorker>>,
     ids: EventIds,
     /// The port in the daemon's switch; its receive queue is published there on the first
@@ -66,7 +73,7 @@ pub struct NetBackend(Arc<Inner>);
 impl NetBackend {
     pub fn new(
         config: NetConfig,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        mem: GuestMemoryAtomic<GuestMemory>,
         workers: Vec<QueuePairWorker>,
         switch_port: Arc<SwitchPort>,
         exit_events: ExitEvents,
@@ -153,7 +160,7 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
+    type Bitmap = crate::datapath::DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -171,6 +178,7 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.0.acked.store(features, Ordering::Release);
+        set_log_all(&self.0.mem.memory(), features & (1 << VHOST_F_LOG_ALL) != 0);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -179,6 +187,7 @@ impl VhostUserBackend for NetBackend {
 
     fn reset_device(&self) {
         self.0.acked.store(0, Ordering::Release);
+        set_log_all(&self.0.mem.memory(), false);
         for i in 0..self.queue_pairs() {
             self.worker(i).reset();
         }
@@ -192,13 +201,17 @@ impl VhostUserBackend for NetBackend {
         self.0.config.read(offset, size)
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         // The library swapped the regions inside the GuestMemoryAtomic we share with it;
         // the guard watches the new ones from here on.
         crate::sync::lock(&self.0.watch)
             .watch(&mem)
             .map_err(io::Error::other)?;
         self.0.memory_lost.store(false, Ordering::Release);
+        // New regions start without a log; a frontend that changes its memory during a
+        // migration sends SET_LOG_BASE again for them.
+        let log_all = self.0.acked.load(Ordering::Acquire) & (1 << VHOST_F_LOG_ALL) != 0;
+        set_log_all(&mem.memory(), log_all);
         Ok(())
     }
 
@@ -233,6 +246,11 @@ impl VhostUserBackend for NetBackend {
         }
         if thread_id == 0 {
             self.publish(vrings);
+            // A migrated guest runs once QEMU starts its rings at the end of the migration.
+            self.0.switch_port.take_over_when(|| {
+                let state = vrings[0].get_ref();
+                state.get_queue().ready() && state.is_enabled()
+            });
         }
         if self.memory_lost() {
             self.worker(thread_id)

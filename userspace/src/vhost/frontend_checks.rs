@@ -10,12 +10,15 @@
 //!   other sizes and the library acks them);
 //! - `SET_MEM_TABLE`: one fd per region, each region inside its file (vm-memory maps it
 //!   without comparing, and the first access past the end raises SIGBUS in the daemon). A
-//!   memfd that allows sealing gets `F_SEAL_SHRINK`, so it cannot be cut short later.
+//!   memfd that allows sealing gets `F_SEAL_SHRINK`, so it cannot be cut short later;
+//! - `SET_LOG_BASE`: one fd, the dirty log inside it and sealed the same way (the workers
+//!   write into the log during a migration).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 pub const REQ_SET_MEM_TABLE: u32 = 5;
+pub const REQ_SET_LOG_BASE: u32 = 6;
 pub const REQ_SET_VRING_NUM: u32 = 8;
 pub const REQ_SET_VRING_KICK: u32 = 12;
 pub const REQ_SET_VRING_CALL: u32 = 13;
@@ -38,6 +41,7 @@ pub fn check_request(
         REQ_SET_VRING_KICK | REQ_SET_VRING_CALL | REQ_SET_VRING_ERR => check_vring_fd(payload, fds),
         REQ_SET_VRING_NUM => check_vring_num(payload, max_queue_size),
         REQ_SET_MEM_TABLE => check_mem_table(payload, fds),
+        REQ_SET_LOG_BASE => check_log_base(payload, fds),
         _ => Ok(()),
     }
 }
@@ -101,16 +105,32 @@ fn check_mem_table(payload: &[u8], fds: &[OwnedFd]) -> Result<(), Refusal> {
         let (Some(size), Some(offset)) = (u64_at(payload, at + 8), u64_at(payload, at + 24)) else {
             return Err(format!("memory region {i} is cut short"));
         };
-        let file_len = file_size(fd).map_err(|e| format!("memory region {i}: fstat: {e}"))?;
-        let end = offset.checked_add(size);
-        if end.is_none_or(|end| end > file_len) {
-            return Err(format!(
-                "memory region {i} ({size} bytes at offset {offset}) lies past the end of its \
-                 {file_len}-byte file"
-            ));
-        }
-        seal_against_shrinking(fd);
+        check_inside_file(&format!("memory region {i}"), fd, size, offset)?;
     }
+    Ok(())
+}
+
+/// `VhostUserLog`: mmap_size, mmap_offset.
+fn check_log_base(payload: &[u8], fds: &[OwnedFd]) -> Result<(), Refusal> {
+    let (Some(size), Some(offset)) = (u64_at(payload, 0), u64_at(payload, 8)) else {
+        return Err("SET_LOG_BASE is cut short".into());
+    };
+    match fds {
+        [fd] => check_inside_file("the dirty log", fd, size, offset),
+        _ => Err(format!("SET_LOG_BASE with {} fds", fds.len())),
+    }
+}
+
+/// `[offset, offset + size)` lies in `fd`'s file, which is then sealed against shrinking.
+fn check_inside_file(what: &str, fd: &OwnedFd, size: u64, offset: u64) -> Result<(), Refusal> {
+    let file_len = file_size(fd).map_err(|e| format!("{what}: fstat: {e}"))?;
+    let end = offset.checked_add(size);
+    if end.is_none_or(|end| end > file_len) {
+        return Err(format!(
+            "{what} ({size} bytes at offset {offset}) lies past the end of its {file_len}-byte file"
+        ));
+    }
+    seal_against_shrinking(fd);
     Ok(())
 }
 
@@ -194,6 +214,21 @@ mod tests {
             }
         }
         p
+    }
+
+    #[test]
+    fn the_dirty_log_must_lie_inside_its_file() {
+        let log = |size: u64, offset: u64| {
+            let mut p = size.to_le_bytes().to_vec();
+            p.extend(offset.to_le_bytes());
+            p
+        };
+        let file = || memfd(8192, libc::MFD_ALLOW_SEALING);
+        assert!(check_request(REQ_SET_LOG_BASE, &log(8192, 0), &[file()], 256).is_ok());
+        assert!(check_request(REQ_SET_LOG_BASE, &log(8192, 4096), &[file()], 256).is_err());
+        assert!(check_request(REQ_SET_LOG_BASE, &log(u64::MAX, 1), &[file()], 256).is_err());
+        assert!(check_request(REQ_SET_LOG_BASE, &log(4096, 0), &[], 256).is_err());
+        assert!(check_request(REQ_SET_LOG_BASE, &log(4096, 0)[..8], &[file()], 256).is_err());
     }
 
     #[test]

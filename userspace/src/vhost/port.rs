@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::datapath::GuestMemory;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 use crate::api::{PortSpec, SocketRole};
 use crate::datapath::device::{NetConfig, DUPLEX_FULL, ETH_HLEN};
@@ -448,7 +449,7 @@ fn serve_one(
         speed: nic.speed,
         duplex: DUPLEX_FULL,
     };
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(GuestMemory::new());
     // Made before the library asks for them: it cannot report failing to get one.
     let exit_events = ExitEvents::new(workers.len()).map_err(PortError::Worker)?;
     let backend = NetBackend::new(

@@ -12,15 +12,16 @@ mod error_signal;
 mod notify;
 mod rx_queue;
 
+use crate::datapath::GuestMemory;
 use vhost_user_backend::VringRwLock;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 pub use error_signal::{RingError, RingErrorFds};
 pub use notify::notify_guest_since;
 pub use rx_queue::{RxQueue, RxQueueLock, RxQueueShared};
 
 /// One virtqueue as rust-vmm's vhost-user library shares it with the backend.
-pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 
 /// The vring's state, locked.
-pub type VringState = vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>;
+pub type VringState = vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemory>>;

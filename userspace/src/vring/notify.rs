@@ -1,6 +1,6 @@
 //! Signalling the guest, counted.
 
-use vm_memory::GuestMemoryMmap;
+use crate::datapath::GuestMemory;
 
 use super::VringState;
 use crate::datapath::notify::wants_notification;
@@ -11,7 +11,7 @@ use crate::stats::QueueStats;
 /// suppressed.
 pub fn notify_guest_since(
     state: &mut VringState,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     stats: &QueueStats,
     old: Option<u16>,
 ) {

@@ -3,9 +3,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::datapath::GuestMemory;
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::{notify_guest_since, RingError, Vring, VringState};
 use crate::datapath::device::{NegotiatedFeatures, Offloads};
@@ -61,7 +62,7 @@ impl RxQueueShared {
 #[derive(Clone)]
 pub struct RxQueue {
     pub vring: Vring,
-    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub mem: GuestMemoryAtomic<GuestMemory>,
     /// The features the driver acknowledged (the backend's, updated on SET_FEATURES).
     pub acked: Arc<AtomicU64>,
     pub stats: Arc<QueueStats>,
@@ -111,11 +112,8 @@ impl RxQueue {
 /// A receive queue under its vring lock: the one place frames enter a guest's receive
 /// queue, whichever thread brings them.
 pub struct RxQueueLock<'a> {
-    state: <Vring as vhost_user_backend::VringStateMutGuard<
-        'a,
-        GuestMemoryAtomic<GuestMemoryMmap>,
-    >>::G,
-    mem: &'a GuestMemoryMmap,
+    state: <Vring as vhost_user_backend::VringStateMutGuard<'a, GuestMemoryAtomic<GuestMemory>>>::G,
+    mem: &'a GuestMemory,
     shared: &'a RxQueueShared,
     stats: &'a QueueStats,
     mrg_rxbuf: bool,
@@ -125,7 +123,7 @@ impl<'a> RxQueueLock<'a> {
     /// Locks `vring` for one round of deliveries.
     pub fn new(
         vring: &'a Vring,
-        mem: &'a GuestMemoryMmap,
+        mem: &'a GuestMemory,
         shared: &'a RxQueueShared,
         stats: &'a QueueStats,
         mrg_rxbuf: bool,
@@ -254,7 +252,7 @@ impl<'a> RxQueueLock<'a> {
 fn notify_since_last(
     shared: &RxQueueShared,
     state: &mut VringState,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     stats: &QueueStats,
 ) {
     let new = state.get_queue().next_used();

@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+use crate::datapath::GuestMemory;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -225,7 +225,7 @@ impl QueuePairWorker {
         event: u16,
         ids: EventIds,
         vrings: &[Vring],
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         features: NegotiatedFeatures,
     ) {
         // The library hands each thread only its own pair's vrings: rx, then tx.

@@ -1,7 +1,7 @@
 //! NIC -> guest: one queue pair's receive rounds, from its AF_XDP sockets and the multicast
 //! tap into the guest's receive queue.
 
-use vm_memory::GuestMemoryMmap;
+use crate::datapath::GuestMemory;
 
 use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::device::NegotiatedFeatures;
@@ -15,7 +15,7 @@ impl QueuePairWorker {
     pub(super) fn service_rx(
         &mut self,
         vring: &Vring,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         features: NegotiatedFeatures,
         read_tap: bool,
     ) -> bool {

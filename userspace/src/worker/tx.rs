@@ -2,9 +2,9 @@
 
 use std::time::Instant;
 
+use crate::datapath::GuestMemory;
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::device::Offloads;
@@ -19,7 +19,7 @@ impl QueuePairWorker {
     pub(super) fn service_tx(
         &mut self,
         vring: &Vring,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         offloads: Offloads,
     ) -> bool {
         let sock = &mut self.tx;

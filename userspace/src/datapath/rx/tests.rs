@@ -343,3 +343,171 @@ fn corrupt_avail_index_is_refused() {
     );
     assert_eq!(err, Err(QueueError::AvailIndex));
 }
+
+/// The pages the used ring's index and its entries `from..to` live on.
+fn used_pages(t: &TestQueue<'_>, from: u64, to: u64) -> Vec<u64> {
+    use crate::datapath::dirty_log::tests::pages_of;
+    let used = t.mock.used_addr().0;
+    let mut pages = pages_of(used + 2, 2);
+    for i in from..to {
+        pages.extend(pages_of(used + 4 + 8 * i, 8));
+    }
+    pages
+}
+
+/// Delivers one frame with fresh scratch state; how many frames went in.
+fn deliver_one(
+    mem: &GuestMemory,
+    q: &mut virtio_queue::Queue,
+    f: &[u8],
+    framing: Framing,
+    mrg_rxbuf: bool,
+) -> usize {
+    let (mut scratch, mut tally) = (RxScratch::default(), RxTally::default());
+    deliver_batch(mem, q, [f], framing, mrg_rxbuf, &mut scratch, &mut tally).unwrap()
+}
+
+fn sorted(mut pages: Vec<u64>) -> Vec<u64> {
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
+
+#[test]
+fn received_data_and_headers_are_logged_across_pages_and_regions() {
+    use crate::datapath::dirty_log::tests::{pages_of, Logged};
+    use vm_memory::GuestAddress;
+    // A buffer that starts a little before a region (and page) boundary: the header and the
+    // frame's start land in the first region, the rest two pages further into the second.
+    let cut = BUF_BASE + 0x2_0000;
+    let mem = GuestMemory::from_ranges(&[
+        (GuestAddress(0), cut as usize),
+        (GuestAddress(cut), MEM_SIZE - cut as usize),
+    ])
+    .unwrap();
+    let mut t = TestQueue::new(&mem);
+    let at = cut - 0x100;
+    t.post(&[Buf(at, 0x3000, true)]);
+    let mut q = t.queue();
+    let logged = Logged::start(&mem);
+    let f = frame(0x2000, 5);
+    let n = deliver_one(&mem, &mut q, &f, Framing::Bare, false);
+    assert_eq!(n, 1);
+    assert_eq!(t.read(at + 12, f.len()), f);
+    let want = sorted([pages_of(at, 12 + 0x2000), used_pages(&t, 0, 1)].concat());
+    assert_eq!(logged.pages(), want);
+    assert!(
+        want.contains(&((cut + 0x1000) / 0x1000)),
+        "reaches the second region"
+    );
+}
+
+#[test]
+fn merged_buffers_log_every_chain_and_the_late_num_buffers() {
+    use crate::datapath::dirty_log::tests::{pages_of, Logged};
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    // The first chain's header sits on its own page (split off by a 12-byte descriptor), so
+    // num_buffers, written after the last chain, is logged only if that write is.
+    let hdr = BUF_BASE + 0x4000;
+    let (a, b) = (BUF_BASE + 0x8000, BUF_BASE + 0xc000);
+    t.post(&[Buf(hdr, 12, true), Buf(a, 1000, true)]);
+    t.post(&[Buf(b, 2048, true)]);
+    let mut q = t.queue();
+    let logged = Logged::start(&mem);
+    let f = frame(1514, 9);
+    deliver_one(&mem, &mut q, &f, Framing::Bare, true);
+    assert_eq!(num_buffers(&t, hdr), 2);
+    let want = sorted(
+        [
+            pages_of(hdr, 12),
+            pages_of(a, 1000),
+            pages_of(b, 1514 - 1000),
+            used_pages(&t, 0, 2),
+        ]
+        .concat(),
+    );
+    assert_eq!(logged.pages(), want);
+    // Now the same again with logging off: nothing new is marked.
+    logged.clear();
+    crate::datapath::dirty_log::set_log_all(&mem, false);
+    t.post(&[Buf(BUF_BASE + 0x1_0000, 2048, true)]);
+    let mut q2 = t.queue();
+    q2.set_next_avail(2);
+    q2.set_next_used(2);
+    deliver_one(&mem, &mut q2, &f, Framing::Bare, true);
+    assert_eq!(t.used(2).len(), 1, "the frame went in");
+    assert!(logged.pages().is_empty());
+}
+
+#[test]
+fn switched_frames_with_their_header_are_logged() {
+    use crate::datapath::device::rx_header;
+    use crate::datapath::dirty_log::tests::{pages_of, Logged};
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let at = BUF_BASE + 0x2ff0;
+    t.post(&[Buf(at, 2048, true)]);
+    let mut q = t.queue();
+    let logged = Logged::start(&mem);
+    let mut f = rx_header(1).to_vec();
+    f.extend(frame(100, 2));
+    deliver_one(&mem, &mut q, &f, Framing::WithHeader, true);
+    let want = sorted([pages_of(at, f.len() as u64), used_pages(&t, 0, 1)].concat());
+    assert_eq!(logged.pages(), want);
+}
+
+/// Nanoseconds per frame of `deliver_batch` (16 frames of `len` bytes per batch), with the
+/// rings set up afresh outside the timed part.
+fn rx_ns_per_frame(len: usize, setup: impl Fn(&GuestMemory)) -> f64 {
+    let mem = memory();
+    setup(&mem);
+    let f = frame(len, 1);
+    let frames: Vec<&[u8]> = (0..16).map(|_| f.as_slice()).collect();
+    let (mut scratch, mut tally) = (RxScratch::default(), RxTally::default());
+    let rounds = 20_000;
+    let mut spent = std::time::Duration::ZERO;
+    for _ in 0..rounds {
+        let mut t = TestQueue::new(&mem);
+        for i in 0..16 {
+            t.post(&[Buf(BUF_BASE + 0x1000 * i, 2048, true)]);
+        }
+        let mut q = t.queue();
+        let start = std::time::Instant::now();
+        let n = deliver_batch(
+            &mem,
+            &mut q,
+            frames.iter().copied(),
+            Framing::Bare,
+            true,
+            &mut scratch,
+            &mut tally,
+        )
+        .unwrap();
+        spent += start.elapsed();
+        assert_eq!(n, 16);
+    }
+    spent.as_nanos() as f64 / f64::from(rounds * 16)
+}
+
+#[test]
+#[ignore = "a measurement: cargo test --release -p xvdpa --lib rx_cost -- --ignored --nocapture"]
+fn rx_cost_per_frame() {
+    // RX_COST_MODES=off (or on) measures one mode alone, e.g. under callgrind.
+    let modes = std::env::var("RX_COST_MODES").unwrap_or_else(|_| "off,on".into());
+    for len in [60, 1514] {
+        for mode in modes.split(',') {
+            let on = mode == "on";
+            let ns: Vec<f64> = (0..5)
+                .map(|_| {
+                    rx_ns_per_frame(len, |mem| {
+                        if on {
+                            crate::datapath::dirty_log::tests::Logged::start(mem);
+                        }
+                    })
+                })
+                .collect();
+            println!("rx {len} B, logging {mode}: {ns:.1?} ns/frame");
+        }
+    }
+}

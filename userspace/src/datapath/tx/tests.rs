@@ -347,7 +347,7 @@ fn malformed_chains_are_refused() {
 /// guest memory right after the header was examined (`route`), before the frame is copied.
 struct FlippingBuffers<'m> {
     inner: VecBuffers,
-    mem: &'m GuestMemoryMmap,
+    mem: &'m GuestMemory,
     /// Where the frame's source MAC lies in guest memory.
     src_at: u64,
     seen_sources: Vec<[u8; 6]>,
