@@ -290,6 +290,18 @@ pub fn check_kernel_command_line(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The md5 of a host file, as the guests' scripts print theirs (`md5sum`), to compare the
+/// two ends of a transfer.
+pub fn md5(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let out = std::process::Command::new("md5sum").arg(path).output()?;
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .context("md5sum output")?
+        .to_string())
+}
+
 /// Standard base64 (the guest decodes it with busybox `base64 -d`).
 pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -6,13 +6,13 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use xvdpa_tests::ctl::daemon_counter;
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
-use xvdpa_tests::guest::{self, Guest, GuestConfig, READY_MARKER};
+use xvdpa_tests::guest::{self, md5, Guest, GuestConfig, READY_MARKER};
 use xvdpa_tests::lab::{self, guest_ip, guest_mac, mac_str, Lab};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -55,15 +55,6 @@ fn config(b: &Bench, script: &str) -> GuestConfig {
         device_props: String::new(),
         queue_pairs: 1,
     }
-}
-
-fn md5(path: &Path) -> Result<String> {
-    let out = Command::new("md5sum").arg(path).output()?;
-    Ok(String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .context("md5sum output")?
-        .to_string())
 }
 
 /// Runs `cmd` in the wire namespace and returns whether it succeeded.

@@ -23,7 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use xvdpa_tests::ctl::Ctl;
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
-use xvdpa_tests::guest::{self, qemu_args, Guest, GuestConfig, READY_MARKER};
+use xvdpa_tests::guest::{self, md5, qemu_args, Guest, GuestConfig, READY_MARKER};
 use xvdpa_tests::lab::{self, guest_ip, guest_mac, mac_str, Lab};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -107,15 +107,6 @@ fn ping_from_wire(
         }
         replies
     })
-}
-
-fn md5(path: &Path) -> Result<String> {
-    let out = Command::new("md5sum").arg(path).output()?;
-    Ok(String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .context("md5sum output")?
-        .to_string())
 }
 
 fn qemu(config: &GuestConfig, extra: &[&str]) -> Result<Guest> {
