@@ -171,6 +171,14 @@ fn user_and_socket_group_mistakes_are_clear_errors() -> Result<()> {
     );
     let out = fails(None, &["--iface", "lo", "--port", &bad_mode])?;
     ensure!(out.contains("expected octal permission bits"), "{out}");
+    let out = fails(
+        None,
+        &["--iface", "lo", "--ctl-group", "xvdpa-no-such-group"],
+    )?;
+    ensure!(
+        out.contains("--ctl-group") && out.contains("no such group \"xvdpa-no-such-group\""),
+        "{out}"
+    );
     let port = format!("socket={},mac=52:54:00:12:34:56", sock.display());
     let out = fails(
         None,
@@ -185,6 +193,20 @@ fn user_and_socket_group_mistakes_are_clear_errors() -> Result<()> {
     )?;
     ensure!(
         out.contains("--user: no such user \"xvdpa-no-such-user\""),
+        "{out}"
+    );
+    // A group `--user` is not in: root could give it, the dropped daemon could not, so
+    // start-up refuses it rather than leaving a port that fails later.
+    let not_nobodys = format!(
+        "socket={},mac=52:54:00:12:34:56,socket-group=root",
+        sock.display()
+    );
+    let out = fails(
+        None,
+        &["--iface", "lo", "--port", &not_nobodys, "--user", "nobody"],
+    )?;
+    ensure!(
+        out.contains("socket group root: --user nobody is not a member of it"),
         "{out}"
     );
     ensure!(!sock.exists(), "a socket was made before the error");

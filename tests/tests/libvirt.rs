@@ -6,11 +6,11 @@
 //! reconnects), and `virsh destroy` and `undefine` end it. Needs root and libvirt;
 //! `cargo xtask test` installs it.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon};
 use xvdpa_tests::guest::{self, DONE_MARKER};
 use xvdpa_tests::lab::{self, guest_ip, guest_mac, mac_str, Lab, WIRE_IP};
@@ -27,15 +27,23 @@ fn cmdline(script: &str) -> String {
     guest::kernel_cmdline(&format!("{}/{}", guest_ip(0), lab::PREFIX), Some(script))
 }
 
-/// Lets QEMU, running as `libvirt-qemu`, connect to the port's socket: group `libvirt-qemu`,
-/// mode 0660.
-// The port options `socket-group=`/`socket-mode=` replace this once the daemon has them.
-fn share_socket_with_qemu(socket: &Path) -> Result<()> {
+/// Starts the daemon with the guest's port, its socket in group `libvirt-qemu` (mode 0660,
+/// the default) so that QEMU, running as that user, can connect and nobody else can. The
+/// daemon sets the group itself, before the socket appears under its name.
+fn start_daemon(lab: &Lab, socket: &Path, mac: [u8; 6]) -> Result<Daemon> {
+    let spec = Daemon::port_spec(socket, mac, &format!(",socket-group={QEMU_USER}"));
+    let ctl = socket.with_file_name("ctl.sock");
+    let daemon = Daemon::start_specs(lab, &ctl, &[spec], &[])?;
+    let meta = std::fs::metadata(socket)?;
     let gid = libvirt::id_of("group", QEMU_USER)?;
-    std::os::unix::fs::chown(socket, None, Some(gid))
-        .with_context(|| format!("chown {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
-    Ok(())
+    ensure!(
+        meta.gid() == gid && meta.mode() & 0o777 == 0o660,
+        "{}: gid {} mode {:o}, wanted gid {gid} ({QEMU_USER}) mode 660",
+        socket.display(),
+        meta.gid(),
+        meta.mode() & 0o777
+    );
+    Ok(daemon)
 }
 
 #[test]
@@ -55,8 +63,7 @@ fn libvirt_guest_reaches_the_wire_through_xvdpa() -> Result<()> {
 
     let socket = dir.join("vm0.sock");
     let mac = mac_str(guest_mac(0));
-    let mut daemon = Daemon::start(&lab, &socket, &mac, &[])?;
-    share_socket_with_qemu(&socket)?;
+    let mut daemon = start_daemon(&lab, &socket, guest_mac(0))?;
 
     let mut config = DomainConfig {
         name: format!("xvdpa-test-{}", std::process::id()),
@@ -104,8 +111,7 @@ fn libvirt_guest_reaches_the_wire_through_xvdpa() -> Result<()> {
     domain.wait_console(ALIVE, from, BOOT)?;
 
     daemon.stop()?;
-    let mut daemon = Daemon::start(&lab, &socket, &mac, &[])?;
-    share_socket_with_qemu(&socket)?;
+    let mut daemon = start_daemon(&lab, &socket, guest_mac(0))?;
     daemon.wait_for_log("frontend connected", Duration::from_secs(20))?;
     let from = domain.console().len();
     domain.wait_console(ALIVE, from, Duration::from_secs(30))?;

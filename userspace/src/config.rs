@@ -110,6 +110,9 @@ pub struct ConfigFile {
     pub xsk_mode: Option<XskModeChoice>,
     pub busy_poll: Option<bool>,
     pub ctl: Option<PathBuf>,
+    /// The group allowed to use the control socket (`--ctl-group`).
+    #[serde(default, deserialize_with = "read_ctl_group")]
+    pub ctl_group: Option<String>,
     pub metrics: Option<String>,
     /// The user to run as after start-up (`--user`).
     pub user: Option<String>,
@@ -119,6 +122,16 @@ pub struct ConfigFile {
     port_tables: Vec<toml::Table>,
     #[serde(skip)]
     pub ports: Vec<PortSpec>,
+}
+
+/// `ctl_group`, checked to exist when the file is read, as `--ctl-group` is.
+fn read_ctl_group<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|g| {
+            crate::api::parse_socket_group(&g)
+                .map_err(|e| serde::de::Error::custom(format!("ctl_group: {e}")))
+        })
+        .transpose()
 }
 
 impl ConfigFile {
@@ -324,6 +337,14 @@ mod tests {
         let bad = bad.unwrap_err().to_string();
         assert!(
             bad.contains("port 1 (/a): socket_group: no such group \"no-such-grp\""),
+            "{bad:?}"
+        );
+        let f = ConfigFile::parse(Path::new("x.toml"), "ctl_group = \"root\"\n").unwrap();
+        assert_eq!(f.ctl_group.as_deref(), Some("root"));
+        let bad = ConfigFile::parse(Path::new("x.toml"), "ctl_group = \"no-such-grp\"\n");
+        let bad = bad.unwrap_err().to_string();
+        assert!(
+            bad.contains("ctl_group: no such group \"no-such-grp\""),
             "{bad:?}"
         );
         let unknown = ConfigFile::parse(Path::new("x.toml"), "ifname = \"eth0\"\n");

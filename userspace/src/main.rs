@@ -99,6 +99,10 @@ struct ServeArgs {
     /// port's socket, or /run/xvdpa/xvdpa.ctl].
     #[arg(long, value_name = "PATH")]
     ctl: Option<PathBuf>,
+    /// Let members of this group use the control socket (mode 0660 in that group) [default:
+    /// the daemon's user only, mode 0600]. Members can add and remove ports.
+    #[arg(long, value_name = "NAME", value_parser = api::parse_socket_group)]
+    ctl_group: Option<String>,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9477.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -315,6 +319,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         xsk_mode: args.xsk_mode.or(file.xsk_mode).unwrap_or_default(),
         busy_poll: args.busy_poll || file.busy_poll.unwrap_or(false),
         ctl,
+        ctl_group: args.ctl_group.or(file.ctl_group.clone()),
         metrics,
         user: args.user.or(file.user.clone()),
     };

@@ -63,6 +63,11 @@ pub struct Account {
 }
 
 impl Account {
+    /// Whether the account's processes may give a file group `gid`.
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+
     /// Looks `name` up in the user database (and its group memberships).
     pub fn lookup(name: &str) -> Result<Self, PrivilegeError> {
         let lookup_err = |why| PrivilegeError::Lookup {
@@ -94,6 +99,13 @@ pub fn group_id(name: &str) -> Result<u32, PrivilegeError> {
             why,
         })?
         .ok_or_else(|| PrivilegeError::NoGroup(name.to_string()))
+}
+
+/// Whether this process may give a file it owns group `gid`: root may give any group, any
+/// other user only one of its own (its effective group or a supplementary one), which is
+/// what `chown(path, -1, gid)` will check.
+pub fn may_give_group(gid: u32) -> bool {
+    Sys::euid() == 0 || Sys::egid() == gid || Sys::supplementary_groups().contains(&gid)
 }
 
 /// Refuses early what [`drop_to`] would refuse late: only root can become another user.
@@ -192,6 +204,25 @@ impl Sys {
     fn euid() -> u32 {
         // SAFETY: geteuid has no arguments and cannot fail.
         unsafe { libc::geteuid() }
+    }
+
+    fn egid() -> u32 {
+        // SAFETY: getegid has no arguments and cannot fail.
+        unsafe { libc::getegid() }
+    }
+
+    /// The process's supplementary groups (empty if they cannot be read).
+    fn supplementary_groups() -> Vec<u32> {
+        // SAFETY: with a size of 0, getgroups writes nothing and returns the count.
+        let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+        let Ok(len) = usize::try_from(n) else {
+            return Vec::new();
+        };
+        let mut groups = vec![0 as libc::gid_t; len];
+        // SAFETY: `groups` is writable for `n` entries and getgroups writes at most that many.
+        let got = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
+        groups.truncate(usize::try_from(got).unwrap_or(0));
+        groups
     }
 
     /// Runs a `get*_r` lookup with a growing buffer until it fits.

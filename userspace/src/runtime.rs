@@ -37,6 +37,9 @@ pub struct RuntimeConfig {
     pub busy_poll: bool,
     /// The control socket (`xvdpa ctl`, `xvdpa stats`).
     pub ctl: PathBuf,
+    /// The group whose members may use the control socket (`--ctl-group`); without one
+    /// only the daemon's user may.
+    pub ctl_group: Option<String>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
     /// The user to become once the privileged set-up is done (`--user`).
@@ -237,8 +240,20 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     let socket_dirs = SocketDirs::before_creating(&config);
     for p in &config.ports {
         port::prepare(p)?;
+        // Root may give any group now; the ports are made after the drop, by the user.
+        if let (Some(account), Some(group)) = (&account, &p.socket_group) {
+            let gid = privilege::group_id(group)?;
+            if !account.in_group(gid) {
+                return Err(PortError::SocketGroup {
+                    group: group.clone(),
+                    why: format!("--user {} is not a member of it", account.name),
+                }
+                .into());
+            }
+        }
     }
-    let ctl_listener = crate::control::bind(&config.ctl).map_err(RuntimeError::ControlPlane)?;
+    let ctl_listener = crate::control::bind(&config.ctl, config.ctl_group.as_deref())
+        .map_err(RuntimeError::ControlPlane)?;
 
     let (steering, logger) = Steering::attach(xdp_object, &config.iface, config.xdp_mode)?;
     let queues = (0..rx_queues)
@@ -470,6 +485,7 @@ mod tests {
             xsk_mode: XskModeChoice::Auto,
             busy_poll: false,
             ctl: "/run/xvdpa/xvdpa.ctl".into(),
+            ctl_group: None,
             metrics: None,
             user: None,
         }

@@ -7,4 +7,4 @@ mod exit_events;
 mod frontend_checks;
 pub mod port;
 pub mod protocol_shim;
-mod socket_file;
+pub mod socket_file;

@@ -39,6 +39,8 @@ use crate::worker::{QueuePairWorker, WorkerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
+    #[error("socket group {group}: {why}")]
+    SocketGroup { group: String, why: String },
     #[error("socket path {0} is in use by a live process")]
     SocketInUse(PathBuf),
     #[error("socket path {0} exists and is not a socket")]
@@ -337,7 +339,23 @@ enum Frontends {
 /// (QEMU need not have started yet).
 pub fn prepare(spec: &PortSpec) -> Result<(), PortError> {
     match spec.mode {
-        SocketRole::Server => prepare_socket_path(&spec.socket),
+        SocketRole::Server => {
+            // A group the daemon cannot give its socket fails the request that names it,
+            // not the port later.
+            if let Some(name) = &spec.socket_group {
+                let gid = crate::privilege::group_id(name).map_err(|e| PortError::SocketGroup {
+                    group: name.clone(),
+                    why: e.to_string(),
+                })?;
+                if !crate::privilege::may_give_group(gid) {
+                    return Err(PortError::SocketGroup {
+                        group: name.clone(),
+                        why: "the daemon's user is not a member of it".into(),
+                    });
+                }
+            }
+            prepare_socket_path(&spec.socket)
+        }
         SocketRole::Client => match std::fs::symlink_metadata(&spec.socket) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 Err(PortError::NotASocket(spec.socket.clone()))
