@@ -8,9 +8,13 @@
 //! - `socket.rs`: an [`XskSocket`]: one port's rx and tx rings on a NIC queue, and the frames
 //!   it holds between batches ([`FrameView`] lets other ports read them until the flush).
 //!
+//! - `guest_umem.rs`: a guest's RAM file registered as the UMEM of a port with a NIC queue of
+//!   its own ([`guest_umem::GuestUmem`]), so received frames land in the guest's buffers.
+//!
 //! This file holds what those share: modes, errors, sizes, kernel counters. Outside the
 //! daemon, the benchmark's AF_XDP generator maps its UMEM with [`UmemArea`] too.
 
+pub mod guest_umem;
 mod multi_buffer;
 mod queue;
 mod socket;

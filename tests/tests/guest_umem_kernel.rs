@@ -1,0 +1,341 @@
+//! What the kernel does with a guest's RAM file registered as an AF_XDP UMEM, measured on the
+//! running kernel rather than assumed: registration of a memfd (and a hugetlb memfd) mapping in
+//! unaligned chunk mode, what it costs against RLIMIT_MEMLOCK, where a received frame lands
+//! relative to its fill address and what else is written, chunks across page boundaries, and
+//! what happens to frames longer than the layout allows and to fill addresses outside the file.
+//!
+//! No daemon: the daemon's XDP program steers frames for one MAC into one AF_XDP socket bound
+//! to a veth in copy mode, with [`GuestUmem`] as its UMEM, and a raw socket on the wire end
+//! sends the frames. Needs root (namespaces, XDP) and `XVDPA_EBPF_OBJECT`.
+
+use std::num::NonZeroU32;
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use xdpilone::{IfInfo, Socket, SocketConfig};
+use xvdpa::mac::MacAddr;
+use xvdpa::nic::steering::{Steering, XdpModeChoice};
+use xvdpa::nic::xsk::guest_umem::{split_rx_addr, GuestUmem, GuestUmemError, GuestUmemLayout};
+use xvdpa_tests::frontend::memfd;
+use xvdpa_tests::lab::{Lab, NIC};
+use xvdpa_tests::netns::{ifindex, in_netns};
+use xvdpa_tests::wire::WireSocket;
+
+/// The guest's MAC, which the XDP program steers to the socket.
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x77, 0x00, 0x01];
+/// What guest memory holds before any frame arrives; frames never contain this byte.
+const PATTERN: u8 = 0xa5;
+const PAGE: u64 = 4096;
+/// The largest untagged frame at MTU 1500 plus a VLAN tag.
+const MAX_FRAME: u32 = 1518;
+const WAIT: Duration = Duration::from_secs(3);
+
+/// Tests here change process-wide state (RLIMIT_MEMLOCK) and XDP on their own labs: one at a
+/// time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The XDP object, copied to 8-byte alignment as the ELF parser wants it.
+struct XdpObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl XdpObject {
+    fn load() -> Result<Self> {
+        let path = std::env::var("XVDPA_EBPF_OBJECT").context("XVDPA_EBPF_OBJECT not set")?;
+        let bytes = std::fs::read(&path).with_context(|| path.clone())?;
+        let words = bytes
+            .chunks(8)
+            .map(|chunk| {
+                let mut b = [0u8; 8];
+                b[..chunk.len()].copy_from_slice(chunk);
+                u64::from_ne_bytes(b)
+            })
+            .collect();
+        Ok(XdpObject {
+            words,
+            len: bytes.len(),
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` is a live slice of u64s holding at least `len` bytes, and any byte
+        // pattern is a valid u8.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+/// A test frame of `len` bytes to the guest, none of whose bytes is [`PATTERN`].
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, seed & 0x7f]);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend((f.len()..len).map(|i| ((i as u8) ^ seed) & 0x7f));
+    f.truncate(len);
+    f
+}
+
+/// A guest memory file of `len` bytes filled with [`PATTERN`].
+fn guest_memory(len: u64) -> Result<std::fs::File> {
+    let file = memfd(len, true)?;
+    std::os::unix::fs::FileExt::write_all_at(&file, &vec![PATTERN; len as usize], 0)?;
+    Ok(file)
+}
+
+/// One receive descriptor as the kernel wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RxDesc {
+    addr: u64,
+    len: u32,
+}
+
+/// What one run saw.
+#[derive(Debug)]
+struct Received {
+    descs: Vec<RxDesc>,
+    /// The guest memory file's bytes afterwards.
+    memory: Vec<u8>,
+    rx_dropped: u64,
+    rx_invalid: u64,
+    fill_empty: u64,
+    /// Fill entries the kernel had not consumed at the end.
+    fill_left: u32,
+}
+
+/// Registers `file` (`len` bytes) as a UMEM with `layout`, binds a copy-mode socket on the
+/// lab's NIC queue 0, steers [`GUEST_MAC`] to it, posts `fill` and sends `frames` from the
+/// wire; collects `expect` receive descriptors (or what came within [`WAIT`]).
+fn receive(
+    lab: &Lab,
+    file: std::fs::File,
+    len: u64,
+    layout: GuestUmemLayout,
+    fill: Vec<u64>,
+    frames: Vec<Vec<u8>>,
+    expect: usize,
+) -> Result<Received> {
+    let wire = WireSocket::open(lab)?;
+    let object = XdpObject::load()?;
+    in_netns(&lab.host_ns, move || {
+        let run = || -> Result<Received> {
+            let umem = GuestUmem::register(file.as_fd(), len, layout, 64, 64)?;
+            let mut info = IfInfo::invalid();
+            info.from_ifindex(ifindex(NIC)?)
+                .map_err(|e| anyhow::anyhow!("ifindex: {}", e.get_raw()))?;
+            info.set_queue(0);
+            let errno = |what: &'static str| {
+                move |e: xdpilone::Errno| anyhow::anyhow!("AF_XDP {what}: errno {}", e.get_raw())
+            };
+            let sock = Socket::with_shared(&info, umem.xdp()).map_err(errno("socket"))?;
+            let mut device = umem.xdp().fq_cq(&sock).map_err(errno("fill ring"))?;
+            let user = umem
+                .xdp()
+                .rx_tx(
+                    &sock,
+                    &SocketConfig {
+                        rx_size: NonZeroU32::new(64),
+                        tx_size: None,
+                        bind_flags: SocketConfig::XDP_BIND_COPY,
+                    },
+                )
+                .map_err(errno("rx ring"))?;
+            let mut rx = user.map_rx().map_err(errno("rx ring mapping"))?;
+            umem.xdp().bind(&user).map_err(errno("bind"))?;
+            let (mut steering, _logger) =
+                Steering::attach(object.bytes(), NIC, XdpModeChoice::Auto)?;
+            steering.add_port(MacAddr(GUEST_MAC), None, 0)?;
+            steering.bind_socket(0, 0, user.as_raw_fd())?;
+            {
+                let mut w = device.fill(fill.len() as u32);
+                let n = w.insert(fill.iter().copied());
+                w.commit();
+                ensure!(
+                    n as usize == fill.len(),
+                    "fill ring took {n} of {}",
+                    fill.len()
+                );
+            }
+            for f in &frames {
+                wire.send(f)?;
+            }
+            let mut descs = Vec::new();
+            let deadline = Instant::now() + WAIT;
+            while descs.len() < expect && Instant::now() < deadline {
+                let mut r = rx.receive(64);
+                while let Some(d) = r.read() {
+                    descs.push(RxDesc {
+                        addr: d.addr,
+                        len: d.len,
+                    });
+                }
+                r.release();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Whatever else is coming has come by now.
+            std::thread::sleep(Duration::from_millis(200));
+            let stats = user.statistics_v2().map_err(errno("statistics"))?;
+            let mut memory = vec![0u8; len as usize];
+            umem.read(0, &mut memory).context("read back")?;
+            steering.detach();
+            Ok(Received {
+                descs,
+                memory,
+                rx_dropped: stats.rx_dropped,
+                rx_invalid: stats.rx_invalid_descs,
+                fill_empty: stats.rx_fill_ring_empty_descs,
+                fill_left: device.pending(),
+            })
+        };
+        run().map_err(|e| std::io::Error::other(format!("{e:#}")))
+    })
+    .map_err(Into::into)
+}
+
+/// The ranges of `memory` that no longer hold [`PATTERN`].
+fn changed(memory: &[u8]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, &b) in memory.iter().enumerate() {
+        if b == PATTERN {
+            continue;
+        }
+        let i = i as u64;
+        match out.last_mut() {
+            Some((_, end)) if *end == i => *end = i + 1,
+            _ => out.push((i, i + 1)),
+        }
+    }
+    out
+}
+
+#[test]
+fn a_memfd_mapping_registers_as_an_unaligned_umem_within_one_page_chunks() -> Result<()> {
+    let _s = serial();
+    let len = 16 * PAGE;
+    let file = guest_memory(len)?;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    assert_eq!(
+        layout,
+        GuestUmemLayout {
+            chunk_size: 2048,
+            headroom: 2048 - 256 - 1518
+        }
+    );
+    GuestUmem::register(file.as_fd(), len, layout, 64, 64)?;
+    // Unaligned chunks need not be powers of two...
+    let odd = GuestUmemLayout {
+        chunk_size: 3000,
+        headroom: 0,
+    };
+    GuestUmem::register(file.as_fd(), len, odd, 64, 64)?;
+    // ...but a chunk may not exceed a page, on small pages.
+    let big = GuestUmemLayout {
+        chunk_size: PAGE as u32 + 1,
+        headroom: 0,
+    };
+    match GuestUmem::register(file.as_fd(), len, big, 64, 64) {
+        Err(GuestUmemError::Register { source, .. }) => {
+            assert_eq!(source.raw_os_error(), Some(libc::EINVAL), "{source}")
+        }
+        other => bail!("a chunk larger than a page: {:?}", other.map(|_| ())),
+    }
+    assert!(GuestUmemLayout::for_max_frame(PAGE as u32 - 256).is_err());
+    Ok(())
+}
+
+#[test]
+fn a_received_frame_lands_at_the_fill_address_plus_256_plus_headroom_and_nothing_else_changes(
+) -> Result<()> {
+    let _s = serial();
+    let lab = Lab::unique("gum")?;
+    let len = 16 * PAGE;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    let off = u64::from(layout.data_offset());
+    assert_eq!(off, 256 + 274);
+    // Two buffers: one at an odd address whose frame straddles a page boundary, one at 0.
+    let odd = 3 * PAGE - off - 100 + 3;
+    let frames = vec![frame(600, 1), frame(60, 2)];
+    let got = receive(
+        &lab,
+        guest_memory(len)?,
+        len,
+        layout,
+        vec![odd, 0],
+        frames.clone(),
+        2,
+    )?;
+    eprintln!("rx descriptors: {:#x?}", got.descs);
+    eprintln!("bytes changed: {:#x?}", changed(&got.memory));
+    ensure!(got.descs.len() == 2, "received {:?}", got.descs);
+    // The descriptor names the fill address in its low 48 bits and the data's offset from it
+    // (256 + headroom) in its high 16 bits.
+    let placed: Vec<_> = got
+        .descs
+        .iter()
+        .map(|d| (split_rx_addr(d.addr), d.len))
+        .collect();
+    assert_eq!(placed, vec![((odd, off), 600), ((0, off), 60)]);
+    // Exactly the frames' bytes changed: nothing in front (no metadata), nothing behind.
+    assert_eq!(
+        changed(&got.memory),
+        vec![(off, off + 60), (odd + off, odd + off + 600)]
+    );
+    let odd_data = (odd + off) as usize;
+    assert_eq!(&got.memory[odd_data..odd_data + 600], &frames[0][..]);
+    assert!(odd_data / PAGE as usize != (odd_data + 600) / PAGE as usize);
+    assert_eq!(&got.memory[off as usize..off as usize + 60], &frames[1][..]);
+    assert_eq!((got.rx_dropped, got.rx_invalid), (0, 0));
+    Ok(())
+}
+
+#[test]
+fn the_kernel_drops_a_frame_longer_than_the_layout_and_skips_fill_addresses_outside_the_file(
+) -> Result<()> {
+    let _s = serial();
+    let lab = Lab::unique("gux")?;
+    let len = 16 * PAGE;
+    // A limit below the wire's MTU, so the wire can send a frame one byte longer.
+    let max = 1000;
+    let layout = GuestUmemLayout::for_max_frame(max)?;
+    let off = u64::from(layout.data_offset());
+    // First a fill address whose chunk runs past the file by one byte, then one that ends
+    // exactly at the end of the file, then a spare one.
+    let past = len - u64::from(layout.chunk_size) + 1;
+    let last = len - u64::from(layout.chunk_size);
+    let spare = 4 * PAGE;
+    let frames = vec![frame(max as usize + 1, 3), frame(max as usize, 4)];
+    let got = receive(
+        &lab,
+        guest_memory(len)?,
+        len,
+        layout,
+        vec![past, last, spare],
+        frames.clone(),
+        1,
+    )?;
+    eprintln!("rx descriptors: {:#x?}", got.descs);
+    eprintln!("bytes changed: {:#x?}", changed(&got.memory));
+    eprintln!(
+        "rx_dropped {} rx_invalid {} fill_empty {} fill_left {}",
+        got.rx_dropped, got.rx_invalid, got.fill_empty, got.fill_left
+    );
+    // The long frame was dropped without touching memory; the next one took the first valid
+    // fill address, which ends exactly at the end of the file, and its last byte is the file's.
+    assert_eq!(got.rx_dropped, 1);
+    assert_eq!(
+        got.descs,
+        vec![RxDesc {
+            addr: last | off << 48,
+            len: max
+        }]
+    );
+    assert_eq!(changed(&got.memory), vec![(last + off, len)]);
+    assert_eq!(&got.memory[(last + off) as usize..], &frames[1][..]);
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! A guest's RAM file as an AF_XDP UMEM: the kernel copies (or a zero-copy NIC DMAs) a
+//! received frame straight into the guest's receive buffer, and sends a guest's frame from
+//! where it lies.
+//!
+//! The file (QEMU's `memory-backend-memfd`) is mapped once, shared and contiguously, so a UMEM
+//! address is a file offset. The UMEM is registered in unaligned chunk mode
+//! (`XDP_UMEM_UNALIGNED_CHUNK_FLAG`): a fill-ring address may be any offset, and the kernel
+//! puts a received frame at that address + [`XDP_PACKET_HEADROOM`] + the UMEM's headroom
+//! (`xp_init_xskb_addr` and `xp_alloc` in the kernel's `net/xdp/xsk_buff_pool.c`). It refuses a
+//! fill address whose chunk (`chunk_size` bytes from the address) runs past the UMEM
+//! (`xp_check_unaligned`), and in copy mode drops a frame longer than
+//! `chunk_size - XDP_PACKET_HEADROOM - headroom` (`__xsk_rcv` in `net/xdp/xsk.c`).
+//!
+//! So the headroom is the knob that bounds what lands in a guest's buffer: [`GuestUmemLayout`]
+//! picks it so that the kernel itself refuses any frame longer than the largest one the port
+//! receives, and a buffer holding `12 + max_frame` bytes can never be overrun. Pinning is the
+//! price: registration pins every page of the file (`pin_user_pages(FOLL_LONGTERM)`), counted
+//! against `RLIMIT_MEMLOCK` of the registering user unless it has `CAP_IPC_LOCK`
+//! (`xdp_umem_account_pages` in `net/xdp/xdp_umem.c`).
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use xdpilone::UmemConfig;
+
+/// What the kernel leaves in front of every received frame (`XDP_PACKET_HEADROOM`).
+pub const XDP_PACKET_HEADROOM: u32 = 256;
+/// The smallest chunk the kernel registers (`XDP_UMEM_MIN_CHUNK_SIZE`).
+pub const MIN_CHUNK_SIZE: u32 = 2048;
+/// `XDP_UMEM_UNALIGNED_CHUNK_FLAG`: fill and tx addresses may be any offset in the UMEM.
+pub const XDP_UMEM_UNALIGNED_CHUNK_FLAG: u32 = 1;
+/// In unaligned mode the kernel hands a received frame back as the fill address in the low 48
+/// bits and the data's offset from it in the high 16 (`xp_get_handle`,
+/// `XSK_UNALIGNED_BUF_OFFSET_SHIFT`).
+pub const UNALIGNED_OFFSET_SHIFT: u32 = 48;
+
+/// Why a guest's RAM cannot be its port's UMEM (the port then keeps the copy path).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestUmemError {
+    #[error("a {max_frame}-byte frame does not fit one UMEM chunk of at most {max_chunk} bytes")]
+    FrameTooLarge { max_frame: u32, max_chunk: u32 },
+    #[error("guest memory of {len} bytes is empty or not whole pages")]
+    Size { len: u64 },
+    #[error("cannot map {len} bytes of guest memory: {source}")]
+    Map { len: u64, source: io::Error },
+    #[error(
+        "cannot pin {len} bytes of guest memory as a UMEM: the locked-memory limit of the \
+         daemon's user is too small (raise LimitMEMLOCK/ulimit -l, or keep CAP_IPC_LOCK)"
+    )]
+    Memlock { len: u64 },
+    #[error("guest memory UMEM registration ({len} bytes): {source}")]
+    Register { len: u64, source: io::Error },
+}
+
+/// Where the kernel puts received frames in a guest-memory UMEM, and how long they may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestUmemLayout {
+    /// The UMEM's chunk size: how far past a fill address the kernel may reach.
+    pub chunk_size: u32,
+    /// The UMEM's own headroom, on top of [`XDP_PACKET_HEADROOM`].
+    pub headroom: u32,
+}
+
+impl GuestUmemLayout {
+    /// The layout whose kernel receive limit is exactly `max_frame` bytes: the smallest chunk
+    /// that holds the kernel's headroom and the frame, the rest of it UMEM headroom.
+    pub fn for_max_frame(max_frame: u32) -> Result<Self, GuestUmemError> {
+        let page = page_size();
+        let need = max_frame
+            .checked_add(XDP_PACKET_HEADROOM)
+            .filter(|&n| n < page && max_frame > 0)
+            .ok_or(GuestUmemError::FrameTooLarge {
+                max_frame,
+                max_chunk: page,
+            })?;
+        let chunk_size = need.max(MIN_CHUNK_SIZE);
+        Ok(GuestUmemLayout {
+            chunk_size,
+            headroom: chunk_size - need,
+        })
+    }
+
+    /// How far after its fill address a received frame starts.
+    pub fn data_offset(&self) -> u32 {
+        XDP_PACKET_HEADROOM + self.headroom
+    }
+
+    /// The longest frame the kernel puts into one chunk (longer ones it drops, in copy mode,
+    /// or splits over several chunks with multi-buffer).
+    pub fn max_frame(&self) -> u32 {
+        self.chunk_size - self.data_offset()
+    }
+}
+
+/// The address a received frame's descriptor names split into (fill address, data offset),
+/// as the kernel encodes it in unaligned mode.
+pub fn split_rx_addr(addr: u64) -> (u64, u64) {
+    let mask = (1u64 << UNALIGNED_OFFSET_SHIFT) - 1;
+    (addr & mask, addr >> UNALIGNED_OFFSET_SHIFT)
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(n).unwrap_or(4096)
+}
+
+/// A shared mapping of a whole guest-memory file, unmapped on drop.
+struct GuestMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl GuestMapping {
+    fn new(fd: BorrowedFd<'_>, len: u64) -> Result<Self, GuestUmemError> {
+        let bytes = usize::try_from(len)
+            .ok()
+            .filter(|&b| b > 0 && b % page_size() as usize == 0)
+            .ok_or(GuestUmemError::Size { len })?;
+        // SAFETY: a fresh shared mapping of the caller's file; no existing memory is affected.
+        // The guest (another process) writes the same pages: this mapping is only reached
+        // through volatile copies (`read`/`write`), never as a Rust reference.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(GuestUmemError::Map {
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast()).expect("mmap never returns null on success");
+        Ok(GuestMapping { ptr, len: bytes })
+    }
+
+    /// `[offset, offset + len)` as a raw range of the mapping, if it lies inside.
+    fn range(&self, offset: u64, len: usize) -> Option<*mut u8> {
+        let start = usize::try_from(offset).ok()?;
+        (start.checked_add(len)? <= self.len).then(|| {
+            // SAFETY: `start + len` is within the mapping (checked above).
+            unsafe { self.ptr.as_ptr().add(start) }
+        })
+    }
+}
+
+impl Drop for GuestMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; the registration that pinned its
+        // pages is dropped first (`GuestUmem`'s field order), and pinned pages outlive the
+        // mapping in the kernel anyway.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A guest's RAM file registered as an AF_XDP UMEM.
+pub struct GuestUmem {
+    // Field order is drop order: the registration goes before the memory it names.
+    xdp: xdpilone::Umem,
+    mapping: GuestMapping,
+    layout: GuestUmemLayout,
+}
+
+// SAFETY: the mapping is shared memory that the guest writes anyway; this type reaches it only
+// through bounds-checked volatile copies, which are sound from any thread. xdpilone's `Umem`
+// is not Send/Sync only because it keeps the area's pointer, which it never dereferences.
+unsafe impl Send for GuestUmem {}
+// SAFETY: as above; every method takes `&self` and touches no Rust-visible state.
+unsafe impl Sync for GuestUmem {}
+
+impl GuestUmem {
+    /// Maps the `len` bytes of guest memory file `fd` once and registers them as a UMEM with
+    /// `layout` and fill/completion rings of `fill_size`/`complete_size` entries.
+    pub fn register(
+        fd: BorrowedFd<'_>,
+        len: u64,
+        layout: GuestUmemLayout,
+        fill_size: u32,
+        complete_size: u32,
+    ) -> Result<Self, GuestUmemError> {
+        let mapping = GuestMapping::new(fd, len)?;
+        let config = UmemConfig {
+            fill_size,
+            complete_size,
+            frame_size: layout.chunk_size,
+            headroom: layout.headroom,
+            flags: XDP_UMEM_UNALIGNED_CHUNK_FLAG,
+        };
+        let area = NonNull::slice_from_raw_parts(mapping.ptr, mapping.len);
+        // SAFETY: the area is a page-aligned mapping of `mapping.len` bytes that outlives the
+        // registration (`GuestUmem` owns both and drops `xdp` first).
+        let xdp = unsafe { xdpilone::Umem::new(config, area) }.map_err(|e| {
+            let source = super::errno(e);
+            match source.raw_os_error() {
+                // `xdp_umem_account_pages`: over RLIMIT_MEMLOCK without CAP_IPC_LOCK.
+                Some(libc::ENOBUFS) => GuestUmemError::Memlock { len },
+                _ => GuestUmemError::Register { len, source },
+            }
+        })?;
+        Ok(GuestUmem {
+            xdp,
+            mapping,
+            layout,
+        })
+    }
+
+    pub fn layout(&self) -> GuestUmemLayout {
+        self.layout
+    }
+
+    /// Bytes of guest memory registered.
+    pub fn len(&self) -> u64 {
+        self.mapping.len as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapping.len == 0
+    }
+
+    /// The registration, to make and bind sockets with.
+    pub fn xdp(&self) -> &xdpilone::Umem {
+        &self.xdp
+    }
+
+    /// A copy of `out.len()` bytes at file offset `offset`; `None` (nothing read) if the range
+    /// leaves the file.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Option<()> {
+        let src = self.mapping.range(offset, out.len())?;
+        // SAFETY: `src..src + out.len()` is inside the live mapping (`range`); `out` is host
+        // memory, so they do not overlap. The guest may write these bytes meanwhile: a copy
+        // reads some mix of old and new bytes, which callers treat as guest-controlled data.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+        Some(())
+    }
+
+    /// Writes `data` at file offset `offset`; `None` (nothing written) if the range leaves the
+    /// file.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Option<()> {
+        let dst = self.mapping.range(offset, data.len())?;
+        // SAFETY: as in `read`, with the roles swapped.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Some(())
+    }
+}
