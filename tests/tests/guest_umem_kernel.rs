@@ -339,3 +339,204 @@ fn the_kernel_drops_a_frame_longer_than_the_layout_and_skips_fill_addresses_outs
     assert_eq!(&got.memory[(last + off) as usize..], &frames[1][..]);
     Ok(())
 }
+
+/// Runs `f` on a thread without `CAP_IPC_LOCK` in its effective set (capabilities are per
+/// thread), under an RLIMIT_MEMLOCK of `limit` bytes for the process, restored afterwards.
+fn without_ipc_lock<T: Send + 'static>(
+    limit: u64,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    const CAP_VERSION_3: u32 = 0x2008_0522;
+    const CAP_IPC_LOCK: u32 = 14;
+
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit into a live struct.
+    ensure!(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut old) } == 0);
+    let low = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: setrlimit from a live struct; lowering the soft limit is always allowed.
+    ensure!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &low) } == 0);
+    let result = std::thread::spawn(move || -> Result<T> {
+        // capget/capset version 3: a header (version, pid) and two (effective, permitted,
+        // inheritable) triples of u32, low capability bits first.
+        let mut header: [u32; 2] = [CAP_VERSION_3, 0];
+        let mut data = [0u32; 6];
+        // SAFETY: capget for this thread into a live header and two data triples, as version
+        // 3 of the interface takes them.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, header.as_mut_ptr(), data.as_mut_ptr()) };
+        ensure!(rc == 0, "capget: {}", std::io::Error::last_os_error());
+        data[0] &= !(1 << CAP_IPC_LOCK);
+        // SAFETY: capset for this thread only (pid 0), from the live arrays read above.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, header.as_mut_ptr(), data.as_ptr()) };
+        ensure!(rc == 0, "capset: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread without CAP_IPC_LOCK panicked"));
+    // SAFETY: setrlimit from a live struct, restoring what getrlimit read.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &old) };
+    result?
+}
+
+/// Registers a fresh `len`-byte guest memory file; whether the kernel accepted it, or refused
+/// it for the locked-memory limit (any other failure is an error).
+fn try_register(len: u64) -> Result<Option<(GuestUmem, std::fs::File)>> {
+    let file = guest_memory(len)?;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    match GuestUmem::register(file.as_fd(), len, layout, 64, 64) {
+        Ok(umem) => Ok(Some((umem, file))),
+        Err(GuestUmemError::Memlock { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// [`try_register`] until it is accepted or two seconds pass: a closed UMEM gives its pages
+/// back to the count only when the kernel's deferred release has run.
+fn register_once_released(len: u64) -> Result<Option<(GuestUmem, std::fs::File)>> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match try_register(len)? {
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            other => return Ok(other),
+        }
+    }
+}
+
+#[test]
+fn without_cap_ipc_lock_every_byte_of_guest_memory_counts_against_the_users_memlock_limit(
+) -> Result<()> {
+    let _s = serial();
+    let limit = 1 << 20;
+    without_ipc_lock(limit, move || {
+        // One file the size of the limit fits; one page more does not.
+        ensure!(try_register(limit)?.is_some(), "1 MiB under a 1 MiB limit");
+        ensure!(try_register(limit + PAGE)?.is_none(), "1 MiB + 4 KiB");
+        // The count is the user's, across registrations: two halves fill it.
+        let a = register_once_released(limit / 2)?.context("first half")?;
+        let b = try_register(limit / 2)?.context("second half")?;
+        ensure!(try_register(PAGE)?.is_none(), "a page over two halves");
+        // Closing a registration gives its pages back.
+        drop(a);
+        ensure!(
+            register_once_released(PAGE)?.is_some(),
+            "a page after one half went"
+        );
+        drop(b);
+        Ok(())
+    })
+}
+
+/// Makes sure one 2 MiB huge page is free, reserving one for the test if none is (and giving
+/// it back on drop).
+struct HugePage {
+    restore: Option<String>,
+}
+
+impl HugePage {
+    const NR: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn reserve() -> Result<Self> {
+        let free = std::fs::read_to_string("/proc/meminfo")?
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if free > 0 {
+            return Ok(HugePage { restore: None });
+        }
+        let old = std::fs::read_to_string(Self::NR)?;
+        let n: u64 = old.trim().parse()?;
+        std::fs::write(Self::NR, (n + 1).to_string())?;
+        Ok(HugePage {
+            restore: Some(old.trim().to_string()),
+        })
+    }
+}
+
+impl Drop for HugePage {
+    fn drop(&mut self) {
+        if let Some(old) = &self.restore {
+            let _ = std::fs::write(Self::NR, old);
+        }
+    }
+}
+
+/// A hugetlb memfd of `len` bytes, as QEMU's `memory-backend-memfd,hugetlb=on` makes guest
+/// memory; its pages are allocated when first touched.
+fn huge_memfd(len: u64) -> Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let name = c"xvdpa-test-huge";
+    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
+    let fd = unsafe {
+        libc::memfd_create(
+            name.as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "memfd_create(MFD_HUGETLB): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fresh fd we own.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
+}
+
+#[test]
+fn a_hugetlb_memfd_registers_and_receives_like_small_pages_and_counts_by_bytes() -> Result<()> {
+    let _s = serial();
+    let _page = HugePage::reserve()?;
+    let len = 2 << 20;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    let off = u64::from(layout.data_offset());
+    // A 2 MiB huge page counts as 2 MiB against the limit, not as one page.
+    without_ipc_lock(1 << 20, move || {
+        let file = huge_memfd(len)?;
+        let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+        match GuestUmem::register(file.as_fd(), len, layout, 64, 64) {
+            Err(GuestUmemError::Memlock { .. }) => Ok(()),
+            other => bail!(
+                "2 MiB huge page under a 1 MiB limit: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    })?;
+    // A chunk larger than a small page is still refused on huge pages.
+    let file = huge_memfd(len)?;
+    // hugetlbfs takes no write(2): fill through a mapping (a registration is one).
+    GuestUmem::register(file.as_fd(), len, layout, 64, 64)?
+        .write(0, &vec![PATTERN; len as usize])
+        .context("fill")?;
+    let big = GuestUmemLayout {
+        chunk_size: 2 * PAGE as u32,
+        headroom: 0,
+    };
+    let refused = GuestUmem::register(file.as_fd(), len, big, 64, 64);
+    eprintln!(
+        "8 KiB chunk on huge pages: {:?}",
+        refused.as_ref().map(|_| ())
+    );
+    ensure!(
+        matches!(&refused, Err(GuestUmemError::Register { source, .. })
+            if source.raw_os_error() == Some(libc::EINVAL)),
+        "8 KiB chunk on huge pages: {:?}",
+        refused.map(|_| ())
+    );
+    // Received frames land as on small pages, across a 4 KiB boundary too.
+    let lab = Lab::unique("guh")?;
+    let addr = 5 * PAGE - off - 50;
+    let sent = frame(1000, 5);
+    let got = receive(&lab, file, len, layout, vec![addr], vec![sent.clone()], 1)?;
+    ensure!(got.descs.len() == 1, "received {:?}", got.descs);
+    assert_eq!(split_rx_addr(got.descs[0].addr), (addr, off));
+    assert_eq!(changed(&got.memory), vec![(addr + off, addr + off + 1000)]);
+    assert_eq!(&got.memory[(addr + off) as usize..][..1000], &sent[..]);
+    Ok(())
+}
