@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use xdpilone::{IfInfo, Socket, SocketConfig};
+use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, User};
 use xvdpa::mac::MacAddr;
 use xvdpa::nic::steering::{Steering, XdpModeChoice};
 use xvdpa::nic::xsk::guest_umem::{split_rx_addr, GuestUmem, GuestUmemError, GuestUmemLayout};
@@ -109,32 +109,82 @@ struct Received {
     fill_left: u32,
 }
 
+/// A copy-mode AF_XDP socket on the lab's NIC queue 0 whose UMEM is a guest memory file, with
+/// [`GUEST_MAC`] steered to it, and the wire to send from.
+struct Rig {
+    // Field order is drop order: rings and socket before the UMEM.
+    device: DeviceQueue,
+    rx: RingRx,
+    user: User,
+    umem: GuestUmem,
+    wire: WireSocket,
+}
+
+fn errno(what: &'static str) -> impl Fn(xdpilone::Errno) -> anyhow::Error {
+    move |e| anyhow::anyhow!("AF_XDP {what}: errno {}", e.get_raw())
+}
+
+impl Rig {
+    /// Puts `addrs` on the fill ring.
+    fn fill(&mut self, addrs: &[u64]) -> Result<()> {
+        let mut w = self.device.fill(addrs.len() as u32);
+        let n = w.insert(addrs.iter().copied());
+        w.commit();
+        ensure!(
+            n as usize == addrs.len(),
+            "fill ring took {n} of {}",
+            addrs.len()
+        );
+        Ok(())
+    }
+
+    fn send(&self, frames: &[Vec<u8>]) -> Result<()> {
+        for f in frames {
+            self.wire.send(f)?;
+        }
+        Ok(())
+    }
+
+    /// `expect` receive descriptors, or what came within [`WAIT`].
+    fn recv(&mut self, expect: usize) -> Vec<RxDesc> {
+        let mut descs = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while descs.len() < expect && Instant::now() < deadline {
+            let mut r = self.rx.receive(64);
+            while let Some(d) = r.read() {
+                descs.push(RxDesc {
+                    addr: d.addr,
+                    len: d.len,
+                });
+            }
+            r.release();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        descs
+    }
+}
+
 /// Registers `file` (`len` bytes) as a UMEM with `layout`, binds a copy-mode socket on the
-/// lab's NIC queue 0, steers [`GUEST_MAC`] to it, posts `fill` and sends `frames` from the
-/// wire; collects `expect` receive descriptors (or what came within [`WAIT`]).
-fn receive(
+/// lab's NIC queue 0, steers [`GUEST_MAC`] to it and runs `body` with it, in the lab's host
+/// namespace.
+fn with_rig<T: Send + 'static>(
     lab: &Lab,
     file: std::fs::File,
     len: u64,
     layout: GuestUmemLayout,
-    fill: Vec<u64>,
-    frames: Vec<Vec<u8>>,
-    expect: usize,
-) -> Result<Received> {
+    body: impl FnOnce(&mut Rig) -> Result<T> + Send + 'static,
+) -> Result<T> {
     let wire = WireSocket::open(lab)?;
     let object = XdpObject::load()?;
     in_netns(&lab.host_ns, move || {
-        let run = || -> Result<Received> {
+        let run = || -> Result<T> {
             let umem = GuestUmem::register(file.as_fd(), len, layout, 64, 64)?;
             let mut info = IfInfo::invalid();
             info.from_ifindex(ifindex(NIC)?)
-                .map_err(|e| anyhow::anyhow!("ifindex: {}", e.get_raw()))?;
+                .map_err(errno("interface"))?;
             info.set_queue(0);
-            let errno = |what: &'static str| {
-                move |e: xdpilone::Errno| anyhow::anyhow!("AF_XDP {what}: errno {}", e.get_raw())
-            };
             let sock = Socket::with_shared(&info, umem.xdp()).map_err(errno("socket"))?;
-            let mut device = umem.xdp().fq_cq(&sock).map_err(errno("fill ring"))?;
+            let device = umem.xdp().fq_cq(&sock).map_err(errno("fill ring"))?;
             let user = umem
                 .xdp()
                 .rx_tx(
@@ -146,56 +196,57 @@ fn receive(
                     },
                 )
                 .map_err(errno("rx ring"))?;
-            let mut rx = user.map_rx().map_err(errno("rx ring mapping"))?;
+            let rx = user.map_rx().map_err(errno("rx ring mapping"))?;
             umem.xdp().bind(&user).map_err(errno("bind"))?;
             let (mut steering, _logger) =
                 Steering::attach(object.bytes(), NIC, XdpModeChoice::Auto)?;
             steering.add_port(MacAddr(GUEST_MAC), None, 0)?;
             steering.bind_socket(0, 0, user.as_raw_fd())?;
-            {
-                let mut w = device.fill(fill.len() as u32);
-                let n = w.insert(fill.iter().copied());
-                w.commit();
-                ensure!(
-                    n as usize == fill.len(),
-                    "fill ring took {n} of {}",
-                    fill.len()
-                );
-            }
-            for f in &frames {
-                wire.send(f)?;
-            }
-            let mut descs = Vec::new();
-            let deadline = Instant::now() + WAIT;
-            while descs.len() < expect && Instant::now() < deadline {
-                let mut r = rx.receive(64);
-                while let Some(d) = r.read() {
-                    descs.push(RxDesc {
-                        addr: d.addr,
-                        len: d.len,
-                    });
-                }
-                r.release();
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            // Whatever else is coming has come by now.
-            std::thread::sleep(Duration::from_millis(200));
-            let stats = user.statistics_v2().map_err(errno("statistics"))?;
-            let mut memory = vec![0u8; len as usize];
-            umem.read(0, &mut memory).context("read back")?;
+            let mut rig = Rig {
+                device,
+                rx,
+                user,
+                umem,
+                wire,
+            };
+            let out = body(&mut rig);
             steering.detach();
-            Ok(Received {
-                descs,
-                memory,
-                rx_dropped: stats.rx_dropped,
-                rx_invalid: stats.rx_invalid_descs,
-                fill_empty: stats.rx_fill_ring_empty_descs,
-                fill_left: device.pending(),
-            })
+            out
         };
         run().map_err(|e| std::io::Error::other(format!("{e:#}")))
     })
     .map_err(Into::into)
+}
+
+/// [`with_rig`] that posts `fill`, sends `frames` from the wire and collects `expect` receive
+/// descriptors (or what came within [`WAIT`]), then the memory and counters.
+fn receive(
+    lab: &Lab,
+    file: std::fs::File,
+    len: u64,
+    layout: GuestUmemLayout,
+    fill: Vec<u64>,
+    frames: Vec<Vec<u8>>,
+    expect: usize,
+) -> Result<Received> {
+    with_rig(lab, file, len, layout, move |rig| {
+        rig.fill(&fill)?;
+        rig.send(&frames)?;
+        let descs = rig.recv(expect);
+        // Whatever else is coming has come by now.
+        std::thread::sleep(Duration::from_millis(200));
+        let stats = rig.user.statistics_v2().map_err(errno("statistics"))?;
+        let mut memory = vec![0u8; len as usize];
+        rig.umem.read(0, &mut memory).context("read back")?;
+        Ok(Received {
+            descs,
+            memory,
+            rx_dropped: stats.rx_dropped,
+            rx_invalid: stats.rx_invalid_descs,
+            fill_empty: stats.rx_fill_ring_empty_descs,
+            fill_left: rig.device.pending(),
+        })
+    })
 }
 
 /// The ranges of `memory` that no longer hold [`PATTERN`].

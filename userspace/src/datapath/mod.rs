@@ -11,6 +11,8 @@
 //! - [`device`]: the virtio-net device model (features, config space, net header);
 //! - `split_ring`: the avail ring and descriptor walk, used-ring publication;
 //! - [`rx`], [`tx`]: frames into and out of the guest;
+//! - [`zero_copy_rx`]: the guest's receive buffers posted to the kernel, for a port whose guest
+//!   memory is its UMEM;
 //! - [`offload`]: checksum and segmentation offloads, checked and done in software;
 //! - [`guest_memory`]: translated, bounds-checked access to guest RAM;
 //! - [`dirty_log`]: the guest memory type, whose regions log the pages written during a
@@ -24,6 +26,7 @@ pub mod offload;
 pub mod rx;
 mod split_ring;
 pub mod tx;
+pub mod zero_copy_rx;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
