@@ -591,3 +591,163 @@ fn a_hugetlb_memfd_registers_and_receives_like_small_pages_and_counts_by_bytes()
     assert_eq!(&got.memory[(addr + off) as usize..][..1000], &sent[..]);
     Ok(())
 }
+
+/// The guest's side of one split receive queue of `QSIZE` entries in guest memory, written
+/// as a driver would.
+mod driver {
+    use vm_memory::{Bytes, GuestAddress};
+    use xvdpa::datapath::GuestMemory;
+
+    pub const QSIZE: u16 = 16;
+    pub const DESC: u64 = 0;
+    pub const AVAIL: u64 = 0x1000;
+    pub const USED: u64 = 0x2000;
+    const WRITE: u16 = 2;
+
+    /// Posts one single-buffer receive chain per (address, length), heads 0, 1, ...
+    pub fn post(mem: &GuestMemory, buffers: &[(u64, u32)]) {
+        for (i, &(addr, len)) in buffers.iter().enumerate() {
+            let d = DESC + 16 * i as u64;
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(WRITE, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(0u16, GuestAddress(d + 14)).unwrap();
+            mem.write_obj(i as u16, GuestAddress(AVAIL + 4 + 2 * i as u64))
+                .unwrap();
+        }
+        mem.write_obj(buffers.len() as u16, GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    /// The used ring's entries (head, length).
+    pub fn used(mem: &GuestMemory) -> Vec<(u32, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        (0..idx)
+            .map(|i| {
+                let e = USED + 4 + 8 * u64::from(i % QSIZE);
+                (
+                    mem.read_obj(GuestAddress(e)).unwrap(),
+                    mem.read_obj(GuestAddress(e + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn read(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+}
+
+#[test]
+fn guest_receive_buffers_posted_to_the_kernel_get_frames_from_the_wire_and_attackers_get_nothing(
+) -> Result<()> {
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{FileOffset, GuestAddress};
+    use xvdpa::datapath::device::rx_header;
+    use xvdpa::datapath::zero_copy_rx::{FillLayout, GuestFile, PostedBuffers, ZeroCopyRxTally};
+    use xvdpa::datapath::GuestMemory;
+
+    let _s = serial();
+    let lab = Lab::unique("gue")?;
+    // One file, two regions at swapped offsets: rings low in guest memory but high in the
+    // file, buffers high in guest memory but low in the file, as QEMU splits RAM around the
+    // PCI hole.
+    let file_len = 64 * PAGE;
+    let file = guest_memory(file_len)?;
+    let (ring_gpa, ring_len, ring_off) = (0u64, 16 * PAGE, 32 * PAGE);
+    let (buf_gpa, buf_len, buf_off) = (0x10_0000u64, 32 * PAGE, 0u64);
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    let fill_layout = FillLayout {
+        data_offset: u64::from(layout.data_offset()),
+        max_frame: layout.max_frame(),
+    };
+    // Buffers at odd places, some of whose frames straddle a page; then an attacker's.
+    let good: Vec<(u64, u32)> = (0..4)
+        .map(|i| (buf_gpa + PAGE + i * 0x700 + 5, 0x700))
+        .collect();
+    let mut buffers = good.clone();
+    buffers.extend([
+        (0x50_0000, 2048),                     // outside guest memory
+        (buf_gpa + 16 * PAGE, 64),             // too small for a frame
+        (buf_gpa + buf_len - 100, 2048),       // runs off the end of its region
+        (buf_gpa, 2048),                       // before the file's start, once placed
+        (ring_gpa + ring_len - 0x400, 0x1000), // across the end of the rings' region
+    ]);
+    let frames: Vec<Vec<u8>> = (0..4).map(|i| frame(60 + 400 * i, i as u8)).collect();
+    let sent = frames.clone();
+    let mem_file = file.try_clone()?;
+    let (mem, used, tally) = with_rig(&lab, file, file_len, layout, move |rig| {
+        let mem = GuestMemory::from_ranges_with_files([
+            (
+                GuestAddress(ring_gpa),
+                ring_len as usize,
+                Some(FileOffset::new(mem_file.try_clone()?, ring_off)),
+            ),
+            (
+                GuestAddress(buf_gpa),
+                buf_len as usize,
+                Some(FileOffset::new(mem_file, buf_off)),
+            ),
+        ])?;
+        let guest_file = GuestFile::of(&mem)?;
+        ensure!(guest_file.file_len() == file_len);
+        let mut q = Queue::new(driver::QSIZE)?;
+        q.set_size(driver::QSIZE);
+        q.set_desc_table_address(Some(driver::DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(driver::AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(driver::USED as u32), Some(0));
+        q.set_ready(true);
+        driver::post(&mem, &buffers);
+        let mut posted = PostedBuffers::new(guest_file, fill_layout, 64);
+        let (mut fill, mut tally) = (Vec::new(), ZeroCopyRxTally::default());
+        posted.post(&mem, &mut q, 64, &mut fill, &mut tally)?;
+        ensure!(fill.len() == 4, "posted {fill:x?}");
+        rig.fill(&fill)?;
+        rig.send(&frames)?;
+        let descs = rig.recv(frames.len());
+        posted.complete(
+            &mem,
+            &mut q,
+            descs.iter().map(|d| {
+                let (fill, offset) = split_rx_addr(d.addr);
+                (fill, offset, d.len)
+            }),
+            &mut tally,
+        )?;
+        let used = driver::used(&mem);
+        Ok((mem, used, tally))
+    })?;
+    eprintln!("used ring: {used:?}\n{tally:?}");
+    // The attacker's five chains came back unused at once; each frame is in its buffer,
+    // after the net header.
+    let mut want: Vec<(u32, u32)> = (4..9).map(|h| (h, 0)).collect();
+    want.extend(
+        sent.iter()
+            .enumerate()
+            .map(|(i, f)| (i as u32, 12 + f.len() as u32)),
+    );
+    assert_eq!(used, want);
+    for (i, f) in sent.iter().enumerate() {
+        let addr = good[i].0;
+        assert_eq!(driver::read(&mem, addr, 12), rx_header(1), "header {i}");
+        assert_eq!(&driver::read(&mem, addr + 12, f.len()), f, "frame {i}");
+        assert_eq!(
+            driver::read(&mem, addr + 12 + f.len() as u64, 4),
+            vec![PATTERN; 4],
+            "after frame {i}"
+        );
+    }
+    assert_eq!(
+        (
+            tally.posted,
+            tally.frames,
+            tally.returned_outside_file,
+            tally.returned_too_small,
+            tally.unknown_completions
+        ),
+        (4, 4, 4, 1, 0)
+    );
+    Ok(())
+}
