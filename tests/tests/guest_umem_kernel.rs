@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, User};
+use xdpilone::xdp::XdpDesc;
+use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, User};
 use xvdpa::mac::MacAddr;
 use xvdpa::nic::steering::{Steering, XdpModeChoice};
 use xvdpa::nic::xsk::guest_umem::{split_rx_addr, GuestUmem, GuestUmemError, GuestUmemLayout};
@@ -115,6 +116,8 @@ struct Rig {
     // Field order is drop order: rings and socket before the UMEM.
     device: DeviceQueue,
     rx: RingRx,
+    /// With [`with_tx_rig`]: a tx ring, bound for multi-buffer frames.
+    tx: Option<RingTx>,
     user: User,
     umem: GuestUmem,
     wire: WireSocket,
@@ -174,29 +177,64 @@ fn with_rig<T: Send + 'static>(
     layout: GuestUmemLayout,
     body: impl FnOnce(&mut Rig) -> Result<T> + Send + 'static,
 ) -> Result<T> {
+    rig(lab, file, len, None, layout, body)
+}
+
+/// [`with_rig`] with `own_len` bytes of daemon-owned memory after the file in the UMEM, and
+/// a tx ring bound for multi-buffer frames (`XDP_USE_SG`).
+fn with_tx_rig<T: Send + 'static>(
+    lab: &Lab,
+    file: std::fs::File,
+    len: u64,
+    own_len: usize,
+    layout: GuestUmemLayout,
+    body: impl FnOnce(&mut Rig) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    rig(lab, file, len, Some(own_len), layout, body)
+}
+
+/// `XDP_USE_SG` in the bind flags; `XDP_PKT_CONTD` in a descriptor's options.
+const XDP_USE_SG: u16 = 1 << 4;
+const XDP_PKT_CONTD: u32 = 1;
+
+fn rig<T: Send + 'static>(
+    lab: &Lab,
+    file: std::fs::File,
+    len: u64,
+    tx_own_len: Option<usize>,
+    layout: GuestUmemLayout,
+    body: impl FnOnce(&mut Rig) -> Result<T> + Send + 'static,
+) -> Result<T> {
     let wire = WireSocket::open(lab)?;
     let object = XdpObject::load()?;
     in_netns(&lab.host_ns, move || {
         let run = || -> Result<T> {
-            let umem = GuestUmem::register(file.as_fd(), len, layout, 64, 64)?;
+            let own_len = tx_own_len.unwrap_or(0);
+            let umem =
+                GuestUmem::register_with_own_area(file.as_fd(), len, own_len, layout, 64, 64)?;
             let mut info = IfInfo::invalid();
             info.from_ifindex(ifindex(NIC)?)
                 .map_err(errno("interface"))?;
             info.set_queue(0);
             let sock = Socket::with_shared(&info, umem.xdp()).map_err(errno("socket"))?;
             let device = umem.xdp().fq_cq(&sock).map_err(errno("fill ring"))?;
+            let sg = if tx_own_len.is_some() { XDP_USE_SG } else { 0 };
             let user = umem
                 .xdp()
                 .rx_tx(
                     &sock,
                     &SocketConfig {
                         rx_size: NonZeroU32::new(64),
-                        tx_size: None,
-                        bind_flags: SocketConfig::XDP_BIND_COPY,
+                        tx_size: tx_own_len.and(NonZeroU32::new(64)),
+                        bind_flags: SocketConfig::XDP_BIND_COPY | sg,
                     },
                 )
                 .map_err(errno("rx ring"))?;
             let rx = user.map_rx().map_err(errno("rx ring mapping"))?;
+            let tx = match tx_own_len {
+                Some(_) => Some(user.map_tx().map_err(errno("tx ring mapping"))?),
+                None => None,
+            };
             umem.xdp().bind(&user).map_err(errno("bind"))?;
             let (mut steering, _logger) =
                 Steering::attach(object.bytes(), NIC, XdpModeChoice::Auto)?;
@@ -205,6 +243,7 @@ fn with_rig<T: Send + 'static>(
             let mut rig = Rig {
                 device,
                 rx,
+                tx,
                 user,
                 umem,
                 wire,
@@ -748,6 +787,111 @@ fn guest_receive_buffers_posted_to_the_kernel_get_frames_from_the_wire_and_attac
             tally.unknown_completions
         ),
         (4, 4, 4, 1, 0)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_frame_sent_with_its_header_from_the_daemons_area_cannot_be_spoofed_after_the_check(
+) -> Result<()> {
+    let _s = serial();
+    let lab = Lab::unique("gut")?;
+    let len = 16 * PAGE;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    let spoofed = [0x02, 0x66, 0x66, 0x66, 0x66, 0x66];
+    // Two frames the guest sends, from its own memory, with its own MAC as source.
+    let guest_frame = |seed: u8| {
+        let mut f = frame(200, seed);
+        f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        f[6..12].copy_from_slice(&GUEST_MAC);
+        f
+    };
+    let (split_at, whole_at) = (8 * PAGE + 100, 10 * PAGE + 3);
+    let (split, whole) = (guest_frame(7), guest_frame(8));
+    let (s2, w2) = (split.clone(), whole.clone());
+    let (own, completed, on_wire) =
+        with_tx_rig(&lab, guest_memory(len)?, len, 4096, layout, move |rig| {
+            let umem = &rig.umem;
+            umem.write(split_at, &s2).context("guest frame")?;
+            umem.write(whole_at, &w2).context("guest frame")?;
+            // The daemon's check, then its copy of the header it checked, in its own area.
+            let own = umem.own_area().start;
+            ensure!(umem.own_area().end - own == 4096 && own == len);
+            let mut header = [0u8; 14];
+            umem.read(split_at, &mut header).context("header")?;
+            ensure!(header[6..12] == GUEST_MAC);
+            umem.write(own, &header).context("own area")?;
+            let tx = rig.tx.as_mut().context("tx ring")?;
+            {
+                let descs = [
+                    // Header from the daemon's area, the rest from guest memory.
+                    XdpDesc {
+                        addr: own,
+                        len: 14,
+                        options: XDP_PKT_CONTD,
+                    },
+                    XdpDesc {
+                        addr: split_at + 14,
+                        len: s2.len() as u32 - 14,
+                        options: 0,
+                    },
+                    // For comparison: the whole frame from guest memory.
+                    XdpDesc {
+                        addr: whole_at,
+                        len: w2.len() as u32,
+                        options: 0,
+                    },
+                ];
+                let mut w = tx.transmit(descs.len() as u32);
+                ensure!(w.insert(descs.into_iter()) == 3);
+                w.commit();
+            }
+            // The guest rewrites its source MAC after the check, before the kernel reads.
+            umem.write(split_at + 6, &spoofed).context("flip")?;
+            umem.write(whole_at + 6, &spoofed).context("flip")?;
+            tx.wake();
+            let mut completed = Vec::new();
+            let deadline = Instant::now() + WAIT;
+            while completed.len() < 3 && Instant::now() < deadline {
+                let mut c = rig.device.complete(3);
+                while let Some(addr) = c.read() {
+                    completed.push(addr);
+                }
+                c.release();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let is_test = |f: &Vec<u8>| f.len() > 14 && f[12..14] == [0x88, 0xb5];
+            let on_wire: Vec<Vec<u8>> = rig
+                .wire
+                .recv_until(WAIT, |g| g.iter().filter(|f| is_test(f)).count() >= 2)
+                .into_iter()
+                .filter(is_test)
+                .collect();
+            Ok((own, completed, on_wire))
+        })?;
+    eprintln!("completed: {completed:#x?}");
+    // The frame whose header came from the daemon's area left with the MAC the daemon
+    // checked; the one sent whole from guest memory left with the guest's rewrite.
+    let mut spoofed_whole = whole.clone();
+    spoofed_whole[6..12].copy_from_slice(&spoofed);
+    assert_eq!(on_wire, vec![split.clone(), spoofed_whole]);
+    // Every piece comes back on the completion ring. A one-piece frame at an odd address
+    // comes back with bit 0 cleared on Linux 6.18: copy mode keeps a one-piece frame's
+    // address in the skb's destructor_arg tagged with bit 0 (`xsk_skb_destructor_set_addr`)
+    // and masks the tag off again with the address's own bit. So completions are matched
+    // with bit 0 ignored.
+    let even = |mut v: Vec<u64>| {
+        v.iter_mut().for_each(|a| *a &= !1);
+        v.sort();
+        v
+    };
+    assert_eq!(
+        even(completed.clone()),
+        even(vec![own, split_at + 14, whole_at])
+    );
+    eprintln!(
+        "odd one-piece tx address {whole_at:#x} completed as {:#x?}",
+        completed.iter().find(|&&a| a & !1 == whole_at & !1)
     );
     Ok(())
 }

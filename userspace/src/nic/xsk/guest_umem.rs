@@ -106,57 +106,135 @@ fn page_size() -> u32 {
     u32::try_from(n).unwrap_or(4096)
 }
 
-/// A shared mapping of a whole guest-memory file, unmapped on drop.
+/// A shared mapping of a whole guest-memory file, followed directly by an anonymous area the
+/// daemon owns (possibly empty); unmapped on drop.
+///
+/// The two are one contiguous range of addresses, so they register as one UMEM: file offsets
+/// are UMEM addresses, and the daemon's area starts at the file's length. A frame the guest
+/// sends can then go out as two pieces (multi-buffer): its Ethernet header from the daemon's
+/// area, where the daemon checked it and the guest cannot change it, and the rest from where
+/// it lies in guest memory.
 struct GuestMapping {
     ptr: NonNull<u8>,
-    len: usize,
+    /// Bytes of the file mapped, then of the daemon's area.
+    file_len: usize,
+    own_len: usize,
 }
 
 impl GuestMapping {
-    fn new(fd: BorrowedFd<'_>, len: u64) -> Result<Self, GuestUmemError> {
-        let bytes = usize::try_from(len)
+    fn new(fd: BorrowedFd<'_>, len: u64, own_len: usize) -> Result<Self, GuestUmemError> {
+        let page = page_size() as usize;
+        let file_len = usize::try_from(len)
             .ok()
-            .filter(|&b| b > 0 && b % page_size() as usize == 0)
+            .filter(|&b| b > 0 && b % page == 0)
             .ok_or(GuestUmemError::Size { len })?;
-        // SAFETY: a fresh shared mapping of the caller's file; no existing memory is affected.
-        // The guest (another process) writes the same pages: this mapping is only reached
-        // through volatile copies (`read`/`write`), never as a Rust reference.
-        let ptr = unsafe {
+        let own_len = own_len.div_ceil(page) * page;
+        let map_err = |source| GuestUmemError::Map { len, source };
+        // A hugetlb file maps only at its huge page size's alignment (its st_blksize).
+        let align = file_block_size(fd).map_err(map_err)?.max(page);
+        let total = file_len
+            .checked_add(own_len)
+            .and_then(|t| t.checked_add(align))
+            .ok_or(GuestUmemError::Size { len })?;
+        // SAFETY: a fresh inaccessible reservation; no existing memory is affected.
+        let reserved = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                bytes,
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserved == libc::MAP_FAILED {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        let base = reserved as usize;
+        let start = base.div_ceil(align) * align;
+        let end = start + file_len + own_len;
+        // SAFETY: gives back the parts of the reservation before `start` and after `end`,
+        // which nothing uses.
+        unsafe {
+            if start > base {
+                libc::munmap(reserved, start - base);
+            }
+            if base + total > end {
+                libc::munmap(end as *mut libc::c_void, base + total - end);
+            }
+        }
+        // From here on, dropping `mapping` unmaps exactly [start, end).
+        let mapping = GuestMapping {
+            ptr: NonNull::new(start as *mut u8).expect("inside a successful mapping"),
+            file_len,
+            own_len,
+        };
+        // SAFETY: replaces the start of our own reservation with a shared mapping of the
+        // caller's file. The guest (another process) writes the same pages: this mapping is
+        // only reached through volatile copies (`read`/`write`), never as a Rust reference.
+        let file_map = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                file_len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
                 fd.as_raw_fd(),
                 0,
             )
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(GuestUmemError::Map {
-                len,
-                source: io::Error::last_os_error(),
-            });
+        if file_map == libc::MAP_FAILED {
+            return Err(map_err(io::Error::last_os_error()));
         }
-        let ptr = NonNull::new(ptr.cast()).expect("mmap never returns null on success");
-        Ok(GuestMapping { ptr, len: bytes })
+        if own_len > 0 {
+            // SAFETY: replaces the rest of our own reservation with private anonymous memory.
+            let own = unsafe {
+                libc::mmap(
+                    (start + file_len) as *mut libc::c_void,
+                    own_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_POPULATE,
+                    -1,
+                    0,
+                )
+            };
+            if own == libc::MAP_FAILED {
+                return Err(map_err(io::Error::last_os_error()));
+            }
+        }
+        Ok(mapping)
+    }
+
+    fn len(&self) -> usize {
+        self.file_len + self.own_len
     }
 
     /// `[offset, offset + len)` as a raw range of the mapping, if it lies inside.
     fn range(&self, offset: u64, len: usize) -> Option<*mut u8> {
         let start = usize::try_from(offset).ok()?;
-        (start.checked_add(len)? <= self.len).then(|| {
+        (start.checked_add(len)? <= self.len()).then(|| {
             // SAFETY: `start + len` is within the mapping (checked above).
             unsafe { self.ptr.as_ptr().add(start) }
         })
     }
 }
 
+/// The file's block size: the huge page size for hugetlbfs, a small page otherwise.
+fn file_block_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    // SAFETY: fstat into a zeroed stat, which is a valid starting value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a live descriptor and `st` a live stat buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(st.st_blksize).unwrap_or(0))
+}
+
 impl Drop for GuestMapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; the registration that pinned its
-        // pages is dropped first (`GuestUmem`'s field order), and pinned pages outlive the
-        // mapping in the kernel anyway.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        // SAFETY: unmaps exactly the range `new` kept; the registration that pinned its pages
+        // is dropped first (`GuestUmem`'s field order), and pinned pages outlive the mapping
+        // in the kernel anyway.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len()) };
     }
 }
 
@@ -185,7 +263,21 @@ impl GuestUmem {
         fill_size: u32,
         complete_size: u32,
     ) -> Result<Self, GuestUmemError> {
-        let mapping = GuestMapping::new(fd, len)?;
+        Self::register_with_own_area(fd, len, 0, layout, fill_size, complete_size)
+    }
+
+    /// [`GuestUmem::register`] with `own_len` bytes (rounded up to pages) of daemon-owned
+    /// memory right after the file in the same UMEM, from UMEM address `len` on.
+    pub fn register_with_own_area(
+        fd: BorrowedFd<'_>,
+        len: u64,
+        own_len: usize,
+        layout: GuestUmemLayout,
+        fill_size: u32,
+        complete_size: u32,
+    ) -> Result<Self, GuestUmemError> {
+        let mapping = GuestMapping::new(fd, len, own_len)?;
+        let len = mapping.len() as u64;
         let config = UmemConfig {
             fill_size,
             complete_size,
@@ -193,8 +285,8 @@ impl GuestUmem {
             headroom: layout.headroom,
             flags: XDP_UMEM_UNALIGNED_CHUNK_FLAG,
         };
-        let area = NonNull::slice_from_raw_parts(mapping.ptr, mapping.len);
-        // SAFETY: the area is a page-aligned mapping of `mapping.len` bytes that outlives the
+        let area = NonNull::slice_from_raw_parts(mapping.ptr, mapping.len());
+        // SAFETY: the area is a page-aligned mapping of `mapping.len()` bytes that outlives the
         // registration (`GuestUmem` owns both and drops `xdp` first).
         let xdp = unsafe { xdpilone::Umem::new(config, area) }.map_err(|e| {
             let source = super::errno(e);
@@ -215,13 +307,18 @@ impl GuestUmem {
         self.layout
     }
 
-    /// Bytes of guest memory registered.
+    /// Bytes registered: the guest memory file, then the daemon's own area.
     pub fn len(&self) -> u64 {
-        self.mapping.len as u64
+        self.mapping.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.mapping.len == 0
+        self.mapping.len() == 0
+    }
+
+    /// The UMEM addresses of the daemon's own area (empty without one).
+    pub fn own_area(&self) -> std::ops::Range<u64> {
+        self.mapping.file_len as u64..self.mapping.len() as u64
     }
 
     /// The registration, to make and bind sockets with.
