@@ -895,3 +895,69 @@ fn a_frame_sent_with_its_header_from_the_daemons_area_cannot_be_spoofed_after_th
     );
     Ok(())
 }
+
+#[test]
+fn copy_mode_sends_a_frame_of_one_linear_piece_and_max_skb_frags_more_and_no_longer() -> Result<()>
+{
+    let _s = serial();
+    let lab = Lab::unique("gup")?;
+    let len = 16 * PAGE;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    // The sysctl's default is the kernel's MAX_SKB_FRAGS, which copy mode's limit is.
+    let max_frags = std::fs::read_to_string("/proc/sys/net/core/max_skb_frags")?
+        .trim()
+        .parse::<usize>()?;
+    let counts = [max_frags, max_frags + 1, max_frags + 2];
+    let sent: Vec<(usize, bool, u64)> =
+        with_tx_rig(&lab, guest_memory(len)?, len, 4096, layout, move |rig| {
+            let mut out = Vec::new();
+            for (k, &n) in counts.iter().enumerate() {
+                // A frame of `n` pieces of 64 bytes, each from its own place in memory.
+                let f = frame(64 * n, 10 + k as u8);
+                let at = |i: usize| (k * 4 + 1) as u64 * PAGE + 128 * i as u64;
+                for (i, piece) in f.chunks(64).enumerate() {
+                    rig.umem.write(at(i), piece).context("piece")?;
+                }
+                let descs: Vec<XdpDesc> = (0..n)
+                    .map(|i| XdpDesc {
+                        addr: at(i),
+                        len: 64,
+                        options: if i + 1 < n { XDP_PKT_CONTD } else { 0 },
+                    })
+                    .collect();
+                let tx = rig.tx.as_mut().context("tx ring")?;
+                {
+                    let mut w = tx.transmit(n as u32);
+                    ensure!(w.insert(descs.into_iter()) as usize == n);
+                    w.commit();
+                }
+                tx.wake();
+                let is_it = |g: &Vec<u8>| g.len() == f.len() && g[6..12] == f[6..12];
+                let arrived = rig
+                    .wire
+                    .recv_until(Duration::from_millis(500), |g| g.iter().any(is_it))
+                    .iter()
+                    .any(|g| is_it(g) && *g == f);
+                let invalid = rig
+                    .user
+                    .statistics_v2()
+                    .map_err(errno("statistics"))?
+                    .tx_invalid_descs;
+                out.push((n, arrived, invalid));
+            }
+            Ok(out)
+        })?;
+    eprintln!("max_skb_frags {max_frags}: (pieces, on the wire, tx_invalid_descs) {sent:?}");
+    // The first piece goes into the skb's linear part, each further one into a fragment; a
+    // frame with more is refused whole, every descriptor of it counted invalid.
+    assert!(
+        sent[0].1 && sent[1].1,
+        "up to max_skb_frags + 1 pieces: {sent:?}"
+    );
+    assert_eq!(
+        (sent[2].1, sent[2].2),
+        (false, max_frags as u64 + 2),
+        "{sent:?}"
+    );
+    Ok(())
+}
