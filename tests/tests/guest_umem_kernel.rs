@@ -335,7 +335,11 @@ fn a_memfd_mapping_registers_as_an_unaligned_umem_within_one_page_chunks() -> Re
         }
         other => bail!("a chunk larger than a page: {:?}", other.map(|_| ())),
     }
-    assert!(GuestUmemLayout::for_max_frame(PAGE as u32 - 256).is_err());
+    // A whole page is the largest chunk: frame + 256 bytes of kernel headroom.
+    let whole_page = GuestUmemLayout::for_max_frame(PAGE as u32 - 256)?;
+    assert_eq!((whole_page.chunk_size, whole_page.headroom), (4096, 0));
+    GuestUmem::register(file.as_fd(), len, whole_page, 64, 64)?;
+    assert!(GuestUmemLayout::for_max_frame(PAGE as u32 - 255).is_err());
     Ok(())
 }
 
@@ -959,5 +963,38 @@ fn copy_mode_sends_a_frame_of_one_linear_piece_and_max_skb_frags_more_and_no_lon
         (false, max_frags as u64 + 2),
         "{sent:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_nic_queue_takes_one_umem_so_a_second_guests_memory_cannot_bind_to_it() -> Result<()> {
+    let _s = serial();
+    let lab = Lab::unique("guq")?;
+    let len = 16 * PAGE;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    let other = guest_memory(len)?;
+    let refused = with_rig(&lab, guest_memory(len)?, len, layout, move |_rig| {
+        // Another guest's memory, registered and bound to the same NIC queue.
+        let umem = GuestUmem::register(other.as_fd(), len, layout, 64, 64)?;
+        let mut info = IfInfo::invalid();
+        info.from_ifindex(ifindex(NIC)?)
+            .map_err(errno("interface"))?;
+        info.set_queue(0);
+        let sock = Socket::with_shared(&info, umem.xdp()).map_err(errno("socket"))?;
+        let _device = umem.xdp().fq_cq(&sock).map_err(errno("fill ring"))?;
+        let user = umem
+            .xdp()
+            .rx_tx(
+                &sock,
+                &SocketConfig {
+                    rx_size: NonZeroU32::new(64),
+                    tx_size: None,
+                    bind_flags: SocketConfig::XDP_BIND_COPY,
+                },
+            )
+            .map_err(errno("rx ring"))?;
+        Ok(umem.xdp().bind(&user).err().map(|e| e.get_raw().abs()))
+    })?;
+    assert_eq!(refused, Some(libc::EBUSY));
     Ok(())
 }

@@ -69,7 +69,7 @@ impl GuestUmemLayout {
         let page = page_size();
         let need = max_frame
             .checked_add(XDP_PACKET_HEADROOM)
-            .filter(|&n| n < page && max_frame > 0)
+            .filter(|&n| n <= page && max_frame > 0)
             .ok_or(GuestUmemError::FrameTooLarge {
                 max_frame,
                 max_chunk: page,
@@ -344,5 +344,31 @@ impl GuestUmem {
         // SAFETY: as in `read`, with the roles swapped.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
         Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_makes_the_kernel_limit_exactly_the_largest_frame() {
+        for max_frame in [60, 1514, 1518, 1792, 2000, 3840] {
+            let l = GuestUmemLayout::for_max_frame(max_frame).unwrap();
+            assert_eq!(l.max_frame(), max_frame, "{l:?}");
+            assert_eq!(l.chunk_size, (max_frame + 256).max(MIN_CHUNK_SIZE));
+            assert_eq!(l.data_offset(), 256 + l.headroom);
+        }
+        // One chunk holds at most a small page: larger frames keep the copy path.
+        assert!(GuestUmemLayout::for_max_frame(page_size() - 255).is_err());
+        assert!(GuestUmemLayout::for_max_frame(9018).is_err());
+        assert!(GuestUmemLayout::for_max_frame(0).is_err());
+        assert!(GuestUmemLayout::for_max_frame(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn a_received_address_splits_into_fill_address_and_data_offset() {
+        assert_eq!(split_rx_addr(0x212_0000_0000_2d8d), (0x2d8d, 0x212));
+        assert_eq!(split_rx_addr(0x1000), (0x1000, 0));
     }
 }
