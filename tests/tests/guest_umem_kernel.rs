@@ -197,6 +197,30 @@ fn with_tx_rig<T: Send + 'static>(
 const XDP_USE_SG: u16 = 1 << 4;
 const XDP_PKT_CONTD: u32 = 1;
 
+/// A copy-mode socket on the lab's NIC queue 0 (in the calling thread's namespace) with
+/// `umem`'s fill and completion rings, an rx ring and, with `tx`, a tx ring for multi-buffer
+/// frames; not yet bound.
+fn open_socket(umem: &GuestUmem, tx: bool) -> Result<(DeviceQueue, User)> {
+    let mut info = IfInfo::invalid();
+    info.from_ifindex(ifindex(NIC)?)
+        .map_err(errno("interface"))?;
+    info.set_queue(0);
+    let sock = Socket::with_shared(&info, umem.xdp()).map_err(errno("socket"))?;
+    let device = umem.xdp().fq_cq(&sock).map_err(errno("fill ring"))?;
+    let user = umem
+        .xdp()
+        .rx_tx(
+            &sock,
+            &SocketConfig {
+                rx_size: NonZeroU32::new(64),
+                tx_size: NonZeroU32::new(64).filter(|_| tx),
+                bind_flags: SocketConfig::XDP_BIND_COPY | if tx { XDP_USE_SG } else { 0 },
+            },
+        )
+        .map_err(errno("rx ring"))?;
+    Ok((device, user))
+}
+
 fn rig<T: Send + 'static>(
     lab: &Lab,
     file: std::fs::File,
@@ -212,24 +236,7 @@ fn rig<T: Send + 'static>(
             let own_len = tx_own_len.unwrap_or(0);
             let umem =
                 GuestUmem::register_with_own_area(file.as_fd(), len, own_len, layout, 64, 64)?;
-            let mut info = IfInfo::invalid();
-            info.from_ifindex(ifindex(NIC)?)
-                .map_err(errno("interface"))?;
-            info.set_queue(0);
-            let sock = Socket::with_shared(&info, umem.xdp()).map_err(errno("socket"))?;
-            let device = umem.xdp().fq_cq(&sock).map_err(errno("fill ring"))?;
-            let sg = if tx_own_len.is_some() { XDP_USE_SG } else { 0 };
-            let user = umem
-                .xdp()
-                .rx_tx(
-                    &sock,
-                    &SocketConfig {
-                        rx_size: NonZeroU32::new(64),
-                        tx_size: tx_own_len.and(NonZeroU32::new(64)),
-                        bind_flags: SocketConfig::XDP_BIND_COPY | sg,
-                    },
-                )
-                .map_err(errno("rx ring"))?;
+            let (device, user) = open_socket(&umem, tx_own_len.is_some())?;
             let rx = user.map_rx().map_err(errno("rx ring mapping"))?;
             let tx = match tx_own_len {
                 Some(_) => Some(user.map_tx().map_err(errno("tx ring mapping"))?),
@@ -976,23 +983,7 @@ fn a_nic_queue_takes_one_umem_so_a_second_guests_memory_cannot_bind_to_it() -> R
     let refused = with_rig(&lab, guest_memory(len)?, len, layout, move |_rig| {
         // Another guest's memory, registered and bound to the same NIC queue.
         let umem = GuestUmem::register(other.as_fd(), len, layout, 64, 64)?;
-        let mut info = IfInfo::invalid();
-        info.from_ifindex(ifindex(NIC)?)
-            .map_err(errno("interface"))?;
-        info.set_queue(0);
-        let sock = Socket::with_shared(&info, umem.xdp()).map_err(errno("socket"))?;
-        let _device = umem.xdp().fq_cq(&sock).map_err(errno("fill ring"))?;
-        let user = umem
-            .xdp()
-            .rx_tx(
-                &sock,
-                &SocketConfig {
-                    rx_size: NonZeroU32::new(64),
-                    tx_size: None,
-                    bind_flags: SocketConfig::XDP_BIND_COPY,
-                },
-            )
-            .map_err(errno("rx ring"))?;
+        let (_device, user) = open_socket(&umem, false)?;
         Ok(umem.xdp().bind(&user).err().map(|e| e.get_raw().abs()))
     })?;
     assert_eq!(refused, Some(libc::EBUSY));
