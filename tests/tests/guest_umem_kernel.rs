@@ -177,7 +177,7 @@ fn with_rig<T: Send + 'static>(
     layout: GuestUmemLayout,
     body: impl FnOnce(&mut Rig) -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    rig(lab, file, len, None, layout, body)
+    rig(lab, file, len, None, layout, XdpModeChoice::Auto, body)
 }
 
 /// [`with_rig`] with `own_len` bytes of daemon-owned memory after the file in the UMEM, and
@@ -190,7 +190,15 @@ fn with_tx_rig<T: Send + 'static>(
     layout: GuestUmemLayout,
     body: impl FnOnce(&mut Rig) -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    rig(lab, file, len, Some(own_len), layout, body)
+    rig(
+        lab,
+        file,
+        len,
+        Some(own_len),
+        layout,
+        XdpModeChoice::Auto,
+        body,
+    )
 }
 
 /// `XDP_USE_SG` in the bind flags; `XDP_PKT_CONTD` in a descriptor's options.
@@ -227,6 +235,7 @@ fn rig<T: Send + 'static>(
     len: u64,
     tx_own_len: Option<usize>,
     layout: GuestUmemLayout,
+    xdp_mode: XdpModeChoice,
     body: impl FnOnce(&mut Rig) -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let wire = WireSocket::open(lab)?;
@@ -243,8 +252,7 @@ fn rig<T: Send + 'static>(
                 None => None,
             };
             umem.xdp().bind(&user).map_err(errno("bind"))?;
-            let (mut steering, _logger) =
-                Steering::attach(object.bytes(), NIC, XdpModeChoice::Auto)?;
+            let (mut steering, _logger) = Steering::attach(object.bytes(), NIC, xdp_mode)?;
             steering.add_port(MacAddr(GUEST_MAC), None, 0)?;
             steering.bind_socket(0, 0, user.as_raw_fd())?;
             let mut rig = Rig {
@@ -987,5 +995,98 @@ fn a_nic_queue_takes_one_umem_so_a_second_guests_memory_cannot_bind_to_it() -> R
         Ok(umem.xdp().bind(&user).err().map(|e| e.get_raw().abs()))
     })?;
     assert_eq!(refused, Some(libc::EBUSY));
+    Ok(())
+}
+
+#[test]
+fn with_multi_buffer_a_longer_frame_is_split_over_fill_addresses_each_piece_after_its_offset(
+) -> Result<()> {
+    let _s = serial();
+    let lab = Lab::unique("gus")?;
+    let len = 16 * PAGE;
+    let max = 1000;
+    let layout = GuestUmemLayout::for_max_frame(max)?;
+    let off = u64::from(layout.data_offset());
+    let (a, b) = (2 * PAGE, 6 * PAGE + 7);
+    let sent = frame(1400, 9);
+    let f = sent.clone();
+    let (descs, memory) = with_tx_rig(&lab, guest_memory(len)?, len, 0, layout, move |rig| {
+        rig.fill(&[a, b])?;
+        rig.send(&[f])?;
+        let mut descs = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while descs.len() < 2 && Instant::now() < deadline {
+            let mut r = rig.rx.receive(64);
+            while let Some(d) = r.read() {
+                descs.push((d.addr, d.len, d.options));
+            }
+            r.release();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut memory = vec![0u8; len as usize];
+        rig.umem.read(0, &mut memory).context("read back")?;
+        Ok((descs, memory))
+    })?;
+    eprintln!("rx descriptors (addr, len, options): {descs:#x?}");
+    // Two pieces, the first marked as continued, each after its own fill address's offset:
+    // a second piece cannot start a buffer (where a mergeable receive buffer's data goes).
+    assert_eq!(
+        descs,
+        vec![
+            (a | off << 48, max, XDP_PKT_CONTD),
+            (b | off << 48, 1400 - max, 0)
+        ]
+    );
+    assert_eq!(
+        changed(&memory),
+        vec![
+            (a + off, a + off + u64::from(max)),
+            (b + off, b + off + 400)
+        ]
+    );
+    assert_eq!(
+        &memory[(a + off) as usize..][..max as usize],
+        &sent[..max as usize]
+    );
+    assert_eq!(&memory[(b + off) as usize..][..400], &sent[max as usize..]);
+    Ok(())
+}
+
+#[test]
+fn generic_xdp_receives_into_guest_memory_exactly_as_native_xdp_does() -> Result<()> {
+    let _s = serial();
+    let lab = Lab::unique("gug")?;
+    let len = 16 * PAGE;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    let off = u64::from(layout.data_offset());
+    let at = 5 * PAGE - off - 20 + 1;
+    let sent = frame(300, 11);
+    let f = sent.clone();
+    let file = guest_memory(len)?;
+    let (descs, memory) = rig(
+        &lab,
+        file,
+        len,
+        None,
+        layout,
+        XdpModeChoice::Skb,
+        move |rig| {
+            rig.fill(&[at])?;
+            rig.send(&[f])?;
+            let descs = rig.recv(1);
+            let mut memory = vec![0u8; len as usize];
+            rig.umem.read(0, &mut memory).context("read back")?;
+            Ok((descs, memory))
+        },
+    )?;
+    assert_eq!(
+        descs,
+        vec![RxDesc {
+            addr: at | off << 48,
+            len: 300
+        }]
+    );
+    assert_eq!(changed(&memory), vec![(at + off, at + off + 300)]);
+    assert_eq!(&memory[(at + off) as usize..][..300], &sent[..]);
     Ok(())
 }
