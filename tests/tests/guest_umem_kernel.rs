@@ -2,7 +2,8 @@
 //! running kernel rather than assumed: registration of a memfd (and a hugetlb memfd) mapping in
 //! unaligned chunk mode, what it costs against RLIMIT_MEMLOCK, where a received frame lands
 //! relative to its fill address and what else is written, chunks across page boundaries, and
-//! what happens to frames longer than the layout allows and to fill addresses outside the file.
+//! what happens to frames longer than the layout allows and to fill addresses outside the file,
+//! and what closing a registration stops (a ring stop or reconnect must).
 //!
 //! No daemon: the daemon's XDP program steers frames for one MAC into one AF_XDP socket bound
 //! to a veth in copy mode, with [`GuestUmem`] as its UMEM, and a raw socket on the wire end
@@ -130,15 +131,7 @@ fn errno(what: &'static str) -> impl Fn(xdpilone::Errno) -> anyhow::Error {
 impl Rig {
     /// Puts `addrs` on the fill ring.
     fn fill(&mut self, addrs: &[u64]) -> Result<()> {
-        let mut w = self.device.fill(addrs.len() as u32);
-        let n = w.insert(addrs.iter().copied());
-        w.commit();
-        ensure!(
-            n as usize == addrs.len(),
-            "fill ring took {n} of {}",
-            addrs.len()
-        );
-        Ok(())
+        fill_ring(&mut self.device, addrs)
     }
 
     fn send(&self, frames: &[Vec<u8>]) -> Result<()> {
@@ -150,21 +143,39 @@ impl Rig {
 
     /// `expect` receive descriptors, or what came within [`WAIT`].
     fn recv(&mut self, expect: usize) -> Vec<RxDesc> {
-        let mut descs = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        while descs.len() < expect && Instant::now() < deadline {
-            let mut r = self.rx.receive(64);
-            while let Some(d) = r.read() {
-                descs.push(RxDesc {
-                    addr: d.addr,
-                    len: d.len,
-                });
-            }
-            r.release();
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        descs
+        recv_descs(&mut self.rx, expect)
     }
+}
+
+/// Puts `addrs` on `device`'s fill ring, all of them or an error.
+fn fill_ring(device: &mut DeviceQueue, addrs: &[u64]) -> Result<()> {
+    let mut w = device.fill(addrs.len() as u32);
+    let n = w.insert(addrs.iter().copied());
+    w.commit();
+    ensure!(
+        n as usize == addrs.len(),
+        "fill ring took {n} of {}",
+        addrs.len()
+    );
+    Ok(())
+}
+
+/// `expect` receive descriptors from `rx`, or what came within [`WAIT`].
+fn recv_descs(rx: &mut RingRx, expect: usize) -> Vec<RxDesc> {
+    let mut descs = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while descs.len() < expect && Instant::now() < deadline {
+        let mut r = rx.receive(64);
+        while let Some(d) = r.read() {
+            descs.push(RxDesc {
+                addr: d.addr,
+                len: d.len,
+            });
+        }
+        r.release();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    descs
 }
 
 /// Registers `file` (`len` bytes) as a UMEM with `layout`, binds a copy-mode socket on the
@@ -1088,5 +1099,129 @@ fn generic_xdp_receives_into_guest_memory_exactly_as_native_xdp_does() -> Result
     );
     assert_eq!(changed(&memory), vec![(at + off, at + off + 300)]);
     assert_eq!(&memory[(at + off) as usize..][..300], &sent[..]);
+    Ok(())
+}
+
+/// One guest-memory receive socket on the lab's NIC queue 0, bound, with its fill ring.
+struct BoundGuestUmem {
+    // Field order is drop order: rings and socket before the registration.
+    device: DeviceQueue,
+    rx: RingRx,
+    user: User,
+    umem: GuestUmem,
+}
+
+impl BoundGuestUmem {
+    /// Registers `file` and binds a socket on it to NIC queue 0; the bind's errno on refusal.
+    fn bind(file: &std::fs::File, len: u64, layout: GuestUmemLayout) -> Result<Result<Self, i32>> {
+        let umem = GuestUmem::register(file.as_fd(), len, layout, 64, 64)?;
+        let (device, user) = open_socket(&umem, false)?;
+        let rx = user.map_rx().map_err(errno("rx ring mapping"))?;
+        if let Err(e) = umem.xdp().bind(&user) {
+            return Ok(Err(e.get_raw().abs()));
+        }
+        Ok(Ok(BoundGuestUmem {
+            device,
+            rx,
+            user,
+            umem,
+        }))
+    }
+
+    fn fill(&mut self, addrs: &[u64]) -> Result<()> {
+        fill_ring(&mut self.device, addrs)
+    }
+}
+
+/// What a ring stop or a reconnect needs: the receive socket of a guest-memory UMEM is the
+/// registration's own socket (the first socket of a UMEM is the one it was registered on), so
+/// "closing the socket" means dropping the registration too. Once dropped, the kernel writes
+/// nothing more into buffers still on its fill ring, even with the XSKMAP entry left in
+/// place; and the NIC queue takes the same memory again, as a new registration, for the next
+/// run of the ring (how soon is printed: the kernel frees a queue's UMEM slot in deferred work).
+#[test]
+fn a_dropped_registration_writes_nothing_more_and_the_queue_takes_the_memory_again() -> Result<()> {
+    let _s = serial();
+    let lab = Lab::unique("gur")?;
+    let len = 16 * PAGE;
+    let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
+    let off = u64::from(layout.data_offset());
+    // Two buffers posted; one frame fills the first, the second stays with the kernel.
+    let (a, b) = (2 * PAGE, 6 * PAGE + 7);
+    let (first, late, again) = (frame(500, 1), frame(700, 2), frame(300, 3));
+    let sent = (first.clone(), again.clone());
+    let wire = WireSocket::open(&lab)?;
+    let object = XdpObject::load()?;
+    let file = guest_memory(len)?;
+    let (memory_after_close, refused, waited, memory_end, descs) =
+        in_netns(&lab.host_ns, move || {
+            let run = || -> Result<_> {
+                let (mut steering, _logger) =
+                    Steering::attach(object.bytes(), NIC, XdpModeChoice::Auto)?;
+                steering.add_port(MacAddr(GUEST_MAC), None, 0)?;
+                let mut bound = BoundGuestUmem::bind(&file, len, layout)?
+                    .map_err(|e| anyhow::anyhow!("first bind: errno {e}"))?;
+                steering.bind_socket(0, 0, bound.user.as_raw_fd())?;
+                bound.fill(&[a, b])?;
+                wire.send(&first)?;
+                let got = recv_descs(&mut bound.rx, 1);
+                ensure!(got.len() == 1, "first frame: {got:?}");
+                // The ring stops: everything of the socket goes, its XSKMAP entry stays.
+                drop(bound);
+                wire.send(&late)?;
+                std::thread::sleep(Duration::from_millis(300));
+                let mut memory_after_close = vec![0u8; len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut memory_after_close, 0)?;
+                // The next run of the ring registers the memory again.
+                let start = Instant::now();
+                let mut refused = Vec::new();
+                let mut bound = loop {
+                    match BoundGuestUmem::bind(&file, len, layout)? {
+                        Ok(bound) => break bound,
+                        Err(errno) if start.elapsed() < WAIT => {
+                            refused.push(errno);
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(errno) => bail!("queue refused the memory for {WAIT:?}: {errno}"),
+                    }
+                };
+                let waited = start.elapsed();
+                steering.bind_socket(0, 0, bound.user.as_raw_fd())?;
+                bound.fill(&[b])?;
+                wire.send(&again)?;
+                let descs = recv_descs(&mut bound.rx, 1);
+                let mut memory_end = vec![0u8; len as usize];
+                bound.umem.read(0, &mut memory_end).context("read back")?;
+                drop(bound);
+                steering.detach();
+                Ok((memory_after_close, refused, waited, memory_end, descs))
+            };
+            run().map_err(|e| std::io::Error::other(format!("{e:#}")))
+        })?;
+    eprintln!(
+        "re-registration after the drop: {} refusals {refused:?}, {waited:?}",
+        refused.len()
+    );
+    let (first, again) = sent;
+    // Only the frame received before the drop is in memory: the late frame went nowhere,
+    // although buffer `b` was still on the dropped fill ring.
+    assert_eq!(
+        changed(&memory_after_close),
+        vec![(a + off, a + off + first.len() as u64)]
+    );
+    assert_eq!(
+        &memory_after_close[(a + off) as usize..][..first.len()],
+        &first[..]
+    );
+    // The new registration receives into the buffer the old one had been given.
+    assert_eq!(
+        descs,
+        vec![RxDesc {
+            addr: b | off << 48,
+            len: again.len() as u32
+        }]
+    );
+    assert_eq!(&memory_end[(b + off) as usize..][..again.len()], &again[..]);
+    assert!(refused.iter().all(|&e| e == libc::EBUSY), "{refused:?}");
     Ok(())
 }
