@@ -324,6 +324,17 @@ impl PostedBuffers {
     pub fn forget(&mut self) -> Vec<u16> {
         self.by_fill.drain().map(|(_, p)| p.head).collect()
     }
+
+    /// Gives every posted buffer back to the guest unused (length 0), once the socket that
+    /// held them is closed: the ring's next avail index has already moved past them, so a
+    /// frontend reading the ring's base (`GET_VRING_BASE`) would otherwise never see them
+    /// again. A completion for one of them later is an unknown one, never a write. Returns how
+    /// many went back.
+    pub fn give_back(&mut self, mem: &GuestMemory, queue: &mut Queue) -> Result<usize, QueueError> {
+        let used: Vec<(u16, u32)> = self.forget().into_iter().map(|h| (h, 0)).collect();
+        publish_used(mem, queue, &used)?;
+        Ok(used.len())
+    }
 }
 
 /// Marks `[addr, addr + len)` dirty for a migration: the kernel wrote it, not the daemon.
