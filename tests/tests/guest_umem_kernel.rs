@@ -664,6 +664,7 @@ fn a_hugetlb_memfd_registers_and_receives_like_small_pages_and_counts_by_bytes()
 /// The guest's side of one split receive queue of `QSIZE` entries in guest memory, written
 /// as a driver would.
 mod driver {
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
     use xvdpa::datapath::GuestMemory;
 
@@ -672,6 +673,17 @@ mod driver {
     pub const AVAIL: u64 = 0x1000;
     pub const USED: u64 = 0x2000;
     const WRITE: u16 = 2;
+
+    /// The device's view of that queue, ready.
+    pub fn queue() -> anyhow::Result<Queue> {
+        let mut q = Queue::new(QSIZE)?;
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        Ok(q)
+    }
 
     /// Posts one single-buffer receive chain per (address, length), heads 0, 1, ...
     pub fn post(mem: &GuestMemory, buffers: &[(u64, u32)]) {
@@ -712,7 +724,6 @@ mod driver {
 #[test]
 fn guest_receive_buffers_posted_to_the_kernel_get_frames_from_the_wire_and_attackers_get_nothing(
 ) -> Result<()> {
-    use virtio_queue::{Queue, QueueT};
     use vm_memory::{FileOffset, GuestAddress};
     use xvdpa::datapath::device::rx_header;
     use xvdpa::datapath::zero_copy_rx::{FillLayout, GuestFile, PostedBuffers, ZeroCopyRxTally};
@@ -762,12 +773,7 @@ fn guest_receive_buffers_posted_to_the_kernel_get_frames_from_the_wire_and_attac
         ])?;
         let guest_file = GuestFile::of(&mem)?;
         ensure!(guest_file.file_len() == file_len);
-        let mut q = Queue::new(driver::QSIZE)?;
-        q.set_size(driver::QSIZE);
-        q.set_desc_table_address(Some(driver::DESC as u32), Some(0));
-        q.set_avail_ring_address(Some(driver::AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(driver::USED as u32), Some(0));
-        q.set_ready(true);
+        let mut q = driver::queue()?;
         driver::post(&mem, &buffers);
         let mut posted = PostedBuffers::new(guest_file, fill_layout, 64);
         let (mut fill, mut tally) = (Vec::new(), ZeroCopyRxTally::default());
@@ -1102,126 +1108,142 @@ fn generic_xdp_receives_into_guest_memory_exactly_as_native_xdp_does() -> Result
     Ok(())
 }
 
-/// One guest-memory receive socket on the lab's NIC queue 0, bound, with its fill ring.
-struct BoundGuestUmem {
-    // Field order is drop order: rings and socket before the registration.
-    device: DeviceQueue,
-    rx: RingRx,
-    user: User,
-    umem: GuestUmem,
-}
-
-impl BoundGuestUmem {
-    /// Registers `file` and binds a socket on it to NIC queue 0; the bind's errno on refusal.
-    fn bind(file: &std::fs::File, len: u64, layout: GuestUmemLayout) -> Result<Result<Self, i32>> {
-        let umem = GuestUmem::register(file.as_fd(), len, layout, 64, 64)?;
-        let (device, user) = open_socket(&umem, false)?;
-        let rx = user.map_rx().map_err(errno("rx ring mapping"))?;
-        if let Err(e) = umem.xdp().bind(&user) {
-            return Ok(Err(e.get_raw().abs()));
-        }
-        Ok(Ok(BoundGuestUmem {
-            device,
-            rx,
-            user,
-            umem,
-        }))
-    }
-
-    fn fill(&mut self, addrs: &[u64]) -> Result<()> {
-        fill_ring(&mut self.device, addrs)
-    }
-}
-
-/// What a ring stop or a reconnect needs: the receive socket of a guest-memory UMEM is the
-/// registration's own socket (the first socket of a UMEM is the one it was registered on), so
-/// "closing the socket" means dropping the registration too. Once dropped, the kernel writes
-/// nothing more into buffers still on its fill ring, even with the XSKMAP entry left in
-/// place; and the NIC queue takes the same memory again, as a new registration, for the next
-/// run of the ring (how soon is printed: the kernel frees a queue's UMEM slot in deferred work).
+/// What a ring stop or a reconnect needs, with the daemon's receive pieces: guest buffers
+/// from a receive queue posted through a [`GuestRxSocket`], one frame received, then the
+/// socket dropped (it owns the registration: a UMEM's first socket is the one it was
+/// registered on) and the buffers still posted given back to the guest unused. After that the
+/// kernel writes nothing into them, even with the XSKMAP entry left in place; and the NIC
+/// queue takes the same memory again, as a new registration, for the next run of the ring
+/// (how soon is printed: the kernel frees a queue's UMEM slot in deferred work).
 #[test]
-fn a_dropped_registration_writes_nothing_more_and_the_queue_takes_the_memory_again() -> Result<()> {
+fn a_closed_guest_rx_socket_writes_nothing_into_buffers_given_back_and_the_queue_takes_the_memory_again(
+) -> Result<()> {
+    use vm_memory::{Bytes, FileOffset, GuestAddress};
+    use xvdpa::datapath::device::rx_header;
+    use xvdpa::datapath::zero_copy_rx::{FillLayout, GuestFile, PostedBuffers, ZeroCopyRxTally};
+    use xvdpa::datapath::GuestMemory;
+    use xvdpa::nic::xsk::guest_umem::{GuestRxSocket, GuestRxSpec};
+    use xvdpa::nic::xsk::{XskMode, XskModeChoice};
+
     let _s = serial();
     let lab = Lab::unique("gur")?;
-    let len = 16 * PAGE;
+    let len = 64 * PAGE;
     let layout = GuestUmemLayout::for_max_frame(MAX_FRAME)?;
-    let off = u64::from(layout.data_offset());
-    // Two buffers posted; one frame fills the first, the second stays with the kernel.
-    let (a, b) = (2 * PAGE, 6 * PAGE + 7);
+    let fill_layout = FillLayout {
+        data_offset: u64::from(layout.data_offset()),
+        max_frame: layout.max_frame(),
+    };
+    // Three receive buffers; one frame fills the first, two stay with the kernel.
+    let buffers: Vec<(u64, u32)> = (0..3).map(|i| (8 * PAGE + i * 0x1000 + 3, 0x700)).collect();
     let (first, late, again) = (frame(500, 1), frame(700, 2), frame(300, 3));
     let sent = (first.clone(), again.clone());
     let wire = WireSocket::open(&lab)?;
     let object = XdpObject::load()?;
     let file = guest_memory(len)?;
-    let (memory_after_close, refused, waited, memory_end, descs) =
+    let bufs = buffers.clone();
+    let (used, memory_after_close, waited, used_again, memory_end) =
         in_netns(&lab.host_ns, move || {
             let run = || -> Result<_> {
                 let (mut steering, _logger) =
                     Steering::attach(object.bytes(), NIC, XdpModeChoice::Auto)?;
                 steering.add_port(MacAddr(GUEST_MAC), None, 0)?;
-                let mut bound = BoundGuestUmem::bind(&file, len, layout)?
-                    .map_err(|e| anyhow::anyhow!("first bind: errno {e}"))?;
-                steering.bind_socket(0, 0, bound.user.as_raw_fd())?;
-                bound.fill(&[a, b])?;
+                let mem = GuestMemory::from_ranges_with_files([(
+                    GuestAddress(0),
+                    len as usize,
+                    Some(FileOffset::new(file.try_clone()?, 0)),
+                )])?;
+                let spec = GuestRxSpec {
+                    file: file.as_fd(),
+                    len,
+                    layout,
+                    ifname: NIC,
+                    ifindex: ifindex(NIC)?,
+                    queue_id: 0,
+                    ring_size: 64,
+                };
+                let open = || GuestRxSocket::open(spec, XskModeChoice::Auto);
+                // One frame, or none within [`WAIT`].
+                let receive = |sock: &mut GuestRxSocket| {
+                    let mut received = Vec::new();
+                    let deadline = Instant::now() + WAIT;
+                    while received.is_empty() && Instant::now() < deadline {
+                        sock.receive(64, &mut received);
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    received
+                };
+                let mut sock = open()?;
+                ensure!(sock.mode() == XskMode::Copy, "a veth has no zero-copy");
+                steering.bind_socket(0, 0, sock.fd())?;
+                let mut q = driver::queue()?;
+                driver::post(&mem, &bufs);
+                let mut posted = PostedBuffers::new(GuestFile::of(&mem)?, fill_layout, 64);
+                let (mut fill, mut tally) = (Vec::new(), ZeroCopyRxTally::default());
+                posted.post(&mem, &mut q, sock.fill_room(), &mut fill, &mut tally)?;
+                ensure!(sock.fill(&fill) == 3, "posted {fill:x?}");
                 wire.send(&first)?;
-                let got = recv_descs(&mut bound.rx, 1);
-                ensure!(got.len() == 1, "first frame: {got:?}");
-                // The ring stops: everything of the socket goes, its XSKMAP entry stays.
-                drop(bound);
+                let received = receive(&mut sock);
+                posted.complete(&mem, &mut q, received.iter().copied(), &mut tally)?;
+                // The ring stops: the socket goes first, then the buffers go back.
+                drop(sock);
+                ensure!(posted.give_back(&mem, &mut q)? == 2);
+                let used = driver::used(&mem);
                 wire.send(&late)?;
                 std::thread::sleep(Duration::from_millis(300));
                 let mut memory_after_close = vec![0u8; len as usize];
                 std::os::unix::fs::FileExt::read_exact_at(&file, &mut memory_after_close, 0)?;
-                // The next run of the ring registers the memory again.
+                // The next run of the ring registers the memory again and the guest posts
+                // the buffers it got back.
                 let start = Instant::now();
-                let mut refused = Vec::new();
-                let mut bound = loop {
-                    match BoundGuestUmem::bind(&file, len, layout)? {
-                        Ok(bound) => break bound,
-                        Err(errno) if start.elapsed() < WAIT => {
-                            refused.push(errno);
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        Err(errno) => bail!("queue refused the memory for {WAIT:?}: {errno}"),
-                    }
-                };
+                let mut sock = open()?;
                 let waited = start.elapsed();
-                steering.bind_socket(0, 0, bound.user.as_raw_fd())?;
-                bound.fill(&[b])?;
+                steering.bind_socket(0, 0, sock.fd())?;
+                for off in [driver::DESC, driver::AVAIL, driver::USED] {
+                    mem.write_slice(&[0; 0x100], GuestAddress(off))?;
+                }
+                let mut q = driver::queue()?;
+                driver::post(&mem, &bufs[1..]);
+                posted.post(&mem, &mut q, sock.fill_room(), &mut fill, &mut tally)?;
+                ensure!(sock.fill(&fill) == 2, "posted again {fill:x?}");
                 wire.send(&again)?;
-                let descs = recv_descs(&mut bound.rx, 1);
+                let received = receive(&mut sock);
+                posted.complete(&mem, &mut q, received.iter().copied(), &mut tally)?;
+                let used_again = driver::used(&mem);
                 let mut memory_end = vec![0u8; len as usize];
-                bound.umem.read(0, &mut memory_end).context("read back")?;
-                drop(bound);
+                sock.umem().read(0, &mut memory_end).context("read back")?;
+                drop(sock);
                 steering.detach();
-                Ok((memory_after_close, refused, waited, memory_end, descs))
+                Ok((used, memory_after_close, waited, used_again, memory_end))
             };
             run().map_err(|e| std::io::Error::other(format!("{e:#}")))
         })?;
-    eprintln!(
-        "re-registration after the drop: {} refusals {refused:?}, {waited:?}",
-        refused.len()
-    );
+    eprintln!("re-registration after the close took {waited:?}");
     let (first, again) = sent;
-    // Only the frame received before the drop is in memory: the late frame went nowhere,
-    // although buffer `b` was still on the dropped fill ring.
+    let (a, b) = (buffers[0].0, buffers[1].0);
+    // The frame received before the stop, then the two buffers back unused (any order).
+    let mut back = used[1..].to_vec();
+    back.sort();
+    assert_eq!(used[0], (0, 12 + first.len() as u32));
+    assert_eq!(back, vec![(1, 0), (2, 0)]);
+    // Only that frame and its header are in the buffers: the late frame went nowhere,
+    // although two buffers had been on the closed socket's fill ring.
+    let in_buffers = |m: &[u8]| {
+        changed(m)
+            .into_iter()
+            .filter(|&(s, _)| s >= buffers[0].0)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
-        changed(&memory_after_close),
-        vec![(a + off, a + off + first.len() as u64)]
+        in_buffers(&memory_after_close),
+        vec![(a, a + 12 + first.len() as u64)]
     );
+    assert_eq!(&memory_after_close[a as usize..][..12], &rx_header(1)[..]);
     assert_eq!(
-        &memory_after_close[(a + off) as usize..][..first.len()],
+        &memory_after_close[(a + 12) as usize..][..first.len()],
         &first[..]
     );
-    // The new registration receives into the buffer the old one had been given.
-    assert_eq!(
-        descs,
-        vec![RxDesc {
-            addr: b | off << 48,
-            len: again.len() as u32
-        }]
-    );
-    assert_eq!(&memory_end[(b + off) as usize..][..again.len()], &again[..]);
-    assert!(refused.iter().all(|&e| e == libc::EBUSY), "{refused:?}");
+    // The new registration receives into a buffer the guest posted again.
+    assert_eq!(used_again, vec![(0, 12 + again.len() as u32)]);
+    assert_eq!(&memory_end[(b + 12) as usize..][..again.len()], &again[..]);
     Ok(())
 }

@@ -19,10 +19,14 @@
 //! (`xdp_umem_account_pages` in `net/xdp/xdp_umem.c`).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr::NonNull;
+use std::time::{Duration, Instant};
 
-use xdpilone::UmemConfig;
+use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, UmemConfig, User};
+
+use super::{setup_error, XskError, XskKernelStats, XskMode, XskModeChoice};
 
 /// What the kernel leaves in front of every received frame (`XDP_PACKET_HEADROOM`).
 pub const XDP_PACKET_HEADROOM: u32 = 256;
@@ -51,6 +55,8 @@ pub enum GuestUmemError {
     Memlock { len: u64 },
     #[error("guest memory UMEM registration ({len} bytes): {source}")]
     Register { len: u64, source: io::Error },
+    #[error(transparent)]
+    Socket(#[from] XskError),
 }
 
 /// Where the kernel puts received frames in a guest-memory UMEM, and how long they may be.
@@ -344,6 +350,164 @@ impl GuestUmem {
         // SAFETY: as in `read`, with the roles swapped.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
         Some(())
+    }
+}
+
+/// How long a bind refused with `EBUSY` is retried: the kernel frees a NIC queue's UMEM slot
+/// in deferred work after the previous socket on it closed (a reconnect, a ring restart).
+const BIND_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// The receive socket of a guest-memory UMEM on one NIC queue, with the UMEM's fill ring.
+///
+/// A UMEM's first socket is the one it was registered on (the kernel binds further sockets
+/// to a UMEM only through a bound first one), so this type owns the registration: dropping it
+/// closes the socket and the registration together, and from then on the kernel writes
+/// nothing into buffers left on the fill ring (`tests/tests/guest_umem_kernel.rs`). A ring
+/// stop must drop it before the guest reuses those buffers.
+pub struct GuestRxSocket {
+    // Field order is drop order: rings and socket before the registration.
+    device: DeviceQueue,
+    rx: RingRx,
+    user: User,
+    umem: GuestUmem,
+    mode: XskMode,
+    queue_id: u32,
+}
+
+/// Where a [`GuestRxSocket`] goes and what it registers.
+#[derive(Clone, Copy)]
+pub struct GuestRxSpec<'a> {
+    /// The guest memory file and its length.
+    pub file: BorrowedFd<'a>,
+    pub len: u64,
+    pub layout: GuestUmemLayout,
+    pub ifname: &'a str,
+    pub ifindex: u32,
+    pub queue_id: u32,
+    /// Entries of the fill and rx rings (a power of two).
+    pub ring_size: u32,
+}
+
+impl GuestRxSocket {
+    /// Registers the guest memory file of `spec` and binds a receive socket on it to the NIC
+    /// queue of `spec`. `Auto` tries zero-copy, then copy mode, registering afresh for each:
+    /// a failed bind leaves the registration unusable.
+    pub fn open(spec: GuestRxSpec<'_>, choice: XskModeChoice) -> Result<Self, GuestUmemError> {
+        let deadline = Instant::now() + BIND_RELEASE_WAIT;
+        let (ifname, queue_id) = (spec.ifname, spec.queue_id);
+        loop {
+            let attempt = match choice {
+                XskModeChoice::Copy => Self::open_mode(spec, XskMode::Copy),
+                XskModeChoice::ZeroCopy => Self::open_mode(spec, XskMode::ZeroCopy),
+                XskModeChoice::Auto => Self::open_mode(spec, XskMode::ZeroCopy).or_else(|zc_err| {
+                    tracing::debug!(%ifname, queue_id, error = %zc_err, "zero-copy AF_XDP not available for guest memory; using copy mode");
+                    Self::open_mode(spec, XskMode::Copy)
+                }),
+            };
+            match attempt {
+                Err(GuestUmemError::Socket(XskError::Setup { ref source, .. }))
+                    if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_mode(spec: GuestRxSpec<'_>, mode: XskMode) -> Result<Self, GuestUmemError> {
+        let fail = setup_error(spec.ifname, spec.queue_id);
+        let ring_size = spec.ring_size;
+        let umem = GuestUmem::register(spec.file, spec.len, spec.layout, ring_size, ring_size)?;
+        let mut info = IfInfo::invalid();
+        info.from_ifindex(spec.ifindex)
+            .map_err(fail("interface lookup"))?;
+        info.set_queue(spec.queue_id);
+        let sock = Socket::with_shared(&info, umem.xdp()).map_err(fail("socket"))?;
+        let device = umem
+            .xdp()
+            .fq_cq(&sock)
+            .map_err(fail("fill/completion rings"))?;
+        let mode_flag = match mode {
+            XskMode::ZeroCopy => SocketConfig::XDP_BIND_ZEROCOPY,
+            XskMode::Copy => SocketConfig::XDP_BIND_COPY,
+        };
+        let user = umem
+            .xdp()
+            .rx_tx(
+                &sock,
+                &SocketConfig {
+                    rx_size: NonZeroU32::new(ring_size),
+                    tx_size: None,
+                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode_flag,
+                },
+            )
+            .map_err(fail("rx ring"))?;
+        let rx = user.map_rx().map_err(fail("rx ring mapping"))?;
+        umem.xdp().bind(&user).map_err(fail(match mode {
+            XskMode::ZeroCopy => "zero-copy bind",
+            XskMode::Copy => "copy-mode bind",
+        }))?;
+        Ok(GuestRxSocket {
+            device,
+            rx,
+            user,
+            umem,
+            mode,
+            queue_id: spec.queue_id,
+        })
+    }
+
+    /// The socket, for the XSKMAP and the worker's epoll set.
+    pub fn fd(&self) -> RawFd {
+        self.user.as_raw_fd()
+    }
+
+    pub fn mode(&self) -> XskMode {
+        self.mode
+    }
+
+    pub fn queue_id(&self) -> u32 {
+        self.queue_id
+    }
+
+    pub fn umem(&self) -> &GuestUmem {
+        &self.umem
+    }
+
+    /// Free entries on the fill ring now.
+    pub fn fill_room(&mut self) -> usize {
+        self.device.fill(u32::MAX).capacity() as usize
+    }
+
+    /// Puts `addrs` on the fill ring, as many as it takes (all of them when no more than
+    /// [`GuestRxSocket::fill_room`]); returns how many.
+    pub fn fill(&mut self, addrs: &[u64]) -> usize {
+        let n = {
+            let mut w = self.device.fill(addrs.len() as u32);
+            let n = w.insert(addrs.iter().copied());
+            w.commit();
+            n
+        };
+        if self.device.needs_wakeup() {
+            self.device.wake();
+        }
+        n as usize
+    }
+
+    /// Appends up to `max` received frames to `out` as (fill address, data offset from it,
+    /// length), and gives their rx ring entries back to the kernel.
+    pub fn receive(&mut self, max: u32, out: &mut Vec<(u64, u64, u32)>) {
+        let mut r = self.rx.receive(max);
+        while let Some(d) = r.read() {
+            let (fill, offset) = split_rx_addr(d.addr);
+            out.push((fill, offset, d.len));
+        }
+        r.release();
+    }
+
+    pub fn kernel_stats(&self) -> XskKernelStats {
+        XskKernelStats::of(&self.user)
     }
 }
 
