@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
@@ -207,6 +208,8 @@ pub struct PostedBuffers {
     by_fill: HashMap<u64, Posted>,
     /// Most buffers on the fill ring at once (its size).
     capacity: usize,
+    /// Available chains left on the ring for frames the daemon copies (see `holding_back`).
+    hold_back: u16,
     /// Scratch: used entries of one round, fill addresses to post.
     used: Vec<(u16, u32)>,
     segs: Vec<Segment>,
@@ -219,9 +222,19 @@ impl PostedBuffers {
             file,
             by_fill: HashMap::with_capacity(capacity),
             capacity,
+            hold_back: 0,
             used: Vec::new(),
             segs: Vec::new(),
         }
+    }
+
+    /// Leaves the last `chains` available receive chains on the ring rather than posting
+    /// them: broadcast and multicast frames (ARP, neighbour discovery, DHCP) reach the guest
+    /// through the daemon's packet tap, copied into an avail buffer, and would find none if
+    /// the kernel held them all.
+    pub fn holding_back(mut self, chains: u16) -> Self {
+        self.hold_back = chains;
+        self
     }
 
     /// Buffers on the fill ring.
@@ -246,7 +259,12 @@ impl PostedBuffers {
     ) -> Result<(), QueueError> {
         fill.clear();
         self.used.clear();
-        let room = room.min(self.capacity - self.by_fill.len());
+        let waiting = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_or(0, |idx| idx.0.wrapping_sub(queue.next_avail()));
+        let room = room
+            .min(self.capacity - self.by_fill.len())
+            .min(usize::from(waiting.saturating_sub(self.hold_back)));
         let next_avail = {
             let Some(mut chains) = Chains::open(mem, queue)? else {
                 return Ok(());

@@ -309,3 +309,30 @@ fn buffers_given_back_come_back_unused_and_a_late_completion_writes_nothing() {
     assert_eq!(p.tq.used(0).len(), 3);
     assert_eq!(p.tq.read(BUF_BASE + 0x1000, 2048), vec![0xee; 2048]);
 }
+
+#[test]
+fn chains_held_back_for_copied_frames_stay_on_the_ring_until_more_arrive() {
+    let mem = memory();
+    let bufs: Vec<[Buf; 1]> = (0..7)
+        .map(|i| [Buf(BUF_BASE + 0x1000 * i, 2048, true)])
+        .collect();
+    let mut p = posting(&mem, &[], 16);
+    p.posted = PostedBuffers::new(one_region(), LAYOUT, 16).holding_back(2);
+    for b in &bufs[..5] {
+        p.tq.post(b);
+    }
+    p.post().unwrap();
+    // Two of five stay on the ring, for frames the daemon copies (broadcasts from the tap).
+    assert_eq!((p.fill.len(), p.q.next_avail()), (3, 3));
+    // A copied frame takes one of them; the kernel gets none of the last one.
+    p.q.set_next_avail(4);
+    p.post().unwrap();
+    assert_eq!((p.fill.len(), p.q.next_avail()), (0, 4));
+    // The guest posts two more: one goes to the kernel, two stay.
+    for b in &bufs[5..] {
+        p.tq.post(b);
+    }
+    p.post().unwrap();
+    assert_eq!((p.fill.len(), p.q.next_avail()), (1, 5));
+    assert_eq!(p.posted.len(), 4);
+}
