@@ -391,7 +391,11 @@ pub struct GuestRxSpec<'a> {
 impl GuestRxSocket {
     /// Registers the guest memory file of `spec` and binds a receive socket on it to the NIC
     /// queue of `spec`. `Auto` tries zero-copy, then copy mode, registering afresh for each:
-    /// a failed bind leaves the registration unusable.
+    /// a failed bind leaves the registration unusable (the kernel moved its fill and
+    /// completion rings into the pool it then destroyed). Without `CAP_IPC_LOCK` the first
+    /// registration's pages count against the memlock limit until the kernel's deferred
+    /// release, so on a NIC without zero-copy a tight limit makes `Auto` fail where `Copy`
+    /// would not.
     pub fn open(spec: GuestRxSpec<'_>, choice: XskModeChoice) -> Result<Self, GuestUmemError> {
         let deadline = Instant::now() + BIND_RELEASE_WAIT;
         let (ifname, queue_id) = (spec.ifname, spec.queue_id);
