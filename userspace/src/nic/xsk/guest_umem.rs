@@ -390,9 +390,9 @@ pub struct GuestRxSpec<'a> {
 
 impl GuestRxSocket {
     /// Registers the guest memory file of `spec` and binds a receive socket on it to the NIC
-    /// queue of `spec`. `Auto` tries zero-copy, then copy mode, registering afresh for each:
-    /// a failed bind leaves the registration unusable (the kernel moved its fill and
-    /// completion rings into the pool it then destroyed). Without `CAP_IPC_LOCK` the first
+    /// queue of `spec`. `Auto` tries zero-copy, then copy mode, registering afresh for each
+    /// as `NicQueue` does (a second bind on the socket of a failed one is not relied on).
+    /// Without `CAP_IPC_LOCK` the first
     /// registration's pages count against the memlock limit until the kernel's deferred
     /// release, so on a NIC without zero-copy a tight limit makes `Auto` fail where `Copy`
     /// would not.
