@@ -11,6 +11,9 @@
 //! - [`device`]: the virtio-net device model (features, config space, net header);
 //! - `split_ring`: the avail ring and descriptor walk, used-ring publication;
 //! - [`rx`], [`tx`]: frames into and out of the guest;
+//! - [`zero_copy_rx`]: the guest's receive buffers posted to the kernel, for a port whose guest
+//!   memory is its UMEM; [`zero_copy_tx`]: a guest's frame sent from where it lies, its
+//!   checked headers from a slot of the daemon's own area;
 //! - [`offload`]: checksum and segmentation offloads, checked and done in software;
 //! - [`guest_memory`]: translated, bounds-checked access to guest RAM;
 //! - [`dirty_log`]: the guest memory type, whose regions log the pages written during a
@@ -24,6 +27,8 @@ pub mod offload;
 pub mod rx;
 mod split_ring;
 pub mod tx;
+pub mod zero_copy_rx;
+pub mod zero_copy_tx;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;

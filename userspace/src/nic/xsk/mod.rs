@@ -8,9 +8,14 @@
 //! - `socket.rs`: an [`XskSocket`]: one port's rx and tx rings on a NIC queue, and the frames
 //!   it holds between batches ([`FrameView`] lets other ports read them until the flush).
 //!
+//! - `guest_umem.rs`: a guest's RAM file registered as the UMEM of a port with a NIC queue of
+//!   its own ([`guest_umem::GuestUmem`]), so received frames land in the guest's buffers, and
+//!   its receive socket on that queue ([`guest_umem::GuestRxSocket`]).
+//!
 //! This file holds what those share: modes, errors, sizes, kernel counters. Outside the
 //! daemon, the benchmark's AF_XDP generator maps its UMEM with [`UmemArea`] too.
 
+pub mod guest_umem;
 mod multi_buffer;
 mod queue;
 mod socket;
@@ -121,6 +126,22 @@ pub struct XskKernelStats {
     pub rx_fill_ring_empty: u64,
     pub rx_invalid_descs: u64,
     pub tx_invalid_descs: u64,
+}
+
+impl XskKernelStats {
+    /// The counters of `user`'s socket (zero if the kernel does not tell).
+    fn of(user: &xdpilone::User) -> Self {
+        match user.statistics_v2() {
+            Ok(s) => XskKernelStats {
+                rx_dropped: s.rx_dropped,
+                rx_ring_full: s.rx_ring_full,
+                rx_fill_ring_empty: s.rx_fill_ring_empty_descs,
+                rx_invalid_descs: s.rx_invalid_descs,
+                tx_invalid_descs: s.tx_invalid_descs,
+            },
+            Err(_) => XskKernelStats::default(),
+        }
+    }
 }
 
 /// The `io::Error` for an errno xdpilone reports (it may carry it negated).

@@ -343,16 +343,7 @@ impl XskSocket {
     }
 
     pub fn kernel_stats(&self) -> XskKernelStats {
-        match self.user.statistics_v2() {
-            Ok(s) => XskKernelStats {
-                rx_dropped: s.rx_dropped,
-                rx_ring_full: s.rx_ring_full,
-                rx_fill_ring_empty: s.rx_fill_ring_empty_descs,
-                rx_invalid_descs: s.rx_invalid_descs,
-                tx_invalid_descs: s.tx_invalid_descs,
-            },
-            Err(_) => XskKernelStats::default(),
-        }
+        XskKernelStats::of(&self.user)
     }
 
     /// The first `len` bytes of the buffer `next_buffer` returned last.

@@ -1,0 +1,367 @@
+//! Receive into the guest's own buffers: the guest's RAM file is the AF_XDP UMEM of a port
+//! with a NIC queue of its own, its receive buffers go on the fill ring ahead of traffic, and
+//! the kernel (or a zero-copy NIC) writes each frame straight into one. The daemon writes only
+//! the net header in front of it and the used entry.
+//!
+//! A buffer at guest address `g`, at file offset `f`, is posted as fill address
+//! `f + 12 - data_offset`, where `data_offset` is where the kernel puts a frame after its fill
+//! address (256 + the UMEM's headroom): the frame then starts at `f + 12`, right after the net
+//! header. The kernel writes nothing in front of the frame and at most `max_frame` bytes of it
+//! (the UMEM's layout makes it drop longer ones), so only a buffer holding `12 + max_frame`
+//! bytes, all in one memory region, is posted. Everything about a buffer is the guest's to
+//! choose and is checked here: a buffer that cannot be posted goes back to the guest at once,
+//! unused (length 0), and is counted; it is never handed to the kernel, which would silently
+//! consume an address it cannot use and never give the buffer back.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::device::{rx_header, VNET_HDR_LEN};
+use super::dirty_log::region_log;
+use super::split_ring::{publish_used, Chains};
+use super::{GuestMemory, GuestMemoryCursor, QueueError, Segment};
+
+/// One guest memory region and where it lies in the guest's RAM file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileRegion {
+    pub guest_addr: u64,
+    pub len: u64,
+    pub file_offset: u64,
+}
+
+/// Why a guest's memory cannot be its port's UMEM: the port keeps the copy path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotOneFile {
+    #[error("guest memory region at {guest_addr:#x} is not backed by a file")]
+    NoFile { guest_addr: u64 },
+    #[error("guest memory comes from {files} files, not one")]
+    SeveralFiles { files: usize },
+    #[error("guest memory region at {guest_addr:#x}: cannot inspect its file: {error}")]
+    Stat { guest_addr: u64, error: String },
+    #[error("guest memory has no regions")]
+    Empty,
+}
+
+/// The guest's RAM as one file: which guest address is at which file offset.
+#[derive(Debug, Clone)]
+pub struct GuestFile {
+    regions: Vec<FileRegion>,
+    file: Option<Arc<File>>,
+    file_len: u64,
+}
+
+impl GuestFile {
+    /// The file behind every region of `mem`, if there is exactly one (QEMU's
+    /// `memory-backend-memfd`, split into regions at different offsets).
+    pub fn of(mem: &GuestMemory) -> Result<Self, NotOneFile> {
+        let mut regions = Vec::new();
+        let mut files: Vec<(u64, u64)> = Vec::new();
+        let mut file = None;
+        let mut file_len = 0;
+        for r in mem.iter() {
+            let guest_addr = r.start_addr().0;
+            let fo = r.file_offset().ok_or(NotOneFile::NoFile { guest_addr })?;
+            let meta = fo.file().metadata().map_err(|e| NotOneFile::Stat {
+                guest_addr,
+                error: e.to_string(),
+            })?;
+            let id = (meta.dev(), meta.ino());
+            if !files.contains(&id) {
+                files.push(id);
+            }
+            file.get_or_insert_with(|| fo.arc().clone());
+            file_len = meta.len();
+            regions.push(FileRegion {
+                guest_addr,
+                len: r.len(),
+                file_offset: fo.start(),
+            });
+        }
+        match files.len() {
+            0 => Err(NotOneFile::Empty),
+            1 => Ok(GuestFile {
+                regions,
+                file,
+                file_len,
+            }),
+            files => Err(NotOneFile::SeveralFiles { files }),
+        }
+    }
+
+    /// A guest file described by its regions alone (no open file), `file_len` bytes long.
+    pub fn from_regions(regions: Vec<FileRegion>, file_len: u64) -> Self {
+        GuestFile {
+            regions,
+            file: None,
+            file_len,
+        }
+    }
+
+    /// The file, to map and register as the UMEM.
+    pub fn file(&self) -> Option<&Arc<File>> {
+        self.file.as_ref()
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The file offset of guest range `[addr, addr + len)`, if it lies in one region and in
+    /// the file.
+    pub fn file_offset(&self, addr: u64, len: u64) -> Option<u64> {
+        let end = addr.checked_add(len)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| addr >= r.guest_addr && end <= r.guest_addr.saturating_add(r.len))?;
+        let offset = r.file_offset.checked_add(addr - r.guest_addr)?;
+        (offset.checked_add(len)? <= self.file_len).then_some(offset)
+    }
+}
+
+/// Where the kernel puts a frame after its fill address, and how long it may be (from the
+/// UMEM's layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillLayout {
+    pub data_offset: u64,
+    pub max_frame: u32,
+}
+
+/// Why a receive buffer was not posted (it went back to the guest unused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unpostable {
+    #[error("receive buffer of {len} bytes cannot hold the net header and the largest frame")]
+    TooSmall { len: u32 },
+    #[error("receive buffer is not inside one region of the guest memory file")]
+    OutsideFile,
+    #[error("receive buffer lies too close to the start of the guest memory file")]
+    BeforeFileStart,
+    #[error("receive buffer is already on the fill ring in another chain")]
+    AlreadyPosted,
+}
+
+/// The fill address for a receive buffer: the frame then lands right after the net header.
+pub fn fill_address(
+    file: &GuestFile,
+    layout: FillLayout,
+    buffer: Segment,
+) -> Result<u64, Unpostable> {
+    let (addr, len) = (buffer.0 .0, buffer.1);
+    let need = VNET_HDR_LEN as u64 + u64::from(layout.max_frame);
+    if u64::from(len) < need {
+        return Err(Unpostable::TooSmall { len });
+    }
+    // Only the part the kernel and the daemon may write needs to be in the file.
+    let offset = file
+        .file_offset(addr, need)
+        .ok_or(Unpostable::OutsideFile)?;
+    (offset + VNET_HDR_LEN as u64)
+        .checked_sub(layout.data_offset)
+        .ok_or(Unpostable::BeforeFileStart)
+}
+
+/// A guest buffer on the fill ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Posted {
+    head: u16,
+    buffer: u64,
+}
+
+/// Counts of one round, added to the port's counters by the caller.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroCopyRxTally {
+    pub posted: u64,
+    pub frames: u64,
+    pub bytes: u64,
+    pub returned_too_small: u64,
+    pub returned_outside_file: u64,
+    pub returned_already_posted: u64,
+    /// Receive descriptors naming no buffer the daemon posted (a kernel fault, not the
+    /// guest's): ignored.
+    pub unknown_completions: u64,
+}
+
+impl ZeroCopyRxTally {
+    fn returned(&mut self, why: Unpostable) {
+        match why {
+            Unpostable::TooSmall { .. } => self.returned_too_small += 1,
+            Unpostable::OutsideFile | Unpostable::BeforeFileStart => {
+                self.returned_outside_file += 1
+            }
+            Unpostable::AlreadyPosted => self.returned_already_posted += 1,
+        }
+    }
+}
+
+/// The guest buffers the kernel holds, by fill address.
+#[derive(Debug)]
+pub struct PostedBuffers {
+    layout: FillLayout,
+    file: GuestFile,
+    by_fill: HashMap<u64, Posted>,
+    /// Most buffers on the fill ring at once (its size).
+    capacity: usize,
+    /// Available chains left on the ring for frames the daemon copies (see `holding_back`).
+    hold_back: u16,
+    /// Scratch: used entries of one round, fill addresses to post.
+    used: Vec<(u16, u32)>,
+    segs: Vec<Segment>,
+}
+
+impl PostedBuffers {
+    pub fn new(file: GuestFile, layout: FillLayout, capacity: usize) -> Self {
+        PostedBuffers {
+            layout,
+            file,
+            by_fill: HashMap::with_capacity(capacity),
+            capacity,
+            hold_back: 0,
+            used: Vec::new(),
+            segs: Vec::new(),
+        }
+    }
+
+    /// Leaves the last `chains` available receive chains on the ring rather than posting
+    /// them: broadcast and multicast frames (ARP, neighbour discovery, DHCP) reach the guest
+    /// through the daemon's packet tap, copied into an avail buffer, and would find none if
+    /// the kernel held them all.
+    pub fn holding_back(mut self, chains: u16) -> Self {
+        self.hold_back = chains;
+        self
+    }
+
+    /// Buffers on the fill ring.
+    pub fn len(&self) -> usize {
+        self.by_fill.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_fill.is_empty()
+    }
+
+    /// Takes the guest's available receive chains, up to the fill ring's free room (and
+    /// `room`, what the caller's fill ring takes now), and puts the fill address of each
+    /// postable one in `fill`. Unpostable chains go back to the guest unused and counted.
+    pub fn post(
+        &mut self,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        room: usize,
+        fill: &mut Vec<u64>,
+        tally: &mut ZeroCopyRxTally,
+    ) -> Result<(), QueueError> {
+        fill.clear();
+        self.used.clear();
+        let waiting = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_or(0, |idx| idx.0.wrapping_sub(queue.next_avail()));
+        let room = room
+            .min(self.capacity - self.by_fill.len())
+            .min(usize::from(waiting.saturating_sub(self.hold_back)));
+        let next_avail = {
+            let Some(mut chains) = Chains::open(mem, queue)? else {
+                return Ok(());
+            };
+            while fill.len() < room {
+                let Some((head, _)) = chains.take(true, &mut self.segs)? else {
+                    break;
+                };
+                // Only the first buffer of a chain is used: it must take a whole frame.
+                let placed = fill_address(&self.file, self.layout, self.segs[0]).and_then(|a| {
+                    if self.by_fill.contains_key(&a) {
+                        Err(Unpostable::AlreadyPosted)
+                    } else {
+                        Ok(a)
+                    }
+                });
+                match placed {
+                    Ok(addr) => {
+                        let buffer = self.segs[0].0 .0;
+                        self.by_fill.insert(addr, Posted { head, buffer });
+                        fill.push(addr);
+                        tally.posted += 1;
+                    }
+                    Err(why) => {
+                        tally.returned(why);
+                        self.used.push((head, 0));
+                    }
+                }
+            }
+            chains.next_avail()
+        };
+        queue.set_next_avail(next_avail);
+        publish_used(mem, queue, &self.used)
+    }
+
+    /// Hands received frames to the guest: `received` holds the kernel's receive descriptors
+    /// as (fill address, data offset from it, length). Writes each frame's net header, marks what the kernel wrote for a
+    /// migration's dirty log, and publishes the used entries once.
+    pub fn complete(
+        &mut self,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        received: impl IntoIterator<Item = (u64, u64, u32)>,
+        tally: &mut ZeroCopyRxTally,
+    ) -> Result<(), QueueError> {
+        self.used.clear();
+        let mut cursor = GuestMemoryCursor::new(mem);
+        let header = rx_header(1);
+        for (fill, offset, len) in received {
+            let posted = (offset == self.layout.data_offset && len <= self.layout.max_frame)
+                .then(|| self.by_fill.remove(&fill))
+                .flatten();
+            let Some(p) = posted else {
+                tally.unknown_completions += 1;
+                continue;
+            };
+            // The buffer was checked when posted: header and frame lie in one region.
+            let source = |source| QueueError::OutOfMemory {
+                head: p.head,
+                source,
+            };
+            cursor
+                .write(GuestAddress(p.buffer), &header)
+                .map_err(source)?;
+            mark_written(mem, p.buffer + VNET_HDR_LEN as u64, len);
+            self.used.push((p.head, VNET_HDR_LEN as u32 + len));
+            tally.frames += 1;
+            tally.bytes += u64::from(len);
+        }
+        publish_used(mem, queue, &self.used)
+    }
+
+    /// Forgets every posted buffer (the socket that held them is closed: the kernel gave them
+    /// up) and returns their heads, to go back to the guest unused if its queue still runs.
+    pub fn forget(&mut self) -> Vec<u16> {
+        self.by_fill.drain().map(|(_, p)| p.head).collect()
+    }
+
+    /// Gives every posted buffer back to the guest unused (length 0), once the socket that
+    /// held them is closed: the ring's next avail index has already moved past them, so a
+    /// frontend reading the ring's base (`GET_VRING_BASE`) would otherwise never see them
+    /// again. A completion for one of them later is an unknown one, never a write. Returns how
+    /// many went back.
+    pub fn give_back(&mut self, mem: &GuestMemory, queue: &mut Queue) -> Result<usize, QueueError> {
+        let used: Vec<(u16, u32)> = self.forget().into_iter().map(|h| (h, 0)).collect();
+        publish_used(mem, queue, &used)?;
+        Ok(used.len())
+    }
+}
+
+/// Marks `[addr, addr + len)` dirty for a migration: the kernel wrote it, not the daemon.
+fn mark_written(mem: &GuestMemory, addr: u64, len: u32) {
+    if let Some(r) = mem.find_region(GuestAddress(addr)) {
+        let offset = addr - r.start_addr().0;
+        region_log(r).mark_dirty(offset as usize, len as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests;

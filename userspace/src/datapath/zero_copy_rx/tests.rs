@@ -1,0 +1,340 @@
+//! Guest receive buffers posted to the kernel and completed, against virtio-queue's mock
+//! queue; the kernel's part (writing a frame after the fill address) is played by the test.
+
+use super::*;
+use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
+use crate::datapath::Malformed;
+
+/// Where the test guest's memory starts in its file (a region at an offset, as QEMU splits
+/// RAM around the PCI hole).
+const FILE_OFFSET: u64 = 0x4000;
+const LAYOUT: FillLayout = FillLayout {
+    data_offset: 256 + 274,
+    max_frame: 1518,
+};
+/// Net header + largest frame: the smallest buffer posted.
+const NEED: u32 = 12 + 1518;
+
+fn one_region() -> GuestFile {
+    GuestFile::from_regions(
+        vec![FileRegion {
+            guest_addr: 0,
+            len: MEM_SIZE as u64,
+            file_offset: FILE_OFFSET,
+        }],
+        FILE_OFFSET + MEM_SIZE as u64,
+    )
+}
+
+/// The device's side after the guest posted `chains` and the daemon posted what it could to a
+/// fill ring of `capacity` entries.
+struct Posting<'m> {
+    tq: TestQueue<'m>,
+    q: Queue,
+    posted: PostedBuffers,
+    fill: Vec<u64>,
+    tally: ZeroCopyRxTally,
+    heads: Vec<u16>,
+}
+
+fn posting<'m>(mem: &'m GuestMemory, chains: &[&[Buf]], capacity: usize) -> Posting<'m> {
+    let mut tq = TestQueue::new(mem);
+    let heads = chains.iter().map(|c| tq.post(c)).collect();
+    let mut p = Posting {
+        q: tq.queue(),
+        tq,
+        posted: PostedBuffers::new(one_region(), LAYOUT, capacity),
+        fill: Vec::new(),
+        tally: ZeroCopyRxTally::default(),
+        heads,
+    };
+    p.post().unwrap();
+    p
+}
+
+impl Posting<'_> {
+    fn post(&mut self) -> Result<(), QueueError> {
+        let mem = self.tq.mem;
+        self.posted
+            .post(mem, &mut self.q, 64, &mut self.fill, &mut self.tally)
+    }
+
+    fn complete(&mut self, received: &[(u64, u64, u32)]) {
+        let mem = self.tq.mem;
+        self.posted
+            .complete(mem, &mut self.q, received.iter().copied(), &mut self.tally)
+            .unwrap();
+    }
+}
+
+fn seg(addr: u64, len: u32) -> Segment {
+    (GuestAddress(addr), len)
+}
+
+#[test]
+fn a_buffer_is_posted_so_that_the_frame_lands_right_after_the_net_header() {
+    let file = one_region();
+    let fill = fill_address(&file, LAYOUT, seg(BUF_BASE, NEED)).unwrap();
+    assert_eq!(fill + LAYOUT.data_offset, FILE_OFFSET + BUF_BASE + 12);
+}
+
+#[test]
+fn buffers_the_kernel_could_overrun_or_that_leave_the_file_are_not_posted() {
+    let file = one_region();
+    let mem_end = MEM_SIZE as u64;
+    for (buffer, want) in [
+        (
+            seg(BUF_BASE, NEED - 1),
+            Unpostable::TooSmall { len: NEED - 1 },
+        ),
+        (seg(BUF_BASE, 0), Unpostable::TooSmall { len: 0 }),
+        (seg(mem_end, NEED), Unpostable::OutsideFile),
+        (seg(mem_end - 100, NEED), Unpostable::OutsideFile),
+        (seg(u64::MAX - 10, NEED), Unpostable::OutsideFile),
+    ] {
+        assert_eq!(fill_address(&file, LAYOUT, buffer), Err(want), "{buffer:?}");
+    }
+    // Memory at the very start of the file: the fill address would be negative.
+    let at_start = GuestFile::from_regions(
+        vec![FileRegion {
+            guest_addr: 0,
+            len: MEM_SIZE as u64,
+            file_offset: 0,
+        }],
+        MEM_SIZE as u64,
+    );
+    assert_eq!(
+        fill_address(&at_start, LAYOUT, seg(0, NEED)),
+        Err(Unpostable::BeforeFileStart)
+    );
+    // A buffer whose tail (past header + largest frame) leaves memory is fine: nobody writes
+    // there.
+    assert!(fill_address(&file, LAYOUT, seg(mem_end - u64::from(NEED), 65535)).is_ok());
+}
+
+#[test]
+fn a_buffer_across_two_regions_is_not_posted_and_each_region_keeps_its_own_offset() {
+    // Two regions of one file at non-adjacent offsets (RAM below and above a hole).
+    let file = GuestFile::from_regions(
+        vec![
+            FileRegion {
+                guest_addr: 0,
+                len: 0x8_0000,
+                file_offset: 0,
+            },
+            FileRegion {
+                guest_addr: 0x8_0000,
+                len: 0x8_0000,
+                file_offset: 0x20_0000,
+            },
+        ],
+        0x28_0000,
+    );
+    assert_eq!(
+        fill_address(&file, LAYOUT, seg(0x8_0000 - 100, NEED)),
+        Err(Unpostable::OutsideFile)
+    );
+    let fill = fill_address(&file, LAYOUT, seg(0x9_0000, NEED)).unwrap();
+    assert_eq!(fill + LAYOUT.data_offset, 0x21_0000 + 12);
+    // A region whose file offset runs past the file's end.
+    let short = GuestFile::from_regions(
+        vec![FileRegion {
+            guest_addr: 0,
+            len: 0x10_0000,
+            file_offset: 0x1000,
+        }],
+        0x8_0000,
+    );
+    assert_eq!(
+        fill_address(&short, LAYOUT, seg(0x9_0000, NEED)),
+        Err(Unpostable::OutsideFile)
+    );
+}
+
+#[test]
+fn unpostable_chains_go_back_unused_and_counted_and_good_ones_go_to_the_fill_ring() {
+    let mem = memory();
+    let p = posting(
+        &mem,
+        &[
+            &[Buf(BUF_BASE, 2048, true)],
+            &[Buf(BUF_BASE + 0x1000, 64, true)],
+            &[Buf(MEM_SIZE as u64 + 0x1000, 2048, true)],
+            // The same buffer again, while the kernel holds it.
+            &[Buf(BUF_BASE, 2048, true)],
+            // A chain: only its first buffer counts, and it is large enough.
+            &[Buf(BUF_BASE + 0x2000, 2048, true), Buf(BUF_BASE, 8, true)],
+        ],
+        16,
+    );
+    let expect = |addr: u64| FILE_OFFSET + addr + 12 - LAYOUT.data_offset;
+    assert_eq!(p.fill, vec![expect(BUF_BASE), expect(BUF_BASE + 0x2000)]);
+    let returned: Vec<_> = [1, 2, 3]
+        .iter()
+        .map(|&i| (u32::from(p.heads[i]), 0))
+        .collect();
+    assert_eq!(p.tq.used(0), returned);
+    let t = p.tally;
+    assert_eq!(
+        (
+            t.posted,
+            t.returned_too_small,
+            t.returned_outside_file,
+            t.returned_already_posted
+        ),
+        (2, 1, 1, 1)
+    );
+    assert_eq!(p.posted.len(), 2);
+}
+
+#[test]
+fn a_chain_with_a_readable_buffer_breaks_the_queue() {
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16);
+    p.tq.post(&[Buf(BUF_BASE, 2048, false)]);
+    let e = p.post().unwrap_err();
+    assert!(matches!(
+        e,
+        QueueError::Malformed {
+            why: Malformed::ReadableInReceiveChain,
+            ..
+        }
+    ));
+    assert!(p.fill.is_empty() && p.posted.is_empty());
+}
+
+#[test]
+fn no_more_buffers_than_the_fill_ring_holds_are_taken() {
+    let mem = memory();
+    let bufs: Vec<[Buf; 1]> = (0..3)
+        .map(|i| [Buf(BUF_BASE + 0x1000 * i, 2048, true)])
+        .collect();
+    let chains: Vec<&[Buf]> = bufs.iter().map(|b| &b[..]).collect();
+    let mut p = posting(&mem, &chains, 2);
+    assert_eq!(p.fill.len(), 2);
+    p.post().unwrap();
+    assert!(p.fill.is_empty());
+    let first = FILE_OFFSET + BUF_BASE + 12 - LAYOUT.data_offset;
+    p.complete(&[(first, LAYOUT.data_offset, 60)]);
+    // The caller's fill ring has no room.
+    p.posted
+        .post(p.tq.mem, &mut p.q, 0, &mut p.fill, &mut p.tally)
+        .unwrap();
+    assert!(p.fill.is_empty());
+    p.post().unwrap();
+    assert_eq!(p.fill, vec![first + 0x2000]);
+    assert!(p.tq.used(0).iter().all(|&(_, len)| len != 0));
+}
+
+#[test]
+fn a_completed_frame_gets_its_net_header_and_used_entry_and_nothing_else_is_written() {
+    let mem = memory();
+    // What the guest's buffer held before: none of it may change beyond header and frame.
+    TestQueue::new(&mem).write(BUF_BASE, &[0xee; 2048]);
+    let mut p = posting(&mem, &[&[Buf(BUF_BASE, 2048, true)]], 16);
+    // The kernel writes the frame at fill + data_offset, i.e. buffer + 12.
+    let frame: Vec<u8> = (0..100u8).collect();
+    p.tq.write(BUF_BASE + 12, &frame);
+    p.complete(&[(p.fill[0], LAYOUT.data_offset, 100)]);
+    assert_eq!(p.tq.used(0), vec![(u32::from(p.heads[0]), 112)]);
+    assert_eq!(p.tq.read(BUF_BASE, 12), rx_header(1));
+    assert_eq!(p.tq.read(BUF_BASE + 12, 100), frame);
+    assert_eq!(
+        p.tq.read(BUF_BASE + 112, 2048 - 112),
+        vec![0xee; 2048 - 112]
+    );
+    assert_eq!((p.tally.frames, p.tally.bytes), (1, 100));
+    assert!(p.posted.is_empty());
+}
+
+#[test]
+fn completions_that_name_no_posted_buffer_are_counted_and_ignored() {
+    let mem = memory();
+    let mut p = posting(&mem, &[&[Buf(BUF_BASE, 2048, true)]], 16);
+    let (fill, off) = (p.fill[0], LAYOUT.data_offset);
+    p.complete(&[
+        (fill + 1, off, 60),
+        (fill, off + 1, 60),
+        (fill, off, LAYOUT.max_frame + 1),
+    ]);
+    assert_eq!(p.tally.unknown_completions, 3);
+    assert!(p.tq.used(0).is_empty());
+    // The buffer is still posted: the real completion finds it, once.
+    p.complete(&[(fill, off, 60), (fill, off, 60)]);
+    assert_eq!((p.tally.frames, p.tally.unknown_completions), (1, 4));
+    assert_eq!(p.tq.used(0).len(), 1);
+}
+
+#[test]
+fn forgetting_returns_every_posted_head() {
+    let mem = memory();
+    let mut p = posting(
+        &mem,
+        &[
+            &[Buf(BUF_BASE, 2048, true)],
+            &[Buf(BUF_BASE + 0x1000, 2048, true)],
+        ],
+        16,
+    );
+    let mut heads = p.posted.forget();
+    heads.sort();
+    assert_eq!(heads, p.heads);
+    assert!(p.posted.is_empty());
+}
+
+#[test]
+fn buffers_given_back_come_back_unused_and_a_late_completion_writes_nothing() {
+    let mem = memory();
+    TestQueue::new(&mem).write(BUF_BASE + 0x1000, &[0xee; 2048]);
+    let mut p = posting(
+        &mem,
+        &[
+            &[Buf(BUF_BASE, 2048, true)],
+            &[Buf(BUF_BASE + 0x1000, 2048, true)],
+            &[Buf(BUF_BASE + 0x2000, 2048, true)],
+        ],
+        16,
+    );
+    p.complete(&[(p.fill[0], LAYOUT.data_offset, 60)]);
+    // As at GET_VRING_BASE: the library marks the queue not ready before the device stops it.
+    p.q.set_ready(false);
+    let mem_ref = p.tq.mem;
+    assert_eq!(p.posted.give_back(mem_ref, &mut p.q).unwrap(), 2);
+    let mut used = p.tq.used(0);
+    used[1..].sort();
+    let h: Vec<u32> = p.heads.iter().map(|&h| u32::from(h)).collect();
+    assert_eq!(used, vec![(h[0], 72), (h[1], 0), (h[2], 0)]);
+    assert!(p.posted.is_empty());
+    // The kernel naming a given-back buffer afterwards changes nothing in it or the ring.
+    p.complete(&[(p.fill[1], LAYOUT.data_offset, 60)]);
+    assert_eq!(p.tally.unknown_completions, 1);
+    assert_eq!(p.tq.used(0).len(), 3);
+    assert_eq!(p.tq.read(BUF_BASE + 0x1000, 2048), vec![0xee; 2048]);
+}
+
+#[test]
+fn chains_held_back_for_copied_frames_stay_on_the_ring_until_more_arrive() {
+    let mem = memory();
+    let bufs: Vec<[Buf; 1]> = (0..7)
+        .map(|i| [Buf(BUF_BASE + 0x1000 * i, 2048, true)])
+        .collect();
+    let mut p = posting(&mem, &[], 16);
+    p.posted = PostedBuffers::new(one_region(), LAYOUT, 16).holding_back(2);
+    for b in &bufs[..5] {
+        p.tq.post(b);
+    }
+    p.post().unwrap();
+    // Two of five stay on the ring, for frames the daemon copies (broadcasts from the tap).
+    assert_eq!((p.fill.len(), p.q.next_avail()), (3, 3));
+    // A copied frame takes one of them; the kernel gets none of the last one.
+    p.q.set_next_avail(4);
+    p.post().unwrap();
+    assert_eq!((p.fill.len(), p.q.next_avail()), (0, 4));
+    // The guest posts two more: one goes to the kernel, two stay.
+    for b in &bufs[5..] {
+        p.tq.post(b);
+    }
+    p.post().unwrap();
+    assert_eq!((p.fill.len(), p.q.next_avail()), (1, 5));
+    assert_eq!(p.posted.len(), 4);
+}

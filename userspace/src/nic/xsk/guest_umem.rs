@@ -1,0 +1,542 @@
+//! A guest's RAM file as an AF_XDP UMEM: the kernel copies (or a zero-copy NIC DMAs) a
+//! received frame straight into the guest's receive buffer, and sends a guest's frame from
+//! where it lies.
+//!
+//! The file (QEMU's `memory-backend-memfd`) is mapped once, shared and contiguously, so a UMEM
+//! address is a file offset. The UMEM is registered in unaligned chunk mode
+//! (`XDP_UMEM_UNALIGNED_CHUNK_FLAG`): a fill-ring address may be any offset, and the kernel
+//! puts a received frame at that address + [`XDP_PACKET_HEADROOM`] + the UMEM's headroom
+//! (`xp_init_xskb_addr` and `xp_alloc` in the kernel's `net/xdp/xsk_buff_pool.c`). It refuses a
+//! fill address whose chunk (`chunk_size` bytes from the address) runs past the UMEM
+//! (`xp_check_unaligned`), and in copy mode drops a frame longer than
+//! `chunk_size - XDP_PACKET_HEADROOM - headroom` (`__xsk_rcv` in `net/xdp/xsk.c`).
+//!
+//! So the headroom is the knob that bounds what lands in a guest's buffer: [`GuestUmemLayout`]
+//! picks it so that the kernel itself refuses any frame longer than the largest one the port
+//! receives, and a buffer holding `12 + max_frame` bytes can never be overrun. Pinning is the
+//! price: registration pins every page of the file (`pin_user_pages(FOLL_LONGTERM)`), counted
+//! against `RLIMIT_MEMLOCK` of the registering user unless it has `CAP_IPC_LOCK`
+//! (`xdp_umem_account_pages` in `net/xdp/xdp_umem.c`).
+
+use std::io;
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, UmemConfig, User};
+
+use super::{setup_error, XskError, XskKernelStats, XskMode, XskModeChoice};
+
+/// What the kernel leaves in front of every received frame (`XDP_PACKET_HEADROOM`).
+pub const XDP_PACKET_HEADROOM: u32 = 256;
+/// The smallest chunk the kernel registers (`XDP_UMEM_MIN_CHUNK_SIZE`).
+pub const MIN_CHUNK_SIZE: u32 = 2048;
+/// `XDP_UMEM_UNALIGNED_CHUNK_FLAG`: fill and tx addresses may be any offset in the UMEM.
+pub const XDP_UMEM_UNALIGNED_CHUNK_FLAG: u32 = 1;
+/// In unaligned mode the kernel hands a received frame back as the fill address in the low 48
+/// bits and the data's offset from it in the high 16 (`xp_get_handle`,
+/// `XSK_UNALIGNED_BUF_OFFSET_SHIFT`).
+pub const UNALIGNED_OFFSET_SHIFT: u32 = 48;
+
+/// Why a guest's RAM cannot be its port's UMEM (the port then keeps the copy path).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestUmemError {
+    #[error("a {max_frame}-byte frame does not fit one UMEM chunk of at most {max_chunk} bytes")]
+    FrameTooLarge { max_frame: u32, max_chunk: u32 },
+    #[error("guest memory of {len} bytes is empty or not whole pages")]
+    Size { len: u64 },
+    #[error("cannot map {len} bytes of guest memory: {source}")]
+    Map { len: u64, source: io::Error },
+    #[error(
+        "cannot pin {len} bytes of guest memory as a UMEM: the locked-memory limit of the \
+         daemon's user is too small (raise LimitMEMLOCK/ulimit -l, or keep CAP_IPC_LOCK)"
+    )]
+    Memlock { len: u64 },
+    #[error("guest memory UMEM registration ({len} bytes): {source}")]
+    Register { len: u64, source: io::Error },
+    #[error(transparent)]
+    Socket(#[from] XskError),
+}
+
+/// Where the kernel puts received frames in a guest-memory UMEM, and how long they may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestUmemLayout {
+    /// The UMEM's chunk size: how far past a fill address the kernel may reach.
+    pub chunk_size: u32,
+    /// The UMEM's own headroom, on top of [`XDP_PACKET_HEADROOM`].
+    pub headroom: u32,
+}
+
+impl GuestUmemLayout {
+    /// The layout whose kernel receive limit is exactly `max_frame` bytes: the smallest chunk
+    /// that holds the kernel's headroom and the frame, the rest of it UMEM headroom.
+    pub fn for_max_frame(max_frame: u32) -> Result<Self, GuestUmemError> {
+        let page = page_size();
+        let need = max_frame
+            .checked_add(XDP_PACKET_HEADROOM)
+            .filter(|&n| n <= page && max_frame > 0)
+            .ok_or(GuestUmemError::FrameTooLarge {
+                max_frame,
+                max_chunk: page,
+            })?;
+        let chunk_size = need.max(MIN_CHUNK_SIZE);
+        Ok(GuestUmemLayout {
+            chunk_size,
+            headroom: chunk_size - need,
+        })
+    }
+
+    /// How far after its fill address a received frame starts.
+    pub fn data_offset(&self) -> u32 {
+        XDP_PACKET_HEADROOM + self.headroom
+    }
+
+    /// The longest frame the kernel puts into one chunk (longer ones it drops, in copy mode,
+    /// or splits over several chunks with multi-buffer).
+    pub fn max_frame(&self) -> u32 {
+        self.chunk_size - self.data_offset()
+    }
+}
+
+/// The address a received frame's descriptor names split into (fill address, data offset),
+/// as the kernel encodes it in unaligned mode.
+pub fn split_rx_addr(addr: u64) -> (u64, u64) {
+    let mask = (1u64 << UNALIGNED_OFFSET_SHIFT) - 1;
+    (addr & mask, addr >> UNALIGNED_OFFSET_SHIFT)
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(n).unwrap_or(4096)
+}
+
+/// A shared mapping of a whole guest-memory file, followed directly by an anonymous area the
+/// daemon owns (possibly empty); unmapped on drop.
+///
+/// The two are one contiguous range of addresses, so they register as one UMEM: file offsets
+/// are UMEM addresses, and the daemon's area starts at the file's length. A frame the guest
+/// sends can then go out as two pieces (multi-buffer): its Ethernet header from the daemon's
+/// area, where the daemon checked it and the guest cannot change it, and the rest from where
+/// it lies in guest memory.
+struct GuestMapping {
+    ptr: NonNull<u8>,
+    /// Bytes of the file mapped, then of the daemon's area.
+    file_len: usize,
+    own_len: usize,
+}
+
+impl GuestMapping {
+    fn new(fd: BorrowedFd<'_>, len: u64, own_len: usize) -> Result<Self, GuestUmemError> {
+        let page = page_size() as usize;
+        let file_len = usize::try_from(len)
+            .ok()
+            .filter(|&b| b > 0 && b % page == 0)
+            .ok_or(GuestUmemError::Size { len })?;
+        let own_len = own_len.div_ceil(page) * page;
+        let map_err = |source| GuestUmemError::Map { len, source };
+        // A hugetlb file maps only at its huge page size's alignment (its st_blksize).
+        let align = file_block_size(fd).map_err(map_err)?.max(page);
+        let total = file_len
+            .checked_add(own_len)
+            .and_then(|t| t.checked_add(align))
+            .ok_or(GuestUmemError::Size { len })?;
+        // SAFETY: a fresh inaccessible reservation; no existing memory is affected.
+        let reserved = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserved == libc::MAP_FAILED {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        let base = reserved as usize;
+        let start = base.div_ceil(align) * align;
+        let end = start + file_len + own_len;
+        // SAFETY: gives back the parts of the reservation before `start` and after `end`,
+        // which nothing uses.
+        unsafe {
+            if start > base {
+                libc::munmap(reserved, start - base);
+            }
+            if base + total > end {
+                libc::munmap(end as *mut libc::c_void, base + total - end);
+            }
+        }
+        // From here on, dropping `mapping` unmaps exactly [start, end).
+        let mapping = GuestMapping {
+            ptr: NonNull::new(start as *mut u8).expect("inside a successful mapping"),
+            file_len,
+            own_len,
+        };
+        // SAFETY: replaces the start of our own reservation with a shared mapping of the
+        // caller's file. The guest (another process) writes the same pages: this mapping is
+        // only reached through volatile copies (`read`/`write`), never as a Rust reference.
+        let file_map = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                file_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if file_map == libc::MAP_FAILED {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        if own_len > 0 {
+            // SAFETY: replaces the rest of our own reservation with private anonymous memory.
+            let own = unsafe {
+                libc::mmap(
+                    (start + file_len) as *mut libc::c_void,
+                    own_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_POPULATE,
+                    -1,
+                    0,
+                )
+            };
+            if own == libc::MAP_FAILED {
+                return Err(map_err(io::Error::last_os_error()));
+            }
+        }
+        Ok(mapping)
+    }
+
+    fn len(&self) -> usize {
+        self.file_len + self.own_len
+    }
+
+    /// `[offset, offset + len)` as a raw range of the mapping, if it lies inside.
+    fn range(&self, offset: u64, len: usize) -> Option<*mut u8> {
+        let start = usize::try_from(offset).ok()?;
+        (start.checked_add(len)? <= self.len()).then(|| {
+            // SAFETY: `start + len` is within the mapping (checked above).
+            unsafe { self.ptr.as_ptr().add(start) }
+        })
+    }
+}
+
+/// The file's block size: the huge page size for hugetlbfs, a small page otherwise.
+fn file_block_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    // SAFETY: fstat into a zeroed stat, which is a valid starting value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a live descriptor and `st` a live stat buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(st.st_blksize).unwrap_or(0))
+}
+
+impl Drop for GuestMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the range `new` kept; the registration that pinned its pages
+        // is dropped first (`GuestUmem`'s field order), and pinned pages outlive the mapping
+        // in the kernel anyway.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len()) };
+    }
+}
+
+/// A guest's RAM file registered as an AF_XDP UMEM.
+pub struct GuestUmem {
+    // Field order is drop order: the registration goes before the memory it names.
+    xdp: xdpilone::Umem,
+    mapping: GuestMapping,
+    layout: GuestUmemLayout,
+}
+
+// SAFETY: the mapping is shared memory that the guest writes anyway; this type reaches it only
+// through bounds-checked volatile copies, which are sound from any thread. xdpilone's `Umem`
+// is not Send/Sync only because it keeps the area's pointer, which it never dereferences.
+unsafe impl Send for GuestUmem {}
+// SAFETY: as above; every method takes `&self` and touches no Rust-visible state.
+unsafe impl Sync for GuestUmem {}
+
+impl GuestUmem {
+    /// Maps the `len` bytes of guest memory file `fd` once and registers them as a UMEM with
+    /// `layout` and fill/completion rings of `fill_size`/`complete_size` entries.
+    pub fn register(
+        fd: BorrowedFd<'_>,
+        len: u64,
+        layout: GuestUmemLayout,
+        fill_size: u32,
+        complete_size: u32,
+    ) -> Result<Self, GuestUmemError> {
+        Self::register_with_own_area(fd, len, 0, layout, fill_size, complete_size)
+    }
+
+    /// [`GuestUmem::register`] with `own_len` bytes (rounded up to pages) of daemon-owned
+    /// memory right after the file in the same UMEM, from UMEM address `len` on.
+    pub fn register_with_own_area(
+        fd: BorrowedFd<'_>,
+        len: u64,
+        own_len: usize,
+        layout: GuestUmemLayout,
+        fill_size: u32,
+        complete_size: u32,
+    ) -> Result<Self, GuestUmemError> {
+        let mapping = GuestMapping::new(fd, len, own_len)?;
+        let len = mapping.len() as u64;
+        let config = UmemConfig {
+            fill_size,
+            complete_size,
+            frame_size: layout.chunk_size,
+            headroom: layout.headroom,
+            flags: XDP_UMEM_UNALIGNED_CHUNK_FLAG,
+        };
+        let area = NonNull::slice_from_raw_parts(mapping.ptr, mapping.len());
+        // SAFETY: the area is a page-aligned mapping of `mapping.len()` bytes that outlives the
+        // registration (`GuestUmem` owns both and drops `xdp` first).
+        let xdp = unsafe { xdpilone::Umem::new(config, area) }.map_err(|e| {
+            let source = super::errno(e);
+            match source.raw_os_error() {
+                // `xdp_umem_account_pages`: over RLIMIT_MEMLOCK without CAP_IPC_LOCK.
+                Some(libc::ENOBUFS) => GuestUmemError::Memlock { len },
+                _ => GuestUmemError::Register { len, source },
+            }
+        })?;
+        Ok(GuestUmem {
+            xdp,
+            mapping,
+            layout,
+        })
+    }
+
+    pub fn layout(&self) -> GuestUmemLayout {
+        self.layout
+    }
+
+    /// Bytes registered: the guest memory file, then the daemon's own area.
+    pub fn len(&self) -> u64 {
+        self.mapping.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapping.len() == 0
+    }
+
+    /// The UMEM addresses of the daemon's own area (empty without one).
+    pub fn own_area(&self) -> std::ops::Range<u64> {
+        self.mapping.file_len as u64..self.mapping.len() as u64
+    }
+
+    /// The registration, to make and bind sockets with.
+    pub fn xdp(&self) -> &xdpilone::Umem {
+        &self.xdp
+    }
+
+    /// A copy of `out.len()` bytes at file offset `offset`; `None` (nothing read) if the range
+    /// leaves the file.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Option<()> {
+        let src = self.mapping.range(offset, out.len())?;
+        // SAFETY: `src..src + out.len()` is inside the live mapping (`range`); `out` is host
+        // memory, so they do not overlap. The guest may write these bytes meanwhile: a copy
+        // reads some mix of old and new bytes, which callers treat as guest-controlled data.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+        Some(())
+    }
+
+    /// Writes `data` at file offset `offset`; `None` (nothing written) if the range leaves the
+    /// file.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Option<()> {
+        let dst = self.mapping.range(offset, data.len())?;
+        // SAFETY: as in `read`, with the roles swapped.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Some(())
+    }
+}
+
+/// How long a bind refused with `EBUSY` is retried: the kernel frees a NIC queue's UMEM slot
+/// in deferred work after the previous socket on it closed (a reconnect, a ring restart).
+const BIND_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// The receive socket of a guest-memory UMEM on one NIC queue, with the UMEM's fill ring.
+///
+/// A UMEM's first socket is the one it was registered on (the kernel binds further sockets
+/// to a UMEM only through a bound first one), so this type owns the registration: dropping it
+/// closes the socket and the registration together, and from then on the kernel writes
+/// nothing into buffers left on the fill ring (`tests/tests/guest_umem_kernel.rs`). A ring
+/// stop must drop it before the guest reuses those buffers.
+pub struct GuestRxSocket {
+    // Field order is drop order: rings and socket before the registration.
+    device: DeviceQueue,
+    rx: RingRx,
+    user: User,
+    umem: GuestUmem,
+    mode: XskMode,
+    queue_id: u32,
+}
+
+/// Where a [`GuestRxSocket`] goes and what it registers.
+#[derive(Clone, Copy)]
+pub struct GuestRxSpec<'a> {
+    /// The guest memory file and its length.
+    pub file: BorrowedFd<'a>,
+    pub len: u64,
+    pub layout: GuestUmemLayout,
+    pub ifname: &'a str,
+    pub ifindex: u32,
+    pub queue_id: u32,
+    /// Entries of the fill and rx rings (a power of two).
+    pub ring_size: u32,
+}
+
+impl GuestRxSocket {
+    /// Registers the guest memory file of `spec` and binds a receive socket on it to the NIC
+    /// queue of `spec`. `Auto` tries zero-copy, then copy mode, registering afresh for each
+    /// as `NicQueue` does (a second bind on the socket of a failed one is not relied on).
+    /// Without `CAP_IPC_LOCK` the first
+    /// registration's pages count against the memlock limit until the kernel's deferred
+    /// release, so on a NIC without zero-copy a tight limit makes `Auto` fail where `Copy`
+    /// would not.
+    pub fn open(spec: GuestRxSpec<'_>, choice: XskModeChoice) -> Result<Self, GuestUmemError> {
+        let deadline = Instant::now() + BIND_RELEASE_WAIT;
+        let (ifname, queue_id) = (spec.ifname, spec.queue_id);
+        loop {
+            let attempt = match choice {
+                XskModeChoice::Copy => Self::open_mode(spec, XskMode::Copy),
+                XskModeChoice::ZeroCopy => Self::open_mode(spec, XskMode::ZeroCopy),
+                XskModeChoice::Auto => Self::open_mode(spec, XskMode::ZeroCopy).or_else(|zc_err| {
+                    tracing::debug!(%ifname, queue_id, error = %zc_err, "zero-copy AF_XDP not available for guest memory; using copy mode");
+                    Self::open_mode(spec, XskMode::Copy)
+                }),
+            };
+            match attempt {
+                Err(GuestUmemError::Socket(XskError::Setup { ref source, .. }))
+                    if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_mode(spec: GuestRxSpec<'_>, mode: XskMode) -> Result<Self, GuestUmemError> {
+        let fail = setup_error(spec.ifname, spec.queue_id);
+        let ring_size = spec.ring_size;
+        let umem = GuestUmem::register(spec.file, spec.len, spec.layout, ring_size, ring_size)?;
+        let mut info = IfInfo::invalid();
+        info.from_ifindex(spec.ifindex)
+            .map_err(fail("interface lookup"))?;
+        info.set_queue(spec.queue_id);
+        let sock = Socket::with_shared(&info, umem.xdp()).map_err(fail("socket"))?;
+        let device = umem
+            .xdp()
+            .fq_cq(&sock)
+            .map_err(fail("fill/completion rings"))?;
+        let mode_flag = match mode {
+            XskMode::ZeroCopy => SocketConfig::XDP_BIND_ZEROCOPY,
+            XskMode::Copy => SocketConfig::XDP_BIND_COPY,
+        };
+        let user = umem
+            .xdp()
+            .rx_tx(
+                &sock,
+                &SocketConfig {
+                    rx_size: NonZeroU32::new(ring_size),
+                    tx_size: None,
+                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode_flag,
+                },
+            )
+            .map_err(fail("rx ring"))?;
+        let rx = user.map_rx().map_err(fail("rx ring mapping"))?;
+        umem.xdp().bind(&user).map_err(fail(match mode {
+            XskMode::ZeroCopy => "zero-copy bind",
+            XskMode::Copy => "copy-mode bind",
+        }))?;
+        Ok(GuestRxSocket {
+            device,
+            rx,
+            user,
+            umem,
+            mode,
+            queue_id: spec.queue_id,
+        })
+    }
+
+    /// The socket, for the XSKMAP and the worker's epoll set.
+    pub fn fd(&self) -> RawFd {
+        self.user.as_raw_fd()
+    }
+
+    pub fn mode(&self) -> XskMode {
+        self.mode
+    }
+
+    pub fn queue_id(&self) -> u32 {
+        self.queue_id
+    }
+
+    pub fn umem(&self) -> &GuestUmem {
+        &self.umem
+    }
+
+    /// Free entries on the fill ring now.
+    pub fn fill_room(&mut self) -> usize {
+        self.device.fill(u32::MAX).capacity() as usize
+    }
+
+    /// Puts `addrs` on the fill ring, as many as it takes (all of them when no more than
+    /// [`GuestRxSocket::fill_room`]); returns how many.
+    pub fn fill(&mut self, addrs: &[u64]) -> usize {
+        let n = {
+            let mut w = self.device.fill(addrs.len() as u32);
+            let n = w.insert(addrs.iter().copied());
+            w.commit();
+            n
+        };
+        if self.device.needs_wakeup() {
+            self.device.wake();
+        }
+        n as usize
+    }
+
+    /// Appends up to `max` received frames to `out` as (fill address, data offset from it,
+    /// length), and gives their rx ring entries back to the kernel.
+    pub fn receive(&mut self, max: u32, out: &mut Vec<(u64, u64, u32)>) {
+        let mut r = self.rx.receive(max);
+        while let Some(d) = r.read() {
+            let (fill, offset) = split_rx_addr(d.addr);
+            out.push((fill, offset, d.len));
+        }
+        r.release();
+    }
+
+    pub fn kernel_stats(&self) -> XskKernelStats {
+        XskKernelStats::of(&self.user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_makes_the_kernel_limit_exactly_the_largest_frame() {
+        for max_frame in [60, 1514, 1518, 1792, 2000, 3840] {
+            let l = GuestUmemLayout::for_max_frame(max_frame).unwrap();
+            assert_eq!(l.max_frame(), max_frame, "{l:?}");
+            assert_eq!(l.chunk_size, (max_frame + 256).max(MIN_CHUNK_SIZE));
+            assert_eq!(l.data_offset(), 256 + l.headroom);
+        }
+        // One chunk holds at most a small page: larger frames keep the copy path.
+        assert!(GuestUmemLayout::for_max_frame(page_size() - 255).is_err());
+        assert!(GuestUmemLayout::for_max_frame(9018).is_err());
+        assert!(GuestUmemLayout::for_max_frame(0).is_err());
+        assert!(GuestUmemLayout::for_max_frame(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn a_received_address_splits_into_fill_address_and_data_offset() {
+        assert_eq!(split_rx_addr(0x212_0000_0000_2d8d), (0x2d8d, 0x212));
+        assert_eq!(split_rx_addr(0x1000), (0x1000, 0));
+    }
+}
