@@ -254,6 +254,12 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     }
     let ctl_listener = crate::control::bind(&config.ctl, config.ctl_group.as_deref())
         .map_err(RuntimeError::ControlPlane)?;
+    // bind() has found the group: its members are served too.
+    let ctl_gid = config
+        .ctl_group
+        .as_deref()
+        .map(privilege::group_id)
+        .transpose()?;
 
     let (steering, logger) = Steering::attach(xdp_object, &config.iface, config.xdp_mode)?;
     let queues = (0..rx_queues)
@@ -308,7 +314,7 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         let mut term = signal(SignalKind::terminate()).map_err(RuntimeError::ControlPlane)?;
         let mut int = signal(SignalKind::interrupt()).map_err(RuntimeError::ControlPlane)?;
         tokio::spawn(pump_xdp_logs(logger));
-        tokio::spawn(crate::control::serve(ctl_listener, daemon.clone()));
+        tokio::spawn(crate::control::serve(ctl_listener, ctl_gid, daemon.clone()));
         if let Some(addr) = config.metrics {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
