@@ -7,6 +7,8 @@
 //!   own split-queue driver;
 //! - [`guest`]: a real Linux guest under QEMU;
 //! - [`libvirt`]: libvirtd and `virsh` driving a guest as operators run one;
+//! - [`systemd`]: a live systemd (the host's root booted as a throw-away container) for the
+//!   packaged unit;
 //! - [`bench`], [`bench_run`], [`bench_tcp`]: the benchmark's generator, packet scenarios and
 //!   guest TCP streams;
 //! - [`frames`]: Ethernet, ARP and IPv4 frames to send and check;
@@ -34,6 +36,7 @@ pub mod proc_figures;
 pub mod raw_vhost;
 pub mod soak;
 pub mod sockopts;
+pub mod systemd;
 pub mod wire;
 
 use std::path::PathBuf;

@@ -2,12 +2,14 @@
 //! [`Response`] line (the wire form is described in [`crate::api`]), carried out on the
 //! [`Daemon`]; and [`request`], the client side `xvdpa ctl` and `xvdpa stats` use.
 //!
-//! The socket is created mode 0600 and every connection's peer must be root or the
-//! daemon's own user. A bad request gets an error reply and the connection stays usable;
+//! The socket is created mode 0600 (0660 in the control group, `--ctl-group`) and every
+//! connection's peer must be root, the daemon's own user or, with a control group, a member
+//! of it. A bad request gets an error reply and the connection stays usable;
 //! nothing a client sends reaches the datapath except through the same checks the command
 //! line uses.
 
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,8 +49,13 @@ pub fn bind(path: &Path, group: Option<&str>) -> io::Result<std::os::unix::net::
     Ok(listener)
 }
 
-/// Accepts control connections until the runtime ends.
-pub async fn serve(listener: std::os::unix::net::UnixListener, daemon: Arc<Daemon>) {
+/// Accepts control connections until the runtime ends; `group` is the control group's id,
+/// whose members are served as root and the daemon's user are.
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    group: Option<u32>,
+    daemon: Arc<Daemon>,
+) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -69,7 +76,13 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, daemon: Arc<Daemo
         };
         let allowed = stream
             .peer_cred()
-            .map(|c| c.uid() == 0 || c.uid() == own_uid)
+            .map(|c| {
+                c.uid() == 0
+                    || c.uid() == own_uid
+                    || group.is_some_and(|g| {
+                        crate::privilege::peer_in_group(stream.as_fd(), c.gid(), g)
+                    })
+            })
             .unwrap_or(false);
         tokio::spawn(connection(stream, allowed, daemon.clone()));
     }
@@ -92,7 +105,7 @@ async fn connection(stream: tokio::net::UnixStream, allowed: bool, daemon: Arc<D
         let too_long = n > MAX_REQUEST;
         let reply = if !allowed {
             Response::error(
-                "permission denied: the control socket serves root and the daemon's user only",
+                "permission denied: the control socket serves root, the daemon's user and the members of its control group only",
             )
         } else if too_long {
             Response::error(format!("request longer than {MAX_REQUEST} bytes"))

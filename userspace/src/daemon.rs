@@ -284,6 +284,19 @@ impl Daemon {
         }
     }
 
+    /// Waits up to `timeout` in all until every port is ready for a frontend or has failed
+    /// trying (a port's thread binds its socket after `add_port` returns). Returns the
+    /// indices of the ports still unsettled then.
+    pub fn wait_ports_settled(&self, timeout: Duration) -> Vec<u32> {
+        let ports: Vec<Arc<Port>> = self.lock_ports().values().map(|s| s.port.clone()).collect();
+        let deadline = Instant::now() + timeout;
+        ports
+            .iter()
+            .filter(|p| !p.wait_settled(deadline.saturating_duration_since(Instant::now())))
+            .map(|p| p.index)
+            .collect()
+    }
+
     /// Stops every port, logs the final counters and detaches XDP.
     pub fn shutdown(&self) {
         let slots: Vec<PortSlot> = std::mem::take(&mut *self.lock_ports())

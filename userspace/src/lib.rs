@@ -20,6 +20,7 @@
 //!   virtqueues, with no kernel, thread or socket in sight;
 //! - [`mac`], [`stats`], [`sync`]: small vocabulary every layer uses;
 //! - [`privilege`]: users, groups and capabilities (`--user`, socket groups);
+//! - [`service_notify`]: telling systemd the daemon is ready (`Type=notify`);
 //! - [`memory_guard`]: the SIGBUS guard over guest memory a frontend shrinks, which the
 //!   backend registers memory with and every layer that reads a ring can consult.
 
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod nic;
 pub mod privilege;
 pub mod runtime;
+pub mod service_notify;
 pub mod stats;
 pub mod stats_table;
 pub mod switch;

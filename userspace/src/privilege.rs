@@ -7,6 +7,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// A capability the running daemon keeps, with why (README lists the same).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +107,16 @@ pub fn group_id(name: &str) -> Result<u32, PrivilegeError> {
 /// what `chown(path, -1, gid)` will check.
 pub fn may_give_group(gid: u32) -> bool {
     Sys::euid() == 0 || Sys::egid() == gid || Sys::supplementary_groups().contains(&gid)
+}
+
+/// Whether the process at the other end of the connected Unix socket `socket` was in group
+/// `gid` when it connected: its effective group (`SO_PEERCRED`) or one of its supplementary
+/// groups (`SO_PEERGROUPS`), the kernel's own record, so the group database is not asked.
+pub fn peer_in_group(socket: BorrowedFd<'_>, peer_gid: u32, gid: u32) -> bool {
+    peer_gid == gid
+        || Sys::peer_groups(socket.as_raw_fd())
+            .map(|groups| groups.contains(&gid))
+            .unwrap_or(false)
 }
 
 /// Refuses early what [`drop_to`] would refuse late: only root can become another user.
@@ -223,6 +234,37 @@ impl Sys {
         let got = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
         groups.truncate(usize::try_from(got).unwrap_or(0));
         groups
+    }
+
+    /// The supplementary groups of a connected Unix socket's peer (`SO_PEERGROUPS`).
+    fn peer_groups(fd: libc::c_int) -> io::Result<Vec<u32>> {
+        const GID: usize = std::mem::size_of::<libc::gid_t>();
+        let mut groups = vec![0 as libc::gid_t; 32];
+        loop {
+            let mut len = libc::socklen_t::try_from(groups.len() * GID).unwrap_or(0);
+            // SAFETY: `groups` is writable for `len` bytes; the kernel writes at most that
+            // many and sets `len` to what it wrote, or to what it needs (ERANGE).
+            let ret = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEERGROUPS,
+                    groups.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            let count = usize::try_from(len).unwrap_or(0) / GID;
+            if ret == 0 {
+                groups.truncate(count);
+                return Ok(groups);
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ERANGE) && count > groups.len() {
+                groups.resize(count, 0);
+                continue;
+            }
+            return Err(err);
+        }
     }
 
     /// Runs a `get*_r` lookup with a growing buffer until it fits.
@@ -355,6 +397,27 @@ impl Sys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_socket_peer_is_in_its_supplementary_groups_and_no_other() {
+        // Both ends are this process: the kernel recorded its groups at socketpair().
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut seen = Sys::peer_groups(a.as_raw_fd()).unwrap();
+        let mut own = Sys::supplementary_groups();
+        seen.sort_unstable();
+        own.sort_unstable();
+        assert_eq!(seen, own);
+        for gid in own {
+            assert!(peer_in_group(a.as_fd(), u32::MAX - 1, gid));
+        }
+        assert!(
+            peer_in_group(a.as_fd(), 4242, 4242),
+            "the effective group counts"
+        );
+        let stranger = (1..u32::MAX).find(|g| !seen.contains(g)).unwrap();
+        assert!(!peer_in_group(a.as_fd(), u32::MAX - 1, stranger));
+    }
 
     #[test]
     fn users_and_groups_resolve_by_name() {

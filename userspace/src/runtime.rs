@@ -254,6 +254,12 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     }
     let ctl_listener = crate::control::bind(&config.ctl, config.ctl_group.as_deref())
         .map_err(RuntimeError::ControlPlane)?;
+    // bind() has found the group: its members are served too.
+    let ctl_gid = config
+        .ctl_group
+        .as_deref()
+        .map(privilege::group_id)
+        .transpose()?;
 
     let (steering, logger) = Steering::attach(xdp_object, &config.iface, config.xdp_mode)?;
     let queues = (0..rx_queues)
@@ -294,6 +300,11 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     if config.ports.is_empty() {
         tracing::info!(ctl = %config.ctl.display(), "no ports yet; add them with `xvdpa ctl add-port`");
     }
+    // Each port's thread binds its socket; readiness below waits for that.
+    let unsettled = daemon.wait_ports_settled(PORTS_SETTLE_TIMEOUT);
+    if !unsettled.is_empty() {
+        tracing::warn!(ports = ?unsettled, "ports not listening yet; the daemon counts as started anyway");
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -303,7 +314,7 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         let mut term = signal(SignalKind::terminate()).map_err(RuntimeError::ControlPlane)?;
         let mut int = signal(SignalKind::interrupt()).map_err(RuntimeError::ControlPlane)?;
         tokio::spawn(pump_xdp_logs(logger));
-        tokio::spawn(crate::control::serve(ctl_listener, daemon.clone()));
+        tokio::spawn(crate::control::serve(ctl_listener, ctl_gid, daemon.clone()));
         if let Some(addr) = config.metrics {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -311,6 +322,7 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
             tokio::spawn(crate::metrics::serve(listener, daemon.clone()));
         }
+        tell_service_manager_ready();
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
@@ -321,6 +333,20 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     daemon.shutdown();
     let _ = std::fs::remove_file(&config.ctl);
     outcome
+}
+
+/// How long start-up waits for the config file's ports to listen before it counts as done
+/// anyway (binding a socket takes microseconds; this is a safety net).
+const PORTS_SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Under systemd (`Type=notify`): `READY=1` once the config file's ports listen (or have
+/// failed, which `xvdpa ctl list` shows) and the control socket and metrics endpoint are
+/// served, so `systemctl start` returns, and units ordered after xvdpa start, only then.
+fn tell_service_manager_ready() {
+    if let Err(e) = crate::service_notify::ready() {
+        // systemd stops a Type=notify service that never says it is ready.
+        tracing::error!(error = %e, "could not tell the service manager the daemon is ready");
+    }
 }
 
 /// The capabilities the running daemon keeps after `--user`, each for something it does after

@@ -33,6 +33,10 @@ pub const LIBVIRT_PACKAGES: &[(&str, &str)] = &[
     ("libvirt-daemon-driver-qemu", ""),
     ("libvirt-clients", "virsh"),
 ];
+/// `systemd-nspawn`, which boots the host's root as a throw-away container: the live systemd
+/// the packaged unit runs under in its test (tests/tests/systemd_unit.rs); PID 1 on these
+/// machines is not systemd.
+pub const SYSTEMD_PACKAGES: &[(&str, &str)] = &[("systemd-container", "systemd-nspawn")];
 pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", ""),

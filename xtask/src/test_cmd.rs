@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::bootstrap::{
     ensure_packages, ensure_private_qemu, BUILD_PACKAGES, LIBVIRT_PACKAGES, PEER_PACKAGES,
-    VM_PACKAGES,
+    SYSTEMD_PACKAGES, VM_PACKAGES,
 };
 use crate::say;
 use crate::util::{is_root, output, run, workspace_root};
@@ -37,6 +37,7 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     ensure_packages(VM_PACKAGES)?;
     ensure_packages(PEER_PACKAGES)?;
     ensure_packages(LIBVIRT_PACKAGES)?;
+    ensure_packages(SYSTEMD_PACKAGES)?;
     let daemon = build::build(false)?;
     // The package tests install and start (tests/tests/package.rs).
     let package = dist_cmd::dist()?;

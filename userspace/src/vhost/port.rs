@@ -14,7 +14,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::datapath::GuestMemory;
@@ -134,6 +134,10 @@ pub struct Port {
     state: Mutex<PortState>,
     shutdown: Mutex<Option<ShutdownHandle>>,
     stopping: AtomicBool,
+    /// Set once the port is ready for a frontend (its socket listens, or a client port
+    /// starts connecting) or has failed before that: what start-up waits for before telling
+    /// the service manager the daemon is ready.
+    settled: (Mutex<bool>, Condvar),
 }
 
 impl Port {
@@ -148,7 +152,25 @@ impl Port {
             state: Mutex::new(PortState::Waiting),
             shutdown: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            settled: (Mutex::new(false), Condvar::new()),
         }
+    }
+
+    fn settle(&self) {
+        *crate::sync::lock(&self.settled.0) = true;
+        self.settled.1.notify_all();
+    }
+
+    /// Waits up to `timeout` for the port to be ready for a frontend or to have failed
+    /// trying; whether it settled in time.
+    pub fn wait_settled(&self, timeout: Duration) -> bool {
+        let guard = crate::sync::lock(&self.settled.0);
+        let (settled, _) = self
+            .settled
+            .1
+            .wait_timeout_while(guard, timeout, |settled| !*settled)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *settled
     }
 
     pub fn state(&self) -> PortState {
@@ -405,6 +427,7 @@ pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), Po
     if let Err(e) = &result {
         port.set_state(PortState::Failed(e.to_string()));
     }
+    port.settle();
     result
 }
 
@@ -434,6 +457,7 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
         SocketRole::Client => Frontends::Connecting(ReconnectBackoff::default()),
     };
     tracing::info!(port = port.index, socket = %path.display(), mode = %port.spec.mode, mac = %port.spec.mac, "port ready for a frontend");
+    port.settle();
     let mut shortage = AcceptBackoff::new(path.display().to_string());
     while !port.stopping.load(Ordering::Acquire) {
         match serve_one(nic, switch, port, &mut frontends) {
