@@ -223,6 +223,11 @@ fn a_daemon_run_as_nobody_serves_adds_and_removes_ports_and_detaches_on_sigterm(
             "0600",
         ],
     )?;
+    // add-port answers once the socket is there: a frontend can connect right away.
+    ensure!(
+        second.exists(),
+        "add-port answered before the socket existed"
+    );
     daemon.wait_for_count("port ready for a frontend", 2, WAIT)?;
     ensure!(
         access(&second)? == (NOBODY, NOGROUP, 0o600),
@@ -252,6 +257,27 @@ fn a_daemon_run_as_nobody_serves_adds_and_removes_ports_and_detaches_on_sigterm(
     ensure!(
         list["ports"].as_array().map(Vec::len) == Some(2) && !third.exists(),
         "a refused port was made: {list}"
+    );
+
+    // A directory the daemon's user cannot write: the port cannot listen, so add-port
+    // says why and leaves no port behind.
+    let not_writable = dir.join("vm3.sock");
+    let reply = ctl.raw(&format!(
+        r#"{{"cmd":"add-port","socket":"{}","mac":"{}"}}"#,
+        not_writable.display(),
+        mac_str(guest_mac(3))
+    ))?;
+    ensure!(
+        reply["ok"] == false
+            && reply["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("ermission denied")),
+        "add-port in a directory the daemon cannot write: {reply}"
+    );
+    let list = ctl.raw(r#"{"cmd":"list"}"#)?;
+    ensure!(
+        list["ports"].as_array().map(Vec::len) == Some(2),
+        "a port that could not listen was left: {list}"
     );
 
     ctl.cli(&["ctl"], &["del-port", "1"])?;

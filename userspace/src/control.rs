@@ -129,6 +129,10 @@ async fn connection(stream: tokio::net::UnixStream, allowed: bool, daemon: Arc<D
     }
 }
 
+/// How long `add-port` waits for the new port's socket before it answers anyway (binding
+/// takes microseconds; this bounds a stuck filesystem).
+const PORT_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Carries out one request.
 pub fn handle(daemon: &Daemon, req: Request) -> Response {
     match req {
@@ -136,7 +140,10 @@ pub fn handle(daemon: &Daemon, req: Request) -> Response {
             let added = if spec.socket.as_os_str().is_empty() || !spec.socket.is_absolute() {
                 Err(format!("socket: {:?} is not an absolute path", spec.socket))
             } else {
-                daemon.add_port(spec).map_err(|e| e.to_string())
+                daemon
+                    .add_port(spec)
+                    .and_then(|info| daemon.settle_new_port(info.index, PORT_SETTLE_TIMEOUT))
+                    .map_err(|e| e.to_string())
             };
             match added {
                 Ok(info) => Response {

@@ -21,7 +21,7 @@ use crate::nic::Nic;
 use crate::stats::QueueStats;
 use crate::switch::SwitchTable;
 use crate::sync;
-use crate::vhost::port::{self, Port, PortError};
+use crate::vhost::port::{self, Port, PortError, PortState};
 
 /// Why a port cannot be added or removed.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,9 @@ pub enum DaemonError {
     Port(#[from] PortError),
     #[error(transparent)]
     Steering(#[from] SteeringError),
+    /// The port started but could not listen or connect (its socket, its group, ...).
+    #[error("{0}")]
+    PortFailed(String),
     /// The port's thread could not be started.
     #[error("control plane: {0}")]
     Thread(io::Error),
@@ -282,6 +285,26 @@ impl Daemon {
             xdp,
             ports,
         }
+    }
+
+    /// Waits up to `timeout` for port `index`, just added, to listen (or connect, in client
+    /// mode, or wait to) and returns how it stands then, so a request to add a port is
+    /// answered once its socket exists. One that failed to start is removed again, and its
+    /// error is the answer.
+    pub fn settle_new_port(&self, index: u32, timeout: Duration) -> Result<PortInfo, DaemonError> {
+        let port = self
+            .lock_ports()
+            .get(&index)
+            .map(|s| s.port.clone())
+            .ok_or_else(|| DaemonError::UnknownPort(index.to_string()))?;
+        if !port.wait_settled(timeout) {
+            tracing::warn!(port = index, "port not listening yet after {timeout:?}");
+        }
+        if let PortState::Failed(why) = port.state() {
+            let _ = self.remove_port(&index.to_string());
+            return Err(DaemonError::PortFailed(why));
+        }
+        Ok(port_info(&port))
     }
 
     /// Waits up to `timeout` in all until every port is ready for a frontend or has failed
