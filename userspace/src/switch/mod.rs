@@ -130,15 +130,22 @@ impl SwitchPort {
     }
 
     /// A migration target takes its MAC's frames now (its frontend announced the migrated
-    /// guest); nothing happens for a port that is not one.
+    /// guest); nothing happens for a port that is not one, nor for the port a guest left
+    /// while the guest that left may still be the one announcing.
     pub fn take_over(&self) {
-        if self.takeover_state.load(Ordering::Acquire) != NOT_TARGET {
+        if self.takeover_state.load(Ordering::Acquire) == TARGET {
             self.run_takeover();
         }
     }
 
     fn run_takeover(&self) {
-        if self.takeover_state.swap(NOT_TARGET, Ordering::AcqRel) == NOT_TARGET {
+        let armed = self.takeover_state.compare_exchange(
+            TARGET,
+            NOT_TARGET,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if armed.is_err() {
             return;
         }
         // Taken out first: the switch-over makes the other port a target (`arm` on that
@@ -297,9 +304,11 @@ mod tests {
     fn the_port_a_guest_left_takes_it_back_only_from_a_guest_started_later() {
         let port = SwitchPort::new(MacAddr([2, 0, 0, 0, 0, 1]), None, 1);
         let runs = Arc::new(AtomicU32::new(0));
-        // The guest that left still has its rings running: nothing moves.
+        // The guest that left still has its rings running, or its QEMU announces it: nothing
+        // moves.
         port.set_takeover_back(counting(&runs));
         port.take_over_when(|| true);
+        port.take_over();
         assert_eq!(runs.load(Ordering::Relaxed), 0);
         // Its rings stopped (QEMU stops them before the migration's last stage) ...
         port.take_over_when(|| false);
