@@ -169,12 +169,12 @@ fn the_mac_moves_to_the_destination_when_its_guest_starts() -> Result<()> {
 
     // Only the source's own MAC, and a MAC only a migration target may share.
     let other: PathBuf = dir.join("other.sock");
-    let refused = add_port(&ctl, &other, guest_mac(5), Some(&src_sock))?;
+    let refused = add_port(&ctl, &other, guest_mac(5), Some(src_sock))?;
     ensure!(refused.contains("not this port's"), "other MAC: {refused}");
     let refused = add_port(&ctl, &other, mac, None)?;
     ensure!(refused.contains("two ports"), "shared MAC: {refused}");
 
-    let mut src = frontend(&src_sock, true)?;
+    let mut src = frontend(src_sock, true)?;
     std::thread::sleep(Duration::from_millis(300));
     send(1)?;
     ensure!(
@@ -183,7 +183,7 @@ fn the_mac_moves_to_the_destination_when_its_guest_starts() -> Result<()> {
     );
 
     // The destination connects (features, memory table) without starting its rings.
-    let mut dst = connect_destination(&dst_sock, &mut src, &send, 2)?;
+    let mut dst = connect_destination(dst_sock, &mut src, &send, 2)?;
 
     // The migrated guest runs: its rings start, and the frames follow it.
     start_guest(&mut dst)?;
@@ -239,8 +239,8 @@ fn send_rarp_announces_the_guest_and_moves_its_mac() -> Result<()> {
     let peer_sock = lab.dir.join("peer.sock");
     let send = |seq: u32| lab.send_to(mac, seq);
 
-    let (mut src, mut peer) = (frontend(&src_sock, true)?, frontend(&peer_sock, true)?);
-    let mut dst = frontend(&dst_sock, false)?;
+    let (mut src, mut peer) = (frontend(src_sock, true)?, frontend(&peer_sock, true)?);
+    let mut dst = frontend(dst_sock, false)?;
     std::thread::sleep(Duration::from_millis(300));
     send(1)?;
     let before = seqs(&mut src, QUIET)?;
@@ -296,8 +296,8 @@ fn the_port_a_guest_left_takes_it_back_from_a_new_frontend() -> Result<()> {
     let send = |seq: u32| lab.send_to(mac, seq);
     let moved_to = |fe: &mut VirtioNetFrontend, first: u32| send_until_received(fe, &send, first);
 
-    let mut a = frontend(&a_sock, true)?;
-    let mut b = frontend(&b_sock, true)?;
+    let mut a = frontend(a_sock, true)?;
+    let mut b = frontend(b_sock, true)?;
     ensure!(
         moved_to(&mut b, 100)?.is_some(),
         "the MAC did not move to b"
@@ -312,7 +312,7 @@ fn the_port_a_guest_left_takes_it_back_from_a_new_frontend() -> Result<()> {
 
     // a's QEMU goes, a new one migrates the guest back.
     drop(a);
-    let mut a2 = connect_destination(&a_sock, &mut b, &send, 300)?;
+    let mut a2 = connect_destination(a_sock, &mut b, &send, 300)?;
     start_guest(&mut a2)?;
     ensure!(
         moved_to(&mut a2, 400)?.is_some(),
@@ -325,7 +325,7 @@ fn the_port_a_guest_left_takes_it_back_from_a_new_frontend() -> Result<()> {
 
     // And there again: b's frontend goes, a new one starts and announces itself.
     drop(b);
-    let mut b2 = frontend(&b_sock, false)?;
+    let mut b2 = frontend(b_sock, false)?;
     b2.send_rarp(mac)?;
     // The switch-over runs before the RARP goes out.
     let rarp = wire.recv_until(Duration::from_secs(3), |got| {
