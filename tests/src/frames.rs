@@ -87,3 +87,29 @@ pub fn arp_reply_sender(frame: &[u8]) -> Option<([u8; 6], [u8; 4])> {
 pub fn ip_bytes(s: &str) -> [u8; 4] {
     ipv4(s)
 }
+
+/// How a guest's new place is announced after a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announcement {
+    /// The RARP QEMU asks the backend for (`SEND_RARP`): broadcast, ethertype 0x8035, a
+    /// reverse request for the guest's own MAC.
+    Rarp,
+    /// A gratuitous ARP the guest sends itself (`GUEST_ANNOUNCE`): a broadcast request whose
+    /// sender and target address are both its own.
+    GratuitousArp,
+}
+
+/// Whether `frame` announces `mac` (the guest's MAC), and how.
+pub fn announcement(frame: &[u8], mac: [u8; 6]) -> Option<Announcement> {
+    if frame.len() < 42 || frame[0..6] != BROADCAST || frame[6..12] != mac {
+        return None;
+    }
+    let (ethertype, op) = (&frame[12..14], &frame[20..22]);
+    if ethertype == [0x80, 0x35] && op == [0, 3] && frame[22..28] == mac && frame[32..38] == mac {
+        return Some(Announcement::Rarp);
+    }
+    if ethertype == ETH_P_ARP.to_be_bytes() && op == [0, 1] && frame[28..32] == frame[38..42] {
+        return Some(Announcement::GratuitousArp);
+    }
+    None
+}

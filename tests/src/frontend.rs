@@ -155,6 +155,11 @@ pub struct VirtioNetFrontend {
     arm_on_reclaim: bool,
     /// The dirty log shared with the backend while a migration is simulated.
     dirty_log: Option<File>,
+    /// The connection itself, for the one message the vhost crate's frontend cannot send
+    /// (`SEND_RARP`).
+    raw: UnixStream,
+    /// The backend acks every message (REPLY_ACK negotiated).
+    reply_ack: bool,
 }
 
 /// Options for [`VirtioNetFrontend::connect`].
@@ -258,6 +263,7 @@ impl VirtioNetFrontend {
         stream
             .set_read_timeout(Some(REPLY_TIMEOUT))
             .context("socket timeout")?;
+        let raw = stream.try_clone().context("cloning the connection")?;
         let mut frontend = Frontend::from_stream(stream, 2);
 
         let qsize = opts.queue_size;
@@ -288,11 +294,13 @@ impl VirtioNetFrontend {
         let want = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::LOG_SHMFD;
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::RARP;
         frontend
             .set_protocol_features(proto & want)
             .context("SET_PROTOCOL_FEATURES")?;
-        if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        let reply_ack = proto.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        if reply_ack {
             // Every later message waits for the backend's ack, so when connect() returns the
             // rings are really enabled on the other side.
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -330,6 +338,8 @@ impl VirtioNetFrontend {
             scratch_heads: Vec::new(),
             arm_on_reclaim: true,
             dirty_log: None,
+            raw,
+            reply_ack,
         };
         if opts.start_rings {
             fe.start_rings()?;
@@ -892,6 +902,29 @@ impl VirtioNetFrontend {
     /// `timeout`. Returns whether it did.
     pub fn wait_error(&self, queue: usize, timeout: Duration) -> bool {
         wait_eventfd(&self.queues[queue].err, timeout)
+    }
+
+    /// Asks the backend to announce `mac` (`VHOST_USER_SEND_RARP`), as QEMU does after a
+    /// migration for a guest without GUEST_ANNOUNCE: the MAC in a u64, waiting for the ack
+    /// when REPLY_ACK was negotiated.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<()> {
+        const SEND_RARP: u32 = 19;
+        let flags = 0x1 | if self.reply_ack { 0x8 } else { 0 };
+        let mut msg = Vec::with_capacity(20);
+        msg.extend_from_slice(&SEND_RARP.to_le_bytes());
+        msg.extend_from_slice(&u32::to_le_bytes(flags));
+        msg.extend_from_slice(&8u32.to_le_bytes());
+        msg.extend_from_slice(&mac);
+        msg.extend_from_slice(&[0, 0]);
+        self.raw.write_all(&msg).context("SEND_RARP")?;
+        if self.reply_ack {
+            let mut reply = [0u8; 20];
+            self.raw.read_exact(&mut reply).context("SEND_RARP's ack")?;
+            if reply[12..20] != [0; 8] {
+                bail!("the backend refused SEND_RARP");
+            }
+        }
+        Ok(())
     }
 
     /// Starts a migration's dirty logging as QEMU does: a log of one bit per 4 KiB page of

@@ -100,6 +100,34 @@ impl WireSocket {
         got
     }
 
+    /// Receives until `stop` is set, keeping only the frames `keep` picks (with when each
+    /// arrived): a watch over a busy wire that does not hold on to everything else.
+    pub fn watch(
+        &self,
+        stop: &std::sync::atomic::AtomicBool,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Vec<(Instant, Vec<u8>)> {
+        let mut kept = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                continue;
+            }
+            while let Some(frame) = self.recv_one(&mut buf) {
+                if keep(&frame) {
+                    kept.push((Instant::now(), frame));
+                }
+            }
+        }
+        kept
+    }
+
     /// The test frames carrying sequence number `seq`, tagged or not, received until one
     /// arrives or `within` passes (a frame that must not arrive is watched for that long).
     pub fn frames_with_seq(&self, seq: u32, within: Duration) -> Vec<Vec<u8>> {

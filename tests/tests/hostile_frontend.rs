@@ -209,6 +209,34 @@ fn attacks(memory: &File, pipe: &(File, File), dir: &File) -> Vec<Attack> {
             }),
         ),
         (
+            "SEND_RARP before the RARP protocol feature, then of the wrong size after it",
+            Box::new(move |f: &mut RawFrontend| {
+                // RARP, and REPLY_ACK for the library to answer SET_PROTOCOL_FEATURES.
+                const RARP_AND_REPLY_ACK: u64 = 1 << 2 | 1 << 3;
+                let nack = Answer::Reply(SEND_RARP, u64_payload(1));
+                let rarp = [0x52, 0x54, 0, 0, 0, 9, 0, 0];
+                f.send(SET_OWNER, VERSION, &[], &[])?;
+                f.send(SEND_RARP, ask, &rarp, &[])?;
+                ensure!(f.answer(WAIT) == nack, "SEND_RARP before the feature");
+                f.send(GET_FEATURES, VERSION, &[], &[])?;
+                ensure!(matches!(f.answer(WAIT), Answer::Reply(GET_FEATURES, _)));
+                f.send(
+                    SET_PROTOCOL_FEATURES,
+                    ask,
+                    &u64_payload(RARP_AND_REPLY_ACK),
+                    &[],
+                )?;
+                let ack = Answer::Reply(SET_PROTOCOL_FEATURES, u64_payload(0));
+                ensure!(f.answer(WAIT) == ack, "SET_PROTOCOL_FEATURES with RARP");
+                f.send(SEND_RARP, ask, &rarp[..6], &[])?;
+                ensure!(f.answer(WAIT) == nack, "a SEND_RARP of 6 bytes");
+                // Nobody to NACK: the connection ends.
+                f.send(SEND_RARP, VERSION, &rarp[..3], &[])?;
+                ensure!(f.closed_within(WAIT), "a SEND_RARP of 3 bytes left it open");
+                Ok(())
+            }),
+        ),
+        (
             "twenty fds on a message that takes none",
             Box::new(move |f: &mut RawFrontend| {
                 let fds = [mem; 20];

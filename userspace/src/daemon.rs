@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use crate::mac::MacAddr;
 use crate::nic::steering::{Steering, SteeringError};
 use crate::nic::Nic;
 use crate::stats::QueueStats;
-use crate::switch::SwitchTable;
+use crate::switch::{SwitchPort, SwitchTable, Takeover};
 use crate::sync;
 use crate::vhost::port::{self, Port, PortError, PortState};
 
@@ -139,11 +139,15 @@ impl Daemon {
                 steering.add_port(port.spec.mac, port.spec.vlan, index)?;
             }
         }
-        if source.is_none() {
-            self.switch.insert(port.switch_port.clone());
-        } else {
+        match source {
+            None => self.switch.insert(port.switch_port.clone()),
             // The source keeps receiving until the migrated guest starts here.
-            port.switch_port.set_takeover(self.takeover(&port));
+            Some(source) => port.switch_port.set_takeover(takeover(
+                self.nic.clone(),
+                self.switch.clone(),
+                Arc::downgrade(&port.switch_port),
+                Arc::downgrade(&ports[&source].port.switch_port),
+            )),
         }
         let (nic, switch, p) = (self.nic.clone(), self.switch.clone(), port.clone());
         let thread = std::thread::Builder::new()
@@ -173,26 +177,6 @@ impl Daemon {
         );
         tracing::info!(port = index, socket = %info.spec.socket.display(), mac = %info.spec.mac, "port added");
         Ok(info)
-    }
-
-    /// The switch-over of migration target `port`: its MAC's steering entry and switch table
-    /// slot move to it from the source port. Runs on the port's worker thread, holding no
-    /// lock, when the migrated guest starts its rings.
-    fn takeover(&self, port: &Arc<Port>) -> crate::switch::Takeover {
-        let (nic, switch) = (self.nic.clone(), self.switch.clone());
-        let switch_port = Arc::downgrade(&port.switch_port);
-        let (mac, vlan, index) = (port.spec.mac, port.spec.vlan, port.index);
-        Box::new(move || {
-            let Some(switch_port) = switch_port.upgrade() else {
-                return;
-            };
-            if let Err(e) = sync::lock(&nic.steering).add_port(mac, vlan, index) {
-                tracing::error!(port = index, %mac, error = %e, "migrated guest started, but its MAC cannot be steered to its new port");
-                return;
-            }
-            switch.insert(switch_port);
-            tracing::info!(port = index, %mac, "migrated guest started; its MAC's frames go to this port now");
-        })
     }
 
     /// Removes a port, named by socket path, MAC or index: its frames go to the host stack
@@ -337,6 +321,34 @@ impl Daemon {
         log_final_counters(&steering, &ports);
         steering.detach();
     }
+}
+
+/// The switch-over of migration target `to`: its MAC's steering entry and switch table slot
+/// move to it from `from`, the port its guest left, which becomes the target of the next
+/// migration back (two ports of one MAC take turns: whichever's guest started last has the
+/// MAC). Runs on `to`'s first queue pair's thread, holding no lock, when the migrated guest
+/// starts its rings or its frontend announces it (`SEND_RARP`).
+fn takeover(
+    nic: Arc<Nic>,
+    switch: Arc<SwitchTable>,
+    to: Weak<SwitchPort>,
+    from: Weak<SwitchPort>,
+) -> Takeover {
+    Box::new(move || {
+        let Some(port) = to.upgrade() else {
+            return;
+        };
+        let (mac, index) = (port.mac, port.index);
+        if let Err(e) = sync::lock(&nic.steering).add_port(mac, port.vlan, index) {
+            tracing::error!(port = index, %mac, error = %e, "migrated guest started, but its MAC cannot be steered to its new port");
+            return;
+        }
+        switch.insert(port);
+        tracing::info!(port = index, %mac, "migrated guest started; its MAC's frames go to this port now");
+        if let Some(left) = from.upgrade() {
+            left.set_takeover_back(takeover(nic, switch, from, to));
+        }
+    })
 }
 
 /// The index of the port `name` names: its socket path, MAC or index.

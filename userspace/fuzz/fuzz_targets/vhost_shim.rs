@@ -14,8 +14,11 @@ use std::io::Read;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use xvdpa::switch::AnnounceRequests;
 use xvdpa::vhost::protocol_shim::Shim;
 use xvdpa::vring::RingErrorFds;
 
@@ -115,8 +118,17 @@ fuzz_target!(|data: &[u8]| {
     let (frontend, shim_front) = UnixStream::pair().expect("socketpair");
     let (shim_back, library) = UnixStream::pair().expect("socketpair");
     let ring_errors = RingErrorFds::new(NUM_QUEUES as usize);
-    let shim = Shim::start(shim_front, shim_back, NUM_QUEUES, MAX_QUEUE_SIZE, ring_errors)
-        .expect("shim");
+    let wake = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let announce = Arc::new(AnnounceRequests::new(wake));
+    let shim = Shim::start(
+        shim_front,
+        shim_back,
+        NUM_QUEUES,
+        MAX_QUEUE_SIZE,
+        ring_errors,
+        announce,
+    )
+    .expect("shim");
     let lib_drain = drain(library);
     let replies = drain(frontend.try_clone().expect("clone"));
 

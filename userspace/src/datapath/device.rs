@@ -7,10 +7,11 @@
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_SPEED_DUPLEX, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_SPEED_DUPLEX,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -56,6 +57,13 @@ pub const VHOST_F_LOG_ALL: u32 = 26;
 /// The virtio feature bits xvdpa offers to a port with `queue_pairs` queue pairs. MQ is
 /// offered only with more than one; the control queue stays with the VMM (QEMU handles
 /// VIRTIO_NET_F_CTRL_VQ itself and turns VQ_PAIRS_SET into SET_VRING_ENABLE).
+///
+/// GUEST_ANNOUNCE lives on that control queue too: after a migration QEMU sets the
+/// ANNOUNCE status bit, the guest sends its gratuitous ARP (and IPv6 neighbour
+/// advertisements) through its transmit ring, which the datapath carries like any frame, and
+/// acknowledges on the control queue, which QEMU serves. QEMU lets a guest negotiate it only
+/// if the backend offers the bit (it is in QEMU's list of vhost-user feature bits) and its own
+/// control queue is on; with it, QEMU sends no SEND_RARP for that guest.
 pub fn device_features(queue_pairs: u16) -> u64 {
     let mq = if queue_pairs > 1 {
         1u64 << VIRTIO_NET_F_MQ
@@ -71,6 +79,7 @@ pub fn device_features(queue_pairs: u16) -> u64 {
         | (1u64 << VIRTIO_NET_F_MTU)
         | (1u64 << VIRTIO_NET_F_MRG_RXBUF)
         | (1u64 << VIRTIO_NET_F_SPEED_DUPLEX)
+        | (1u64 << VIRTIO_NET_F_GUEST_ANNOUNCE)
         | (1u64 << VHOST_F_LOG_ALL)
         | OFFLOAD_FEATURES
 }
@@ -240,6 +249,8 @@ mod tests {
         assert_eq!(f & (1 << VIRTIO_NET_F_HOST_UFO), 0);
         assert_eq!(f & (1 << VIRTIO_NET_F_GUEST_UFO), 0);
         assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
+        // Served by QEMU's control queue; the guest's own announcement is an ordinary frame.
+        assert_ne!(f & (1 << VIRTIO_NET_F_GUEST_ANNOUNCE), 0);
         let n = NegotiatedFeatures::new(f);
         assert!(n.mrg_rxbuf && n.event_idx);
         let all = Offloads {

@@ -18,12 +18,13 @@
 //! vring lock ([`RxQueue`]); that lock is always taken last and held for one batch, so it
 //! cannot deadlock with the receiver's own worker.
 
+pub mod announce;
 pub mod deliver;
 pub mod policy;
 mod port_tx;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::datapath::rx::{Framing, RxScratch};
@@ -31,9 +32,10 @@ use crate::mac::MacAddr;
 use crate::sync;
 use crate::vring::RxQueue;
 
+pub use announce::{rarp_frame, AnnounceRequests};
 pub use deliver::{deliver_local, notify_ports, LocalFrame};
 pub use policy::{classify, classify_with, Member, RateLimit, TxPolicy, TxVerdict};
-pub use port_tx::{PortTx, SwitchScratch};
+pub use port_tx::{OwnFrameDrop, PortTx, SwitchScratch};
 
 /// A port as the switch knows it.
 pub struct SwitchPort {
@@ -44,13 +46,25 @@ pub struct SwitchPort {
     /// The port's first receive queue while a frontend is connected.
     rx: Mutex<Option<RxQueue>>,
     /// A migration target's switch-over (its MAC's steering entry and switch table slot
-    /// moving here), run once when its guest starts its rings.
+    /// moving here), run once when its guest starts its rings or its frontend announces it.
     takeover: Mutex<Option<Takeover>>,
-    takeover_pending: AtomicBool,
+    /// [`NOT_TARGET`], [`TARGET`] or [`TARGET_AFTER_STOP`].
+    takeover_state: AtomicU8,
+    /// The port was removed: it takes no MAC over any more.
+    retired: AtomicBool,
 }
 
 /// What moves a migrated guest's MAC to its new port.
 pub type Takeover = Box<dyn FnOnce() + Send>;
+
+/// No switch-over waits on the port.
+const NOT_TARGET: u8 = 0;
+/// The switch-over runs when the port's guest runs.
+const TARGET: u8 = 1;
+/// The port's guest migrated away: the switch-over back runs only for a guest started after
+/// that one stopped (its rings seen stopped, or a new frontend), never for the guest that
+/// left, whose rings a frontend may not have stopped.
+const TARGET_AFTER_STOP: u8 = 2;
 
 impl Member for Arc<SwitchPort> {
     fn vlan(&self) -> Option<u16> {
@@ -66,7 +80,8 @@ impl SwitchPort {
             index,
             rx: Mutex::new(None),
             takeover: Mutex::new(None),
-            takeover_pending: AtomicBool::new(false),
+            takeover_state: AtomicU8::new(NOT_TARGET),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -75,28 +90,95 @@ impl SwitchPort {
         *sync::lock(&self.rx) = Some(rx);
     }
 
-    /// Makes this port a migration target: `takeover` runs when its guest starts.
+    /// Makes this port a migration target: `takeover` runs when its guest starts. A removed
+    /// port stays without one.
     pub fn set_takeover(&self, takeover: Takeover) {
-        *sync::lock(&self.takeover) = Some(takeover);
-        self.takeover_pending.store(true, Ordering::Release);
+        self.arm(takeover, TARGET);
+    }
+
+    /// Makes the port a guest just left the target of its migration back: `takeover` runs
+    /// when a guest starts here after the one that left stopped.
+    pub fn set_takeover_back(&self, takeover: Takeover) {
+        self.arm(takeover, TARGET_AFTER_STOP);
+    }
+
+    fn arm(&self, takeover: Takeover, state: u8) {
+        let mut slot = sync::lock(&self.takeover);
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        *slot = Some(takeover);
+        self.takeover_state.store(state, Ordering::Release);
     }
 
     /// A migration target takes its MAC's frames once `guest_started` says its guest runs
     /// (asked only while the switch-over is pending: one atomic load for every other port).
     pub fn take_over_when(&self, guest_started: impl FnOnce() -> bool) {
-        if self.takeover_pending.load(Ordering::Acquire)
-            && guest_started()
-            && self.takeover_pending.swap(false, Ordering::AcqRel)
-        {
-            if let Some(takeover) = sync::lock(&self.takeover).take() {
-                takeover();
+        match self.takeover_state.load(Ordering::Acquire) {
+            NOT_TARGET => {}
+            TARGET_AFTER_STOP => {
+                if !guest_started() {
+                    self.advance_after_stop();
+                }
+            }
+            _ => {
+                if guest_started() {
+                    self.run_takeover();
+                }
             }
         }
     }
 
-    /// The frontend went away; frames for the port are dropped until the next one.
+    /// A migration target takes its MAC's frames now (its frontend announced the migrated
+    /// guest); nothing happens for a port that is not one, nor for the port a guest left
+    /// while the guest that left may still be the one announcing.
+    pub fn take_over(&self) {
+        if self.takeover_state.load(Ordering::Acquire) == TARGET {
+            self.run_takeover();
+        }
+    }
+
+    fn run_takeover(&self) {
+        let armed = self.takeover_state.compare_exchange(
+            TARGET,
+            NOT_TARGET,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if armed.is_err() {
+            return;
+        }
+        // Taken out first: the switch-over makes the other port a target (`arm` on that
+        // port), and it runs holding no lock.
+        let takeover = sync::lock(&self.takeover).take();
+        if let Some(takeover) = takeover {
+            takeover();
+        }
+    }
+
+    /// The guest that left has stopped here: the next one to start takes the MAC back.
+    fn advance_after_stop(&self) {
+        let _ = self.takeover_state.compare_exchange(
+            TARGET_AFTER_STOP,
+            TARGET,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// The port was removed: a pending switch-over is dropped, and none is accepted later.
+    fn retire(&self) {
+        let mut slot = sync::lock(&self.takeover);
+        self.retired.store(true, Ordering::Release);
+        self.takeover_state.store(NOT_TARGET, Ordering::Release);
+        slot.take();
+    }
+
+    /// The frontend went away; frames for the port are dropped until the next one (whose
+    /// guest may take the MAC back, if this port's guest migrated away).
     pub fn unpublish(&self) {
         sync::lock(&self.rx).take();
+        self.advance_after_stop();
     }
 
     /// Writes frames from the NIC into the port's first receive queue, for a queue pair the
@@ -181,5 +263,77 @@ impl SwitchTable {
             *guard = Arc::new(map);
         }
         port.unpublish();
+        port.retire();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    fn counting(runs: &Arc<AtomicU32>) -> Takeover {
+        let runs = runs.clone();
+        Box::new(move || {
+            runs.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    #[test]
+    fn a_target_switches_over_once_when_its_guest_starts_or_is_announced() {
+        let port = SwitchPort::new(MacAddr([2, 0, 0, 0, 0, 1]), None, 1);
+        let runs = Arc::new(AtomicU32::new(0));
+        port.take_over();
+        port.set_takeover(counting(&runs));
+        port.take_over_when(|| false);
+        assert_eq!(runs.load(Ordering::Relaxed), 0);
+        port.take_over_when(|| true);
+        port.take_over_when(|| true);
+        port.take_over();
+        assert_eq!(runs.load(Ordering::Relaxed), 1);
+        port.set_takeover(counting(&runs));
+        port.take_over();
+        assert_eq!(
+            runs.load(Ordering::Relaxed),
+            2,
+            "announced before its rings start"
+        );
+    }
+
+    #[test]
+    fn the_port_a_guest_left_takes_it_back_only_from_a_guest_started_later() {
+        let port = SwitchPort::new(MacAddr([2, 0, 0, 0, 0, 1]), None, 1);
+        let runs = Arc::new(AtomicU32::new(0));
+        // The guest that left still has its rings running, or its QEMU announces it: nothing
+        // moves.
+        port.set_takeover_back(counting(&runs));
+        port.take_over_when(|| true);
+        port.take_over();
+        assert_eq!(runs.load(Ordering::Relaxed), 0);
+        // Its rings stopped (QEMU stops them before the migration's last stage) ...
+        port.take_over_when(|| false);
+        port.take_over_when(|| false);
+        assert_eq!(runs.load(Ordering::Relaxed), 0);
+        // ... so the next guest to start here takes the MAC back.
+        port.take_over_when(|| true);
+        assert_eq!(runs.load(Ordering::Relaxed), 1);
+        // The frontend that left went away: the next one's guest takes it back.
+        port.set_takeover_back(counting(&runs));
+        port.unpublish();
+        port.take_over_when(|| true);
+        assert_eq!(runs.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_removed_port_takes_nothing_over() {
+        let table = SwitchTable::default();
+        let port = SwitchPort::new(MacAddr([2, 0, 0, 0, 0, 1]), None, 1);
+        let runs = Arc::new(AtomicU32::new(0));
+        port.set_takeover(counting(&runs));
+        table.remove(&port);
+        port.take_over();
+        port.set_takeover(counting(&runs));
+        port.take_over_when(|| true);
+        assert_eq!(runs.load(Ordering::Relaxed), 0);
     }
 }

@@ -218,7 +218,43 @@ impl TxBuffers for PortTx<'_> {
     }
 }
 
+/// Why a frame the port sends on its guest's behalf (an announcement) did not go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OwnFrameDrop {
+    #[error("refused by the port's policy: {0:?}")]
+    Refused(TxDrop),
+    #[error("no free NIC buffer")]
+    NoBuffer,
+}
+
 impl PortTx<'_> {
+    /// Sends `frame`, a broadcast the port sends for its guest (the RARP its frontend asked
+    /// for), exactly as if the guest had sent it: the port's policy decides (source MAC,
+    /// VLAN, rate), the wire gets it (tagged on a tagged port) and so does every other port
+    /// on the VLAN, after the caller's `deliver_local`.
+    pub fn send_broadcast(&mut self, frame: &[u8]) -> Result<(), OwnFrameDrop> {
+        match self.route(frame, frame.len()) {
+            Route::Drop(why) => Err(OwnFrameDrop::Refused(why)),
+            // Only a unicast frame goes to one port; a broadcast one never does.
+            Route::Direct(_) => {
+                self.unroute(frame.len());
+                Err(OwnFrameDrop::Refused(TxDrop::Runt))
+            }
+            Route::Copy => {
+                let Some(buf) = self.next_buffer() else {
+                    self.unroute(frame.len());
+                    return Err(OwnFrameDrop::NoBuffer);
+                };
+                let Some(room) = buf.get_mut(..frame.len()) else {
+                    self.unroute(frame.len());
+                    return Err(OwnFrameDrop::Refused(TxDrop::Oversized));
+                };
+                room.copy_from_slice(frame);
+                self.submit(frame.len()).map_err(OwnFrameDrop::Refused)
+            }
+        }
+    }
+
     /// Queues a flooded frame for every other port on the sender's VLAN.
     fn flood_to_peers(&mut self, frame: FrameView) {
         let (own, vlan) = (self.policy.own_mac(), self.policy.vlan);

@@ -17,7 +17,7 @@ use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig, VH
 use crate::datapath::dirty_log::set_log_all;
 use crate::memory_guard::{self, MemoryWatch};
 use crate::stats::QueueStats;
-use crate::switch::SwitchPort;
+use crate::switch::{rarp_frame, AnnounceRequests, SwitchPort};
 use crate::vhost::exit_events::ExitEvents;
 use crate::vring::{RxQueue, RxQueueShared, Vring};
 use crate::worker::{EventIds, QueuePairWorker};
@@ -33,11 +33,15 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 ///
 /// LOG_SHMFD: the frontend shares its dirty log as a file (`SET_LOG_BASE`), which the library
 /// maps into every region's `DirtyLog`; with `VHOST_F_LOG_ALL` it lets QEMU migrate the guest.
+///
+/// RARP: after a migration QEMU asks the backend to announce a guest that cannot announce
+/// itself (`SEND_RARP`, handled in `protocol_shim`, which the library does not know).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
 }
 
 struct Inner {
@@ -64,6 +68,11 @@ struct Inner {
     rx_shared: Vec<Arc<RxQueueShared>>,
     /// Closes the exit events' fds the library leaves open, once the connection is over.
     exit_events: ExitEvents,
+    /// Announcements the frontend asked for (`SEND_RARP`), sent by queue pair 0.
+    announce: Arc<AnnounceRequests>,
+    /// This connection announced (or failed to) before: later ones are logged at debug level,
+    /// so a frontend repeating the request cannot fill the log.
+    announced: AtomicBool,
 }
 
 /// The backend of one VM port for one frontend connection.
@@ -77,6 +86,7 @@ impl NetBackend {
         workers: Vec<QueuePairWorker>,
         switch_port: Arc<SwitchPort>,
         exit_events: ExitEvents,
+        announce: Arc<AnnounceRequests>,
     ) -> Self {
         let num_queues = 2 * workers.len();
         let first_pair_stats = workers.first().map(|w| w.stats()).unwrap_or_default();
@@ -95,7 +105,39 @@ impl NetBackend {
             first_pair_stats,
             rx_shared,
             exit_events,
+            announce,
+            announced: AtomicBool::new(false),
         }))
+    }
+
+    /// Sends the announcement the frontend asked for, if it did since the last event. A
+    /// migration target's frontend announcing the port's MAC says the migrated guest runs
+    /// here now: the MAC's frames move first, then the RARP tells the network.
+    fn announce(&self) {
+        let Some(mac) = self.0.announce.take() else {
+            return;
+        };
+        let port = &self.0.switch_port;
+        if mac == port.mac {
+            port.take_over();
+        }
+        let sent = self.worker(0).send_broadcast(&rarp_frame(mac));
+        let first = !self.0.announced.swap(true, Ordering::AcqRel);
+        match sent {
+            Ok(()) if first => tracing::info!(
+                port = port.index,
+                %mac,
+                "announced the guest (RARP) to the wire and the other ports, as the frontend asked"
+            ),
+            Ok(()) => tracing::debug!(port = port.index, %mac, "announced the guest (RARP)"),
+            Err(e) if first => tracing::warn!(
+                port = port.index,
+                %mac,
+                error = %e,
+                "cannot send the announcement (RARP) the frontend asked for"
+            ),
+            Err(e) => tracing::debug!(port = port.index, %mac, error = %e, "announcement not sent"),
+        }
     }
 
     /// Whether the current guest memory lost a region. One atomic load unless the guard
@@ -246,6 +288,7 @@ impl VhostUserBackend for NetBackend {
         }
         if thread_id == 0 {
             self.publish(vrings);
+            self.announce();
             // A migrated guest runs once QEMU starts its rings at the end of the migration.
             self.0.switch_port.take_over_when(|| {
                 let state = vrings[0].get_ref();

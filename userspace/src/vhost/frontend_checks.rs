@@ -12,10 +12,14 @@
 //!   without comparing, and the first access past the end raises SIGBUS in the daemon). A
 //!   memfd that allows sealing gets `F_SEAL_SHRINK`, so it cannot be cut short later;
 //! - `SET_LOG_BASE`: one fd, the dirty log inside it and sealed the same way (the workers
-//!   write into the log during a migration).
+//!   write into the log during a migration);
+//! - `SEND_RARP` (which the shim handles itself, see [`check_send_rarp`]): only after the
+//!   frontend acknowledged the RARP protocol feature, 8 bytes, no fd, a unicast MAC.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::mac::MacAddr;
 
 pub const REQ_SET_MEM_TABLE: u32 = 5;
 pub const REQ_SET_LOG_BASE: u32 = 6;
@@ -23,6 +27,9 @@ pub const REQ_SET_VRING_NUM: u32 = 8;
 pub const REQ_SET_VRING_KICK: u32 = 12;
 pub const REQ_SET_VRING_CALL: u32 = 13;
 pub const REQ_SET_VRING_ERR: u32 = 14;
+
+pub const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
+pub const REQ_SEND_RARP: u32 = 19;
 
 /// `VHOST_USER_VRING_NOFD_MASK`: the message carries no fd (polling instead).
 const VRING_NOFD: u64 = 1 << 8;
@@ -44,6 +51,34 @@ pub fn check_request(
         REQ_SET_LOG_BASE => check_log_base(payload, fds),
         _ => Ok(()),
     }
+}
+
+/// Checks a `SEND_RARP` (the guest's MAC in the first 6 of 8 bytes) and returns the MAC to
+/// announce. `rarp_acked`: the frontend's `SET_PROTOCOL_FEATURES` included RARP.
+pub fn check_send_rarp(
+    payload: &[u8],
+    fds: &[OwnedFd],
+    rarp_acked: bool,
+) -> Result<MacAddr, Refusal> {
+    if !rarp_acked {
+        return Err("SEND_RARP without the RARP protocol feature negotiated".into());
+    }
+    if !fds.is_empty() {
+        return Err(format!("SEND_RARP with {} fds", fds.len()));
+    }
+    let Ok(value) = <[u8; 8]>::try_from(payload) else {
+        return Err(format!(
+            "SEND_RARP of {} bytes; it carries 8 (a MAC and padding)",
+            payload.len()
+        ));
+    };
+    let mac = MacAddr([value[0], value[1], value[2], value[3], value[4], value[5]]);
+    if mac.is_multicast() || mac.0 == [0; 6] {
+        return Err(format!(
+            "SEND_RARP for {mac}, which no guest can have (group or zero address)"
+        ));
+    }
+    Ok(mac)
 }
 
 fn u32_at(payload: &[u8], at: usize) -> Option<u32> {
@@ -197,6 +232,22 @@ mod tests {
         // SAFETY: ftruncate on the fd just created.
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }, 0);
         fd
+    }
+
+    #[test]
+    fn send_rarp_needs_the_feature_eight_bytes_no_fd_and_a_unicast_mac() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let payload = [&mac[..], &[0, 0]].concat();
+        assert_eq!(check_send_rarp(&payload, &[], true), Ok(MacAddr(mac)));
+        let refused = |payload: &[u8], fds: &[OwnedFd], acked: bool| {
+            check_send_rarp(payload, fds, acked).unwrap_err()
+        };
+        assert!(refused(&payload, &[], false).contains("without the RARP protocol feature"));
+        assert!(refused(&mac, &[], true).contains("6 bytes"));
+        assert!(refused(&[payload.clone(), vec![0]].concat(), &[], true).contains("9 bytes"));
+        assert!(refused(&payload, &[eventfd()], true).contains("1 fds"));
+        assert!(refused(&[0xff; 8], &[], true).contains("group"));
+        assert!(refused(&[0; 8], &[], true).contains("zero"));
     }
 
     fn vring_fd_payload(ring: u64, nofd: bool) -> Vec<u8> {

@@ -29,7 +29,7 @@ use crate::nic::steering::SteeringError;
 use crate::nic::xsk::{XskError, XskSocket};
 use crate::nic::Nic;
 use crate::stats::QueueStats;
-use crate::switch::{RateLimit, SwitchPort, SwitchTable, TxPolicy};
+use crate::switch::{AnnounceRequests, RateLimit, SwitchPort, SwitchTable, TxPolicy};
 use crate::vhost::backend::{NetBackend, MAX_QUEUE_SIZE};
 use crate::vhost::exit_events::ExitEvents;
 use crate::vhost::protocol_shim::Shim;
@@ -494,12 +494,17 @@ fn serve_one(
     let mem = GuestMemoryAtomic::new(GuestMemory::new());
     // Made before the library asks for them: it cannot report failing to get one.
     let exit_events = ExitEvents::new(workers.len()).map_err(PortError::Worker)?;
+    // The frontend's SEND_RARP wakes queue pair 0, which sends the announcement.
+    let announce = Arc::new(AnnounceRequests::new(
+        workers[0].waker().map_err(PortError::Worker)?,
+    ));
     let backend = NetBackend::new(
         config,
         mem.clone(),
         workers,
         port.switch_port.clone(),
         exit_events,
+        announce.clone(),
     );
     let name = format!("xvdpa-port{}", port.index);
     let mut daemon =
@@ -528,8 +533,15 @@ fn serve_one(
     let shim = connect_library(path, &mut daemon)
         .and_then(|library_side| {
             let max_size = MAX_QUEUE_SIZE as u16;
-            Shim::start(frontend, library_side, num_queues, max_size, ring_errors)
-                .map_err(PortError::Worker)
+            Shim::start(
+                frontend,
+                library_side,
+                num_queues,
+                max_size,
+                ring_errors,
+                announce,
+            )
+            .map_err(PortError::Worker)
         })
         .inspect_err(|_| unbind_sockets(nic, port, &backend))?;
     *crate::sync::lock(&port.shutdown) = daemon.shutdown_handle();

@@ -7,6 +7,9 @@
 //! message unchanged (with its file descriptors) except those early SET_VRING_ENABLEs: it
 //! acknowledges them itself and replays the latest state per ring right after SET_FEATURES,
 //! which is exactly what the spec asks the ring state to be at that point.
+//!
+//! It also answers `SEND_RARP`, which the library does not know (it would end the
+//! connection): the request goes to the port's first queue pair, which sends the RARP.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -16,8 +19,12 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::frontend_checks::{check_request, REQ_SET_VRING_ERR};
+use super::frontend_checks::{
+    check_request, check_send_rarp, REQ_SEND_RARP, REQ_SET_PROTOCOL_FEATURES, REQ_SET_VRING_ERR,
+};
+use crate::switch::AnnounceRequests;
 use crate::vring::RingErrorFds;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 const HDR_LEN: usize = 12;
 /// Largest payload any vhost-user message has (SET_MEM_TABLE with 8 regions is ~330 bytes;
@@ -185,13 +192,15 @@ impl Shim {
     /// `num_queues` is how many virtqueues the device offers: early SET_VRING_ENABLEs for
     /// any other ring are refused rather than held.
     /// `max_queue_size` bounds SET_VRING_NUM. A duplicate of each ring's error eventfd
-    /// (SET_VRING_ERR) goes into `ring_errors`, where the workers signal it.
+    /// (SET_VRING_ERR) goes into `ring_errors`, where the workers signal it; a SEND_RARP's
+    /// MAC goes to `announce`.
     pub fn start(
         frontend: UnixStream,
         backend: UnixStream,
         num_queues: u32,
         max_queue_size: u16,
         ring_errors: Arc<RingErrorFds>,
+        announce: Arc<AnnounceRequests>,
     ) -> io::Result<Shim> {
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let f_in = frontend.try_clone()?;
@@ -204,7 +213,8 @@ impl Shim {
             .name("xvdpa-shim-req".into())
             .spawn(move || {
                 let limits = (num_queues, max_queue_size);
-                if let Err(e) = forward_requests(&f_in, &b_out, &tf, limits, &ring_errors) {
+                let kept = (&*ring_errors, &*announce);
+                if let Err(e) = forward_requests(&f_in, &b_out, &tf, limits, kept) {
                     tracing::debug!(error = %e, "frontend request stream ended");
                 }
                 let _ = f_close.shutdown(Shutdown::Both);
@@ -260,15 +270,17 @@ fn nack(request: u32) -> Message {
 /// refusing what [`check_request`] finds unsafe (NACKed when the frontend asked for a reply,
 /// else the connection ends).
 /// At most one message per ring the device has (`num_queues`) is held, without fds (the
-/// message carries none); one for any other ring is refused.
+/// message carries none); one for any other ring is refused. SEND_RARP is answered here.
 fn forward_requests(
     from: &UnixStream,
     to: &UnixStream,
     reply: &Mutex<UnixStream>,
     (num_queues, max_queue_size): (u32, u16),
-    ring_errors: &RingErrorFds,
+    (ring_errors, announce): (&RingErrorFds, &AnnounceRequests),
 ) -> io::Result<()> {
     let mut features_seen = false;
+    // The library takes any protocol features it is given; the last ones set are in force.
+    let mut rarp_acked = false;
     // Latest early enable state per ring index (the payload is {u32 index, u32 num}).
     let mut held: BTreeMap<u32, Message> = BTreeMap::new();
     while let Some(m) = recv_message(from)? {
@@ -299,13 +311,26 @@ fn forward_requests(
             }
             continue;
         }
-        if let Err(why) = check_request(m.request, &m.payload, &m.fds, max_queue_size) {
-            tracing::warn!(request = m.request, %why, "frontend message refused");
-            if m.flags & FLAG_NEED_REPLY == 0 {
-                // Nothing to NACK: the frontend would go on as if it had been applied.
-                return Err(invalid(&format!("refused request {}: {why}", m.request)));
+        if m.request == REQ_SEND_RARP {
+            match check_send_rarp(&m.payload, &m.fds, rarp_acked) {
+                Ok(mac) => {
+                    announce.request(mac);
+                    if m.flags & FLAG_NEED_REPLY != 0 {
+                        send_message(&crate::sync::lock(reply), &reply_ack(m.request, true))?;
+                    }
+                }
+                Err(why) => refuse(&m, &why, reply)?,
             }
-            send_message(&crate::sync::lock(reply), &nack(m.request))?;
+            continue;
+        }
+        if m.request == REQ_SET_PROTOCOL_FEATURES {
+            if let Some(bits) = m.payload.first_chunk::<8>() {
+                let rarp = VhostUserProtocolFeatures::RARP.bits();
+                rarp_acked = u64::from_le_bytes(*bits) & rarp != 0;
+            }
+        }
+        if let Err(why) = check_request(m.request, &m.payload, &m.fds, max_queue_size) {
+            refuse(&m, &why, reply)?;
             continue;
         }
         if m.request == REQ_SET_VRING_ERR {
@@ -321,6 +346,16 @@ fn forward_requests(
         }
     }
     Ok(())
+}
+
+/// Refuses `m`: a NACK if the frontend asked for a reply, else the end of the connection
+/// (nothing to NACK: the frontend would go on as if it had been applied).
+fn refuse(m: &Message, why: &str, reply: &Mutex<UnixStream>) -> io::Result<()> {
+    tracing::warn!(request = m.request, %why, "frontend message refused");
+    if m.flags & FLAG_NEED_REPLY == 0 {
+        return Err(invalid(&format!("refused request {}: {why}", m.request)));
+    }
+    send_message(&crate::sync::lock(reply), &nack(m.request))
 }
 
 /// Keeps a duplicate of a (checked) SET_VRING_ERR's eventfd for the ring's workers; the

@@ -185,6 +185,11 @@ impl QueuePairWorker {
         })
     }
 
+    /// A duplicate of the re-arm eventfd: another thread wakes the worker with it.
+    pub fn waker(&self) -> io::Result<EventFd> {
+        self.rearm.try_clone()
+    }
+
     /// The flag other ports' deliveries check before writing into this rx queue.
     pub fn rx_shared(&self) -> Arc<RxQueueShared> {
         self.rx_shared.clone()

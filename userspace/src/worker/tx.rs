@@ -11,10 +11,32 @@ use crate::datapath::device::Offloads;
 use crate::datapath::offload::FinishTally;
 use crate::datapath::tx::{self, TxLimits, TxStop, TxTally};
 use crate::memory_guard;
-use crate::switch::{self, PortTx};
+use crate::switch::{self, OwnFrameDrop, PortTx};
 use crate::vring::{notify_guest_since, Vring};
 
 impl QueuePairWorker {
+    /// Sends a broadcast `frame` for the guest, outside its ring (the announcement its
+    /// frontend asked for): to the wire and to the other ports, under the port's policy.
+    pub fn send_broadcast(&mut self, frame: &[u8]) -> Result<(), OwnFrameDrop> {
+        let ports = self.switch.snapshot();
+        if let Some(rate) = &self.policy.rate {
+            rate.refill(Instant::now());
+        }
+        let (sock, policy) = (&mut self.tx, &mut self.policy);
+        let (local, scratch) = (&mut self.local, &mut self.switch_scratch);
+        sock.reap_completions();
+        let sent = PortTx::new(sock, policy, &ports, local, scratch).send_broadcast(frame);
+        switch::deliver_local(
+            &mut self.local,
+            sock,
+            &mut self.rx_scratch,
+            &mut self.to_notify,
+        );
+        sock.flush_tx();
+        switch::notify_ports(&mut self.to_notify);
+        sent
+    }
+
     /// Guest -> NIC. Returns true if work was left for another round.
     pub(super) fn service_tx(
         &mut self,

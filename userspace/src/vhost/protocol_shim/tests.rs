@@ -11,6 +11,75 @@ fn msg(request: u32, flags: u32, payload: &[u8]) -> Message {
     }
 }
 
+/// A shim for a device of one queue pair, its announcements going nowhere.
+fn start(front: UnixStream, back: UnixStream) -> Shim {
+    start_announcing(front, back).0
+}
+
+/// A shim for a device of one queue pair and the announcements it takes.
+fn start_announcing(front: UnixStream, back: UnixStream) -> (Shim, Arc<AnnounceRequests>) {
+    let wake = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let announce = Arc::new(AnnounceRequests::new(wake));
+    let shim = Shim::start(front, back, 2, 1024, RingErrorFds::new(2), announce.clone()).unwrap();
+    (shim, announce)
+}
+
+/// SEND_RARP, which the library would end the connection on, is answered by the shim: taken
+/// once the RARP protocol feature was acknowledged, refused before that or when malformed
+/// (NACKed if the frontend asked for a reply, else the connection ends), and never
+/// forwarded.
+#[test]
+fn send_rarp_is_taken_by_the_shim_after_the_feature_and_refused_otherwise() {
+    let (qemu, shim_front) = UnixStream::pair().unwrap();
+    let (shim_back, lib) = UnixStream::pair().unwrap();
+    let (shim, announce) = start_announcing(shim_front, shim_back);
+    let patience = Some(std::time::Duration::from_secs(5));
+    qemu.set_read_timeout(patience).unwrap();
+    lib.set_read_timeout(patience).unwrap();
+    let mac = [0x52, 0x54, 0, 0, 0, 7];
+    let rarp = [&mac[..], &[0, 0]].concat();
+    let asked = |payload: &[u8]| msg(REQ_SEND_RARP, FLAG_VERSION | FLAG_NEED_REPLY, payload);
+    let answer = |m: &Message| {
+        send_message(&qemu, m).unwrap();
+        let a = recv_message(&qemu).unwrap().unwrap();
+        assert_eq!(a.request, REQ_SEND_RARP);
+        a.payload
+    };
+    let (ok, nack) = (0u64.to_le_bytes().to_vec(), 1u64.to_le_bytes().to_vec());
+
+    assert_eq!(answer(&asked(&rarp)), nack, "before the feature");
+    let rarp_bit = VhostUserProtocolFeatures::RARP.bits();
+    let features = msg(
+        REQ_SET_PROTOCOL_FEATURES,
+        FLAG_VERSION,
+        &rarp_bit.to_le_bytes(),
+    );
+    send_message(&qemu, &features).unwrap();
+    assert_eq!(
+        recv_message(&lib).unwrap().unwrap().request,
+        REQ_SET_PROTOCOL_FEATURES
+    );
+    assert_eq!(answer(&asked(&rarp[..6])), nack, "6 bytes");
+    assert_eq!(answer(&asked(&[0xff; 8])), nack, "broadcast MAC");
+    assert_eq!(announce.take(), None);
+    assert_eq!(answer(&asked(&rarp)), ok);
+    assert_eq!(announce.take(), Some(crate::mac::MacAddr(mac)));
+    // As QEMU sends it: no reply asked for.
+    send_message(&qemu, &msg(REQ_SEND_RARP, FLAG_VERSION, &rarp)).unwrap();
+    // Nothing of it reached the library: the next message there is the one after it.
+    send_message(&qemu, &msg(REQ_SET_FEATURES, FLAG_VERSION, &[0; 8])).unwrap();
+    assert_eq!(
+        recv_message(&lib).unwrap().unwrap().request,
+        REQ_SET_FEATURES
+    );
+    assert_eq!(announce.take(), Some(crate::mac::MacAddr(mac)));
+
+    // Malformed without a reply asked for: the connection ends.
+    send_message(&qemu, &msg(REQ_SEND_RARP, FLAG_VERSION, &rarp[..4])).unwrap();
+    assert!(recv_message(&qemu).map_or(true, |m| m.is_none()));
+    shim.stop();
+}
+
 #[test]
 fn messages_and_fds_cross_intact() {
     let (a, b) = UnixStream::pair().unwrap();
@@ -36,7 +105,7 @@ fn messages_and_fds_cross_intact() {
 fn early_vring_enable_is_acked_and_replayed_after_set_features() {
     let (qemu, shim_front) = UnixStream::pair().unwrap();
     let (shim_back, lib) = UnixStream::pair().unwrap();
-    let shim = Shim::start(shim_front, shim_back, 2, 1024, RingErrorFds::new(2)).unwrap();
+    let shim = start(shim_front, shim_back);
     let enable = |idx: u32, on: u32| {
         let mut p = idx.to_le_bytes().to_vec();
         p.extend(on.to_le_bytes());
@@ -99,7 +168,7 @@ fn early_vring_enable_is_acked_and_replayed_after_set_features() {
 fn early_vring_enable_for_a_ring_the_device_lacks_is_refused_not_held() {
     let (qemu, shim_front) = UnixStream::pair().unwrap();
     let (shim_back, lib) = UnixStream::pair().unwrap();
-    let shim = Shim::start(shim_front, shim_back, 2, 1024, RingErrorFds::new(2)).unwrap();
+    let shim = start(shim_front, shim_back);
     let file = std::fs::File::open("/proc/self/status").unwrap();
     for idx in [0u32, 2, 7, u32::MAX, 1] {
         let mut p = idx.to_le_bytes().to_vec();
@@ -149,7 +218,7 @@ fn early_vring_enable_for_a_ring_the_device_lacks_is_refused_not_held() {
 fn a_pipe_as_kick_fd_and_a_bad_ring_size_are_refused_before_the_library() {
     let (qemu, shim_front) = UnixStream::pair().unwrap();
     let (shim_back, lib) = UnixStream::pair().unwrap();
-    let shim = Shim::start(shim_front, shim_back, 2, 1024, RingErrorFds::new(2)).unwrap();
+    let shim = start(shim_front, shim_back);
     // A reply that never comes fails the test instead of hanging it.
     let patience = Some(std::time::Duration::from_secs(5));
     qemu.set_read_timeout(patience).unwrap();
