@@ -471,7 +471,9 @@ impl Generator {
                     // From here on the frames only go round the tx and completion rings, by
                     // address; nothing writes them again.
                     let free: Vec<u64> = frames.iter().map(|f| area.addr(f)).collect();
-                    let umem = area.register(FRAMES, FRAMES).context("AF_XDP UMEM")?;
+                    let umem = area
+                        .register(FRAMES, FRAMES, false)
+                        .context("AF_XDP UMEM")?;
                     let errno = |what: &'static str| {
                         move |e: xdpilone::Errno| {
                             anyhow::anyhow!("AF_XDP {what}: errno {}", e.get_raw())

@@ -255,6 +255,7 @@ mod tests {
             "xvdpa_tx_gso_frames_total",
             "xvdpa_tx_segments_total",
             "xvdpa_tx_csum_computed_total",
+            "xvdpa_tx_csum_offloaded_total",
             "xvdpa_tx_offload_passed_total",
             "xvdpa_rx_coalesced_total",
             "xvdpa_rx_csum_verified_total",

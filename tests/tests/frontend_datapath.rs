@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frames::{
-    arp_reply_sender, arp_request, ip_bytes, test_frame, test_seq, BROADCAST,
+    arp_reply_sender, arp_request, ip_bytes, test_frame, test_seq, untag, BROADCAST,
 };
 use xvdpa_tests::frontend::{
     FrontendOptions, RawDesc, VirtioNetFrontend, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MRG_RXBUF,
@@ -40,6 +40,16 @@ fn setup_with(tag: &str, daemon_args: &[&str]) -> Result<Setup> {
     let dir = socket_dir(tag)?;
     let socket = dir.join("vm0.sock");
     let daemon = Daemon::start(&lab, &socket, &mac_str(guest_mac(0)), daemon_args)?;
+    with_wire(lab, daemon, socket, dir)
+}
+
+/// The setup around a started daemon: the wire's socket opened.
+fn with_wire(
+    lab: Lab,
+    daemon: Daemon,
+    socket: std::path::PathBuf,
+    dir: SocketDir,
+) -> Result<Setup> {
     let wire = WireSocket::open(&lab)?;
     let wire_mac = lab.wire_mac()?;
     Ok(Setup {
@@ -620,6 +630,15 @@ fn net_header(
 /// A wire frame of the test flow: (sequence number, payload), with both checksums verified
 /// by etherparse; `None` for other frames.
 fn checked_segment(f: &[u8]) -> Option<Result<(u32, Vec<u8>)>> {
+    let untagged;
+    let f = match untag(f) {
+        Some((100, u)) => {
+            untagged = u;
+            &untagged[..]
+        }
+        Some(_) => return None,
+        None => f,
+    };
     let ip = etherparse::Ipv4HeaderSlice::from_slice(f.get(14..)?).ok()?;
     let l4 = 14 + ip.slice().len();
     let tcp = etherparse::TcpHeaderSlice::from_slice(f.get(l4..)?).ok()?;
@@ -642,10 +661,17 @@ fn checked_segment(f: &[u8]) -> Option<Result<(u32, Vec<u8>)>> {
     Some(check())
 }
 
+/// The daemon leaves the checksums of NEEDS_CSUM frames and of TSO segments to the kernel
+/// (AF_XDP TX metadata): in copy mode each becomes a CHECKSUM_PARTIAL skb, which the NIC's
+/// checksum offload completes. A veth has none to speak of (it hands the skb to its peer
+/// partial, and the peer's stack trusts it), so the NIC's transmit checksumming is turned off
+/// here: the kernel then completes each checksum before the frame leaves, as a NIC would, and
+/// the wire sees finished frames.
 #[test]
 fn offload_requests_reach_the_wire_finished_and_malformed_ones_are_dropped() -> Result<()> {
     use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
     let s = setup("offl")?;
+    lab::run(s.lab.in_host("ethtool").args(["-K", lab::NIC, "tx", "off"]))?;
     let mut fe = connect(
         &s,
         (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | VIRTIO_RING_F_EVENT_IDX,
@@ -719,8 +745,14 @@ fn offload_requests_reach_the_wire_finished_and_malformed_ones_are_dropped() -> 
         .counter_reaching("tx_dropped_offload", attacks.len() as u64)?;
     ensure!(drops == attacks.len() as u64, "tx_dropped_offload {drops}");
     ensure!(s.daemon.counter("tx_segments")? == 6, "tx_segments");
+    // Every checksum went through the TX metadata: the segments' and the NEEDS_CSUM frame's.
     ensure!(
-        s.daemon.counter("tx_csum_computed")? == 1,
+        s.daemon.counter("tx_csum_offloaded")? == 7,
+        "tx_csum_offloaded {}",
+        s.daemon.counter("tx_csum_offloaded")?
+    );
+    ensure!(
+        s.daemon.counter("tx_csum_computed")? == 0,
         "tx_csum_computed"
     );
     ensure!(
@@ -730,6 +762,65 @@ fn offload_requests_reach_the_wire_finished_and_malformed_ones_are_dropped() -> 
     ensure!(
         fe.wait_tx_used(attacks.len() + 2, WAIT)? == attacks.len() + 2,
         "every chain came back used"
+    );
+    drop(fe);
+    s.daemon.stop()?;
+    Ok(())
+}
+
+/// On a tagged port the daemon inserts the tag after the MAC addresses of each frame it
+/// leaves the checksum of to the kernel: the request must name the bytes 4 further on, or
+/// the wire gets wrong sums.
+#[test]
+fn a_tagged_ports_checksum_requests_follow_the_inserted_tag() -> Result<()> {
+    use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
+    let lab = Lab::unique("offvl")?;
+    let dir = socket_dir("offvl")?;
+    let socket = dir.join("vm0.sock");
+    let spec = Daemon::port_spec(&socket, guest_mac(0), ",vlan=100");
+    let ctl = dir.join("ctl.sock");
+    let ctl = ctl.to_str().context("ctl path")?;
+    let mut daemon = Daemon::spawn(&lab, &["--port", &spec, "--ctl", ctl])?;
+    daemon.wait_for_log("port ready for a frontend", WAIT)?;
+    lab::run(lab.in_host("ethtool").args(["-K", lab::NIC, "tx", "off"]))?;
+    let s = with_wire(lab, daemon, socket, dir)?;
+    let mut fe = connect(
+        &s,
+        (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | VIRTIO_RING_F_EVENT_IDX,
+    )?;
+    let big: Vec<u8> = (0..5000u32).map(|i| (i * 11 + i / 256) as u8).collect();
+    let small: Vec<u8> = (0..301u32).map(|i| (i * 3) as u8).collect();
+    let tso = as_partial(&tcp_frame(&s, 3_000_000, &big));
+    let csum = as_partial(&tcp_frame(&s, 4_000_000, &small));
+    fe.send_with_header(&net_header(1, 1, 1448, 34, 16), &tso, 3, false)?;
+    fe.send_with_header(&net_header(1, 0, 0, 34, 16), &csum, 2, false)?;
+    fe.kick(TX_QUEUE)?;
+    let want = big.len().div_ceil(1448) + 1;
+    let got = s.wire.recv_until(WAIT, |g| {
+        g.iter().filter(|f| checked_segment(f).is_some()).count() >= want
+    });
+    ensure!(
+        got.iter()
+            .filter(|f| checked_segment(f).is_some())
+            .all(|f| untag(f).is_some()),
+        "a frame of the tagged port reached the wire untagged"
+    );
+    let segments = got
+        .iter()
+        .filter_map(|f| checked_segment(f))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(segments.len() == want, "wire got {} frames", segments.len());
+    ensure!(
+        segments.last() == Some(&(4_000_000, small.clone())),
+        "the NEEDS_CSUM frame"
+    );
+    let offloaded = s
+        .daemon
+        .counter_reaching("tx_csum_offloaded", want as u64)?;
+    ensure!(offloaded == want as u64, "tx_csum_offloaded {offloaded}");
+    ensure!(
+        s.daemon.counter("tx_csum_computed")? == 0,
+        "tx_csum_computed"
     );
     drop(fe);
     s.daemon.stop()?;

@@ -289,7 +289,8 @@ fn full_size_frames_flowed(daemon: &Daemon, offloads: bool) -> Result<()> {
     );
     let gso = daemon_counter(&stats, "tx_gso_frames")?;
     let segments = daemon_counter(&stats, "tx_segments")?;
-    let csum = daemon_counter(&stats, "tx_csum_computed")?;
+    let csum =
+        daemon_counter(&stats, "tx_csum_computed")? + daemon_counter(&stats, "tx_csum_offloaded")?;
     ensure!(
         daemon_counter(&stats, "tx_dropped_offload")? == 0,
         "offload requests dropped: {stats}"

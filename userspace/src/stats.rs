@@ -57,6 +57,9 @@ counters! {
         tx_segments,
         /// Partial checksums completed in software.
         tx_csum_computed,
+        /// Frames handed to the NIC with their checksum left for the kernel or the NIC to
+        /// complete (AF_XDP TX metadata): NEEDS_CSUM frames and segments of TSO frames.
+        tx_csum_offloaded,
         /// Frames handed to another guest with their offload intact (it negotiated it).
         tx_offload_passed,
         tx_dropped_oversized,

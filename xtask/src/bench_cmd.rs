@@ -187,8 +187,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         None
     };
 
-    let lab = Lab::named("xvdpa-bench");
+    // A lab of its own: creating a lab first removes one of the same name, so two benchmarks
+    // on one machine sharing a name would tear down each other's namespaces mid-run.
+    let mut lab = Lab::named(&format!("xvdpa-bench-{}", std::process::id()));
     lab.create()?;
+    lab.owned = true;
     let pinning = Pinning {
         datapath: args.datapath_cpu,
         load: args.load_cpu,

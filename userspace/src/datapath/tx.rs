@@ -8,7 +8,9 @@
 use super::GuestMemory;
 use virtio_queue::{Queue, QueueT};
 
-use super::offload::{self, NetHeader, Offload, Offloads, TsoPlan, F_NEEDS_CSUM, MAX_GSO_FRAME};
+use super::offload::{
+    self, NetHeader, Offload, Offloads, TsoPlan, F_NEEDS_CSUM, MAX_GSO_FRAME, TCP_CSUM_OFFSET,
+};
 use super::split_ring::{publish_used, Chains};
 use super::{read_at, GuestMemoryCursor, QueueError, Segment};
 use crate::datapath::device::{rx_header, ETH_HLEN, VNET_HDR_LEN};
@@ -22,6 +24,17 @@ pub trait TxBuffers {
     /// or to another port). A sink that refuses the frame (policy) says why; the buffer then
     /// stays free for the next frame.
     fn submit(&mut self, len: usize) -> Result<(), TxDrop>;
+    /// Whether the frame just routed may leave a checksum for the NIC to complete
+    /// (`submit_partial`); if not, the datapath completes it before `submit`.
+    fn completes_checksums(&self) -> bool {
+        false
+    }
+    /// Like `submit`, the checksum over the frame's bytes from `start` on left for the NIC
+    /// (the kernel's AF_XDP TX metadata) to put into the field at `start + offset`, which holds
+    /// the pseudo-header sum. Only after `completes_checksums` said yes.
+    fn submit_partial(&mut self, _len: usize, _start: usize, _offset: usize) -> Result<(), TxDrop> {
+        Err(TxDrop::Offload)
+    }
     /// Bytes one buffer of `next_buffer` holds for a frame; a larger frame goes whole to
     /// `submit_frame` instead. Unbounded for a sink whose buffers take any frame it is given.
     fn buffer_len(&self) -> usize {
@@ -123,6 +136,9 @@ pub struct TxTally {
     pub segments: u64,
     /// Partial checksums completed in software.
     pub csum_computed: u64,
+    /// Frames handed to the NIC with their checksum left for it to complete (NEEDS_CSUM
+    /// frames and segments of TSO frames).
+    pub csum_offloaded: u64,
 }
 
 impl TxTally {
@@ -386,6 +402,7 @@ impl ChainFrame<'_, '_> {
         tally: &mut TxTally,
     ) -> Result<Result<Sent, TxDrop>, QueueError> {
         let (at, head) = (self.at, self.head);
+        let to_nic = buffers.completes_checksums();
         let Some(buf) = buffers.next_buffer() else {
             buffers.unroute(len);
             return Ok(Ok(Sent::NoBuffers));
@@ -402,11 +419,19 @@ impl ChainFrame<'_, '_> {
             read_at(self.cursor, self.segs, HEADERS, &mut buf[ETH_HLEN..len])
                 .map_err(|source| QueueError::OutOfMemory { head, source })?;
         }
-        if let Offload::Checksum { .. } = offload {
-            offload::complete_checksum(&mut buf[..len], offload);
-            tally.csum_computed += 1;
-        }
-        Ok(buffers.submit(len).map(|()| Sent::Frame(len)))
+        let sent = match *offload {
+            Offload::Checksum { start, offset } if to_nic => {
+                tally.csum_offloaded += 1;
+                buffers.submit_partial(len, start, offset)
+            }
+            Offload::Checksum { .. } => {
+                offload::complete_checksum(&mut buf[..len], offload);
+                tally.csum_computed += 1;
+                buffers.submit(len)
+            }
+            _ => buffers.submit(len),
+        };
+        Ok(sent.map(|()| Sent::Frame(len)))
     }
 
     /// Hands on a frame larger than one NIC buffer (jumbo MTU), read whole into the arena:
@@ -432,8 +457,10 @@ impl ChainFrame<'_, '_> {
     }
 
     /// Cuts a TSO frame into NIC buffers: all its segments, or none while too few buffers
-    /// are free. A segment larger than one buffer (a jumbo MTU's) is written after the
-    /// frame in the arena and handed on whole.
+    /// are free. Where the sink has the NIC complete checksums, a segment's TCP checksum is
+    /// left to it and the payload is only copied; otherwise it is summed while copied. A
+    /// segment larger than one buffer (a jumbo MTU's) is written after the frame in the arena,
+    /// checksums complete, and handed on whole.
     fn segment(
         &mut self,
         buffers: &mut impl TxBuffers,
@@ -460,6 +487,7 @@ impl ChainFrame<'_, '_> {
         }
         let (taken, spare) = self.arena.split_at_mut(end);
         let frame = &taken[self.at + VNET_HDR_LEN..];
+        let partial = buffers.completes_checksums();
         for i in 0..plan.segments() {
             let sent = if plan.segment_len(i) > buffer_len {
                 let n = plan.write_segment(frame, i, spare);
@@ -472,8 +500,14 @@ impl ChainFrame<'_, '_> {
                 if buf.len() < plan.segment_len(i) {
                     return Ok(Err(TxDrop::Oversized));
                 }
-                let n = plan.write_segment(frame, i, buf);
-                buffers.submit(n)
+                if partial {
+                    let n = plan.write_segment_partial(frame, i, buf);
+                    tally.csum_offloaded += 1;
+                    buffers.submit_partial(n, plan.l4, TCP_CSUM_OFFSET)
+                } else {
+                    let n = plan.write_segment(frame, i, buf);
+                    buffers.submit(n)
+                }
             };
             if let Err(why) = sent {
                 return Ok(Err(why));

@@ -179,6 +179,30 @@ impl TxBuffers for PortTx<'_> {
         }
     }
 
+    fn completes_checksums(&self) -> bool {
+        // Only a frame for the wire alone: a flooded one is also read by other ports, whose
+        // guests must get it complete.
+        self.copied == Some(Copied::Wire) && self.sock.completes_checksums()
+    }
+
+    fn submit_partial(&mut self, len: usize, start: usize, offset: usize) -> Result<(), TxDrop> {
+        if !self.completes_checksums() || self.sock.current(len).is_none() {
+            return Err(TxDrop::Offload);
+        }
+        // A tagged port's tag goes in after the MAC addresses, before the checksummed bytes.
+        let (len, start) = match self.policy.vlan {
+            Some(vid) => (
+                self.sock.tag_current(len, vid).ok_or(TxDrop::Oversized)?,
+                start + vlan::TAG_LEN,
+            ),
+            None => (len, start),
+        };
+        self.sock
+            .stage_with_checksum(len, start, offset)
+            .map(|_| ())
+            .ok_or(TxDrop::Offload)
+    }
+
     fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
         // The route holds for every buffer of the frame (a TSO frame's segments) until the
         // next `route`.

@@ -161,6 +161,7 @@ impl QueuePairWorker {
             &s.tx_csum_computed,
             tally.csum_computed + finished.csum_computed,
         );
+        s.add(&s.tx_csum_offloaded, tally.csum_offloaded);
         s.add(&s.tx_offload_passed, finished.passed);
         if state.get_queue().next_used() != used_before {
             notify_guest_since(&mut state, mem, &self.stats, Some(used_before));

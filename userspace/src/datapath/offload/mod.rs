@@ -30,6 +30,10 @@ pub const F_NEEDS_CSUM: u8 = 1;
 /// `virtio_net_hdr.flags` (device to driver): the frame's checksums were verified.
 pub const F_DATA_VALID: u8 = 2;
 
+/// Where a TCP header's checksum field lies, from the start of the header (the
+/// `csum_offset` of a TCP checksum request).
+pub const TCP_CSUM_OFFSET: usize = 16;
+
 /// `virtio_net_hdr.gso_type` values.
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;

@@ -125,15 +125,32 @@ impl TsoPlan {
     /// Writes segment `i` of `frame` into `out` (at least [`TsoPlan::segment_len`] bytes) with
     /// headers fixed up and checksums complete; returns its length.
     pub fn write_segment(&self, frame: &[u8], i: usize, out: &mut [u8]) -> usize {
+        self.write(frame, i, out, false)
+    }
+
+    /// [`TsoPlan::write_segment`] with the TCP checksum left partial, for a NIC that completes
+    /// it: the field holds the pseudo-header sum, as in a guest's NEEDS_CSUM frame
+    /// (`csum_start` at [`TsoPlan::l4`], `csum_offset` 16), and the payload is copied without
+    /// being summed. The IPv4 header checksum is complete.
+    pub fn write_segment_partial(&self, frame: &[u8], i: usize, out: &mut [u8]) -> usize {
+        self.write(frame, i, out, true)
+    }
+
+    fn write(&self, frame: &[u8], i: usize, out: &mut [u8], partial: bool) -> usize {
         let len = self.segment_len(i);
         let from = self.headers + i * self.mss;
         let n = len - self.headers;
         out[..self.headers].copy_from_slice(&frame[..self.headers]);
+        let (dst, src) = (&mut out[self.headers..len], &frame[from..from + n]);
         // The payload's checksum is summed while it is copied; the headers are added below.
         // (The payload starts at an even offset of the TCP segment: TCP headers are whole
         // 32-bit words.)
-        let payload_sum =
-            checksum::copy_and_sum(&mut out[self.headers..len], &frame[from..from + n], 0);
+        let payload_sum = if partial {
+            dst.copy_from_slice(src);
+            0
+        } else {
+            checksum::copy_and_sum(dst, src, 0)
+        };
         let seg = &mut out[..len];
         let (l3, l4) = (self.l3, self.l4);
         let l4_len = len - l4;
@@ -166,7 +183,11 @@ impl TsoPlan {
         } else {
             checksum::pseudo_header(&seg[l3 + 12..l3 + 16], &seg[l3 + 16..l3 + 20], 6, l4_len)
         };
-        let c = checksum::finish(checksum::sum(&seg[l4..self.headers], pseudo + payload_sum));
+        let c = if partial {
+            checksum::fold(pseudo)
+        } else {
+            checksum::finish(checksum::sum(&seg[l4..self.headers], pseudo + payload_sum))
+        };
         seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
         len
     }

@@ -68,6 +68,34 @@ fn check_segmentation(f: Flow, len: usize, mss: usize) {
 }
 
 #[test]
+fn a_partial_segment_completed_at_l4_equals_the_complete_one() {
+    for ipv6 in [false, true] {
+        let f = Flow {
+            ipv6,
+            fin: true,
+            ..Flow::default()
+        };
+        let big = build(&f, f.seq, f.id, true, true, false, &payload(5000));
+        let Ok(Offload::Tso(plan)) = classify(&tso_header(ipv6, 1448), &big, all()) else {
+            panic!("not a TSO plan");
+        };
+        for (i, whole) in segment_all(&big, &plan).iter().enumerate() {
+            let mut out = vec![0u8; plan.segment_len(i)];
+            let n = plan.write_segment_partial(&big, i, &mut out);
+            assert_eq!(n, whole.len());
+            assert_ne!(
+                &out[..n],
+                &whole[..],
+                "segment {i}: the checksum is left partial"
+            );
+            // What the NIC (or the kernel's skb_checksum_help) does with the request.
+            checksum::complete(&mut out[..n], plan.l4, TCP_CSUM_OFFSET);
+            assert_eq!(&out[..n], &whole[..], "ipv6 {ipv6} segment {i}");
+        }
+    }
+}
+
+#[test]
 fn ipv4_segments_match_an_independent_builder() {
     check_segmentation(Flow::default(), 10_000, 1448);
     check_segmentation(Flow::default(), 1448 * 4, 1448);

@@ -13,6 +13,11 @@ struct VecBuffers {
     sent: Vec<Vec<u8>>,
     /// Frames over one buffer go whole to `submit_frame` (multi-buffer).
     multi_buffer: bool,
+    /// Checksums may be left to the "NIC" (`submit_partial`), which completes them here as
+    /// the kernel does for a CHECKSUM_PARTIAL skb.
+    nic_checksums: bool,
+    /// (start, offset) of every checksum left to it.
+    partial: Vec<(usize, usize)>,
 }
 
 impl VecBuffers {
@@ -22,6 +27,16 @@ impl VecBuffers {
             current: vec![0; 2048],
             sent: Vec::new(),
             multi_buffer: false,
+            nic_checksums: false,
+            partial: Vec::new(),
+        }
+    }
+
+    /// `free` buffers whose "NIC" completes checksums.
+    fn nic_checksums(free: usize) -> Self {
+        VecBuffers {
+            nic_checksums: true,
+            ..VecBuffers::new(free)
         }
     }
 
@@ -44,6 +59,21 @@ impl TxBuffers for VecBuffers {
     fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
         self.free -= 1;
         self.sent.push(self.current[..len].to_vec());
+        Ok(())
+    }
+    fn completes_checksums(&self) -> bool {
+        self.nic_checksums
+    }
+    fn submit_partial(&mut self, len: usize, start: usize, offset: usize) -> Result<(), TxDrop> {
+        assert!(
+            self.nic_checksums,
+            "a checksum left to a NIC that does not take it"
+        );
+        let mut frame = self.current[..len].to_vec();
+        checksum::complete(&mut frame, start, offset);
+        self.partial.push((start, offset));
+        self.free -= 1;
+        self.sent.push(frame);
         Ok(())
     }
     fn reserve(&mut self, n: usize) -> bool {
@@ -444,6 +474,23 @@ fn tso_to_the_nic(
     limits: TxLimits,
     bufs: impl Fn() -> VecBuffers,
 ) -> Vec<Vec<usize>> {
+    tso_to_the_nic_tallied(payload_len, mss, limits, bufs)
+        .into_iter()
+        .map(|(lens, _, _)| lens)
+        .collect()
+}
+
+/// One IP version's TSO frame at the NIC: segment lengths, the batch's tally, and the
+/// (start, offset) of each checksum left to the sink.
+type TsoSent = (Vec<usize>, TxTally, Vec<(usize, usize)>);
+
+/// [`tso_to_the_nic`], with each IP version's tally and the checksum requests its sink got.
+fn tso_to_the_nic_tallied(
+    payload_len: usize,
+    mss: [usize; 2],
+    limits: TxLimits,
+    bufs: impl Fn() -> VecBuffers,
+) -> Vec<TsoSent> {
     let mut lens = Vec::new();
     for ipv6 in [false, true] {
         let mem = memory();
@@ -475,9 +522,27 @@ fn tso_to_the_nic(
         assert!(bufs.sent == want, "ipv6 {ipv6}: sent {sent:?}, {tally:?}");
         assert_eq!((tally.frames, tally.bytes), (1, frame.len() as u64));
         assert_eq!((tally.gso_frames, tally.segments), (1, want.len() as u64));
-        lens.push(sent);
+        lens.push((sent, tally, bufs.partial));
     }
     lens
+}
+
+#[test]
+fn segments_leave_their_tcp_checksums_to_a_nic_that_completes_them() {
+    for (i, (lens, tally, partial)) in
+        tso_to_the_nic_tallied(20_000, [1448, 1428], OFFLOADS, || {
+            VecBuffers::nic_checksums(64)
+        })
+        .into_iter()
+        .enumerate()
+    {
+        // Completed by the "NIC", every segment equals the independent build (checked in
+        // `tso_to_the_nic_tallied`); none was summed here.
+        let l4 = if i == 0 { 34 } else { 54 };
+        assert_eq!(partial, vec![(l4, 16); lens.len()]);
+        assert_eq!(tally.csum_offloaded, lens.len() as u64);
+        assert_eq!(tally.csum_computed, 0);
+    }
 }
 
 #[test]
@@ -487,8 +552,12 @@ fn a_tso_frame_to_the_nic_becomes_mtu_sized_segments() {
 }
 
 /// Sends a TCP frame of `payload_len` bytes with a partial checksum to `bufs` and checks it
-/// arrives once, its checksum completed.
-fn partial_checksum_to_the_nic(payload_len: usize, limits: TxLimits, mut bufs: VecBuffers) {
+/// arrives once, its checksum completed (by the daemon, or by a sink that takes checksums).
+fn partial_checksum_to_the_nic(
+    payload_len: usize,
+    limits: TxLimits,
+    mut bufs: VecBuffers,
+) -> (TxTally, VecBuffers) {
     let mem = memory();
     let mut t = TestQueue::new(&mem);
     let f = Flow::default();
@@ -504,12 +573,20 @@ fn partial_checksum_to_the_nic(payload_len: usize, limits: TxLimits, mut bufs: V
     let mut q = t.queue();
     let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, limits);
     assert_eq!(bufs.sent, vec![want]);
-    assert_eq!(tally.csum_computed, 1);
+    (tally, bufs)
 }
 
 #[test]
 fn a_partial_checksum_to_the_nic_is_completed() {
-    partial_checksum_to_the_nic(1000, OFFLOADS, VecBuffers::new(8));
+    let (tally, _) = partial_checksum_to_the_nic(1000, OFFLOADS, VecBuffers::new(8));
+    assert_eq!((tally.csum_computed, tally.csum_offloaded), (1, 0));
+}
+
+#[test]
+fn a_partial_checksum_is_left_to_a_nic_that_completes_it() {
+    let (tally, bufs) = partial_checksum_to_the_nic(1000, OFFLOADS, VecBuffers::nic_checksums(8));
+    assert_eq!((tally.csum_computed, tally.csum_offloaded), (0, 1));
+    assert_eq!(bufs.partial, vec![(34, 16)]);
 }
 
 #[test]
@@ -738,7 +815,16 @@ fn a_jumbo_frame_to_a_sink_without_multi_buffer_is_dropped() {
 
 #[test]
 fn a_jumbo_frame_with_a_partial_checksum_is_completed_before_it_is_cut() {
-    partial_checksum_to_the_nic(8000, JUMBO, VecBuffers::multi_buffer(8));
+    let (tally, _) = partial_checksum_to_the_nic(8000, JUMBO, VecBuffers::multi_buffer(8));
+    assert_eq!(tally.csum_computed, 1);
+    // Also where the NIC would complete checksums: a frame in pieces carries no request.
+    let bufs = VecBuffers {
+        nic_checksums: true,
+        ..VecBuffers::multi_buffer(8)
+    };
+    let (tally, bufs) = partial_checksum_to_the_nic(8000, JUMBO, bufs);
+    assert_eq!((tally.csum_computed, tally.csum_offloaded), (1, 0));
+    assert!(bufs.partial.is_empty());
 }
 
 #[test]

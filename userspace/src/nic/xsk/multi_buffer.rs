@@ -35,21 +35,25 @@ pub(super) struct RxPiece {
     pub(super) more: bool,
 }
 
-/// A filled transmit frame: how many of its bytes are to be sent, and whether the Ethernet
-/// frame goes on in the next one (all pieces of a multi-buffer frame but its last).
+/// `XDP_TX_METADATA` in a tx descriptor's options: the frame carries a TX metadata request
+/// (Linux 6.8+) in the bytes before its data.
+pub(super) const XDP_TX_METADATA: u32 = 1 << 1;
+
+/// A filled transmit frame: how many of its bytes are to be sent, whether the Ethernet
+/// frame goes on in the next one (all pieces of a multi-buffer frame but its last), and
+/// whether its TX metadata holds a request (a checksum for the kernel or NIC to complete).
 pub(super) struct TxFrame {
     pub(super) frame: UmemFrame,
     pub(super) len: u32,
     pub(super) more: bool,
+    pub(super) metadata: bool,
 }
 
 impl TxFrame {
     pub(super) fn options(&self) -> u32 {
-        if self.more {
-            XDP_PKT_CONTD
-        } else {
-            0
-        }
+        let more = if self.more { XDP_PKT_CONTD } else { 0 };
+        let metadata = if self.metadata { XDP_TX_METADATA } else { 0 };
+        more | metadata
     }
 }
 
@@ -273,11 +277,13 @@ impl<'a> Iterator for Frames<'a> {
 }
 
 /// Copies `bytes` into as many frames from the end of `free` as it takes (`piece_len` bytes
-/// each), in order onto `staged`, all but the last marked as continued. Returns false, with
-/// nothing taken, when `bytes` is empty or needs more than [`MAX_PIECES`] or than `free` has.
+/// each, from `start` on in each frame), in order onto `staged`, all but the last marked as
+/// continued. Returns false, with nothing taken, when `bytes` is empty or needs more than
+/// [`MAX_PIECES`] or than `free` has.
 pub(super) fn scatter(
     area: &UmemArea,
     bytes: &[u8],
+    start: usize,
     piece_len: usize,
     free: &mut Vec<UmemFrame>,
     staged: &mut Vec<TxFrame>,
@@ -289,11 +295,12 @@ pub(super) fn scatter(
     let last = pieces - 1;
     for (i, chunk) in bytes.chunks(piece_len).enumerate() {
         let mut frame = free.pop().expect("counted above");
-        area.frame_mut(&mut frame)[..chunk.len()].copy_from_slice(chunk);
+        area.frame_mut(&mut frame)[start..start + chunk.len()].copy_from_slice(chunk);
         staged.push(TxFrame {
             frame,
             len: chunk.len() as u32,
             more: i < last,
+            metadata: false,
         });
     }
     true

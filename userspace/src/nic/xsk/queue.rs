@@ -144,7 +144,16 @@ impl NicQueue {
             UmemArea::new(geometry.fill_size + geometry.ring_size, geometry.frame_size)
                 .map_err(|e| umem_error(e, ifname, queue_id))?;
         let umem = area
-            .register(geometry.fill_size, geometry.ring_size)
+            // TX metadata hands checksums to the kernel, which completes them in copy mode
+            // whatever the NIC (a CHECKSUM_PARTIAL skb: the NIC's checksum offload, or
+            // software when it has none). A zero-copy driver ignores a request it cannot
+            // carry out, unless it announces the offload (netlink's xsk-features), which is
+            // not read yet: there the daemon completes checksums itself.
+            .register(
+                geometry.fill_size,
+                geometry.ring_size,
+                mode == XskMode::Copy,
+            )
             .map_err(|e| umem_error(e, ifname, queue_id))?;
         let mut info = IfInfo::invalid();
         info.from_ifindex(ifindex)
@@ -214,6 +223,12 @@ impl NicQueue {
     /// The UMEM's memory, to reach frames through their tokens.
     pub(super) fn area(&self) -> &UmemArea {
         self.umem.area()
+    }
+
+    /// Where a transmitted frame's data starts in its UMEM frame: after the TX metadata, when
+    /// the UMEM has room for it (the kernel then checks every tx descriptor for that room).
+    pub(super) fn tx_data_start(&self) -> usize {
+        self.umem.tx_metadata_len() as usize
     }
 
     /// The shared rings and pools; taken once per batch, never per frame.

@@ -20,7 +20,7 @@ use xdpilone::{RingRx, RingTx, Socket, SocketConfig, User};
 
 use super::multi_buffer::{scatter, RxAssembly, TxFrame, MAX_PIECES, XDP_PKT_CONTD};
 use super::queue::NicQueue;
-use super::umem::UmemFrame;
+use super::umem::{self, UmemFrame};
 use super::{setup_error, XskError, XskKernelStats, XskMode};
 use crate::datapath::tx::{TxBuffers, TxDrop};
 use crate::nic::vlan;
@@ -178,9 +178,16 @@ impl XskSocket {
         }
     }
 
-    /// Bytes of one transmit buffer (a UMEM frame).
+    /// Bytes of one transmit buffer (a UMEM frame, less the room for TX metadata).
     pub fn buffer_len(&self) -> usize {
-        self.queue.geometry.frame_size as usize
+        self.queue.geometry.frame_size as usize - self.queue.tx_data_start()
+    }
+
+    /// Whether a frame staged with [`XskSocket::stage_with_checksum`] gets its checksum
+    /// completed by the kernel or the NIC (AF_XDP TX metadata); if not, the caller completes
+    /// it before staging.
+    pub fn completes_checksums(&self) -> bool {
+        self.queue.tx_data_start() > 0
     }
 
     /// Moves up to `max` newly received descriptors into the backlog; a frame larger than one
@@ -305,6 +312,7 @@ impl XskSocket {
         self.tx_kept_at.clear();
         if !self.tx_staged.is_empty() {
             let area = self.queue.area();
+            let start = self.queue.tx_data_start() as u64;
             let mut placed = 0u32;
             // xdpilone reserves from its cached view of the kernel's consumer and refreshes
             // it only when that view shows no room at all, so one pass may place fewer frames
@@ -312,7 +320,7 @@ impl XskSocket {
             while !self.tx_staged.is_empty() {
                 let mut writer = self.tx.transmit(self.tx_staged.len() as u32);
                 let n = writer.insert(self.tx_staged.iter().map(|s| XdpDesc {
-                    addr: area.addr(&s.frame),
+                    addr: area.addr(&s.frame) + start,
                     len: s.len,
                     options: s.options(),
                 }));
@@ -349,14 +357,16 @@ impl XskSocket {
     /// The first `len` bytes of the buffer `next_buffer` returned last.
     pub fn current(&self, len: usize) -> Option<&[u8]> {
         let frame = self.queue.area().frame(self.tx_free.last()?);
+        let frame = &frame[self.queue.tx_data_start()..];
         Some(&frame[..len.min(frame.len())])
     }
 
     /// Inserts an 802.1Q tag after the MAC addresses of the current buffer, which holds a
     /// `len`-byte frame; returns the new length, or `None` if the buffer has no room.
     pub fn tag_current(&mut self, len: usize, vid: u16) -> Option<usize> {
+        let start = self.queue.tx_data_start();
         let frame = self.tx_free.last_mut()?;
-        vlan::insert_tag(self.queue.area().frame_mut(frame), len, vid)
+        vlan::insert_tag(&mut self.queue.area().frame_mut(frame)[start..], len, vid)
     }
 
     /// Puts the current buffer, holding `len` bytes, on the way to the NIC. Its bytes stay
@@ -370,6 +380,40 @@ impl XskSocket {
             self.epoch,
             ViewList::Staged,
         ))
+    }
+
+    /// Puts the current buffer, holding `len` bytes, on the way to the NIC with a request in
+    /// its TX metadata to complete the checksum over its bytes from `start` on into the
+    /// 16-bit field at `start + offset` (which holds the pseudo-header sum, as for a guest's
+    /// NEEDS_CSUM). Only when [`XskSocket::completes_checksums`]; `None` otherwise, when no
+    /// buffer is at hand, or when the field does not lie inside the frame.
+    ///
+    /// The kernel refuses a request whose field lies past the frame with EINVAL and leaves
+    /// the descriptor at the head of the tx ring for the sender to retry, which would stop
+    /// the socket's transmit for good: only requests checked here reach it (the datapath
+    /// checked the guest's already, `offload::classify`).
+    pub fn stage_with_checksum(
+        &mut self,
+        len: usize,
+        start: usize,
+        offset: usize,
+    ) -> Option<FrameView> {
+        if !self.completes_checksums() || start + offset + 2 > len {
+            return None;
+        }
+        let (start, offset) = (u16::try_from(start).ok()?, u16::try_from(offset).ok()?);
+        let room = self.queue.tx_data_start();
+        let frame = self.tx_free.last_mut()?;
+        umem::write_checksum_request(
+            &mut self.queue.area().frame_mut(frame)[..room],
+            start,
+            offset,
+        );
+        let view = self.stage(len)?;
+        if let Some(staged) = self.tx_staged.last_mut() {
+            staged.metadata = true;
+        }
+        Some(view)
     }
 
     /// Takes the current buffer, holding `len` bytes, for delivery elsewhere: it stays the
@@ -403,7 +447,10 @@ impl XskSocket {
             }
         };
         match list.get(view.index as usize) {
-            Some(f) => self.queue.area().data(&f.frame, 0, f.len),
+            Some(f) => {
+                let start = self.queue.tx_data_start() as u32;
+                self.queue.area().data(&f.frame, start, f.len)
+            }
             None => &[],
         }
     }
@@ -418,7 +465,12 @@ impl XskSocket {
         let Some(mut to) = self.tx_free.pop() else {
             return false;
         };
-        let tagged = vlan::tagged_copy(self.view(src), self.queue.area().frame_mut(&mut to), vid);
+        let start = self.queue.tx_data_start();
+        let tagged = vlan::tagged_copy(
+            self.view(src),
+            &mut self.queue.area().frame_mut(&mut to)[start..],
+            vid,
+        );
         match tagged {
             Some(len) => {
                 push_view(&mut self.tx_staged, to, len, self.epoch, ViewList::Staged);
@@ -446,7 +498,8 @@ impl XskSocket {
                 }
             }
         };
-        let piece_len = self.queue.geometry.frame_size as usize;
+        let start = self.queue.tx_data_start();
+        let piece_len = self.queue.geometry.frame_size as usize - start;
         let pieces = bytes.len().div_ceil(piece_len);
         // Without XDP_USE_SG the kernel would take a continued descriptor as invalid.
         let most = if self.queue.geometry.multi_buffer {
@@ -462,6 +515,7 @@ impl XskSocket {
         scatter(
             self.queue.area(),
             bytes,
+            start,
             piece_len,
             &mut self.tx_free,
             &mut self.tx_staged,
@@ -510,6 +564,7 @@ fn push_view(
         frame,
         len: len as u32,
         more: false,
+        metadata: false,
     });
     FrameView {
         epoch,
@@ -552,13 +607,24 @@ impl TxBuffers for XskSocket {
         if self.tx_free.is_empty() {
             self.reap_completions();
         }
+        let start = self.queue.tx_data_start();
         let frame = self.tx_free.last_mut()?;
-        Some(self.queue.area().frame_mut(frame))
+        Some(&mut self.queue.area().frame_mut(frame)[start..])
     }
 
     fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
         self.stage(len);
         Ok(())
+    }
+
+    fn completes_checksums(&self) -> bool {
+        XskSocket::completes_checksums(self)
+    }
+
+    fn submit_partial(&mut self, len: usize, start: usize, offset: usize) -> Result<(), TxDrop> {
+        self.stage_with_checksum(len, start, offset)
+            .map(|_| ())
+            .ok_or(TxDrop::Offload)
     }
 
     fn buffer_len(&self) -> usize {

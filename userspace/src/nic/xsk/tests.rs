@@ -285,22 +285,45 @@ mod multi_buffer {
         assert_eq!(k.rx.pieces(), 0);
     }
 
+    /// Cuts `frame` into pieces whose data starts at `start` of their 4096-byte frames,
+    /// checks that they join back into it, and returns them with their lengths.
+    fn cut(
+        area: &UmemArea,
+        free: &mut Vec<UmemFrame>,
+        frame: &[u8],
+        start: usize,
+    ) -> (Vec<TxFrame>, Vec<u32>) {
+        let mut staged = Vec::new();
+        assert!(scatter(area, frame, start, 4096 - start, free, &mut staged));
+        let joined: Vec<u8> = staged
+            .iter()
+            .flat_map(|s| area.data(&s.frame, start as u32, s.len).to_vec())
+            .collect();
+        assert_eq!(joined, frame);
+        let lens = staged.iter().map(|s| s.len).collect();
+        (staged, lens)
+    }
+
     #[test]
     fn a_jumbo_frame_is_cut_into_marked_pieces_in_order() {
         let (area, mut free) = area(8);
-        let mut staged = Vec::new();
-        let frame = bytes(9018, 4);
-        assert!(scatter(&area, &frame, 4096, &mut free, &mut staged));
+        let (staged, lens) = cut(&area, &mut free, &bytes(9018, 4), 0);
         assert_eq!(free.len(), 5);
-        let lens: Vec<u32> = staged.iter().map(|s| s.len).collect();
         assert_eq!(lens, [4096, 4096, 826]);
         let options: Vec<u32> = staged.iter().map(TxFrame::options).collect();
         assert_eq!(options, [XDP_PKT_CONTD, XDP_PKT_CONTD, 0]);
-        let joined: Vec<u8> = staged
+    }
+
+    #[test]
+    fn pieces_start_after_the_tx_metadata_room() {
+        let (area, mut free) = area(8);
+        let (staged, lens) = cut(&area, &mut free, &bytes(9018, 5), 24);
+        assert_eq!(lens, [4072, 4072, 874]);
+        // The room before each piece's data is left alone: no piece asks for metadata.
+        assert!(staged.iter().all(|s| !s.metadata));
+        assert!(staged
             .iter()
-            .flat_map(|s| area.data(&s.frame, 0, s.len).to_vec())
-            .collect();
-        assert_eq!(joined, frame);
+            .all(|s| area.data(&s.frame, 0, 24).iter().all(|&b| b == 0)));
     }
 
     #[test]
@@ -308,12 +331,13 @@ mod multi_buffer {
         let (area, mut free) = area(8);
         let mut staged = Vec::new();
         let too_long = bytes(4096 * MAX_PIECES + 1, 1);
-        assert!(!scatter(&area, &too_long, 4096, &mut free, &mut staged));
-        assert!(!scatter(&area, &[], 4096, &mut free, &mut staged));
+        assert!(!scatter(&area, &too_long, 0, 4096, &mut free, &mut staged));
+        assert!(!scatter(&area, &[], 0, 4096, &mut free, &mut staged));
         free.truncate(2);
         assert!(!scatter(
             &area,
             &bytes(9000, 1),
+            0,
             4096,
             &mut free,
             &mut staged
@@ -323,6 +347,7 @@ mod multi_buffer {
         assert!(scatter(
             &area,
             &bytes(4096, 1),
+            0,
             4096,
             &mut free,
             &mut staged

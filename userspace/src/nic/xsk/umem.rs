@@ -18,6 +18,31 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use xdpilone::UmemConfig;
 
+/// `xdp_umem_reg.flags`: reserve `tx_metadata_len` bytes of TX metadata before each
+/// transmitted frame (Linux 6.11+; 6.8 to 6.10 took the length without the flag, and xvdpa
+/// does not use their TX metadata).
+const XDP_UMEM_TX_METADATA_LEN: u32 = 1 << 2;
+
+/// Bytes reserved for `struct xsk_tx_metadata` before each transmitted frame: its size since
+/// Linux 6.14 (flags, then the checksum request and launch time), a multiple of 8 as the
+/// kernel wants. Older kernels read the first 16 and ignore the rest.
+pub const TX_METADATA_LEN: u32 = 24;
+
+/// `xsk_tx_metadata.flags`: complete the checksum described by `csum_start` and
+/// `csum_offset`.
+const XDP_TXMD_FLAGS_CHECKSUM: u64 = 1 << 1;
+
+/// Writes `struct xsk_tx_metadata` asking for a checksum over the frame's bytes from `start`
+/// on, stored at `start + offset`, into `meta` (the [`TX_METADATA_LEN`] bytes before the
+/// frame's data), in the kernel's layout: `__u64 flags`, then `__u16 csum_start`, `__u16
+/// csum_offset` and (at 8 bytes further) `__u64 launch_time`, in host byte order.
+pub fn write_checksum_request(meta: &mut [u8], start: u16, offset: u16) {
+    meta[..TX_METADATA_LEN as usize].fill(0);
+    meta[0..8].copy_from_slice(&XDP_TXMD_FLAGS_CHECKSUM.to_ne_bytes());
+    meta[8..10].copy_from_slice(&start.to_ne_bytes());
+    meta[10..12].copy_from_slice(&offset.to_ne_bytes());
+}
+
 /// Why a UMEM could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum UmemError {
@@ -176,20 +201,62 @@ impl UmemArea {
 
     /// Registers the area with the kernel as an AF_XDP UMEM whose fill and completion rings
     /// hold `fill_size` and `complete_size` entries (powers of two).
-    pub fn register(self, fill_size: u32, complete_size: u32) -> Result<RegisteredUmem, UmemError> {
-        let config = UmemConfig {
+    ///
+    /// With `tx_metadata`, room for AF_XDP TX metadata ([`TX_METADATA_LEN`] bytes) is reserved
+    /// before every transmitted frame, so the kernel or the NIC can complete checksums; a
+    /// kernel that refuses it (before Linux 6.11, which added `XDP_UMEM_TX_METADATA_LEN`)
+    /// gets a registration without, said once in the log. [`RegisteredUmem::tx_metadata_len`]
+    /// tells which it got.
+    pub fn register(
+        self,
+        fill_size: u32,
+        complete_size: u32,
+        tx_metadata: bool,
+    ) -> Result<RegisteredUmem, UmemError> {
+        let config = |tx_metadata_len: u32| UmemConfig {
             fill_size,
             complete_size,
             frame_size: self.frame_size,
             headroom: 0,
-            flags: 0,
+            flags: if tx_metadata_len > 0 {
+                XDP_UMEM_TX_METADATA_LEN
+            } else {
+                0
+            },
+            tx_metadata_len,
         };
+        if tx_metadata {
+            match self.register_with(config(TX_METADATA_LEN)) {
+                Ok(xdp) => {
+                    return Ok(RegisteredUmem {
+                        xdp,
+                        area: self,
+                        tx_metadata_len: TX_METADATA_LEN,
+                    })
+                }
+                Err(e) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::info!(error = %e, "the kernel takes no AF_XDP TX metadata (Linux 6.11+): checksums for the NIC are completed in software");
+                    });
+                }
+            }
+        }
+        let xdp = self.register_with(config(0))?;
+        Ok(RegisteredUmem {
+            xdp,
+            area: self,
+            tx_metadata_len: 0,
+        })
+    }
+
+    fn register_with(&self, config: UmemConfig) -> Result<xdpilone::Umem, UmemError> {
         let area = NonNull::slice_from_raw_parts(self.ptr, self.len);
         // SAFETY: the area is page aligned (fresh mmap), sized for `frames` frames, and
-        // outlives the registration: `RegisteredUmem` owns both and drops `xdp` first.
-        let xdp = unsafe { xdpilone::Umem::new(config, area) }
-            .map_err(|e| UmemError::Register(super::errno(e)))?;
-        Ok(RegisteredUmem { xdp, area: self })
+        // outlives the registration: `RegisteredUmem` owns both and drops `xdp` first (a
+        // registration that failed closed its socket already).
+        unsafe { xdpilone::Umem::new(config, area) }
+            .map_err(|e| UmemError::Register(super::errno(e)))
     }
 }
 
@@ -207,6 +274,8 @@ pub struct RegisteredUmem {
     // Field order is drop order: the registration goes before the memory it names.
     xdp: xdpilone::Umem,
     area: UmemArea,
+    /// Bytes of TX metadata before each transmitted frame's data: 0 or [`TX_METADATA_LEN`].
+    tx_metadata_len: u32,
 }
 
 // SAFETY: xdpilone's `Umem` is neither Send nor Sync only because it keeps the area's pointer,
@@ -225,5 +294,11 @@ impl RegisteredUmem {
     /// The registration, to make and bind sockets with.
     pub fn xdp(&self) -> &xdpilone::Umem {
         &self.xdp
+    }
+
+    /// Bytes of TX metadata the kernel expects before each transmitted frame's data (0: the
+    /// UMEM was registered without).
+    pub fn tx_metadata_len(&self) -> u32 {
+        self.tx_metadata_len
     }
 }
