@@ -290,6 +290,9 @@ impl GuestUmem {
             frame_size: layout.chunk_size,
             headroom: layout.headroom,
             flags: XDP_UMEM_UNALIGNED_CHUNK_FLAG,
+            // Transmit from guest memory would need metadata room in front of guest bytes
+            // the daemon does not own; checksums stay with the daemon's header slot.
+            tx_metadata_len: 0,
         };
         let area = NonNull::slice_from_raw_parts(mapping.ptr, mapping.len());
         // SAFETY: the area is a page-aligned mapping of `mapping.len()` bytes that outlives the
