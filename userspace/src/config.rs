@@ -109,6 +109,8 @@ pub struct ConfigFile {
     pub xdp_mode: Option<XdpModeChoice>,
     pub xsk_mode: Option<XskModeChoice>,
     pub busy_poll: Option<bool>,
+    /// false: `--no-adaptive-poll`.
+    pub adaptive_poll: Option<bool>,
     pub ctl: Option<PathBuf>,
     pub metrics: Option<String>,
     /// The user to run as after start-up (`--user`).
