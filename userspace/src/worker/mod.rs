@@ -78,6 +78,32 @@ impl EventIds {
     }
 }
 
+/// An adaptive worker's polling window: open while frames came within [`ADAPTIVE_IDLE`].
+#[derive(Debug, Default, Clone, Copy)]
+struct IdleWindow {
+    last_frames: Option<Instant>,
+}
+
+impl IdleWindow {
+    /// Records a round at `now` that found frames (or not); true while the window is open.
+    fn still_polling(&mut self, got_frames: bool, now: Instant) -> bool {
+        if got_frames {
+            self.last_frames = Some(now);
+        }
+        match self.last_frames {
+            Some(at) if now.saturating_duration_since(at) < ADAPTIVE_IDLE => true,
+            _ => {
+                self.last_frames = None;
+                false
+            }
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.last_frames.is_some()
+    }
+}
+
 /// Per-queue-pair datapath state.
 pub struct QueuePairWorker {
     pair: usize,
@@ -95,8 +121,8 @@ pub struct QueuePairWorker {
     busy_poll: bool,
     /// Keep polling while frames come from the NIC (see [`ADAPTIVE_IDLE`]).
     adaptive: bool,
-    /// The last time a poll found frames from the NIC, while polling adaptively.
-    hot_since_rx: Option<Instant>,
+    /// When the last frames from the NIC came, while polling adaptively.
+    rx_window: IdleWindow,
     /// The NIC queues' NAPI knobs, set once a socket's NAPI id is known.
     napi: Option<Arc<NapiTakeover>>,
     /// Per socket: its NAPI id was looked at and handed to `napi` (or found missing).
@@ -207,7 +233,7 @@ impl QueuePairWorker {
             timer: Timer::periodic(200)?,
             busy_poll,
             adaptive,
-            hot_since_rx: None,
+            rx_window: IdleWindow::default(),
             busy_pollable: vec![true; napi_done.len()],
             napi_done,
             napi,
@@ -318,20 +344,10 @@ impl QueuePairWorker {
     }
 
     /// Whether an adaptive worker polls again at once: while frames from the NIC came within
-    /// [`ADAPTIVE_IDLE`]. Its polls then run the NIC queue's NAPI (preferred busy polling), so
-    /// the kernel's receive work for the queue happens on this thread's CPU.
+    /// [`ADAPTIVE_IDLE`]. Its polls then run the NIC queue's NAPI (preferred busy polling)
+    /// where the socket reaches it, so the kernel's receive work happens on this CPU.
     fn keep_polling(&mut self, got_frames: bool) -> bool {
-        let now = Instant::now();
-        if got_frames {
-            self.hot_since_rx = Some(now);
-        }
-        match self.hot_since_rx {
-            Some(at) if now.duration_since(at) < ADAPTIVE_IDLE => true,
-            _ => {
-                self.hot_since_rx = None;
-                false
-            }
-        }
+        self.rx_window.still_polling(got_frames, Instant::now())
     }
 
     /// Once frames have come from the NIC (a socket learns its NAPI id from its first
@@ -413,5 +429,30 @@ impl QueuePairWorker {
             .sum();
         self.stats
             .add(&self.stats.rx_dropped_queue_stopped, stale as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_polling_window_stays_open_while_frames_come_and_closes_after_the_idle_time() {
+        let t0 = Instant::now();
+        let mut w = IdleWindow::default();
+        assert!(!w.still_polling(false, t0), "no frames yet: sleep");
+        assert!(w.still_polling(true, t0));
+        let step = ADAPTIVE_IDLE / 4;
+        // Frames keep coming: the window moves with them, far past one idle time.
+        for i in 1..=20 {
+            assert!(w.still_polling(true, t0 + step * i));
+        }
+        let last = t0 + step * 20;
+        assert!(w.still_polling(false, last + ADAPTIVE_IDLE - step));
+        assert!(!w.still_polling(false, last + ADAPTIVE_IDLE), "idle: sleep");
+        assert!(!w.is_open());
+        // Once closed it stays closed until frames come again.
+        assert!(!w.still_polling(false, last + ADAPTIVE_IDLE * 2));
+        assert!(w.still_polling(true, last + ADAPTIVE_IDLE * 3));
     }
 }

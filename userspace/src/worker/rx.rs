@@ -52,7 +52,7 @@ impl QueuePairWorker {
         'sockets: for k in 0..n {
             let i = (self.next_rx_socket + k) % n;
             let sock = &mut self.sockets[i];
-            if self.busy_poll || (self.hot_since_rx.is_some() && self.busy_pollable[i]) {
+            if self.busy_poll || (self.rx_window.is_open() && self.busy_pollable[i]) {
                 sock.busy_poll_rx();
             }
             for batch in 0..BUDGET_BATCHES {
