@@ -620,6 +620,44 @@ pub fn task_cpu_seconds(pid: u32, tid: u32) -> Result<f64> {
     stat_cpu_seconds(&format!("/proc/{pid}/task/{tid}/stat"))
 }
 
+/// CPU seconds used so far by the kernel threads that poll `iface`'s NAPI instances when
+/// they run threaded (`napi/<iface>-<id>`): receive work done for the datapath, counted with
+/// it.
+pub fn napi_threads_cpu_seconds(iface: &str) -> Result<f64> {
+    let prefix = format!("napi/{iface}-");
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue;
+        };
+        if comm.trim_end().starts_with(&prefix) {
+            // A thread that ends between the listing and here used nothing more.
+            total += process_cpu_seconds(pid).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
+/// NET_RX softirqs CPU `cpu` has run so far (/proc/softirqs): each is a round of the kernel's
+/// receive work (NAPI polls, XDP, the copy into an AF_XDP UMEM) in that CPU's softirq.
+pub fn cpu_net_rx_softirqs(cpu: usize) -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/softirqs").context("reading /proc/softirqs")?;
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("NET_RX:"))
+        .context("no NET_RX in /proc/softirqs")?;
+    line.split_whitespace()
+        .nth(cpu + 1)
+        .with_context(|| format!("no CPU {cpu} in /proc/softirqs"))?
+        .parse()
+        .context("/proc/softirqs format")
+}
+
 /// utime + stime from a `/proc/.../stat` file, in seconds.
 fn stat_cpu_seconds(path: &str) -> Result<f64> {
     let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;

@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 
 pub use crate::bench::GeneratorKind;
 use crate::bench::{
-    guest_rx_count, guest_tx_blast, guest_vm_to_vm, iface_counter, pin_thread, process_cpu_seconds,
-    process_rss_bytes, udp_frame, Generator,
+    cpu_net_rx_softirqs, guest_rx_count, guest_tx_blast, guest_vm_to_vm, iface_counter,
+    napi_threads_cpu_seconds, pin_thread, process_cpu_seconds, process_rss_bytes, udp_frame,
+    Generator,
 };
 use crate::daemon::{socket_dir, Daemon, SocketDir};
 use crate::dpdk;
@@ -83,6 +84,20 @@ pub struct Measurement {
     pub rss_bytes: u64,
     /// The generator that made the rx traffic.
     pub generator: Option<&'static str>,
+    /// NET_RX softirqs per second on the load CPU and on the datapath CPU over the window
+    /// (rx): where the kernel's receive work for the NIC queue ran in softirq.
+    pub net_rx_softirqs: Option<(f64, f64)>,
+    /// Share of a CPU the NIC's threaded NAPI pollers used over the window (rx; counted in
+    /// `cpu_s_per_mpkt` too): the receive work xvdpa moved off the softirq.
+    pub napi_thread_share: Option<f64>,
+}
+
+/// What an idle daemon costs: its CPU over a window with no traffic, after traffic.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleCpu {
+    pub seconds: f64,
+    /// Share of one CPU the daemon used over the window.
+    pub share: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -161,6 +176,8 @@ impl Measurement {
             guest_cpu_s,
             rss_bytes,
             generator: None,
+            net_rx_softirqs: None,
+            napi_thread_share: None,
         }
     }
 }
@@ -540,6 +557,8 @@ pub fn measure(
     }
     let (ut, mut fe) = start_vhost_peer(peer, lab, pin, &tag, &setup.daemon_args)?;
     let mut generator_name = None;
+    let mut net_rx_softirqs = None;
+    let mut napi_thread_share = None;
     let result = (|| -> Result<Measurement> {
         // Each direction yields (frames, seconds, datapath CPU seconds, guest CPU seconds).
         let (frames, seconds, cpu, guest_cpu_s) = match direction {
@@ -555,11 +574,23 @@ pub fn measure(
                 )?;
                 generator_name = Some(gen.kind().name());
                 guest_rx_count(&mut fe, setup.warmup, RX_BUFFER)?;
+                // The NAPI threads xvdpa may run for the NIC queue count as its own CPU.
+                let napi0 = napi_threads_cpu_seconds(lab::NIC)?;
                 let cpu0 = process_cpu_seconds(ut.pid)?;
+                let soft0 = (
+                    cpu_net_rx_softirqs(pin.load)?,
+                    cpu_net_rx_softirqs(pin.datapath)?,
+                );
                 let t0 = Instant::now();
                 let (frames, guest_cpu) = guest_rx_count(&mut fe, setup.duration, RX_BUFFER)?;
                 let seconds = t0.elapsed().as_secs_f64();
-                let cpu = process_cpu_seconds(ut.pid)? - cpu0;
+                let napi = napi_threads_cpu_seconds(lab::NIC)? - napi0;
+                let cpu = process_cpu_seconds(ut.pid)? - cpu0 + napi;
+                net_rx_softirqs = Some((
+                    (cpu_net_rx_softirqs(pin.load)? - soft0.0) as f64 / seconds,
+                    (cpu_net_rx_softirqs(pin.datapath)? - soft0.1) as f64 / seconds,
+                ));
+                napi_thread_share = Some(napi / seconds);
                 gen.stop()?;
                 (frames, seconds, cpu, guest_cpu)
             }
@@ -586,6 +617,8 @@ pub fn measure(
     })()
     .map(|mut m| {
         m.generator = generator_name;
+        m.net_rx_softirqs = net_rx_softirqs;
+        m.napi_thread_share = napi_thread_share;
         m
     });
     drop(fe);
@@ -593,6 +626,51 @@ pub fn measure(
     let m = result?;
     finished?;
     Ok(m)
+}
+
+/// The daemon's CPU over `window` with no traffic, after a second of rx traffic (64-byte
+/// frames) has made its workers poll and, where the kernel lets it, take the NIC queue's
+/// receive work over: what an idle daemon costs once the traffic has stopped.
+pub fn measure_idle(lab: &Lab, setup: &Setup, window: Duration) -> Result<IdleCpu> {
+    let pin = setup.pinning;
+    pin_thread(pin.load)?;
+    let frame = frame_for(Direction::Rx, 64, lab.wire_mac()?, &setup.frame);
+    let _ = lab
+        .in_host("ip")
+        .args(["link", "set", "dev", lab::NIC, "xdp", "off"])
+        .status();
+    let (ut, mut fe) = start_vhost_peer(Peer::Xvdpa, lab, pin, "bench-idle", &setup.daemon_args)?;
+    let result = (|| -> Result<IdleCpu> {
+        let gen = Generator::start_kind(
+            setup.generator,
+            &lab.wire_ns,
+            lab::WIRE,
+            frame,
+            setup.flows,
+            Some(pin.load),
+        )?;
+        let (frames, _) = guest_rx_count(&mut fe, Duration::from_secs(1), RX_BUFFER)?;
+        gen.stop()?;
+        if frames == 0 {
+            bail!("no frames reached the guest side before the idle window");
+        }
+        // Whatever was in flight drains, and the NIC queue's deferred polls run out.
+        std::thread::sleep(Duration::from_millis(500));
+        let cpu0 = process_cpu_seconds(ut.pid)?;
+        let t0 = Instant::now();
+        std::thread::sleep(window);
+        let seconds = t0.elapsed().as_secs_f64();
+        let cpu = process_cpu_seconds(ut.pid)? - cpu0;
+        Ok(IdleCpu {
+            seconds,
+            share: cpu / seconds,
+        })
+    })();
+    drop(fe);
+    let finished = ut.finish();
+    let idle = result?;
+    finished?;
+    Ok(idle)
 }
 
 /// Whether dpdk-testpmd is installed.

@@ -95,6 +95,12 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Turns GRO on for the NIC, which makes veth run a receive NAPI (with an id that the
+    /// netdev netlink family lists) while no XDP program is attached.
+    pub fn nic_with_napi_from_start(&self) -> io::Result<()> {
+        run(self.in_host("ethtool").args(["-K", NIC, "gro", "on"])).map(drop)
+    }
+
     pub fn exists(&self) -> bool {
         std::path::Path::new(&format!("/var/run/netns/{}", self.host_ns)).exists()
     }

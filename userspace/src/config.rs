@@ -109,6 +109,8 @@ pub struct ConfigFile {
     pub xdp_mode: Option<XdpModeChoice>,
     pub xsk_mode: Option<XskModeChoice>,
     pub busy_poll: Option<bool>,
+    /// false: `--no-adaptive-poll`.
+    pub adaptive_poll: Option<bool>,
     pub ctl: Option<PathBuf>,
     /// The group allowed to use the control socket (`--ctl-group`).
     #[serde(default, deserialize_with = "read_ctl_group")]

@@ -95,6 +95,12 @@ struct ServeArgs {
     /// preferred busy polling (SO_PREFER_BUSY_POLL) on the AF_XDP sockets (a CPU per queue pair).
     #[arg(long)]
     busy_poll: bool,
+    /// Sleep as soon as the rings are empty and leave the NIC queues' NAPI settings alone.
+    /// By default a worker keeps polling while frames come (its busy polls run the NIC queue's
+    /// receive work on its own CPU, with the queue's defer-hard-irqs and gro-flush-timeout set
+    /// for that and restored at exit) and sleeps after a short idle.
+    #[arg(long, conflicts_with = "busy_poll")]
+    no_adaptive_poll: bool,
     /// Control socket for `xvdpa ctl` and `xvdpa stats` [default: xvdpa.ctl next to the first
     /// port's socket, or /run/xvdpa/xvdpa.ctl].
     #[arg(long, value_name = "PATH")]
@@ -318,6 +324,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         xdp_mode: args.xdp_mode.or(file.xdp_mode).unwrap_or_default(),
         xsk_mode: args.xsk_mode.or(file.xsk_mode).unwrap_or_default(),
         busy_poll: args.busy_poll || file.busy_poll.unwrap_or(false),
+        adaptive_poll: !args.no_adaptive_poll && file.adaptive_poll.unwrap_or(true),
         ctl,
         ctl_group: args.ctl_group.or(file.ctl_group.clone()),
         metrics,

@@ -19,6 +19,7 @@ use xvdpa_common::MAX_PORTS;
 use crate::api::PortSpec;
 use crate::daemon::{Daemon, DaemonError};
 use crate::datapath::device::{ETH_HLEN, MAX_MTU, SPEED_UNKNOWN};
+use crate::nic::napi::{NapiSettings, NapiTakeover};
 use crate::nic::steering::{Steering, SteeringError, XdpLogger, XdpModeChoice};
 use crate::nic::vlan::TAG_LEN;
 use crate::nic::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskModeChoice};
@@ -35,6 +36,9 @@ pub struct RuntimeConfig {
     pub xdp_mode: XdpModeChoice,
     pub xsk_mode: XskModeChoice,
     pub busy_poll: bool,
+    /// Spin while frames come and let the worker take the NIC queues' receive work over
+    /// (the default); false with `--no-adaptive-poll`.
+    pub adaptive_poll: bool,
     /// The control socket (`xvdpa ctl`, `xvdpa stats`).
     pub ctl: PathBuf,
     /// The group whose members may use the control socket (`--ctl-group`); without one
@@ -45,6 +49,17 @@ pub struct RuntimeConfig {
     /// The user to become once the privileged set-up is done (`--user`).
     pub user: Option<String>,
 }
+
+/// What the worker sets on each NAPI instance of the NIC queues it serves (see `nic::napi`):
+/// after the worker's last busy poll the queue's interrupt stays off for 10 polls 50 µs
+/// apart, run by a timer on the worker's CPU, so a pause in the traffic shorter than half a
+/// millisecond never moves the queue's receive work back to the CPU that produces the frames;
+/// after that the interrupt is back, and an idle queue costs nothing.
+const WORKER_NAPI: NapiSettings = NapiSettings {
+    defer_hard_irqs: 10,
+    gro_flush_timeout_ns: 50_000,
+    irq_suspend_timeout_ns: 0,
+};
 
 /// The control socket's path when none is given: next to the first port's socket, or in
 /// /run/xvdpa.
@@ -273,13 +288,17 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         speed: link_speed(&config.iface),
         mtu: config.mtu,
         busy_poll: config.busy_poll,
+        adaptive_poll: config.adaptive_poll,
+        napi: (config.adaptive_poll || config.busy_poll)
+            .then(|| Arc::new(NapiTakeover::new(&config.iface, WORKER_NAPI))),
         steering: Mutex::new(steering),
     });
+    let nic_napi = nic.napi.clone();
     if let Some(account) = &account {
         // Everything that needs root is done: the ports below are made exactly as ports
         // added later through the control socket are, by the unprivileged daemon.
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let keep = kept_capabilities(config.busy_poll, &release);
+        let keep = kept_capabilities(config.busy_poll || config.adaptive_poll, &release);
         let dropped = socket_dirs
             .hand_to(account)
             .and_then(|()| Ok(privilege::drop_to(account, &keep)?));
@@ -330,6 +349,10 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         Ok(())
     });
     drop(rt);
+    // Before the ports go: on veth the NAPI instances go with the XDP program.
+    if let Some(napi) = &nic_napi {
+        napi.restore();
+    }
     daemon.shutdown();
     let _ = std::fs::remove_file(&config.ctl);
     outcome
@@ -353,8 +376,9 @@ fn tell_service_manager_ready() {
 /// start-up (README says the same; the least-privilege test checks each by running without it):
 /// - CAP_NET_RAW: every frontend connection opens fresh AF_XDP sockets on the NIC queues'
 ///   UMEMs and an AF_PACKET socket for the port's broadcast and multicast copy;
-/// - CAP_NET_ADMIN, with `--busy-poll` only: SO_PREFER_BUSY_POLL (and a SO_BUSY_POLL above
-///   the system default) on each new AF_XDP socket;
+/// - CAP_NET_ADMIN, unless both adaptive and busy polling are off: SO_PREFER_BUSY_POLL (and a
+///   SO_BUSY_POLL above the system default) on each new AF_XDP socket, and the NIC queues'
+///   NAPI settings (`napi-set`), made on a queue's first traffic and restored at exit;
 /// - CAP_BPF, on kernels before 6.5 only: they refuse every bpf(2) call, map updates on
 ///   maps the daemon already holds included, to a caller without it while
 ///   `kernel.unprivileged_bpf_disabled` is set (Debian's default); adding and removing a
@@ -364,9 +388,9 @@ fn tell_service_manager_ready() {
 /// Not kept: detaching XDP at exit closes the program's bpf link, which needs no privilege;
 /// the locked-memory limit was lifted while root and stays with the process; new sockets
 /// share the UMEMs registered at start-up, so nothing new is locked.
-pub fn kept_capabilities(busy_poll: bool, kernel_release: &str) -> Vec<Capability> {
+pub fn kept_capabilities(polls_nic: bool, kernel_release: &str) -> Vec<Capability> {
     let mut keep = vec![privilege::CAP_NET_RAW];
-    if busy_poll {
+    if polls_nic {
         keep.push(privilege::CAP_NET_ADMIN);
     }
     if map_updates_need_cap_bpf(kernel_release) {
@@ -510,6 +534,7 @@ mod tests {
             xdp_mode: XdpModeChoice::Auto,
             xsk_mode: XskModeChoice::Auto,
             busy_poll: false,
+            adaptive_poll: true,
             ctl: "/run/xvdpa/xvdpa.ctl".into(),
             ctl_group: None,
             metrics: None,
@@ -566,8 +591,8 @@ mod tests {
 
     #[test]
     fn kept_capabilities_follow_the_options_and_the_kernel() {
-        let names = |busy, release| -> Vec<&str> {
-            kept_capabilities(busy, release)
+        let names = |polls_nic, release| -> Vec<&str> {
+            kept_capabilities(polls_nic, release)
                 .iter()
                 .map(|c| c.name)
                 .collect()

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use xvdpa_tests::bench_run::{
-    measure, Direction, FrameSpec, GeneratorKind, Measurement, Peer, Pinning, Setup,
+    measure, measure_idle, Direction, FrameSpec, GeneratorKind, IdleCpu, Measurement, Peer,
+    Pinning, Setup,
 };
 use xvdpa_tests::bench_tcp::{measure_tcp, TcpDirection, TcpMeasurement, TcpPeer, TcpSetup};
 use xvdpa_tests::lab::Lab;
@@ -56,6 +57,13 @@ pub struct BenchArgs {
     /// Run xvdpa with --busy-poll (it then spins on its CPU, as DPDK does).
     #[arg(long)]
     busy_poll: bool,
+    /// Run xvdpa with --no-adaptive-poll (it sleeps as soon as its rings are empty and leaves
+    /// the NIC queue's NAPI alone: the behaviour before adaptive polling).
+    #[arg(long, conflicts_with = "busy_poll")]
+    no_adaptive_poll: bool,
+    /// Seconds over which the idle daemon's CPU is measured (0: not measured).
+    #[arg(long, default_value_t = 10.0)]
+    idle_seconds: f64,
     /// Traffic generator for rx: auto (pktgen, else XDP live frames, else AF_XDP), pktgen,
     /// xdp-live, af-xdp.
     #[arg(long, default_value = "auto")]
@@ -203,6 +211,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         flows: args.flows,
         daemon_args: if args.busy_poll {
             vec!["--busy-poll".to_string()]
+        } else if args.no_adaptive_poll {
+            vec!["--no-adaptive-poll".to_string()]
         } else {
             vec![]
         },
@@ -218,6 +228,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let mut all: Vec<(usize, Measurement)> = Vec::new();
     let mut tcp: Vec<(usize, TcpMeasurement)> = Vec::new();
+    let mut idle: Option<IdleCpu> = None;
     let limit_runs =
         usize::from(peers.contains(&Peer::Limit) && directions.contains(&Direction::VmToVm));
     let total = (directions.len() * peers.len() - limit_runs) * args.sizes.len() * args.runs;
@@ -246,6 +257,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     }
                 }
             }
+        }
+        if args.idle_seconds > 0.0 && peers.contains(&Peer::Xvdpa) && !directions.is_empty() {
+            let m = measure_idle(&lab, &setup, Duration::from_secs_f64(args.idle_seconds))
+                .context("xvdpa idle")?;
+            say!(
+                "xvdpa idle: {:.2} % of a CPU over {:.1} s with no traffic",
+                m.share * 100.0,
+                m.seconds
+            );
+            idle = Some(m);
         }
         if let Some(tcpperf) = &tcpperf {
             let tcp_setup = TcpSetup {
@@ -281,13 +302,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     result?;
 
     if !all.is_empty() {
-        println!("{}", render_table(&all, &peers, &args, pinning));
+        println!("{}", render_table(&all, &peers, &args, pinning, idle));
     }
     if !tcp.is_empty() {
         println!("{}", render_tcp_table(&tcp, &tcp_peers, &args, pinning));
     }
     if let Some(path) = &args.json {
-        write_json(path, &all, &tcp, &args, pinning)?;
+        write_json(path, &all, &tcp, &args, pinning, idle)?;
         say!("raw figures written to {}", path.display());
     }
     if let Some(path) = &args.plot {
@@ -423,15 +444,15 @@ fn by_key(all: &[(usize, Measurement)]) -> BTreeMap<Key, Vec<(usize, Measurement
     map
 }
 
-/// Median over runs of `a`'s rate divided by `b`'s, each ratio from the same run.
-fn paired_ratio(ms: &[(usize, Measurement)], a: Peer, b: Peer) -> f64 {
+/// `a`'s rate divided by `b`'s for each run that measured both, each ratio from that run.
+fn paired_ratios(ms: &[(usize, Measurement)], a: Peer, b: Peer) -> Vec<f64> {
     let mut ratios = Vec::new();
     for (run, m) in ms.iter().filter(|(_, m)| m.peer == a) {
         if let Some((_, other)) = ms.iter().find(|(r, o)| r == run && o.peer == b) {
             ratios.push(m.pps / other.pps);
         }
     }
-    median(ratios)
+    ratios
 }
 
 fn render_table(
@@ -439,12 +460,13 @@ fn render_table(
     peers: &[Peer],
     args: &BenchArgs,
     pin: Pinning,
+    idle: Option<IdleCpu>,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "\nxvdpa benchmark: median of {} runs x {:.1} s, datapath pinned to CPU {}, generator + guest side on CPU {}, {} flow(s), xvdpa {}",
-        args.runs, args.duration, pin.datapath, pin.load, args.flows, if args.busy_poll { "busy-polling" } else { "event-driven (default)" }
+        args.runs, args.duration, pin.datapath, pin.load, args.flows, if args.busy_poll { "busy-polling" } else if args.no_adaptive_poll { "event-driven (--no-adaptive-poll)" } else { "adaptive polling (default)" }
     );
     let mut generators: Vec<&str> = all.iter().filter_map(|(_, m)| m.generator).collect();
     generators.sort();
@@ -456,7 +478,7 @@ fn render_table(
     for p in peers {
         let _ = write!(header, " {} Mpps |", p.name());
     }
-    header.push_str(" xvdpa/dpdk | xvdpa/limit | xvdpa CPU s/Mpkt | dpdk CPU s/Mpkt | guest side CPU | xvdpa RSS |");
+    header.push_str(" xvdpa/dpdk | xvdpa/limit | xvdpa CPU s/Mpkt | dpdk CPU s/Mpkt | guest side CPU | xvdpa RSS | NET_RX softirqs/s load/datapath CPU | xvdpa NAPI thread CPU |");
     let _ = writeln!(out, "{header}");
     let cols = header.matches('|').count() - 1;
     let _ = writeln!(out, "|{}", "---|".repeat(cols));
@@ -509,11 +531,31 @@ fn render_table(
                 .map(|(_, m)| m.rss_bytes as f64)
                 .collect(),
         );
+        let ratio = |b: Peer| {
+            let r = paired_ratios(&ms, Peer::Xvdpa, b);
+            match min_max(&r) {
+                Some((lo, hi)) if r.len() > 1 => {
+                    format!("{} ({lo:.2}-{hi:.2})", fmt_ratio(median(r.clone())))
+                }
+                _ => fmt_ratio(median(r)),
+            }
+        };
+        let of_xvdpa = |f: &dyn Fn(&Measurement) -> Option<f64>| {
+            median(
+                ms.iter()
+                    .filter(|(_, m)| m.peer == Peer::Xvdpa)
+                    .filter_map(|(_, m)| f(m))
+                    .collect(),
+            )
+        };
+        let soft_load = of_xvdpa(&|m| m.net_rx_softirqs.map(|s| s.0));
+        let soft_dp = of_xvdpa(&|m| m.net_rx_softirqs.map(|s| s.1));
+        let napi_thread = of_xvdpa(&|m| m.napi_thread_share);
         let _ = writeln!(
             line,
-            " {} | {} | {} | {} | {} | {} |",
-            fmt_ratio(paired_ratio(&ms, Peer::Xvdpa, Peer::Dpdk)),
-            fmt_ratio(paired_ratio(&ms, Peer::Xvdpa, Peer::Limit)),
+            " {} | {} | {} | {} | {} | {} | {} | {} |",
+            ratio(Peer::Dpdk),
+            ratio(Peer::Limit),
             fmt_cpu(cpu(Peer::Xvdpa)),
             fmt_cpu(cpu(Peer::Dpdk)),
             if guest.is_finite() {
@@ -526,13 +568,33 @@ fn render_table(
             } else {
                 "-".into()
             },
+            if soft_load.is_finite() {
+                format!("{:.0}k / {:.0}k", soft_load / 1e3, soft_dp / 1e3)
+            } else {
+                "-".into()
+            },
+            if napi_thread.is_finite() {
+                format!("{:.0} %", napi_thread * 100.0)
+            } else {
+                "-".into()
+            },
         );
         out.push_str(&line);
+    }
+    if let Some(idle) = idle {
+        let _ = writeln!(
+            out,
+            "| xvdpa idle | - | {:.2} % of a CPU over {:.0} s with no traffic, after 1 s of rx |",
+            idle.share * 100.0,
+            idle.seconds
+        );
     }
     let _ = writeln!(out, "\nrx: wire -> NIC -> XDP -> AF_XDP -> guest rx ring, counted by the guest side; tx: guest tx ring -> AF_XDP -> NIC -> wire, counted on the wire;");
     let _ = writeln!(out, "vm-to-vm: guest A's tx ring -> guest B's rx ring through the datapath (xvdpa's switch; testpmd io-forwarding between two vhost ports), counted by B.");
     let _ = writeln!(out, "limit: the same XDP program and AF_XDP socket with nothing behind it (drops on rx, sends a prebuilt frame on tx).");
     let _ = writeln!(out, "CPU s/Mpkt: the datapath process's CPU seconds per million frames; guest side CPU: share of a CPU the measuring frontend used.");
+    let _ = writeln!(out, "Ratios: median over runs, each paired within its run, (min-max over runs). NET_RX softirqs/s: rounds of the kernel's receive work in softirq on the load CPU / the datapath CPU during xvdpa's rx window (/proc/softirqs);");
+    let _ = writeln!(out, "NAPI thread CPU: share of a CPU the NIC queue's threaded NAPI poller used (xvdpa runs it on its CPU where busy polling cannot reach the queue; included in xvdpa CPU s/Mpkt).");
     out
 }
 
@@ -542,6 +604,7 @@ fn write_json(
     tcp: &[(usize, TcpMeasurement)],
     args: &BenchArgs,
     pin: Pinning,
+    idle: Option<IdleCpu>,
 ) -> Result<()> {
     let tcp_rows: Vec<serde_json::Value> = tcp
         .iter()
@@ -563,6 +626,9 @@ fn write_json(
                 "frames": m.frames, "seconds": m.seconds, "pps": m.pps,
                 "cpu_s_per_mpkt": if m.cpu_s_per_mpkt.is_finite() { Some(m.cpu_s_per_mpkt) } else { None },
                 "guest_cpu_s": m.guest_cpu_s, "rss_bytes": m.rss_bytes, "generator": m.generator,
+                "net_rx_softirqs_per_s_load_cpu": m.net_rx_softirqs.map(|s| s.0),
+                "net_rx_softirqs_per_s_datapath_cpu": m.net_rx_softirqs.map(|s| s.1),
+                "napi_thread_cpu_share": m.napi_thread_share,
             })
         })
         .collect();
@@ -572,6 +638,7 @@ fn write_json(
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "measurements": rows,
         "guest_tcp": tcp_rows,
+        "xvdpa_idle": idle.map(|i| serde_json::json!({"seconds": i.seconds, "cpu_share": i.share})),
     });
     std::fs::write(path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", path.display()))

@@ -4,6 +4,7 @@
 //! multicast frames for the guests ([`packet_tap`]), and the 802.1Q tag work a tagged port's
 //! frames need on their way in and out ([`vlan`]).
 
+pub mod napi;
 pub mod packet_tap;
 pub mod steering;
 pub mod vlan;
@@ -11,6 +12,7 @@ pub mod xsk;
 
 use std::sync::{Arc, Mutex};
 
+use napi::NapiTakeover;
 use steering::Steering;
 use xsk::NicQueue;
 
@@ -24,5 +26,10 @@ pub struct Nic {
     pub speed: u32,
     pub mtu: u16,
     pub busy_poll: bool,
+    /// Spin while frames come, sleep after a short idle, and let the worker's busy polling
+    /// take the NIC queues' receive work over (see `worker`); off with `--no-adaptive-poll`.
+    pub adaptive_poll: bool,
+    /// The NAPI knobs set on the queues served, put back at exit; None when polling is off.
+    pub napi: Option<Arc<NapiTakeover>>,
     pub steering: Mutex<Steering>,
 }

@@ -678,6 +678,8 @@ fn build_workers(
         let config = WorkerConfig {
             max_frame: (usize::from(nic.mtu) + ETH_HLEN).min(max_tx),
             busy_poll: nic.busy_poll,
+            adaptive_poll: nic.adaptive_poll,
+            napi: nic.napi.clone(),
             policy: policy.clone(),
             switch: switch.clone(),
             own: port.switch_port.clone(),

@@ -50,12 +50,13 @@ impl QueuePairWorker {
         let mut failed = false;
         let n = self.sockets.len();
         'sockets: for k in 0..n {
-            let sock = &mut self.sockets[(self.next_rx_socket + k) % n];
-            if self.busy_poll {
+            let i = (self.next_rx_socket + k) % n;
+            let sock = &mut self.sockets[i];
+            if self.busy_poll || (self.rx_window.is_open() && self.busy_pollable[i]) {
                 sock.busy_poll_rx();
             }
             for batch in 0..BUDGET_BATCHES {
-                sock.poll_rx(BATCH as u32);
+                self.nic_frames += sock.poll_rx(BATCH as u32) as u64;
                 if sock.rx_pending() == 0 {
                     break;
                 }

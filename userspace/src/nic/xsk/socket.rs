@@ -161,6 +161,15 @@ impl XskSocket {
         )
     }
 
+    /// The NAPI instance that filled this socket's rx ring last (0 before the first frame, or
+    /// on a queue without one): the id busy polling runs and the netdev family's `napi-set`
+    /// takes.
+    pub fn napi_id(&self) -> u32 {
+        SockFd(self.fd())
+            .get_int(libc::SO_INCOMING_NAPI_ID)
+            .unwrap_or(0) as u32
+    }
+
     /// Busy-polls the NIC queue once (a non-blocking recvfrom, which the kernel turns into a
     /// NAPI poll on this CPU when busy polling is on), so the rx ring fills without an
     /// interrupt.
@@ -662,6 +671,27 @@ impl SockFd {
         } else {
             let e = io::Error::last_os_error();
             Err(io::Error::new(e.kind(), format!("{name}: {e}")))
+        }
+    }
+
+    /// Reads the `SOL_SOCKET` option `opt`.
+    fn get_int(&self, opt: libc::c_int) -> io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `value`, which outlives the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.0,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            Ok(value)
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 
