@@ -22,7 +22,7 @@ use crate::datapath::device::{ETH_HLEN, MAX_MTU, SPEED_UNKNOWN};
 use crate::nic::napi::{NapiSettings, NapiTakeover};
 use crate::nic::steering::{Steering, SteeringError, XdpLogger, XdpModeChoice};
 use crate::nic::vlan::TAG_LEN;
-use crate::nic::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskModeChoice};
+use crate::nic::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskMode, XskModeChoice};
 use crate::nic::Nic;
 use crate::privilege::{self, Account, Capability, PrivilegeError};
 use crate::vhost::port::{self, PortError};
@@ -281,6 +281,14 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         .map(|q| NicQueue::open(&config.iface, ifindex, q, geometry, config.xsk_mode))
         .collect::<Result<Vec<_>, _>>()?;
     tracing::info!(iface = %config.iface, queues = queues.len(), mode = ?queues[0].mode(), "AF_XDP queues bound");
+    // Busy polling reaches a NIC queue's NAPI only from zero-copy sockets (copy-mode ones are
+    // never given a NAPI id), so adaptive polling needs the NAPI settings and CAP_NET_ADMIN
+    // only on a zero-copy NIC; --busy-poll asks for them anyway.
+    let zero_copy = queues.iter().any(|q| q.mode() == XskMode::ZeroCopy);
+    let polls_napi = config.busy_poll || (config.adaptive_poll && zero_copy);
+    if config.adaptive_poll && !polls_napi {
+        tracing::info!(iface = %config.iface, "copy-mode AF_XDP sockets get no NAPI id, so busy polling cannot reach the NIC queues' NAPI: the workers poll their rings while frames come, without preferred busy polling, and the NAPI settings are left alone");
+    }
     let nic = Arc::new(Nic {
         iface: config.iface.clone(),
         ifindex,
@@ -289,8 +297,7 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         mtu: config.mtu,
         busy_poll: config.busy_poll,
         adaptive_poll: config.adaptive_poll,
-        napi: (config.adaptive_poll || config.busy_poll)
-            .then(|| Arc::new(NapiTakeover::new(&config.iface, WORKER_NAPI))),
+        napi: polls_napi.then(|| Arc::new(NapiTakeover::new(&config.iface, WORKER_NAPI))),
         steering: Mutex::new(steering),
     });
     let nic_napi = nic.napi.clone();
@@ -298,7 +305,7 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         // Everything that needs root is done: the ports below are made exactly as ports
         // added later through the control socket are, by the unprivileged daemon.
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let keep = kept_capabilities(config.busy_poll || config.adaptive_poll, &release);
+        let keep = kept_capabilities(polls_napi, &release);
         let dropped = socket_dirs
             .hand_to(account)
             .and_then(|()| Ok(privilege::drop_to(account, &keep)?));
@@ -376,9 +383,10 @@ fn tell_service_manager_ready() {
 /// start-up (README says the same; the least-privilege test checks each by running without it):
 /// - CAP_NET_RAW: every frontend connection opens fresh AF_XDP sockets on the NIC queues'
 ///   UMEMs and an AF_PACKET socket for the port's broadcast and multicast copy;
-/// - CAP_NET_ADMIN, unless both adaptive and busy polling are off: SO_PREFER_BUSY_POLL (and a
-///   SO_BUSY_POLL above the system default) on each new AF_XDP socket, and the NIC queues'
-///   NAPI settings (`napi-set`), made on a queue's first traffic and restored at exit;
+/// - CAP_NET_ADMIN, with `--busy-poll`, or with adaptive polling on a zero-copy NIC (the only
+///   sockets busy polling can reach): SO_PREFER_BUSY_POLL (and a SO_BUSY_POLL above the
+///   system default) on each new AF_XDP socket, and the NIC queues' NAPI settings
+///   (`napi-set`), made on a queue's first traffic and restored at exit;
 /// - CAP_BPF, on kernels before 6.5 only: they refuse every bpf(2) call, map updates on
 ///   maps the daemon already holds included, to a caller without it while
 ///   `kernel.unprivileged_bpf_disabled` is set (Debian's default); adding and removing a

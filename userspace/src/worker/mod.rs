@@ -216,7 +216,9 @@ impl QueuePairWorker {
             // Receive sockets only: the transmit socket never receives, so it has no NAPI.
             // Without CAP_NET_ADMIN the kernel refuses; the worker still spins while frames
             // come, and the receive work stays where the kernel runs it.
-            for s in &sockets {
+            // Copy-mode sockets have no NAPI id, so there is nothing to prefer; the daemon
+            // does not keep CAP_NET_ADMIN for them either.
+            for s in sockets.iter().filter(|s| s.napi_reachable()) {
                 if let Err(e) = s.enable_busy_poll(BUSY_POLL_USECS, BATCH as u16) {
                     tracing::warn!(pair, queue = s.queue_id(), error = %e, "no preferred busy polling on this NIC queue's socket; polling it without taking its receive work over");
                     break;

@@ -142,6 +142,13 @@ impl XskSocket {
         self.queue.queue_id
     }
 
+    /// Whether busy polling can reach this socket's NIC queue: only a zero-copy socket is
+    /// given the queue's NAPI id (the kernel marks it at bind, for drivers that link their
+    /// queues to a NAPI); a copy-mode socket never is, so its NAPI cannot be polled from here.
+    pub fn napi_reachable(&self) -> bool {
+        self.queue.mode() == super::XskMode::ZeroCopy
+    }
+
     pub fn fd(&self) -> RawFd {
         self.rx.as_raw_fd()
     }
