@@ -277,3 +277,27 @@ fn idle_metrics_connections_cannot_take_the_daemons_fds() -> Result<()> {
     daemon.stop()?;
     Ok(())
 }
+
+/// SIGTERM while the daemon is still starting (XDP attached, ports not made yet: a service
+/// manager or a script stopping it at once) is an orderly shutdown once start-up is done,
+/// not death by the signal's default action.
+#[test]
+fn sigterm_during_start_up_shuts_down_in_order() -> Result<()> {
+    let lab = Lab::unique("lcterm")?;
+    let dir = socket_dir("lcterm")?;
+    let socket = dir.join("vm0.sock");
+    let ctl = dir.join("ctl.sock");
+    let port = format!("socket={},mac={}", socket.display(), mac_str(guest_mac(0)));
+    let mut daemon = Daemon::spawn(
+        &lab,
+        &["--ctl", ctl.to_str().context("ctl path")?, "--port", &port],
+    )?;
+    daemon.wait_for_log("XDP steering attached", Duration::from_secs(20))?;
+    let log = daemon.stop()?;
+    ensure!(
+        log.contains("SIGTERM: shutting down") && log.contains("XDP steering detached"),
+        "no orderly shutdown:\n{log}"
+    );
+    ensure!(!socket.exists(), "the port's socket was left behind");
+    Ok(())
+}

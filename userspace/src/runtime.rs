@@ -233,6 +233,21 @@ pub fn validate(config: &RuntimeConfig) -> Result<(), RuntimeError> {
 /// or SIGTERM. A port that fails stops alone.
 pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError> {
     validate(&config)?;
+    // SIGTERM and SIGINT are caught from here on: one that comes while XDP is attached and
+    // the ports are made (a service manager or a test stopping the daemon as soon as a port
+    // is ready) is taken once start-up is done, and the daemon shuts down in order instead
+    // of dying by the signal's default action.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RuntimeError::ControlPlane)?;
+    let (mut term, mut int) = {
+        let _in_runtime = rt.enter();
+        (
+            signal(SignalKind::terminate()).map_err(RuntimeError::ControlPlane)?,
+            signal(SignalKind::interrupt()).map_err(RuntimeError::ControlPlane)?,
+        )
+    };
     let ifindex = ifindex(&config.iface)?;
     check_privileges()?;
     let rx_queues = rx_queue_count(&config.iface).unwrap_or(1);
@@ -332,13 +347,7 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         tracing::warn!(ports = ?unsettled, "ports not listening yet; the daemon counts as started anyway");
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(RuntimeError::ControlPlane)?;
     let outcome = rt.block_on(async {
-        let mut term = signal(SignalKind::terminate()).map_err(RuntimeError::ControlPlane)?;
-        let mut int = signal(SignalKind::interrupt()).map_err(RuntimeError::ControlPlane)?;
         tokio::spawn(pump_xdp_logs(logger));
         tokio::spawn(crate::control::serve(ctl_listener, ctl_gid, daemon.clone()));
         if let Some(addr) = config.metrics {
