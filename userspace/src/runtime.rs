@@ -282,6 +282,18 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
             }
         }
     }
+    // Bound before the ports are made, as the control socket below is: once a port is ready
+    // for a frontend the metrics endpoint answers too, and an address in use fails start-up
+    // before anything is attached.
+    let metrics_listener = config
+        .metrics
+        .map(|addr| {
+            let listener = std::net::TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            Ok::<_, io::Error>((addr, listener))
+        })
+        .transpose()
+        .map_err(RuntimeError::ControlPlane)?;
     let ctl_listener = crate::control::bind(&config.ctl, config.ctl_group.as_deref())
         .map_err(RuntimeError::ControlPlane)?;
     // bind() has found the group: its members are served too.
@@ -350,10 +362,9 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
     let outcome = rt.block_on(async {
         tokio::spawn(pump_xdp_logs(logger));
         tokio::spawn(crate::control::serve(ctl_listener, ctl_gid, daemon.clone()));
-        if let Some(addr) = config.metrics {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(RuntimeError::ControlPlane)?;
+        if let Some((addr, listener)) = metrics_listener {
+            let listener =
+                tokio::net::TcpListener::from_std(listener).map_err(RuntimeError::ControlPlane)?;
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
             tokio::spawn(crate::metrics::serve(listener, daemon.clone()));
         }
