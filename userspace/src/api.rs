@@ -293,8 +293,17 @@ fn read_queues<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
 }
 
 fn read_socket_group<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    read_group(d, "socket_group")
+}
+
+/// An optional group name in a file or request, checked to exist as [`parse_socket_group`]
+/// checks it; an error names `field`.
+pub fn read_group<'de, D: Deserializer<'de>>(
+    d: D,
+    field: &str,
+) -> Result<Option<String>, D::Error> {
     Option::<String>::deserialize(d)?
-        .map(|g| parse_socket_group(&g).map_err(|e| D::Error::custom(format!("socket_group: {e}"))))
+        .map(|g| parse_socket_group(&g).map_err(|e| D::Error::custom(format!("{field}: {e}"))))
         .transpose()
 }
 

@@ -128,12 +128,7 @@ pub struct ConfigFile {
 
 /// `ctl_group`, checked to exist when the file is read, as `--ctl-group` is.
 fn read_ctl_group<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Option::<String>::deserialize(d)?
-        .map(|g| {
-            crate::api::parse_socket_group(&g)
-                .map_err(|e| serde::de::Error::custom(format!("ctl_group: {e}")))
-        })
-        .transpose()
+    crate::api::read_group(d, "ctl_group")
 }
 
 impl ConfigFile {

@@ -26,26 +26,16 @@ use crate::vhost::socket_file;
 const MAX_REQUEST: usize = 64 * 1024;
 
 /// Creates the control socket (refusing a path a live daemon listens on): mode 0600, or 0660
-/// in `group` when one is given. Whoever can connect can add and remove ports, so nobody
+/// in group `gid` when one is given. Whoever can connect can add and remove ports, so nobody
 /// else reaches it before it has that mode and group.
-pub fn bind(path: &Path, group: Option<&str>) -> io::Result<std::os::unix::net::UnixListener> {
+pub fn bind(path: &Path, gid: Option<u32>) -> io::Result<std::os::unix::net::UnixListener> {
     port::prepare_socket_path(path)
         .map_err(|e| io::Error::other(format!("control socket: {e}")))?;
-    let gid = group
-        .map(|name| {
-            crate::privilege::group_id(name).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("control socket group: {e}"),
-                )
-            })
-        })
-        .transpose()?;
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
     let listener = socket_file::bind_with_access(path, mode, gid)
         .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
     listener.set_nonblocking(true)?;
-    tracing::info!(path = %path.display(), mode = format_args!("{mode:o}"), group, "control socket ready");
+    tracing::info!(path = %path.display(), mode = format_args!("{mode:o}"), gid, "control socket ready");
     Ok(listener)
 }
 

@@ -294,14 +294,23 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         })
         .transpose()
         .map_err(RuntimeError::ControlPlane)?;
-    let ctl_listener = crate::control::bind(&config.ctl, config.ctl_group.as_deref())
-        .map_err(RuntimeError::ControlPlane)?;
-    // bind() has found the group: its members are served too.
+    // The group is looked up once: the control socket is made in it, and its members are
+    // served.
     let ctl_gid = config
         .ctl_group
         .as_deref()
-        .map(privilege::group_id)
-        .transpose()?;
+        .map(|name| {
+            privilege::group_id(name).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("control socket group: {e}"),
+                )
+            })
+        })
+        .transpose()
+        .map_err(RuntimeError::ControlPlane)?;
+    let ctl_listener =
+        crate::control::bind(&config.ctl, ctl_gid).map_err(RuntimeError::ControlPlane)?;
 
     let (steering, logger) = Steering::attach(xdp_object, &config.iface, config.xdp_mode)?;
     let queues = (0..rx_queues)

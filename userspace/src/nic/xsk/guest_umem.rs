@@ -435,10 +435,7 @@ impl GuestRxSocket {
             .xdp()
             .fq_cq(&sock)
             .map_err(fail("fill/completion rings"))?;
-        let mode_flag = match mode {
-            XskMode::ZeroCopy => SocketConfig::XDP_BIND_ZEROCOPY,
-            XskMode::Copy => SocketConfig::XDP_BIND_COPY,
-        };
+        let mode_flag = mode.bind_flag();
         let user = umem
             .xdp()
             .rx_tx(

@@ -39,6 +39,16 @@ pub enum XskMode {
     Copy,
 }
 
+impl XskMode {
+    /// The bind flag that asks the kernel for this mode.
+    pub(crate) fn bind_flag(self) -> u16 {
+        match self {
+            XskMode::ZeroCopy => xdpilone::SocketConfig::XDP_BIND_ZEROCOPY,
+            XskMode::Copy => xdpilone::SocketConfig::XDP_BIND_COPY,
+        }
+    }
+}
+
 /// Which modes to try, as `--xsk-mode` and the config file's `xsk_mode` spell it (`auto`,
 /// `zero-copy`, `copy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]

@@ -166,10 +166,7 @@ impl NicQueue {
             .xdp()
             .fq_cq(&anchor_sock)
             .map_err(fail("fill/completion rings"))?;
-        let mode_flag = match mode {
-            XskMode::ZeroCopy => SocketConfig::XDP_BIND_ZEROCOPY,
-            XskMode::Copy => SocketConfig::XDP_BIND_COPY,
-        };
+        let mode_flag = mode.bind_flag();
         // Multi-buffer is a property of the UMEM's binding: the sockets that share it inherit
         // it (they may not pass bind flags of their own).
         let sg_flag = if geometry.multi_buffer { XDP_USE_SG } else { 0 };
