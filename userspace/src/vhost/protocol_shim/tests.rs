@@ -20,7 +20,17 @@ fn start(front: UnixStream, back: UnixStream) -> Shim {
 fn start_announcing(front: UnixStream, back: UnixStream) -> (Shim, Arc<AnnounceRequests>) {
     let wake = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
     let announce = Arc::new(AnnounceRequests::new(wake));
-    let shim = Shim::start(front, back, 2, 1024, RingErrorFds::new(2), announce.clone()).unwrap();
+    let log = Arc::new(FrontendLogSlot::default());
+    let shim = Shim::start(
+        front,
+        back,
+        2,
+        1024,
+        RingErrorFds::new(2),
+        announce.clone(),
+        log,
+    )
+    .unwrap();
     (shim, announce)
 }
 
