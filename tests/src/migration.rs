@@ -368,7 +368,10 @@ impl Leg<'_> {
         // (SIGSTOP) until the migration is over; the stream goes through a FIFO so that the
         // reader's pid is known, and its input is a FIFO nobody writes (a background
         // command's stdin is /dev/null, and nc ends the connection at its end). All of it runs
-        // in the background, so the shell takes the next command at once.
+        // in the background, so the shell takes the next command at once. The background
+        // shell waits for the reader before it ends: a process group left without its parent
+        // while one of its members is stopped gets SIGHUP from the kernel, which would kill
+        // the paused reader (and reset its connection) if the guest's own stream ended first.
         let w = lab::WIRE_IP;
         let from_line = from.console_len();
         from.send_line(&format!(
@@ -379,7 +382,7 @@ impl Leg<'_> {
              nc {w} {down_port} <&3 > /tmp/down & echo $! > /tmp/down.pid; sleep 1; kill -STOP $!; \
              echo READER\"\"-PAUSED; \
              i=0; while [ $i -lt {blocks} ]; do cat /tmp/up; i=$((i+1)); done \
-             | nc {w} {up_port}; echo UP\"\"-DONE rc=$?) &"
+             | nc {w} {up_port}; echo UP\"\"-DONE rc=$?; wait) &"
         ))?;
         // The line may start with the shell's prompt.
         let sent_md5 = from
