@@ -930,11 +930,20 @@ impl VirtioNetFrontend {
     /// Starts a migration's dirty logging as QEMU does: a log of one bit per 4 KiB page of
     /// guest memory in a memfd (SET_LOG_BASE), then the features again with VHOST_F_LOG_ALL.
     pub fn start_dirty_log(&mut self) -> Result<()> {
-        let mem_len: u64 = self.mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
-        let log_len = mem_len
-            .div_ceil(DIRTY_LOG_PAGE)
-            .div_ceil(8)
-            .next_multiple_of(8);
+        self.share_dirty_log()?;
+        self.set_log_all(true)
+    }
+
+    /// Shares a fresh dirty log covering every guest address up to the end of the highest
+    /// region (SET_LOG_BASE), as QEMU does when it starts logging or resizes the log; the
+    /// log the backend had before is no longer read.
+    pub fn grow_dirty_log(&mut self) -> Result<()> {
+        self.share_dirty_log()
+    }
+
+    fn share_dirty_log(&mut self) -> Result<()> {
+        let end = self.mem.last_addr().0 + 1;
+        let log_len = end.div_ceil(DIRTY_LOG_PAGE).div_ceil(8).next_multiple_of(8);
         let file = memfd(log_len, true)?;
         self.frontend
             .set_log_base(
@@ -947,7 +956,39 @@ impl VirtioNetFrontend {
             )
             .context("SET_LOG_BASE")?;
         self.dirty_log = Some(file);
-        self.set_log_all(true)
+        Ok(())
+    }
+
+    /// Adds `len` bytes of guest memory at guest address `at` (a memfd of its own) and sends
+    /// the whole memory table again (SET_MEM_TABLE), as QEMU does when memory is plugged in.
+    /// While logging, QEMU first shares a log large enough for the new memory
+    /// (`vhost_commit` grows the log before it sends the table); `log_first: false` sends
+    /// the table alone, leaving the log as it was.
+    pub fn add_memory_region(&mut self, at: u64, len: u64, log_first: bool) -> Result<()> {
+        let file = memfd(len, true)?;
+        let region = vm_memory::GuestRegionMmap::new(
+            vm_memory::MmapRegion::from_file(FileOffset::new(file, 0), len as usize)
+                .context("mapping the new memory")?,
+            GuestAddress(at),
+        )
+        .context("the new region")?;
+        self.mem = self
+            .mem
+            .insert_region(std::sync::Arc::new(region))
+            .context("adding the region")?;
+        if log_first {
+            self.share_dirty_log()?;
+        }
+        let regions = self
+            .mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()
+            .context("memory regions")?;
+        self.frontend
+            .set_mem_table(&regions)
+            .context("SET_MEM_TABLE")?;
+        Ok(())
     }
 
     /// Ends logging (the features again without VHOST_F_LOG_ALL), as QEMU does when a

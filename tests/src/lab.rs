@@ -53,6 +53,49 @@ fn ip(args: &[&str]) -> io::Result<Output> {
     run(Command::new("ip").args(args))
 }
 
+/// The ports of a [`Lab::bridged_pair`]'s bridge: the far ends of the first and the second
+/// host's cables, in the wire namespace.
+pub const BRIDGE_PORTS: [&str; 2] = ["wire-a", "wire-b"];
+/// The second host's address in a [`Lab::bridged_pair`] (the first has [`HOST_IP`]).
+pub const SECOND_HOST_IP: &str = "10.77.0.253";
+
+/// A lab name unique to this process and call.
+fn unique_name(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "xvt{}{}-{}",
+        tag,
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Adds namespace `ns`, with IPv6 off: the lab speaks IPv4 only, since IPv6
+/// autoconfiguration would put router solicitations and MLD reports on the wire at random
+/// moments, and tests count frames exactly.
+fn add_netns(ns: &str) -> io::Result<()> {
+    ip(&["netns", "add", ns])?;
+    for knob in ["all", "default"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            &format!("echo 1 > {path}"),
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Turns transmit checksum offload off on `dev` in `ns`, so frames leave it complete, as on
+/// a real cable (a veth leaves them partial for its peer).
+fn wire_tx_checksums_off(ns: &str, dev: &str) -> io::Result<()> {
+    run(Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"])).map(drop)
+}
+
 pub struct Lab {
     pub name: String,
     pub host_ns: String,
@@ -81,15 +124,7 @@ impl Lab {
     /// flows from the wire spread over the NIC's queues (veth delivers on the queue the
     /// sender transmitted on).
     pub fn unique_with_queues(tag: &str, queues: u32) -> io::Result<Lab> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "xvt{}{}-{}",
-            tag,
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut lab = Lab::named(&name);
+        let mut lab = Lab::named(&unique_name(tag));
         lab.create_with_queues(queues)?;
         lab.owned = true;
         Ok(lab)
@@ -115,23 +150,8 @@ impl Lab {
     pub fn create_with_queues(&self, queues: u32) -> io::Result<()> {
         self.destroy();
         let q = queues.max(1).to_string();
-        ip(&["netns", "add", &self.host_ns])?;
-        ip(&["netns", "add", &self.wire_ns])?;
-        // The lab speaks IPv4 only: IPv6 autoconfiguration would put router solicitations and
-        // MLD reports on the wire at random moments, and tests count frames exactly.
-        for ns in [&self.host_ns, &self.wire_ns] {
-            for knob in ["all", "default"] {
-                let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
-                run(Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "sh",
-                    "-c",
-                    &format!("echo 1 > {path}"),
-                ]))?;
-            }
-        }
+        add_netns(&self.host_ns)?;
+        add_netns(&self.wire_ns)?;
         ip(&[
             "link",
             "add",
@@ -170,17 +190,81 @@ impl Lab {
             ])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.wire_ns,
-            "ethtool",
-            "-K",
-            WIRE,
-            "tx",
-            "off",
-        ]))?;
+        wire_tx_checksums_off(&self.wire_ns, WIRE)?;
         Ok(())
+    }
+
+    /// Two hosts on one network: each host namespace has its own `nic0` (the NIC of that
+    /// host's daemon), and the far ends of both cables are ports of one Linux bridge in a
+    /// shared wire namespace. The bridge itself is the wire namespace's `wire0` and holds
+    /// the wire's address, so [`Lab::in_wire`], `WireSocket` and [`Lab::wire_mac`] work on
+    /// either lab as on a one-host lab; the bridge's ports are [`BRIDGE_PORTS`]. The bridge
+    /// learns where a MAC is from the frames it sees, as a switch does. The second host's
+    /// `nic0` has [`SECOND_HOST_IP`], so the two hosts' addresses do not clash. Both labs are
+    /// removed on drop (the shared wire namespace with the first to go).
+    pub fn bridged_pair(tag: &str) -> io::Result<(Lab, Lab)> {
+        let name = unique_name(tag);
+        let wire_ns = format!("{name}-wire");
+        let host = |side: &str| Lab {
+            name: format!("{name}{side}"),
+            host_ns: format!("{name}{side}-host"),
+            wire_ns: wire_ns.clone(),
+            owned: true,
+        };
+        let pair = (host("a"), host("b"));
+        pair.0.destroy();
+        pair.1.destroy();
+        add_netns(&wire_ns)?;
+        ip(&["-n", &wire_ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &wire_ns, "link", "add", WIRE, "type", "bridge"])?;
+        for (lab, port, addr) in [
+            (&pair.0, BRIDGE_PORTS[0], HOST_IP),
+            (&pair.1, BRIDGE_PORTS[1], SECOND_HOST_IP),
+        ] {
+            add_netns(&lab.host_ns)?;
+            ip(&[
+                "link",
+                "add",
+                NIC,
+                "netns",
+                &lab.host_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                &wire_ns,
+            ])?;
+            ip(&["-n", &wire_ns, "link", "set", port, "master", WIRE])?;
+            ip(&["-n", &wire_ns, "link", "set", port, "up"])?;
+            wire_tx_checksums_off(&wire_ns, port)?;
+            ip(&["-n", &lab.host_ns, "link", "set", "lo", "up"])?;
+            let cidr = format!("{addr}/{PREFIX}");
+            ip(&["-n", &lab.host_ns, "addr", "add", &cidr, "dev", NIC])?;
+            ip(&["-n", &lab.host_ns, "link", "set", NIC, "up"])?;
+        }
+        let cidr = format!("{WIRE_IP}/{PREFIX}");
+        ip(&["-n", &wire_ns, "addr", "add", &cidr, "dev", WIRE])?;
+        ip(&["-n", &wire_ns, "link", "set", WIRE, "up"])?;
+        wire_tx_checksums_off(&wire_ns, WIRE)?;
+        Ok(pair)
+    }
+
+    /// The bridge port a MAC was last seen on, as the bridge of a [`Lab::bridged_pair`]
+    /// learned it (`None` when it has not learned the MAC, or it aged out).
+    pub fn bridge_port_of(&self, mac: [u8; 6]) -> io::Result<Option<String>> {
+        let out =
+            run(Command::new("bridge").args(["-n", &self.wire_ns, "fdb", "show", "br", WIRE]))?;
+        let mac = mac_str(mac);
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| {
+                let mut words = line.split_whitespace();
+                (words.next() == Some(mac.as_str()) && words.next() == Some("dev"))
+                    .then(|| words.next().map(str::to_string))
+                    .flatten()
+            }))
     }
 
     /// Sets the MTU of both veth ends (the NIC and the wire), e.g. 9000 for jumbo frames.

@@ -30,6 +30,7 @@ pub mod frontend;
 pub mod guest;
 pub mod lab;
 pub mod libvirt;
+pub mod migration;
 pub mod netns;
 pub mod output;
 pub mod proc_figures;

@@ -15,7 +15,14 @@ pub struct WireSocket {
 impl WireSocket {
     /// Opens a socket that sees every frame arriving on (and sent from) the lab's wire end.
     pub fn open(lab: &Lab) -> io::Result<Self> {
-        in_netns(&lab.wire_ns, || {
+        Self::open_on(lab, WIRE)
+    }
+
+    /// [`WireSocket::open`] on device `dev` of the wire namespace, e.g. one port of a
+    /// bridged lab's bridge: what it sends goes down that one cable.
+    pub fn open_on(lab: &Lab, dev: &str) -> io::Result<Self> {
+        let dev = dev.to_string();
+        in_netns(&lab.wire_ns, move || {
             let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
             // SAFETY: plain socket(2).
             let raw = unsafe {
@@ -26,7 +33,7 @@ impl WireSocket {
             }
             // SAFETY: fresh fd we own.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let ifindex = crate::netns::ifindex(WIRE)?;
+            let ifindex = crate::netns::ifindex(&dev)?;
             // SAFETY: zeroed sockaddr_ll is valid; fields set below.
             let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             addr.sll_family = libc::AF_PACKET as u16;

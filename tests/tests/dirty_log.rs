@@ -12,7 +12,8 @@ use anyhow::{ensure, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frames::test_frame;
 use xvdpa_tests::frontend::{
-    FrontendOptions, Used, VirtioNetFrontend, DIRTY_LOG_PAGE, RX_QUEUE, TX_QUEUE,
+    FrontendOptions, RawDesc, Used, VirtioNetFrontend, DIRTY_LOG_PAGE, RX_QUEUE, TX_QUEUE,
+    VRING_DESC_F_WRITE,
 };
 use xvdpa_tests::lab::{guest_mac, mac_str, Lab};
 use xvdpa_tests::wire::WireSocket;
@@ -21,7 +22,7 @@ const WAIT: Duration = Duration::from_secs(5);
 
 struct Setup {
     lab: Lab,
-    _daemon: Daemon,
+    daemon: Daemon,
     wire: WireSocket,
     sockets: Vec<PathBuf>,
     _dir: SocketDir,
@@ -37,7 +38,7 @@ fn setup(tag: &str, ports: u8) -> Result<Setup> {
     let wire = WireSocket::open(&lab)?;
     Ok(Setup {
         lab,
-        _daemon: daemon,
+        daemon,
         wire,
         sockets: specs.into_iter().map(|(s, _)| s).collect(),
         _dir: dir,
@@ -152,4 +153,81 @@ fn frames_switched_in_from_another_port_are_logged() -> Result<()> {
     }
     let used = take_rx(&mut a, 20)?;
     check_log(&a, &used)
+}
+
+/// Where QEMU plugs memory in for the test below: far above the frontend's first region, so
+/// the log must grow to cover it.
+const PLUGGED_AT: u64 = 1 << 30;
+const PLUGGED_LEN: u64 = 1 << 20;
+
+/// QEMU may replace the memory table in the middle of a migration (memory plugged in, a
+/// region remapped). It then grows the log first if the new memory needs more of it
+/// (SET_LOG_BASE), and sends the table after (SET_MEM_TABLE; `vhost_commit` in QEMU's
+/// hw/virtio/vhost.c), or the table alone when the log already covers it. Every region of
+/// the new table, the ones kept (the rings are there) and the new one (the receive buffers
+/// are there), must be logged from the moment the daemon writes into it.
+#[test]
+fn writes_into_a_memory_table_replaced_while_logging_are_logged() -> Result<()> {
+    let s = setup("dlog-plug", 1)?;
+    let mut fe = VirtioNetFrontend::connect(&s.sockets[0], FrontendOptions::default())?;
+    fe.start_dirty_log()?;
+    fe.add_memory_region(PLUGGED_AT, PLUGGED_LEN, true)?;
+    frames_into_plugged_memory_are_logged(&s, &mut fe)
+}
+
+/// A frontend that sends the new table before a log that covers it (QEMU never does: it
+/// grows the log first): the daemon cannot log its writes into the new region until the log
+/// arrives, and says so; from then on they are logged.
+#[test]
+fn a_region_beyond_the_log_is_reported_and_logged_once_a_log_covers_it() -> Result<()> {
+    let mut s = setup("dlog-late", 1)?;
+    let mut fe = VirtioNetFrontend::connect(&s.sockets[0], FrontendOptions::default())?;
+    fe.start_dirty_log()?;
+    fe.add_memory_region(PLUGGED_AT, PLUGGED_LEN, false)?;
+    s.daemon
+        .wait_for_log("beyond the dirty log during a migration", WAIT)?;
+    fe.grow_dirty_log()?;
+    frames_into_plugged_memory_are_logged(&s, &mut fe)
+}
+
+/// Frames from the wire into receive buffers in the plugged-in memory, one page apart: the
+/// pages they land on and the used index's page must be marked.
+fn frames_into_plugged_memory_are_logged(s: &Setup, fe: &mut VirtioNetFrontend) -> Result<()> {
+    let wire_mac = s.lab.wire_mac()?;
+    fe.clear_dirty_log()?;
+    const FRAMES: u32 = 8;
+    let mut buffer_of = std::collections::BTreeMap::new();
+    for i in 0..u64::from(FRAMES) {
+        let addr = PLUGGED_AT + i * DIRTY_LOG_PAGE;
+        let head = fe.post_raw(
+            RX_QUEUE,
+            &[RawDesc {
+                addr,
+                len: 2048,
+                flags: VRING_DESC_F_WRITE,
+                next: 0,
+            }],
+        )?;
+        buffer_of.insert(head, addr);
+    }
+    fe.kick(RX_QUEUE)?;
+    for seq in 0..FRAMES {
+        s.wire
+            .send(&test_frame(guest_mac(0), wire_mac, seq, 1000))?;
+    }
+    let used = take_rx(fe, FRAMES as usize)?;
+
+    let dirty: BTreeSet<u64> = fe.dirty_pages()?.into_iter().collect();
+    let (ring, _) = fe.used_ring(RX_QUEUE);
+    let mut must: BTreeSet<u64> = pages(ring + 2, 2).collect();
+    for u in &used {
+        must.extend(pages(buffer_of[&u.head], u64::from(u.len)));
+    }
+    let missing: Vec<_> = must.difference(&dirty).collect();
+    ensure!(
+        missing.is_empty(),
+        "pages written after the memory table was replaced but not logged: {missing:?} \
+         (logged: {dirty:?})"
+    );
+    Ok(())
 }

@@ -340,7 +340,7 @@ impl Drop for MemoryWatch {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::fs::File;
     use std::os::fd::FromRawFd;
@@ -400,7 +400,8 @@ mod tests {
         assert_eq!(r.find(0x1000), Some((a, 0x1000, 0x1000)));
     }
 
-    fn memfd(len: u64) -> File {
+    /// A memfd of `len` zero bytes, for tests of mappings.
+    pub(crate) fn memfd(len: u64) -> File {
         // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
         let fd = unsafe { libc::memfd_create(c"guard-test".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);

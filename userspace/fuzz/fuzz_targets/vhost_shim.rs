@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use xvdpa::datapath::dirty_log::FrontendLogSlot;
 use xvdpa::switch::AnnounceRequests;
 use xvdpa::vhost::protocol_shim::Shim;
 use xvdpa::vring::RingErrorFds;
@@ -127,6 +128,7 @@ fuzz_target!(|data: &[u8]| {
         MAX_QUEUE_SIZE,
         ring_errors,
         announce,
+        Arc::new(FrontendLogSlot::default()),
     )
     .expect("shim");
     let lib_drain = drain(library);

@@ -9,12 +9,12 @@ use crate::datapath::GuestMemory;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::datapath::device::{device_features, NegotiatedFeatures, NetConfig, VHOST_F_LOG_ALL};
-use crate::datapath::dirty_log::set_log_all;
+use crate::datapath::dirty_log::{attach_log, set_log_all, FrontendLogSlot};
 use crate::memory_guard::{self, MemoryWatch};
 use crate::stats::QueueStats;
 use crate::switch::{rarp_frame, AnnounceRequests, SwitchPort};
@@ -47,7 +47,13 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 struct Inner {
     config: NetConfig,
     acked: Arc<AtomicU64>,
+    /// The guest memory the workers write into: the library's memory table, handed on in
+    /// `update_memory` only once every region has its dirty log (the library makes the
+    /// regions of a new table without one).
     mem: GuestMemoryAtomic<GuestMemory>,
+    /// The dirty log the frontend shared last (`SET_LOG_BASE`, mapped by the protocol shim),
+    /// for the regions of the memory tables that come after it.
+    frontend_log: Arc<FrontendLogSlot>,
     workers: Vec<Mutex<QueuePairWorker>>,
     ids: EventIds,
     /// The port in the daemon's switch; its receive queue is published there on the first
@@ -80,13 +86,15 @@ struct Inner {
 pub struct NetBackend(Arc<Inner>);
 
 impl NetBackend {
+    /// The backend keeps its own view of the guest memory; the library keeps another (given
+    /// to `VhostUserDaemon::new`) and hands each new table over in `update_memory`.
     pub fn new(
         config: NetConfig,
-        mem: GuestMemoryAtomic<GuestMemory>,
         workers: Vec<QueuePairWorker>,
         switch_port: Arc<SwitchPort>,
         exit_events: ExitEvents,
         announce: Arc<AnnounceRequests>,
+        frontend_log: Arc<FrontendLogSlot>,
     ) -> Self {
         let num_queues = 2 * workers.len();
         let first_pair_stats = workers.first().map(|w| w.stats()).unwrap_or_default();
@@ -94,7 +102,8 @@ impl NetBackend {
         NetBackend(Arc::new(Inner {
             config,
             acked: Arc::new(AtomicU64::new(0)),
-            mem,
+            mem: GuestMemoryAtomic::new(GuestMemory::new()),
+            frontend_log,
             workers: workers.into_iter().map(Mutex::new).collect(),
             ids: EventIds::new(num_queues),
             switch_port,
@@ -244,16 +253,38 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        // The library swapped the regions inside the GuestMemoryAtomic we share with it;
-        // the guard watches the new ones from here on.
+        // The library swapped the regions inside its GuestMemoryAtomic; the guard watches
+        // the new ones from here on.
         crate::sync::lock(&self.0.watch)
             .watch(&mem)
             .map_err(io::Error::other)?;
         self.0.memory_lost.store(false, Ordering::Release);
-        // New regions start without a log; a frontend that changes its memory during a
-        // migration sends SET_LOG_BASE again for them.
+        // The same regions as the library's (its later SET_LOG_BASE reaches them), each with
+        // the frontend's log attached before any worker can write into it.
+        let table = GuestMemory::clone(&mem.memory());
         let log_all = self.0.acked.load(Ordering::Acquire) & (1 << VHOST_F_LOG_ALL) != 0;
-        set_log_all(&mem.memory(), log_all);
+        let uncovered = match self.0.frontend_log.current() {
+            Some(log) => attach_log(&table, &log),
+            None => table.iter().map(|r| (r.start_addr().0, r.len())).collect(),
+        };
+        if log_all {
+            // QEMU grows its log before it sends a table that needs more of it: this is a
+            // frontend that does it the other way round, or not at all.
+            for (start, len) in uncovered {
+                tracing::error!(
+                    port = self.0.switch_port.index,
+                    start = format_args!("{start:#x}"),
+                    len,
+                    "guest memory region beyond the dirty log during a migration; the daemon's writes into it are not logged until the frontend shares a log that covers it"
+                );
+            }
+        }
+        set_log_all(&table, log_all);
+        match self.0.mem.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+        .replace(table);
         Ok(())
     }
 

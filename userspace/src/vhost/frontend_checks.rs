@@ -145,9 +145,13 @@ fn check_mem_table(payload: &[u8], fds: &[OwnedFd]) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// `VhostUserLog`: mmap_size, mmap_offset.
+/// A SET_LOG_BASE's `VhostUserLog`: the log's size and its offset in the fd.
+pub fn log_range(payload: &[u8]) -> Option<(u64, u64)> {
+    Some((u64_at(payload, 0)?, u64_at(payload, 8)?))
+}
+
 fn check_log_base(payload: &[u8], fds: &[OwnedFd]) -> Result<(), Refusal> {
-    let (Some(size), Some(offset)) = (u64_at(payload, 0), u64_at(payload, 8)) else {
+    let Some((size, offset)) = log_range(payload) else {
         return Err("SET_LOG_BASE is cut short".into());
     };
     match fds {

@@ -24,6 +24,7 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::api::{PortSpec, SocketRole};
 use crate::datapath::device::{NetConfig, DUPLEX_FULL, ETH_HLEN};
+use crate::datapath::dirty_log::FrontendLogSlot;
 use crate::nic::packet_tap::PacketTap;
 use crate::nic::steering::SteeringError;
 use crate::nic::xsk::{XskError, XskSocket};
@@ -491,6 +492,7 @@ fn serve_one(
         speed: nic.speed,
         duplex: DUPLEX_FULL,
     };
+    // The library's view of the guest memory; the backend keeps its own (see `NetBackend`).
     let mem = GuestMemoryAtomic::new(GuestMemory::new());
     // Made before the library asks for them: it cannot report failing to get one.
     let exit_events = ExitEvents::new(workers.len()).map_err(PortError::Worker)?;
@@ -498,13 +500,15 @@ fn serve_one(
     let announce = Arc::new(AnnounceRequests::new(
         workers[0].waker().map_err(PortError::Worker)?,
     ));
+    // The log the frontend shares, as the shim maps it, for the memory tables after it.
+    let frontend_log = Arc::new(FrontendLogSlot::default());
     let backend = NetBackend::new(
         config,
-        mem.clone(),
         workers,
         port.switch_port.clone(),
         exit_events,
         announce.clone(),
+        frontend_log.clone(),
     );
     let name = format!("xvdpa-port{}", port.index);
     let mut daemon =
@@ -540,6 +544,7 @@ fn serve_one(
                 max_size,
                 ring_errors,
                 announce,
+                frontend_log,
             )
             .map_err(PortError::Worker)
         })

@@ -9,7 +9,10 @@
 //! which is exactly what the spec asks the ring state to be at that point.
 //!
 //! It also answers `SEND_RARP`, which the library does not know (it would end the
-//! connection): the request goes to the port's first queue pair, which sends the RARP.
+//! connection): the request goes to the port's first queue pair, which sends the RARP. And it
+//! maps the dirty log of each `SET_LOG_BASE` for the backend before forwarding it: the
+//! library attaches a log only to the memory it has when the log arrives, and the backend
+//! attaches this one to the memory tables that come after it (`datapath::dirty_log`).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -20,8 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::frontend_checks::{
-    check_request, check_send_rarp, REQ_SEND_RARP, REQ_SET_PROTOCOL_FEATURES, REQ_SET_VRING_ERR,
+    check_request, check_send_rarp, log_range, REQ_SEND_RARP, REQ_SET_LOG_BASE,
+    REQ_SET_PROTOCOL_FEATURES, REQ_SET_VRING_ERR,
 };
+use crate::datapath::dirty_log::{FrontendLog, FrontendLogSlot};
 use crate::switch::AnnounceRequests;
 use crate::vring::RingErrorFds;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -193,7 +198,7 @@ impl Shim {
     /// any other ring are refused rather than held.
     /// `max_queue_size` bounds SET_VRING_NUM. A duplicate of each ring's error eventfd
     /// (SET_VRING_ERR) goes into `ring_errors`, where the workers signal it; a SEND_RARP's
-    /// MAC goes to `announce`.
+    /// MAC goes to `announce`; each SET_LOG_BASE's log, mapped, to `frontend_log`.
     pub fn start(
         frontend: UnixStream,
         backend: UnixStream,
@@ -201,6 +206,7 @@ impl Shim {
         max_queue_size: u16,
         ring_errors: Arc<RingErrorFds>,
         announce: Arc<AnnounceRequests>,
+        frontend_log: Arc<FrontendLogSlot>,
     ) -> io::Result<Shim> {
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let f_in = frontend.try_clone()?;
@@ -213,7 +219,7 @@ impl Shim {
             .name("xvdpa-shim-req".into())
             .spawn(move || {
                 let limits = (num_queues, max_queue_size);
-                let kept = (&*ring_errors, &*announce);
+                let kept = (&*ring_errors, &*announce, &*frontend_log);
                 if let Err(e) = forward_requests(&f_in, &b_out, &tf, limits, kept) {
                     tracing::debug!(error = %e, "frontend request stream ended");
                 }
@@ -276,7 +282,7 @@ fn forward_requests(
     to: &UnixStream,
     reply: &Mutex<UnixStream>,
     (num_queues, max_queue_size): (u32, u16),
-    (ring_errors, announce): (&RingErrorFds, &AnnounceRequests),
+    (ring_errors, announce, frontend_log): (&RingErrorFds, &AnnounceRequests, &FrontendLogSlot),
 ) -> io::Result<()> {
     let mut features_seen = false;
     // The library takes any protocol features it is given; the last ones set are in force.
@@ -336,6 +342,12 @@ fn forward_requests(
         if m.request == REQ_SET_VRING_ERR {
             keep_error_fd(&m, ring_errors)?;
         }
+        if m.request == REQ_SET_LOG_BASE {
+            if let Err(e) = keep_log(&m, frontend_log) {
+                refuse(&m, &format!("cannot map the dirty log: {e}"), reply)?;
+                continue;
+            }
+        }
         let is_features = m.request == REQ_SET_FEATURES;
         send_message(to, &m)?;
         if is_features && !features_seen {
@@ -365,6 +377,17 @@ fn keep_error_fd(m: &Message, ring_errors: &RingErrorFds) -> io::Result<()> {
     let ring = m.payload.first().copied().map_or(0, usize::from);
     let fd = m.fds.first().map(OwnedFd::try_clone).transpose()?;
     ring_errors.set(ring, fd);
+    Ok(())
+}
+
+/// Maps a (checked) SET_LOG_BASE's log for the backend, which attaches it to the memory
+/// tables that come after it.
+fn keep_log(m: &Message, frontend_log: &FrontendLogSlot) -> io::Result<()> {
+    let (Some((size, offset)), Some(fd)) = (log_range(&m.payload), m.fds.first()) else {
+        return Err(invalid("SET_LOG_BASE without its log"));
+    };
+    let log = FrontendLog::map(std::fs::File::from(fd.try_clone()?), offset, size)?;
+    frontend_log.set(log);
     Ok(())
 }
 

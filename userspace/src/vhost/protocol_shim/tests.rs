@@ -18,10 +18,64 @@ fn start(front: UnixStream, back: UnixStream) -> Shim {
 
 /// A shim for a device of one queue pair and the announcements it takes.
 fn start_announcing(front: UnixStream, back: UnixStream) -> (Shim, Arc<AnnounceRequests>) {
+    let (shim, announce, _) = start_keeping(front, back);
+    (shim, announce)
+}
+
+/// A shim for a device of one queue pair, the announcements it takes and the logs it maps.
+fn start_keeping(
+    front: UnixStream,
+    back: UnixStream,
+) -> (Shim, Arc<AnnounceRequests>, Arc<FrontendLogSlot>) {
     let wake = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
     let announce = Arc::new(AnnounceRequests::new(wake));
-    let shim = Shim::start(front, back, 2, 1024, RingErrorFds::new(2), announce.clone()).unwrap();
-    (shim, announce)
+    let log = Arc::new(FrontendLogSlot::default());
+    let shim = Shim::start(
+        front,
+        back,
+        2,
+        1024,
+        RingErrorFds::new(2),
+        announce.clone(),
+        log.clone(),
+    )
+    .unwrap();
+    (shim, announce, log)
+}
+
+/// A SET_LOG_BASE's log is mapped for the backend (for the memory tables after it) and
+/// forwarded with its fd; one that cannot be mapped (an offset mmap refuses) is refused
+/// before the library, and the log mapped before stays.
+#[test]
+fn set_log_base_is_mapped_for_the_backend_and_forwarded() {
+    let (qemu, shim_front) = UnixStream::pair().unwrap();
+    let (shim_back, lib) = UnixStream::pair().unwrap();
+    let (shim, _, log) = start_keeping(shim_front, shim_back);
+    let patience = Some(std::time::Duration::from_secs(5));
+    qemu.set_read_timeout(patience).unwrap();
+    lib.set_read_timeout(patience).unwrap();
+    let set_log_base = |size: u64, offset: u64| Message {
+        request: REQ_SET_LOG_BASE,
+        flags: FLAG_VERSION | FLAG_NEED_REPLY,
+        payload: [size.to_le_bytes(), offset.to_le_bytes()].concat(),
+        fds: vec![crate::memory_guard::tests::memfd(8192).into()],
+    };
+
+    send_message(&qemu, &set_log_base(4096, 0)).unwrap();
+    let forwarded = recv_message(&lib).unwrap().unwrap();
+    assert_eq!(
+        (forwarded.request, forwarded.fds.len()),
+        (REQ_SET_LOG_BASE, 1)
+    );
+    let mapped = log.current().expect("the log is mapped");
+    // 4096 bytes of bits: 32768 pages of 4 KiB.
+    assert!(mapped.covers(0, 32768 * 4096) && !mapped.covers(0, 32768 * 4096 + 1));
+
+    send_message(&qemu, &set_log_base(4096, 100)).unwrap();
+    let answer = recv_message(&qemu).unwrap().unwrap();
+    assert_eq!(answer.payload, 1u64.to_le_bytes(), "NACKed");
+    assert!(Arc::ptr_eq(&log.current().unwrap(), &mapped));
+    shim.stop();
 }
 
 /// SEND_RARP, which the library would end the connection on, is answered by the shim: taken
