@@ -44,6 +44,28 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RARP
 }
 
+/// How a port's frames reach its guest, as `ctl list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Datapath {
+    /// Through the NIC queue's own UMEM: the kernel copies in, the worker copies on.
+    #[default]
+    Copy,
+    /// The guest's RAM file is the NIC queue's UMEM (`guest-umem=on`).
+    GuestMemory,
+    /// The port asked for guest memory and runs on the copy path instead, for this reason.
+    Refused(String),
+}
+
+impl std::fmt::Display for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Datapath::Copy => f.write_str("copy"),
+            Datapath::GuestMemory => f.write_str("guest-memory"),
+            Datapath::Refused(why) => write!(f, "copy (guest memory refused: {why})"),
+        }
+    }
+}
+
 struct Inner {
     config: NetConfig,
     acked: Arc<AtomicU64>,

@@ -30,7 +30,7 @@ use crate::nic::xsk::{XskError, XskSocket};
 use crate::nic::Nic;
 use crate::stats::QueueStats;
 use crate::switch::{AnnounceRequests, RateLimit, SwitchPort, SwitchTable, TxPolicy};
-use crate::vhost::backend::{NetBackend, MAX_QUEUE_SIZE};
+use crate::vhost::backend::{Datapath, NetBackend, MAX_QUEUE_SIZE};
 use crate::vhost::exit_events::ExitEvents;
 use crate::vhost::protocol_shim::Shim;
 use crate::vhost::socket_file;
@@ -132,6 +132,8 @@ pub struct Port {
     pub stats: Vec<Arc<QueueStats>>,
     pub switch_port: Arc<SwitchPort>,
     state: Mutex<PortState>,
+    /// The path the current (or last) connection's frames take.
+    datapath: Arc<Mutex<Datapath>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
     stopping: AtomicBool,
     /// Set once the port is ready for a frontend (its socket listens, or a client port
@@ -150,6 +152,7 @@ impl Port {
                 .collect(),
             spec,
             state: Mutex::new(PortState::Waiting),
+            datapath: Arc::default(),
             shutdown: Mutex::new(None),
             stopping: AtomicBool::new(false),
             settled: (Mutex::new(false), Condvar::new()),
@@ -175,6 +178,10 @@ impl Port {
 
     pub fn state(&self) -> PortState {
         crate::sync::lock(&self.state).clone()
+    }
+
+    pub fn datapath(&self) -> Datapath {
+        crate::sync::lock(&self.datapath).clone()
     }
 
     fn set_state(&self, state: PortState) {
@@ -665,15 +672,15 @@ fn build_workers(
     );
     // One policy for the port; each pair's copy shares its policer.
     let policy = port.policy();
+    let queues = nic.copy_path_queues()?;
     let mut workers = Vec::with_capacity(pairs);
     for pair in 0..pairs {
-        let sockets = nic
-            .queues
+        let sockets = queues
             .iter()
             .filter(|q| q.queue_id() as usize % pairs == pair)
             .map(|q| XskSocket::open(q).map(|s| s.strip_vlan_on_receive(port.spec.vlan.is_some())))
             .collect::<Result<Vec<_>, _>>()?;
-        let tx = XskSocket::open(&nic.queues[pair % nic.queues.len()])?;
+        let tx = XskSocket::open(&queues[pair % queues.len()])?;
         let max_tx = tx.max_tx_frame();
         let config = WorkerConfig {
             max_frame: (usize::from(nic.mtu) + ETH_HLEN).min(max_tx),

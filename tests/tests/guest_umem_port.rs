@@ -1,0 +1,182 @@
+//! A port that asks for its guest's memory as the NIC queue's UMEM (`guest-umem=on`): the
+//! NIC is its alone, `ctl list` says which path it takes, and a guest whose memory cannot be
+//! registered falls back to the copy path with one log line and keeps its traffic.
+//! Needs root (namespaces, XDP); `cargo xtask test` runs it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
+use xvdpa_tests::frames::test_frame;
+use xvdpa_tests::frontend::{FrontendOptions, VirtioNetFrontend, TX_QUEUE};
+use xvdpa_tests::lab::{guest_mac, Lab};
+use xvdpa_tests::wire::WireSocket;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Setup {
+    lab: Lab,
+    daemon: Daemon,
+    socket: PathBuf,
+    _dir: SocketDir,
+}
+
+/// A daemon whose only port (guest 0) asks for guest memory, started with `--port`.
+fn guest_umem_daemon(tag: &str, extra: &[&str]) -> Result<Setup> {
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    let socket = dir.join("vm0.sock");
+    let spec = Daemon::port_spec(&socket, guest_mac(0), ",guest-umem=on");
+    let daemon = Daemon::start_specs(&lab, &dir.join("ctl.sock"), &[spec], extra)?;
+    Ok(Setup {
+        lab,
+        daemon,
+        socket,
+        _dir: dir,
+    })
+}
+
+/// The port `index` of `ctl list --json`.
+fn listed_port(s: &Setup, index: u64) -> Result<Value> {
+    let reply = s.daemon.ctl()?.raw(r#"{"cmd":"list"}"#)?;
+    reply["ports"]
+        .as_array()
+        .context("list reply without ports")?
+        .iter()
+        .find(|p| p["index"] == index)
+        .cloned()
+        .with_context(|| format!("port {index} not listed: {reply}"))
+}
+
+fn add_port_error(ctl: &Path, request: &str) -> Result<String> {
+    let reply = xvdpa_tests::ctl::Ctl::new(ctl).raw(request)?;
+    ensure!(reply["ok"] == false, "accepted: {reply}");
+    Ok(reply["error"].as_str().unwrap_or_default().to_string())
+}
+
+/// Frames both ways between the wire and the frontend's guest.
+fn traffic_flows(s: &Setup, fe: &mut VirtioNetFrontend) -> Result<()> {
+    let wire = WireSocket::open(&s.lab)?;
+    let wire_mac = s.lab.wire_mac()?;
+    fe.post_rx_buffers(64, 2048)?;
+    let frames: Vec<Vec<u8>> = [60usize, 1514]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| test_frame(guest_mac(0), wire_mac, i as u32 + 1, len))
+        .collect();
+    for f in &frames {
+        wire.send(f)?;
+    }
+    let got = fe.recv_frames(frames.len(), WAIT)?;
+    ensure!(
+        got.iter().map(|(_, f)| f).eq(frames.iter()),
+        "the guest received {} of {} frames, or others",
+        got.len(),
+        frames.len()
+    );
+    let out = test_frame(wire_mac, guest_mac(0), 77, 1000);
+    fe.send(&out, 1, false)?;
+    fe.kick(TX_QUEUE)?;
+    let seen = wire.recv_until(WAIT, |g| g.iter().any(|x| x == &out));
+    ensure!(
+        seen.iter().any(|x| x == &out),
+        "the guest's frame did not reach the wire"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_guest_memory_port_has_the_nic_to_itself() -> Result<()> {
+    let s = guest_umem_daemon("gu-own", &[])?;
+    let ctl = s.socket.with_file_name("ctl.sock");
+    let port = listed_port(&s, 0)?;
+    ensure!(port["guest_umem"] == true, "{port}");
+    let other = s.socket.with_file_name("vm1.sock");
+    let err = add_port_error(
+        &ctl,
+        &format!(
+            r#"{{"cmd":"add-port","socket":"{}","mac":"52:54:00:00:00:02"}}"#,
+            other.display()
+        ),
+    )?;
+    ensure!(
+        err.contains("dedicated to port") && err.contains("vm0.sock"),
+        "{err}"
+    );
+    s.daemon.stop()?;
+
+    // Two ports given at start-up, one asking for guest memory: refused before XDP.
+    let lab = Lab::unique("gu-two")?;
+    let dir = socket_dir("gu-two")?;
+    let mut d = Daemon::spawn(
+        &lab,
+        &[
+            "--ctl",
+            dir.join("ctl.sock").to_str().context("path")?,
+            "--port",
+            &Daemon::port_spec(&dir.join("a.sock"), guest_mac(0), ",guest-umem=on"),
+            "--port",
+            &Daemon::port_spec(&dir.join("b.sock"), guest_mac(1), ""),
+        ],
+    )?;
+    let status = d.wait_exit(Duration::from_secs(10))?;
+    ensure!(
+        !status.success(),
+        "started with two ports on a dedicated NIC"
+    );
+    ensure!(
+        d.output().contains("no other port can share its queues"),
+        "{}",
+        d.output()
+    );
+
+    // A daemon whose queues are shared takes no guest-memory port later.
+    let shared = Daemon::start(
+        &lab,
+        &dir.join("c.sock"),
+        &xvdpa_tests::lab::mac_str(guest_mac(2)),
+        &[],
+    )?;
+    let err = add_port_error(
+        &dir.join("ctl.sock"),
+        &format!(
+            r#"{{"cmd":"add-port","socket":"{}","mac":"52:54:00:00:00:05","guest_umem":true}}"#,
+            dir.join("d.sock").display()
+        ),
+    )?;
+    ensure!(
+        err.contains("guest-umem=on needs the NIC to itself"),
+        "{err}"
+    );
+    shared.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_guest_memory_port_moves_traffic_on_each_connection() -> Result<()> {
+    let s = guest_umem_daemon("gu-copy", &[])?;
+    for _ in 0..2 {
+        let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+        traffic_flows(&s, &mut fe)?;
+        drop(fe);
+        s.daemon_wait_for_disconnect()?;
+    }
+    let log = s.daemon.stop()?;
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+impl Setup {
+    fn daemon_wait_for_disconnect(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline {
+            if listed_port(self, 0)?["state"] == "waiting" {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("the port did not go back to waiting")
+    }
+}
