@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frames::test_frame;
-use xvdpa_tests::frontend::{FrontendOptions, VirtioNetFrontend, TX_QUEUE};
+use xvdpa_tests::frontend::{FrontendOptions, RawDesc, VirtioNetFrontend, RX_QUEUE, TX_QUEUE};
 use xvdpa_tests::lab::{guest_mac, Lab};
 use xvdpa_tests::wire::WireSocket;
 
@@ -61,6 +61,9 @@ fn traffic_flows(s: &Setup, fe: &mut VirtioNetFrontend) -> Result<()> {
     let wire = WireSocket::open(&s.lab)?;
     let wire_mac = s.lab.wire_mac()?;
     fe.post_rx_buffers(64, 2048)?;
+    // On the single-copy path a frame finds a buffer only once the worker put the guest's
+    // buffers on the fill ring, in its round after the kick (or its 200 ms tick).
+    std::thread::sleep(Duration::from_millis(300));
     let frames: Vec<Vec<u8>> = [60usize, 1514]
         .iter()
         .enumerate()
@@ -155,14 +158,103 @@ fn a_guest_memory_port_has_the_nic_to_itself() -> Result<()> {
 }
 
 #[test]
-fn a_guest_memory_port_moves_traffic_on_each_connection() -> Result<()> {
-    let s = guest_umem_daemon("gu-copy", &[])?;
+fn a_guest_memory_port_moves_traffic_on_the_single_copy_path_on_each_connection() -> Result<()> {
+    let s = guest_umem_daemon("gu-single", &[])?;
     for _ in 0..2 {
         let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+        let port = listed_port(&s, 0)?;
+        ensure!(port["datapath"] == "guest-memory", "{port}");
         traffic_flows(&s, &mut fe)?;
         drop(fe);
         s.daemon_wait_for_disconnect()?;
     }
+    ensure!(s.daemon.counter("rx_packets")? >= 4, "rx_packets");
+    ensure!(s.daemon.counter("tx_packets")? >= 2, "tx_packets");
+    let log = s.daemon.stop()?;
+    ensure!(
+        log.matches("single-copy path").count() == 2,
+        "one line per connection:\n{log}"
+    );
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn guest_memory_in_two_files_falls_back_to_the_copy_path_with_one_line() -> Result<()> {
+    let s = guest_umem_daemon("gu-two-files", &[])?;
+    let opts = FrontendOptions {
+        two_memory_files: true,
+        ..FrontendOptions::default()
+    };
+    let mut fe = VirtioNetFrontend::connect(&s.socket, opts)?;
+    let port = listed_port(&s, 0)?;
+    let path = port["datapath"].as_str().unwrap_or_default();
+    ensure!(
+        path == "copy (guest memory refused: guest memory comes from 2 files, not one)",
+        "{port}"
+    );
+    traffic_flows(&s, &mut fe)?;
+    let log = s.daemon.stop()?;
+    ensure!(
+        log.matches("guest memory cannot be the NIC queue's UMEM")
+            .count()
+            == 1,
+        "one line:\n{log}"
+    );
+    ensure!(log.contains("guest memory comes from 2 files"), "{log}");
+    Ok(())
+}
+
+/// Receive buffers the kernel cannot be given (too short for a frame, outside the guest's
+/// memory) go back to the guest unused and are counted; the good ones still receive.
+#[test]
+fn unusable_receive_buffers_are_refused_and_counted() -> Result<()> {
+    let s = guest_umem_daemon("gu-hostile", &[])?;
+    let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+    let writable = xvdpa_tests::frontend::VRING_DESC_F_WRITE;
+    let short = fe.scratch(RX_QUEUE, 0);
+    let bad = [
+        RawDesc {
+            addr: short,
+            len: 1024,
+            flags: writable,
+            next: 0,
+        },
+        RawDesc {
+            addr: 1 << 40,
+            len: 2048,
+            flags: writable,
+            next: 0,
+        },
+        RawDesc {
+            addr: u64::MAX - 100,
+            len: 2048,
+            flags: writable,
+            next: 0,
+        },
+    ];
+    let mut heads = Vec::new();
+    for d in bad {
+        heads.push(fe.post_raw(RX_QUEUE, &[d])?);
+    }
+    // More than the chains held back for the tap, so the bad ones are offered to the kernel.
+    fe.post_rx_buffers(32, 2048)?;
+    fe.kick(RX_QUEUE)?;
+    let refused = s.daemon.counter_reaching("rx_buffers_refused", 3)?;
+    ensure!(refused == 3, "rx_buffers_refused {refused}");
+    let used = fe.take_used(RX_QUEUE)?;
+    for h in &heads {
+        ensure!(
+            used.iter().any(|u| u.head == *h && u.len == 0),
+            "bad buffer {h} not given back unused: {used:?}"
+        );
+    }
+    // The port still receives into the good buffers.
+    let wire = WireSocket::open(&s.lab)?;
+    let frame = test_frame(guest_mac(0), s.lab.wire_mac()?, 9, 600);
+    wire.send(&frame)?;
+    let got = fe.recv_frames(1, WAIT)?;
+    ensure!(got.first().map(|(_, f)| f) == Some(&frame), "frame lost");
     let log = s.daemon.stop()?;
     ensure!(!log.contains("panicked"), "{log}");
     Ok(())
@@ -179,4 +271,33 @@ impl Setup {
         }
         anyhow::bail!("the port did not go back to waiting")
     }
+}
+
+/// GET_VRING_BASE on the receive ring closes the guest-memory socket and gives every buffer
+/// the kernel held back to the guest unused (the ring's base the frontend reads has moved
+/// past them); the ring's next run registers the memory again and receives.
+#[test]
+fn stopping_the_receive_ring_gives_the_buffers_back_and_the_next_run_registers_again() -> Result<()>
+{
+    let s = guest_umem_daemon("gu-stop", &[])?;
+    let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+    fe.post_rx_buffers(32, 2048)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let base = fe.get_vring_base(RX_QUEUE)?;
+    // The chains held back for broadcasts stay on the ring: the kernel had the rest.
+    ensure!(base == 24, "ring base {base}");
+    let used = fe.take_used(RX_QUEUE)?;
+    ensure!(
+        used.len() == 24 && used.iter().all(|u| u.len == 0),
+        "given back: {used:?}"
+    );
+    fe.reset_device()?;
+    traffic_flows(&s, &mut fe)?;
+    ensure!(listed_port(&s, 0)?["datapath"] == "guest-memory");
+    let log = s.daemon.stop()?;
+    ensure!(
+        log.matches("single-copy path").count() == 2,
+        "registered once per ring run:\n{log}"
+    );
+    Ok(())
 }

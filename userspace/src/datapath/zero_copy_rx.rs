@@ -237,6 +237,11 @@ impl PostedBuffers {
         self
     }
 
+    /// Most buffers on the fill ring at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Buffers on the fill ring.
     pub fn len(&self) -> usize {
         self.by_fill.len()

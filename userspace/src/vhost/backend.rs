@@ -9,7 +9,7 @@ use crate::datapath::GuestMemory;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -19,6 +19,7 @@ use crate::memory_guard::{self, MemoryWatch};
 use crate::stats::QueueStats;
 use crate::switch::{rarp_frame, AnnounceRequests, SwitchPort};
 use crate::vhost::exit_events::ExitEvents;
+use crate::vhost::single_copy::DedicatedNic;
 use crate::vring::{RxQueue, RxQueueShared, Vring};
 use crate::worker::{EventIds, QueuePairWorker};
 
@@ -95,6 +96,9 @@ struct Inner {
     /// This connection announced (or failed to) before: later ones are logged at debug level,
     /// so a frontend repeating the request cannot fill the log.
     announced: AtomicBool,
+    /// A port with the NIC to itself: its path to the NIC is made when its guest's memory
+    /// arrives.
+    dedicated: Option<DedicatedNic>,
 }
 
 /// The backend of one VM port for one frontend connection.
@@ -109,6 +113,7 @@ impl NetBackend {
         switch_port: Arc<SwitchPort>,
         exit_events: ExitEvents,
         announce: Arc<AnnounceRequests>,
+        dedicated: Option<DedicatedNic>,
     ) -> Self {
         let num_queues = 2 * workers.len();
         let first_pair_stats = workers.first().map(|w| w.stats()).unwrap_or_default();
@@ -129,7 +134,34 @@ impl NetBackend {
             exit_events,
             announce,
             announced: AtomicBool::new(false),
+            dedicated,
         }))
+    }
+
+    /// The dedicated NIC's part, to hand it the library's epoll handlers.
+    pub fn dedicated(&self) -> Option<&DedicatedNic> {
+        self.0.dedicated.as_ref()
+    }
+
+    /// Makes a dedicated NIC's path again when the guest's receive ring runs without one
+    /// (the single-copy path stopped with the ring, and the frontend restarted the ring
+    /// without sending its memory table again).
+    fn restore_nic_path(&self, vrings: &[Vring]) {
+        let Some(dedicated) = &self.0.dedicated else {
+            return;
+        };
+        let running = {
+            let state = vrings[0].get_ref();
+            state.get_queue().ready() && state.is_enabled()
+        };
+        // Only after a stopped single-copy path: a copy path that could not be bound is not
+        // retried on every event.
+        let stopped = *crate::sync::lock(&dedicated.datapath) == Datapath::GuestMemory
+            && !self.worker(0).has_nic_path();
+        let mem = self.0.mem.memory();
+        if running && stopped && mem.num_regions() > 0 {
+            dedicated.choose(&self.0.workers, self.0.ids, &mem);
+        }
     }
 
     /// Sends the announcement the frontend asked for, if it did since the last event. A
@@ -252,6 +284,11 @@ impl VhostUserBackend for NetBackend {
     fn reset_device(&self) {
         self.0.acked.store(0, Ordering::Release);
         set_log_all(&self.0.mem.memory(), false);
+        if let Some(dedicated) = &self.0.dedicated {
+            // The driver forgot its buffers with the reset: the kernel must stop writing
+            // them, and nothing is written into the ring it reset.
+            dedicated.forget_guest_path(&self.0.workers[0]);
+        }
         for i in 0..self.queue_pairs() {
             self.worker(i).reset();
         }
@@ -276,6 +313,9 @@ impl VhostUserBackend for NetBackend {
         // migration sends SET_LOG_BASE again for them.
         let log_all = self.0.acked.load(Ordering::Acquire) & (1 << VHOST_F_LOG_ALL) != 0;
         set_log_all(&mem.memory(), log_all);
+        if let Some(dedicated) = &self.0.dedicated {
+            dedicated.choose(&self.0.workers, self.0.ids, &mem.memory());
+        }
         Ok(())
     }
 
@@ -293,6 +333,11 @@ impl VhostUserBackend for NetBackend {
         // A stopped queue restarts from a fresh ring: a queue marked broken gets another go.
         let pair = queue_index as usize / 2;
         if pair < self.queue_pairs() {
+            if let (Some(dedicated), 0) = (&self.0.dedicated, queue_index % 2) {
+                // Before the reply: the frontend takes the ring's base as where the guest's
+                // buffers end, so the ones the kernel holds go back now.
+                dedicated.stop_guest_path(&self.0.workers[pair], &self.0.mem.memory());
+            }
             self.worker(pair).reset();
         }
         Ok(())
@@ -316,6 +361,7 @@ impl VhostUserBackend for NetBackend {
                 let state = vrings[0].get_ref();
                 state.get_queue().ready() && state.is_enabled()
             });
+            self.restore_nic_path(vrings);
         }
         if self.memory_lost() {
             self.worker(thread_id)

@@ -33,6 +33,7 @@ use crate::switch::{AnnounceRequests, RateLimit, SwitchPort, SwitchTable, TxPoli
 use crate::vhost::backend::{Datapath, NetBackend, MAX_QUEUE_SIZE};
 use crate::vhost::exit_events::ExitEvents;
 use crate::vhost::protocol_shim::Shim;
+use crate::vhost::single_copy::{copy_path_sockets, DedicatedNic};
 use crate::vhost::socket_file;
 use crate::vring::RingErrorFds;
 use crate::worker::{QueuePairWorker, WorkerConfig};
@@ -429,7 +430,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
 
 /// Serves frontends on the port's socket until [`Port::stop`]. An error ends this port only;
 /// it is recorded in the port's state for `xvdpa ctl list`.
-pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
+pub fn serve(nic: &Arc<Nic>, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
     let result = serve_connections(nic, switch, port);
     if let Err(e) = &result {
         port.set_state(PortState::Failed(e.to_string()));
@@ -438,7 +439,11 @@ pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), Po
     result
 }
 
-fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
+fn serve_connections(
+    nic: &Arc<Nic>,
+    switch: &Arc<SwitchTable>,
+    port: &Port,
+) -> Result<(), PortError> {
     let path = &port.spec.socket;
     // A server port's socket has the port's group and mode (by default 0660 and the daemon's
     // group: a QEMU in that group, nobody else) before anyone can reach it. A client port
@@ -481,7 +486,7 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
 /// Prepares a connection's workers and the library, serves one frontend until it leaves,
 /// and closes everything the connection had. Returns at once when the port is stopping.
 fn serve_one(
-    nic: &Nic,
+    nic: &Arc<Nic>,
     switch: &Arc<SwitchTable>,
     port: &Port,
     frontends: &mut Frontends,
@@ -505,6 +510,18 @@ fn serve_one(
     let announce = Arc::new(AnnounceRequests::new(
         workers[0].waker().map_err(PortError::Worker)?,
     ));
+    // A dedicated NIC's path is made when the guest's memory arrives.
+    let dedicated = nic.dedicated.then(|| {
+        DedicatedNic::new(
+            nic.clone(),
+            port.index,
+            port.spec.vlan,
+            port.datapath.clone(),
+        )
+    });
+    if !nic.dedicated {
+        *crate::sync::lock(&port.datapath) = Datapath::Copy;
+    }
     let backend = NetBackend::new(
         config,
         mem.clone(),
@@ -512,11 +529,15 @@ fn serve_one(
         port.switch_port.clone(),
         exit_events,
         announce.clone(),
+        dedicated,
     );
     let name = format!("xvdpa-port{}", port.index);
     let mut daemon =
         VhostUserDaemon::new(name, backend.clone(), mem).map_err(|e| library_error(path, e))?;
     let handlers = daemon.get_epoll_handlers();
+    if let Some(dedicated) = backend.dedicated() {
+        dedicated.set_handlers(&handlers);
+    }
     for (i, handler) in handlers.iter().enumerate() {
         for (fd, events, id) in backend.worker(i).event_sources(backend.event_ids()) {
             handler
@@ -672,16 +693,18 @@ fn build_workers(
     );
     // One policy for the port; each pair's copy shares its policer.
     let policy = port.policy();
-    let queues = nic.copy_path_queues()?;
     let mut workers = Vec::with_capacity(pairs);
     for pair in 0..pairs {
-        let sockets = queues
-            .iter()
-            .filter(|q| q.queue_id() as usize % pairs == pair)
-            .map(|q| XskSocket::open(q).map(|s| s.strip_vlan_on_receive(port.spec.vlan.is_some())))
-            .collect::<Result<Vec<_>, _>>()?;
-        let tx = XskSocket::open(&queues[pair % queues.len()])?;
-        let max_tx = tx.max_tx_frame();
+        // A dedicated NIC's sockets come with the guest's memory (`single_copy`).
+        let (sockets, tx) = match nic.dedicated {
+            true => (Vec::new(), None),
+            false => {
+                let strip = port.spec.vlan.is_some();
+                let (sockets, tx) = copy_path_sockets(&nic.queues, pairs, pair, strip)?;
+                (sockets, Some(tx))
+            }
+        };
+        let max_tx = tx.as_ref().map_or(usize::MAX, XskSocket::max_tx_frame);
         let config = WorkerConfig {
             max_frame: (usize::from(nic.mtu) + ETH_HLEN).min(max_tx),
             busy_poll: nic.busy_poll,
@@ -728,8 +751,8 @@ fn connect_library(
 fn bind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) -> Result<(), SteeringError> {
     let mut steering = crate::sync::lock(&nic.steering);
     for i in 0..backend.queue_pairs() {
-        for s in backend.worker(i).sockets() {
-            steering.bind_socket(port.index, s.queue_id(), s.fd())?;
+        for (queue, fd) in backend.worker(i).receiving_sockets() {
+            steering.bind_socket(port.index, queue, fd)?;
         }
     }
     Ok(())
@@ -738,8 +761,8 @@ fn bind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) -> Result<(), Stee
 fn unbind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) {
     let mut steering = crate::sync::lock(&nic.steering);
     for i in 0..backend.queue_pairs() {
-        for s in backend.worker(i).sockets() {
-            if let Err(e) = steering.unbind_socket(port.index, s.queue_id()) {
+        for (queue, _) in backend.worker(i).receiving_sockets() {
+            if let Err(e) = steering.unbind_socket(port.index, queue) {
                 tracing::warn!(error = %e, "cannot remove socket from the steering map");
             }
         }
