@@ -137,12 +137,14 @@ impl QueuePairWorker {
             fill,
             received,
         } = path;
+        // The fill ring has as many entries as buffers may be posted, and every posted
+        // buffer not on it is the kernel's: what `post` takes always fits.
         let done = queue.with_queue(|mem, q| {
             posted.complete(mem, q, received.drain(..), &mut zt)?;
-            let room = socket.fill_room();
-            posted.post(mem, q, room, fill, &mut zt)
+            posted.post(mem, q, usize::MAX, fill, &mut zt)
         });
-        socket.fill(fill);
+        let placed = socket.fill(fill);
+        debug_assert_eq!(placed, fill.len());
         let mut tally = RxTally::default();
         if done.is_ok() && read_tap {
             if let Some(tap) = &mut self.tap {
@@ -174,9 +176,11 @@ impl QueuePairWorker {
         if tally.frames > 0 || refused > 0 {
             queue.notify();
         }
-        // Kicks bring the buffers the guest posts to the fill ring while it is short of them;
-        // the held-back chains are always waiting, so the answer is not a reason to go again
-        // (the socket's readiness or the housekeeping tick comes back).
+        // Kicks bring the buffers the guest posts to the fill ring once the kernel is short
+        // of them; until then the frames coming in bring the worker back, and a kick per
+        // buffer the guest posts would cost both sides a wake-up. The held-back chains are
+        // always waiting, so the answer is not a reason to go again (the socket's readiness
+        // or the housekeeping tick comes back).
         if path_needs_buffers(self.guest.as_ref()) {
             let _ = queue.want_kicks();
         } else {
@@ -186,7 +190,7 @@ impl QueuePairWorker {
     }
 }
 
-/// Whether the kernel could take more of the guest's buffers than it holds.
+/// Whether the kernel is short of the guest's buffers: fewer than a batch on its fill ring.
 fn path_needs_buffers(path: Option<&GuestPath>) -> bool {
-    path.is_some_and(|p| p.posted.len() < p.posted.capacity())
+    path.is_some_and(|p| p.posted.len() < BATCH.min(p.posted.capacity()))
 }

@@ -544,7 +544,8 @@ impl GuestRxSocket {
         &self.umem
     }
 
-    /// Free entries on the fill ring now.
+    /// Free entries on the fill ring as xdpilone's cached view has them (at most what is
+    /// really free; it refreshes its view once it shows none).
     pub fn fill_room(&mut self) -> usize {
         self.device.fill(u32::MAX).capacity() as usize
     }
@@ -552,16 +553,24 @@ impl GuestRxSocket {
     /// Puts `addrs` on the fill ring, as many as it takes (all of them when no more than
     /// [`GuestRxSocket::fill_room`]); returns how many.
     pub fn fill(&mut self, addrs: &[u64]) -> usize {
-        let n = {
-            let mut w = self.device.fill(addrs.len() as u32);
-            let n = w.insert(addrs.iter().copied());
+        // xdpilone reserves from its cached view of the kernel's consumer and refreshes it
+        // only once that view shows no room at all, so one pass may place fewer than fit:
+        // go on until a pass makes no progress.
+        let mut placed = 0;
+        while placed < addrs.len() {
+            let rest = &addrs[placed..];
+            let mut w = self.device.fill(rest.len() as u32);
+            let n = w.insert(rest.iter().copied()) as usize;
             w.commit();
-            n
-        };
+            if n == 0 {
+                break;
+            }
+            placed += n;
+        }
         if self.device.needs_wakeup() {
             self.device.wake();
         }
-        n as usize
+        placed
     }
 
     /// Appends up to `max` received frames to `out` as (fill address, data offset from it,
