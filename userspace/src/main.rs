@@ -365,17 +365,18 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&ports)?);
             } else {
                 println!(
-                    "{:<5} {:<17} {:<12} {:<6} SOCKET",
+                    "{:<5} {:<17} {:<12} {:<6} SOCKET  DATAPATH",
                     "INDEX", "MAC", "STATE", "MODE"
                 );
                 for p in ports {
                     println!(
-                        "{:<5} {:<17} {:<12} {:<6} {}",
+                        "{:<5} {:<17} {:<12} {:<6} {}  {}",
                         p.index,
                         p.spec.mac.to_string(),
                         p.state,
                         p.spec.mode.to_string(),
-                        p.spec.socket.display()
+                        p.spec.socket.display(),
+                        p.datapath
                     );
                 }
             }
