@@ -383,9 +383,13 @@ pub struct GuestRxSocket {
 /// Transmit on a guest-memory UMEM: frames are copied into slots of the daemon's own area
 /// (after the guest's file), so the kernel sends bytes the guest cannot change after the
 /// daemon checked them. A NIC queue bound to this UMEM takes no other, so the port's
-/// transmit must go through this socket.
+/// transmit goes through a second socket sharing it (and its completion ring). That socket
+/// is in no epoll set: every sent frame wakes a socket's waiters, which on the receive
+/// socket was a callback per frame and an event for the worker.
 struct GuestTx {
+    // Field order is drop order: the ring before its socket.
     ring: RingTx,
+    _user: User,
     /// UMEM addresses of slots nobody holds.
     free: Vec<u64>,
     /// Descriptors written but not yet on the ring.
@@ -489,18 +493,41 @@ impl GuestRxSocket {
                 &sock,
                 &SocketConfig {
                     rx_size: NonZeroU32::new(ring_size),
-                    tx_size: NonZeroU32::new(spec.tx_slots),
+                    tx_size: None,
                     bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode_flag,
                 },
             )
             .map_err(fail("rx ring"))?;
         let rx = user.map_rx().map_err(fail("rx ring mapping"))?;
+        umem.xdp().bind(&user).map_err(fail(match mode {
+            XskMode::ZeroCopy => "zero-copy bind",
+            XskMode::Copy => "copy-mode bind",
+        }))?;
         let tx = match spec.tx_slots {
             0 => None,
             _ => {
+                // Bound after the receive socket: the kernel binds a socket to a shared UMEM
+                // only through a bound first one. It inherits the mode (no flags of its own).
+                let sock = Socket::new(&info).map_err(fail("tx socket"))?;
+                let tx_user = umem
+                    .xdp()
+                    .rx_tx(
+                        &sock,
+                        &SocketConfig {
+                            rx_size: None,
+                            tx_size: NonZeroU32::new(spec.tx_slots),
+                            bind_flags: 0,
+                        },
+                    )
+                    .map_err(fail("tx ring"))?;
+                let ring = tx_user.map_tx().map_err(fail("tx ring mapping"))?;
+                umem.xdp()
+                    .bind(&tx_user)
+                    .map_err(fail("shared-UMEM tx bind"))?;
                 let area = umem.own_area();
                 Some(GuestTx {
-                    ring: user.map_tx().map_err(fail("tx ring mapping"))?,
+                    ring,
+                    _user: tx_user,
                     free: (0..u64::from(spec.tx_slots))
                         .rev()
                         .map(|i| area.start + i * u64::from(slot))
@@ -512,10 +539,6 @@ impl GuestRxSocket {
                 })
             }
         };
-        umem.xdp().bind(&user).map_err(fail(match mode {
-            XskMode::ZeroCopy => "zero-copy bind",
-            XskMode::Copy => "copy-mode bind",
-        }))?;
         Ok(GuestRxSocket {
             device,
             rx,
