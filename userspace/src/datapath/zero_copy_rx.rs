@@ -189,6 +189,11 @@ pub struct ZeroCopyRxTally {
 }
 
 impl ZeroCopyRxTally {
+    /// Buffers that went back to the guest unused.
+    pub fn refused(&self) -> u64 {
+        self.returned_too_small + self.returned_outside_file + self.returned_already_posted
+    }
+
     fn returned(&mut self, why: Unpostable) {
         match why {
             Unpostable::TooSmall { .. } => self.returned_too_small += 1,

@@ -129,7 +129,7 @@ impl QueuePairWorker {
         path.received.clear();
         path.socket.receive(budget, &mut path.received);
         self.nic_frames += path.received.len() as u64;
-        let more = path.received.len() as u32 >= budget;
+        let mut more = path.received.len() as u32 >= budget;
         let mut zt = ZeroCopyRxTally::default();
         let GuestPath {
             socket,
@@ -163,7 +163,7 @@ impl QueuePairWorker {
         tally.bytes += zt.bytes;
         tally.buffers += zt.frames;
         queue.record(&tally, false);
-        let refused = zt.returned_too_small + zt.returned_outside_file + zt.returned_already_posted;
+        let refused = zt.refused();
         self.stats.add(&self.stats.rx_buffers_refused, refused);
         if zt.unknown_completions > 0 {
             tracing::debug!(
@@ -178,19 +178,34 @@ impl QueuePairWorker {
         }
         // Kicks bring the buffers the guest posts to the fill ring once the kernel is short
         // of them; until then the frames coming in bring the worker back, and a kick per
-        // buffer the guest posts would cost both sides a wake-up. The held-back chains are
-        // always waiting, so the answer is not a reason to go again (the socket's readiness
-        // or the housekeeping tick comes back).
-        if path_needs_buffers(self.guest.as_ref()) {
-            let _ = queue.want_kicks();
-        } else {
+        // buffer the guest posts would cost both sides a wake-up.
+        let Some(path) = self.guest.as_mut() else {
+            return more;
+        };
+        if path.posted.len() >= BATCH.min(path.posted.capacity()) {
             queue.no_kicks();
+            return more;
+        }
+        if queue.want_kicks() {
+            // Buffers came between the post above and asking for kicks: the guest saw no
+            // request and will not kick for them, so they are posted now. (The held-back
+            // chains alone also make the answer yes; they are not a reason to go again.)
+            let mut zt = ZeroCopyRxTally::default();
+            let GuestPath {
+                socket,
+                posted,
+                fill,
+                ..
+            } = path;
+            let _ = queue.with_queue(|mem, q| posted.post(mem, q, usize::MAX, fill, &mut zt));
+            socket.fill(fill);
+            let refused = zt.refused();
+            if refused > 0 {
+                self.stats.add(&self.stats.rx_buffers_refused, refused);
+                queue.notify();
+            }
+            more |= zt.posted > 0;
         }
         more
     }
-}
-
-/// Whether the kernel is short of the guest's buffers: fewer than a batch on its fill ring.
-fn path_needs_buffers(path: Option<&GuestPath>) -> bool {
-    path.is_some_and(|p| p.posted.len() < BATCH.min(p.posted.capacity()))
 }
