@@ -301,3 +301,35 @@ fn stopping_the_receive_ring_gives_the_buffers_back_and_the_next_run_registers_a
     );
     Ok(())
 }
+
+/// The single-copy path's transmit applies the port's policy as the copy path does: a frame
+/// with a source MAC the port may not use is dropped and counted, a broadcast goes to the
+/// wire (no other port shares the NIC).
+#[test]
+fn the_single_copy_transmit_keeps_the_ports_policy() -> Result<()> {
+    let s = guest_umem_daemon("gu-policy", &[])?;
+    let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+    ensure!(listed_port(&s, 0)?["datapath"] == "guest-memory");
+    let wire = WireSocket::open(&s.lab)?;
+    let wire_mac = s.lab.wire_mac()?;
+    let stranger = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc];
+    let spoofed = test_frame(wire_mac, stranger, 5, 200);
+    let broadcast = test_frame([0xff; 6], guest_mac(0), 6, 200);
+    for f in [&spoofed, &broadcast] {
+        fe.send(f, 1, false)?;
+    }
+    fe.kick(TX_QUEUE)?;
+    let seen = wire.recv_until(WAIT, |g| g.iter().any(|x| x == &broadcast));
+    ensure!(
+        seen.iter().any(|x| x == &broadcast),
+        "broadcast not on the wire"
+    );
+    ensure!(
+        !seen.iter().any(|x| x == &spoofed),
+        "spoofed frame on the wire"
+    );
+    let dropped = s.daemon.counter_reaching("tx_dropped_spoofed", 1)?;
+    ensure!(dropped == 1, "tx_dropped_spoofed {dropped}");
+    s.daemon.stop()?;
+    Ok(())
+}
