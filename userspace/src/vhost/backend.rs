@@ -154,13 +154,11 @@ impl NetBackend {
             let state = vrings[0].get_ref();
             state.get_queue().ready() && state.is_enabled()
         };
-        // Only after a stopped single-copy path: a copy path that could not be bound is not
-        // retried on every event.
-        let stopped = *crate::sync::lock(&dedicated.datapath) == Datapath::GuestMemory
-            && !self.worker(0).has_nic_path();
+        // Only after a stopped single-copy path (`restore` checks): a copy path that could
+        // not be bound is not retried on every event.
         let mem = self.0.mem.memory();
-        if running && stopped && mem.num_regions() > 0 {
-            dedicated.choose(&self.0.workers, self.0.ids, &mem);
+        if running && mem.num_regions() > 0 {
+            dedicated.restore(&self.0.workers, self.0.ids, &mem);
         }
     }
 

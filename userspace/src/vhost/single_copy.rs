@@ -50,6 +50,10 @@ pub struct DedicatedNic {
     /// The library's epoll handlers, one per queue pair, where the new sockets are
     /// registered (weak: the handlers hold the backend).
     handlers: OnceLock<Vec<Weak<VringEpollHandler<NetBackend>>>>,
+    /// Held while the path is made or taken down: a memory table (request thread) and a
+    /// restarted ring (queue pair 0's thread) must not both bind the NIC's queue. Taken
+    /// before the steering lock and the workers' mutexes, holding neither.
+    deciding: Mutex<()>,
 }
 
 impl DedicatedNic {
@@ -65,6 +69,7 @@ impl DedicatedNic {
             vlan,
             datapath,
             handlers: OnceLock::new(),
+            deciding: Mutex::new(()),
         }
     }
 
@@ -130,6 +135,12 @@ impl DedicatedNic {
     /// connection had is taken down first, then the guest's memory is registered as the
     /// UMEM, or the copy path's queues are bound, and the workers get the sockets.
     pub fn choose(&self, workers: &[Mutex<QueuePairWorker>], ids: EventIds, mem: &GuestMemory) {
+        let _deciding = crate::sync::lock(&self.deciding);
+        self.decide(workers, ids, mem);
+    }
+
+    /// [`DedicatedNic::choose`], with `deciding` held.
+    fn decide(&self, workers: &[Mutex<QueuePairWorker>], ids: EventIds, mem: &GuestMemory) {
         self.take_down(workers, mem);
         let chosen = match self.guest_path(mem, workers.len()) {
             Ok(path) => {
@@ -211,9 +222,27 @@ impl DedicatedNic {
         }
     }
 
+    /// Makes the single-copy path again if it stopped with the ring and nothing made a path
+    /// since (the frontend restarted the ring without a new memory table).
+    pub fn restore(&self, workers: &[Mutex<QueuePairWorker>], ids: EventIds, mem: &GuestMemory) {
+        let stopped = || {
+            *crate::sync::lock(&self.datapath) == Datapath::GuestMemory
+                && !crate::sync::lock(&workers[0]).has_nic_path()
+        };
+        if !stopped() {
+            return;
+        }
+        let _deciding = crate::sync::lock(&self.deciding);
+        // Another thread may have made it meanwhile.
+        if stopped() {
+            self.decide(workers, ids, mem);
+        }
+    }
+
     /// Stops the single-copy path of queue pair 0 (its receive ring stopped: the frontend
     /// reads the ring's base next), giving the buffers the kernel held back to the guest.
     pub fn stop_guest_path(&self, worker: &Mutex<QueuePairWorker>, mem: &GuestMemory) {
+        let _deciding = crate::sync::lock(&self.deciding);
         let Some(socket) = crate::sync::lock(worker).guest_socket() else {
             return;
         };
@@ -230,6 +259,7 @@ impl DedicatedNic {
     /// Closes the single-copy path of queue pair 0 without writing into the guest's ring
     /// (a device reset: the driver forgot its buffers).
     pub fn forget_guest_path(&self, worker: &Mutex<QueuePairWorker>) {
+        let _deciding = crate::sync::lock(&self.deciding);
         let Some(socket) = crate::sync::lock(worker).guest_socket() else {
             return;
         };
