@@ -1,7 +1,7 @@
 //! Benchmark scenarios, each measured for one peer (xvdpa, DPDK testpmd, or the bare AF_XDP
 //! ceiling) with the same lab, generator, guest side and CPU pinning.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,9 @@ pub enum Peer {
     Dpdk,
     /// xvdpa-xsk-limit: XDP + AF_XDP with nothing behind the socket.
     Limit,
+    /// xvdpa with the port's guest memory as the NIC queue's UMEM (`guest-umem=on`): the
+    /// NIC is the port's alone, so it has no vm-to-vm scenario.
+    SingleCopy,
 }
 
 impl Peer {
@@ -57,7 +60,13 @@ impl Peer {
             Peer::Xvdpa => "xvdpa",
             Peer::Dpdk => "dpdk",
             Peer::Limit => "limit",
+            Peer::SingleCopy => "single-copy",
         }
+    }
+
+    /// Whether the peer runs the vm-to-vm scenario (two guest ports on one datapath).
+    pub fn has_vm_to_vm(self) -> bool {
+        matches!(self, Peer::Xvdpa | Peer::Dpdk)
     }
 }
 
@@ -343,6 +352,10 @@ fn start_vhost_peer(
             )?;
             UnderTest::daemon(d)?
         }
+        Peer::SingleCopy => {
+            let spec = Daemon::port_spec(&socket, guest_mac(0), ",guest-umem=on");
+            start_daemon_with_ports(lab, pin, &dir.join("ctl.sock"), &[spec], daemon_args)?
+        }
         Peer::Dpdk => start_testpmd(
             lab,
             pin,
@@ -357,6 +370,34 @@ fn start_vhost_peer(
     ut.dir = Some(dir);
     let fe = VirtioNetFrontend::connect(&socket, bench_frontend())?;
     Ok((ut, fe))
+}
+
+/// The daemon under test with the ports `specs` (`--port` values) and its control socket at
+/// `ctl`, pinned to the datapath CPU, once every port is ready.
+fn start_daemon_with_ports(
+    lab: &Lab,
+    pin: Pinning,
+    ctl: &Path,
+    specs: &[String],
+    daemon_args: &[String],
+) -> Result<UnderTest> {
+    let mut args: Vec<&str> = vec![
+        "--log",
+        "warn,xvdpa=info",
+        "--ctl",
+        ctl.to_str().context("path")?,
+    ];
+    for s in specs {
+        args.extend(["--port", s.as_str()]);
+    }
+    args.extend(daemon_args.iter().map(|s| s.as_str()));
+    let mut d = Daemon::spawn_pinned(lab, &args, Some(pin.datapath))?;
+    d.wait_for_count(
+        "port ready for a frontend",
+        specs.len(),
+        Duration::from_secs(20),
+    )?;
+    UnderTest::daemon(d)
 }
 
 /// The guest side's driver settings: large rings and EVENT_IDX, as a Linux guest negotiates
@@ -400,20 +441,7 @@ fn start_vm_to_vm_peer(
                     )
                 })
                 .collect();
-            let ctl = dir.join("ctl.sock");
-            let mut args: Vec<&str> = vec![
-                "--log",
-                "warn,xvdpa=info",
-                "--ctl",
-                ctl.to_str().context("path")?,
-            ];
-            for s in &specs {
-                args.extend(["--port", s.as_str()]);
-            }
-            args.extend(daemon_args.iter().map(|s| s.as_str()));
-            let mut d = Daemon::spawn_pinned(lab, &args, Some(pin.datapath))?;
-            d.wait_for_count("port ready for a frontend", 2, Duration::from_secs(20))?;
-            UnderTest::daemon(d)?
+            start_daemon_with_ports(lab, pin, &dir.join("ctl.sock"), &specs, daemon_args)?
         }
         Peer::Dpdk => start_testpmd(
             lab,
@@ -424,7 +452,10 @@ fn start_vm_to_vm_peer(
                 format!("net_vhost1,iface={},queues=1", socks[1].display()),
             ],
         )?,
-        Peer::Limit => bail!("the vm-to-vm scenario has no ceiling peer (no NIC is involved)"),
+        Peer::Limit | Peer::SingleCopy => bail!(
+            "the vm-to-vm scenario has no {} peer (no NIC is involved)",
+            peer.name()
+        ),
     };
     ut.dir = Some(dir);
     let a = VirtioNetFrontend::connect(&socks[0], bench_frontend())?;
@@ -447,8 +478,11 @@ pub fn measure(
     let tag = format!("bench-{}-{}-{size}", peer.name(), direction.name());
     let total = setup.warmup + setup.duration;
 
-    if peer == Peer::Limit && direction == Direction::VmToVm {
-        bail!("the vm-to-vm scenario has no ceiling peer (no NIC is involved)");
+    if !peer.has_vm_to_vm() && direction == Direction::VmToVm {
+        bail!(
+            "the vm-to-vm scenario has no {} peer (no NIC is involved)",
+            peer.name()
+        );
     }
     if peer == Peer::Limit {
         let _ = lab

@@ -217,6 +217,7 @@ mod tests {
                         ..Default::default()
                     },
                     state: "connected".into(),
+                    datapath: "copy".into(),
                 },
                 xdp_steered: 1,
                 queues: vec![QueueCounters {

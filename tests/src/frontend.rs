@@ -183,6 +183,10 @@ pub struct FrontendOptions {
     /// migration's destination, whose rings QEMU starts only when the migrated guest runs
     /// ([`VirtioNetFrontend::start_rings`]).
     pub start_rings: bool,
+    /// Guest memory in two files, one region each (the rings and the receive slots in the
+    /// first, the transmit slots in the second), as a VMM with memory from several backends
+    /// sends it.
+    pub two_memory_files: bool,
 }
 
 impl Default for FrontendOptions {
@@ -198,6 +202,7 @@ impl Default for FrontendOptions {
             slot_len: 2048,
             allow_sealing: false,
             start_rings: true,
+            two_memory_files: false,
         }
     }
 }
@@ -275,13 +280,28 @@ impl VirtioNetFrontend {
             bail!("data slot of {slot_len} bytes: a multiple of 64 is needed");
         }
         let mem_size = RING_AREA + 2 * u64::from(qsize) * slot_len;
-        let file = memfd(mem_size, opts.allow_sealing)?;
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+        // Split where the transmit slots start, so no slot spans two regions.
+        let split = if opts.two_memory_files {
+            RING_AREA + u64::from(qsize) * slot_len
+        } else {
+            mem_size
+        };
+        let mut ranges = vec![(
             GuestAddress(0),
-            mem_size as usize,
-            Some(FileOffset::new(file, 0)),
-        )])
-        .context("mapping guest memory")?;
+            split as usize,
+            Some(FileOffset::new(memfd(split, opts.allow_sealing)?, 0)),
+        )];
+        if split < mem_size {
+            let rest = mem_size - split;
+            let file = memfd(rest, opts.allow_sealing)?;
+            ranges.push((
+                GuestAddress(split),
+                rest as usize,
+                Some(FileOffset::new(file, 0)),
+            ));
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(ranges)
+            .context("mapping guest memory")?;
 
         frontend.set_owner().context("SET_OWNER")?;
         let offered = frontend.get_features().context("GET_FEATURES")?;
@@ -314,9 +334,12 @@ impl VirtioNetFrontend {
             .set_features(features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
             .context("SET_FEATURES")?;
 
-        let region = mem.iter().next().expect("one region");
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).context("memory region")?;
-        frontend.set_mem_table(&[info]).context("SET_MEM_TABLE")?;
+        let regions = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()
+            .context("memory region")?;
+        frontend.set_mem_table(&regions).context("SET_MEM_TABLE")?;
 
         let queues = [
             DriverQueue::new(0, RING_AREA, slot_len, qsize)?,

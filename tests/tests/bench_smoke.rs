@@ -22,10 +22,10 @@ fn every_scenario_moves_packets_for_every_peer() -> Result<()> {
         generator: GeneratorKind::Auto,
         frame: FrameSpec::default(),
     };
-    for peer in [Peer::Xvdpa, Peer::Dpdk, Peer::Limit] {
+    for peer in [Peer::Xvdpa, Peer::SingleCopy, Peer::Dpdk, Peer::Limit] {
         for direction in [Direction::Rx, Direction::Tx, Direction::VmToVm] {
-            if peer == Peer::Limit && direction == Direction::VmToVm {
-                continue; // no NIC in vm-to-vm, so no ceiling
+            if !peer.has_vm_to_vm() && direction == Direction::VmToVm {
+                continue; // no NIC in vm-to-vm (and a single-copy port has the NIC alone)
             }
             let m = measure(&lab, peer, direction, 64, &setup)?;
             eprintln!(

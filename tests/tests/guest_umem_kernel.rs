@@ -1164,6 +1164,7 @@ fn a_closed_guest_rx_socket_writes_nothing_into_buffers_given_back_and_the_queue
                     ifindex: ifindex(NIC)?,
                     queue_id: 0,
                     ring_size: 64,
+                    tx_slots: 0,
                 };
                 let open = || GuestRxSocket::open(spec, XskModeChoice::Auto);
                 // One frame, or none within [`WAIT`].

@@ -6,7 +6,7 @@
 //! [`PortInfo`] shows it back with the port's index and state. Its keys are `socket`, `mode`
 //! (`server`, the default, or `client`), `mac`,
 //! `allow_macs`, `rate_pps` and `rate_bps` (a number, or a string with a k, M or G suffix),
-//! `queues`, `cpus`, `vlan`, `vlan_passthrough`, `promisc`, `socket_group` (a group name) and
+//! `queues`, `cpus`, `vlan`, `vlan_passthrough`, `promisc`, `guest_umem`, `socket_group` (a group name) and
 //! `socket_mode` (octal digits in a string, e.g. `"0660"`); unknown keys are refused, and every value is
 //! checked as the command line checks it. Written back (in `add-port`, `list` and `stats`
 //! replies) the queue count is named `queue_pairs` and rates are plain numbers; both
@@ -79,6 +79,12 @@ pub struct PortSpec {
     /// which keeps the control queue, so this is the operator's setting.
     #[serde(default)]
     pub promisc: bool,
+    /// Ask for the single-copy path: the guest's RAM file becomes the UMEM of the NIC's
+    /// queue, so the kernel's copy (or a zero-copy NIC's DMA) lands in the guest's buffer.
+    /// The NIC is then this port's alone: no other port may share it. A guest whose memory
+    /// cannot be registered keeps the copy path (see [`PortInfo::datapath`]).
+    #[serde(default)]
+    pub guest_umem: bool,
     /// Group the vhost-user socket belongs to (the frontend's, e.g. `libvirt-qemu`); none:
     /// the daemon's group. The daemon's user must be a member (or the daemon root).
     #[serde(default, deserialize_with = "read_socket_group")]
@@ -111,6 +117,7 @@ impl Default for PortSpec {
             cpus: Vec::new(),
             migrate_from: None,
             promisc: false,
+            guest_umem: false,
             socket_group: None,
             socket_mode: default_socket_mode(),
         }
@@ -344,6 +351,11 @@ pub struct PortInfo {
     pub spec: PortSpec,
     /// `waiting`, `connected`, `stopping`, `removed` or `failed: <why>`.
     pub state: String,
+    /// How frames reach the guest: `copy` (through the NIC queue's UMEM), `guest-memory`
+    /// (the guest's RAM is the UMEM) or `copy (guest memory refused: <why>)` for a port that
+    /// asked for guest memory and fell back; empty from a daemon that does not say.
+    #[serde(default)]
+    pub datapath: String,
 }
 
 /// Counters of one queue pair.
@@ -438,6 +450,7 @@ mod tests {
                 queue_pairs: 1,
                 cpus: vec![],
                 promisc: false,
+                guest_umem: false,
                 socket_group: None,
                 socket_mode: 0o660,
                 migrate_from: None,
@@ -462,7 +475,7 @@ mod tests {
             r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01",
                 "allow_macs":["52:54:00:00:00:09"],"rate_pps":100000,"rate_bps":"2G",
                 "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true,
-                "socket_group":"root","socket_mode":"0640","mode":"client","migrate_from":"/b"}"#,
+                "guest_umem":true,"socket_group":"root","socket_mode":"0640","mode":"client","migrate_from":"/b"}"#,
         )
         .unwrap();
         let spec = PortSpec {
@@ -477,6 +490,7 @@ mod tests {
             queue_pairs: 2,
             cpus: vec![2, 3],
             promisc: true,
+            guest_umem: true,
             socket_group: Some("root".into()),
             socket_mode: 0o640,
             migrate_from: Some("/b".into()),
@@ -547,6 +561,7 @@ mod tests {
                 ..Default::default()
             },
             state: "waiting".into(),
+            datapath: "copy".into(),
         };
         let json = serde_json::to_value(&info).unwrap();
         assert_eq!(
@@ -554,8 +569,8 @@ mod tests {
             serde_json::json!({
                 "index": 2, "socket": "/a", "mode": "server", "mac": "52:54:00:00:00:01", "allow_macs": [],
                 "rate_pps": null, "rate_bps": 2_000_000_000u64, "vlan": null, "vlan_passthrough": false,
-                "queue_pairs": 2, "cpus": [1], "promisc": false, "socket_group": null,
-                "socket_mode": "0660", "state": "waiting",
+                "queue_pairs": 2, "cpus": [1], "promisc": false, "guest_umem": false,
+                "socket_group": null, "socket_mode": "0660", "state": "waiting", "datapath": "copy",
             })
         );
         assert_eq!(serde_json::from_value::<PortInfo>(json).unwrap(), info);

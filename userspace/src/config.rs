@@ -2,7 +2,7 @@
 //!
 //! On the command line a port is `--port socket=PATH[,mode=client],mac=MAC[,allow-mac=MAC]...
 //! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]
-//! [,socket-group=NAME][,socket-mode=OCTAL][,migrate-from=PORT]`; rates take
+//! [,guest-umem=on][,socket-group=NAME][,socket-mode=OCTAL][,migrate-from=PORT]`; rates take
 //! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
 //! a `[[port]]` table in the file given to `--config` (the serde form of
 //! [`PortSpec`]), next to the daemon-wide settings.
@@ -73,6 +73,7 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "vlan" => port.vlan = Some(parse_vlan(value).map_err(|e| port_err(spec, e))?),
             "vlan-passthrough" => port.vlan_passthrough = on_off(spec, "vlan-passthrough", value)?,
             "promisc" => port.promisc = on_off(spec, "promisc", value)?,
+            "guest-umem" => port.guest_umem = on_off(spec, "guest-umem", value)?,
             "socket-group" => {
                 port.socket_group = Some(
                     parse_socket_group(value)
@@ -88,8 +89,8 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
                     spec,
                     format!(
                         "unknown key {other:?} (known: socket, mode, mac, allow-mac, rate-pps, \
-                         rate-bps, queues, cpus, vlan, vlan-passthrough, promisc, socket-group, \
-                         socket-mode, migrate-from)"
+                         rate-bps, queues, cpus, vlan, vlan-passthrough, promisc, guest-umem, \
+                         socket-group, socket-mode, migrate-from)"
                     ),
                 ))
             }
@@ -243,6 +244,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("vlan-passthrough=\"maybe\": expected on or off"));
+    }
+
+    #[test]
+    fn guest_umem_is_a_switch_off_by_default() {
+        let guest_umem = |extra: &str| {
+            parse_port(&format!("socket=/a,mac=52:54:00:00:00:01{extra}")).map(|p| p.guest_umem)
+        };
+        assert!(!guest_umem("").unwrap());
+        assert!(guest_umem(",guest-umem=on").unwrap());
+        assert!(!guest_umem(",guest-umem=off").unwrap());
+        assert!(guest_umem(",guest-umem=yes")
+            .unwrap_err()
+            .to_string()
+            .contains("guest-umem=\"yes\": expected on or off"));
+        let file = ConfigFile::parse(
+            Path::new("x.toml"),
+            "[[port]]\nsocket = \"/a\"\nmac = \"52:54:00:00:00:01\"\nguest_umem = true\n",
+        )
+        .unwrap();
+        assert!(file.ports[0].guest_umem);
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub enum DaemonError {
         mac: String,
         vlan: Option<u16>,
     },
+    /// A port asking for guest memory as the UMEM takes the NIC's queues for itself.
+    #[error("the NIC is dedicated to port {socket} (guest-umem=on): no other port can share its queues; use a NIC of its own for each such port")]
+    NicDedicated { socket: PathBuf },
+    #[error("the NIC's queues are kept for one port with guest-umem=on (the daemon started with one): add such a port, or run a daemon on another NIC")]
+    NicKeptForGuestUmem,
+    #[error("guest-umem=on needs the NIC to itself, and this daemon's NIC queues are bound for the copy path of every port: give the port in the daemon's start-up configuration (--port or the config file), as its only port")]
+    GuestUmemNeedsOwnNic,
     #[error(transparent)]
     Port(#[from] PortError),
     #[error(transparent)]
@@ -118,6 +125,7 @@ impl Daemon {
             }
             None => None,
         };
+        self.check_nic_sharing(&ports, &spec)?;
         for slot in ports.values() {
             let p = &slot.port.spec;
             if p.mac == spec.mac && source != Some(slot.port.index) {
@@ -177,6 +185,29 @@ impl Daemon {
         );
         tracing::info!(port = index, socket = %info.spec.socket.display(), mac = %info.spec.mac, "port added");
         Ok(info)
+    }
+
+    /// A NIC dedicated to a guest-memory port takes that one port (again, after it was
+    /// removed); a NIC whose queues the copy path holds takes no guest-memory port.
+    fn check_nic_sharing(
+        &self,
+        ports: &BTreeMap<u32, PortSlot>,
+        spec: &PortSpec,
+    ) -> Result<(), DaemonError> {
+        if !self.nic.dedicated {
+            return match spec.guest_umem {
+                true => Err(DaemonError::GuestUmemNeedsOwnNic),
+                false => Ok(()),
+            };
+        }
+        let holder = ports.values().next().map(|s| &s.port.spec);
+        match holder {
+            Some(p) => Err(DaemonError::NicDedicated {
+                socket: p.socket.clone(),
+            }),
+            None if !spec.guest_umem => Err(DaemonError::NicKeptForGuestUmem),
+            None => Ok(()),
+        }
     }
 
     /// Removes a port, named by socket path, MAC or index: its frames go to the host stack
@@ -370,6 +401,7 @@ fn port_info(p: &Port) -> PortInfo {
         index: p.index,
         spec: p.spec.clone(),
         state: p.state().to_string(),
+        datapath: p.datapath().to_string(),
     }
 }
 

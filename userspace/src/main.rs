@@ -63,7 +63,7 @@ struct ServeArgs {
     #[arg(long, value_name = "IFNAME")]
     iface: Option<String>,
     /// A VM port: socket=PATH,mac=MAC[,allow-mac=MAC]...[,rate-pps=N][,rate-bps=N]
-    /// [,queues=N][,cpus=A+B][,vlan=N][,vlan-passthrough=on][,promisc=on]
+    /// [,queues=N][,cpus=A+B][,vlan=N][,vlan-passthrough=on][,promisc=on][,guest-umem=on]
     /// [,socket-group=NAME][,socket-mode=OCTAL]. Repeat for more VMs.
     #[arg(long = "port", value_name = "SPEC", value_parser = parse_port)]
     ports: Vec<PortSpec>,
@@ -171,6 +171,10 @@ struct AddPortArgs {
     /// Also deliver unicast nobody owns to the port (a promiscuous guest).
     #[arg(long)]
     promisc: bool,
+    /// Ask for the guest's memory as the NIC queue's UMEM (single-copy path); the NIC must
+    /// be dedicated to this port (the daemon started with it as its only port).
+    #[arg(long)]
+    guest_umem: bool,
     /// The port (socket, MAC or index) whose guest migrates to this one: the new port may
     /// share its MAC and takes its frames when the migrated guest starts.
     #[arg(long)]
@@ -215,6 +219,7 @@ impl AddPortArgs {
             queue_pairs: self.queues.unwrap_or(1),
             cpus: self.cpus.unwrap_or_default(),
             promisc: self.promisc,
+            guest_umem: self.guest_umem,
             socket_group: self.socket_group,
             socket_mode: self.socket_mode,
             migrate_from: self.migrate_from,
@@ -360,17 +365,18 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&ports)?);
             } else {
                 println!(
-                    "{:<5} {:<17} {:<12} {:<6} SOCKET",
+                    "{:<5} {:<17} {:<12} {:<6} SOCKET  DATAPATH",
                     "INDEX", "MAC", "STATE", "MODE"
                 );
                 for p in ports {
                     println!(
-                        "{:<5} {:<17} {:<12} {:<6} {}",
+                        "{:<5} {:<17} {:<12} {:<6} {}  {}",
                         p.index,
                         p.spec.mac.to_string(),
                         p.state,
                         p.spec.mode.to_string(),
-                        p.spec.socket.display()
+                        p.spec.socket.display(),
+                        p.datapath
                     );
                 }
             }

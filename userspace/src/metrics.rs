@@ -215,6 +215,7 @@ mod tests {
                         ..Default::default()
                     },
                     state: "connected".into(),
+                    datapath: "copy".into(),
                 },
                 xdp_steered: 5,
                 queues: vec![QueueCounters {

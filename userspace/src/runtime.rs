@@ -22,7 +22,7 @@ use crate::datapath::device::{ETH_HLEN, MAX_MTU, SPEED_UNKNOWN};
 use crate::nic::napi::{NapiSettings, NapiTakeover};
 use crate::nic::steering::{Steering, SteeringError, XdpLogger, XdpModeChoice};
 use crate::nic::vlan::TAG_LEN;
-use crate::nic::xsk::{rx_queue_count, NicQueue, XskError, XskGeometry, XskMode, XskModeChoice};
+use crate::nic::xsk::{rx_queue_count, XskError, XskGeometry, XskMode, XskModeChoice};
 use crate::nic::Nic;
 use crate::privilege::{self, Account, Capability, PrivilegeError};
 use crate::vhost::port::{self, PortError};
@@ -216,6 +216,14 @@ pub fn validate(config: &RuntimeConfig) -> Result<(), RuntimeError> {
     if config.ports.len() > MAX_PORTS as usize {
         return Err(DaemonError::TooManyPorts.into());
     }
+    if let Some(p) = config.ports.iter().find(|p| p.guest_umem) {
+        if config.ports.len() > 1 {
+            return Err(DaemonError::NicDedicated {
+                socket: p.socket.clone(),
+            }
+            .into());
+        }
+    }
     let mut macs = HashSet::new();
     let mut sockets = HashSet::new();
     for p in &config.ports {
@@ -313,10 +321,18 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         crate::control::bind(&config.ctl, ctl_gid).map_err(RuntimeError::ControlPlane)?;
 
     let (steering, logger) = Steering::attach(xdp_object, &config.iface, config.xdp_mode)?;
-    let queues = (0..rx_queues)
-        .map(|q| NicQueue::open(&config.iface, ifindex, q, geometry, config.xsk_mode))
-        .collect::<Result<Vec<_>, _>>()?;
-    tracing::info!(iface = %config.iface, queues = queues.len(), mode = ?queues[0].mode(), "AF_XDP queues bound");
+    // A port that takes its guest's memory as the UMEM has the NIC to itself (`validate`):
+    // its queues stay unbound until its guest's memory arrives.
+    let dedicated = config.ports.iter().any(|p| p.guest_umem);
+    let queues = if dedicated {
+        tracing::info!(iface = %config.iface, queues = rx_queues, "NIC dedicated to one port asking for guest memory as the UMEM: its AF_XDP queues are bound per connection");
+        Vec::new()
+    } else {
+        let queues =
+            Nic::open_queues(&config.iface, ifindex, rx_queues, geometry, config.xsk_mode)?;
+        tracing::info!(iface = %config.iface, queues = queues.len(), mode = ?queues[0].mode(), "AF_XDP queues bound");
+        queues
+    };
     // Busy polling reaches a NIC queue's NAPI only from zero-copy sockets (copy-mode ones are
     // never given a NAPI id), so adaptive polling needs the NAPI settings and CAP_NET_ADMIN
     // only on a zero-copy NIC; --busy-poll asks for them anyway.
@@ -329,6 +345,10 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         iface: config.iface.clone(),
         ifindex,
         queues,
+        dedicated,
+        rx_queues,
+        geometry,
+        xsk_mode: config.xsk_mode,
         speed: link_speed(&config.iface),
         mtu: config.mtu,
         busy_poll: config.busy_poll,
@@ -584,6 +604,22 @@ mod tests {
             socket: sock.into(),
             mac: MacAddr::parse_unicast(mac).unwrap(),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_guest_memory_port_must_have_the_nic_to_itself() {
+        let mut own = spec("/a", "52:54:00:00:00:01");
+        own.guest_umem = true;
+        assert!(validate(&config(vec![own.clone()])).is_ok());
+        let other = spec("/b", "52:54:00:00:00:02");
+        for ports in [vec![own.clone(), other.clone()], vec![other, own]] {
+            let e = validate(&config(ports)).unwrap_err();
+            assert!(
+                matches!(&e, RuntimeError::Daemon(DaemonError::NicDedicated { socket }) if socket == Path::new("/a")),
+                "{e}"
+            );
+            assert!(e.to_string().contains("guest-umem=on"), "{e}");
         }
     }
 

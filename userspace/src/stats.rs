@@ -38,6 +38,10 @@ counters! {
         rx_dropped_xsk_ring_full,
         /// The kernel had no free UMEM frame on the fill ring for a frame to this port.
         rx_dropped_no_umem_frame,
+        /// Receive buffers the single-copy path (`guest-umem=on`) could not hand the kernel
+        /// (shorter than the net header and the largest frame, outside one region of the guest's
+        /// memory file, or already posted): returned to the guest unused.
+        rx_buffers_refused,
         /// Frames from another port of the daemon (included in rx_packets).
         rx_switched,
         /// Frames from the NIC merged into the frame before them (software GRO): rx_packets

@@ -306,6 +306,7 @@ mod tests {
                         } else {
                             "connected".into()
                         },
+                        datapath: "copy".into(),
                     },
                     xdp_steered: value,
                     queues: (0..pairs).map(|q| queue(q, value)).collect(),

@@ -32,8 +32,13 @@ pub struct BenchArgs {
     /// Frame sizes on the wire, FCS included.
     #[arg(long, value_delimiter = ',', default_value = "64,512,1518")]
     sizes: Vec<usize>,
-    /// Peers to measure: xvdpa, dpdk, limit.
-    #[arg(long, value_delimiter = ',', default_value = "xvdpa,dpdk,limit")]
+    /// Peers to measure: xvdpa, single-copy (xvdpa with guest-umem=on; rx and tx only), dpdk,
+    /// limit.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "xvdpa,single-copy,dpdk,limit"
+    )]
     peers: Vec<String>,
     /// Peers of the guest-tcp scenario: xvdpa, tap (QEMU's virtio-net on a tap bridged with
     /// the NIC). DPDK testpmd cannot carry a TSO guest to an AF_XDP port (see bench_tcp.rs).
@@ -119,7 +124,8 @@ fn parse_peer(s: &str) -> Result<Peer> {
         "xvdpa" => Ok(Peer::Xvdpa),
         "dpdk" => Ok(Peer::Dpdk),
         "limit" => Ok(Peer::Limit),
-        other => bail!("unknown peer {other:?} (xvdpa, dpdk, limit)"),
+        "single-copy" => Ok(Peer::SingleCopy),
+        other => bail!("unknown peer {other:?} (xvdpa, single-copy, dpdk, limit)"),
     }
 }
 
@@ -229,9 +235,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut all: Vec<(usize, Measurement)> = Vec::new();
     let mut tcp: Vec<(usize, TcpMeasurement)> = Vec::new();
     let mut idle: Option<IdleCpu> = None;
-    let limit_runs =
-        usize::from(peers.contains(&Peer::Limit) && directions.contains(&Direction::VmToVm));
-    let total = (directions.len() * peers.len() - limit_runs) * args.sizes.len() * args.runs;
+    let no_vm_to_vm = peers.iter().filter(|p| !p.has_vm_to_vm()).count()
+        * usize::from(directions.contains(&Direction::VmToVm));
+    let total = (directions.len() * peers.len() - no_vm_to_vm) * args.sizes.len() * args.runs;
     let mut done = 0;
     let result = (|| -> Result<()> {
         for &d in &directions {
@@ -239,7 +245,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 for run_no in 0..args.runs {
                     for &peer in peers
                         .iter()
-                        .filter(|p| !(**p == Peer::Limit && d == Direction::VmToVm))
+                        .filter(|p| p.has_vm_to_vm() || d != Direction::VmToVm)
                     {
                         done += 1;
                         let m = measure(&lab, peer, d, size, &setup)
@@ -303,6 +309,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 
     if !all.is_empty() {
         println!("{}", render_table(&all, &peers, &args, pinning, idle));
+        if peers.contains(&Peer::SingleCopy) && peers.contains(&Peer::Xvdpa) {
+            println!("{}", render_single_copy(&all));
+        }
     }
     if !tcp.is_empty() {
         println!("{}", render_tcp_table(&tcp, &tcp_peers, &args, pinning));
@@ -595,6 +604,56 @@ fn render_table(
     let _ = writeln!(out, "CPU s/Mpkt: the datapath process's CPU seconds per million frames; guest side CPU: share of a CPU the measuring frontend used.");
     let _ = writeln!(out, "Ratios: median over runs, each paired within its run, (min-max over runs). NET_RX softirqs/s: rounds of the kernel's receive work in softirq on the load CPU / the datapath CPU during xvdpa's rx window (/proc/softirqs);");
     let _ = writeln!(out, "NAPI thread CPU: share of a CPU the NIC queue's threaded NAPI poller used (xvdpa runs it on its CPU where busy polling cannot reach the queue; included in xvdpa CPU s/Mpkt).");
+    out
+}
+
+/// The single-copy path next to the copy path, run by run: the rate and the daemon's CPU per
+/// packet of `single-copy` divided by `xvdpa`'s, each ratio from one run.
+fn render_single_copy(all: &[(usize, Measurement)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "\nsingle-copy (guest-umem=on: the guest's memory is the NIC queue's UMEM) against the copy path (xvdpa), same runs, same pinning:");
+    let _ = writeln!(out, "| scenario | frame | single-copy Mpps | copy Mpps | rate single/copy | single-copy CPU s/Mpkt | copy CPU s/Mpkt | CPU per packet single/copy |");
+    let _ = writeln!(out, "|{}", "---|".repeat(8));
+    for ((d, size), ms) in by_key(all) {
+        let of = |p: Peer, f: fn(&Measurement) -> f64| {
+            median(
+                ms.iter()
+                    .filter(|(_, m)| m.peer == p)
+                    .map(|(_, m)| f(m))
+                    .collect(),
+            )
+        };
+        let (sc_pps, cp_pps) = (of(Peer::SingleCopy, |m| m.pps), of(Peer::Xvdpa, |m| m.pps));
+        if !sc_pps.is_finite() || !cp_pps.is_finite() {
+            continue;
+        }
+        let paired = |f: fn(&Measurement) -> f64| {
+            let r: Vec<f64> = ms
+                .iter()
+                .filter(|(_, m)| m.peer == Peer::SingleCopy)
+                .filter_map(|(run, m)| {
+                    let copy = ms.iter().find(|(r, o)| r == run && o.peer == Peer::Xvdpa)?;
+                    Some(f(m) / f(&copy.1))
+                })
+                .collect();
+            match min_max(&r) {
+                Some((lo, hi)) if r.len() > 1 => format!("{:.2}x ({lo:.2}-{hi:.2})", median(r)),
+                Some(_) => format!("{:.2}x", median(r)),
+                None => "-".into(),
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {size} B | {:.3} | {:.3} | {} | {:.2} | {:.2} | {} |",
+            d.name(),
+            sc_pps / 1e6,
+            cp_pps / 1e6,
+            paired(|m| m.pps),
+            of(Peer::SingleCopy, |m| m.cpu_s_per_mpkt),
+            of(Peer::Xvdpa, |m| m.cpu_s_per_mpkt),
+            paired(|m| m.cpu_s_per_mpkt),
+        );
+    }
     out
 }
 

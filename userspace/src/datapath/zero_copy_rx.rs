@@ -189,6 +189,11 @@ pub struct ZeroCopyRxTally {
 }
 
 impl ZeroCopyRxTally {
+    /// Buffers that went back to the guest unused.
+    pub fn refused(&self) -> u64 {
+        self.returned_too_small + self.returned_outside_file + self.returned_already_posted
+    }
+
     fn returned(&mut self, why: Unpostable) {
         match why {
             Unpostable::TooSmall { .. } => self.returned_too_small += 1,
@@ -200,12 +205,40 @@ impl ZeroCopyRxTally {
     }
 }
 
+/// Hashes a fill address with one multiply-xorshift round: the default SipHash was a
+/// noticeable part of a received frame's cost. The guest chooses its buffers' addresses and
+/// could make them collide, but the map holds at most a fill ring's worth of its own buffers,
+/// so that slows its own port only, and boundedly.
+#[derive(Debug, Default, Clone, Copy)]
+struct FillHasher(u64);
+
+impl std::hash::Hasher for FillHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed; fold anything else in a word at a time.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_ne_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+type FillMap = HashMap<u64, Posted, std::hash::BuildHasherDefault<FillHasher>>;
+
 /// The guest buffers the kernel holds, by fill address.
 #[derive(Debug)]
 pub struct PostedBuffers {
     layout: FillLayout,
     file: GuestFile,
-    by_fill: HashMap<u64, Posted>,
+    by_fill: FillMap,
     /// Most buffers on the fill ring at once (its size).
     capacity: usize,
     /// Available chains left on the ring for frames the daemon copies (see `holding_back`).
@@ -220,7 +253,7 @@ impl PostedBuffers {
         PostedBuffers {
             layout,
             file,
-            by_fill: HashMap::with_capacity(capacity),
+            by_fill: FillMap::with_capacity_and_hasher(capacity, Default::default()),
             capacity,
             hold_back: 0,
             used: Vec::new(),
@@ -235,6 +268,11 @@ impl PostedBuffers {
     pub fn holding_back(mut self, chains: u16) -> Self {
         self.hold_back = chains;
         self
+    }
+
+    /// Most buffers on the fill ring at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Buffers on the fill ring.

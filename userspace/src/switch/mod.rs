@@ -14,11 +14,16 @@
 //!   port from that buffer ([`deliver`]);
 //! - anything else: copied into a NIC buffer and sent.
 //!
+//! A port with the NIC to itself (`guest-umem=on`) has no peer: its sink
+//! ([`DedicatedNicTx`]) applies the same policy and sends everything it lets through to the
+//! wire, from the daemon's area of the guest-memory UMEM.
+//!
 //! Deliveries into another port run on the sender's worker thread, under the receiver's rx
 //! vring lock ([`RxQueue`]); that lock is always taken last and held for one batch, so it
 //! cannot deadlock with the receiver's own worker.
 
 pub mod announce;
+mod dedicated_tx;
 pub mod deliver;
 pub mod policy;
 mod port_tx;
@@ -33,6 +38,7 @@ use crate::sync;
 use crate::vring::RxQueue;
 
 pub use announce::{rarp_frame, AnnounceRequests};
+pub use dedicated_tx::DedicatedNicTx;
 pub use deliver::{deliver_local, notify_ports, LocalFrame};
 pub use policy::{classify, classify_with, Member, RateLimit, TxPolicy, TxVerdict};
 pub use port_tx::{OwnFrameDrop, PortTx, SwitchScratch};

@@ -264,18 +264,7 @@ impl PortTx<'_> {
                 self.unroute(frame.len());
                 Err(OwnFrameDrop::Refused(TxDrop::Runt))
             }
-            Route::Copy => {
-                let Some(buf) = self.next_buffer() else {
-                    self.unroute(frame.len());
-                    return Err(OwnFrameDrop::NoBuffer);
-                };
-                let Some(room) = buf.get_mut(..frame.len()) else {
-                    self.unroute(frame.len());
-                    return Err(OwnFrameDrop::Refused(TxDrop::Oversized));
-                };
-                room.copy_from_slice(frame);
-                self.submit(frame.len()).map_err(OwnFrameDrop::Refused)
-            }
+            Route::Copy => submit_own_frame(self, frame),
         }
     }
 
@@ -293,4 +282,23 @@ impl PortTx<'_> {
             });
         }
     }
+}
+
+/// Copies `frame`, which the sink's `route` just let through as [`Route::Copy`], into the
+/// sink's next buffer and submits it; a frame that cannot go is unrouted (its rate tokens
+/// given back).
+pub(super) fn submit_own_frame(
+    sink: &mut impl TxBuffers,
+    frame: &[u8],
+) -> Result<(), OwnFrameDrop> {
+    let Some(buf) = sink.next_buffer() else {
+        sink.unroute(frame.len());
+        return Err(OwnFrameDrop::NoBuffer);
+    };
+    let Some(room) = buf.get_mut(..frame.len()) else {
+        sink.unroute(frame.len());
+        return Err(OwnFrameDrop::Refused(TxDrop::Oversized));
+    };
+    room.copy_from_slice(frame);
+    sink.submit(frame.len()).map_err(OwnFrameDrop::Refused)
 }

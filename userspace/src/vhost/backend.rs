@@ -19,6 +19,7 @@ use crate::memory_guard::{self, MemoryWatch};
 use crate::stats::QueueStats;
 use crate::switch::{rarp_frame, AnnounceRequests, SwitchPort};
 use crate::vhost::exit_events::ExitEvents;
+use crate::vhost::single_copy::DedicatedNic;
 use crate::vring::{RxQueue, RxQueueShared, Vring};
 use crate::worker::{EventIds, QueuePairWorker};
 
@@ -42,6 +43,28 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::RARP
+}
+
+/// How a port's frames reach its guest, as `ctl list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Datapath {
+    /// Through the NIC queue's own UMEM: the kernel copies in, the worker copies on.
+    #[default]
+    Copy,
+    /// The guest's RAM file is the NIC queue's UMEM (`guest-umem=on`).
+    GuestMemory,
+    /// The port asked for guest memory and runs on the copy path instead, for this reason.
+    Refused(String),
+}
+
+impl std::fmt::Display for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Datapath::Copy => f.write_str("copy"),
+            Datapath::GuestMemory => f.write_str("guest-memory"),
+            Datapath::Refused(why) => write!(f, "copy (guest memory refused: {why})"),
+        }
+    }
 }
 
 struct Inner {
@@ -79,6 +102,9 @@ struct Inner {
     /// This connection announced (or failed to) before: later ones are logged at debug level,
     /// so a frontend repeating the request cannot fill the log.
     announced: AtomicBool,
+    /// A port with the NIC to itself: its path to the NIC is made when its guest's memory
+    /// arrives.
+    dedicated: Option<DedicatedNic>,
 }
 
 /// The backend of one VM port for one frontend connection.
@@ -95,6 +121,7 @@ impl NetBackend {
         exit_events: ExitEvents,
         announce: Arc<AnnounceRequests>,
         frontend_log: Arc<FrontendLogSlot>,
+        dedicated: Option<DedicatedNic>,
     ) -> Self {
         let num_queues = 2 * workers.len();
         let first_pair_stats = workers.first().map(|w| w.stats()).unwrap_or_default();
@@ -116,7 +143,32 @@ impl NetBackend {
             exit_events,
             announce,
             announced: AtomicBool::new(false),
+            dedicated,
         }))
+    }
+
+    /// The dedicated NIC's part, to hand it the library's epoll handlers.
+    pub fn dedicated(&self) -> Option<&DedicatedNic> {
+        self.0.dedicated.as_ref()
+    }
+
+    /// Makes a dedicated NIC's path again when the guest's receive ring runs without one
+    /// (the single-copy path stopped with the ring, and the frontend restarted the ring
+    /// without sending its memory table again).
+    fn restore_nic_path(&self, vrings: &[Vring]) {
+        let Some(dedicated) = &self.0.dedicated else {
+            return;
+        };
+        let running = {
+            let state = vrings[0].get_ref();
+            state.get_queue().ready() && state.is_enabled()
+        };
+        // Only after a stopped single-copy path (`restore` checks): a copy path that could
+        // not be bound is not retried on every event.
+        let mem = self.0.mem.memory();
+        if running && mem.num_regions() > 0 {
+            dedicated.restore(&self.0.workers, self.0.ids, &mem);
+        }
     }
 
     /// Sends the announcement the frontend asked for, if it did since the last event. A
@@ -239,6 +291,11 @@ impl VhostUserBackend for NetBackend {
     fn reset_device(&self) {
         self.0.acked.store(0, Ordering::Release);
         set_log_all(&self.0.mem.memory(), false);
+        if let Some(dedicated) = &self.0.dedicated {
+            // The driver forgot its buffers with the reset: the kernel must stop writing
+            // them, and nothing is written into the ring it reset.
+            dedicated.forget_guest_path(&self.0.workers[0]);
+        }
         for i in 0..self.queue_pairs() {
             self.worker(i).reset();
         }
@@ -285,6 +342,10 @@ impl VhostUserBackend for NetBackend {
             Err(poisoned) => poisoned.into_inner(),
         }
         .replace(table);
+        // A dedicated NIC's path is chosen for the table the workers now see, logs attached.
+        if let Some(dedicated) = &self.0.dedicated {
+            dedicated.choose(&self.0.workers, self.0.ids, &self.0.mem.memory());
+        }
         Ok(())
     }
 
@@ -302,6 +363,11 @@ impl VhostUserBackend for NetBackend {
         // A stopped queue restarts from a fresh ring: a queue marked broken gets another go.
         let pair = queue_index as usize / 2;
         if pair < self.queue_pairs() {
+            if let (Some(dedicated), 0) = (&self.0.dedicated, queue_index % 2) {
+                // Before the reply: the frontend takes the ring's base as where the guest's
+                // buffers end, so the ones the kernel holds go back now.
+                dedicated.stop_guest_path(&self.0.workers[pair], &self.0.mem.memory());
+            }
             self.worker(pair).reset();
         }
         Ok(())
@@ -325,6 +391,7 @@ impl VhostUserBackend for NetBackend {
                 let state = vrings[0].get_ref();
                 state.get_queue().ready() && state.is_enabled()
             });
+            self.restore_nic_path(vrings);
         }
         if self.memory_lost() {
             self.worker(thread_id)

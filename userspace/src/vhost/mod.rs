@@ -7,4 +7,5 @@ mod exit_events;
 mod frontend_checks;
 pub mod port;
 pub mod protocol_shim;
+mod single_copy;
 pub mod socket_file;

@@ -31,9 +31,10 @@ use crate::nic::xsk::{XskError, XskSocket};
 use crate::nic::Nic;
 use crate::stats::QueueStats;
 use crate::switch::{AnnounceRequests, RateLimit, SwitchPort, SwitchTable, TxPolicy};
-use crate::vhost::backend::{NetBackend, MAX_QUEUE_SIZE};
+use crate::vhost::backend::{Datapath, NetBackend, MAX_QUEUE_SIZE};
 use crate::vhost::exit_events::ExitEvents;
 use crate::vhost::protocol_shim::Shim;
+use crate::vhost::single_copy::{copy_path_sockets, DedicatedNic};
 use crate::vhost::socket_file;
 use crate::vring::RingErrorFds;
 use crate::worker::{QueuePairWorker, WorkerConfig};
@@ -133,6 +134,8 @@ pub struct Port {
     pub stats: Vec<Arc<QueueStats>>,
     pub switch_port: Arc<SwitchPort>,
     state: Mutex<PortState>,
+    /// The path the current (or last) connection's frames take.
+    datapath: Arc<Mutex<Datapath>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
     stopping: AtomicBool,
     /// Set once the port is ready for a frontend (its socket listens, or a client port
@@ -151,6 +154,7 @@ impl Port {
                 .collect(),
             spec,
             state: Mutex::new(PortState::Waiting),
+            datapath: Arc::default(),
             shutdown: Mutex::new(None),
             stopping: AtomicBool::new(false),
             settled: (Mutex::new(false), Condvar::new()),
@@ -176,6 +180,10 @@ impl Port {
 
     pub fn state(&self) -> PortState {
         crate::sync::lock(&self.state).clone()
+    }
+
+    pub fn datapath(&self) -> Datapath {
+        crate::sync::lock(&self.datapath).clone()
     }
 
     fn set_state(&self, state: PortState) {
@@ -423,7 +431,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), PortError> {
 
 /// Serves frontends on the port's socket until [`Port::stop`]. An error ends this port only;
 /// it is recorded in the port's state for `xvdpa ctl list`.
-pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
+pub fn serve(nic: &Arc<Nic>, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
     let result = serve_connections(nic, switch, port);
     if let Err(e) = &result {
         port.set_state(PortState::Failed(e.to_string()));
@@ -432,7 +440,11 @@ pub fn serve(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), Po
     result
 }
 
-fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Result<(), PortError> {
+fn serve_connections(
+    nic: &Arc<Nic>,
+    switch: &Arc<SwitchTable>,
+    port: &Port,
+) -> Result<(), PortError> {
     let path = &port.spec.socket;
     // A server port's socket has the port's group and mode (by default 0660 and the daemon's
     // group: a QEMU in that group, nobody else) before anyone can reach it. A client port
@@ -475,7 +487,7 @@ fn serve_connections(nic: &Nic, switch: &Arc<SwitchTable>, port: &Port) -> Resul
 /// Prepares a connection's workers and the library, serves one frontend until it leaves,
 /// and closes everything the connection had. Returns at once when the port is stopping.
 fn serve_one(
-    nic: &Nic,
+    nic: &Arc<Nic>,
     switch: &Arc<SwitchTable>,
     port: &Port,
     frontends: &mut Frontends,
@@ -502,6 +514,18 @@ fn serve_one(
     ));
     // The log the frontend shares, as the shim maps it, for the memory tables after it.
     let frontend_log = Arc::new(FrontendLogSlot::default());
+    // A dedicated NIC's path is made when the guest's memory arrives.
+    let dedicated = nic.dedicated.then(|| {
+        DedicatedNic::new(
+            nic.clone(),
+            port.index,
+            port.spec.vlan,
+            port.datapath.clone(),
+        )
+    });
+    if !nic.dedicated {
+        *crate::sync::lock(&port.datapath) = Datapath::Copy;
+    }
     let backend = NetBackend::new(
         config,
         workers,
@@ -509,11 +533,15 @@ fn serve_one(
         exit_events,
         announce.clone(),
         frontend_log.clone(),
+        dedicated,
     );
     let name = format!("xvdpa-port{}", port.index);
     let mut daemon =
         VhostUserDaemon::new(name, backend.clone(), mem).map_err(|e| library_error(path, e))?;
     let handlers = daemon.get_epoll_handlers();
+    if let Some(dedicated) = backend.dedicated() {
+        dedicated.set_handlers(&handlers);
+    }
     for (i, handler) in handlers.iter().enumerate() {
         for (fd, events, id) in backend.worker(i).event_sources(backend.event_ids()) {
             handler
@@ -672,14 +700,16 @@ fn build_workers(
     let policy = port.policy();
     let mut workers = Vec::with_capacity(pairs);
     for pair in 0..pairs {
-        let sockets = nic
-            .queues
-            .iter()
-            .filter(|q| q.queue_id() as usize % pairs == pair)
-            .map(|q| XskSocket::open(q).map(|s| s.strip_vlan_on_receive(port.spec.vlan.is_some())))
-            .collect::<Result<Vec<_>, _>>()?;
-        let tx = XskSocket::open(&nic.queues[pair % nic.queues.len()])?;
-        let max_tx = tx.max_tx_frame();
+        // A dedicated NIC's sockets come with the guest's memory (`single_copy`).
+        let (sockets, tx) = match nic.dedicated {
+            true => (Vec::new(), None),
+            false => {
+                let strip = port.spec.vlan.is_some();
+                let (sockets, tx) = copy_path_sockets(&nic.queues, pairs, pair, strip)?;
+                (sockets, Some(tx))
+            }
+        };
+        let max_tx = tx.as_ref().map_or(usize::MAX, XskSocket::max_tx_frame);
         let config = WorkerConfig {
             max_frame: (usize::from(nic.mtu) + ETH_HLEN).min(max_tx),
             busy_poll: nic.busy_poll,
@@ -726,8 +756,8 @@ fn connect_library(
 fn bind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) -> Result<(), SteeringError> {
     let mut steering = crate::sync::lock(&nic.steering);
     for i in 0..backend.queue_pairs() {
-        for s in backend.worker(i).sockets() {
-            steering.bind_socket(port.index, s.queue_id(), s.fd())?;
+        for (queue, fd) in backend.worker(i).receiving_sockets() {
+            steering.bind_socket(port.index, queue, fd)?;
         }
     }
     Ok(())
@@ -736,8 +766,8 @@ fn bind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) -> Result<(), Stee
 fn unbind_sockets(nic: &Nic, port: &Port, backend: &NetBackend) {
     let mut steering = crate::sync::lock(&nic.steering);
     for i in 0..backend.queue_pairs() {
-        for s in backend.worker(i).sockets() {
-            if let Err(e) = steering.unbind_socket(port.index, s.queue_id()) {
+        for (queue, _) in backend.worker(i).receiving_sockets() {
+            if let Err(e) = steering.unbind_socket(port.index, queue) {
                 tracing::warn!(error = %e, "cannot remove socket from the steering map");
             }
         }

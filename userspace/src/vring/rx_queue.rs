@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::datapath::GuestMemory;
 use vhost_user_backend::VringT;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::{notify_guest_since, RingError, Vring, VringState};
@@ -163,15 +163,20 @@ impl<'a> RxQueueLock<'a> {
         if !self.is_running() {
             return Ok(0);
         }
-        let result = rx::deliver_batch(
-            self.mem,
-            self.state.get_queue_mut(),
-            frames,
-            framing,
-            self.mrg_rxbuf,
-            scratch,
-            tally,
-        );
+        let mrg_rxbuf = self.mrg_rxbuf;
+        self.with_queue(|mem, queue| {
+            rx::deliver_batch(mem, queue, frames, framing, mrg_rxbuf, scratch, tally)
+        })
+    }
+
+    /// Runs `f` on the queue itself (the single-copy path, where the kernel wrote the frames
+    /// into buffers taken from the ring before), with a ring the guest broke treated as in
+    /// [`RxQueueLock::deliver`]. The caller checks [`RxQueueLock::is_running`] first.
+    pub fn with_queue<R>(
+        &mut self,
+        f: impl FnOnce(&GuestMemory, &mut Queue) -> Result<R, QueueError>,
+    ) -> Result<R, QueueError> {
+        let result = f(self.mem, self.state.get_queue_mut());
         if let Err(e) = &result {
             self.shared.broken.store(true, Ordering::Release);
             // A ring read from memory that shrank under the daemon is the frontend's doing,

@@ -11,8 +11,11 @@
 //! the timer and CPU pinning.
 
 mod rx;
+mod single_copy;
 mod sys;
 mod tx;
+
+pub use single_copy::GuestPath;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -108,13 +111,22 @@ impl IdleWindow {
 pub struct QueuePairWorker {
     pair: usize,
     /// One socket per NIC queue this pair serves, in the steering map while connected.
+    /// Empty on a dedicated NIC until the guest's memory decided the path (then empty too
+    /// on the single-copy path, which has `guest` instead).
     sockets: Vec<XskSocket>,
+    /// The single-copy path: the guest's memory is the NIC queue's UMEM.
+    guest: Option<GuestPath>,
+    /// The guest's receive ring, kept from the first event: where the single-copy path
+    /// gives back the buffers the kernel held when it stops (the library hands the ring to
+    /// events only).
+    rx_vring: Option<Vring>,
     /// The socket the pair transmits through. It is never in the epoll set: freeing each
     /// sent frame wakes the socket's waiters, and with the socket registered that was an
     /// epoll callback per frame (8-13 % of tx throughput at 64 B). Completions are reaped on
     /// every tx round, and a round short of buffers comes back by itself, so no readiness
-    /// event is needed.
-    tx: XskSocket,
+    /// event is needed. None on a dedicated NIC: on the single-copy path the pair transmits
+    /// through `guest`, and before the path is decided it has nothing to send with.
+    tx: Option<XskSocket>,
     tap: Option<PacketTap>,
     rearm: EventFd,
     timer: Timer,
@@ -181,7 +193,7 @@ impl QueuePairWorker {
     pub fn new(
         pair: usize,
         sockets: Vec<XskSocket>,
-        tx: XskSocket,
+        tx: Option<XskSocket>,
         tap: Option<PacketTap>,
         config: WorkerConfig,
         stats: Arc<QueueStats>,
@@ -199,45 +211,24 @@ impl QueuePairWorker {
         } = config;
         let rearm = EventFd::new(EFD_NONBLOCK)?;
         if busy_poll {
-            for s in sockets.iter().chain([&tx]) {
-                s.enable_busy_poll(BUSY_POLL_USECS, BATCH as u16)
-                    .map_err(|e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("busy polling on NIC queue {}: {e}", s.queue_id()),
-                        )
-                    })?;
-            }
             // Left readable for good: the level-triggered epoll returns at once, every time.
             rearm.write(1)?;
         }
         let adaptive = adaptive_poll && !busy_poll;
-        if adaptive {
-            // Receive sockets only: the transmit socket never receives, so it has no NAPI.
-            // Without CAP_NET_ADMIN the kernel refuses; the worker still spins while frames
-            // come, and the receive work stays where the kernel runs it.
-            // Copy-mode sockets have no NAPI id, so there is nothing to prefer; the daemon
-            // does not keep CAP_NET_ADMIN for them either.
-            for s in sockets.iter().filter(|s| s.napi_reachable()) {
-                if let Err(e) = s.enable_busy_poll(BUSY_POLL_USECS, BATCH as u16) {
-                    tracing::warn!(pair, queue = s.queue_id(), error = %e, "no preferred busy polling on this NIC queue's socket; polling it without taking its receive work over");
-                    break;
-                }
-            }
-        }
-        let napi_done = vec![false; sockets.len()];
-        Ok(QueuePairWorker {
+        let mut worker = QueuePairWorker {
             pair,
-            sockets,
-            tx,
+            sockets: Vec::new(),
+            guest: None,
+            rx_vring: None,
+            tx: None,
             tap,
             rearm,
             timer: Timer::periodic(200)?,
             busy_poll,
             adaptive,
             rx_window: IdleWindow::default(),
-            busy_pollable: vec![true; napi_done.len()],
-            napi_done,
+            busy_pollable: Vec::new(),
+            napi_done: Vec::new(),
             napi,
             max_frame,
             stats,
@@ -258,9 +249,100 @@ impl QueuePairWorker {
             cpu,
             progress: 0,
             nic_frames: 0,
-        })
+        };
+        if let Some(tx) = tx {
+            worker.attach_copy_path(sockets, tx)?;
+        }
+        Ok(worker)
     }
 
+    /// Gives the pair its copy-path sockets: `sockets` to receive on, `tx` to send with.
+    pub fn attach_copy_path(&mut self, sockets: Vec<XskSocket>, tx: XskSocket) -> io::Result<()> {
+        let pair = self.pair;
+        if self.busy_poll {
+            for s in sockets.iter().chain([&tx]) {
+                s.enable_busy_poll(BUSY_POLL_USECS, BATCH as u16)
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("busy polling on NIC queue {}: {e}", s.queue_id()),
+                        )
+                    })?;
+            }
+        }
+        if self.adaptive {
+            // Receive sockets only: the transmit socket never receives, so it has no NAPI.
+            // Without CAP_NET_ADMIN the kernel refuses; the worker still spins while frames
+            // come, and the receive work stays where the kernel runs it.
+            // Copy-mode sockets have no NAPI id, so there is nothing to prefer; the daemon
+            // does not keep CAP_NET_ADMIN for them either.
+            for s in sockets.iter().filter(|s| s.napi_reachable()) {
+                if let Err(e) = s.enable_busy_poll(BUSY_POLL_USECS, BATCH as u16) {
+                    tracing::warn!(pair, queue = s.queue_id(), error = %e, "no preferred busy polling on this NIC queue's socket; polling it without taking its receive work over");
+                    break;
+                }
+            }
+        }
+        self.napi_done = vec![false; sockets.len()];
+        self.busy_pollable = vec![true; sockets.len()];
+        self.sockets = sockets;
+        self.tx = Some(tx);
+        self.next_rx_socket = 0;
+        Ok(())
+    }
+
+    /// Puts the pair on the single-copy path.
+    pub fn attach_guest_path(&mut self, path: GuestPath) {
+        self.guest = Some(path);
+    }
+
+    /// Whether the pair has a way to the NIC (a dedicated NIC's pair has none until the
+    /// guest's memory decided the path, nor after the single-copy path stopped).
+    pub fn has_nic_path(&self) -> bool {
+        self.tx.is_some() || self.guest.is_some()
+    }
+
+    /// The sockets of the pair's NIC path that receive, as (NIC queue, fd): what goes in the
+    /// steering map and the epoll set.
+    pub fn receiving_sockets(&self) -> Vec<(u32, RawFd)> {
+        let guest = self.guest.iter().map(|g| (g.queue_id(), g.fd()));
+        self.sockets
+            .iter()
+            .map(|s| (s.queue_id(), s.fd()))
+            .chain(guest)
+            .collect()
+    }
+
+    /// The single-copy path's socket, as (NIC queue, fd), if the pair is on that path.
+    pub fn guest_socket(&self) -> Option<(u32, RawFd)> {
+        self.guest.as_ref().map(|g| (g.queue_id(), g.fd()))
+    }
+
+    /// Ends the single-copy path, if the pair is on it: the socket and its registration go
+    /// first, then the buffers the kernel held go back to the guest unused (`mem` is the
+    /// guest memory they lie in). Returns how many went back.
+    pub fn stop_guest_path(&mut self, mem: &GuestMemory) -> Option<usize> {
+        let path = self.guest.take()?;
+        Some(path.stop(mem, self.rx_vring.as_ref()))
+    }
+
+    /// Ends the single-copy path without touching the guest's ring: the socket closes, so
+    /// the kernel writes none of the buffers it held, and they are forgotten.
+    pub fn forget_guest_path(&mut self) {
+        if let Some(path) = self.guest.take() {
+            path.stop(&GuestMemory::new(), None);
+        }
+    }
+
+    /// Drops the pair's way to the NIC (a dedicated NIC's port deciding its path again for
+    /// new guest memory); the caller took its sockets out of the steering map first.
+    pub fn detach_nic_path(&mut self, mem: &GuestMemory) {
+        self.stop_guest_path(mem);
+        self.sockets.clear();
+        self.tx = None;
+        self.napi_done.clear();
+        self.busy_pollable.clear();
+    }
     /// A duplicate of the re-arm eventfd: another thread wakes the worker with it.
     pub fn waker(&self) -> io::Result<EventFd> {
         self.rearm.try_clone()
@@ -284,16 +366,26 @@ impl QueuePairWorker {
         if let Some(tap) = &self.tap {
             v.push((tap.fd(), EventSet::IN, ids.tap));
         }
-        for (i, s) in self.sockets.iter().enumerate() {
-            // Edge-triggered: a backlog the guest cannot take yet must not spin the thread;
-            // the guest's rx kick resumes it. Receive only: see `tx`.
-            v.push((
-                s.fd(),
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-                ids.first_xsk + i as u16,
-            ));
-        }
+        v.extend(self.nic_event_sources(ids));
         v
+    }
+
+    /// The receiving sockets' entries of [`QueuePairWorker::event_sources`]: registered when
+    /// the path to the NIC is made, which on a dedicated NIC is after the workers are.
+    pub fn nic_event_sources(&self, ids: EventIds) -> Vec<(RawFd, EventSet, u16)> {
+        // Edge-triggered: a backlog the guest cannot take yet must not spin the thread;
+        // the guest's rx kick resumes it. Receive only: see `tx`.
+        self.receiving_sockets()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, fd))| {
+                (
+                    fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    ids.first_xsk + i as u16,
+                )
+            })
+            .collect()
     }
 
     pub fn sockets(&self) -> &[XskSocket] {
@@ -315,6 +407,9 @@ impl QueuePairWorker {
         }
         if let Some(cpu) = self.cpu.take() {
             pin_current_thread(cpu, self.pair);
+        }
+        if self.rx_vring.is_none() {
+            self.rx_vring = Some(vrings[RX].clone());
         }
         if event == ids.rearm && !self.busy_poll {
             let _ = self.rearm.read();
@@ -388,9 +483,15 @@ impl QueuePairWorker {
         if let Some(tap) = &mut self.tap {
             lost += tap.recv_batch().count();
         }
+        if let Some(path) = &mut self.guest {
+            lost += path.drop_received();
+            path.socket_mut().reap_tx();
+        }
         self.stats
             .add(&self.stats.rx_dropped_queue_stopped, lost as u64);
-        self.tx.reap_completions();
+        if let Some(tx) = &mut self.tx {
+            tx.reap_completions();
+        }
     }
 
     /// Reads kernel socket counters and retries anything left waiting.
@@ -402,6 +503,11 @@ impl QueuePairWorker {
             full += k.rx_ring_full;
             empty += k.rx_fill_ring_empty;
             malformed += sock.take_rx_dropped_malformed();
+        }
+        if let Some(path) = &self.guest {
+            let k = path.kernel_stats();
+            full += k.rx_ring_full;
+            empty += k.rx_fill_ring_empty;
         }
         let s = &self.stats;
         // A multi-buffer frame longer than any the link carries: too large for the guest too.

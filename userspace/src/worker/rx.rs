@@ -19,6 +19,9 @@ impl QueuePairWorker {
         features: NegotiatedFeatures,
         read_tap: bool,
     ) -> bool {
+        if self.guest.is_some() {
+            return self.service_guest_rx((vring, mem), features.mrg_rxbuf, read_tap);
+        }
         let mut queue =
             RxQueueLock::new(vring, mem, &self.rx_shared, &self.stats, features.mrg_rxbuf);
         let broken = queue.is_broken();

@@ -10,9 +10,12 @@ use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::device::Offloads;
 use crate::datapath::offload::FinishTally;
 use crate::datapath::tx::{self, TxLimits, TxStop, TxTally};
+use crate::datapath::QueueError;
 use crate::memory_guard;
-use crate::switch::{self, OwnFrameDrop, PortTx};
+use crate::switch::{self, DedicatedNicTx, MacMap, OwnFrameDrop, PortTx, SwitchPort};
 use crate::vring::{notify_guest_since, Vring};
+use std::sync::Arc;
+use virtio_queue::Queue;
 
 impl QueuePairWorker {
     /// Sends a broadcast `frame` for the guest, outside its ring (the announcement its
@@ -22,7 +25,15 @@ impl QueuePairWorker {
         if let Some(rate) = &self.policy.rate {
             rate.refill(Instant::now());
         }
-        let (sock, policy) = (&mut self.tx, &mut self.policy);
+        let Some(sock) = &mut self.tx else {
+            return match &mut self.guest {
+                Some(path) => {
+                    DedicatedNicTx::new(path.socket_mut(), &mut self.policy).send_broadcast(frame)
+                }
+                None => Err(OwnFrameDrop::NoBuffer),
+            };
+        };
+        let policy = &mut self.policy;
         let (local, scratch) = (&mut self.local, &mut self.switch_scratch);
         sock.reap_completions();
         let sent = PortTx::new(sock, policy, &ports, local, scratch).send_broadcast(frame);
@@ -44,9 +55,12 @@ impl QueuePairWorker {
         mem: &GuestMemory,
         offloads: Offloads,
     ) -> bool {
-        let sock = &mut self.tx;
-        sock.reap_completions();
-        if self.tx_broken {
+        if let Some(sock) = &mut self.tx {
+            sock.reap_completions();
+        }
+        // A dedicated NIC's pair has nothing to send with until its guest's memory decided
+        // the path: the guest's frames wait on its ring.
+        if self.tx_broken || !self.has_nic_path() {
             return false;
         }
         let mut state = vring.get_mut();
@@ -72,39 +86,15 @@ impl QueuePairWorker {
                 if let Some(rate) = &self.policy.rate {
                     rate.refill(Instant::now());
                 }
-                let mut sink = PortTx::new(
-                    sock,
-                    &mut self.policy,
-                    &ports,
-                    &mut self.local,
-                    &mut self.switch_scratch,
-                );
-                let batch = tx::transmit_batch(
-                    mem,
-                    state.get_queue_mut(),
-                    &mut sink,
-                    limits,
-                    BATCH,
-                    &mut self.tx_scratch,
-                    &mut tally,
-                );
-                switched += sink.switched;
-                let f = sink.finished;
-                finished.passed += f.passed;
-                finished.csum_computed += f.csum_computed;
-                finished.segments += f.segments;
-                // Flooded frames before the flush: they are also staged for the NIC and must
-                // be read before the flush can complete them and free their buffers.
-                switched += switch::deliver_local(
-                    &mut self.local,
-                    sock,
-                    &mut self.rx_scratch,
-                    &mut self.to_notify,
-                );
-                sock.flush_tx();
-                sock.reap_completions();
+                let batch = self.tx_batch(mem, state.get_queue_mut(), limits, &ports, &mut tally);
                 stop = match batch {
-                    Ok(s) => s,
+                    Ok((s, batch_switched, f)) => {
+                        switched += batch_switched;
+                        finished.passed += f.passed;
+                        finished.csum_computed += f.csum_computed;
+                        finished.segments += f.segments;
+                        s
+                    }
                     Err(e) => {
                         result = Err(e);
                         break 'outer;
@@ -178,5 +168,48 @@ impl QueuePairWorker {
             self.tx_error.signal();
         }
         more
+    }
+
+    /// One batch of the guest's frames into the pair's sink: the shared NIC queue's socket
+    /// and the switch, or on the single-copy path the guest-memory socket. Returns where the
+    /// batch stopped, frames switched to other ports and what finishing offloads for them did.
+    fn tx_batch(
+        &mut self,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        limits: TxLimits,
+        ports: &MacMap<Arc<SwitchPort>>,
+        tally: &mut TxTally,
+    ) -> Result<(TxStop, u64, FinishTally), QueueError> {
+        let scratch = &mut self.tx_scratch;
+        if let Some(sock) = &mut self.tx {
+            let mut sink = PortTx::new(
+                sock,
+                &mut self.policy,
+                ports,
+                &mut self.local,
+                &mut self.switch_scratch,
+            );
+            let batch = tx::transmit_batch(mem, queue, &mut sink, limits, BATCH, scratch, tally);
+            let (mut switched, finished) = (sink.switched, sink.finished);
+            // Flooded frames before the flush: they are also staged for the NIC and must
+            // be read before the flush can complete them and free their buffers.
+            switched += switch::deliver_local(
+                &mut self.local,
+                sock,
+                &mut self.rx_scratch,
+                &mut self.to_notify,
+            );
+            sock.flush_tx();
+            sock.reap_completions();
+            return batch.map(|stop| (stop, switched, finished));
+        }
+        let Some(path) = &mut self.guest else {
+            return Ok((TxStop::RingEmpty, 0, FinishTally::default()));
+        };
+        let mut sink = DedicatedNicTx::new(path.socket_mut(), &mut self.policy);
+        let batch = tx::transmit_batch(mem, queue, &mut sink, limits, BATCH, scratch, tally);
+        path.socket_mut().flush_tx();
+        batch.map(|stop| (stop, 0, FinishTally::default()))
     }
 }

@@ -24,7 +24,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, UmemConfig, User};
+use xdpilone::xdp::XdpDesc;
+use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemConfig, User};
 
 use super::{setup_error, XskError, XskKernelStats, XskMode, XskModeChoice};
 
@@ -371,10 +372,33 @@ pub struct GuestRxSocket {
     // Field order is drop order: rings and socket before the registration.
     device: DeviceQueue,
     rx: RingRx,
+    /// The transmit side, when the spec asked for one.
+    tx: Option<GuestTx>,
     user: User,
     umem: GuestUmem,
     mode: XskMode,
     queue_id: u32,
+}
+
+/// Transmit on a guest-memory UMEM: frames are copied into slots of the daemon's own area
+/// (after the guest's file), so the kernel sends bytes the guest cannot change after the
+/// daemon checked them. A NIC queue bound to this UMEM takes no other, so the port's
+/// transmit goes through a second socket sharing it (and its completion ring). That socket
+/// is in no epoll set: every sent frame wakes a socket's waiters, which on the receive
+/// socket was a callback per frame and an event for the worker.
+struct GuestTx {
+    // Field order is drop order: the ring before its socket.
+    ring: RingTx,
+    _user: User,
+    /// UMEM addresses of slots nobody holds.
+    free: Vec<u64>,
+    /// Descriptors written but not yet on the ring.
+    staged: Vec<XdpDesc>,
+    /// Slots on the tx ring or not yet back from the completion ring.
+    in_flight: u32,
+    /// The daemon's area and its slot size, to check what the completion ring returns.
+    area: std::ops::Range<u64>,
+    slot: u32,
 }
 
 /// Where a [`GuestRxSocket`] goes and what it registers.
@@ -389,6 +413,23 @@ pub struct GuestRxSpec<'a> {
     pub queue_id: u32,
     /// Entries of the fill and rx rings (a power of two).
     pub ring_size: u32,
+    /// Transmit slots in the daemon's own area after the file (a power of two; the tx and
+    /// completion rings get as many entries), or 0 for a receive-only socket.
+    pub tx_slots: u32,
+}
+
+impl GuestRxSpec<'_> {
+    /// Bytes of one transmit slot: a chunk, rounded up to a divisor of the page so no slot
+    /// crosses a page (the kernel refuses a tx descriptor that does on a zero-copy NIC
+    /// whose pages are not contiguous).
+    pub fn tx_slot_size(&self) -> u32 {
+        let page = page_size();
+        let mut slot = MIN_CHUNK_SIZE;
+        while slot < self.layout.chunk_size && slot < page {
+            slot *= 2;
+        }
+        slot
+    }
 }
 
 impl GuestRxSocket {
@@ -425,7 +466,17 @@ impl GuestRxSocket {
     fn open_mode(spec: GuestRxSpec<'_>, mode: XskMode) -> Result<Self, GuestUmemError> {
         let fail = setup_error(spec.ifname, spec.queue_id);
         let ring_size = spec.ring_size;
-        let umem = GuestUmem::register(spec.file, spec.len, spec.layout, ring_size, ring_size)?;
+        let slot = spec.tx_slot_size();
+        let own_len = spec.tx_slots as usize * slot as usize;
+        let complete_size = spec.tx_slots.max(ring_size);
+        let umem = GuestUmem::register_with_own_area(
+            spec.file,
+            spec.len,
+            own_len,
+            spec.layout,
+            ring_size,
+            complete_size,
+        )?;
         let mut info = IfInfo::invalid();
         info.from_ifindex(spec.ifindex)
             .map_err(fail("interface lookup"))?;
@@ -452,9 +503,46 @@ impl GuestRxSocket {
             XskMode::ZeroCopy => "zero-copy bind",
             XskMode::Copy => "copy-mode bind",
         }))?;
+        let tx = match spec.tx_slots {
+            0 => None,
+            _ => {
+                // Bound after the receive socket: the kernel binds a socket to a shared UMEM
+                // only through a bound first one. It inherits the mode (no flags of its own).
+                let sock = Socket::new(&info).map_err(fail("tx socket"))?;
+                let tx_user = umem
+                    .xdp()
+                    .rx_tx(
+                        &sock,
+                        &SocketConfig {
+                            rx_size: None,
+                            tx_size: NonZeroU32::new(spec.tx_slots),
+                            bind_flags: 0,
+                        },
+                    )
+                    .map_err(fail("tx ring"))?;
+                let ring = tx_user.map_tx().map_err(fail("tx ring mapping"))?;
+                umem.xdp()
+                    .bind(&tx_user)
+                    .map_err(fail("shared-UMEM tx bind"))?;
+                let area = umem.own_area();
+                Some(GuestTx {
+                    ring,
+                    _user: tx_user,
+                    free: (0..u64::from(spec.tx_slots))
+                        .rev()
+                        .map(|i| area.start + i * u64::from(slot))
+                        .collect(),
+                    staged: Vec::with_capacity(spec.tx_slots as usize),
+                    in_flight: 0,
+                    area,
+                    slot,
+                })
+            }
+        };
         Ok(GuestRxSocket {
             device,
             rx,
+            tx,
             user,
             umem,
             mode,
@@ -479,7 +567,8 @@ impl GuestRxSocket {
         &self.umem
     }
 
-    /// Free entries on the fill ring now.
+    /// Free entries on the fill ring as xdpilone's cached view has them (at most what is
+    /// really free; it refreshes its view once it shows none).
     pub fn fill_room(&mut self) -> usize {
         self.device.fill(u32::MAX).capacity() as usize
     }
@@ -487,16 +576,24 @@ impl GuestRxSocket {
     /// Puts `addrs` on the fill ring, as many as it takes (all of them when no more than
     /// [`GuestRxSocket::fill_room`]); returns how many.
     pub fn fill(&mut self, addrs: &[u64]) -> usize {
-        let n = {
-            let mut w = self.device.fill(addrs.len() as u32);
-            let n = w.insert(addrs.iter().copied());
+        // xdpilone reserves from its cached view of the kernel's consumer and refreshes it
+        // only once that view shows no room at all, so one pass may place fewer than fit:
+        // go on until a pass makes no progress.
+        let mut placed = 0;
+        while placed < addrs.len() {
+            let rest = &addrs[placed..];
+            let mut w = self.device.fill(rest.len() as u32);
+            let n = w.insert(rest.iter().copied()) as usize;
             w.commit();
-            n
-        };
+            if n == 0 {
+                break;
+            }
+            placed += n;
+        }
         if self.device.needs_wakeup() {
             self.device.wake();
         }
-        n as usize
+        placed
     }
 
     /// Appends up to `max` received frames to `out` as (fill address, data offset from it,
@@ -512,6 +609,116 @@ impl GuestRxSocket {
 
     pub fn kernel_stats(&self) -> XskKernelStats {
         XskKernelStats::of(&self.user)
+    }
+
+    /// Bytes of the largest frame [`GuestRxSocket::send`] takes (0 without a tx side).
+    pub fn max_tx_frame(&self) -> usize {
+        self.tx.as_ref().map_or(0, |t| t.slot as usize)
+    }
+
+    /// Free transmit slots now, after taking back what the kernel has sent.
+    pub fn tx_room(&mut self) -> usize {
+        self.reap_tx();
+        self.tx.as_ref().map_or(0, |t| t.free.len())
+    }
+
+    /// The free transmit slot the next [`GuestRxSocket::stage_tx`] sends, to write a frame
+    /// into; `None` when every slot is in flight (or there is no tx side).
+    pub fn next_tx_buffer(&mut self) -> Option<&mut [u8]> {
+        if self.tx.as_ref()?.free.is_empty() {
+            self.reap_tx();
+        }
+        let tx = self.tx.as_ref()?;
+        let addr = *tx.free.last()?;
+        let ptr = self.umem.mapping.range(addr, tx.slot as usize)?;
+        // SAFETY: the slot lies in the mapping (`range`) and in the daemon's own private
+        // anonymous area, which the guest cannot reach; it is free, so it is on no ring and
+        // the kernel does not read it; and the slice borrows `self` mutably, so no second
+        // slice of it exists until it is staged.
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr, tx.slot as usize) })
+    }
+
+    /// Stages the first `len` bytes of the slot [`GuestRxSocket::next_tx_buffer`] returned
+    /// for the tx ring; false if there is none or `len` exceeds it.
+    pub fn stage_tx(&mut self, len: usize) -> bool {
+        let Some(tx) = self.tx.as_mut() else {
+            return false;
+        };
+        if len > tx.slot as usize {
+            return false;
+        }
+        let Some(addr) = tx.free.pop() else {
+            return false;
+        };
+        tx.staged.push(XdpDesc {
+            addr,
+            len: len as u32,
+            options: 0,
+        });
+        true
+    }
+
+    /// Copies `frame` into a free slot of the daemon's area and stages it for the tx ring
+    /// (sent by [`GuestRxSocket::flush_tx`]); false when no slot is free or the frame does
+    /// not fit one.
+    pub fn send(&mut self, frame: &[u8]) -> bool {
+        let Some(tx) = self.tx.as_mut() else {
+            return false;
+        };
+        if frame.len() > tx.slot as usize {
+            return false;
+        }
+        let Some(addr) = tx.free.pop() else {
+            return false;
+        };
+        if self.umem.write(addr, frame).is_none() {
+            // Slots lie inside the area by construction; keep the slot out of use if not.
+            return false;
+        }
+        tx.staged.push(XdpDesc {
+            addr,
+            len: frame.len() as u32,
+            options: 0,
+        });
+        true
+    }
+
+    /// Puts the staged frames on the tx ring and kicks the kernel, which in copy mode sends
+    /// only inside that call (as `XskSocket::flush_tx` does).
+    pub fn flush_tx(&mut self) {
+        let mode = self.mode;
+        let Some(tx) = self.tx.as_mut() else { return };
+        while !tx.staged.is_empty() {
+            let mut writer = tx.ring.transmit(tx.staged.len() as u32);
+            let n = writer.insert(tx.staged.iter().copied());
+            writer.commit();
+            if n == 0 {
+                break;
+            }
+            tx.staged.drain(..n as usize);
+            tx.in_flight += n;
+        }
+        super::kick_tx(&mut tx.ring, mode);
+    }
+
+    /// Takes sent slots back from the completion ring; returns how many came back.
+    pub fn reap_tx(&mut self) -> u32 {
+        let Some(tx) = self.tx.as_mut() else { return 0 };
+        if tx.in_flight == 0 {
+            return 0;
+        }
+        let mut reader = self.device.complete(tx.in_flight);
+        let mut n = 0;
+        while let Some(addr) = reader.read() {
+            // Only the daemon's own slots are ever sent; anything else is not a slot.
+            if tx.area.contains(&addr) && (addr - tx.area.start) % u64::from(tx.slot) == 0 {
+                tx.free.push(addr);
+            }
+            n += 1;
+        }
+        reader.release();
+        tx.in_flight -= n.min(tx.in_flight);
+        n
     }
 }
 

@@ -176,6 +176,24 @@ fn setup_error(
     }
 }
 
+/// Kicks the kernel to send what waits on `tx`. Copy mode transmits only inside sendto,
+/// whatever the need-wakeup flag of a socket sharing the UMEM says; each call moves a bounded
+/// batch, so this keeps kicking while the kernel makes progress rather than leave frames on
+/// the ring until the next event.
+fn kick_tx(tx: &mut xdpilone::RingTx, mode: XskMode) {
+    let copy = mode == XskMode::Copy;
+    for _ in 0..64 {
+        if tx.pending() == 0 || !(copy || tx.needs_wakeup()) {
+            break;
+        }
+        let before = tx.pending();
+        tx.wake();
+        if tx.pending() == before {
+            break;
+        }
+    }
+}
+
 /// How many receive queues the interface has (each gets its own socket).
 pub fn rx_queue_count(ifname: &str) -> io::Result<u32> {
     let dir = format!("/sys/class/net/{ifname}/queues");

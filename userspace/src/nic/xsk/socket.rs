@@ -353,17 +353,7 @@ impl XskSocket {
         // Copy mode transmits only inside sendto, whatever the need-wakeup flag of a socket
         // sharing the UMEM says; each call moves a bounded batch, so keep kicking while the
         // kernel makes progress rather than leave frames on the ring until the next event.
-        let copy = self.queue.mode == XskMode::Copy;
-        for _ in 0..64 {
-            if self.tx.pending() == 0 || !(copy || self.tx.needs_wakeup()) {
-                break;
-            }
-            let before = self.tx.pending();
-            self.tx.wake();
-            if self.tx.pending() == before {
-                break;
-            }
-        }
+        super::kick_tx(&mut self.tx, self.queue.mode);
     }
 
     pub fn kernel_stats(&self) -> XskKernelStats {

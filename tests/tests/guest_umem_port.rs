@@ -1,0 +1,335 @@
+//! A port that asks for its guest's memory as the NIC queue's UMEM (`guest-umem=on`): the
+//! NIC is its alone, `ctl list` says which path it takes, and a guest whose memory cannot be
+//! registered falls back to the copy path with one log line and keeps its traffic.
+//! Needs root (namespaces, XDP); `cargo xtask test` runs it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
+use xvdpa_tests::frames::test_frame;
+use xvdpa_tests::frontend::{FrontendOptions, RawDesc, VirtioNetFrontend, RX_QUEUE, TX_QUEUE};
+use xvdpa_tests::lab::{guest_mac, Lab};
+use xvdpa_tests::wire::WireSocket;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Setup {
+    lab: Lab,
+    daemon: Daemon,
+    socket: PathBuf,
+    _dir: SocketDir,
+}
+
+/// A daemon whose only port (guest 0) asks for guest memory, started with `--port`.
+fn guest_umem_daemon(tag: &str, extra: &[&str]) -> Result<Setup> {
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    let socket = dir.join("vm0.sock");
+    let spec = Daemon::port_spec(&socket, guest_mac(0), ",guest-umem=on");
+    let daemon = Daemon::start_specs(&lab, &dir.join("ctl.sock"), &[spec], extra)?;
+    Ok(Setup {
+        lab,
+        daemon,
+        socket,
+        _dir: dir,
+    })
+}
+
+/// The port `index` of `ctl list --json`.
+fn listed_port(s: &Setup, index: u64) -> Result<Value> {
+    let reply = s.daemon.ctl()?.raw(r#"{"cmd":"list"}"#)?;
+    reply["ports"]
+        .as_array()
+        .context("list reply without ports")?
+        .iter()
+        .find(|p| p["index"] == index)
+        .cloned()
+        .with_context(|| format!("port {index} not listed: {reply}"))
+}
+
+fn add_port_error(ctl: &Path, request: &str) -> Result<String> {
+    let reply = xvdpa_tests::ctl::Ctl::new(ctl).raw(request)?;
+    ensure!(reply["ok"] == false, "accepted: {reply}");
+    Ok(reply["error"].as_str().unwrap_or_default().to_string())
+}
+
+/// Frames both ways between the wire and the frontend's guest.
+fn traffic_flows(s: &Setup, fe: &mut VirtioNetFrontend) -> Result<()> {
+    let wire = WireSocket::open(&s.lab)?;
+    let wire_mac = s.lab.wire_mac()?;
+    fe.post_rx_buffers(64, 2048)?;
+    // On the single-copy path a frame finds a buffer only once the worker put the guest's
+    // buffers on the fill ring, in its round after the kick (or its 200 ms tick).
+    std::thread::sleep(Duration::from_millis(300));
+    let frames: Vec<Vec<u8>> = [60usize, 1514]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| test_frame(guest_mac(0), wire_mac, i as u32 + 1, len))
+        .collect();
+    for f in &frames {
+        wire.send(f)?;
+    }
+    let got = fe.recv_frames(frames.len(), WAIT)?;
+    ensure!(
+        got.iter().map(|(_, f)| f).eq(frames.iter()),
+        "the guest received {} of {} frames, or others",
+        got.len(),
+        frames.len()
+    );
+    let out = test_frame(wire_mac, guest_mac(0), 77, 1000);
+    fe.send(&out, 1, false)?;
+    fe.kick(TX_QUEUE)?;
+    let seen = wire.recv_until(WAIT, |g| g.iter().any(|x| x == &out));
+    ensure!(
+        seen.iter().any(|x| x == &out),
+        "the guest's frame did not reach the wire"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_guest_memory_port_has_the_nic_to_itself() -> Result<()> {
+    let s = guest_umem_daemon("gu-own", &[])?;
+    let ctl = s.socket.with_file_name("ctl.sock");
+    let port = listed_port(&s, 0)?;
+    ensure!(port["guest_umem"] == true, "{port}");
+    let other = s.socket.with_file_name("vm1.sock");
+    let err = add_port_error(
+        &ctl,
+        &format!(
+            r#"{{"cmd":"add-port","socket":"{}","mac":"52:54:00:00:00:02"}}"#,
+            other.display()
+        ),
+    )?;
+    ensure!(
+        err.contains("dedicated to port") && err.contains("vm0.sock"),
+        "{err}"
+    );
+    s.daemon.stop()?;
+
+    // Two ports given at start-up, one asking for guest memory: refused before XDP.
+    let lab = Lab::unique("gu-two")?;
+    let dir = socket_dir("gu-two")?;
+    let mut d = Daemon::spawn(
+        &lab,
+        &[
+            "--ctl",
+            dir.join("ctl.sock").to_str().context("path")?,
+            "--port",
+            &Daemon::port_spec(&dir.join("a.sock"), guest_mac(0), ",guest-umem=on"),
+            "--port",
+            &Daemon::port_spec(&dir.join("b.sock"), guest_mac(1), ""),
+        ],
+    )?;
+    let status = d.wait_exit(Duration::from_secs(10))?;
+    ensure!(
+        !status.success(),
+        "started with two ports on a dedicated NIC"
+    );
+    ensure!(
+        d.output().contains("no other port can share its queues"),
+        "{}",
+        d.output()
+    );
+
+    // A daemon whose queues are shared takes no guest-memory port later.
+    let shared = Daemon::start(
+        &lab,
+        &dir.join("c.sock"),
+        &xvdpa_tests::lab::mac_str(guest_mac(2)),
+        &[],
+    )?;
+    let err = add_port_error(
+        &dir.join("ctl.sock"),
+        &format!(
+            r#"{{"cmd":"add-port","socket":"{}","mac":"52:54:00:00:00:05","guest_umem":true}}"#,
+            dir.join("d.sock").display()
+        ),
+    )?;
+    ensure!(
+        err.contains("guest-umem=on needs the NIC to itself"),
+        "{err}"
+    );
+    shared.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_guest_memory_port_moves_traffic_on_the_single_copy_path_on_each_connection() -> Result<()> {
+    let s = guest_umem_daemon("gu-single", &[])?;
+    for _ in 0..2 {
+        let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+        let port = listed_port(&s, 0)?;
+        ensure!(port["datapath"] == "guest-memory", "{port}");
+        traffic_flows(&s, &mut fe)?;
+        drop(fe);
+        s.daemon_wait_for_disconnect()?;
+    }
+    ensure!(s.daemon.counter("rx_packets")? >= 4, "rx_packets");
+    ensure!(s.daemon.counter("tx_packets")? >= 2, "tx_packets");
+    let log = s.daemon.stop()?;
+    ensure!(
+        log.matches("single-copy path").count() == 2,
+        "one line per connection:\n{log}"
+    );
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn guest_memory_in_two_files_falls_back_to_the_copy_path_with_one_line() -> Result<()> {
+    let s = guest_umem_daemon("gu-two-files", &[])?;
+    let opts = FrontendOptions {
+        two_memory_files: true,
+        ..FrontendOptions::default()
+    };
+    let mut fe = VirtioNetFrontend::connect(&s.socket, opts)?;
+    let port = listed_port(&s, 0)?;
+    let path = port["datapath"].as_str().unwrap_or_default();
+    ensure!(
+        path == "copy (guest memory refused: guest memory comes from 2 files, not one)",
+        "{port}"
+    );
+    traffic_flows(&s, &mut fe)?;
+    let log = s.daemon.stop()?;
+    ensure!(
+        log.matches("guest memory cannot be the NIC queue's UMEM")
+            .count()
+            == 1,
+        "one line:\n{log}"
+    );
+    ensure!(log.contains("guest memory comes from 2 files"), "{log}");
+    Ok(())
+}
+
+/// Receive buffers the kernel cannot be given (too short for a frame, outside the guest's
+/// memory) go back to the guest unused and are counted; the good ones still receive.
+#[test]
+fn unusable_receive_buffers_are_refused_and_counted() -> Result<()> {
+    let s = guest_umem_daemon("gu-hostile", &[])?;
+    let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+    let writable = xvdpa_tests::frontend::VRING_DESC_F_WRITE;
+    let short = fe.scratch(RX_QUEUE, 0);
+    let bad = [
+        RawDesc {
+            addr: short,
+            len: 1024,
+            flags: writable,
+            next: 0,
+        },
+        RawDesc {
+            addr: 1 << 40,
+            len: 2048,
+            flags: writable,
+            next: 0,
+        },
+        RawDesc {
+            addr: u64::MAX - 100,
+            len: 2048,
+            flags: writable,
+            next: 0,
+        },
+    ];
+    let mut heads = Vec::new();
+    for d in bad {
+        heads.push(fe.post_raw(RX_QUEUE, &[d])?);
+    }
+    // More than the chains held back for the tap, so the bad ones are offered to the kernel.
+    fe.post_rx_buffers(32, 2048)?;
+    fe.kick(RX_QUEUE)?;
+    let refused = s.daemon.counter_reaching("rx_buffers_refused", 3)?;
+    ensure!(refused == 3, "rx_buffers_refused {refused}");
+    let used = fe.take_used(RX_QUEUE)?;
+    for h in &heads {
+        ensure!(
+            used.iter().any(|u| u.head == *h && u.len == 0),
+            "bad buffer {h} not given back unused: {used:?}"
+        );
+    }
+    // The port still receives into the good buffers.
+    let wire = WireSocket::open(&s.lab)?;
+    let frame = test_frame(guest_mac(0), s.lab.wire_mac()?, 9, 600);
+    wire.send(&frame)?;
+    let got = fe.recv_frames(1, WAIT)?;
+    ensure!(got.first().map(|(_, f)| f) == Some(&frame), "frame lost");
+    let log = s.daemon.stop()?;
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+impl Setup {
+    fn daemon_wait_for_disconnect(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline {
+            if listed_port(self, 0)?["state"] == "waiting" {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("the port did not go back to waiting")
+    }
+}
+
+/// GET_VRING_BASE on the receive ring closes the guest-memory socket and gives every buffer
+/// the kernel held back to the guest unused (the ring's base the frontend reads has moved
+/// past them); the ring's next run registers the memory again and receives.
+#[test]
+fn stopping_the_receive_ring_gives_the_buffers_back_and_the_next_run_registers_again() -> Result<()>
+{
+    let s = guest_umem_daemon("gu-stop", &[])?;
+    let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+    fe.post_rx_buffers(32, 2048)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let base = fe.get_vring_base(RX_QUEUE)?;
+    // The chains held back for broadcasts stay on the ring: the kernel had the rest.
+    ensure!(base == 24, "ring base {base}");
+    let used = fe.take_used(RX_QUEUE)?;
+    ensure!(
+        used.len() == 24 && used.iter().all(|u| u.len == 0),
+        "given back: {used:?}"
+    );
+    fe.reset_device()?;
+    traffic_flows(&s, &mut fe)?;
+    ensure!(listed_port(&s, 0)?["datapath"] == "guest-memory");
+    let log = s.daemon.stop()?;
+    ensure!(
+        log.matches("single-copy path").count() == 2,
+        "registered once per ring run:\n{log}"
+    );
+    Ok(())
+}
+
+/// The single-copy path's transmit applies the port's policy as the copy path does: a frame
+/// with a source MAC the port may not use is dropped and counted, a broadcast goes to the
+/// wire (no other port shares the NIC).
+#[test]
+fn the_single_copy_transmit_keeps_the_ports_policy() -> Result<()> {
+    let s = guest_umem_daemon("gu-policy", &[])?;
+    let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+    ensure!(listed_port(&s, 0)?["datapath"] == "guest-memory");
+    let wire = WireSocket::open(&s.lab)?;
+    let wire_mac = s.lab.wire_mac()?;
+    let stranger = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc];
+    let spoofed = test_frame(wire_mac, stranger, 5, 200);
+    let broadcast = test_frame([0xff; 6], guest_mac(0), 6, 200);
+    for f in [&spoofed, &broadcast] {
+        fe.send(f, 1, false)?;
+    }
+    fe.kick(TX_QUEUE)?;
+    let seen = wire.recv_until(WAIT, |g| g.iter().any(|x| x == &broadcast));
+    ensure!(
+        seen.iter().any(|x| x == &broadcast),
+        "broadcast not on the wire"
+    );
+    ensure!(
+        !seen.iter().any(|x| x == &spoofed),
+        "spoofed frame on the wire"
+    );
+    let dropped = s.daemon.counter_reaching("tx_dropped_spoofed", 1)?;
+    ensure!(dropped == 1, "tx_dropped_spoofed {dropped}");
+    s.daemon.stop()?;
+    Ok(())
+}
