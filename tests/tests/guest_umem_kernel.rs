@@ -746,6 +746,7 @@ fn guest_receive_buffers_posted_to_the_kernel_get_frames_from_the_wire_and_attac
     let fill_layout = FillLayout {
         data_offset: u64::from(layout.data_offset()),
         max_frame: layout.max_frame(),
+        dma_page: None,
     };
     // Buffers at odd places, some of whose frames straddle a page; then an attacker's.
     let good: Vec<(u64, u32)> = (0..4)
@@ -1136,6 +1137,7 @@ fn a_closed_guest_rx_socket_writes_nothing_into_buffers_given_back_and_the_queue
     let fill_layout = FillLayout {
         data_offset: u64::from(layout.data_offset()),
         max_frame: layout.max_frame(),
+        dma_page: None,
     };
     // Three receive buffers; one frame fills the first, two stay with the kernel.
     let buffers: Vec<(u64, u32)> = (0..3).map(|i| (8 * PAGE + i * 0x1000 + 3, 0x700)).collect();

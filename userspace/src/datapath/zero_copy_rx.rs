@@ -132,6 +132,12 @@ impl GuestFile {
 pub struct FillLayout {
     pub data_offset: u64,
     pub max_frame: u32,
+    /// On a zero-copy NIC, the DMA page size: the kernel takes a fill address only if its
+    /// whole chunk (`data_offset + max_frame` bytes from it) stays within one such page,
+    /// unless the pages are DMA-contiguous, which user space cannot see, and consumes any
+    /// other address silently (`xp_check_unaligned`). `None` in copy mode, where the kernel
+    /// copies through one contiguous mapping and any placement works.
+    pub dma_page: Option<u64>,
 }
 
 /// Why a receive buffer was not posted (it went back to the guest unused).
@@ -145,6 +151,8 @@ pub enum Unpostable {
     BeforeFileStart,
     #[error("receive buffer is already on the fill ring in another chain")]
     AlreadyPosted,
+    #[error("receive buffer's chunk crosses a DMA page of the zero-copy NIC")]
+    CrossesDmaPage,
 }
 
 /// The fill address for a receive buffer: the frame then lands right after the net header.
@@ -162,9 +170,16 @@ pub fn fill_address(
     let offset = file
         .file_offset(addr, need)
         .ok_or(Unpostable::OutsideFile)?;
-    (offset + VNET_HDR_LEN as u64)
+    let fill = (offset + VNET_HDR_LEN as u64)
         .checked_sub(layout.data_offset)
-        .ok_or(Unpostable::BeforeFileStart)
+        .ok_or(Unpostable::BeforeFileStart)?;
+    if let Some(page) = layout.dma_page.filter(|&p| p > 0) {
+        // The chunk's last byte is the last one the kernel may write: `offset + need - 1`.
+        if fill / page != (offset + need - 1) / page {
+            return Err(Unpostable::CrossesDmaPage);
+        }
+    }
+    Ok(fill)
 }
 
 /// A guest buffer on the fill ring.
@@ -183,6 +198,8 @@ pub struct ZeroCopyRxTally {
     pub returned_too_small: u64,
     pub returned_outside_file: u64,
     pub returned_already_posted: u64,
+    /// Zero-copy NICs only: chunks the kernel would consume without using.
+    pub returned_crosses_dma_page: u64,
     /// Receive descriptors naming no buffer the daemon posted (a kernel fault, not the
     /// guest's): ignored.
     pub unknown_completions: u64,
@@ -191,7 +208,10 @@ pub struct ZeroCopyRxTally {
 impl ZeroCopyRxTally {
     /// Buffers that went back to the guest unused.
     pub fn refused(&self) -> u64 {
-        self.returned_too_small + self.returned_outside_file + self.returned_already_posted
+        self.returned_too_small
+            + self.returned_outside_file
+            + self.returned_already_posted
+            + self.returned_crosses_dma_page
     }
 
     fn returned(&mut self, why: Unpostable) {
@@ -201,6 +221,7 @@ impl ZeroCopyRxTally {
                 self.returned_outside_file += 1
             }
             Unpostable::AlreadyPosted => self.returned_already_posted += 1,
+            Unpostable::CrossesDmaPage => self.returned_crosses_dma_page += 1,
         }
     }
 }

@@ -124,6 +124,7 @@ impl DedicatedNic {
         let fill = FillLayout {
             data_offset: u64::from(layout.data_offset()),
             max_frame: layout.max_frame(),
+            dma_page: socket.dma_page(),
         };
         Ok(GuestPath::new(
             socket,

@@ -11,6 +11,12 @@ const FILE_OFFSET: u64 = 0x4000;
 const LAYOUT: FillLayout = FillLayout {
     data_offset: 256 + 274,
     max_frame: 1518,
+    dma_page: None,
+};
+/// The same on a zero-copy NIC whose DMA pages are 4 KiB and not known to be contiguous.
+const ZERO_COPY_LAYOUT: FillLayout = FillLayout {
+    dma_page: Some(4096),
+    ..LAYOUT
 };
 /// Net header + largest frame: the smallest buffer posted.
 const NEED: u32 = 12 + 1518;
@@ -110,6 +116,37 @@ fn buffers_the_kernel_could_overrun_or_that_leave_the_file_are_not_posted() {
     // A buffer whose tail (past header + largest frame) leaves memory is fine: nobody writes
     // there.
     assert!(fill_address(&file, LAYOUT, seg(mem_end - u64::from(NEED), 65535)).is_ok());
+}
+
+#[test]
+fn on_a_zero_copy_nic_a_chunk_across_a_dma_page_is_not_posted_and_in_copy_mode_it_is() {
+    // The kernel takes [fill, fill + chunk) from a zero-copy fill ring only if it stays in
+    // one DMA page (or the pages are contiguous), and consumes any other address silently:
+    // such a buffer would be lost to the guest until the socket closes.
+    let file = one_region();
+    let chunk = LAYOUT.data_offset + u64::from(LAYOUT.max_frame);
+    // The buffer whose chunk starts at a page of the file.
+    let page_start = FILE_OFFSET + BUF_BASE;
+    let first = BUF_BASE + LAYOUT.data_offset - 12;
+    for (buffer, fits) in [
+        (first, true),
+        (first + (4096 - chunk), true),
+        (first + (4096 - chunk) + 1, false),
+        (first - 1, false),
+        (first + 2049, false),
+    ] {
+        let zero_copy = fill_address(&file, ZERO_COPY_LAYOUT, seg(buffer, NEED));
+        if fits {
+            let fill = zero_copy.unwrap();
+            assert!(fill >= page_start - 4096 && fill + chunk <= page_start + 4096);
+        } else {
+            assert_eq!(zero_copy, Err(Unpostable::CrossesDmaPage), "{buffer:#x}");
+        }
+        assert!(fill_address(&file, LAYOUT, seg(buffer, NEED)).is_ok());
+    }
+    let mut tally = ZeroCopyRxTally::default();
+    tally.returned(Unpostable::CrossesDmaPage);
+    assert_eq!((tally.returned_crosses_dma_page, tally.refused()), (1, 1));
 }
 
 #[test]

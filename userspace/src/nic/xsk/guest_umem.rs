@@ -559,6 +559,14 @@ impl GuestRxSocket {
         self.mode
     }
 
+    /// The DMA page a receive chunk must stay within: a zero-copy driver maps the UMEM page
+    /// by page and the kernel refuses a chunk that crosses into a page not DMA-contiguous
+    /// with it (`xp_check_unaligned`), which user space cannot tell; copy mode has no such
+    /// limit.
+    pub fn dma_page(&self) -> Option<u64> {
+        (self.mode == XskMode::ZeroCopy).then(|| u64::from(page_size()))
+    }
+
     pub fn queue_id(&self) -> u32 {
         self.queue_id
     }
