@@ -1,5 +1,6 @@
-//! Benchmark scenarios, each measured for one peer (xvdpa, DPDK testpmd, or the bare AF_XDP
-//! ceiling) with the same lab, generator, guest side and CPU pinning.
+//! Benchmark scenarios, each measured for one peer (xvdpa, xvdpa in one of its modes, DPDK
+//! testpmd, or the bare AF_XDP ceiling) with the same lab, generator, guest side and CPU
+//! pinning.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,6 +53,10 @@ pub enum Peer {
     /// xvdpa with the port's guest memory as the NIC queue's UMEM (`guest-umem=on`): the
     /// NIC is the port's alone, so it has no vm-to-vm scenario.
     SingleCopy,
+    /// xvdpa as `Xvdpa` runs it, while a migration logs its writes: each guest side shares a
+    /// dirty log and turns `VHOST_F_LOG_ALL` and its rings' log flag on before the traffic
+    /// starts, as QEMU does when a migration begins.
+    DirtyLog,
 }
 
 impl Peer {
@@ -61,12 +66,13 @@ impl Peer {
             Peer::Dpdk => "dpdk",
             Peer::Limit => "limit",
             Peer::SingleCopy => "single-copy",
+            Peer::DirtyLog => "dirty-log",
         }
     }
 
     /// Whether the peer runs the vm-to-vm scenario (two guest ports on one datapath).
     pub fn has_vm_to_vm(self) -> bool {
-        matches!(self, Peer::Xvdpa | Peer::Dpdk)
+        matches!(self, Peer::Xvdpa | Peer::Dpdk | Peer::DirtyLog)
     }
 }
 
@@ -99,6 +105,9 @@ pub struct Measurement {
     /// Share of a CPU the NIC's threaded NAPI pollers used over the window (rx; counted in
     /// `cpu_s_per_mpkt` too): the receive work xvdpa moved off the softirq.
     pub napi_thread_share: Option<f64>,
+    /// Guest pages the dirty logs marked over the measured window (the dirty-log peer): never
+    /// zero, or the run would have measured the unlogged path.
+    pub dirty_pages: Option<u64>,
 }
 
 /// What an idle daemon costs: its CPU over a window with no traffic, after traffic.
@@ -187,7 +196,54 @@ impl Measurement {
             generator: None,
             net_rx_softirqs: None,
             napi_thread_share: None,
+            dirty_pages: None,
         }
+    }
+}
+
+/// The guest sides' dirty logs while a dirty-log peer is measured: started before the
+/// traffic, cleared after the warm-up (as QEMU clears its log after each copying pass), and
+/// read after the measured window.
+struct MigrationLog {
+    on: bool,
+}
+
+impl MigrationLog {
+    /// Starts logging on `guests` if `peer` measures a migration's logging.
+    fn start(peer: Peer, guests: &mut [&mut VirtioNetFrontend]) -> Result<Self> {
+        let on = peer == Peer::DirtyLog;
+        if on {
+            for fe in guests {
+                fe.start_dirty_log().context("starting the dirty log")?;
+            }
+        }
+        Ok(MigrationLog { on })
+    }
+
+    /// Forgets what the warm-up marked, so that the pages counted later are the window's.
+    fn clear(&self, guests: &[&VirtioNetFrontend]) -> Result<()> {
+        if self.on {
+            for fe in guests {
+                fe.clear_dirty_log()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pages marked since `clear`, summed over `guests`; an error if there are none,
+    /// since the datapath wrote into every guest that took part in the window.
+    fn marked(&self, guests: &[&VirtioNetFrontend]) -> Result<Option<u64>> {
+        if !self.on {
+            return Ok(None);
+        }
+        let mut pages = 0;
+        for fe in guests {
+            pages += fe.dirty_pages()?.len() as u64;
+        }
+        if pages == 0 {
+            bail!("no page was marked in the dirty log: the daemon did not log its writes");
+        }
+        Ok(Some(pages))
     }
 }
 
@@ -340,7 +396,7 @@ fn start_vhost_peer(
     let socket = dir.join("bench.sock");
     let _ = std::fs::remove_file(&socket);
     let mut ut = match peer {
-        Peer::Xvdpa => {
+        Peer::Xvdpa | Peer::DirtyLog => {
             let mut args: Vec<&str> = vec!["--log", "warn,xvdpa=info"];
             args.extend(daemon_args.iter().map(|s| s.as_str()));
             let d = Daemon::start_pinned(
@@ -431,7 +487,7 @@ fn start_vm_to_vm_peer(
         let _ = std::fs::remove_file(s);
     }
     let mut ut = match peer {
-        Peer::Xvdpa => {
+        Peer::Xvdpa | Peer::DirtyLog => {
             let specs: Vec<String> = (0..2)
                 .map(|i| {
                     format!(
@@ -567,21 +623,26 @@ pub fn measure(
         // The switch reaches B's queue once B's worker has had its first event.
         std::thread::sleep(Duration::from_millis(300));
         let result = (|| -> Result<Measurement> {
+            // Both guests log: A's used ring and B's buffers and used ring are written.
+            let log = MigrationLog::start(peer, &mut [&mut a, &mut b])?;
             guest_vm_to_vm(&mut a, &mut b, &frame, setup.warmup, RX_BUFFER)?;
+            log.clear(&[&a, &b])?;
             let cpu0 = process_cpu_seconds(ut.pid)?;
             let t0 = Instant::now();
             let (frames, guest_cpu) =
                 guest_vm_to_vm(&mut a, &mut b, &frame, setup.duration, RX_BUFFER)?;
             let seconds = t0.elapsed().as_secs_f64();
             let cpu = process_cpu_seconds(ut.pid)? - cpu0;
-            Ok(Measurement::new(
+            let mut m = Measurement::new(
                 peer,
                 direction,
                 size,
                 frames,
                 seconds,
                 Cost::of(&ut, cpu, guest_cpu),
-            ))
+            );
+            m.dirty_pages = log.marked(&[&a, &b])?;
+            Ok(m)
         })();
         drop((a, b));
         let finished = ut.finish();
@@ -594,6 +655,7 @@ pub fn measure(
     let mut net_rx_softirqs = None;
     let mut napi_thread_share = None;
     let result = (|| -> Result<Measurement> {
+        let log = MigrationLog::start(peer, &mut [&mut fe])?;
         // Each direction yields (frames, seconds, datapath CPU seconds, guest CPU seconds).
         let (frames, seconds, cpu, guest_cpu_s) = match direction {
             Direction::VmToVm => unreachable!("measured above"),
@@ -608,6 +670,7 @@ pub fn measure(
                 )?;
                 generator_name = Some(gen.kind().name());
                 guest_rx_count(&mut fe, setup.warmup, RX_BUFFER)?;
+                log.clear(&[&fe])?;
                 // The NAPI threads xvdpa may run for the NIC queue count as its own CPU.
                 let napi0 = napi_threads_cpu_seconds(lab::NIC)?;
                 let cpu0 = process_cpu_seconds(ut.pid)?;
@@ -630,6 +693,7 @@ pub fn measure(
             }
             Direction::Tx => {
                 guest_tx_blast(&mut fe, &frame, setup.warmup)?;
+                log.clear(&[&fe])?;
                 let wire0 = iface_counter(&lab.wire_ns, lab::WIRE, "rx_packets")?;
                 let cpu0 = process_cpu_seconds(ut.pid)?;
                 let t0 = Instant::now();
@@ -640,14 +704,16 @@ pub fn measure(
                 (frames, seconds, cpu, guest_cpu)
             }
         };
-        Ok(Measurement::new(
+        let mut m = Measurement::new(
             peer,
             direction,
             size,
             frames,
             seconds,
             Cost::of(&ut, cpu, guest_cpu_s),
-        ))
+        );
+        m.dirty_pages = log.marked(&[&fe])?;
+        Ok(m)
     })()
     .map(|mut m| {
         m.generator = generator_name;

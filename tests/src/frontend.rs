@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
@@ -372,8 +373,6 @@ impl VirtioNetFrontend {
 
     /// Programs and enables both rings from index 0 (after FEATURES_OK, before DRIVER_OK).
     pub fn start_rings(&mut self) -> Result<()> {
-        let region = self.mem.iter().next().expect("one region");
-        let host_base = region.as_ptr() as u64;
         for (i, q) in self.queues.iter().enumerate() {
             self.frontend
                 .set_vring_num(i, q.size)
@@ -381,18 +380,9 @@ impl VirtioNetFrontend {
             self.frontend
                 .set_vring_base(i, 0)
                 .context("SET_VRING_BASE")?;
-            // vring addresses are the frontend's own virtual addresses.
-            let config = VringConfigData {
-                queue_max_size: q.size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: host_base + q.desc,
-                used_ring_addr: host_base + q.used,
-                avail_ring_addr: host_base + q.avail,
-                log_addr: None,
-            };
+            let addr = self.vring_addr(i, false);
             self.frontend
-                .set_vring_addr(i, &config)
+                .set_vring_addr(i, &addr)
                 .context("SET_VRING_ADDR")?;
             self.frontend
                 .set_vring_kick(i, &q.kick)
@@ -415,6 +405,40 @@ impl VirtioNetFrontend {
             for q in 0..2 {
                 self.set_used_event(q, 0)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Ring `i`'s addresses as SET_VRING_ADDR carries them: the frontend's own virtual
+    /// addresses, and while a migration logs, `VHOST_VRING_F_LOG` with the used ring's guest
+    /// address as the ring's log address (QEMU's `vhost_virtqueue_set_addr`).
+    fn vring_addr(&self, i: usize, log: bool) -> VringConfigData {
+        let region = self.mem.iter().next().expect("one region");
+        let host_base = region.as_ptr() as u64;
+        let q = &self.queues[i];
+        VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags: if log {
+                VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+            } else {
+                0
+            },
+            desc_table_addr: host_base + q.desc,
+            used_ring_addr: host_base + q.used,
+            avail_ring_addr: host_base + q.avail,
+            log_addr: log.then_some(q.used),
+        }
+    }
+
+    /// Sets or clears both rings' log flag and address, as QEMU does right after it turns
+    /// `VHOST_F_LOG_ALL` on or off.
+    fn set_rings_log(&mut self, on: bool) -> Result<()> {
+        for i in 0..self.queues.len() {
+            let addr = self.vring_addr(i, on);
+            self.frontend
+                .set_vring_addr(i, &addr)
+                .context("SET_VRING_ADDR")?;
         }
         Ok(())
     }
@@ -950,11 +974,13 @@ impl VirtioNetFrontend {
         Ok(())
     }
 
-    /// Starts a migration's dirty logging as QEMU does: a log of one bit per 4 KiB page of
-    /// guest memory in a memfd (SET_LOG_BASE), then the features again with VHOST_F_LOG_ALL.
+    /// Starts a migration's dirty logging as QEMU does (`vhost_migration_log`): a log of one
+    /// bit per 4 KiB page of guest memory in a memfd (SET_LOG_BASE), then the features again
+    /// with VHOST_F_LOG_ALL, then each ring's log flag and address (SET_VRING_ADDR).
     pub fn start_dirty_log(&mut self) -> Result<()> {
         self.share_dirty_log()?;
-        self.set_log_all(true)
+        self.set_log_all(true)?;
+        self.set_rings_log(true)
     }
 
     /// Shares a fresh dirty log covering every guest address up to the end of the highest
@@ -1017,7 +1043,8 @@ impl VirtioNetFrontend {
     /// Ends logging (the features again without VHOST_F_LOG_ALL), as QEMU does when a
     /// migration completes or is cancelled.
     pub fn stop_dirty_log(&mut self) -> Result<()> {
-        self.set_log_all(false)
+        self.set_log_all(false)?;
+        self.set_rings_log(false)
     }
 
     fn set_log_all(&mut self, on: bool) -> Result<()> {

@@ -33,7 +33,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "64,512,1518")]
     sizes: Vec<usize>,
     /// Peers to measure: xvdpa, single-copy (xvdpa with guest-umem=on; rx and tx only), dpdk,
-    /// limit.
+    /// limit, dirty-log (xvdpa while a migration logs its writes; not in the default list:
+    /// `--scenarios rx,vm-to-vm --peers xvdpa,dirty-log` gives its cost per packet).
     #[arg(
         long,
         value_delimiter = ',',
@@ -125,7 +126,8 @@ fn parse_peer(s: &str) -> Result<Peer> {
         "dpdk" => Ok(Peer::Dpdk),
         "limit" => Ok(Peer::Limit),
         "single-copy" => Ok(Peer::SingleCopy),
-        other => bail!("unknown peer {other:?} (xvdpa, single-copy, dpdk, limit)"),
+        "dirty-log" => Ok(Peer::DirtyLog),
+        other => bail!("unknown peer {other:?} (xvdpa, single-copy, dpdk, limit, dirty-log)"),
     }
 }
 
@@ -309,8 +311,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 
     if !all.is_empty() {
         println!("{}", render_table(&all, &peers, &args, pinning, idle));
-        if peers.contains(&Peer::SingleCopy) && peers.contains(&Peer::Xvdpa) {
-            println!("{}", render_single_copy(&all));
+        for against in [&SINGLE_COPY, &DIRTY_LOG] {
+            if peers.contains(&against.peer) && peers.contains(&Peer::Xvdpa) {
+                println!("{}", render_against_xvdpa(&all, against));
+            }
         }
     }
     if !tcp.is_empty() {
@@ -453,15 +457,32 @@ fn by_key(all: &[(usize, Measurement)]) -> BTreeMap<Key, Vec<(usize, Measurement
     map
 }
 
-/// `a`'s rate divided by `b`'s for each run that measured both, each ratio from that run.
-fn paired_ratios(ms: &[(usize, Measurement)], a: Peer, b: Peer) -> Vec<f64> {
+/// `a`'s figure `f` divided by `b`'s for each run that measured both, each ratio from that
+/// run.
+fn paired_ratios(
+    ms: &[(usize, Measurement)],
+    a: Peer,
+    b: Peer,
+    f: fn(&Measurement) -> f64,
+) -> Vec<f64> {
     let mut ratios = Vec::new();
     for (run, m) in ms.iter().filter(|(_, m)| m.peer == a) {
         if let Some((_, other)) = ms.iter().find(|(r, o)| r == run && o.peer == b) {
-            ratios.push(m.pps / other.pps);
+            ratios.push(f(m) / f(other));
         }
     }
     ratios
+}
+
+/// Paired ratios as `median (min-max)`, the median alone from a single run, `-` from none.
+fn ratio_spread(ratios: &[f64]) -> String {
+    match min_max(ratios) {
+        Some((lo, hi)) if ratios.len() > 1 => {
+            format!("{:.2}x ({lo:.2}-{hi:.2})", median(ratios.to_vec()))
+        }
+        Some(_) => format!("{:.2}x", median(ratios.to_vec())),
+        None => "-".into(),
+    }
 }
 
 fn render_table(
@@ -506,13 +527,6 @@ fn render_table(
                 line.push_str(" - |");
             }
         }
-        let fmt_ratio = |r: f64| {
-            if r.is_finite() {
-                format!("{r:.2}x")
-            } else {
-                "-".into()
-            }
-        };
         let cpu = |p: Peer| {
             median(
                 ms.iter()
@@ -540,15 +554,7 @@ fn render_table(
                 .map(|(_, m)| m.rss_bytes as f64)
                 .collect(),
         );
-        let ratio = |b: Peer| {
-            let r = paired_ratios(&ms, Peer::Xvdpa, b);
-            match min_max(&r) {
-                Some((lo, hi)) if r.len() > 1 => {
-                    format!("{} ({lo:.2}-{hi:.2})", fmt_ratio(median(r.clone())))
-                }
-                _ => fmt_ratio(median(r)),
-            }
-        };
+        let ratio = |b: Peer| ratio_spread(&paired_ratios(&ms, Peer::Xvdpa, b, |m| m.pps));
         let of_xvdpa = |f: &dyn Fn(&Measurement) -> Option<f64>| {
             median(
                 ms.iter()
@@ -607,12 +613,50 @@ fn render_table(
     out
 }
 
-/// The single-copy path next to the copy path, run by run: the rate and the daemon's CPU per
-/// packet of `single-copy` divided by `xvdpa`'s, each ratio from one run.
-fn render_single_copy(all: &[(usize, Measurement)]) -> String {
+/// A mode of xvdpa measured against xvdpa's default path in the same runs.
+struct Against {
+    peer: Peer,
+    /// The table's first line.
+    title: &'static str,
+    /// The mode's and the default path's names in the column headers, long and in ratios.
+    name: &'static str,
+    short: &'static str,
+    base_name: &'static str,
+    base_short: &'static str,
+}
+
+const SINGLE_COPY: Against = Against {
+    peer: Peer::SingleCopy,
+    title: "single-copy (guest-umem=on: the guest's memory is the NIC queue's UMEM) against the copy path (xvdpa), same runs, same pinning:",
+    name: "single-copy",
+    short: "single",
+    base_name: "copy",
+    base_short: "copy",
+};
+
+const DIRTY_LOG: Against = Against {
+    peer: Peer::DirtyLog,
+    title: "dirty-log (VHOST_F_LOG_ALL on, a log shared with SET_LOG_BASE, as during a migration) against logging off (xvdpa), same runs, same pinning:",
+    name: "logging",
+    short: "on",
+    base_name: "no log",
+    base_short: "off",
+};
+
+/// A mode next to the default path, run by run: the rate and the daemon's CPU per packet of
+/// `against.peer` divided by `xvdpa`'s, each ratio from one run.
+fn render_against_xvdpa(all: &[(usize, Measurement)], against: &Against) -> String {
+    let Against {
+        peer,
+        title,
+        name,
+        short,
+        base_name,
+        base_short,
+    } = *against;
     let mut out = String::new();
-    let _ = writeln!(out, "\nsingle-copy (guest-umem=on: the guest's memory is the NIC queue's UMEM) against the copy path (xvdpa), same runs, same pinning:");
-    let _ = writeln!(out, "| scenario | frame | single-copy Mpps | copy Mpps | rate single/copy | single-copy CPU s/Mpkt | copy CPU s/Mpkt | CPU per packet single/copy |");
+    let _ = writeln!(out, "\n{title}");
+    let _ = writeln!(out, "| scenario | frame | {name} Mpps | {base_name} Mpps | rate {short}/{base_short} | {name} CPU s/Mpkt | {base_name} CPU s/Mpkt | CPU per packet {short}/{base_short} |");
     let _ = writeln!(out, "|{}", "---|".repeat(8));
     for ((d, size), ms) in by_key(all) {
         let of = |p: Peer, f: fn(&Measurement) -> f64| {
@@ -623,33 +667,19 @@ fn render_single_copy(all: &[(usize, Measurement)]) -> String {
                     .collect(),
             )
         };
-        let (sc_pps, cp_pps) = (of(Peer::SingleCopy, |m| m.pps), of(Peer::Xvdpa, |m| m.pps));
-        if !sc_pps.is_finite() || !cp_pps.is_finite() {
+        let (pps, base_pps) = (of(peer, |m| m.pps), of(Peer::Xvdpa, |m| m.pps));
+        if !pps.is_finite() || !base_pps.is_finite() {
             continue;
         }
-        let paired = |f: fn(&Measurement) -> f64| {
-            let r: Vec<f64> = ms
-                .iter()
-                .filter(|(_, m)| m.peer == Peer::SingleCopy)
-                .filter_map(|(run, m)| {
-                    let copy = ms.iter().find(|(r, o)| r == run && o.peer == Peer::Xvdpa)?;
-                    Some(f(m) / f(&copy.1))
-                })
-                .collect();
-            match min_max(&r) {
-                Some((lo, hi)) if r.len() > 1 => format!("{:.2}x ({lo:.2}-{hi:.2})", median(r)),
-                Some(_) => format!("{:.2}x", median(r)),
-                None => "-".into(),
-            }
-        };
+        let paired = |f| ratio_spread(&paired_ratios(&ms, peer, Peer::Xvdpa, f));
         let _ = writeln!(
             out,
             "| {} | {size} B | {:.3} | {:.3} | {} | {:.2} | {:.2} | {} |",
             d.name(),
-            sc_pps / 1e6,
-            cp_pps / 1e6,
+            pps / 1e6,
+            base_pps / 1e6,
             paired(|m| m.pps),
-            of(Peer::SingleCopy, |m| m.cpu_s_per_mpkt),
+            of(peer, |m| m.cpu_s_per_mpkt),
             of(Peer::Xvdpa, |m| m.cpu_s_per_mpkt),
             paired(|m| m.cpu_s_per_mpkt),
         );
@@ -688,6 +718,7 @@ fn write_json(
                 "net_rx_softirqs_per_s_load_cpu": m.net_rx_softirqs.map(|s| s.0),
                 "net_rx_softirqs_per_s_datapath_cpu": m.net_rx_softirqs.map(|s| s.1),
                 "napi_thread_cpu_share": m.napi_thread_share,
+                "dirty_pages_marked": m.dirty_pages,
             })
         })
         .collect();
@@ -762,6 +793,53 @@ mod tests {
             vcpu_cpu_s: 0.0,
         };
         (run, m)
+    }
+
+    fn frames(run: usize, peer: Peer, pps: f64, cpu_s_per_mpkt: f64) -> (usize, Measurement) {
+        let m = Measurement {
+            peer,
+            direction: Direction::Rx,
+            size: 64,
+            frames: pps as u64,
+            seconds: 1.0,
+            pps,
+            cpu_s_per_mpkt,
+            guest_cpu_s: 0.0,
+            rss_bytes: 0,
+            generator: None,
+            net_rx_softirqs: None,
+            napi_thread_share: None,
+            dirty_pages: None,
+        };
+        (run, m)
+    }
+
+    #[test]
+    fn a_mode_against_xvdpa_pairs_rate_and_cpu_within_a_run() {
+        use Peer::{DirtyLog, Xvdpa};
+        let all = [
+            frames(0, Xvdpa, 1.0e6, 2.0),
+            frames(0, DirtyLog, 0.8e6, 2.4),
+            frames(1, Xvdpa, 2.0e6, 1.0),
+            frames(1, DirtyLog, 1.0e6, 2.0),
+            // Run 2 has no xvdpa figure: no ratio, though its rate counts in the median.
+            frames(2, DirtyLog, 0.9e6, 9.0),
+        ];
+        let table = render_against_xvdpa(&all, &DIRTY_LOG);
+        let row = table.lines().last().unwrap();
+        assert_eq!(
+            row,
+            "| rx | 64 B | 0.900 | 1.500 | 0.65x (0.50-0.80) | 2.40 | 1.50 | 1.60x (1.20-2.00) |"
+        );
+        // Without xvdpa in the runs there is nothing to compare with.
+        let alone: Vec<_> = all
+            .iter()
+            .filter(|(_, m)| m.peer == DirtyLog)
+            .cloned()
+            .collect();
+        assert!(!render_against_xvdpa(&alone, &DIRTY_LOG).contains("| rx |"));
+        assert_eq!(ratio_spread(&[1.5]), "1.50x");
+        assert_eq!(ratio_spread(&[]), "-");
     }
 
     #[test]
