@@ -100,6 +100,67 @@ pub fn ping_from_wire(
     })
 }
 
+/// A ping flood from the wire: an echo request every 10 ms (100 a second, what `ping -f`
+/// sends at least), the load the issue has the guest answer while it migrates. Its loss
+/// measures the time without frames at a finer grain than the 100 ms pinger.
+pub struct PingFlood {
+    child: Option<Child>,
+}
+
+/// What a flood sent and what the guest answered.
+#[derive(Debug, Clone, Copy)]
+pub struct FloodReport {
+    pub sent: u64,
+    pub answered: u64,
+}
+
+impl PingFlood {
+    pub fn start(lab: &Lab, ip: &str) -> Result<Self> {
+        let child = lab
+            .in_wire("busybox")
+            .args(["ping", "-q", "-i", "0.01", ip])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the wire's ping flood")?;
+        Ok(PingFlood { child: Some(child) })
+    }
+
+    /// Stops the flood (SIGINT, on which ping prints its summary) and reads the summary.
+    pub fn finish(mut self) -> Result<FloodReport> {
+        let child = self.child.take().context("ping flood already finished")?;
+        // `ip netns exec` execs the program, so this pid is busybox's.
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .context("stopping the ping flood")?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_flood_summary(&text).with_context(|| format!("ping flood summary: {text:?}"))
+    }
+}
+
+impl Drop for PingFlood {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// "N packets transmitted, M packets received, ..." as busybox and iputils print it.
+fn parse_flood_summary(text: &str) -> Option<FloodReport> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut numbers = line
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse::<u64>().ok());
+    Some(FloodReport {
+        sent: numbers.next()?,
+        answered: numbers.next()?,
+    })
+}
+
 /// The wire's pings: when each was sent and whether the guest answered (within 1 s).
 pub struct PingLog {
     pub attempts: Vec<(Instant, bool)>,
@@ -497,7 +558,23 @@ impl Leg<'_> {
 /// Prints each migration's figures (its time, QEMU's downtime, the wire's pings lost and
 /// the longest gap between replies, the announcements seen) and checks that the wire saw
 /// the guest's gratuitous ARP after each and a ping reply after the last.
-pub fn report_legs(pings: &PingLog, legs: &[(&str, &LegReport)]) -> Result<()> {
+pub fn report_legs(pings: &PingLog, flood: FloodReport, legs: &[(&str, &LegReport)]) -> Result<()> {
+    let lost = flood.sent.saturating_sub(flood.answered);
+    println!(
+        "ping flood through all migrations: {} sent (one every 10 ms), {} answered, {lost} lost, \
+         about {} ms without replies in all",
+        flood.sent,
+        flood.answered,
+        lost * 10
+    );
+    // A guest that stopped answering after a migration fails here; a second or two of
+    // switch-over, or replies lost under the TCP streams, do not.
+    ensure!(
+        flood.answered * 2 >= flood.sent,
+        "the guest answered only {} of the flood's {} pings",
+        flood.answered,
+        flood.sent
+    );
     for (name, leg) in legs {
         println!(
             "migration {name}: {:.1} s, downtime {} ms as QEMU counts it, {} pings lost \
@@ -530,4 +607,20 @@ pub fn guest_reaches_wire(guest: &mut Guest) -> Result<()> {
     ))?;
     guest.wait_for("PING-OK", Duration::from_secs(30))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_flood_summary;
+
+    #[test]
+    fn a_flood_summary_gives_what_was_sent_and_answered() {
+        let busybox = "PING 10.0.0.2 (10.0.0.2): 56 data bytes\n\n--- 10.0.0.2 ping statistics ---\n2514 packets transmitted, 2507 packets received, 0% packet loss\nround-trip min/avg/max = 0.2/1.1/9.8 ms\n";
+        let r = parse_flood_summary(busybox).unwrap();
+        assert_eq!((r.sent, r.answered), (2514, 2507));
+        let iputils = "--- 10.0.0.2 ping statistics ---\n300 packets transmitted, 12 received, +3 errors, 96% packet loss, time 2990ms\n";
+        let r = parse_flood_summary(iputils).unwrap();
+        assert_eq!((r.sent, r.answered), (300, 12));
+        assert!(parse_flood_summary("ping: bad address").is_none());
+    }
 }

@@ -36,7 +36,7 @@ use xvdpa_tests::lab::{guest_ip, guest_mac, mac_str, Lab};
 use xvdpa_tests::migration::{
     boot_source_guest, guest_reaches_wire, migrating_guest, ping_from_wire, report_legs,
     start_destination, start_migration, wait_migration, watch_announcements, wire_reaches_guest,
-    Leg,
+    Leg, PingFlood,
 };
 
 /// A daemon with the source port and its migration target, and the source guest booted.
@@ -95,6 +95,7 @@ fn a_guest_streaming_tcp_migrates_to_another_port_and_back() -> Result<()> {
     wire_reaches_guest(lab)?;
     let stop = Arc::new(AtomicBool::new(false));
     let pinger = ping_from_wire(lab, guest_ip(0), stop.clone());
+    let flood = PingFlood::start(lab, &guest_ip(0))?;
 
     let there = Leg {
         lab,
@@ -121,7 +122,8 @@ fn a_guest_streaming_tcp_migrates_to_another_port_and_back() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let pings = pinger.join().expect("pinger");
-    report_legs(&pings, &[("there", &first), ("back", &second)])?;
+    let flood = flood.finish()?;
+    report_legs(&pings, flood, &[("there", &first), ("back", &second)])?;
     guest_reaches_wire(&mut home)?;
     home.kill();
     println!("test took {:.0} s", t_test.elapsed().as_secs_f64());

@@ -24,7 +24,7 @@ use xvdpa_tests::frames::test_frame;
 use xvdpa_tests::lab::{guest_ip, guest_mac, mac_str, Lab, BRIDGE_PORTS};
 use xvdpa_tests::migration::{
     boot_source_guest, guest_reaches_wire, migrating_guest, ping_from_wire, report_legs,
-    wire_reaches_guest, Leg,
+    wire_reaches_guest, Leg, PingFlood,
 };
 use xvdpa_tests::wire::WireSocket;
 
@@ -95,6 +95,7 @@ fn a_guest_streaming_tcp_migrates_to_another_host_and_back() -> Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let pinger = ping_from_wire(&lab_a, guest_ip(0), stop.clone());
+    let flood = PingFlood::start(&lab_a, &guest_ip(0))?;
     let there = Leg {
         lab: &lab_a,
         dir: &dir,
@@ -125,7 +126,8 @@ fn a_guest_streaming_tcp_migrates_to_another_host_and_back() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let pings = pinger.join().expect("pinger");
-    report_legs(&pings, &[("A -> B", &first), ("B -> A", &second)])?;
+    let flood = flood.finish()?;
+    report_legs(&pings, flood, &[("A -> B", &first), ("B -> A", &second)])?;
     ensure!(
         daemon_a.counter("queue_errors")? == 0,
         "host A's daemon stopped a queue of the guest"
