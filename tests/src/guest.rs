@@ -28,7 +28,7 @@ pub const READY_MARKER: &str = "XVDPA-READY";
 pub fn kernel_path() -> PathBuf {
     std::env::var_os("XVDPA_GUEST_KERNEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target/guest/vmlinuz"))
+        .unwrap_or_else(|| crate::workspace_root().join("target/guest/vmlinux"))
 }
 
 pub fn initrd_path() -> PathBuf {

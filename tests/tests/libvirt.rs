@@ -56,7 +56,7 @@ fn libvirt_guest_reaches_the_wire_through_xvdpa() -> Result<()> {
     // libvirt-qemu must reach into the directory; QEMU reads the kernel from there too (a
     // copy: libvirt relabels the files it boots from while the domain runs).
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let (kernel_copy, initrd_copy) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
+    let (kernel_copy, initrd_copy) = (dir.join("vmlinux"), dir.join("initrd.gz"));
     std::fs::copy(&kernel, &kernel_copy)?;
     std::fs::copy(&initrd, &initrd_copy)?;
     let _daemons = Daemons::ensure(&dir)?;

@@ -41,6 +41,8 @@ pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", ""),
     ("ethtool", "ethtool"),
+    // Decompresses the guest kernel for QEMU's PVH boot (guest_image::pvh_kernel).
+    ("xz-utils", "xz"),
 ];
 
 fn package_installed(pkg: &str) -> bool {
