@@ -60,14 +60,8 @@ if [ -d /run/systemd/system ]; then
 fi
 "#;
 
-/// The package file `cargo xtask dist` writes: `target/dist/xvdpa_<version>_<arch>.deb`.
-pub fn package_path(version: &str, arch: &str) -> PathBuf {
-    workspace_root()
-        .join("target/dist")
-        .join(format!("xvdpa_{version}_{arch}.deb"))
-}
-
-/// `cargo xtask dist`: builds the package and returns its path.
+/// `cargo xtask dist`: builds the release daemon and the package around it,
+/// `target/dist/xvdpa_<version>_<arch>.deb`; returns its path.
 pub fn dist() -> Result<PathBuf> {
     ensure_packages(DIST_PACKAGES)?;
     // The prebuilt object given by XVDPA_EBPF_OBJECT spares the nightly toolchain.
@@ -83,8 +77,25 @@ pub fn dist() -> Result<PathBuf> {
             .env("XVDPA_EBPF_OBJECT", &object),
     )
     .context("building the release daemon")?;
-    let binary = build::daemon_binary(true);
+    package(
+        &build::daemon_binary(true),
+        &workspace_root().join("target/dist"),
+    )
+}
 
+/// The suite's package (`cargo xtask test`): the same files, unit and maintainer scripts as
+/// `dist`'s, around the debug daemon the suite has built already, in `target/dist/suite/` so
+/// that it is never taken for the release package. What the package tests check (install,
+/// files, the system user, the unit's start-up and hardening, purge) does not depend on the
+/// compiler's optimisation, and the release build with fat LTO was two minutes of the suite.
+pub fn suite_package(daemon: &Path) -> Result<PathBuf> {
+    ensure_packages(DIST_PACKAGES)?;
+    package(daemon, &workspace_root().join("target/dist/suite"))
+}
+
+/// Builds `xvdpa_<version>_<arch>.deb` in `out` around the daemon `binary`.
+fn package(binary: &Path, out: &Path) -> Result<PathBuf> {
+    let binary = binary.to_path_buf();
     let version = output(Command::new(&binary).arg("--version"))?
         .trim()
         .strip_prefix("xvdpa ")
@@ -93,12 +104,12 @@ pub fn dist() -> Result<PathBuf> {
     let arch = output(Command::new("dpkg").arg("--print-architecture"))?
         .trim()
         .to_string();
-    let stage = workspace_root().join("target/dist/stage");
+    let stage = out.join("stage");
     let _ = fs::remove_dir_all(&stage);
     let dist = workspace_root().join("userspace/dist");
 
     install(&binary, &stage.join(BINARY), 0o755)?;
-    // Debug symbols are most of a release binary; a package ships without them.
+    // Debug symbols are most of the binary; a package ships without them.
     run(Command::new("strip")
         .arg("--strip-unneeded")
         .arg(stage.join(BINARY)))?;
@@ -106,7 +117,7 @@ pub fn dist() -> Result<PathBuf> {
     install(&dist.join("xvdpa.toml"), &stage.join(CONFIG), 0o644)?;
     install(&dist.join("xvdpa.toml"), &stage.join(EXAMPLE_CONFIG), 0o644)?;
 
-    let docs = workspace_root().join("target/dist/docs");
+    let docs = out.join("docs");
     let _ = fs::remove_dir_all(&docs);
     run(Command::new(&binary).arg("generate-docs").arg(&docs))
         .context("writing the man page and completions")?;
@@ -143,7 +154,7 @@ pub fn dist() -> Result<PathBuf> {
     write(&debian.join("postinst"), POSTINST, 0o755)?;
     write(&debian.join("postrm"), POSTRM, 0o755)?;
 
-    let deb = package_path(&version, &arch);
+    let deb = out.join(format!("xvdpa_{version}_{arch}.deb"));
     run(Command::new("dpkg-deb")
         .args(["--build", "--root-owner-group"])
         .arg(&stage)

@@ -39,8 +39,8 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     ensure_packages(LIBVIRT_PACKAGES)?;
     ensure_packages(SYSTEMD_PACKAGES)?;
     let daemon = build::build(false)?;
-    // The package tests install and start (tests/tests/package.rs).
-    let package = dist_cmd::dist()?;
+    // The package tests install and start (tests/tests/package.rs, systemd_unit.rs).
+    let package = dist_cmd::suite_package(&daemon)?;
     let image = guest_image::ensure()?;
     // The guests run on current QEMU; the system's (Debian stable's 7.2) stays for the test
     // that keeps it working (XVDPA_QEMU_STABLE).
