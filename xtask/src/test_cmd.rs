@@ -46,6 +46,7 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     // that keeps it working (XVDPA_QEMU_STABLE).
     let qemu = ensure_private_qemu()?;
     remove_stale_test_labs()?;
+    let fuzz_build = fuzz_cmd::BackgroundBuild::start()?;
     say!("running the test suite");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root())
@@ -61,7 +62,7 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     run(&mut cmd).context("the test suite failed")?;
     // Every fuzz target for a short while over its committed corpus; a crash fails the suite.
     say!("fuzzing each target for {FUZZ_SECONDS} s");
-    fuzz_cmd::fuzz_targets(fuzz_cmd::TARGETS, FUZZ_SECONDS, false)?;
+    fuzz_build.run_targets(fuzz_cmd::TARGETS, FUZZ_SECONDS)?;
     say!("all tests passed");
     Ok(())
 }
