@@ -548,10 +548,12 @@ impl QueuePairWorker {
             empty += k.rx_fill_ring_empty;
             malformed += sock.take_rx_dropped_malformed();
         }
-        if let Some(path) = &self.guest {
+        if let Some(path) = &mut self.guest {
             let k = path.kernel_stats();
             full += k.rx_ring_full;
             empty += k.rx_fill_ring_empty;
+            // Longer than the layout's largest frame, so split over several guest buffers.
+            malformed += path.socket_mut().take_rx_dropped_split();
         }
         let s = &self.stats;
         // A multi-buffer frame longer than any the link carries: too large for the guest too.
