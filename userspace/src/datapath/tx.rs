@@ -489,7 +489,7 @@ impl ChainFrame<'_, '_> {
             Offload::Checksum { start, offset } => Some(start + offset + 2),
             _ => None,
         };
-        {
+        let headers = {
             let Some(layout) = buffers.in_place() else {
                 return Ok(None);
             };
@@ -499,8 +499,12 @@ impl ChainFrame<'_, '_> {
             if guest_pieces(layout, self.segs, VNET_HDR_LEN + headers, self.pieces).is_err() {
                 return Ok(None);
             }
-        }
-        let headers = slot_headers(len, csum_end, buffers.buffer_len()).expect("checked above");
+            headers
+        };
+        let Some(buf) = buffers.next_buffer() else {
+            buffers.unroute(len);
+            return Ok(Some(Ok(Sent::NoBuffers)));
+        };
         if let Offload::Checksum { .. } = offload {
             // An offload was checked on the whole frame, read into the arena: the sum is
             // taken there and the field goes out from the slot. The guest may change the
@@ -511,10 +515,6 @@ impl ChainFrame<'_, '_> {
             );
             tally.csum_computed += 1;
         }
-        let Some(buf) = buffers.next_buffer() else {
-            buffers.unroute(len);
-            return Ok(Some(Ok(Sent::NoBuffers)));
-        };
         let slot = &mut buf[..headers];
         if read >= VNET_HDR_LEN + headers {
             slot.copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + VNET_HDR_LEN + headers]);
