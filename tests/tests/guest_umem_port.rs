@@ -333,3 +333,243 @@ fn the_single_copy_transmit_keeps_the_ports_policy() -> Result<()> {
     s.daemon.stop()?;
     Ok(())
 }
+
+// Transmit from the guest's own buffers: a frame longer than the slot's headers goes to the
+// kernel as the daemon's slot (its headers, checked there) and the rest straight from guest
+// memory; its chain comes back once the kernel completed it.
+
+/// Bytes the daemon sends from its slot (`zero_copy_tx::SLOT_HEADERS`): longer frames go from
+/// guest memory, shorter ones are copied.
+const SLOT_HEADERS: usize = 128;
+
+/// Waits until the wire saw every frame of `want` (compared byte for byte); returns those
+/// it did not see.
+fn missing_on_wire(wire: &WireSocket, want: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let seen = wire.recv_until(WAIT, |g| want.iter().all(|f| g.contains(f)));
+    want.iter().filter(|f| !seen.contains(f)).cloned().collect()
+}
+
+/// A guest-memory daemon (`tag`), its frontend connected on the single-copy path, the wire
+/// and the wire's MAC.
+fn single_copy_guest(tag: &str) -> Result<(Setup, VirtioNetFrontend, WireSocket, [u8; 6])> {
+    let s = guest_umem_daemon(tag, &[])?;
+    let fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+    ensure!(listed_port(&s, 0)?["datapath"] == "guest-memory");
+    let wire = WireSocket::open(&s.lab)?;
+    let wire_mac = s.lab.wire_mac()?;
+    Ok((s, fe, wire, wire_mac))
+}
+
+#[test]
+fn frames_longer_than_the_slot_headers_go_out_from_guest_memory_intact() -> Result<()> {
+    let (s, mut fe, wire, wire_mac) = single_copy_guest("gu-inplace")?;
+    // Sizes on both sides of the slot's headers, each in chains of 1 to 4 descriptors (the
+    // first holding the net header and the start of the frame).
+    let sizes = [60, SLOT_HEADERS, SLOT_HEADERS + 1, 200, 512, 1000, 1514];
+    let mut frames = Vec::new();
+    for (i, &len) in sizes.iter().enumerate() {
+        for pieces in 1..=4 {
+            let f = test_frame(wire_mac, guest_mac(0), (10 * i + pieces) as u32, len);
+            fe.send(&f, pieces, false)?;
+            frames.push(f);
+        }
+    }
+    fe.kick(TX_QUEUE)?;
+    let missing = missing_on_wire(&wire, &frames);
+    ensure!(
+        missing.is_empty(),
+        "{} of {} frames not on the wire intact (lengths {:?})",
+        missing.len(),
+        frames.len(),
+        missing.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    // Every chain comes back, the in-place ones once the kernel completed them.
+    let used = fe.wait_tx_used(frames.len(), WAIT)?;
+    ensure!(
+        used == frames.len(),
+        "{used} of {} chains used",
+        frames.len()
+    );
+    let in_place = frames.iter().filter(|f| f.len() > SLOT_HEADERS).count() as u64;
+    let counted = s.daemon.counter_reaching("tx_in_place", in_place)?;
+    ensure!(
+        counted == in_place,
+        "tx_in_place {counted}, want {in_place}"
+    );
+    ensure!(s.daemon.counter("tx_packets")? == frames.len() as u64);
+    ensure!(s.daemon.counter("tx_completions_unknown")? == 0);
+    let log = s.daemon.stop()?;
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+/// The guest rewrites the source MAC in the buffer of the frames it sends, from another
+/// vCPU, all the time (between the spoofed one and its own): the daemon's check sees one or
+/// the other, and the headers the kernel sends come from the daemon's slot, so the wire sees
+/// the checked MAC or nothing (the check saw the spoofed one and dropped the frame), never the
+/// spoofed one.
+#[test]
+fn a_guest_rewriting_its_source_mac_after_the_kick_gets_no_spoofed_frame_on_the_wire() -> Result<()>
+{
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vm_memory::{Bytes, GuestAddress};
+    let (s, mut fe, wire, wire_mac) = single_copy_guest("gu-flip")?;
+    let spoofed = [0x52, 0x54, 0x00, 0x66, 0x66, 0x66];
+    const FRAMES: u32 = 300;
+    let buf = fe.scratch(TX_QUEUE, 0);
+    let mac_at = GuestAddress(buf + 12 + 6);
+    let flipping = AtomicBool::new(true);
+    let mem = fe.mem.clone();
+    let mut seen = Vec::new();
+    let mut sent_frames = Vec::new();
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(|| {
+            let mut i = 0u32;
+            while flipping.load(Ordering::Relaxed) {
+                let mac = if i.is_multiple_of(2) {
+                    spoofed
+                } else {
+                    guest_mac(0)
+                };
+                let _ = mem.write_slice(&mac, mac_at);
+                i = i.wrapping_add(1);
+            }
+        });
+        let mut run = || -> Result<()> {
+            for seq in 0..FRAMES {
+                let f = test_frame(wire_mac, guest_mac(0), seq, 600);
+                let mut chain = vec![0u8; 12];
+                chain.extend_from_slice(&f);
+                // Everything but the source MAC, which the other vCPU keeps rewriting.
+                fe.mem.write_slice(&chain[..18], GuestAddress(buf))?;
+                fe.mem.write_slice(&chain[24..], GuestAddress(buf + 24))?;
+                fe.post_raw(
+                    TX_QUEUE,
+                    &[RawDesc {
+                        addr: buf,
+                        len: chain.len() as u32,
+                        flags: 0,
+                        next: 0,
+                    }],
+                )?;
+                fe.kick(TX_QUEUE)?;
+                ensure!(fe.wait_tx_used(1, WAIT)? == 1, "chain {seq} not used");
+                // Read as it goes: a frame sent from guest memory carries a page per piece in
+                // copy mode, so a burst overruns the packet socket's buffer.
+                let mine = |g: &Vec<u8>| xvdpa_tests::frames::test_seq(g) == Some(seq);
+                seen.extend(
+                    wire.recv_until(Duration::from_millis(20), |g| g.iter().any(mine))
+                        .into_iter()
+                        .filter(|g| g[..6] == wire_mac && mine(g)),
+                );
+                sent_frames.push(f);
+            }
+            Ok(())
+        };
+        let result = run();
+        flipping.store(false, Ordering::Relaxed);
+        result
+    })?;
+    let sent = s.daemon.counter("tx_packets")?;
+    let dropped = s.daemon.counter("tx_dropped_spoofed")?;
+    ensure!(
+        sent + dropped == u64::from(FRAMES),
+        "tx_packets {sent} + tx_dropped_spoofed {dropped}"
+    );
+    let spoofs = seen.iter().filter(|f| f[6..12] == spoofed).count();
+    ensure!(spoofs == 0, "{spoofs} spoofed frames on the wire");
+    ensure!(
+        seen.len() as u64 == sent && seen.iter().all(|f| sent_frames.contains(f)),
+        "{} frames on the wire, {sent} sent",
+        seen.len()
+    );
+    ensure!(s.daemon.counter("tx_in_place")? == sent);
+    eprintln!("sent {sent}, dropped as spoofed {dropped}");
+    s.daemon.stop()?;
+    Ok(())
+}
+
+/// GET_VRING_BASE on the transmit ring while frames sent from guest memory may be in flight:
+/// the socket closes, every chain the device took is used by the time the base is read (the
+/// in-flight ones given back), nothing is written into the ring afterwards, and the next run
+/// and the next connection send from guest memory again.
+#[test]
+fn stopping_the_transmit_ring_gives_in_flight_chains_back_and_the_path_comes_back() -> Result<()> {
+    let s = guest_umem_daemon("gu-txstop", &[])?;
+    let wire_mac = s.lab.wire_mac()?;
+    for round in 0..2 {
+        let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+        ensure!(listed_port(&s, 0)?["datapath"] == "guest-memory");
+        let frames: Vec<Vec<u8>> = (0..64)
+            .map(|i| test_frame(wire_mac, guest_mac(0), i, 1514))
+            .collect();
+        for f in &frames {
+            fe.send(f, 3, false)?;
+        }
+        fe.kick(TX_QUEUE)?;
+        // Some of the burst is on its way when the ring stops.
+        std::thread::sleep(Duration::from_micros(300));
+        let base = fe.get_vring_base(TX_QUEUE)?;
+        let used = fe.take_used(TX_QUEUE)?;
+        ensure!(
+            used.len() as u32 == base,
+            "round {round}: ring base {base}, {} chains used",
+            used.len()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let late = fe.take_used(TX_QUEUE)?;
+        ensure!(
+            late.is_empty(),
+            "used entries after the ring stopped: {late:?}"
+        );
+        fe.reset_device()?;
+        traffic_flows(&s, &mut fe)?;
+        ensure!(
+            fe.wait_tx_used(1, WAIT)? == 1,
+            "round {round}: the chain of the frame sent after the restart not used"
+        );
+        let wire = WireSocket::open(&s.lab)?;
+        let f = test_frame(wire_mac, guest_mac(0), 999, 1400);
+        fe.send(&f, 2, false)?;
+        fe.kick(TX_QUEUE)?;
+        ensure!(
+            missing_on_wire(&wire, &[f]).is_empty(),
+            "round {round}: frame lost"
+        );
+        ensure!(
+            fe.wait_tx_used(1, WAIT)? == 1,
+            "round {round}: chain not used"
+        );
+        drop(fe);
+        s.daemon_wait_for_disconnect()?;
+    }
+    ensure!(s.daemon.counter("tx_in_place")? > 0);
+    let log = s.daemon.stop()?;
+    ensure!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
+/// The UMEM is bound for multi-buffer (transmit sends frames in pieces), so a frame longer
+/// than the port's largest (a priority-tagged full-size one, which the wire allows) reaches
+/// the socket split over several guest buffers: it is dropped and counted, its buffers stay
+/// posted, and the next frame lands whole.
+#[test]
+fn a_received_frame_split_over_guest_buffers_is_dropped_and_counted() -> Result<()> {
+    let (s, mut fe, wire, wire_mac) = single_copy_guest("gu-split")?;
+    fe.post_rx_buffers(64, 2048)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let long = xvdpa_tests::frames::tagged(&test_frame(guest_mac(0), wire_mac, 1, 1514), 0);
+    let next = test_frame(guest_mac(0), wire_mac, 2, 1514);
+    wire.send(&long)?;
+    wire.send(&next)?;
+    let got = fe.recv_frames(2, Duration::from_secs(1))?;
+    ensure!(
+        got.len() == 1 && got[0].1 == next,
+        "the guest got {:?}",
+        got.iter().map(|(_, f)| f.len()).collect::<Vec<_>>()
+    );
+    let dropped = s.daemon.counter_reaching("rx_dropped_too_large", 1)?;
+    ensure!(dropped == 1, "rx_dropped_too_large {dropped}");
+    s.daemon.stop()?;
+    Ok(())
+}

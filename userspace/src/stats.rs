@@ -66,6 +66,12 @@ counters! {
         tx_csum_offloaded,
         /// Frames handed to another guest with their offload intact (it negotiated it).
         tx_offload_passed,
+        /// Frames the single-copy path (`guest-umem=on`) sent from the guest's own buffers,
+        /// only their headers copied (included in tx_packets; that path copies the others
+        /// whole).
+        tx_in_place,
+        /// Transmit completions that named no frame in flight (ignored).
+        tx_completions_unknown,
         tx_dropped_oversized,
         tx_dropped_runt,
         /// Offload requests that were not negotiated or do not fit the frame.

@@ -4,7 +4,8 @@
 //! a region's end, which sends `Chains` to virtio-queue's iterator), filled with the input;
 //! the queue's size, ring addresses and positions come from the input too. Then
 //! `datapath::tx::transmit_batch` (with a sink that routes, refuses and runs out of buffers
-//! as the input says) or `datapath::rx::deliver_batch` (with frames from the input) runs a
+//! as the input says, and with `mode & 2` sends frames from guest memory as the single-copy
+//! path does, checking every piece it is handed) or `datapath::rx::deliver_batch` (with frames from the input) runs a
 //! few batches. Any panic is a bug: a guest must only be able to get a `QueueError`.
 //!
 //! Input layout (missing bytes read as zero):
@@ -23,6 +24,8 @@ use xvdpa::datapath::rx::{deliver_batch, Framing, RxScratch, RxTally};
 use xvdpa::datapath::tx::{
     transmit_batch, DirectFrame, Route, TxBuffers, TxDrop, TxLimits, TxScratch, TxTally,
 };
+use xvdpa::datapath::zero_copy_rx::{FileRegion, GuestFile};
+use xvdpa::datapath::zero_copy_tx::{PieceLayout, MAX_PIECES};
 use xvdpa_fuzz::Input;
 
 /// Region 0 is [0, 32 KiB), region 1 [48 KiB, 80 KiB): a 16 KiB hole between them.
@@ -39,6 +42,31 @@ struct Sink {
     route: u8,
     routed: usize,
     unrouted: usize,
+    /// The guest's memory as one file (region 1 first, then region 0), for a sink that sends
+    /// frames from guest memory; the DMA page no piece may cross, if any.
+    file: Option<GuestFile>,
+    dma_page: Option<u64>,
+}
+
+/// The chunk size of the fuzzed guest-memory UMEM: the longest piece it takes.
+const CHUNK: u32 = 2048;
+
+fn guest_file() -> GuestFile {
+    GuestFile::from_regions(
+        vec![
+            FileRegion {
+                guest_addr: 0,
+                len: REGION as u64,
+                file_offset: REGION as u64,
+            },
+            FileRegion {
+                guest_addr: SECOND,
+                len: REGION as u64,
+                file_offset: 0,
+            },
+        ],
+        2 * REGION as u64,
+    )
 }
 
 impl TxBuffers for Sink {
@@ -73,6 +101,33 @@ impl TxBuffers for Sink {
     }
     fn reserve(&mut self, n: usize) -> bool {
         self.free >= n
+    }
+    fn in_place(&self) -> Option<PieceLayout<'_>> {
+        Some(PieceLayout {
+            file: self.file.as_ref()?,
+            chunk_size: CHUNK,
+            dma_page: self.dma_page,
+        })
+    }
+    fn submit_in_place(
+        &mut self,
+        _head: u16,
+        headers: usize,
+        pieces: &[(u64, u32)],
+    ) -> Result<(), TxDrop> {
+        assert!(headers >= 14 && headers <= self.buf.len(), "slot headers {headers}");
+        assert!(!pieces.is_empty() && pieces.len() < MAX_PIECES, "{} pieces", pieces.len());
+        for &(addr, len) in pieces {
+            // Every piece lies in the file, within a chunk and (zero-copy) one DMA page: the
+            // kernel would stall the ring on anything else.
+            assert!(len > 0 && len <= CHUNK, "piece of {len} bytes");
+            assert!(addr + u64::from(len) <= 2 * REGION as u64, "piece past the file");
+            if let Some(page) = self.dma_page {
+                assert_eq!(addr / page, (addr + u64::from(len) - 1) / page, "piece across a page");
+            }
+        }
+        self.free -= 1;
+        Ok(())
     }
     fn deliver_direct(&mut self, frames: &[DirectFrame], arena: &mut [u8]) {
         for f in frames {
@@ -175,6 +230,8 @@ fuzz_target!(|data: &[u8]| {
             route,
             routed: 0,
             unrouted: 0,
+            file: (mode & 2 != 0).then(guest_file),
+            dma_page: (mode & 4 != 0).then_some(4096),
         };
         let mut scratch = TxScratch::default();
         for _ in 0..3 {

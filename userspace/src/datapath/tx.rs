@@ -12,6 +12,7 @@ use super::offload::{
     self, NetHeader, Offload, Offloads, TsoPlan, F_NEEDS_CSUM, MAX_GSO_FRAME, TCP_CSUM_OFFSET,
 };
 use super::split_ring::{publish_used, Chains};
+use super::zero_copy_tx::{guest_pieces, slot_headers, PieceLayout};
 use super::{read_at, GuestMemoryCursor, QueueError, Segment};
 use crate::datapath::device::{rx_header, ETH_HLEN, VNET_HDR_LEN};
 
@@ -63,6 +64,24 @@ pub trait TxBuffers {
     /// Takes the batch's [`Route::Direct`] frames, whose bytes are in `arena` (the sink may
     /// finish their offloads there).
     fn deliver_direct(&mut self, _frames: &[DirectFrame], _arena: &mut [u8]) {}
+    /// For a sink whose NIC reads guest memory (its UMEM is the guest's memory file): where a
+    /// frame's pieces lie, so that it can go out from where the guest put it. `None` (every
+    /// frame is copied) otherwise.
+    fn in_place(&self) -> Option<PieceLayout<'_>> {
+        None
+    }
+    /// Hands on chain `head`'s frame, routed [`Route::Copy`], as the first `headers` bytes
+    /// the caller wrote into the buffer `next_buffer` returned (the headers the route was
+    /// decided on), then `pieces` of guest memory (UMEM address, length). The chain stays
+    /// the sink's until the NIC is done with the frame: it gets no used entry now.
+    fn submit_in_place(
+        &mut self,
+        _head: u16,
+        _headers: usize,
+        _pieces: &[(u64, u32)],
+    ) -> Result<(), TxDrop> {
+        Err(TxDrop::Oversized)
+    }
 }
 
 /// Where one frame goes, as the sink decides from its header.
@@ -139,6 +158,9 @@ pub struct TxTally {
     /// Frames handed to the NIC with their checksum left for it to complete (NEEDS_CSUM
     /// frames and segments of TSO frames).
     pub csum_offloaded: u64,
+    /// Frames sent from guest memory as they lay (each also counts once in `frames`); their
+    /// chains go back to the guest when the NIC is done with them, not in this batch.
+    pub in_place: u64,
 }
 
 impl TxTally {
@@ -186,6 +208,8 @@ pub struct TxScratch {
     arena: Vec<u8>,
     /// The batch's handled chains (head, 0 bytes written), returned to the used ring together.
     used: Vec<(u16, u32)>,
+    /// The guest-memory pieces of the frame sent in place.
+    pieces: Vec<(u64, u32)>,
 }
 
 /// How one chain's frame left the batch.
@@ -194,6 +218,9 @@ enum Sent {
     Frame(usize),
     /// Waits for NIC buffers: the chain goes back to the ring.
     NoBuffers,
+    /// Handed on from guest memory: `len` bytes of frame, and the chain is the sink's until
+    /// the NIC is done with it.
+    InPlace(usize),
 }
 
 /// Moves up to `budget` frames from the guest's transmit queue into `buffers`. The handled
@@ -234,6 +261,7 @@ pub fn transmit_batch(
             let mut frame = ChainFrame {
                 cursor: &mut cursor,
                 segs: &scratch.segs,
+                pieces: &mut scratch.pieces,
                 arena: &mut scratch.arena,
                 at: arena_used,
                 total: total as usize,
@@ -243,6 +271,12 @@ pub fn transmit_batch(
                 Ok(Sent::Frame(len)) => {
                     tally.frames += 1;
                     tally.bytes += len as u64;
+                }
+                Ok(Sent::InPlace(len)) => {
+                    tally.frames += 1;
+                    tally.bytes += len as u64;
+                    tally.in_place += 1;
+                    continue;
                 }
                 Ok(Sent::NoBuffers) => {
                     // The chain waits for a NIC buffer; the ring resumes with it, and the
@@ -272,6 +306,7 @@ pub fn transmit_batch(
 struct ChainFrame<'a, 'm> {
     cursor: &'a mut GuestMemoryCursor<'m>,
     segs: &'a [Segment],
+    pieces: &'a mut Vec<(u64, u32)>,
     arena: &'a mut Vec<u8>,
     /// Where in the arena this chain's bytes (net header first) go.
     at: usize,
@@ -387,7 +422,10 @@ impl ChainFrame<'_, '_> {
                     }
                     self.copy_whole(buffers, &offload, len, tally)
                 }
-                _ => self.copy(buffers, &offload, len, read, tally),
+                _ => match self.in_place(buffers, &offload, len, read, tally)? {
+                    Some(sent) => Ok(sent),
+                    None => self.copy(buffers, &offload, len, read, tally),
+                },
             },
         }
     }
@@ -432,6 +470,62 @@ impl ChainFrame<'_, '_> {
             _ => buffers.submit(len),
         };
         Ok(sent.map(|()| Sent::Frame(len)))
+    }
+
+    /// Hands on the frame from where it lies in guest memory, its first bytes (the headers
+    /// routed, and a checksum completed here) from a NIC buffer; `None` if the sink does not
+    /// send from guest memory or the frame cannot go so (`zero_copy_tx::NotInPlace`), to be
+    /// copied instead.
+    fn in_place(
+        &mut self,
+        buffers: &mut impl TxBuffers,
+        offload: &Offload,
+        len: usize,
+        read: usize,
+        tally: &mut TxTally,
+    ) -> Result<Option<Result<Sent, TxDrop>>, QueueError> {
+        let (at, head) = (self.at, self.head);
+        let csum_end = match *offload {
+            Offload::Checksum { start, offset } => Some(start + offset + 2),
+            _ => None,
+        };
+        let headers = {
+            let Some(layout) = buffers.in_place() else {
+                return Ok(None);
+            };
+            let Ok(headers) = slot_headers(len, csum_end, buffers.buffer_len()) else {
+                return Ok(None);
+            };
+            if guest_pieces(layout, self.segs, VNET_HDR_LEN + headers, self.pieces).is_err() {
+                return Ok(None);
+            }
+            headers
+        };
+        let Some(buf) = buffers.next_buffer() else {
+            buffers.unroute(len);
+            return Ok(Some(Ok(Sent::NoBuffers)));
+        };
+        if let Offload::Checksum { .. } = offload {
+            // An offload was checked on the whole frame, read into the arena: the sum is
+            // taken there and the field goes out from the slot. The guest may change the
+            // rest before the NIC reads it; that spoils only its own frame.
+            offload::complete_checksum(
+                &mut self.arena[at + VNET_HDR_LEN..at + VNET_HDR_LEN + len],
+                offload,
+            );
+            tally.csum_computed += 1;
+        }
+        let slot = &mut buf[..headers];
+        if read >= VNET_HDR_LEN + headers {
+            slot.copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + VNET_HDR_LEN + headers]);
+        } else {
+            // The Ethernet header is the one routed, not a second read of guest memory.
+            slot[..ETH_HLEN].copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + HEADERS]);
+            read_at(self.cursor, self.segs, HEADERS, &mut slot[ETH_HLEN..])
+                .map_err(|source| QueueError::OutOfMemory { head, source })?;
+        }
+        let sent = buffers.submit_in_place(head, headers, self.pieces);
+        Ok(Some(sent.map(|()| Sent::InPlace(len))))
     }
 
     /// Hands on a frame larger than one NIC buffer (jumbo MTU), read whole into the arena:

@@ -14,13 +14,23 @@
 //! addresses are not used for that: Linux 6.18 returns a one-piece frame's odd address with
 //! bit 0 cleared, and a guest may send overlapping buffers.
 
+use virtio_queue::Queue;
+
+use super::split_ring::publish_used;
 use super::zero_copy_rx::GuestFile;
-use super::Segment;
+use super::{GuestMemory, QueueError, Segment};
 
 /// Most pieces of one frame the kernel's copy mode takes: one for the skb's linear part and
 /// `MAX_SKB_FRAGS` (17) fragments; a frame of more is refused whole, every descriptor counted
 /// invalid (measured on Linux 6.18 by the guest-memory UMEM kernel test).
 pub const MAX_PIECES: usize = 18;
+
+/// Bytes of a frame sent from its slot at least: the Ethernet header the policy checked and
+/// the IP and transport headers after it. Copy mode builds the skb's linear part from the
+/// slot and gives every further piece a page of its own, so headers in the slot are headers
+/// the stack finds linear rather than pulls out of a fragment; and a frame no longer than
+/// this is copied whole (a second piece would cost the kernel more than the copy saves).
+pub const SLOT_HEADERS: usize = 128;
 
 /// Why a frame cannot go out from guest memory as it lies (the caller copies it instead, or
 /// drops it if it is malformed anyway).
@@ -32,14 +42,45 @@ pub enum NotInPlace {
     OutsideFile,
     #[error("frame needs more than {MAX_PIECES} pieces")]
     TooManyPieces,
+    #[error("the checksum the daemon completes lies beyond the slot")]
+    ChecksumBeyondSlot,
+}
+
+/// Where a sink that sends from guest memory takes a frame's pieces from: the guest's memory
+/// file (guest address -> UMEM address), the UMEM's chunk size (the longest piece the kernel
+/// takes) and, on a zero-copy NIC, the DMA page no piece may cross.
+#[derive(Debug, Clone, Copy)]
+pub struct PieceLayout<'a> {
+    pub file: &'a GuestFile,
+    pub chunk_size: u32,
+    pub dma_page: Option<u64>,
+}
+
+/// How many of a `len`-byte frame's first bytes go from the daemon's slot of `slot_len`
+/// bytes: [`SLOT_HEADERS`], or up to the end of the checksum field the daemon completes
+/// (`csum_end`), whichever is more. The rest is sent from guest memory; a frame with no rest
+/// is copied.
+pub fn slot_headers(
+    len: usize,
+    csum_end: Option<usize>,
+    slot_len: usize,
+) -> Result<usize, NotInPlace> {
+    let headers = SLOT_HEADERS.max(csum_end.unwrap_or(0));
+    if headers > slot_len {
+        return Err(NotInPlace::ChecksumBeyondSlot);
+    }
+    if len <= headers {
+        return Err(NotInPlace::ShorterThanHeaders);
+    }
+    Ok(headers)
 }
 
 /// The guest-memory pieces (UMEM address, length) of a frame made of `segs`, after its first
-/// `headers` bytes (which the daemon sends from its slot), each at most `chunk_size` long,
-/// into `out`. With the slot's piece the frame may have [`MAX_PIECES`] pieces in all.
+/// `headers` bytes (which the daemon sends from its slot), each at most `chunk_size` long and
+/// within one DMA page where there is one, into `out`. With the slot's piece the frame may
+/// have [`MAX_PIECES`] pieces in all.
 pub fn guest_pieces(
-    file: &GuestFile,
-    chunk_size: u32,
+    layout: PieceLayout<'_>,
     segs: &[Segment],
     headers: usize,
     out: &mut Vec<(u64, u32)>,
@@ -55,9 +96,15 @@ pub fn guest_pieces(
         if len == 0 {
             continue;
         }
-        let mut offset = file.file_offset(addr, len).ok_or(NotInPlace::OutsideFile)?;
+        let mut offset = layout
+            .file
+            .file_offset(addr, len)
+            .ok_or(NotInPlace::OutsideFile)?;
         while len > 0 {
-            let piece = len.min(u64::from(chunk_size));
+            let mut piece = len.min(u64::from(layout.chunk_size));
+            if let Some(page) = layout.dma_page.filter(|&p| p > 0) {
+                piece = piece.min(page - offset % page);
+            }
             if out.len() + 1 >= MAX_PIECES {
                 return Err(NotInPlace::TooManyPieces);
             }
@@ -72,16 +119,44 @@ pub fn guest_pieces(
     Ok(())
 }
 
-/// The daemon's area cut into slots of `slot_size` bytes, each holding one in-flight frame's
-/// headers, and which guest chain each belongs to.
+/// What a slot holds while its frame is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotUse {
+    Free,
+    /// A whole frame copied into it: nothing waits for it.
+    Copied,
+    /// The headers of guest chain `head`'s frame, whose rest the kernel reads from guest
+    /// memory: the chain goes back to the guest when the slot completes.
+    Chain(u16),
+}
+
+/// What one address on the completion ring meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// A copied frame's slot: free again.
+    Copied,
+    /// The slot of chain `head`'s frame: the kernel is done with the frame, the chain is the
+    /// guest's again.
+    Chain(u16),
+    /// A piece in guest memory: the slot of its frame says when the frame is done.
+    GuestPiece,
+    /// Names no frame in flight (a slot completed twice, or an address the daemon never
+    /// sent): ignored.
+    Unknown,
+}
+
+/// The daemon's area cut into slots of `slot_size` bytes, each holding one in-flight frame
+/// (whole, or the headers of a frame sent from guest memory), and which guest chain each
+/// frame belongs to. Everything below `base` is guest memory.
 #[derive(Debug)]
 pub struct HeaderSlots {
     /// UMEM address of the first slot.
     base: u64,
     slot_size: u64,
     free: Vec<u32>,
-    /// The chain head whose frame is in each slot, while it is in flight.
-    in_flight: Vec<Option<u16>>,
+    slots: Vec<SlotUse>,
+    /// Slots holding a chain's frame (asked every worker round, so kept rather than counted).
+    chains: usize,
 }
 
 impl HeaderSlots {
@@ -94,40 +169,123 @@ impl HeaderSlots {
             base,
             slot_size,
             free: (0..count).rev().collect(),
-            in_flight: vec![None; count as usize],
+            slots: vec![SlotUse::Free; count as usize],
+            chains: 0,
         }
+    }
+
+    pub fn slot_size(&self) -> u32 {
+        self.slot_size as u32
+    }
+
+    /// The UMEM address of the slot the next `take` returns, if one is free.
+    pub fn next_free(&self) -> Option<u64> {
+        self.free.last().map(|&s| self.address(s))
+    }
+
+    fn address(&self, slot: u32) -> u64 {
+        self.base + u64::from(slot) * self.slot_size
     }
 
     /// A free slot for chain `head`'s frame: its UMEM address.
     pub fn take(&mut self, head: u16) -> Option<u64> {
-        let slot = self.free.pop()?;
-        self.in_flight[slot as usize] = Some(head);
-        Some(self.base + u64::from(slot) * self.slot_size)
+        self.take_for(SlotUse::Chain(head))
     }
 
-    /// The completion ring returned `addr`: the chain head whose frame it ends, if `addr` is a
-    /// slot in flight (the slot is free again). Guest addresses, and anything else, are `None`.
-    pub fn complete(&mut self, addr: u64) -> Option<u16> {
-        let rel = addr.checked_sub(self.base)?;
-        if rel % self.slot_size != 0 {
-            return None;
+    /// A free slot for a frame copied whole: its UMEM address.
+    pub fn take_copied(&mut self) -> Option<u64> {
+        self.take_for(SlotUse::Copied)
+    }
+
+    fn take_for(&mut self, what: SlotUse) -> Option<u64> {
+        let slot = self.free.pop()?;
+        if let SlotUse::Chain(_) = what {
+            self.chains += 1;
         }
-        let slot = usize::try_from(rel / self.slot_size).ok()?;
-        let head = self.in_flight.get_mut(slot)?.take()?;
-        self.free.push(slot as u32);
-        Some(head)
+        self.slots[slot as usize] = what;
+        Some(self.address(slot))
+    }
+
+    /// The completion ring returned `addr`: what it ends. A slot completes once; a second
+    /// completion of it, or of anything that is no slot in flight, is [`Completion::Unknown`].
+    pub fn complete(&mut self, addr: u64) -> Completion {
+        let Some(rel) = addr.checked_sub(self.base) else {
+            return Completion::GuestPiece;
+        };
+        if rel % self.slot_size != 0 {
+            return Completion::Unknown;
+        }
+        let Some(slot) = usize::try_from(rel / self.slot_size)
+            .ok()
+            .and_then(|i| self.slots.get_mut(i))
+        else {
+            return Completion::Unknown;
+        };
+        let done = match std::mem::replace(slot, SlotUse::Free) {
+            SlotUse::Free => return Completion::Unknown,
+            SlotUse::Copied => Completion::Copied,
+            SlotUse::Chain(head) => {
+                self.chains -= 1;
+                Completion::Chain(head)
+            }
+        };
+        self.free.push((rel / self.slot_size) as u32);
+        done
+    }
+
+    /// Slots nobody holds.
+    pub fn free(&self) -> usize {
+        self.free.len()
     }
 
     /// Frames in flight.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len() - self.free.len()
+        self.slots.len() - self.free.len()
     }
+
+    /// Chains whose frames are in flight.
+    pub fn chains_in_flight(&self) -> usize {
+        self.chains
+    }
+
+    /// Frees every slot and returns the chains whose frames were in flight, for a caller
+    /// that has closed the socket (the kernel reads none of them any more).
+    pub fn release_all(&mut self) -> Vec<u16> {
+        let chains = self
+            .slots
+            .iter()
+            .filter_map(|s| match s {
+                SlotUse::Chain(head) => Some(*head),
+                _ => None,
+            })
+            .collect();
+        *self = HeaderSlots::new(
+            self.base,
+            self.slots.len() as u64 * self.slot_size,
+            self.slot_size as u32,
+        );
+        chains
+    }
+}
+
+/// Gives chains whose frames the kernel is done with (or will never read again) back to the
+/// guest's transmit queue: a used entry each, 0 bytes written, with one index update. The
+/// caller notifies.
+pub fn return_chains(
+    mem: &GuestMemory,
+    queue: &mut Queue,
+    heads: &[u16],
+) -> Result<(), QueueError> {
+    let used: Vec<(u16, u32)> = heads.iter().map(|&h| (h, 0)).collect();
+    publish_used(mem, queue, &used)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE};
     use crate::datapath::zero_copy_rx::FileRegion;
+    use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
 
     /// Guest RAM: [0, 1 MiB) at file offset 2 MiB and [1 MiB, 2 MiB) at file offset 0.
@@ -149,29 +307,42 @@ mod tests {
         )
     }
 
+    fn layout(file: &GuestFile, dma_page: Option<u64>) -> PieceLayout<'_> {
+        PieceLayout {
+            file,
+            chunk_size: 2048,
+            dma_page,
+        }
+    }
+
     fn seg(addr: u64, len: u32) -> Segment {
         (GuestAddress(addr), len)
     }
 
     #[test]
     fn the_pieces_after_the_headers_are_where_the_guest_put_them_in_the_file() {
-        let mut out = Vec::new();
+        let (f, mut out) = (file(), Vec::new());
         // A 14-byte header alone in the first buffer, then the payload in two buffers.
         let segs = [seg(0x1000, 14), seg(0x10_2001, 1000), seg(0x3000, 500)];
-        guest_pieces(&file(), 2048, &segs, 14, &mut out).unwrap();
+        guest_pieces(layout(&f, None), &segs, 14, &mut out).unwrap();
         assert_eq!(out, vec![(0x2001, 1000), (0x20_3000, 500)]);
         // Headers and payload in one buffer: the payload starts after the headers.
-        guest_pieces(&file(), 2048, &[seg(0x1000, 1514)], 14, &mut out).unwrap();
+        guest_pieces(layout(&f, None), &[seg(0x1000, 1514)], 14, &mut out).unwrap();
         assert_eq!(out, vec![(0x20_1000 + 14, 1500)]);
         // A frame that is all headers has no guest pieces.
-        guest_pieces(&file(), 2048, &[seg(0x1000, 14)], 14, &mut out).unwrap();
+        guest_pieces(layout(&f, None), &[seg(0x1000, 14)], 14, &mut out).unwrap();
         assert!(out.is_empty());
+        // The virtio-net header and the slot's bytes skipped across buffers: a chain of a
+        // 12-byte net header, then 100 bytes, then the rest.
+        let segs = [seg(0x1000, 12), seg(0x5000, 100), seg(0x10_8000, 1400)];
+        guest_pieces(layout(&f, None), &segs, 12 + SLOT_HEADERS, &mut out).unwrap();
+        assert_eq!(out, vec![(0x8000 + 28, 1372)]);
     }
 
     #[test]
     fn a_buffer_longer_than_a_chunk_goes_as_several_pieces() {
-        let mut out = Vec::new();
-        guest_pieces(&file(), 2048, &[seg(0x1000, 14 + 5000)], 14, &mut out).unwrap();
+        let (f, mut out) = (file(), Vec::new());
+        guest_pieces(layout(&f, None), &[seg(0x1000, 14 + 5000)], 14, &mut out).unwrap();
         let base = 0x20_1000 + 14;
         assert_eq!(
             out,
@@ -180,8 +351,25 @@ mod tests {
     }
 
     #[test]
+    fn on_a_zero_copy_nic_no_piece_crosses_a_dma_page() {
+        let (f, mut out) = (file(), Vec::new());
+        // 1500 bytes from 0x20_1f00 on cross into the next page at 0x20_2000.
+        guest_pieces(
+            layout(&f, Some(4096)),
+            &[seg(0x1f00 - 14, 1514)],
+            14,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, vec![(0x20_1f00, 0x100), (0x20_2000, 1500 - 0x100)]);
+        // Copy mode has one contiguous mapping: one piece.
+        guest_pieces(layout(&f, None), &[seg(0x1f00 - 14, 1514)], 14, &mut out).unwrap();
+        assert_eq!(out, vec![(0x20_1f00, 1500)]);
+    }
+
+    #[test]
     fn guest_buffers_outside_the_file_or_too_fragmented_or_short_are_refused() {
-        let mut out = Vec::new();
+        let (f, mut out) = (file(), Vec::new());
         for (segs, want) in [
             (vec![seg(0x20_0000, 100)], NotInPlace::OutsideFile),
             // Across the boundary between the two regions (not adjacent in the file).
@@ -196,7 +384,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                guest_pieces(&file(), 2048, &segs, 14, &mut out),
+                guest_pieces(layout(&f, None), &segs, 14, &mut out),
                 Err(want),
                 "{segs:x?}"
             );
@@ -205,33 +393,103 @@ mod tests {
         let segs: Vec<_> = (0..MAX_PIECES as u64 - 1)
             .map(|i| seg(0x1000 + 0x100 * i, 64))
             .collect();
-        guest_pieces(&file(), 2048, &segs, 0, &mut out).unwrap();
+        guest_pieces(layout(&f, None), &segs, 0, &mut out).unwrap();
         assert_eq!(out.len(), MAX_PIECES - 1);
+    }
+
+    #[test]
+    fn the_slot_takes_the_headers_and_a_checksum_field_or_the_frame_is_copied() {
+        assert_eq!(slot_headers(1514, None, 2048), Ok(SLOT_HEADERS));
+        // A TCP checksum of a frame with long options still goes into the slot.
+        assert_eq!(slot_headers(1514, Some(200), 2048), Ok(200));
+        assert_eq!(
+            slot_headers(1514, Some(2049), 2048),
+            Err(NotInPlace::ChecksumBeyondSlot)
+        );
+        // Nothing would be left for guest memory: copied.
+        assert_eq!(
+            slot_headers(SLOT_HEADERS, None, 2048),
+            Err(NotInPlace::ShorterThanHeaders)
+        );
+        assert_eq!(
+            slot_headers(60, None, 2048),
+            Err(NotInPlace::ShorterThanHeaders)
+        );
     }
 
     #[test]
     fn a_completed_slot_names_its_chain_once_and_guest_addresses_name_none() {
         let mut slots = HeaderSlots::new(0x30_0000, 4 * 64, 64);
+        assert_eq!(slots.next_free(), Some(0x30_0000));
         let a = slots.take(7).unwrap();
         let b = slots.take(9).unwrap();
-        assert_eq!((a, b), (0x30_0000, 0x30_0040));
-        assert_eq!(slots.in_flight(), 2);
+        let c = slots.take_copied().unwrap();
+        assert_eq!((a, b, c), (0x30_0000, 0x30_0040, 0x30_0080));
+        assert_eq!((slots.in_flight(), slots.chains_in_flight()), (3, 2));
         // Pieces in guest memory come back too: they name no frame.
-        assert_eq!(slots.complete(0x2001), None);
-        assert_eq!(slots.complete(b + 1), None);
-        assert_eq!(slots.complete(b), Some(9));
-        assert_eq!(slots.complete(b), None, "a slot completes once");
-        assert_eq!(slots.complete(0x30_0000 + 4 * 64), None, "past the slots");
-        assert_eq!(slots.complete(a), Some(7));
-        assert_eq!(slots.in_flight(), 0);
+        assert_eq!(slots.complete(0x2001), Completion::GuestPiece);
+        assert_eq!(slots.complete(b + 1), Completion::Unknown);
+        assert_eq!(slots.complete(b), Completion::Chain(9));
+        assert_eq!(
+            slots.complete(b),
+            Completion::Unknown,
+            "a slot completes once"
+        );
+        assert_eq!(
+            slots.complete(0x30_0000 + 4 * 64),
+            Completion::Unknown,
+            "past the slots"
+        );
+        assert_eq!(
+            slots.complete(0x30_0000 + 3 * 64),
+            Completion::Unknown,
+            "never taken"
+        );
+        assert_eq!(slots.complete(!1), Completion::Unknown);
+        assert_eq!(slots.complete(c), Completion::Copied);
+        assert_eq!(slots.chains_in_flight(), 1);
+        assert_eq!(slots.complete(a), Completion::Chain(7));
+        assert_eq!((slots.in_flight(), slots.chains_in_flight()), (0, 0));
     }
 
     #[test]
     fn no_more_frames_are_in_flight_than_there_are_slots() {
         let mut slots = HeaderSlots::new(0x30_0000, 2 * 64 + 10, 64);
-        assert!(slots.take(1).is_some() && slots.take(2).is_some());
-        assert_eq!(slots.take(3), None);
-        assert_eq!(slots.complete(0x30_0000), Some(1));
+        assert!(slots.take(1).is_some() && slots.take_copied().is_some());
+        assert_eq!((slots.take(3), slots.next_free()), (None, None));
+        assert_eq!(slots.complete(0x30_0000), Completion::Chain(1));
         assert_eq!(slots.take(3), Some(0x30_0000));
+    }
+
+    #[test]
+    fn releasing_all_slots_names_every_chain_in_flight_and_later_completions_none() {
+        let mut slots = HeaderSlots::new(0x30_0000, 4 * 64, 64);
+        let a = slots.take(3).unwrap();
+        slots.take_copied().unwrap();
+        slots.take(5).unwrap();
+        let mut chains = slots.release_all();
+        chains.sort();
+        assert_eq!(chains, vec![3, 5]);
+        assert_eq!((slots.in_flight(), slots.chains_in_flight()), (0, 0));
+        // A completion that raced the close names nothing.
+        assert_eq!(slots.complete(a), Completion::Unknown);
+        assert_eq!(slots.release_all(), Vec::<u16>::new());
+    }
+
+    #[test]
+    fn returned_chains_get_used_entries_of_zero_bytes_together() {
+        let mem = memory();
+        let mut tq = TestQueue::new(&mem);
+        let heads: Vec<u16> = (0..3)
+            .map(|i| tq.post(&[Buf(BUF_BASE + 0x1000 * i, 200, false)]))
+            .collect();
+        let mut q = tq.queue();
+        q.set_next_avail(3);
+        return_chains(&mem, &mut q, &[heads[2], heads[0]]).unwrap();
+        assert_eq!(
+            tq.used(0),
+            vec![(u32::from(heads[2]), 0), (u32::from(heads[0]), 0)]
+        );
+        assert_eq!(q.next_used(), 2);
     }
 }

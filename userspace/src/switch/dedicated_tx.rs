@@ -1,12 +1,15 @@
 //! The transmit sink of a port with the NIC to itself, whose guest's memory is the NIC
 //! queue's UMEM (`guest-umem=on`): no other port shares the NIC, so nothing is switched or
-//! flooded to a peer; every frame the policy lets through goes to the wire, copied into a
-//! slot of the daemon's own area of that UMEM (the queue takes no other UMEM).
+//! flooded to a peer; every frame the policy lets through goes to the wire from a slot of the
+//! daemon's own area of that UMEM (the queue takes no other UMEM): its headers, checked there,
+//! and the rest from where it lies in guest memory (`datapath::zero_copy_tx`), or the whole
+//! frame copied in when it cannot go so.
 
 use super::policy::{classify_with, TxPolicy, TxVerdict};
 use super::port_tx::submit_own_frame;
 use super::OwnFrameDrop;
 use crate::datapath::tx::{Route, TxBuffers, TxDrop};
+use crate::datapath::zero_copy_tx::PieceLayout;
 use crate::nic::vlan;
 use crate::nic::xsk::guest_umem::GuestRxSocket;
 
@@ -73,6 +76,30 @@ impl TxBuffers for DedicatedNicTx<'_> {
         self.routed = false;
         if let Some(rate) = &self.policy.rate {
             rate.refund(len);
+        }
+    }
+
+    fn in_place(&self) -> Option<PieceLayout<'_>> {
+        // A tagged port's tag would have to go between the slot's bytes and the guest's.
+        match self.policy.vlan {
+            None => self.sock.tx_piece_layout(),
+            Some(_) => None,
+        }
+    }
+
+    fn submit_in_place(
+        &mut self,
+        head: u16,
+        headers: usize,
+        pieces: &[(u64, u32)],
+    ) -> Result<(), TxDrop> {
+        if !self.routed {
+            return Err(TxDrop::Runt);
+        }
+        if self.sock.stage_tx_in_place(head, headers, pieces) {
+            Ok(())
+        } else {
+            Err(TxDrop::Oversized)
         }
     }
 

@@ -363,9 +363,11 @@ impl VhostUserBackend for NetBackend {
         // A stopped queue restarts from a fresh ring: a queue marked broken gets another go.
         let pair = queue_index as usize / 2;
         if pair < self.queue_pairs() {
-            if let (Some(dedicated), 0) = (&self.0.dedicated, queue_index % 2) {
+            if let Some(dedicated) = &self.0.dedicated {
                 // Before the reply: the frontend takes the ring's base as where the guest's
-                // buffers end, so the ones the kernel holds go back now.
+                // buffers end, so the ones the kernel holds go back now: receive buffers it
+                // may write, and transmit chains whose frames it may still read (the one
+                // socket serves both, so either ring stops the path).
                 dedicated.stop_guest_path(&self.0.workers[pair], &self.0.mem.memory());
             }
             self.worker(pair).reset();

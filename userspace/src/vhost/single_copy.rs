@@ -120,7 +120,8 @@ impl DedicatedNic {
             ring_size: GUEST_RING,
             tx_slots: GUEST_TX_SLOTS,
         };
-        let socket = GuestRxSocket::open(spec, self.nic.xsk_mode).map_err(|e| e.to_string())?;
+        let mut socket = GuestRxSocket::open(spec, self.nic.xsk_mode).map_err(|e| e.to_string())?;
+        socket.send_from_guest_memory(file.clone());
         let fill = FillLayout {
             data_offset: u64::from(layout.data_offset()),
             max_frame: layout.max_frame(),
@@ -240,8 +241,9 @@ impl DedicatedNic {
         }
     }
 
-    /// Stops the single-copy path of queue pair 0 (its receive ring stopped: the frontend
-    /// reads the ring's base next), giving the buffers the kernel held back to the guest.
+    /// Stops the single-copy path of queue pair 0 (one of its rings stopped: the frontend
+    /// reads the ring's base next), giving the receive buffers and transmit chains the kernel
+    /// held back to the guest once the socket is closed.
     pub fn stop_guest_path(&self, worker: &Mutex<QueuePairWorker>, mem: &GuestMemory) {
         let _deciding = crate::sync::lock(&self.deciding);
         let Some(socket) = crate::sync::lock(worker).guest_socket() else {

@@ -10,6 +10,7 @@ use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::device::Offloads;
 use crate::datapath::offload::FinishTally;
 use crate::datapath::tx::{self, TxLimits, TxStop, TxTally};
+use crate::datapath::zero_copy_tx;
 use crate::datapath::QueueError;
 use crate::memory_guard;
 use crate::switch::{self, DedicatedNicTx, MacMap, OwnFrameDrop, PortTx, SwitchPort};
@@ -69,6 +70,9 @@ impl QueuePairWorker {
         }
         // The guest is notified (or not) for everything this round puts in the used ring.
         let used_before = state.get_queue().next_used();
+        // Chains whose frames went from guest memory come back as the kernel completes
+        // them, every round, whether or not the guest sent more.
+        let mut result = self.return_sent_chains(mem, state.get_queue_mut());
         let mut tally = TxTally::default();
         let mut switched = 0;
         let mut finished = FinishTally::default();
@@ -77,9 +81,11 @@ impl QueuePairWorker {
             offloads,
         };
         let mut more = false;
-        let mut result = Ok(());
         let ports = self.switch.snapshot();
         'outer: for round in 0.. {
+            if result.is_err() {
+                break;
+            }
             let _ = state.get_queue_mut().disable_notification(mem);
             let mut stop = TxStop::Budget;
             for _ in 0..BUDGET_BATCHES {
@@ -153,6 +159,8 @@ impl QueuePairWorker {
         );
         s.add(&s.tx_csum_offloaded, tally.csum_offloaded);
         s.add(&s.tx_offload_passed, finished.passed);
+        s.add(&s.tx_in_place, tally.in_place);
+        self.tx_in_place_progress += tally.in_place;
         if state.get_queue().next_used() != used_before {
             notify_guest_since(&mut state, mem, &self.stats, Some(used_before));
         }
@@ -210,6 +218,73 @@ impl QueuePairWorker {
         let mut sink = DedicatedNicTx::new(path.socket_mut(), &mut self.policy);
         let batch = tx::transmit_batch(mem, queue, &mut sink, limits, BATCH, scratch, tally);
         path.socket_mut().flush_tx();
-        batch.map(|stop| (stop, 0, FinishTally::default()))
+        let stop = batch?;
+        self.return_sent_chains(mem, queue)?;
+        Ok((stop, 0, FinishTally::default()))
+    }
+
+    /// On the single-copy path: takes back what the kernel has sent and gives the chains of
+    /// frames it sent from guest memory back to the guest, in one used-ring update (the
+    /// caller notifies).
+    fn return_sent_chains(
+        &mut self,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+    ) -> Result<(), QueueError> {
+        let Some(path) = &mut self.guest else {
+            return Ok(());
+        };
+        let sock = path.socket_mut();
+        sock.reap_tx();
+        sock.take_completed_chains(&mut self.sent_chains);
+        let unknown = sock.take_unknown_tx_completions();
+        if unknown > 0 {
+            self.stats.add(&self.stats.tx_completions_unknown, unknown);
+            tracing::debug!(
+                pair = self.pair,
+                addresses = unknown,
+                "transmit completions naming no frame in flight ignored"
+            );
+        }
+        if self.sent_chains.is_empty() {
+            return Ok(());
+        }
+        self.tx_in_place_progress += self.sent_chains.len() as u64;
+        let returned = zero_copy_tx::return_chains(mem, queue, &self.sent_chains);
+        self.sent_chains.clear();
+        returned
+    }
+
+    /// Whether the pair has frames the kernel still reads from guest memory: their chains
+    /// come back only as the completion ring says, which no event announces (the transmit
+    /// socket is in no epoll set), so the worker polls for them.
+    pub(super) fn tx_chains_in_flight(&mut self) -> bool {
+        self.guest
+            .as_mut()
+            .is_some_and(|p| p.socket_mut().tx_chains_in_flight() > 0)
+    }
+
+    /// Gives back, after the single-copy path's socket closed, the transmit chains whose
+    /// frames were still in flight: the kernel reads none of them now, and the ring's base
+    /// the frontend reads next has moved past them.
+    pub(super) fn give_back_tx_chains(&mut self, mem: &GuestMemory, chains: &[u16]) {
+        let (Some(vring), false) = (&self.tx_vring, chains.is_empty()) else {
+            return;
+        };
+        let mut state = vring.get_mut();
+        let before = state.get_queue().next_used();
+        match zero_copy_tx::return_chains(mem, state.get_queue_mut(), chains) {
+            Ok(()) => {
+                tracing::debug!(
+                    pair = self.pair,
+                    chains = chains.len(),
+                    "transmit chains in flight given back after the socket closed"
+                );
+                notify_guest_since(&mut state, mem, &self.stats, Some(before));
+            }
+            Err(e) => {
+                tracing::warn!(pair = self.pair, error = %e, "cannot give the guest back the transmit chains the kernel held")
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@ use super::*;
 use crate::datapath::offload::{checksum, GSO_ECN, GSO_TCPV4, GSO_TCPV6};
 use crate::datapath::testing::packets::{build, payload, Flow};
 use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
+use crate::datapath::zero_copy_tx::SLOT_HEADERS;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -553,15 +554,18 @@ fn a_tso_frame_to_the_nic_becomes_mtu_sized_segments() {
 
 /// Sends a TCP frame of `payload_len` bytes with a partial checksum to `bufs` and checks it
 /// arrives once, its checksum completed (by the daemon, or by a sink that takes checksums).
-fn partial_checksum_to_the_nic(
-    payload_len: usize,
-    limits: TxLimits,
-    mut bufs: VecBuffers,
-) -> (TxTally, VecBuffers) {
-    let mem = memory();
-    let mut t = TestQueue::new(&mem);
-    let f = Flow::default();
-    let want = build(&f, 1, 2, false, true, false, &payload(payload_len));
+/// Posts a TCP frame of `payload_len` bytes whose checksum the guest left partial
+/// (NEEDS_CSUM); returns the frame with its checksum complete.
+fn post_partial_checksum(t: &mut TestQueue<'_>, payload_len: usize) -> Vec<u8> {
+    let want = build(
+        &Flow::default(),
+        1,
+        2,
+        false,
+        true,
+        false,
+        &payload(payload_len),
+    );
     let (_, frame) = guest_tso(&want, false, 1448);
     let hdr = NetHeader {
         flags: F_NEEDS_CSUM,
@@ -569,7 +573,18 @@ fn partial_checksum_to_the_nic(
         csum_offset: 16,
         ..NetHeader::default()
     };
-    post_frame(&mut t, BUF_BASE, &hdr.to_bytes(0), &frame);
+    post_frame(t, BUF_BASE, &hdr.to_bytes(0), &frame);
+    want
+}
+
+fn partial_checksum_to_the_nic(
+    payload_len: usize,
+    limits: TxLimits,
+    mut bufs: VecBuffers,
+) -> (TxTally, VecBuffers) {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let want = post_partial_checksum(&mut t, payload_len);
     let mut q = t.queue();
     let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, limits);
     assert_eq!(bufs.sent, vec![want]);
@@ -832,4 +847,175 @@ fn a_tso_frame_on_a_jumbo_link_becomes_jumbo_segments() {
     // Ethernet, IP and TCP with timestamps: 66 or 86 bytes of headers in 9014.
     let lens = tso_to_the_nic(30_000, [8948, 8928], JUMBO, || VecBuffers::multi_buffer(64));
     assert!(lens.iter().all(|l| l[0] == 9014), "{lens:?}");
+}
+
+/// A chain held by [`InPlaceBuffers`]: its head, its slot's bytes and its guest pieces.
+type HeldChain = (u16, Vec<u8>, Vec<(u64, u32)>);
+
+/// A sink whose "NIC" reads guest memory: the test memory is the one file, guest address =
+/// file offset. A frame sent in place is put back together from its slot and its pieces,
+/// read from guest memory when the "NIC" sends it (`send_held`), as the kernel does.
+struct InPlaceBuffers<'m> {
+    copy: VecBuffers,
+    file: crate::datapath::zero_copy_rx::GuestFile,
+    mem: &'m GuestMemory,
+    held: Vec<HeldChain>,
+}
+
+impl<'m> InPlaceBuffers<'m> {
+    fn new(mem: &'m GuestMemory, free: usize) -> Self {
+        let file = crate::datapath::zero_copy_rx::GuestFile::from_regions(
+            vec![crate::datapath::zero_copy_rx::FileRegion {
+                guest_addr: 0,
+                len: MEM_SIZE as u64,
+                file_offset: 0,
+            }],
+            MEM_SIZE as u64,
+        );
+        InPlaceBuffers {
+            copy: VecBuffers::multi_buffer(free),
+            file,
+            mem,
+            held: Vec::new(),
+        }
+    }
+
+    /// The frames held, as the NIC reads them now.
+    fn send_held(&self) -> Vec<Vec<u8>> {
+        self.held
+            .iter()
+            .map(|(_, slot, pieces)| {
+                let mut f = slot.clone();
+                for &(addr, len) in pieces {
+                    let mut piece = vec![0; len as usize];
+                    self.mem.read_slice(&mut piece, GuestAddress(addr)).unwrap();
+                    f.extend(piece);
+                }
+                f
+            })
+            .collect()
+    }
+}
+
+impl TxBuffers for InPlaceBuffers<'_> {
+    fn next_buffer(&mut self) -> Option<&mut [u8]> {
+        self.copy.next_buffer()
+    }
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        self.copy.submit(len)
+    }
+    fn buffer_len(&self) -> usize {
+        self.copy.buffer_len()
+    }
+    fn in_place(&self) -> Option<PieceLayout<'_>> {
+        Some(PieceLayout {
+            file: &self.file,
+            chunk_size: 2048,
+            dma_page: None,
+        })
+    }
+    fn submit_in_place(
+        &mut self,
+        head: u16,
+        headers: usize,
+        pieces: &[(u64, u32)],
+    ) -> Result<(), TxDrop> {
+        self.copy.free -= 1;
+        let slot = self.copy.current[..headers].to_vec();
+        self.held.push((head, slot, pieces.to_vec()));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_frame_past_the_slot_headers_goes_from_guest_memory_and_its_chain_is_held() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    // A 1000-byte frame over three buffers (net header, 100 bytes, the rest), and a
+    // 60-byte one, which is copied.
+    let (big, small) = (frame(1000, 1), frame(60, 2));
+    t.write(BUF_BASE, &[0; 12]);
+    t.write(BUF_BASE + 0x100, &big[..100]);
+    t.write(BUF_BASE + 0x1000, &big[100..]);
+    let held = t.post(&[
+        Buf(BUF_BASE, 12, false),
+        Buf(BUF_BASE + 0x100, 100, false),
+        Buf(BUF_BASE + 0x1000, 900, false),
+    ]);
+    let copied = post_frame(&mut t, BUF_BASE + 0x4000, &[0; 12], &small);
+    let mut q = t.queue();
+    let mut bufs = InPlaceBuffers::new(&mem, 8);
+    let (stop, tally) = run(&t, &mut q, &mut bufs, 64);
+    assert_eq!(stop.unwrap(), TxStop::RingEmpty);
+    assert_eq!((tally.frames, tally.in_place, tally.bytes), (2, 1, 1060));
+    assert_eq!(bufs.copy.sent, vec![small]);
+    assert_eq!(bufs.send_held(), vec![big.clone()]);
+    let (head, slot, pieces) = &bufs.held[0];
+    assert_eq!((*head, slot.len()), (held, SLOT_HEADERS));
+    assert_eq!(pieces, &vec![(BUF_BASE + 0x1000 + 28, 872)]);
+    // Only the copied frame's chain is used; the held one waits for its completion.
+    assert_eq!(t.used(0), vec![(u32::from(copied), 0)]);
+    // The guest rewriting its buffer after the batch changes the payload the NIC reads,
+    // never the headers the route was decided on.
+    t.write(BUF_BASE + 0x100, &[0xee; 100]);
+    t.write(BUF_BASE + 0x1000, &[0xee; 900]);
+    let sent = &bufs.send_held()[0];
+    assert_eq!(sent[..SLOT_HEADERS], big[..SLOT_HEADERS]);
+    assert_eq!(sent[SLOT_HEADERS..], [0xee; 1000 - SLOT_HEADERS][..]);
+}
+
+#[test]
+fn a_partial_checksum_of_a_frame_sent_in_place_is_completed_in_the_slot() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let want = post_partial_checksum(&mut t, 1000);
+    let mut q = t.queue();
+    let mut bufs = InPlaceBuffers::new(&mem, 8);
+    let (_, tally) = run_with(&t, &mut q, &mut bufs, 64, OFFLOADS);
+    assert_eq!((tally.in_place, tally.csum_computed), (1, 1));
+    assert_eq!(bufs.send_held(), vec![want]);
+    assert!(t.used(0).is_empty());
+}
+
+#[test]
+fn without_a_free_slot_a_frame_waits_on_the_ring_for_one() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let big = frame(1000, 3);
+    post_frame(&mut t, BUF_BASE, &[0; 12], &big);
+    post_frame(&mut t, BUF_BASE + 0x1000, &[0; 12], &big);
+    let mut q = t.queue();
+    let mut bufs = InPlaceBuffers::new(&mem, 1);
+    let (stop, tally) = run(&t, &mut q, &mut bufs, 64);
+    assert_eq!(stop.unwrap(), TxStop::NoBuffers);
+    assert_eq!((tally.in_place, q.next_avail()), (1, 1));
+    assert!(t.used(0).is_empty());
+    // A completion frees the slot: the second frame goes.
+    bufs.copy.free = 1;
+    let (stop, tally) = run(&t, &mut q, &mut bufs, 64);
+    assert_eq!((stop.unwrap(), tally.in_place), (TxStop::RingEmpty, 1));
+    assert_eq!(bufs.send_held(), vec![big.clone(), big]);
+}
+
+#[test]
+fn a_frame_outside_the_guest_file_is_copied() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let big = frame(1000, 4);
+    let head = post_frame(&mut t, BUF_BASE, &[0; 12], &big);
+    let mut q = t.queue();
+    let mut bufs = InPlaceBuffers::new(&mem, 8);
+    // The file covers only the first part of the memory the frame lies in.
+    bufs.file = crate::datapath::zero_copy_rx::GuestFile::from_regions(
+        vec![crate::datapath::zero_copy_rx::FileRegion {
+            guest_addr: 0,
+            len: BUF_BASE + 0x200,
+            file_offset: 0,
+        }],
+        BUF_BASE + 0x200,
+    );
+    let (_, tally) = run(&t, &mut q, &mut bufs, 64);
+    assert_eq!((tally.frames, tally.in_place), (1, 0));
+    assert_eq!(bufs.copy.sent, vec![big]);
+    assert_eq!(t.used(0), vec![(u32::from(head), 0)]);
 }

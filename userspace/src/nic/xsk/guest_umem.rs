@@ -27,7 +27,14 @@ use std::time::{Duration, Instant};
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemConfig, User};
 
+use super::multi_buffer::{XDP_PKT_CONTD, XDP_USE_SG};
 use super::{setup_error, XskError, XskKernelStats, XskMode, XskModeChoice};
+use crate::datapath::zero_copy_rx::GuestFile;
+use crate::datapath::zero_copy_tx::{Completion, HeaderSlots, PieceLayout};
+
+/// Completion ring entries per transmit slot: a frame sent from guest memory returns each of
+/// its pieces (the slot's and usually one or two of guest memory).
+const TX_PIECES_PER_SLOT: u32 = 4;
 
 /// What the kernel leaves in front of every received frame (`XDP_PACKET_HEADROOM`).
 pub const XDP_PACKET_HEADROOM: u32 = 256;
@@ -378,27 +385,43 @@ pub struct GuestRxSocket {
     umem: GuestUmem,
     mode: XskMode,
     queue_id: u32,
+    /// Frames received in several pieces, which no guest buffer is posted for.
+    split_rx: SplitRx,
 }
 
-/// Transmit on a guest-memory UMEM: frames are copied into slots of the daemon's own area
-/// (after the guest's file), so the kernel sends bytes the guest cannot change after the
-/// daemon checked them. A NIC queue bound to this UMEM takes no other, so the port's
-/// transmit goes through a second socket sharing it (and its completion ring). That socket
-/// is in no epoll set: every sent frame wakes a socket's waiters, which on the receive
-/// socket was a callback per frame and an event for the worker.
+/// A multi-buffer frame on the rx ring being dropped piece by piece.
+#[derive(Default)]
+struct SplitRx {
+    /// The last piece read said the frame continues.
+    continuing: bool,
+    dropped: u64,
+}
+
+/// Transmit on a guest-memory UMEM. Every frame has a slot of the daemon's own area (after
+/// the guest's file), so the kernel sends headers the guest cannot change after the daemon
+/// checked them: a frame copied whole into it, or the headers of a frame whose rest goes as
+/// further pieces of one multi-buffer frame (`XDP_USE_SG`) straight from guest memory. Such a
+/// frame's guest chain is held until its slot comes back on the completion ring. A NIC queue
+/// bound to this UMEM takes no other, so the port's transmit goes through a second socket
+/// sharing it (and its completion ring). That socket is in no epoll set: every sent frame
+/// wakes a socket's waiters, which on the receive socket was a callback per frame and an
+/// event for the worker.
 struct GuestTx {
     // Field order is drop order: the ring before its socket.
     ring: RingTx,
     _user: User,
-    /// UMEM addresses of slots nobody holds.
-    free: Vec<u64>,
+    /// The slots, and the chain whose frame each holds while in flight.
+    slots: HeaderSlots,
     /// Descriptors written but not yet on the ring.
     staged: Vec<XdpDesc>,
-    /// Slots on the tx ring or not yet back from the completion ring.
+    /// Descriptors on the tx ring or not yet back from the completion ring.
     in_flight: u32,
-    /// The daemon's area and its slot size, to check what the completion ring returns.
-    area: std::ops::Range<u64>,
-    slot: u32,
+    /// The guest's memory file, for frames sent from where they lie (none: all are copied).
+    file: Option<GuestFile>,
+    /// Chains whose frames the kernel is done with, not yet handed back to the guest.
+    done: Vec<u16>,
+    /// Completion addresses that named no frame in flight, since last taken.
+    unknown: u64,
 }
 
 /// Where a [`GuestRxSocket`] goes and what it registers.
@@ -468,7 +491,9 @@ impl GuestRxSocket {
         let ring_size = spec.ring_size;
         let slot = spec.tx_slot_size();
         let own_len = spec.tx_slots as usize * slot as usize;
-        let complete_size = spec.tx_slots.max(ring_size);
+        // A frame sent from guest memory returns every piece on the completion ring: room for
+        // a few pieces per slot, so the ring rarely holds the kernel back.
+        let complete_size = (spec.tx_slots * TX_PIECES_PER_SLOT).max(ring_size);
         let umem = GuestUmem::register_with_own_area(
             spec.file,
             spec.len,
@@ -494,7 +519,12 @@ impl GuestRxSocket {
                 &SocketConfig {
                     rx_size: NonZeroU32::new(ring_size),
                     tx_size: None,
-                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode_flag,
+                    // Multi-buffer is a property of the UMEM's binding, which the transmit
+                    // socket sharing it inherits (it may pass no flags of its own): frames
+                    // sent from guest memory are several pieces.
+                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP
+                        | mode_flag
+                        | if spec.tx_slots > 0 { XDP_USE_SG } else { 0 },
                 },
             )
             .map_err(fail("rx ring"))?;
@@ -528,14 +558,16 @@ impl GuestRxSocket {
                 Some(GuestTx {
                     ring,
                     _user: tx_user,
-                    free: (0..u64::from(spec.tx_slots))
-                        .rev()
-                        .map(|i| area.start + i * u64::from(slot))
-                        .collect(),
+                    slots: HeaderSlots::new(
+                        area.start,
+                        u64::from(spec.tx_slots) * u64::from(slot),
+                        slot,
+                    ),
                     staged: Vec::with_capacity(spec.tx_slots as usize),
                     in_flight: 0,
-                    area,
-                    slot,
+                    file: None,
+                    done: Vec::new(),
+                    unknown: 0,
                 })
             }
         };
@@ -547,6 +579,7 @@ impl GuestRxSocket {
             umem,
             mode,
             queue_id: spec.queue_id,
+            split_rx: SplitRx::default(),
         })
     }
 
@@ -606,13 +639,38 @@ impl GuestRxSocket {
 
     /// Appends up to `max` received frames to `out` as (fill address, data offset from it,
     /// length), and gives their rx ring entries back to the kernel.
+    ///
+    /// The UMEM is bound for multi-buffer (its transmit sends frames in pieces), so a frame
+    /// longer than the layout's largest (a priority-tagged full-size one) arrives split over
+    /// several fill addresses rather than dropped: its pieces go straight back on the fill
+    /// ring, the guest never sees them, and [`GuestRxSocket::take_rx_dropped_split`] counts
+    /// the frame.
     pub fn receive(&mut self, max: u32, out: &mut Vec<(u64, u64, u32)>) {
         let mut r = self.rx.receive(max);
+        let mut refill = Vec::new();
         while let Some(d) = r.read() {
             let (fill, offset) = split_rx_addr(d.addr);
+            let continues = d.options & XDP_PKT_CONTD != 0;
+            if continues || self.split_rx.continuing {
+                refill.push(fill);
+                if !continues {
+                    self.split_rx.dropped += 1;
+                }
+                self.split_rx.continuing = continues;
+                continue;
+            }
             out.push((fill, offset, d.len));
         }
         r.release();
+        drop(r);
+        if !refill.is_empty() {
+            self.fill(&refill);
+        }
+    }
+
+    /// Frames dropped for arriving in several pieces since the last call.
+    pub fn take_rx_dropped_split(&mut self) -> u64 {
+        std::mem::take(&mut self.split_rx.dropped)
     }
 
     pub fn kernel_stats(&self) -> XskKernelStats {
@@ -621,29 +679,49 @@ impl GuestRxSocket {
 
     /// Bytes of the largest frame [`GuestRxSocket::send`] takes (0 without a tx side).
     pub fn max_tx_frame(&self) -> usize {
-        self.tx.as_ref().map_or(0, |t| t.slot as usize)
+        self.tx.as_ref().map_or(0, |t| t.slots.slot_size() as usize)
+    }
+
+    /// Sends frames from guest memory from now on, their pieces found through `file` (the
+    /// guest memory file this UMEM registered); without it every frame is copied.
+    pub fn send_from_guest_memory(&mut self, file: GuestFile) {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.file = Some(file);
+        }
+    }
+
+    /// Where the pieces of a frame sent from guest memory lie, if frames go so.
+    pub fn tx_piece_layout(&self) -> Option<PieceLayout<'_>> {
+        let tx = self.tx.as_ref()?;
+        Some(PieceLayout {
+            file: tx.file.as_ref()?,
+            chunk_size: self.umem.layout.chunk_size,
+            dma_page: self.dma_page(),
+        })
     }
 
     /// Free transmit slots now, after taking back what the kernel has sent.
     pub fn tx_room(&mut self) -> usize {
         self.reap_tx();
-        self.tx.as_ref().map_or(0, |t| t.free.len())
+        self.tx.as_ref().map_or(0, |t| t.slots.free())
     }
 
-    /// The free transmit slot the next [`GuestRxSocket::stage_tx`] sends, to write a frame
-    /// into; `None` when every slot is in flight (or there is no tx side).
+    /// The free transmit slot the next [`GuestRxSocket::stage_tx`] or
+    /// [`GuestRxSocket::stage_tx_in_place`] sends, to write a frame (or its headers) into;
+    /// `None` when every slot is in flight (or there is no tx side).
     pub fn next_tx_buffer(&mut self) -> Option<&mut [u8]> {
-        if self.tx.as_ref()?.free.is_empty() {
+        if self.tx.as_ref()?.slots.next_free().is_none() {
             self.reap_tx();
         }
         let tx = self.tx.as_ref()?;
-        let addr = *tx.free.last()?;
-        let ptr = self.umem.mapping.range(addr, tx.slot as usize)?;
+        let addr = tx.slots.next_free()?;
+        let len = tx.slots.slot_size() as usize;
+        let ptr = self.umem.mapping.range(addr, len)?;
         // SAFETY: the slot lies in the mapping (`range`) and in the daemon's own private
         // anonymous area, which the guest cannot reach; it is free, so it is on no ring and
         // the kernel does not read it; and the slice borrows `self` mutably, so no second
         // slice of it exists until it is staged.
-        Some(unsafe { std::slice::from_raw_parts_mut(ptr, tx.slot as usize) })
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
     }
 
     /// Stages the first `len` bytes of the slot [`GuestRxSocket::next_tx_buffer`] returned
@@ -652,10 +730,10 @@ impl GuestRxSocket {
         let Some(tx) = self.tx.as_mut() else {
             return false;
         };
-        if len > tx.slot as usize {
+        if len > tx.slots.slot_size() as usize {
             return false;
         }
-        let Some(addr) = tx.free.pop() else {
+        let Some(addr) = tx.slots.take_copied() else {
             return false;
         };
         tx.staged.push(XdpDesc {
@@ -666,33 +744,53 @@ impl GuestRxSocket {
         true
     }
 
+    /// Stages chain `head`'s frame as one multi-buffer frame: the first `headers` bytes of
+    /// the slot [`GuestRxSocket::next_tx_buffer`] returned, then `pieces` of guest memory
+    /// (UMEM address, length, each checked by `zero_copy_tx::guest_pieces`). The chain is
+    /// handed back by [`GuestRxSocket::take_completed_chains`] once the kernel returned the
+    /// slot. False (nothing staged) if there is no free slot or the headers exceed it.
+    pub fn stage_tx_in_place(&mut self, head: u16, headers: usize, pieces: &[(u64, u32)]) -> bool {
+        let Some(tx) = self.tx.as_mut() else {
+            return false;
+        };
+        if headers > tx.slots.slot_size() as usize {
+            return false;
+        }
+        let Some(addr) = tx.slots.take(head) else {
+            return false;
+        };
+        let more = |last: bool| if last { 0 } else { XDP_PKT_CONTD };
+        tx.staged.push(XdpDesc {
+            addr,
+            len: headers as u32,
+            options: more(pieces.is_empty()),
+        });
+        tx.staged
+            .extend(pieces.iter().enumerate().map(|(i, &(addr, len))| XdpDesc {
+                addr,
+                len,
+                options: more(i + 1 == pieces.len()),
+            }));
+        true
+    }
+
     /// Copies `frame` into a free slot of the daemon's area and stages it for the tx ring
     /// (sent by [`GuestRxSocket::flush_tx`]); false when no slot is free or the frame does
     /// not fit one.
     pub fn send(&mut self, frame: &[u8]) -> bool {
-        let Some(tx) = self.tx.as_mut() else {
+        let Some(buf) = self.next_tx_buffer() else {
             return false;
         };
-        if frame.len() > tx.slot as usize {
-            return false;
-        }
-        let Some(addr) = tx.free.pop() else {
+        let Some(room) = buf.get_mut(..frame.len()) else {
             return false;
         };
-        if self.umem.write(addr, frame).is_none() {
-            // Slots lie inside the area by construction; keep the slot out of use if not.
-            return false;
-        }
-        tx.staged.push(XdpDesc {
-            addr,
-            len: frame.len() as u32,
-            options: 0,
-        });
-        true
+        room.copy_from_slice(frame);
+        self.stage_tx(frame.len())
     }
 
     /// Puts the staged frames on the tx ring and kicks the kernel, which in copy mode sends
-    /// only inside that call (as `XskSocket::flush_tx` does).
+    /// only inside that call (as `XskSocket::flush_tx` does). A frame's pieces may straddle
+    /// two flushes: the kernel keeps a frame it has begun until its last piece comes.
     pub fn flush_tx(&mut self) {
         let mode = self.mode;
         let Some(tx) = self.tx.as_mut() else { return };
@@ -709,8 +807,11 @@ impl GuestRxSocket {
         super::kick_tx(&mut tx.ring, mode);
     }
 
-    /// Takes sent slots back from the completion ring; returns how many came back.
+    /// Takes sent slots back from the completion ring (and kicks descriptors still on the tx
+    /// ring); returns how many completion entries came back. The chains of frames sent from
+    /// guest memory wait in [`GuestRxSocket::take_completed_chains`].
     pub fn reap_tx(&mut self) -> u32 {
+        let mode = self.mode;
         let Some(tx) = self.tx.as_mut() else { return 0 };
         if tx.in_flight == 0 {
             return 0;
@@ -718,15 +819,52 @@ impl GuestRxSocket {
         let mut reader = self.device.complete(tx.in_flight);
         let mut n = 0;
         while let Some(addr) = reader.read() {
-            // Only the daemon's own slots are ever sent; anything else is not a slot.
-            if tx.area.contains(&addr) && (addr - tx.area.start) % u64::from(tx.slot) == 0 {
-                tx.free.push(addr);
+            match tx.slots.complete(addr) {
+                Completion::Chain(head) => tx.done.push(head),
+                Completion::Copied | Completion::GuestPiece => {}
+                Completion::Unknown => tx.unknown += 1,
             }
             n += 1;
         }
         reader.release();
         tx.in_flight -= n.min(tx.in_flight);
+        // A kick that found the kernel busy (or its completion ring full) left descriptors
+        // on the ring: they go on now, or frames in flight would never complete.
+        super::kick_tx(&mut tx.ring, mode);
         n
+    }
+
+    /// Appends the chains whose frames the kernel is done with to `out`, once each.
+    pub fn take_completed_chains(&mut self, out: &mut Vec<u16>) {
+        if let Some(tx) = self.tx.as_mut() {
+            out.append(&mut tx.done);
+        }
+    }
+
+    /// Chains whose frames the kernel may still read from guest memory.
+    pub fn tx_chains_in_flight(&self) -> usize {
+        self.tx.as_ref().map_or(0, |t| t.slots.chains_in_flight())
+    }
+
+    /// Completion entries that named no frame in flight since the last call.
+    pub fn take_unknown_tx_completions(&mut self) -> u64 {
+        self.tx
+            .as_mut()
+            .map_or(0, |t| std::mem::take(&mut t.unknown))
+    }
+
+    /// Every chain the transmit side holds (frames in flight, and frames done but not yet
+    /// handed back), its slots freed. Only for a socket about to be dropped: the chains may
+    /// go back to the guest once it is, since the kernel then reads none of them.
+    pub fn take_tx_chains(&mut self) -> Vec<u16> {
+        let Some(tx) = self.tx.as_mut() else {
+            return Vec::new();
+        };
+        let mut chains = std::mem::take(&mut tx.done);
+        chains.extend(tx.slots.release_all());
+        tx.staged.clear();
+        tx.in_flight = 0;
+        chains
     }
 }
 
