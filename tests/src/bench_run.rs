@@ -53,6 +53,9 @@ pub enum Peer {
     /// xvdpa with the port's guest memory as the NIC queue's UMEM (`guest-umem=on`): the
     /// NIC is the port's alone, so it has no vm-to-vm scenario.
     SingleCopy,
+    /// `SingleCopy` sending from the guest's buffers (`guest-umem-tx=in-place`), which on a
+    /// copy-mode NIC such as veth is not its default.
+    SingleCopyInPlace,
     /// xvdpa as `Xvdpa` runs it, while a migration logs its writes: each guest side shares a
     /// dirty log and turns `VHOST_F_LOG_ALL` and its rings' log flag on before the traffic
     /// starts, as QEMU does when a migration begins.
@@ -66,6 +69,7 @@ impl Peer {
             Peer::Dpdk => "dpdk",
             Peer::Limit => "limit",
             Peer::SingleCopy => "single-copy",
+            Peer::SingleCopyInPlace => "single-copy-in-place",
             Peer::DirtyLog => "dirty-log",
         }
     }
@@ -408,8 +412,12 @@ fn start_vhost_peer(
             )?;
             UnderTest::daemon(d)?
         }
-        Peer::SingleCopy => {
-            let spec = Daemon::port_spec(&socket, guest_mac(0), ",guest-umem=on");
+        Peer::SingleCopy | Peer::SingleCopyInPlace => {
+            let settings = match peer {
+                Peer::SingleCopyInPlace => ",guest-umem=on,guest-umem-tx=in-place",
+                _ => ",guest-umem=on",
+            };
+            let spec = Daemon::port_spec(&socket, guest_mac(0), settings);
             start_daemon_with_ports(lab, pin, &dir.join("ctl.sock"), &[spec], daemon_args)?
         }
         Peer::Dpdk => start_testpmd(
@@ -508,7 +516,7 @@ fn start_vm_to_vm_peer(
                 format!("net_vhost1,iface={},queues=1", socks[1].display()),
             ],
         )?,
-        Peer::Limit | Peer::SingleCopy => bail!(
+        Peer::Limit | Peer::SingleCopy | Peer::SingleCopyInPlace => bail!(
             "the vm-to-vm scenario has no {} peer (no NIC is involved)",
             peer.name()
         ),

@@ -27,6 +27,7 @@ fn every_scenario_moves_packets_for_every_peer() -> Result<()> {
     for peer in [
         Peer::Xvdpa,
         Peer::SingleCopy,
+        Peer::SingleCopyInPlace,
         Peer::DirtyLog,
         Peer::Dpdk,
         Peer::Limit,

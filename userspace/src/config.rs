@@ -2,7 +2,7 @@
 //!
 //! On the command line a port is `--port socket=PATH[,mode=client],mac=MAC[,allow-mac=MAC]...
 //! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]
-//! [,guest-umem=on][,socket-group=NAME][,socket-mode=OCTAL][,migrate-from=PORT]`; rates take
+//! [,guest-umem=on[,guest-umem-tx=auto|in-place|copy]][,socket-group=NAME][,socket-mode=OCTAL][,migrate-from=PORT]`; rates take
 //! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
 //! a `[[port]]` table in the file given to `--config` (the serde form of
 //! [`PortSpec`]), next to the daemon-wide settings.
@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::api::{
-    parse_cpus, parse_mode, parse_queues, parse_rate, parse_socket_group, parse_socket_mode,
-    parse_vlan, PortSpec,
+    parse_cpus, parse_guest_umem_tx, parse_mode, parse_queues, parse_rate, parse_socket_group,
+    parse_socket_mode, parse_vlan, PortSpec,
 };
 use crate::mac::{MacAddr, MacError};
 use crate::nic::steering::XdpModeChoice;
@@ -74,6 +74,9 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "vlan-passthrough" => port.vlan_passthrough = on_off(spec, "vlan-passthrough", value)?,
             "promisc" => port.promisc = on_off(spec, "promisc", value)?,
             "guest-umem" => port.guest_umem = on_off(spec, "guest-umem", value)?,
+            "guest-umem-tx" => {
+                port.guest_umem_tx = parse_guest_umem_tx(value).map_err(|e| port_err(spec, e))?
+            }
             "socket-group" => {
                 port.socket_group = Some(
                     parse_socket_group(value)
@@ -90,7 +93,7 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
                     format!(
                         "unknown key {other:?} (known: socket, mode, mac, allow-mac, rate-pps, \
                          rate-bps, queues, cpus, vlan, vlan-passthrough, promisc, guest-umem, \
-                         socket-group, socket-mode, migrate-from)"
+                         guest-umem-tx, socket-group, socket-mode, migrate-from)"
                     ),
                 ))
             }
@@ -252,6 +255,25 @@ mod tests {
             parse_port(&format!("socket=/a,mac=52:54:00:00:00:01{extra}")).map(|p| p.guest_umem)
         };
         assert!(!guest_umem("").unwrap());
+        let tx = |extra: &str| {
+            parse_port(&format!(
+                "socket=/a,mac=52:54:00:00:00:01,guest-umem=on{extra}"
+            ))
+            .map(|p| p.guest_umem_tx)
+        };
+        assert_eq!(tx("").unwrap(), crate::api::GuestUmemTx::Auto);
+        assert_eq!(
+            tx(",guest-umem-tx=in-place").unwrap(),
+            crate::api::GuestUmemTx::InPlace
+        );
+        assert_eq!(
+            tx(",guest-umem-tx=copy").unwrap(),
+            crate::api::GuestUmemTx::Copy
+        );
+        assert!(tx(",guest-umem-tx=zero")
+            .unwrap_err()
+            .to_string()
+            .contains("expected auto, in-place or copy"));
         assert!(guest_umem(",guest-umem=on").unwrap());
         assert!(!guest_umem(",guest-umem=off").unwrap());
         assert!(guest_umem(",guest-umem=yes")

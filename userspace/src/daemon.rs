@@ -47,6 +47,8 @@ pub enum DaemonError {
     NicKeptForGuestUmem,
     #[error("guest-umem=on needs the NIC to itself, and this daemon's NIC queues are bound for the copy path of every port: give the port in the daemon's start-up configuration (--port or the config file), as its only port")]
     GuestUmemNeedsOwnNic,
+    #[error("port {socket}: guest-umem-tx applies to the single-copy path only: add guest-umem=on, or leave guest-umem-tx out")]
+    GuestUmemTxWithoutGuestUmem { socket: PathBuf },
     #[error(transparent)]
     Port(#[from] PortError),
     #[error(transparent)]
@@ -194,6 +196,11 @@ impl Daemon {
         ports: &BTreeMap<u32, PortSlot>,
         spec: &PortSpec,
     ) -> Result<(), DaemonError> {
+        if !spec.guest_umem && spec.guest_umem_tx != crate::api::GuestUmemTx::Auto {
+            return Err(DaemonError::GuestUmemTxWithoutGuestUmem {
+                socket: spec.socket.clone(),
+            });
+        }
         if !self.nic.dedicated {
             return match spec.guest_umem {
                 true => Err(DaemonError::GuestUmemNeedsOwnNic),

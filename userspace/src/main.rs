@@ -175,6 +175,10 @@ struct AddPortArgs {
     /// be dedicated to this port (the daemon started with it as its only port).
     #[arg(long)]
     guest_umem: bool,
+    /// How the single-copy path transmits: auto (from the guest's buffers on a zero-copy
+    /// NIC, copied on a copy-mode one), in-place or copy.
+    #[arg(long, value_name = "MODE", value_parser = api::parse_guest_umem_tx, default_value = "auto", requires = "guest_umem")]
+    guest_umem_tx: api::GuestUmemTx,
     /// The port (socket, MAC or index) whose guest migrates to this one: the new port may
     /// share its MAC and takes its frames when the migrated guest starts.
     #[arg(long)]
@@ -220,6 +224,7 @@ impl AddPortArgs {
             cpus: self.cpus.unwrap_or_default(),
             promisc: self.promisc,
             guest_umem: self.guest_umem,
+            guest_umem_tx: self.guest_umem_tx,
             socket_group: self.socket_group,
             socket_mode: self.socket_mode,
             migrate_from: self.migrate_from,

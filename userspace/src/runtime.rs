@@ -216,6 +216,16 @@ pub fn validate(config: &RuntimeConfig) -> Result<(), RuntimeError> {
     if config.ports.len() > MAX_PORTS as usize {
         return Err(DaemonError::TooManyPorts.into());
     }
+    if let Some(p) = config
+        .ports
+        .iter()
+        .find(|p| !p.guest_umem && p.guest_umem_tx != crate::api::GuestUmemTx::Auto)
+    {
+        return Err(DaemonError::GuestUmemTxWithoutGuestUmem {
+            socket: p.socket.clone(),
+        }
+        .into());
+    }
     if let Some(p) = config.ports.iter().find(|p| p.guest_umem) {
         if config.ports.len() > 1 {
             return Err(DaemonError::NicDedicated {

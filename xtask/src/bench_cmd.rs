@@ -32,7 +32,9 @@ pub struct BenchArgs {
     /// Frame sizes on the wire, FCS included.
     #[arg(long, value_delimiter = ',', default_value = "64,512,1518")]
     sizes: Vec<usize>,
-    /// Peers to measure: xvdpa, single-copy (xvdpa with guest-umem=on; rx and tx only), dpdk,
+    /// Peers to measure: xvdpa, single-copy (xvdpa with guest-umem=on; rx and tx only),
+    /// single-copy-in-place (the same, sending from the guest's buffers; not in the default
+    /// list), dpdk,
     /// limit, dirty-log (xvdpa while a migration logs its writes; not in the default list:
     /// `--scenarios rx,vm-to-vm --peers xvdpa,dirty-log` gives its cost per packet).
     #[arg(
@@ -126,8 +128,12 @@ fn parse_peer(s: &str) -> Result<Peer> {
         "dpdk" => Ok(Peer::Dpdk),
         "limit" => Ok(Peer::Limit),
         "single-copy" => Ok(Peer::SingleCopy),
+        "single-copy-in-place" => Ok(Peer::SingleCopyInPlace),
         "dirty-log" => Ok(Peer::DirtyLog),
-        other => bail!("unknown peer {other:?} (xvdpa, single-copy, dpdk, limit, dirty-log)"),
+        other => bail!(
+            "unknown peer {other:?} (xvdpa, single-copy, single-copy-in-place, dpdk, limit, \
+             dirty-log)"
+        ),
     }
 }
 
@@ -311,7 +317,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 
     if !all.is_empty() {
         println!("{}", render_table(&all, &peers, &args, pinning, idle));
-        for against in [&SINGLE_COPY, &DIRTY_LOG] {
+        for against in [&SINGLE_COPY, &SINGLE_COPY_IN_PLACE, &DIRTY_LOG] {
             if peers.contains(&against.peer) && peers.contains(&Peer::Xvdpa) {
                 println!("{}", render_against_xvdpa(&all, against));
             }
@@ -630,6 +636,15 @@ const SINGLE_COPY: Against = Against {
     title: "single-copy (guest-umem=on: the guest's memory is the NIC queue's UMEM) against the copy path (xvdpa), same runs, same pinning:",
     name: "single-copy",
     short: "single",
+    base_name: "copy",
+    base_short: "copy",
+};
+
+const SINGLE_COPY_IN_PLACE: Against = Against {
+    peer: Peer::SingleCopyInPlace,
+    title: "single-copy-in-place (guest-umem=on,guest-umem-tx=in-place: frames also sent from the guest's buffers) against the copy path (xvdpa), same runs, same pinning:",
+    name: "in-place",
+    short: "in-place",
     base_name: "copy",
     base_short: "copy",
 };

@@ -520,6 +520,7 @@ fn serve_one(
             nic.clone(),
             port.index,
             port.spec.vlan,
+            port.spec.guest_umem_tx,
             port.datapath.clone(),
         )
     });

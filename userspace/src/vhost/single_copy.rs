@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use vhost_user_backend::VringEpollHandler;
 
+use crate::api::GuestUmemTx;
 use crate::datapath::device::ETH_HLEN;
 use crate::datapath::zero_copy_rx::{FillLayout, GuestFile, PostedBuffers};
 use crate::datapath::GuestMemory;
 use crate::nic::xsk::guest_umem::{GuestRxSocket, GuestRxSpec, GuestUmemLayout};
-use crate::nic::xsk::{NicQueue, XskError, XskSocket};
+use crate::nic::xsk::{NicQueue, XskError, XskMode, XskSocket};
 use crate::nic::Nic;
 use crate::vhost::backend::{Datapath, NetBackend};
 use crate::worker::{EventIds, GuestPath, QueuePairWorker};
@@ -45,6 +46,8 @@ pub struct DedicatedNic {
     pub nic: Arc<Nic>,
     pub port: u32,
     pub vlan: Option<u16>,
+    /// Whether frames go out from the guest's buffers (decided per socket, by its mode).
+    pub tx: GuestUmemTx,
     /// The path taken, shown by `ctl list`; shared with the port.
     pub datapath: Arc<Mutex<Datapath>>,
     /// The library's epoll handlers, one per queue pair, where the new sockets are
@@ -61,12 +64,14 @@ impl DedicatedNic {
         nic: Arc<Nic>,
         port: u32,
         vlan: Option<u16>,
+        tx: GuestUmemTx,
         datapath: Arc<Mutex<Datapath>>,
     ) -> Self {
         DedicatedNic {
             nic,
             port,
             vlan,
+            tx,
             datapath,
             handlers: OnceLock::new(),
             deciding: Mutex::new(()),
@@ -121,7 +126,21 @@ impl DedicatedNic {
             tx_slots: GUEST_TX_SLOTS,
         };
         let mut socket = GuestRxSocket::open(spec, self.nic.xsk_mode).map_err(|e| e.to_string())?;
-        socket.send_from_guest_memory(file.clone());
+        let in_place = self.tx.in_place(socket.mode() == XskMode::ZeroCopy);
+        if in_place {
+            socket.send_from_guest_memory(file.clone());
+        }
+        tracing::info!(
+            port = self.port,
+            socket_mode = ?socket.mode(),
+            guest_umem_tx = %self.tx,
+            "single-copy transmit {}",
+            if in_place {
+                "from the guest's buffers"
+            } else {
+                "copied once into the daemon's slots"
+            }
+        );
         let fill = FillLayout {
             data_offset: u64::from(layout.data_offset()),
             max_frame: layout.max_frame(),
