@@ -408,6 +408,8 @@ pub struct PostedBuffers {
     /// Frames in arrival order behind a spare frame that found no guest chain; its first is
     /// always a spare one.
     pending: VecDeque<Arrived>,
+    /// Spare frames among `pending`.
+    pending_spares: usize,
     /// Scratch: used entries of one round, fill addresses to post.
     used: Vec<(u16, u32)>,
     segs: Vec<Segment>,
@@ -424,6 +426,7 @@ impl PostedBuffers {
             hold_back: 0,
             spares: SpareFrames::none(),
             pending: VecDeque::new(),
+            pending_spares: 0,
             used: Vec::new(),
             segs: Vec::new(),
             rx: RxScratch::default(),
@@ -520,6 +523,7 @@ impl PostedBuffers {
                         Copied::NoBuffers => return Ok(Some(before)),
                     }
                     self.spares.free.push(slot);
+                    self.pending_spares -= 1;
                 }
             }
             self.pending.pop_front();
@@ -558,13 +562,20 @@ impl PostedBuffers {
                 Some(resume) => (resume, false),
                 None => {
                     let left = waiting.saturating_sub(chains.next_avail().wrapping_sub(start));
-                    let offered = usize::from(left.saturating_sub(self.hold_back));
+                    // A chain stays on the ring for every spare frame ahead of the guest's
+                    // next buffer on the fill ring or waiting: the kernel fills that buffer
+                    // after them, and its frame may reach the guest only after theirs, so
+                    // with every chain on the fill ring they would wait for a chain the guest
+                    // posts only once it got frames back, and the guest for them.
+                    let reserved = self.spares.posted + self.pending_spares;
+                    let kept = usize::from(self.hold_back).saturating_add(reserved);
+                    let offered = usize::from(left).saturating_sub(kept);
                     let room = room.min(self.capacity - self.by_fill.len()).min(offered);
                     self.post_chains(&mut chains, room, fill, tally)?;
                     let taken = chains.next_avail().wrapping_sub(start);
                     (
                         chains.next_avail(),
-                        waiting.saturating_sub(taken) > self.hold_back,
+                        usize::from(waiting.saturating_sub(taken)) > kept,
                     )
                 }
             }
@@ -672,6 +683,7 @@ impl PostedBuffers {
                 }
             } else if let Some(slot) = self.spares.take_back(fill) {
                 self.pending.push_back(Arrived::Spare { slot, len });
+                self.pending_spares += 1;
             } else {
                 tally.unknown_completions += 1;
             }
@@ -699,6 +711,7 @@ impl PostedBuffers {
             Arrived::Guest { head, .. } => Some(head),
             Arrived::Spare { .. } => None,
         }));
+        self.pending_spares = 0;
         self.spares.reset();
         heads
     }
