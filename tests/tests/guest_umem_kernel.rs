@@ -730,7 +730,9 @@ fn guest_receive_buffers_posted_to_the_kernel_get_frames_from_the_wire_and_attac
 ) -> Result<()> {
     use vm_memory::{FileOffset, GuestAddress};
     use xvdpa::datapath::device::rx_header;
-    use xvdpa::datapath::zero_copy_rx::{FillLayout, GuestFile, PostedBuffers, ZeroCopyRxTally};
+    use xvdpa::datapath::zero_copy_rx::{
+        FillLayout, GuestFile, PostedBuffers, SpareCopy, ZeroCopyRxTally,
+    };
     use xvdpa::datapath::GuestMemory;
 
     let _s = serial();
@@ -781,8 +783,10 @@ fn guest_receive_buffers_posted_to_the_kernel_get_frames_from_the_wire_and_attac
         let mut q = driver::queue()?;
         driver::post(&mem, &buffers);
         let mut posted = PostedBuffers::new(guest_file, fill_layout, 64);
+        // The guest's buffers alone: no spare frames of the daemon's.
+        let no_spares = SpareCopy::WITHOUT_SPARES;
         let (mut fill, mut tally) = (Vec::new(), ZeroCopyRxTally::default());
-        posted.post(&mem, &mut q, 64, &mut fill, &mut tally)?;
+        posted.post(&mem, &mut q, 64, &mut fill, no_spares, &mut tally)?;
         ensure!(fill.len() == 4, "posted {fill:x?}");
         rig.fill(&fill)?;
         rig.send(&frames)?;
@@ -794,6 +798,7 @@ fn guest_receive_buffers_posted_to_the_kernel_get_frames_from_the_wire_and_attac
                 let (fill, offset) = split_rx_addr(d.addr);
                 (fill, offset, d.len)
             }),
+            no_spares,
             &mut tally,
         )?;
         let used = driver::used(&mem);
@@ -1125,7 +1130,9 @@ fn a_closed_guest_rx_socket_writes_nothing_into_buffers_given_back_and_the_queue
 ) -> Result<()> {
     use vm_memory::{Bytes, FileOffset, GuestAddress};
     use xvdpa::datapath::device::rx_header;
-    use xvdpa::datapath::zero_copy_rx::{FillLayout, GuestFile, PostedBuffers, ZeroCopyRxTally};
+    use xvdpa::datapath::zero_copy_rx::{
+        FillLayout, GuestFile, PostedBuffers, SpareCopy, ZeroCopyRxTally,
+    };
     use xvdpa::datapath::GuestMemory;
     use xvdpa::nic::xsk::guest_umem::{GuestRxSocket, GuestRxSpec};
     use xvdpa::nic::xsk::{XskMode, XskModeChoice};
@@ -1167,6 +1174,7 @@ fn a_closed_guest_rx_socket_writes_nothing_into_buffers_given_back_and_the_queue
                     queue_id: 0,
                     ring_size: 64,
                     tx_slots: 0,
+                    spare_frames: 0,
                 };
                 let open = || GuestRxSocket::open(spec, XskModeChoice::Auto);
                 // One frame, or none within [`WAIT`].
@@ -1185,12 +1193,16 @@ fn a_closed_guest_rx_socket_writes_nothing_into_buffers_given_back_and_the_queue
                 let mut q = driver::queue()?;
                 driver::post(&mem, &bufs);
                 let mut posted = PostedBuffers::new(GuestFile::of(&mem)?, fill_layout, 64);
+                // The guest's buffers alone: no spare frames of the daemon's.
+                let no_spares = SpareCopy::WITHOUT_SPARES;
                 let (mut fill, mut tally) = (Vec::new(), ZeroCopyRxTally::default());
-                posted.post(&mem, &mut q, sock.fill_room(), &mut fill, &mut tally)?;
+                let room = sock.fill_room();
+                posted.post(&mem, &mut q, room, &mut fill, no_spares, &mut tally)?;
                 ensure!(sock.fill(&fill) == 3, "posted {fill:x?}");
                 wire.send(&first)?;
                 let received = receive(&mut sock);
-                posted.complete(&mem, &mut q, received.iter().copied(), &mut tally)?;
+                let received = received.iter().copied();
+                posted.complete(&mem, &mut q, received, no_spares, &mut tally)?;
                 // The ring stops: the socket goes first, then the buffers go back.
                 drop(sock);
                 ensure!(posted.give_back(&mem, &mut q)? == 2);
@@ -1210,11 +1222,13 @@ fn a_closed_guest_rx_socket_writes_nothing_into_buffers_given_back_and_the_queue
                 }
                 let mut q = driver::queue()?;
                 driver::post(&mem, &bufs[1..]);
-                posted.post(&mem, &mut q, sock.fill_room(), &mut fill, &mut tally)?;
+                let room = sock.fill_room();
+                posted.post(&mem, &mut q, room, &mut fill, no_spares, &mut tally)?;
                 ensure!(sock.fill(&fill) == 2, "posted again {fill:x?}");
                 wire.send(&again)?;
                 let received = receive(&mut sock);
-                posted.complete(&mem, &mut q, received.iter().copied(), &mut tally)?;
+                let received = received.iter().copied();
+                posted.complete(&mem, &mut q, received, no_spares, &mut tally)?;
                 let used_again = driver::used(&mem);
                 let mut memory_end = vec![0u8; len as usize];
                 sock.umem().read(0, &mut memory_end).context("read back")?;

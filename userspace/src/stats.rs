@@ -42,6 +42,10 @@ counters! {
         /// (shorter than the net header and the largest frame, outside one region of the guest's
         /// memory file, or already posted): returned to the guest unused.
         rx_buffers_refused,
+        /// Frames the single-copy path received into a spare frame of the daemon's own, the
+        /// guest having posted too few buffers, and copied into the guest's next chain
+        /// (included in rx_packets): how often the guest fell behind.
+        rx_spare_frames,
         /// Frames from another port of the daemon (included in rx_packets).
         rx_switched,
         /// Frames from the NIC merged into the frame before them (software GRO): rx_packets

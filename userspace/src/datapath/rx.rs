@@ -17,7 +17,7 @@ use crate::datapath::device::{rx_header, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS};
 pub(crate) const PREFETCH_AHEAD: u16 = 2;
 
 /// Reusable per-worker state, so the packet path does not allocate.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct RxScratch {
     segs: Vec<Segment>,
     first: Vec<Segment>,
@@ -137,6 +137,44 @@ fn fill_frame(
         scratch.used.push(t);
     }
     Ok(Fill::Delivered { chains: buffers })
+}
+
+/// How copying one frame with [`copy_frame`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copied {
+    /// Written, in this many chains; their used entries were appended.
+    Delivered { chains: u16 },
+    /// Too large for the guest's buffers: dropped, no chain used.
+    TooLarge,
+    /// The ring ran out of chains part-way: nothing of the frame counts, and the caller puts
+    /// the ring back to where it was before the frame.
+    NoBuffers,
+}
+
+/// Copies one bare frame, behind a net header, into chains taken from `chains` (several with
+/// MRG_RXBUF), for a caller that keeps its own used entries in order with other frames (the
+/// single-copy path's spare frames): the used entries go to `used`, not published.
+pub(crate) fn copy_frame(
+    cursor: &mut GuestMemoryCursor<'_>,
+    chains: &mut Chains<'_, '_>,
+    frame: &[u8],
+    mrg_rxbuf: bool,
+    scratch: &mut RxScratch,
+    used: &mut Vec<(u16, u32)>,
+) -> Result<Copied, QueueError> {
+    scratch.used.clear();
+    Ok(
+        match fill_frame(cursor, chains, frame, Framing::Bare, mrg_rxbuf, scratch)? {
+            Fill::Delivered { chains } => {
+                used.extend_from_slice(&scratch.used);
+                Copied::Delivered { chains }
+            }
+            // A frame needs 65535 chains only on a ring larger than virtio allows (32768), so
+            // the chains taken for it cannot be lost unpublished here.
+            Fill::TooLarge | Fill::TooLargeEnd => Copied::TooLarge,
+            Fill::NoBuffers => Copied::NoBuffers,
+        },
+    )
 }
 
 /// Delivers frames in order until they run out or the guest's buffers do. Returns how many

@@ -12,8 +12,19 @@
 //! choose and is checked here: a buffer that cannot be posted goes back to the guest at once,
 //! unused (length 0), and is counted; it is never handed to the kernel, which would silently
 //! consume an address it cannot use and never give the buffer back.
+//!
+//! The kernel can fill only the buffers the guest has posted. When the guest is late in
+//! posting them again, spare frames of the daemon's own area of the same UMEM go on the fill
+//! ring, a small batch at a time (the fill ring is FIFO: a guest that catches up must not
+//! find its buffers queued behind hundreds of spares). A frame that lands in a spare is
+//! copied, behind its net header, into the guest's next available chain, and the spare goes
+//! back to the pool. Used entries follow the frames' order of arrival across both kinds: a
+//! spare frame that finds no chain waits in a pending list, with every frame after it, and
+//! chains the guest makes available drain that list before any goes to the kernel again. The
+//! list holds at most the spares and the guest buffers the kernel had, so nothing the guest
+//! does makes it grow.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
@@ -25,6 +36,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::device::{rx_header, VNET_HDR_LEN};
 use super::dirty_log::region_log;
+use super::rx::{copy_frame, Copied, RxScratch};
 use super::split_ring::{publish_used, Chains};
 use super::{GuestMemory, GuestMemoryCursor, QueueError, Segment};
 
@@ -203,6 +215,15 @@ pub struct ZeroCopyRxTally {
     /// Receive descriptors naming no buffer the daemon posted (a kernel fault, not the
     /// guest's): ignored.
     pub unknown_completions: u64,
+    /// Guest chains the frames used (a spare frame may take several with MRG_RXBUF).
+    pub buffers: u64,
+    /// Frames that landed in a spare frame and were copied into a guest chain (included in
+    /// `frames`).
+    pub spare_frames: u64,
+    /// Spare frames too large for the guest's chains (no MRG_RXBUF): dropped.
+    pub dropped_too_large: u64,
+    /// Spare frames put on the fill ring.
+    pub spares_posted: u64,
 }
 
 impl ZeroCopyRxTally {
@@ -254,19 +275,145 @@ impl std::hash::Hasher for FillHasher {
 
 type FillMap = HashMap<u64, Posted, std::hash::BuildHasherDefault<FillHasher>>;
 
-/// The guest buffers the kernel holds, by fill address.
+/// Spare frames posted at a time, once the kernel holds fewer than [`SPARE_LOW_WATER`]
+/// buffers and the guest has no more available: few enough that a guest catching up finds
+/// its buffers behind at most this many spares more.
+pub const SPARE_BATCH: usize = 32;
+/// Below this many buffers on the fill ring (the guest's and spares), spares are posted.
+pub const SPARE_LOW_WATER: usize = 128;
+
+/// The bytes of the daemon's own area of the UMEM, where spare frames lie.
+pub trait SpareMemory {
+    /// The `len` bytes at UMEM address `addr`, if they lie in the daemon's area. Only called
+    /// for a spare the kernel returned and that is not on the fill ring again, so the kernel
+    /// does not write them meanwhile.
+    fn bytes(&self, addr: u64, len: usize) -> Option<&[u8]>;
+}
+
+/// What a round needs to copy spare frames into the guest's chains.
+#[derive(Clone, Copy)]
+pub struct SpareCopy<'a> {
+    pub memory: &'a dyn SpareMemory,
+    /// The guest takes a frame across several chains (VIRTIO_NET_F_MRG_RXBUF).
+    pub mrg_rxbuf: bool,
+}
+
+impl SpareCopy<'static> {
+    /// For a path without spare frames (a guest without MRG_RXBUF).
+    pub const WITHOUT_SPARES: Self = SpareCopy {
+        memory: &NoSpares,
+        mrg_rxbuf: false,
+    };
+}
+
+/// The daemon's area of a path without spare frames: nothing in it.
+struct NoSpares;
+
+impl SpareMemory for NoSpares {
+    fn bytes(&self, _addr: u64, _len: usize) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// The daemon's spare receive frames: `count` slots of `slot` bytes from UMEM address
+/// `start`, each posted at its first byte (a slot holds a whole chunk).
+#[derive(Debug, Clone)]
+pub struct SpareFrames {
+    start: u64,
+    slot: u64,
+    /// Slots neither on the fill ring nor holding a frame.
+    free: Vec<u32>,
+    on_ring: Vec<bool>,
+    posted: usize,
+}
+
+impl SpareFrames {
+    pub fn new(start: u64, slot: u32, count: u32) -> Self {
+        SpareFrames {
+            start,
+            slot: u64::from(slot),
+            free: (0..count).rev().collect(),
+            on_ring: vec![false; count as usize],
+            posted: 0,
+        }
+    }
+
+    /// No spares at all.
+    pub fn none() -> Self {
+        Self::new(0, 1, 0)
+    }
+
+    /// Spares in the pool (neither on the fill ring nor holding a frame).
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    fn count(&self) -> usize {
+        self.on_ring.len()
+    }
+
+    fn address(&self, slot: u32) -> u64 {
+        self.start + u64::from(slot) * self.slot
+    }
+
+    /// The slot posted at `fill`, taken off the ring, if it is one on the ring.
+    fn take_back(&mut self, fill: u64) -> Option<u32> {
+        let offset = fill.checked_sub(self.start)?;
+        if offset % self.slot != 0 {
+            return None;
+        }
+        let slot = u32::try_from(offset / self.slot).ok()?;
+        let on_ring = self.on_ring.get_mut(slot as usize)?;
+        if !std::mem::replace(on_ring, false) {
+            return None;
+        }
+        self.posted -= 1;
+        Some(slot)
+    }
+
+    fn post(&mut self) -> Option<u64> {
+        let slot = self.free.pop()?;
+        self.on_ring[slot as usize] = true;
+        self.posted += 1;
+        Some(self.address(slot))
+    }
+
+    /// Every slot back in the pool (the socket that held them is closed).
+    fn reset(&mut self) {
+        *self = Self::new(self.start, self.slot as u32, self.count() as u32);
+    }
+}
+
+/// A frame the kernel wrote, waiting for the frames before it to reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrived {
+    /// In a guest buffer, net header written: needs only its used entry.
+    Guest { head: u16, len: u32 },
+    /// In a spare slot: needs a guest chain to be copied into.
+    Spare { slot: u32, len: u32 },
+}
+
+/// The guest buffers (and spare frames) the kernel holds, by fill address, and the frames
+/// waiting for a guest chain.
 #[derive(Debug)]
 pub struct PostedBuffers {
     layout: FillLayout,
     file: GuestFile,
     by_fill: FillMap,
-    /// Most buffers on the fill ring at once (its size).
+    /// Most guest buffers on the fill ring at once.
     capacity: usize,
     /// Available chains left on the ring for frames the daemon copies (see `holding_back`).
     hold_back: u16,
+    spares: SpareFrames,
+    /// Frames in arrival order behind a spare frame that found no guest chain; its first is
+    /// always a spare one.
+    pending: VecDeque<Arrived>,
+    /// Spare frames among `pending`.
+    pending_spares: usize,
     /// Scratch: used entries of one round, fill addresses to post.
     used: Vec<(u16, u32)>,
     segs: Vec<Segment>,
+    rx: RxScratch,
 }
 
 impl PostedBuffers {
@@ -277,9 +424,20 @@ impl PostedBuffers {
             by_fill: FillMap::with_capacity_and_hasher(capacity, Default::default()),
             capacity,
             hold_back: 0,
+            spares: SpareFrames::none(),
+            pending: VecDeque::new(),
+            pending_spares: 0,
             used: Vec::new(),
             segs: Vec::new(),
+            rx: RxScratch::default(),
         }
+    }
+
+    /// Receives into `spares` when the guest's buffers run out.
+    pub fn with_spares(mut self, spares: SpareFrames) -> Self {
+        self.pending = VecDeque::with_capacity(spares.count() + self.capacity);
+        self.spares = spares;
+        self
     }
 
     /// Leaves the last `chains` available receive chains on the ring rather than posting
@@ -296,7 +454,7 @@ impl PostedBuffers {
         self.capacity
     }
 
-    /// Buffers on the fill ring.
+    /// Guest buffers on the fill ring.
     pub fn len(&self) -> usize {
         self.by_fill.len()
     }
@@ -305,15 +463,87 @@ impl PostedBuffers {
         self.by_fill.is_empty()
     }
 
-    /// Takes the guest's available receive chains, up to the fill ring's free room (and
-    /// `room`, what the caller's fill ring takes now), and puts the fill address of each
-    /// postable one in `fill`. Unpostable chains go back to the guest unused and counted.
+    /// Spare frames on the fill ring.
+    pub fn spares_posted(&self) -> usize {
+        self.spares.posted
+    }
+
+    /// Spare frames in the pool.
+    pub fn spares_free(&self) -> usize {
+        self.spares.free()
+    }
+
+    /// Frames waiting for guest chains.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Hands the guest the frames waiting for its chains, in order, while it has chains for
+    /// the spare ones; appends their used entries to `used`. Returns the avail index to
+    /// resume at if the chains ran out part-way through a frame (nothing of it counts).
+    fn drain(
+        &mut self,
+        cursor: &mut GuestMemoryCursor<'_>,
+        chains: &mut Chains<'_, '_>,
+        spares: SpareCopy<'_>,
+        tally: &mut ZeroCopyRxTally,
+    ) -> Result<Option<u16>, QueueError> {
+        while let Some(&first) = self.pending.front() {
+            match first {
+                Arrived::Guest { head, len } => {
+                    self.used.push((head, VNET_HDR_LEN as u32 + len));
+                    tally.frames += 1;
+                    tally.bytes += u64::from(len);
+                    tally.buffers += 1;
+                }
+                Arrived::Spare { slot, len } => {
+                    let before = chains.next_avail();
+                    let data = self.spares.address(slot) + self.layout.data_offset;
+                    // Spare slots lie in the daemon's area by construction; a frame that
+                    // cannot be read there is dropped as one too large would be.
+                    let copied = match spares.memory.bytes(data, len as usize) {
+                        Some(frame) => copy_frame(
+                            cursor,
+                            chains,
+                            frame,
+                            spares.mrg_rxbuf,
+                            &mut self.rx,
+                            &mut self.used,
+                        )?,
+                        None => Copied::TooLarge,
+                    };
+                    match copied {
+                        Copied::Delivered { chains } => {
+                            tally.frames += 1;
+                            tally.bytes += u64::from(len);
+                            tally.buffers += u64::from(chains);
+                            tally.spare_frames += 1;
+                        }
+                        Copied::TooLarge => tally.dropped_too_large += 1,
+                        Copied::NoBuffers => return Ok(Some(before)),
+                    }
+                    self.spares.free.push(slot);
+                    self.pending_spares -= 1;
+                }
+            }
+            self.pending.pop_front();
+        }
+        Ok(None)
+    }
+
+    /// Takes the guest's available receive chains: first for the frames waiting for them
+    /// (copied in, in order), then, once none wait, onto the fill ring up to its free room
+    /// (and `room`, what the caller's fill ring takes now), putting the fill address of each
+    /// postable one in `fill`. Unpostable chains go back to the guest unused and counted. If
+    /// the kernel is then left with fewer than [`SPARE_LOW_WATER`] buffers and the guest has
+    /// no more, spare frames follow in batches of [`SPARE_BATCH`].
     pub fn post(
         &mut self,
         mem: &GuestMemory,
         queue: &mut Queue,
         room: usize,
         fill: &mut Vec<u64>,
+        spares: SpareCopy<'_>,
         tally: &mut ZeroCopyRxTally,
     ) -> Result<(), QueueError> {
         fill.clear();
@@ -321,85 +551,169 @@ impl PostedBuffers {
         let waiting = queue
             .avail_idx(mem, Ordering::Acquire)
             .map_or(0, |idx| idx.0.wrapping_sub(queue.next_avail()));
-        let room = room
-            .min(self.capacity - self.by_fill.len())
-            .min(usize::from(waiting.saturating_sub(self.hold_back)));
-        let next_avail = {
+        let mut cursor = GuestMemoryCursor::new(mem);
+        let (next_avail, guest_has_more) = {
             let Some(mut chains) = Chains::open(mem, queue)? else {
                 return Ok(());
             };
-            while fill.len() < room {
-                let Some((head, _)) = chains.take(true, &mut self.segs)? else {
-                    break;
-                };
-                // Only the first buffer of a chain is used: it must take a whole frame.
-                let placed = fill_address(&self.file, self.layout, self.segs[0]).and_then(|a| {
-                    if self.by_fill.contains_key(&a) {
-                        Err(Unpostable::AlreadyPosted)
-                    } else {
-                        Ok(a)
-                    }
-                });
-                match placed {
-                    Ok(addr) => {
-                        let buffer = self.segs[0].0 .0;
-                        self.by_fill.insert(addr, Posted { head, buffer });
-                        fill.push(addr);
-                        tally.posted += 1;
-                    }
-                    Err(why) => {
-                        tally.returned(why);
-                        self.used.push((head, 0));
-                    }
+            let start = chains.next_avail();
+            match self.drain(&mut cursor, &mut chains, spares, tally)? {
+                // The chains ran out before the frames waiting for them.
+                Some(resume) => (resume, false),
+                None => {
+                    let left = waiting.saturating_sub(chains.next_avail().wrapping_sub(start));
+                    // A chain stays on the ring for every spare frame ahead of the guest's
+                    // next buffer on the fill ring or waiting: the kernel fills that buffer
+                    // after them, and its frame may reach the guest only after theirs, so
+                    // with every chain on the fill ring they would wait for a chain the guest
+                    // posts only once it got frames back, and the guest for them.
+                    let reserved = self.spares.posted + self.pending_spares;
+                    let kept = usize::from(self.hold_back).saturating_add(reserved);
+                    let offered = usize::from(left).saturating_sub(kept);
+                    let room = room.min(self.capacity - self.by_fill.len()).min(offered);
+                    self.post_chains(&mut chains, room, fill, tally)?;
+                    let taken = chains.next_avail().wrapping_sub(start);
+                    (
+                        chains.next_avail(),
+                        usize::from(waiting.saturating_sub(taken)) > kept,
+                    )
                 }
             }
-            chains.next_avail()
         };
         queue.set_next_avail(next_avail);
+        if !guest_has_more {
+            self.post_spares(room.saturating_sub(fill.len()), fill, tally);
+        }
         publish_used(mem, queue, &self.used)
     }
 
-    /// Hands received frames to the guest: `received` holds the kernel's receive descriptors
-    /// as (fill address, data offset from it, length). Writes each frame's net header, marks what the kernel wrote for a
-    /// migration's dirty log, and publishes the used entries once.
+    /// Posts up to `room` chains from `chains` (see [`PostedBuffers::post`]).
+    fn post_chains(
+        &mut self,
+        chains: &mut Chains<'_, '_>,
+        room: usize,
+        fill: &mut Vec<u64>,
+        tally: &mut ZeroCopyRxTally,
+    ) -> Result<(), QueueError> {
+        while fill.len() < room {
+            let Some((head, _)) = chains.take(true, &mut self.segs)? else {
+                break;
+            };
+            // Only the first buffer of a chain is used: it must take a whole frame.
+            let placed = fill_address(&self.file, self.layout, self.segs[0]).and_then(|a| {
+                if self.by_fill.contains_key(&a) {
+                    Err(Unpostable::AlreadyPosted)
+                } else {
+                    Ok(a)
+                }
+            });
+            match placed {
+                Ok(addr) => {
+                    let buffer = self.segs[0].0 .0;
+                    self.by_fill.insert(addr, Posted { head, buffer });
+                    fill.push(addr);
+                    tally.posted += 1;
+                }
+                Err(why) => {
+                    tally.returned(why);
+                    self.used.push((head, 0));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Spares onto the fill ring, a batch at a time, while the kernel holds fewer than the
+    /// low-water mark and the pool and `room` last.
+    fn post_spares(&mut self, room: usize, fill: &mut Vec<u64>, tally: &mut ZeroCopyRxTally) {
+        let held = self.by_fill.len() + self.spares.posted;
+        if held >= SPARE_LOW_WATER {
+            return;
+        }
+        let want = (SPARE_LOW_WATER - held).div_ceil(SPARE_BATCH) * SPARE_BATCH;
+        for _ in 0..want.min(room) {
+            let Some(addr) = self.spares.post() else {
+                break;
+            };
+            fill.push(addr);
+            tally.spares_posted += 1;
+        }
+    }
+
+    /// Hands received frames to the guest in the order they came: `received` holds the
+    /// kernel's receive descriptors as (fill address, data offset from it, length). Writes
+    /// each guest buffer's net header and marks what the kernel wrote for a migration's dirty
+    /// log; copies each spare frame into the guest's next available chain; a spare frame that
+    /// finds none waits, with every frame after it, for the guest's next chains. Publishes the
+    /// used entries once.
     pub fn complete(
         &mut self,
         mem: &GuestMemory,
         queue: &mut Queue,
         received: impl IntoIterator<Item = (u64, u64, u32)>,
+        spares: SpareCopy<'_>,
         tally: &mut ZeroCopyRxTally,
     ) -> Result<(), QueueError> {
         self.used.clear();
         let mut cursor = GuestMemoryCursor::new(mem);
         let header = rx_header(1);
         for (fill, offset, len) in received {
-            let posted = (offset == self.layout.data_offset && len <= self.layout.max_frame)
-                .then(|| self.by_fill.remove(&fill))
-                .flatten();
-            let Some(p) = posted else {
+            if offset != self.layout.data_offset || len > self.layout.max_frame {
                 tally.unknown_completions += 1;
                 continue;
+            }
+            if let Some(p) = self.by_fill.remove(&fill) {
+                // The buffer was checked when posted: header and frame lie in one region.
+                let source = |source| QueueError::OutOfMemory {
+                    head: p.head,
+                    source,
+                };
+                cursor
+                    .write(GuestAddress(p.buffer), &header)
+                    .map_err(source)?;
+                mark_written(mem, p.buffer + VNET_HDR_LEN as u64, len);
+                let arrived = Arrived::Guest { head: p.head, len };
+                if self.pending.is_empty() {
+                    self.used.push((p.head, VNET_HDR_LEN as u32 + len));
+                    tally.frames += 1;
+                    tally.bytes += u64::from(len);
+                    tally.buffers += 1;
+                } else {
+                    self.pending.push_back(arrived);
+                }
+            } else if let Some(slot) = self.spares.take_back(fill) {
+                self.pending.push_back(Arrived::Spare { slot, len });
+                self.pending_spares += 1;
+            } else {
+                tally.unknown_completions += 1;
+            }
+        }
+        if !self.pending.is_empty() {
+            let resume = {
+                let Some(mut chains) = Chains::open(mem, queue)? else {
+                    return publish_used(mem, queue, &self.used);
+                };
+                let resume = self.drain(&mut cursor, &mut chains, spares, tally)?;
+                resume.unwrap_or(chains.next_avail())
             };
-            // The buffer was checked when posted: header and frame lie in one region.
-            let source = |source| QueueError::OutOfMemory {
-                head: p.head,
-                source,
-            };
-            cursor
-                .write(GuestAddress(p.buffer), &header)
-                .map_err(source)?;
-            mark_written(mem, p.buffer + VNET_HDR_LEN as u64, len);
-            self.used.push((p.head, VNET_HDR_LEN as u32 + len));
-            tally.frames += 1;
-            tally.bytes += u64::from(len);
+            queue.set_next_avail(resume);
         }
         publish_used(mem, queue, &self.used)
     }
 
     /// Forgets every posted buffer (the socket that held them is closed: the kernel gave them
-    /// up) and returns their heads, to go back to the guest unused if its queue still runs.
+    /// up) and every frame waiting for a chain, and returns the heads of the guest buffers
+    /// among them, to go back to the guest unused if its queue still runs. Spares go back to
+    /// the pool.
     pub fn forget(&mut self) -> Vec<u16> {
-        self.by_fill.drain().map(|(_, p)| p.head).collect()
+        let mut heads: Vec<u16> = self.by_fill.drain().map(|(_, p)| p.head).collect();
+        heads.extend(self.pending.drain(..).filter_map(|a| match a {
+            Arrived::Guest { head, .. } => Some(head),
+            Arrived::Spare { .. } => None,
+        }));
+        self.pending_spares = 0;
+        self.spares.reset();
+        heads
     }
 
     /// Gives every posted buffer back to the guest unused (length 0), once the socket that

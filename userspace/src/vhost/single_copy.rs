@@ -19,9 +19,13 @@ use crate::nic::Nic;
 use crate::vhost::backend::{Datapath, NetBackend};
 use crate::worker::{EventIds, GuestPath, QueuePairWorker};
 
-/// Entries of the guest-memory socket's fill and rx rings, and its transmit slots.
+/// Guest receive buffers the kernel may hold at once, and the socket's transmit slots.
 const GUEST_RING: u32 = 1024;
 const GUEST_TX_SLOTS: u32 = 1024;
+/// Spare receive frames of the daemon's own, for when the guest is late in posting buffers
+/// (as many as the guest's; the copy path queues into 2048 frames of its own). The fill and
+/// rx rings take both.
+const SPARE_FRAMES: u32 = 1024;
 
 /// The copy path's sockets of queue pair `pair` of `pairs`: one per NIC queue `q` with
 /// `q % pairs == pair` to receive on, and one to transmit with on NIC queue
@@ -122,8 +126,9 @@ impl DedicatedNic {
             ifname: &self.nic.iface,
             ifindex: self.nic.ifindex,
             queue_id: 0,
-            ring_size: GUEST_RING,
+            ring_size: (GUEST_RING + SPARE_FRAMES).next_power_of_two(),
             tx_slots: GUEST_TX_SLOTS,
+            spare_frames: SPARE_FRAMES,
         };
         let mut socket = GuestRxSocket::open(spec, self.nic.xsk_mode).map_err(|e| e.to_string())?;
         let in_place = self.tx.in_place(socket.mode() == XskMode::ZeroCopy);
@@ -146,10 +151,9 @@ impl DedicatedNic {
             max_frame: layout.max_frame(),
             dma_page: socket.dma_page(),
         };
-        Ok(GuestPath::new(
-            socket,
-            PostedBuffers::new(file, fill, GUEST_RING as usize),
-        ))
+        let posted =
+            PostedBuffers::new(file, fill, GUEST_RING as usize).with_spares(socket.spare_frames());
+        Ok(GuestPath::new(socket, posted))
     }
 
     /// Decides the path for guest memory `mem` (a new memory table): whatever path the

@@ -15,7 +15,7 @@ mod single_copy;
 mod sys;
 mod tx;
 
-pub use single_copy::GuestPath;
+pub use single_copy::{GuestPath, HELD_BACK_CHAINS};
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};

@@ -2,6 +2,7 @@
 //! queue; the kernel's part (writing a frame after the fill address) is played by the test.
 
 use super::*;
+use crate::datapath::device::VNET_HDR_NUM_BUFFERS;
 use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
 use crate::datapath::Malformed;
 
@@ -32,6 +33,21 @@ fn one_region() -> GuestFile {
     )
 }
 
+/// The daemon's own area in the tests: spare slots right after the guest's file.
+const SPARE_START: u64 = FILE_OFFSET + MEM_SIZE as u64;
+const SLOT: u32 = 2048;
+
+struct TestSpares {
+    bytes: Vec<u8>,
+}
+
+impl SpareMemory for TestSpares {
+    fn bytes(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let from = usize::try_from(addr.checked_sub(SPARE_START)?).ok()?;
+        self.bytes.get(from..from.checked_add(len)?)
+    }
+}
+
 /// The device's side after the guest posted `chains` and the daemon posted what it could to a
 /// fill ring of `capacity` entries.
 struct Posting<'m> {
@@ -41,6 +57,8 @@ struct Posting<'m> {
     fill: Vec<u64>,
     tally: ZeroCopyRxTally,
     heads: Vec<u16>,
+    spares: TestSpares,
+    mrg_rxbuf: bool,
 }
 
 fn posting<'m>(mem: &'m GuestMemory, chains: &[&[Buf]], capacity: usize) -> Posting<'m> {
@@ -53,6 +71,8 @@ fn posting<'m>(mem: &'m GuestMemory, chains: &[&[Buf]], capacity: usize) -> Post
         fill: Vec::new(),
         tally: ZeroCopyRxTally::default(),
         heads,
+        spares: TestSpares { bytes: Vec::new() },
+        mrg_rxbuf: false,
     };
     p.post().unwrap();
     p
@@ -60,17 +80,91 @@ fn posting<'m>(mem: &'m GuestMemory, chains: &[&[Buf]], capacity: usize) -> Post
 
 impl Posting<'_> {
     fn post(&mut self) -> Result<(), QueueError> {
+        self.post_room(64)
+    }
+
+    fn post_room(&mut self, room: usize) -> Result<(), QueueError> {
         let mem = self.tq.mem;
-        self.posted
-            .post(mem, &mut self.q, 64, &mut self.fill, &mut self.tally)
+        let copy = SpareCopy {
+            memory: &self.spares,
+            mrg_rxbuf: self.mrg_rxbuf,
+        };
+        self.posted.post(
+            mem,
+            &mut self.q,
+            room,
+            &mut self.fill,
+            copy,
+            &mut self.tally,
+        )
     }
 
     fn complete(&mut self, received: &[(u64, u64, u32)]) {
         let mem = self.tq.mem;
+        let copy = SpareCopy {
+            memory: &self.spares,
+            mrg_rxbuf: self.mrg_rxbuf,
+        };
         self.posted
-            .complete(mem, &mut self.q, received.iter().copied(), &mut self.tally)
+            .complete(
+                mem,
+                &mut self.q,
+                received.iter().copied(),
+                copy,
+                &mut self.tally,
+            )
             .unwrap();
     }
+
+    /// Receives into spares too: a pool of `count` slots, none posted yet.
+    fn with_spares(mut self, count: u32) -> Self {
+        let posted = std::mem::replace(
+            &mut self.posted,
+            PostedBuffers::new(one_region(), LAYOUT, 0),
+        );
+        self.posted = posted.with_spares(SpareFrames::new(SPARE_START, SLOT, count));
+        self.spares.bytes = vec![0; count as usize * SLOT as usize];
+        self
+    }
+
+    /// The guest posts one chain of `len` bytes at `addr`; returns its head.
+    fn guest_posts(&mut self, addr: u64, len: u32) -> u16 {
+        self.tq.post(&[Buf(addr, len, true)])
+    }
+
+    /// The kernel writes `frame` where fill address `fill` puts it (a guest buffer or a
+    /// spare), and returns its receive descriptor.
+    fn kernel_writes(&mut self, fill: u64, frame: &[u8]) -> (u64, u64, u32) {
+        let at = fill + LAYOUT.data_offset;
+        if at >= SPARE_START {
+            let from = (at - SPARE_START) as usize;
+            self.spares.bytes[from..from + frame.len()].copy_from_slice(frame);
+        } else {
+            self.tq.write(at - FILE_OFFSET, frame);
+        }
+        (fill, LAYOUT.data_offset, frame.len() as u32)
+    }
+}
+
+/// A numbered frame: `n` in every byte, `len` bytes.
+fn numbered(n: u8, len: usize) -> Vec<u8> {
+    vec![n; len]
+}
+
+/// The frames the guest's used entries from `from` on name, as (head, what the chain holds
+/// after its net header), each checked for its net header and length.
+fn delivered(p: &Posting<'_>, from: u16, buffers: &[(u16, u64)]) -> Vec<Vec<u8>> {
+    p.tq.used(from)
+        .into_iter()
+        .map(|(head, len)| {
+            let &(_, addr) = buffers
+                .iter()
+                .find(|(h, _)| u32::from(*h) == head)
+                .expect("a used entry names a chain the guest posted");
+            assert_eq!(p.tq.read(addr, 12), rx_header(1), "net header of {head}");
+            p.tq.read(addr + 12, len as usize - 12)
+        })
+        .collect()
 }
 
 fn seg(addr: u64, len: u32) -> Segment {
@@ -254,9 +348,7 @@ fn no_more_buffers_than_the_fill_ring_holds_are_taken() {
     let first = FILE_OFFSET + BUF_BASE + 12 - LAYOUT.data_offset;
     p.complete(&[(first, LAYOUT.data_offset, 60)]);
     // The caller's fill ring has no room.
-    p.posted
-        .post(p.tq.mem, &mut p.q, 0, &mut p.fill, &mut p.tally)
-        .unwrap();
+    p.post_room(0).unwrap();
     assert!(p.fill.is_empty());
     p.post().unwrap();
     assert_eq!(p.fill, vec![first + 0x2000]);
@@ -374,4 +466,250 @@ fn chains_held_back_for_copied_frames_stay_on_the_ring_until_more_arrive() {
     p.post().unwrap();
     assert_eq!((p.fill.len(), p.q.next_avail()), (1, 5));
     assert_eq!(p.posted.len(), 4);
+}
+
+#[test]
+fn frames_in_spares_and_in_guest_buffers_reach_the_guest_in_the_order_they_arrived() {
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16).with_spares(2);
+    let buf = |i: u64| BUF_BASE + 0x1000 * i;
+    let spare = |i: u64| SPARE_START + i * u64::from(SLOT);
+    let mut buffers = Vec::new();
+    // The guest posts one buffer: the kernel gets it, then the spares (the guest has no more).
+    buffers.push((p.guest_posts(buf(0), 2048), buf(0)));
+    p.post().unwrap();
+    assert_eq!(p.fill, [p.fill[0], spare(0), spare(1)]);
+    let a = p.fill[0];
+    assert_eq!((p.posted.spares_posted(), p.tally.spares_posted), (2, 2));
+    // Frame 1 lands in the guest's buffer, frame 2 in a spare and finds no chain: it waits.
+    let r1 = p.kernel_writes(a, &numbered(1, 60));
+    let r2 = p.kernel_writes(spare(0), &numbered(2, 100));
+    p.complete(&[r1, r2]);
+    assert_eq!(delivered(&p, 0, &buffers), vec![numbered(1, 60)]);
+    assert_eq!(p.posted.pending(), 1);
+    // Three chains: the first takes frame 2, the next goes to the kernel, the last stays for
+    // the spare still ahead of it; the spare back in the pool goes to the kernel after it.
+    for i in 1..4 {
+        buffers.push((p.guest_posts(buf(i), 2048), buf(i)));
+    }
+    p.post().unwrap();
+    let c = p.fill[0];
+    assert_eq!(p.fill, [c, spare(0)]);
+    assert_eq!((p.tally.spare_frames, p.q.next_avail()), (1, 3));
+    // A broadcast from the tap takes the chain kept for the spare (the daemon copies those
+    // into any chain): frame 3 in the spare finds none, and frame 4 in the guest's buffer
+    // and frame 5 in the other spare wait behind it.
+    p.q.set_next_avail(4);
+    let r3 = p.kernel_writes(spare(1), &numbered(3, 1518));
+    let r4 = p.kernel_writes(c, &numbered(4, 300));
+    let r5 = p.kernel_writes(spare(0), &numbered(5, 64));
+    p.complete(&[r3, r4, r5]);
+    assert_eq!((p.tq.used(0).len(), p.posted.pending()), (2, 3));
+    // One chain: frames 3 and 4 go, 5 waits; another: 5 goes.
+    buffers.push((p.guest_posts(buf(4), 2048), buf(4)));
+    p.post().unwrap();
+    assert_eq!((p.tq.used(0).len(), p.posted.pending()), (4, 1));
+    buffers.push((p.guest_posts(buf(5), 2048), buf(5)));
+    p.post().unwrap();
+    assert_eq!(p.posted.pending(), 0);
+    let want: Vec<Vec<u8>> = [(1, 60), (2, 100), (3, 1518), (4, 300), (5, 64)]
+        .iter()
+        .map(|&(n, len)| numbered(n, len))
+        .collect();
+    assert_eq!(delivered(&p, 0, &buffers), want);
+    let t = p.tally;
+    assert_eq!(
+        (t.frames, t.spare_frames, t.buffers, t.bytes),
+        (5, 3, 5, 60 + 100 + 1518 + 300 + 64)
+    );
+    // Every spare is back in the pool or on the ring again; none is lost.
+    assert_eq!(p.posted.spares_free() + p.posted.spares_posted(), 2);
+}
+
+#[test]
+fn spare_frames_ahead_of_a_guest_buffer_on_the_fill_ring_always_find_a_chain() {
+    // Were every chain the guest posts put on the fill ring behind the spares, the spare
+    // frames would wait for a chain and the frames in those buffers for them, while the
+    // guest posts more only once it got frames back: with a real guest's ring the daemon
+    // would hold it whole, and the port would stop for good.
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16).with_spares(2);
+    let buf = |i: u64| BUF_BASE + 0x1000 * i;
+    let mut buffers = vec![(p.guest_posts(buf(0), 2048), buf(0))];
+    p.post().unwrap();
+    let posted_first = p.fill.clone();
+    for i in 1..4 {
+        buffers.push((p.guest_posts(buf(i), 2048), buf(i)));
+    }
+    p.post().unwrap();
+    // Two chains stay for the two spares ahead; the third goes to the kernel.
+    assert_eq!((p.fill.len(), p.q.next_avail()), (1, 2));
+    // The kernel fills everything the daemon gave it, in order: every frame arrives.
+    let all: Vec<u64> = posted_first.iter().chain(&p.fill).copied().collect();
+    let received: Vec<_> = all
+        .iter()
+        .enumerate()
+        .map(|(n, &f)| p.kernel_writes(f, &numbered(n as u8, 80)))
+        .collect();
+    p.complete(&received);
+    assert_eq!(p.posted.pending(), 0);
+    assert_eq!(
+        delivered(&p, 0, &buffers),
+        (0..4).map(|n| numbered(n, 80)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_spare_frame_takes_several_small_chains_with_mergeable_buffers_and_is_dropped_without() {
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16).with_spares(2);
+    p.mrg_rxbuf = true;
+    p.post().unwrap();
+    let frame: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+    let r = p.kernel_writes(SPARE_START, &frame);
+    p.complete(&[r]);
+    let h1 = p.guest_posts(BUF_BASE, 512);
+    let h2 = p.guest_posts(BUF_BASE + 0x1000, 512);
+    p.post().unwrap();
+    assert_eq!(
+        p.tq.used(0),
+        vec![(u32::from(h1), 512), (u32::from(h2), 500)]
+    );
+    let mut header = rx_header(1);
+    header[VNET_HDR_NUM_BUFFERS..VNET_HDR_NUM_BUFFERS + 2].copy_from_slice(&2u16.to_le_bytes());
+    assert_eq!(p.tq.read(BUF_BASE, 12), header);
+    let mut got = p.tq.read(BUF_BASE + 12, 500);
+    got.extend(p.tq.read(BUF_BASE + 0x1000, 500));
+    assert_eq!(got, frame);
+    assert_eq!((p.tally.spare_frames, p.tally.buffers), (1, 2));
+
+    // Without MRG_RXBUF a frame larger than the next chain is dropped and counted; the
+    // chain, too short for the kernel as well, goes back unused.
+    p.mrg_rxbuf = false;
+    let r = p.kernel_writes(SPARE_START + u64::from(SLOT), &frame);
+    p.complete(&[r]);
+    p.guest_posts(BUF_BASE + 0x2000, 512);
+    p.post().unwrap();
+    // The chain stays on the ring (for the spare on the fill ring), unused.
+    assert!(p.tq.used(2).is_empty());
+    assert_eq!((p.tally.dropped_too_large, p.posted.pending()), (1, 0));
+    assert_eq!(p.posted.spares_free() + p.posted.spares_posted(), 2);
+}
+
+#[test]
+fn frames_wait_for_chains_only_as_far_as_the_pool_goes() {
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16).with_spares(3);
+    p.post().unwrap();
+    assert_eq!(p.fill.len(), 3);
+    let fills = p.fill.clone();
+    let received: Vec<_> = fills
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| p.kernel_writes(f, &numbered(i as u8, 60)))
+        .collect();
+    p.complete(&received);
+    assert_eq!((p.posted.pending(), p.posted.spares_free()), (3, 0));
+    // No chains and no spares left: nothing more is posted and nothing waits beyond them.
+    p.post().unwrap();
+    assert!(p.fill.is_empty());
+    // A kernel naming the same spares again (it cannot, they are off the ring) is ignored.
+    p.complete(&received);
+    assert_eq!((p.posted.pending(), p.tally.unknown_completions), (3, 3));
+    // The guest comes back: everything arrives, in order, and the pool is whole again.
+    let bufs: Vec<_> = (0..3u64)
+        .map(|i| {
+            let addr = BUF_BASE + 0x1000 * i;
+            (p.guest_posts(addr, 2048), addr)
+        })
+        .collect();
+    p.post().unwrap();
+    assert_eq!(
+        delivered(&p, 0, &bufs),
+        (0..3).map(|n| numbered(n, 60)).collect::<Vec<_>>()
+    );
+    assert_eq!(p.posted.spares_free() + p.posted.spares_posted(), 3);
+}
+
+#[test]
+fn spares_go_to_the_kernel_in_batches_only_when_the_guest_has_no_more_buffers() {
+    let mem = memory();
+    // Capacity for two guest buffers: the third stays with the guest, so no spares yet.
+    let mut p = posting(&mem, &[], 2).with_spares(300);
+    for i in 0..3 {
+        p.guest_posts(BUF_BASE + 0x1000 * i, 2048);
+    }
+    p.post_room(usize::MAX).unwrap();
+    assert_eq!((p.fill.len(), p.posted.spares_posted()), (2, 0));
+    // Two frames free room for the third; then the guest has none left to offer: spares up
+    // to the low-water mark, in whole batches.
+    let received: Vec<_> = p
+        .fill
+        .iter()
+        .map(|&f| (f, LAYOUT.data_offset, 60))
+        .collect();
+    p.complete(&received);
+    p.post_room(usize::MAX).unwrap();
+    assert_eq!(p.q.next_avail(), 3);
+    let batches = (SPARE_LOW_WATER - 1).div_ceil(SPARE_BATCH) * SPARE_BATCH;
+    assert_eq!(
+        (p.fill.len(), p.posted.spares_posted()),
+        (1 + batches, batches)
+    );
+    // At the mark nothing more goes; below it, whole batches again.
+    p.post_room(usize::MAX).unwrap();
+    assert!(p.fill.is_empty());
+    let taken: Vec<_> = (0..2 * SPARE_BATCH as u64 + 1)
+        .map(|i| (SPARE_START + i * u64::from(SLOT), LAYOUT.data_offset, 60))
+        .collect();
+    p.complete(&taken);
+    p.post_room(usize::MAX).unwrap();
+    assert_eq!(p.fill.len(), 2 * SPARE_BATCH);
+    // The caller's fill ring room bounds them too.
+    let next = SPARE_START + (2 * SPARE_BATCH as u64 + 1) * u64::from(SLOT);
+    p.complete(&[(next, LAYOUT.data_offset, 60)]);
+    p.post_room(0).unwrap();
+    assert!(p.fill.is_empty());
+}
+
+#[test]
+fn stopping_with_frames_waiting_gives_the_guest_buffers_back_unused_and_the_spares_to_the_pool() {
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16).with_spares(1);
+    let h0 = p.guest_posts(BUF_BASE, 2048);
+    p.post().unwrap();
+    let (a, s0) = (p.fill[0], p.fill[1]);
+    let h1 = p.guest_posts(BUF_BASE + 0x1000, 2048);
+    let h2 = p.guest_posts(BUF_BASE + 0x2000, 2048);
+    p.guest_posts(BUF_BASE + 0x3000, 2048);
+    p.post().unwrap();
+    // h1 and h2 go to the kernel, the last chain stays for the spare; a broadcast takes it.
+    // The kernel fills h0, the spare and h1, whose frame waits behind the spare's.
+    let b = p.fill[0];
+    assert_eq!(p.fill.len(), 2);
+    p.q.set_next_avail(p.q.next_avail() + 1);
+    let received = [
+        p.kernel_writes(a, &numbered(1, 60)),
+        p.kernel_writes(s0, &numbered(2, 60)),
+        p.kernel_writes(b, &numbered(3, 60)),
+    ];
+    p.complete(&received);
+    assert_eq!((p.posted.pending(), p.posted.len()), (2, 1));
+    p.q.set_ready(false);
+    let mem_ref = p.tq.mem;
+    assert_eq!(p.posted.give_back(mem_ref, &mut p.q).unwrap(), 2);
+    let mut used = p.tq.used(0);
+    used[1..].sort();
+    let mut back = [u32::from(h1), u32::from(h2)];
+    back.sort();
+    assert_eq!(used, vec![(u32::from(h0), 72), (back[0], 0), (back[1], 0)]);
+    assert_eq!(
+        (
+            p.posted.pending(),
+            p.posted.spares_free(),
+            p.posted.spares_posted()
+        ),
+        (0, 1, 0)
+    );
+    assert!(p.posted.is_empty());
 }

@@ -29,7 +29,7 @@ use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemCo
 
 use super::multi_buffer::{XDP_PKT_CONTD, XDP_USE_SG};
 use super::{setup_error, XskError, XskKernelStats, XskMode, XskModeChoice};
-use crate::datapath::zero_copy_rx::GuestFile;
+use crate::datapath::zero_copy_rx::{GuestFile, SpareFrames, SpareMemory};
 use crate::datapath::zero_copy_tx::{Completion, HeaderSlots, PieceLayout};
 
 /// Completion ring entries per transmit slot: a frame sent from guest memory returns each of
@@ -364,6 +364,22 @@ impl GuestUmem {
     }
 }
 
+impl SpareMemory for GuestUmem {
+    fn bytes(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let own = self.own_area();
+        let end = addr.checked_add(len as u64)?;
+        if addr < own.start || end > own.end {
+            return None;
+        }
+        let ptr = self.mapping.range(addr, len)?;
+        // SAFETY: the range lies in the mapping (`range`) and in the daemon's own private
+        // anonymous area, which the guest cannot reach. The kernel writes a spare frame only
+        // while it is on the fill ring, and callers read only spares it returned and that are
+        // not posted again while the slice lives (posting takes the socket mutably).
+        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+    }
+}
+
 /// How long a bind refused with `EBUSY` is retried: the kernel frees a NIC queue's UMEM slot
 /// in deferred work after the previous socket on it closed (a reconnect, a ring restart).
 const BIND_RELEASE_WAIT: Duration = Duration::from_secs(2);
@@ -387,6 +403,8 @@ pub struct GuestRxSocket {
     queue_id: u32,
     /// Frames received in several pieces, which no guest buffer is posted for.
     split_rx: SplitRx,
+    /// The spare receive frames of the daemon's area, as they are before any is posted.
+    spares: SpareFrames,
 }
 
 /// A multi-buffer frame on the rx ring being dropped piece by piece.
@@ -439,6 +457,9 @@ pub struct GuestRxSpec<'a> {
     /// Transmit slots in the daemon's own area after the file (a power of two; the tx and
     /// completion rings get as many entries), or 0 for a receive-only socket.
     pub tx_slots: u32,
+    /// Spare receive frames in the daemon's area after the transmit slots, for when the
+    /// guest's buffers run out (`ring_size` must take them with the guest's).
+    pub spare_frames: u32,
 }
 
 impl GuestRxSpec<'_> {
@@ -490,7 +511,7 @@ impl GuestRxSocket {
         let fail = setup_error(spec.ifname, spec.queue_id);
         let ring_size = spec.ring_size;
         let slot = spec.tx_slot_size();
-        let own_len = spec.tx_slots as usize * slot as usize;
+        let own_len = (spec.tx_slots as usize + spec.spare_frames as usize) * slot as usize;
         // A frame sent from guest memory returns every piece on the completion ring: room for
         // a few pieces per slot, so the ring rarely holds the kernel back.
         let complete_size = (spec.tx_slots * TX_PIECES_PER_SLOT).max(ring_size);
@@ -554,7 +575,9 @@ impl GuestRxSocket {
                 umem.xdp()
                     .bind(&tx_user)
                     .map_err(fail("shared-UMEM tx bind"))?;
-                let area = umem.own_area();
+                let own = umem.own_area();
+                // The transmit slots are the start of the daemon's area; spares follow.
+                let area = own.start..own.start + u64::from(spec.tx_slots) * u64::from(slot);
                 Some(GuestTx {
                     ring,
                     _user: tx_user,
@@ -571,6 +594,11 @@ impl GuestRxSocket {
                 })
             }
         };
+        let spares = SpareFrames::new(
+            umem.own_area().start + u64::from(spec.tx_slots) * u64::from(slot),
+            slot,
+            spec.spare_frames,
+        );
         Ok(GuestRxSocket {
             device,
             rx,
@@ -580,6 +608,7 @@ impl GuestRxSocket {
             mode,
             queue_id: spec.queue_id,
             split_rx: SplitRx::default(),
+            spares,
         })
     }
 
@@ -606,6 +635,12 @@ impl GuestRxSocket {
 
     pub fn umem(&self) -> &GuestUmem {
         &self.umem
+    }
+
+    /// The spare receive frames of the daemon's area (each a chunk at the start of a slot that
+    /// divides the page, so a zero-copy NIC takes it), all in the pool.
+    pub fn spare_frames(&self) -> SpareFrames {
+        self.spares.clone()
     }
 
     /// Free entries on the fill ring as xdpilone's cached view has them (at most what is
