@@ -22,7 +22,8 @@ use super::{GuestMemory, QueueError, Segment};
 
 /// Most pieces of one frame the kernel's copy mode takes: one for the skb's linear part and
 /// `MAX_SKB_FRAGS` (17) fragments; a frame of more is refused whole, every descriptor counted
-/// invalid (measured on Linux 6.18 by the guest-memory UMEM kernel test).
+/// invalid (measured on Linux 6.18 by the guest-memory UMEM kernel test). A zero-copy socket
+/// takes at most its driver's `xdp-zc-max-segs`, often fewer: see [`PieceLayout::max_pieces`].
 pub const MAX_PIECES: usize = 18;
 
 /// Bytes of a frame sent from its slot at least: the Ethernet header the policy checked and
@@ -40,7 +41,7 @@ pub enum NotInPlace {
     ShorterThanHeaders,
     #[error("a buffer of the frame is not inside one region of the guest memory file")]
     OutsideFile,
-    #[error("frame needs more than {MAX_PIECES} pieces")]
+    #[error("frame needs more pieces than the socket takes in one frame")]
     TooManyPieces,
     #[error("the checksum the daemon completes lies beyond the slot")]
     ChecksumBeyondSlot,
@@ -54,6 +55,12 @@ pub struct PieceLayout<'a> {
     pub file: &'a GuestFile,
     pub chunk_size: u32,
     pub dma_page: Option<u64>,
+    /// Most pieces of one frame, the slot's included: [`MAX_PIECES`] in copy mode, the
+    /// driver's `xdp-zc-max-segs` on a zero-copy socket. There the kernel consumes the first
+    /// that many descriptors of a longer frame without sending them or returning them on the
+    /// completion ring (the slot would stay in flight for good) and reads the rest as a frame
+    /// of its own, which would put guest bytes where the checked headers were.
+    pub max_pieces: usize,
 }
 
 /// How many of a `len`-byte frame's first bytes go from the daemon's slot of `slot_len`
@@ -78,7 +85,7 @@ pub fn slot_headers(
 /// The guest-memory pieces (UMEM address, length) of a frame made of `segs`, after its first
 /// `headers` bytes (which the daemon sends from its slot), each at most `chunk_size` long and
 /// within one DMA page where there is one, into `out`. With the slot's piece the frame may
-/// have [`MAX_PIECES`] pieces in all.
+/// have the layout's `max_pieces` pieces in all.
 pub fn guest_pieces(
     layout: PieceLayout<'_>,
     segs: &[Segment],
@@ -105,7 +112,7 @@ pub fn guest_pieces(
             if let Some(page) = layout.dma_page.filter(|&p| p > 0) {
                 piece = piece.min(page - offset % page);
             }
-            if out.len() + 1 >= MAX_PIECES {
+            if out.len() + 1 >= layout.max_pieces {
                 return Err(NotInPlace::TooManyPieces);
             }
             out.push((offset, piece as u32));
@@ -312,6 +319,7 @@ mod tests {
             file,
             chunk_size: 2048,
             dma_page,
+            max_pieces: MAX_PIECES,
         }
     }
 
@@ -395,6 +403,39 @@ mod tests {
             .collect();
         guest_pieces(layout(&f, None), &segs, 0, &mut out).unwrap();
         assert_eq!(out.len(), MAX_PIECES - 1);
+    }
+
+    #[test]
+    fn a_zero_copy_drivers_lower_piece_limit_counts_the_slot_and_refuses_a_frame_over_it() {
+        // A driver that takes 5 pieces per frame: the slot and 4 in guest memory.
+        let f = file();
+        let five = PieceLayout {
+            max_pieces: 5,
+            ..layout(&f, Some(4096))
+        };
+        let mut out = Vec::new();
+        let segs =
+            |n: u64| -> Vec<Segment> { (0..n).map(|i| seg(0x1000 + 0x100 * i, 64)).collect() };
+        guest_pieces(five, &segs(4), 0, &mut out).unwrap();
+        assert_eq!(out.len(), 4);
+        assert_eq!(
+            guest_pieces(five, &segs(5), 0, &mut out),
+            Err(NotInPlace::TooManyPieces)
+        );
+        // One buffer crossing DMA pages makes pieces of its own: 4 buffers, one crossing.
+        let crossing = [
+            seg(0x1000, 64),
+            seg(0x2000, 64),
+            seg(0x3000, 64),
+            seg(0x4fc0, 128),
+        ];
+        assert_eq!(
+            guest_pieces(five, &crossing, 0, &mut out),
+            Err(NotInPlace::TooManyPieces)
+        );
+        // Copy mode's limit takes the same frames.
+        guest_pieces(layout(&f, Some(4096)), &crossing, 0, &mut out).unwrap();
+        assert_eq!(out.len(), 5);
     }
 
     #[test]

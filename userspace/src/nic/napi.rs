@@ -15,6 +15,9 @@
 //! `irq-suspend-timeout` is left alone: only epoll's own busy polling (`EPIOCSPARAMS`) honours
 //! it, and the worker's epoll loop belongs to the vhost-user library, which sleeps on more
 //! than the NIC's sockets. Every libc call sits in [`Netlink`].
+//!
+//! The same family's `dev-get` says how many pieces one zero-copy frame may have on a NIC
+//! (`xdp-zc-max-segs`), which the single-copy path's transmit from guest memory keeps to.
 
 use std::collections::HashMap;
 use std::io;
@@ -27,6 +30,12 @@ const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
 const CTRL_ATTR_FAMILY_NAME: u16 = 2;
 /// include/uapi/linux/netdev.h
+const NETDEV_CMD_DEV_GET: u8 = 1;
+const NETDEV_A_DEV_IFINDEX: u16 = 1;
+const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
+const NETDEV_A_DEV_XDP_ZC_MAX_SEGS: u16 = 4;
+/// `NETDEV_XDP_ACT_XSK_ZEROCOPY` in `xdp-features`.
+pub const XDP_ACT_XSK_ZEROCOPY: u64 = 1 << 3;
 const NETDEV_CMD_NAPI_GET: u8 = 11;
 const NETDEV_CMD_NAPI_SET: u8 = 14;
 const NETDEV_A_NAPI_IFINDEX: u16 = 1;
@@ -56,13 +65,26 @@ pub struct NapiSettings {
     pub irq_suspend_timeout_ns: u64,
 }
 
-/// Why a NAPI instance could not be read or set.
+/// What the kernel reports of one network device's XDP abilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceInfo {
+    pub ifindex: u32,
+    /// `NETDEV_XDP_ACT_*` bits.
+    pub xdp_features: u64,
+    /// Most descriptors of one frame a zero-copy socket on the device takes; the kernel
+    /// reports it only for a device with zero-copy (`XDP_ACT_XSK_ZEROCOPY`).
+    pub xdp_zc_max_segs: Option<u32>,
+}
+
+/// Why a NAPI instance (or a device) could not be read or set.
 #[derive(Debug, thiserror::Error)]
 pub enum NapiError {
     #[error("netlink socket: {0}")]
     Socket(io::Error),
     #[error("the kernel has no netdev netlink family (Linux 6.13+ sets NAPI knobs per queue)")]
     NoFamily,
+    #[error("dev-get of interface {ifindex}: {source}")]
+    Device { ifindex: u32, source: io::Error },
     #[error("{op} NAPI {id}: {source}")]
     Request {
         op: &'static str,
@@ -128,6 +150,22 @@ impl Netlink {
             .ok_or_else(|| NapiError::Request {
                 op: "napi-get",
                 id,
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, "no answer"),
+            })
+    }
+
+    /// The XDP abilities of the interface `ifindex` (`dev-get`).
+    pub fn dev_get(&mut self, ifindex: u32) -> Result<DeviceInfo, NapiError> {
+        let mut msg = Message::new(self.family, NETDEV_CMD_DEV_GET, 0);
+        msg.attr(NETDEV_A_DEV_IFINDEX, &ifindex.to_ne_bytes());
+        let replies = self
+            .exchange(msg)
+            .map_err(|source| NapiError::Device { ifindex, source })?;
+        replies
+            .first()
+            .map(|r| parse_device(r))
+            .ok_or_else(|| NapiError::Device {
+                ifindex,
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, "no answer"),
             })
     }
@@ -301,6 +339,15 @@ fn parse_napi(reply: &[u8]) -> NapiInfo {
     }
 }
 
+fn parse_device(reply: &[u8]) -> DeviceInfo {
+    DeviceInfo {
+        ifindex: uint(reply, NETDEV_A_DEV_IFINDEX) as u32,
+        xdp_features: uint(reply, NETDEV_A_DEV_XDP_FEATURES),
+        xdp_zc_max_segs: attr(reply, NETDEV_A_DEV_XDP_ZC_MAX_SEGS)
+            .map(|_| uint(reply, NETDEV_A_DEV_XDP_ZC_MAX_SEGS) as u32),
+    }
+}
+
 /// The NAPI instances the daemon changed, with what they had before; each is set once, by
 /// the first worker that finds it, and put back by [`NapiTakeover::restore`] (or on drop).
 pub struct NapiTakeover {
@@ -420,6 +467,19 @@ mod tests {
         assert_eq!(uint(reply, NETDEV_A_NAPI_GRO_FLUSH_TIMEOUT), 20_000);
         assert_eq!(attr(reply, 9), Some(&b"netdev\0"[..]));
         assert_eq!(uint(reply, NETDEV_A_NAPI_DEFER_HARD_IRQS), 0);
+    }
+
+    #[test]
+    fn a_device_reply_names_its_zero_copy_limit_only_when_the_kernel_sent_one() {
+        let mut m = Message::new(20, NETDEV_CMD_DEV_GET, 0);
+        m.attr(NETDEV_A_DEV_IFINDEX, &7u32.to_ne_bytes());
+        m.attr(NETDEV_A_DEV_XDP_FEATURES, &0x2bu64.to_ne_bytes());
+        let without = parse_device(&m.finish(1)[NLMSG_HDRLEN..]);
+        assert_eq!((without.ifindex, without.xdp_features), (7, 0x2b));
+        assert_eq!(without.xdp_zc_max_segs, None);
+        m.attr(NETDEV_A_DEV_XDP_ZC_MAX_SEGS, &5u32.to_ne_bytes());
+        let with = parse_device(&m.finish(2)[NLMSG_HDRLEN..]);
+        assert_eq!(with.xdp_zc_max_segs, Some(5));
     }
 
     #[test]

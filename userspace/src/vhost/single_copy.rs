@@ -12,7 +12,9 @@ use vhost_user_backend::VringEpollHandler;
 use crate::api::GuestUmemTx;
 use crate::datapath::device::ETH_HLEN;
 use crate::datapath::zero_copy_rx::{FillLayout, GuestFile, PostedBuffers};
+use crate::datapath::zero_copy_tx::MAX_PIECES;
 use crate::datapath::GuestMemory;
+use crate::nic::napi::Netlink;
 use crate::nic::xsk::guest_umem::{GuestRxSocket, GuestRxSpec, GuestUmemLayout};
 use crate::nic::xsk::{NicQueue, XskError, XskMode, XskSocket};
 use crate::nic::Nic;
@@ -43,6 +45,60 @@ pub fn copy_path_sockets(
         .collect::<Result<Vec<_>, _>>()?;
     let tx = XskSocket::open(&queues[pair % queues.len()])?;
     Ok((sockets, tx))
+}
+
+/// How a guest-memory socket transmits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TxPlan {
+    /// From the guest's buffers, at most `max_pieces` descriptors per frame (slot included).
+    InPlace { max_pieces: usize },
+    /// Copied once into a slot, for the reason given.
+    Copied { why: String },
+}
+
+/// How a socket in `mode` sends under `guest-umem-tx=setting`; `zc_max_segs` reads the NIC's
+/// zero-copy piece limit (asked only for a zero-copy socket that would send in place). A
+/// zero-copy driver takes at most that many descriptors per frame (more leave the frame's
+/// slot in flight for good, see `PieceLayout::max_pieces`), and one means no multi-buffer
+/// at all: such a limit, or none readable, means copying.
+fn tx_plan(
+    setting: GuestUmemTx,
+    mode: XskMode,
+    zc_max_segs: impl FnOnce() -> Result<u32, String>,
+) -> TxPlan {
+    let zero_copy = mode == XskMode::ZeroCopy;
+    if !setting.in_place(zero_copy) {
+        let why = match setting {
+            GuestUmemTx::Copy => "guest-umem-tx=copy",
+            _ => "copy-mode socket: the kernel copies into an skb anyway",
+        };
+        return TxPlan::Copied { why: why.into() };
+    }
+    if !zero_copy {
+        return TxPlan::InPlace {
+            max_pieces: MAX_PIECES,
+        };
+    }
+    match zc_max_segs() {
+        Ok(segs) if segs >= 2 => TxPlan::InPlace {
+            max_pieces: (segs as usize).min(MAX_PIECES),
+        },
+        Ok(segs) => TxPlan::Copied {
+            why: format!("the NIC takes {segs} piece per zero-copy frame (xdp-zc-max-segs)"),
+        },
+        Err(e) => TxPlan::Copied {
+            why: format!("the NIC's zero-copy piece limit (xdp-zc-max-segs) cannot be read: {e}"),
+        },
+    }
+}
+
+/// The zero-copy piece limit of interface `ifindex`, from the netdev netlink family.
+fn read_zc_max_segs(ifindex: u32) -> Result<u32, String> {
+    let info = Netlink::open()
+        .and_then(|mut nl| nl.dev_get(ifindex))
+        .map_err(|e| e.to_string())?;
+    info.xdp_zc_max_segs
+        .ok_or_else(|| "the kernel reports none (no zero-copy on the device)".to_string())
 }
 
 /// What a dedicated NIC's port needs to make its path once its guest's memory is known.
@@ -131,21 +187,26 @@ impl DedicatedNic {
             spare_frames: SPARE_FRAMES,
         };
         let mut socket = GuestRxSocket::open(spec, self.nic.xsk_mode).map_err(|e| e.to_string())?;
-        let in_place = self.tx.in_place(socket.mode() == XskMode::ZeroCopy);
-        if in_place {
-            socket.send_from_guest_memory(file.clone());
-        }
-        tracing::info!(
-            port = self.port,
-            socket_mode = ?socket.mode(),
-            guest_umem_tx = %self.tx,
-            "single-copy transmit {}",
-            if in_place {
-                "from the guest's buffers"
-            } else {
-                "copied once into the daemon's slots"
+        let ifindex = self.nic.ifindex;
+        match tx_plan(self.tx, socket.mode(), || read_zc_max_segs(ifindex)) {
+            TxPlan::InPlace { max_pieces } => {
+                socket.send_from_guest_memory(file.clone(), max_pieces);
+                tracing::info!(
+                    port = self.port,
+                    socket_mode = ?socket.mode(),
+                    guest_umem_tx = %self.tx,
+                    max_pieces,
+                    "single-copy transmit from the guest's buffers"
+                );
             }
-        );
+            TxPlan::Copied { why } => tracing::info!(
+                port = self.port,
+                socket_mode = ?socket.mode(),
+                guest_umem_tx = %self.tx,
+                reason = %why,
+                "single-copy transmit copied once into the daemon's slots"
+            ),
+        }
         let fill = FillLayout {
             data_offset: u64::from(layout.data_offset()),
             max_frame: layout.max_frame(),
@@ -300,5 +361,61 @@ impl DedicatedNic {
                 tracing::warn!(port = self.port, queue, error = %e, "cannot remove socket from the steering map");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreadable() -> Result<u32, String> {
+        Err("no netdev family".into())
+    }
+
+    #[test]
+    fn a_zero_copy_socket_sends_in_place_only_within_its_drivers_piece_limit() {
+        let zc = XskMode::ZeroCopy;
+        for setting in [GuestUmemTx::Auto, GuestUmemTx::InPlace] {
+            assert_eq!(
+                tx_plan(setting, zc, || Ok(5)),
+                TxPlan::InPlace { max_pieces: 5 }
+            );
+            // One piece is no multi-buffer; an unknown limit could be one.
+            assert!(matches!(
+                tx_plan(setting, zc, || Ok(1)),
+                TxPlan::Copied { .. }
+            ));
+            assert!(matches!(
+                tx_plan(setting, zc, unreadable),
+                TxPlan::Copied { .. }
+            ));
+            // Never more than copy mode's limit.
+            assert_eq!(
+                tx_plan(setting, zc, || Ok(64)),
+                TxPlan::InPlace {
+                    max_pieces: MAX_PIECES
+                }
+            );
+        }
+        assert!(matches!(
+            tx_plan(GuestUmemTx::Copy, zc, || Ok(5)),
+            TxPlan::Copied { .. }
+        ));
+    }
+
+    #[test]
+    fn a_copy_mode_socket_keeps_copy_modes_limit_and_never_asks_the_nic() {
+        let copy = XskMode::Copy;
+        let asked = || -> Result<u32, String> { panic!("copy mode asked for the zero-copy limit") };
+        assert_eq!(
+            tx_plan(GuestUmemTx::InPlace, copy, asked),
+            TxPlan::InPlace {
+                max_pieces: MAX_PIECES
+            }
+        );
+        assert!(matches!(
+            tx_plan(GuestUmemTx::Auto, copy, asked),
+            TxPlan::Copied { .. }
+        ));
     }
 }

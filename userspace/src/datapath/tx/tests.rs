@@ -3,7 +3,7 @@ use super::*;
 use crate::datapath::offload::{checksum, GSO_ECN, GSO_TCPV4, GSO_TCPV6};
 use crate::datapath::testing::packets::{build, payload, Flow};
 use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
-use crate::datapath::zero_copy_tx::SLOT_HEADERS;
+use crate::datapath::zero_copy_tx::{MAX_PIECES, SLOT_HEADERS};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -912,6 +912,7 @@ impl TxBuffers for InPlaceBuffers<'_> {
             file: &self.file,
             chunk_size: 2048,
             dma_page: None,
+            max_pieces: MAX_PIECES,
         })
     }
     fn submit_in_place(

@@ -436,6 +436,8 @@ struct GuestTx {
     in_flight: u32,
     /// The guest's memory file, for frames sent from where they lie (none: all are copied).
     file: Option<GuestFile>,
+    /// Most pieces of one frame sent from guest memory, its slot included.
+    max_pieces: usize,
     /// Chains whose frames the kernel is done with, not yet handed back to the guest.
     done: Vec<u16>,
     /// Completion addresses that named no frame in flight, since last taken.
@@ -589,6 +591,7 @@ impl GuestRxSocket {
                     staged: Vec::with_capacity(spec.tx_slots as usize),
                     in_flight: 0,
                     file: None,
+                    max_pieces: 1,
                     done: Vec::new(),
                     unknown: 0,
                 })
@@ -718,10 +721,13 @@ impl GuestRxSocket {
     }
 
     /// Sends frames from guest memory from now on, their pieces found through `file` (the
-    /// guest memory file this UMEM registered); without it every frame is copied.
-    pub fn send_from_guest_memory(&mut self, file: GuestFile) {
+    /// guest memory file this UMEM registered), at most `max_pieces` per frame with the slot
+    /// (what this socket's kernel path takes: `zero_copy_tx::MAX_PIECES` in copy mode, the
+    /// driver's `xdp-zc-max-segs` in zero-copy); without it every frame is copied.
+    pub fn send_from_guest_memory(&mut self, file: GuestFile, max_pieces: usize) {
         if let Some(tx) = self.tx.as_mut() {
             tx.file = Some(file);
+            tx.max_pieces = max_pieces;
         }
     }
 
@@ -732,6 +738,7 @@ impl GuestRxSocket {
             file: tx.file.as_ref()?,
             chunk_size: self.umem.layout.chunk_size,
             dma_page: self.dma_page(),
+            max_pieces: tx.max_pieces,
         })
     }
 
