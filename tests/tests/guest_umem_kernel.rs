@@ -1268,3 +1268,33 @@ fn a_closed_guest_rx_socket_writes_nothing_into_buffers_given_back_and_the_queue
     assert_eq!(&memory_end[(b + 12) as usize..][..again.len()], &again[..]);
     Ok(())
 }
+
+/// The in-place transmit keeps to a zero-copy driver's `xdp-zc-max-segs`, read through the
+/// netdev family's `dev-get`. veth has no zero-copy, and the kernel (`netdev_nl_dev_fill`)
+/// sends the attribute only for a device with `NETDEV_XDP_ACT_XSK_ZEROCOPY`: the daemon
+/// finds no limit there, and a zero-copy socket on such a device would copy.
+#[test]
+fn dev_get_names_the_device_and_gives_veth_no_zero_copy_piece_limit() -> Result<()> {
+    use xvdpa::nic::napi::{Netlink, XDP_ACT_XSK_ZEROCOPY};
+    let lab = Lab::unique("gzc")?;
+    let (index, info, missing) = in_netns(&lab.host_ns, || {
+        let index = ifindex(NIC)?;
+        let mut nl = Netlink::open().map_err(std::io::Error::other)?;
+        let info = nl.dev_get(index).map_err(std::io::Error::other)?;
+        let missing = nl
+            .dev_get(u32::MAX >> 1)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        Ok((index, info, missing))
+    })?;
+    eprintln!("{NIC}: {info:x?}; unknown interface: {missing:?}");
+    ensure!(info.ifindex == index, "reply names {info:?}, asked {index}");
+    ensure!(
+        info.xdp_features != 0,
+        "veth reports XDP features: {info:?}"
+    );
+    ensure!(info.xdp_features & XDP_ACT_XSK_ZEROCOPY == 0, "{info:?}");
+    ensure!(info.xdp_zc_max_segs.is_none(), "{info:?}");
+    ensure!(missing.is_err(), "an unknown ifindex answered");
+    Ok(())
+}
