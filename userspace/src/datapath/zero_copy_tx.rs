@@ -14,6 +14,8 @@
 //! addresses are not used for that: Linux 6.18 returns a one-piece frame's odd address with
 //! bit 0 cleared, and a guest may send overlapping buffers.
 
+use std::time::{Duration, Instant};
+
 use virtio_queue::Queue;
 
 use super::split_ring::publish_used;
@@ -275,6 +277,44 @@ impl HeaderSlots {
     }
 }
 
+/// How long frames may stay in flight with nothing back on the completion ring before the
+/// transmit side takes them for lost. A zero-copy NIC completes within its DMA and copy mode
+/// within the send call; seconds of silence with slots held means the kernel dropped frames
+/// without completing them (a piece limit the daemon did not know of).
+pub const COMPLETION_STALL: Duration = Duration::from_secs(5);
+
+/// Watches for frames whose slots never come back: the safety net under the piece limits,
+/// since a slot the kernel keeps is held until the socket closes, and with every slot held
+/// the port transmits nothing.
+#[derive(Debug, Default)]
+pub struct CompletionWatch {
+    /// Since when frames have been in flight with nothing completed.
+    silent_since: Option<Instant>,
+    lost: bool,
+}
+
+impl CompletionWatch {
+    /// The completion ring returned something.
+    pub fn completed(&mut self) {
+        self.silent_since = None;
+    }
+
+    /// A reap at `now` found nothing, with `in_flight` frames held: true the first time (and
+    /// only then) frames have been in flight for [`COMPLETION_STALL`] with none coming back.
+    pub fn idle(&mut self, now: Instant, in_flight: usize) -> bool {
+        if in_flight == 0 {
+            self.silent_since = None;
+            return false;
+        }
+        let since = *self.silent_since.get_or_insert(now);
+        if self.lost || now.duration_since(since) < COMPLETION_STALL {
+            return false;
+        }
+        self.lost = true;
+        true
+    }
+}
+
 /// Gives chains whose frames the kernel is done with (or will never read again) back to the
 /// guest's transmit queue: a used entry each, 0 bytes written, with one index update. The
 /// caller notifies.
@@ -491,6 +531,33 @@ mod tests {
         assert_eq!(slots.chains_in_flight(), 1);
         assert_eq!(slots.complete(a), Completion::Chain(7));
         assert_eq!((slots.in_flight(), slots.chains_in_flight()), (0, 0));
+    }
+
+    #[test]
+    fn frames_in_flight_with_the_completion_ring_idle_for_the_stall_time_are_lost_once() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let stall = COMPLETION_STALL.as_millis() as u64;
+        let mut w = CompletionWatch::default();
+        // Nothing in flight: never lost, however long.
+        assert!(!w.idle(at(0), 0));
+        assert!(!w.idle(at(10 * stall), 0));
+        // Frames in flight, nothing back: lost after the stall time, and said once.
+        assert!(!w.idle(at(10 * stall), 3));
+        assert!(!w.idle(at(11 * stall - 1), 3));
+        assert!(w.idle(at(11 * stall), 3));
+        assert!(!w.idle(at(20 * stall), 3));
+
+        // Completions keep it from being lost while frames stay in flight.
+        let mut w = CompletionWatch::default();
+        assert!(!w.idle(at(0), 5));
+        w.completed();
+        assert!(
+            !w.idle(at(stall), 5),
+            "the clock starts again after a completion"
+        );
+        assert!(!w.idle(at(2 * stall - 1), 5));
+        assert!(w.idle(at(2 * stall), 5));
     }
 
     #[test]

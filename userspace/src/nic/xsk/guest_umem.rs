@@ -30,7 +30,7 @@ use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemCo
 use super::multi_buffer::{XDP_PKT_CONTD, XDP_USE_SG};
 use super::{setup_error, XskError, XskKernelStats, XskMode, XskModeChoice};
 use crate::datapath::zero_copy_rx::{GuestFile, SpareFrames, SpareMemory};
-use crate::datapath::zero_copy_tx::{Completion, HeaderSlots, PieceLayout};
+use crate::datapath::zero_copy_tx::{Completion, CompletionWatch, HeaderSlots, PieceLayout};
 
 /// Completion ring entries per transmit slot: a frame sent from guest memory returns each of
 /// its pieces (the slot's and usually one or two of guest memory).
@@ -440,8 +440,11 @@ struct GuestTx {
     max_pieces: usize,
     /// Chains whose frames the kernel is done with, not yet handed back to the guest.
     done: Vec<u16>,
-    /// Completion addresses that named no frame in flight, since last taken.
+    /// Completion addresses that named no frame in flight, and frames given up as lost,
+    /// since last taken.
     unknown: u64,
+    /// Frames in flight with nothing coming back.
+    watch: CompletionWatch,
 }
 
 /// Where a [`GuestRxSocket`] goes and what it registers.
@@ -594,6 +597,7 @@ impl GuestRxSocket {
                     max_pieces: 1,
                     done: Vec::new(),
                     unknown: 0,
+                    watch: CompletionWatch::default(),
                 })
             }
         };
@@ -870,6 +874,21 @@ impl GuestRxSocket {
         }
         reader.release();
         tx.in_flight -= n.min(tx.in_flight);
+        if n > 0 {
+            tx.watch.completed();
+        } else if tx.watch.idle(Instant::now(), tx.slots.in_flight()) {
+            // The kernel keeps these slots (and their chains) until the socket closes; stop
+            // sending from guest memory, the one way frames go out in pieces, so no more are
+            // lost, and count the held frames once.
+            let held = tx.slots.in_flight();
+            tracing::warn!(
+                queue = self.queue_id,
+                frames = held,
+                "transmit frames got no completion for seconds; their slots stay held until the socket closes, and this socket copies every frame from now on"
+            );
+            tx.unknown += held as u64;
+            tx.file = None;
+        }
         // A kick that found the kernel busy (or its completion ring full) left descriptors
         // on the ring: they go on now, or frames in flight would never complete.
         super::kick_tx(&mut tx.ring, mode);
