@@ -170,7 +170,8 @@ pub enum GuestUmemTx {
     /// the first, which cost 1.5x the copy's CPU per packet at 512 and 1518 B on veth.
     #[default]
     Auto,
-    /// Always from the guest's buffers (headers from a daemon slot).
+    /// Always from the guest's buffers (headers from a daemon slot), unless a zero-copy
+    /// NIC takes one piece per frame or its limit cannot be read.
     InPlace,
     /// Always copied once into a slot of the daemon's area of the UMEM.
     Copy,
