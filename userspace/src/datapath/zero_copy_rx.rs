@@ -23,6 +23,15 @@
 //! chains the guest makes available drain that list before any goes to the kernel again. The
 //! list holds at most the spares and the guest buffers the kernel had, so nothing the guest
 //! does makes it grow.
+//!
+//! Invariant: every head taken from the avail ring (every entry before the queue's next avail
+//! index, the ring's base a frontend reads at `GET_VRING_BASE`) gets exactly one used entry,
+//! and no other head gets one, in every path, errors included. A taken head is always in
+//! exactly one place: the used entries of the current round (published by `post` and
+//! `complete` also when they fail), the buffers the kernel holds, or the frames waiting for a
+//! chain (both given back unused by `give_back`). A round that fails part-way moves the next
+//! avail index past the chains it handed over and no further, so a restart from the base
+//! neither loses a chain nor uses one twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -215,6 +224,12 @@ pub struct ZeroCopyRxTally {
     /// Receive descriptors naming no buffer the daemon posted (a kernel fault, not the
     /// guest's): ignored.
     pub unknown_completions: u64,
+    /// Receive descriptors naming a posted guest buffer or spare with a frame at another
+    /// offset than the layout's or longer than its largest (a kernel fault): the buffer goes
+    /// back to the guest unused, in its place among the frames, the spare to the pool.
+    pub bad_completions: u64,
+    /// Guest buffers among `bad_completions` (they count as refused).
+    pub returned_bad_completion: u64,
     /// Guest chains the frames used (a spare frame may take several with MRG_RXBUF).
     pub buffers: u64,
     /// Frames that landed in a spare frame and were copied into a guest chain (included in
@@ -233,6 +248,7 @@ impl ZeroCopyRxTally {
             + self.returned_outside_file
             + self.returned_already_posted
             + self.returned_crosses_dma_page
+            + self.returned_bad_completion
     }
 
     fn returned(&mut self, why: Unpostable) {
@@ -391,6 +407,15 @@ enum Arrived {
     Guest { head: u16, len: u32 },
     /// In a spare slot: needs a guest chain to be copied into.
     Spare { slot: u32, len: u32 },
+    /// No frame to trust in a guest buffer (a bad completion): goes back unused.
+    Unused { head: u16 },
+}
+
+/// Where `drain` or `post_chains` stopped on an error: the avail index right after the chains
+/// of the last frame or buffer handed over, which the queue resumes at.
+struct Stopped {
+    resume: u16,
+    error: QueueError,
 }
 
 /// The guest buffers (and spare frames) the kernel holds, by fill address, and the frames
@@ -480,22 +505,19 @@ impl PostedBuffers {
 
     /// Hands the guest the frames waiting for its chains, in order, while it has chains for
     /// the spare ones; appends their used entries to `used`. Returns the avail index to
-    /// resume at if the chains ran out part-way through a frame (nothing of it counts).
+    /// resume at if the chains ran out part-way through a frame (nothing of it counts). On
+    /// an error the frame it stopped at still waits, and everything before it has its entry.
     fn drain(
         &mut self,
         cursor: &mut GuestMemoryCursor<'_>,
         chains: &mut Chains<'_, '_>,
         spares: SpareCopy<'_>,
         tally: &mut ZeroCopyRxTally,
-    ) -> Result<Option<u16>, QueueError> {
+    ) -> Result<Option<u16>, Stopped> {
         while let Some(&first) = self.pending.front() {
             match first {
-                Arrived::Guest { head, len } => {
-                    self.used.push((head, VNET_HDR_LEN as u32 + len));
-                    tally.frames += 1;
-                    tally.bytes += u64::from(len);
-                    tally.buffers += 1;
-                }
+                Arrived::Guest { head, len } => hand_over(&mut self.used, head, Some(len), tally),
+                Arrived::Unused { head } => hand_over(&mut self.used, head, None, tally),
                 Arrived::Spare { slot, len } => {
                     let before = chains.next_avail();
                     let data = self.spares.address(slot) + self.layout.data_offset;
@@ -509,7 +531,11 @@ impl PostedBuffers {
                             spares.mrg_rxbuf,
                             &mut self.rx,
                             &mut self.used,
-                        )?,
+                        )
+                        .map_err(|error| Stopped {
+                            resume: before,
+                            error,
+                        })?,
                         None => Copied::TooLarge,
                     };
                     match copied {
@@ -547,56 +573,68 @@ impl PostedBuffers {
         tally: &mut ZeroCopyRxTally,
     ) -> Result<(), QueueError> {
         fill.clear();
-        self.used.clear();
-        let waiting = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_or(0, |idx| idx.0.wrapping_sub(queue.next_avail()));
-        let mut cursor = GuestMemoryCursor::new(mem);
-        let (next_avail, guest_has_more) = {
-            let Some(mut chains) = Chains::open(mem, queue)? else {
-                return Ok(());
-            };
-            let start = chains.next_avail();
-            match self.drain(&mut cursor, &mut chains, spares, tally)? {
-                // The chains ran out before the frames waiting for them.
-                Some(resume) => (resume, false),
-                None => {
-                    let left = waiting.saturating_sub(chains.next_avail().wrapping_sub(start));
-                    // A chain stays on the ring for every spare frame ahead of the guest's
-                    // next buffer on the fill ring or waiting: the kernel fills that buffer
-                    // after them, and its frame may reach the guest only after theirs, so
-                    // with every chain on the fill ring they would wait for a chain the guest
-                    // posts only once it got frames back, and the guest for them.
-                    let reserved = self.spares.posted + self.pending_spares;
-                    let kept = usize::from(self.hold_back).saturating_add(reserved);
-                    let offered = usize::from(left).saturating_sub(kept);
-                    let room = room.min(self.capacity - self.by_fill.len()).min(offered);
-                    self.post_chains(&mut chains, room, fill, tally)?;
-                    let taken = chains.next_avail().wrapping_sub(start);
-                    (
-                        chains.next_avail(),
-                        usize::from(waiting.saturating_sub(taken)) > kept,
-                    )
+        self.publishing(mem, queue, |this, queue| {
+            let waiting = queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_or(0, |idx| idx.0.wrapping_sub(queue.next_avail()));
+            let mut cursor = GuestMemoryCursor::new(mem);
+            let (next_avail, guest_has_more) = {
+                let Some(mut chains) = Chains::open(mem, queue)? else {
+                    return Ok(());
+                };
+                let start = chains.next_avail();
+                match this.drain(&mut cursor, &mut chains, spares, tally) {
+                    Err(stopped) => (stopped.resume, Err(stopped.error)),
+                    // The chains ran out before the frames waiting for them.
+                    Ok(Some(resume)) => (resume, Ok(false)),
+                    Ok(None) => {
+                        let left = waiting.saturating_sub(chains.next_avail().wrapping_sub(start));
+                        // A chain stays on the ring for every spare frame ahead of the guest's
+                        // next buffer on the fill ring or waiting: the kernel fills that buffer
+                        // after them, and its frame may reach the guest only after theirs, so
+                        // with every chain on the fill ring they would wait for a chain the guest
+                        // posts only once it got frames back, and the guest for them.
+                        let reserved = this.spares.posted + this.pending_spares;
+                        let kept = usize::from(this.hold_back).saturating_add(reserved);
+                        let offered = usize::from(left).saturating_sub(kept);
+                        let room = room.min(this.capacity - this.by_fill.len()).min(offered);
+                        match this.post_chains(&mut chains, room, fill, tally) {
+                            Err(stopped) => (stopped.resume, Err(stopped.error)),
+                            Ok(()) => {
+                                let taken = chains.next_avail().wrapping_sub(start);
+                                (
+                                    chains.next_avail(),
+                                    Ok(usize::from(waiting.saturating_sub(taken)) > kept),
+                                )
+                            }
+                        }
+                    }
                 }
+            };
+            queue.set_next_avail(next_avail);
+            if !guest_has_more? {
+                this.post_spares(room.saturating_sub(fill.len()), fill, tally);
             }
-        };
-        queue.set_next_avail(next_avail);
-        if !guest_has_more {
-            self.post_spares(room.saturating_sub(fill.len()), fill, tally);
-        }
-        publish_used(mem, queue, &self.used)
+            Ok(())
+        })
     }
 
-    /// Posts up to `room` chains from `chains` (see [`PostedBuffers::post`]).
+    /// Posts up to `room` chains from `chains` (see [`PostedBuffers::post`]). A malformed
+    /// chain stops it before that chain: the ones before it are posted or given back.
     fn post_chains(
         &mut self,
         chains: &mut Chains<'_, '_>,
         room: usize,
         fill: &mut Vec<u64>,
         tally: &mut ZeroCopyRxTally,
-    ) -> Result<(), QueueError> {
+    ) -> Result<(), Stopped> {
         while fill.len() < room {
-            let Some((head, _)) = chains.take(true, &mut self.segs)? else {
+            let before = chains.next_avail();
+            let taken = chains.take(true, &mut self.segs).map_err(|error| Stopped {
+                resume: before,
+                error,
+            })?;
+            let Some((head, _)) = taken else {
                 break;
             };
             // Only the first buffer of a chain is used: it must take a whole frame.
@@ -654,51 +692,81 @@ impl PostedBuffers {
         spares: SpareCopy<'_>,
         tally: &mut ZeroCopyRxTally,
     ) -> Result<(), QueueError> {
-        self.used.clear();
-        let mut cursor = GuestMemoryCursor::new(mem);
-        let header = rx_header(1);
-        for (fill, offset, len) in received {
-            if offset != self.layout.data_offset || len > self.layout.max_frame {
-                tally.unknown_completions += 1;
-                continue;
-            }
-            if let Some(p) = self.by_fill.remove(&fill) {
-                // The buffer was checked when posted: header and frame lie in one region.
-                let source = |source| QueueError::OutOfMemory {
-                    head: p.head,
-                    source,
-                };
-                cursor
-                    .write(GuestAddress(p.buffer), &header)
-                    .map_err(source)?;
-                mark_written(mem, p.buffer + VNET_HDR_LEN as u64, len);
-                let arrived = Arrived::Guest { head: p.head, len };
-                if self.pending.is_empty() {
-                    self.used.push((p.head, VNET_HDR_LEN as u32 + len));
-                    tally.frames += 1;
-                    tally.bytes += u64::from(len);
-                    tally.buffers += 1;
+        self.publishing(mem, queue, |this, queue| {
+            let mut cursor = GuestMemoryCursor::new(mem);
+            let header = rx_header(1);
+            for (fill, offset, len) in received {
+                let as_laid_out = offset == this.layout.data_offset && len <= this.layout.max_frame;
+                if let Some(p) = this.by_fill.remove(&fill) {
+                    // The frame's length, or `None` for a buffer going back unused.
+                    let frame = if as_laid_out {
+                        // The buffer was checked when posted: header and frame lie in one region.
+                        if let Err(source) = cursor.write(GuestAddress(p.buffer), &header) {
+                            // Still the guest's buffer to give back when the path stops.
+                            this.by_fill.insert(fill, p);
+                            return Err(QueueError::OutOfMemory {
+                                head: p.head,
+                                source,
+                            });
+                        }
+                        mark_written(mem, p.buffer + VNET_HDR_LEN as u64, len);
+                        Some(len)
+                    } else {
+                        tally.bad_completions += 1;
+                        tally.returned_bad_completion += 1;
+                        None
+                    };
+                    let head = p.head;
+                    if this.pending.is_empty() {
+                        hand_over(&mut this.used, head, frame, tally);
+                    } else {
+                        this.pending.push_back(match frame {
+                            Some(len) => Arrived::Guest { head, len },
+                            None => Arrived::Unused { head },
+                        });
+                    }
+                } else if let Some(slot) = this.spares.take_back(fill) {
+                    if as_laid_out {
+                        this.pending.push_back(Arrived::Spare { slot, len });
+                        this.pending_spares += 1;
+                    } else {
+                        tally.bad_completions += 1;
+                        this.spares.free.push(slot);
+                    }
                 } else {
-                    self.pending.push_back(arrived);
+                    tally.unknown_completions += 1;
                 }
-            } else if let Some(slot) = self.spares.take_back(fill) {
-                self.pending.push_back(Arrived::Spare { slot, len });
-                self.pending_spares += 1;
-            } else {
-                tally.unknown_completions += 1;
             }
-        }
-        if !self.pending.is_empty() {
-            let resume = {
+            if this.pending.is_empty() {
+                return Ok(());
+            }
+            let (resume, drained) = {
                 let Some(mut chains) = Chains::open(mem, queue)? else {
-                    return publish_used(mem, queue, &self.used);
+                    return Ok(());
                 };
-                let resume = self.drain(&mut cursor, &mut chains, spares, tally)?;
-                resume.unwrap_or(chains.next_avail())
+                match this.drain(&mut cursor, &mut chains, spares, tally) {
+                    Ok(resume) => (resume.unwrap_or(chains.next_avail()), Ok(())),
+                    Err(stopped) => (stopped.resume, Err(stopped.error)),
+                }
             };
             queue.set_next_avail(resume);
-        }
-        publish_used(mem, queue, &self.used)
+            drained
+        })
+    }
+
+    /// Runs one round's `work` and publishes the used entries it gathered, also when it
+    /// failed part-way: each names a head taken and held in no other list (the invariant
+    /// above). The first error is returned.
+    fn publishing(
+        &mut self,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        work: impl FnOnce(&mut Self, &mut Queue) -> Result<(), QueueError>,
+    ) -> Result<(), QueueError> {
+        self.used.clear();
+        let worked = work(self, queue);
+        let published = publish_used(mem, queue, &self.used);
+        worked.and(published)
     }
 
     /// Forgets every posted buffer (the socket that held them is closed: the kernel gave them
@@ -708,7 +776,7 @@ impl PostedBuffers {
     pub fn forget(&mut self) -> Vec<u16> {
         let mut heads: Vec<u16> = self.by_fill.drain().map(|(_, p)| p.head).collect();
         heads.extend(self.pending.drain(..).filter_map(|a| match a {
-            Arrived::Guest { head, .. } => Some(head),
+            Arrived::Guest { head, .. } | Arrived::Unused { head } => Some(head),
             Arrived::Spare { .. } => None,
         }));
         self.pending_spares = 0;
@@ -725,6 +793,20 @@ impl PostedBuffers {
         let used: Vec<(u16, u32)> = self.forget().into_iter().map(|h| (h, 0)).collect();
         publish_used(mem, queue, &used)?;
         Ok(used.len())
+    }
+}
+
+/// Appends the used entry of guest buffer `head`, holding a frame of `len` bytes behind its
+/// net header or, with `None`, going back unused; counts the frame.
+fn hand_over(used: &mut Vec<(u16, u32)>, head: u16, len: Option<u32>, tally: &mut ZeroCopyRxTally) {
+    match len {
+        Some(len) => {
+            used.push((head, VNET_HDR_LEN as u32 + len));
+            tally.frames += 1;
+            tally.bytes += u64::from(len);
+            tally.buffers += 1;
+        }
+        None => used.push((head, 0)),
     }
 }
 

@@ -245,6 +245,13 @@ fn account_guest_rx(
             "receive descriptors naming no posted buffer ignored"
         );
     }
+    if zt.bad_completions > 0 {
+        tracing::debug!(
+            pair,
+            descriptors = zt.bad_completions,
+            "receive descriptors with a frame outside the layout: buffers taken back unused"
+        );
+    }
     if tally.frames > 0 || refused > 0 {
         queue.notify();
     }

@@ -3,8 +3,9 @@
 
 use super::*;
 use crate::datapath::device::VNET_HDR_NUM_BUFFERS;
-use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE};
+use crate::datapath::testing::{memory, Buf, TestQueue, BUF_BASE, MEM_SIZE, QUEUE_SIZE};
 use crate::datapath::Malformed;
+use vm_memory::Bytes;
 
 /// Where the test guest's memory starts in its file (a region at an offset, as QEMU splits
 /// RAM around the PCI hole).
@@ -146,6 +147,43 @@ impl Posting<'_> {
     }
 }
 
+impl Posting<'_> {
+    /// Stops as at GET_VRING_BASE (the library marks the queue not ready first) and gives
+    /// back what the kernel held and what waited for a chain; returns how many went back.
+    fn stop(&mut self) -> usize {
+        self.q.set_ready(false);
+        let mem = self.tq.mem;
+        self.posted.give_back(mem, &mut self.q).unwrap()
+    }
+
+    /// The invariant of the receive path, checked once nothing may be left in flight (after
+    /// `stop`): every head taken from the avail ring (every entry before the queue's next
+    /// avail index, which the frontend reads as the ring's base) has exactly one used entry,
+    /// and no head the ring still offers has any, so a restart from that base neither loses
+    /// a chain nor uses one twice.
+    fn assert_each_taken_head_used_once(&self) {
+        let avail = self.tq.mock.avail_addr().0;
+        let ring =
+            |offset: u64| -> u16 { self.tq.mem.read_obj(GuestAddress(avail + offset)).unwrap() };
+        let offered = ring(2);
+        let taken = self.q.next_avail();
+        let used = self.tq.used(0);
+        for i in 0..offered {
+            let head = u32::from(ring(4 + 2 * u64::from(i % QUEUE_SIZE)));
+            let uses = used.iter().filter(|&&(h, _)| h == head).count();
+            let want = usize::from(i < taken);
+            assert_eq!(
+                uses, want,
+                "used entries of head {head} (avail entry {i}, base {taken})"
+            );
+        }
+        assert!(used
+            .iter()
+            .all(|&(h, _)| (0..offered)
+                .any(|i| u32::from(ring(4 + 2 * u64::from(i % QUEUE_SIZE))) == h)));
+    }
+}
+
 /// A numbered frame: `n` in every byte, `len` bytes.
 fn numbered(n: u8, len: usize) -> Vec<u8> {
     vec![n; len]
@@ -165,6 +203,14 @@ fn delivered(p: &Posting<'_>, from: u16, buffers: &[(u16, u64)]) -> Vec<Vec<u8>>
             p.tq.read(addr + 12, len as usize - 12)
         })
         .collect()
+}
+
+/// `e` is a malformed chain, for reason `want`.
+fn assert_malformed(e: QueueError, want: Malformed) {
+    assert!(
+        matches!(e, QueueError::Malformed { why, .. } if why == want),
+        "{e:?}"
+    );
 }
 
 fn seg(addr: u64, len: u32) -> Segment {
@@ -285,7 +331,7 @@ fn a_buffer_across_two_regions_is_not_posted_and_each_region_keeps_its_own_offse
 #[test]
 fn unpostable_chains_go_back_unused_and_counted_and_good_ones_go_to_the_fill_ring() {
     let mem = memory();
-    let p = posting(
+    let mut p = posting(
         &mem,
         &[
             &[Buf(BUF_BASE, 2048, true)],
@@ -316,6 +362,8 @@ fn unpostable_chains_go_back_unused_and_counted_and_good_ones_go_to_the_fill_rin
         (2, 1, 1, 1)
     );
     assert_eq!(p.posted.len(), 2);
+    assert_eq!(p.stop(), 2);
+    p.assert_each_taken_head_used_once();
 }
 
 #[test]
@@ -324,13 +372,7 @@ fn a_chain_with_a_readable_buffer_breaks_the_queue() {
     let mut p = posting(&mem, &[], 16);
     p.tq.post(&[Buf(BUF_BASE, 2048, false)]);
     let e = p.post().unwrap_err();
-    assert!(matches!(
-        e,
-        QueueError::Malformed {
-            why: Malformed::ReadableInReceiveChain,
-            ..
-        }
-    ));
+    assert_malformed(e, Malformed::ReadableInReceiveChain);
     assert!(p.fill.is_empty() && p.posted.is_empty());
 }
 
@@ -381,16 +423,12 @@ fn completions_that_name_no_posted_buffer_are_counted_and_ignored() {
     let mem = memory();
     let mut p = posting(&mem, &[&[Buf(BUF_BASE, 2048, true)]], 16);
     let (fill, off) = (p.fill[0], LAYOUT.data_offset);
-    p.complete(&[
-        (fill + 1, off, 60),
-        (fill, off + 1, 60),
-        (fill, off, LAYOUT.max_frame + 1),
-    ]);
-    assert_eq!(p.tally.unknown_completions, 3);
+    p.complete(&[(fill + 1, off, 60), (fill - 1, off, 60)]);
+    assert_eq!(p.tally.unknown_completions, 2);
     assert!(p.tq.used(0).is_empty());
     // The buffer is still posted: the real completion finds it, once.
     p.complete(&[(fill, off, 60), (fill, off, 60)]);
-    assert_eq!((p.tally.frames, p.tally.unknown_completions), (1, 4));
+    assert_eq!((p.tally.frames, p.tally.unknown_completions), (1, 3));
     assert_eq!(p.tq.used(0).len(), 1);
 }
 
@@ -439,6 +477,7 @@ fn buffers_given_back_come_back_unused_and_a_late_completion_writes_nothing() {
     assert_eq!(p.tally.unknown_completions, 1);
     assert_eq!(p.tq.used(0).len(), 3);
     assert_eq!(p.tq.read(BUF_BASE + 0x1000, 2048), vec![0xee; 2048]);
+    p.assert_each_taken_head_used_once();
 }
 
 #[test]
@@ -712,4 +751,125 @@ fn stopping_with_frames_waiting_gives_the_guest_buffers_back_unused_and_the_spar
         (0, 1, 0)
     );
     assert!(p.posted.is_empty());
+}
+
+#[test]
+fn a_guest_frame_completed_before_a_spare_frame_meets_a_malformed_chain_still_gets_its_entry() {
+    // Frame 1 lands in the guest's buffer, frame 2 in a spare; the guest's next chain starts
+    // with a buffer shorter than the net header, so copying frame 2 breaks the queue. Frame
+    // 1's buffer left the kernel's hands in that call: it must reach the used ring then, or
+    // it is in no list a stop gives back.
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16).with_spares(1);
+    let h0 = p.guest_posts(BUF_BASE, 2048);
+    p.post().unwrap();
+    let (a, s0) = (p.fill[0], p.fill[1]);
+    p.tq.post(&[Buf(BUF_BASE + 0x1000, 4, true)]);
+    let received = [
+        p.kernel_writes(a, &numbered(1, 60)),
+        p.kernel_writes(s0, &numbered(2, 60)),
+    ];
+    let mem_ref = p.tq.mem;
+    let copy = SpareCopy {
+        memory: &p.spares,
+        mrg_rxbuf: false,
+    };
+    let e = p
+        .posted
+        .complete(mem_ref, &mut p.q, received, copy, &mut p.tally)
+        .unwrap_err();
+    assert_malformed(e, Malformed::BufferSmallerThanHeader);
+    assert_eq!(p.tq.used(0), vec![(u32::from(h0), 72)]);
+    // The malformed chain is not taken: the ring's base stays in front of it.
+    assert_eq!(p.q.next_avail(), 1);
+    assert_eq!(p.stop(), 0);
+    p.assert_each_taken_head_used_once();
+}
+
+#[test]
+fn chains_posted_before_a_malformed_one_are_past_the_base_and_given_back_once() {
+    // The first chain goes to the kernel, the second has a device-readable buffer: the
+    // queue breaks. The first is the kernel's now (it goes on the fill ring), so the ring's
+    // base must be past it: a restart from the base would otherwise take it again while a
+    // stop gives it back, two used entries for one avail entry.
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16);
+    p.guest_posts(BUF_BASE, 2048);
+    p.tq.post(&[Buf(BUF_BASE + 0x1000, 2048, false)]);
+    let e = p.post().unwrap_err();
+    assert_malformed(e, Malformed::ReadableInReceiveChain);
+    assert_eq!((p.fill.len(), p.posted.len(), p.q.next_avail()), (1, 1, 1));
+    assert_eq!(p.stop(), 1);
+    p.assert_each_taken_head_used_once();
+}
+
+#[test]
+fn frames_drained_before_a_malformed_chain_keep_their_entries_and_the_rest_waits() {
+    // Waiting: frame 1 in a spare, frame 2 in a guest buffer, frame 3 in a spare. The guest
+    // posts a good chain (frame 1 goes in it, frame 2 follows) and then one whose first
+    // buffer cannot hold the net header (frame 3 breaks the queue). Frames 1 and 2 reached
+    // the guest: their entries are published, the base is past frame 1's chain only, and
+    // frame 3 still waits.
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16).with_spares(2);
+    let h0 = p.guest_posts(BUF_BASE, 2048);
+    p.post().unwrap();
+    let (a, s0, s1) = (p.fill[0], p.fill[1], p.fill[2]);
+    let received = [
+        p.kernel_writes(s0, &numbered(1, 60)),
+        p.kernel_writes(a, &numbered(2, 60)),
+        p.kernel_writes(s1, &numbered(3, 60)),
+    ];
+    p.complete(&received);
+    assert_eq!(p.posted.pending(), 3);
+    let c = p.guest_posts(BUF_BASE + 0x1000, 2048);
+    p.tq.post(&[Buf(BUF_BASE + 0x2000, 4, true)]);
+    let e = p.post().unwrap_err();
+    assert_malformed(e, Malformed::BufferSmallerThanHeader);
+    assert_eq!(p.tq.used(0), vec![(u32::from(c), 72), (u32::from(h0), 72)]);
+    assert_eq!(p.tq.read(BUF_BASE + 0x1000 + 12, 60), numbered(1, 60));
+    assert_eq!((p.q.next_avail(), p.posted.pending()), (2, 1));
+    // Only a spare frame waits: no guest buffer is left to give back.
+    assert_eq!(p.stop(), 0);
+    p.assert_each_taken_head_used_once();
+}
+
+#[test]
+fn a_completion_of_a_posted_buffer_at_the_wrong_offset_or_too_long_takes_it_back() {
+    // The kernel names a posted guest buffer and a posted spare but not where or how the
+    // layout puts a frame: neither holds a frame to trust. The guest buffer goes back unused,
+    // in its place among the frames, and the spare to the pool; neither stays posted.
+    let mem = memory();
+    let mut p = posting(&mem, &[], 16).with_spares(2);
+    let ha = p.guest_posts(BUF_BASE, 2048);
+    let hb = p.guest_posts(BUF_BASE + 0x1000, 2048);
+    p.post().unwrap();
+    let (a, b, s0, s1) = (p.fill[0], p.fill[1], p.fill[2], p.fill[3]);
+    let off = LAYOUT.data_offset;
+    let first = p.kernel_writes(s0, &numbered(1, 60));
+    let last = p.kernel_writes(b, &numbered(2, 60));
+    p.complete(&[
+        first,
+        (a, off + 1, 60),
+        (s1, off, LAYOUT.max_frame + 1),
+        last,
+    ]);
+    let t = p.tally;
+    assert_eq!(
+        (t.bad_completions, t.returned_bad_completion, t.refused()),
+        (2, 1, 1)
+    );
+    assert_eq!(t.unknown_completions, 0);
+    assert!(p.posted.is_empty());
+    assert_eq!(p.posted.pending(), 3);
+    let c = p.guest_posts(BUF_BASE + 0x2000, 2048);
+    p.post().unwrap();
+    assert_eq!(
+        p.tq.used(0),
+        vec![(u32::from(c), 72), (u32::from(ha), 0), (u32::from(hb), 72)]
+    );
+    assert_eq!(p.tq.read(BUF_BASE + 0x2000 + 12, 60), numbered(1, 60));
+    assert_eq!(p.posted.spares_free() + p.posted.spares_posted(), 2);
+    assert_eq!(p.stop(), 0);
+    p.assert_each_taken_head_used_once();
 }
