@@ -46,6 +46,9 @@ struct Sink {
     /// frames from guest memory; the DMA page no piece may cross, if any.
     file: Option<GuestFile>,
     dma_page: Option<u64>,
+    /// Pieces a frame may have, its slot included: copy mode's [`MAX_PIECES`], or a zero-copy
+    /// driver's lower `xdp_zc_max_segs` (with the DMA page, as a zero-copy NIC has both).
+    max_pieces: usize,
 }
 
 /// The chunk size of the fuzzed guest-memory UMEM: the longest piece it takes.
@@ -107,6 +110,7 @@ impl TxBuffers for Sink {
             file: self.file.as_ref()?,
             chunk_size: CHUNK,
             dma_page: self.dma_page,
+            max_pieces: self.max_pieces,
         })
     }
     fn submit_in_place(
@@ -116,7 +120,12 @@ impl TxBuffers for Sink {
         pieces: &[(u64, u32)],
     ) -> Result<(), TxDrop> {
         assert!(headers >= 14 && headers <= self.buf.len(), "slot headers {headers}");
-        assert!(!pieces.is_empty() && pieces.len() < MAX_PIECES, "{} pieces", pieces.len());
+        assert!(
+            !pieces.is_empty() && pieces.len() < self.max_pieces,
+            "{} pieces, limit {} with the slot",
+            pieces.len(),
+            self.max_pieces
+        );
         for &(addr, len) in pieces {
             // Every piece lies in the file, within a chunk and (zero-copy) one DMA page: the
             // kernel would stall the ring on anything else.
@@ -232,6 +241,7 @@ fuzz_target!(|data: &[u8]| {
             unrouted: 0,
             file: (mode & 2 != 0).then(guest_file),
             dma_page: (mode & 4 != 0).then_some(4096),
+            max_pieces: if mode & 4 != 0 { 5 } else { MAX_PIECES },
         };
         let mut scratch = TxScratch::default();
         for _ in 0..3 {
