@@ -430,6 +430,22 @@ impl ChainFrame<'_, '_> {
         }
     }
 
+    /// Writes the frame's first `dst.len()` bytes (at least its Ethernet header) into `dst`:
+    /// from the arena where `read` bytes of the chain were read, else the routed Ethernet
+    /// header from the arena, not a second read of guest memory another vCPU may have
+    /// rewritten since, and the rest from guest memory.
+    fn write_start(&mut self, read: usize, dst: &mut [u8]) -> Result<(), QueueError> {
+        let (frame, head) = (self.at + VNET_HDR_LEN, self.head);
+        if read >= VNET_HDR_LEN + dst.len() {
+            dst.copy_from_slice(&self.arena[frame..frame + dst.len()]);
+            return Ok(());
+        }
+        dst[..ETH_HLEN].copy_from_slice(&self.arena[frame..self.at + HEADERS]);
+        read_at(self.cursor, self.segs, HEADERS, &mut dst[ETH_HLEN..])
+            .map_err(|source| QueueError::OutOfMemory { head, source })?;
+        Ok(())
+    }
+
     /// Copies the frame into one NIC buffer, completing a partial checksum there.
     fn copy(
         &mut self,
@@ -439,7 +455,6 @@ impl ChainFrame<'_, '_> {
         read: usize,
         tally: &mut TxTally,
     ) -> Result<Result<Sent, TxDrop>, QueueError> {
-        let (at, head) = (self.at, self.head);
         let to_nic = buffers.completes_checksums();
         let Some(buf) = buffers.next_buffer() else {
             buffers.unroute(len);
@@ -448,15 +463,7 @@ impl ChainFrame<'_, '_> {
         if len > buf.len() {
             return Ok(Err(TxDrop::Oversized));
         }
-        if read == self.total {
-            buf[..len].copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + VNET_HDR_LEN + len]);
-        } else {
-            // The Ethernet header is the one routed, not a second read of guest memory
-            // another vCPU may have rewritten since.
-            buf[..ETH_HLEN].copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + HEADERS]);
-            read_at(self.cursor, self.segs, HEADERS, &mut buf[ETH_HLEN..len])
-                .map_err(|source| QueueError::OutOfMemory { head, source })?;
-        }
+        self.write_start(read, &mut buf[..len])?;
         let sent = match *offload {
             Offload::Checksum { start, offset } if to_nic => {
                 tally.csum_offloaded += 1;
@@ -515,15 +522,7 @@ impl ChainFrame<'_, '_> {
             );
             tally.csum_computed += 1;
         }
-        let slot = &mut buf[..headers];
-        if read >= VNET_HDR_LEN + headers {
-            slot.copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + VNET_HDR_LEN + headers]);
-        } else {
-            // The Ethernet header is the one routed, not a second read of guest memory.
-            slot[..ETH_HLEN].copy_from_slice(&self.arena[at + VNET_HDR_LEN..at + HEADERS]);
-            read_at(self.cursor, self.segs, HEADERS, &mut slot[ETH_HLEN..])
-                .map_err(|source| QueueError::OutOfMemory { head, source })?;
-        }
+        self.write_start(read, &mut buf[..headers])?;
         let sent = buffers.submit_in_place(head, headers, self.pieces);
         Ok(Some(sent.map(|()| Sent::InPlace(len))))
     }
