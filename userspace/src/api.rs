@@ -106,6 +106,14 @@ pub struct PortSpec {
     pub migrate_from: Option<String>,
 }
 
+impl PortSpec {
+    /// A transmit mode for the single-copy path on a port that does not ask for it: refused
+    /// at start-up and by `add-port` alike.
+    pub fn guest_umem_tx_without_guest_umem(&self) -> bool {
+        !self.guest_umem && self.guest_umem_tx != GuestUmemTx::Auto
+    }
+}
+
 impl Default for PortSpec {
     fn default() -> Self {
         PortSpec {

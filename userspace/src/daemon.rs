@@ -196,7 +196,7 @@ impl Daemon {
         ports: &BTreeMap<u32, PortSlot>,
         spec: &PortSpec,
     ) -> Result<(), DaemonError> {
-        if !spec.guest_umem && spec.guest_umem_tx != crate::api::GuestUmemTx::Auto {
+        if spec.guest_umem_tx_without_guest_umem() {
             return Err(DaemonError::GuestUmemTxWithoutGuestUmem {
                 socket: spec.socket.clone(),
             });

@@ -219,7 +219,7 @@ pub fn validate(config: &RuntimeConfig) -> Result<(), RuntimeError> {
     if let Some(p) = config
         .ports
         .iter()
-        .find(|p| !p.guest_umem && p.guest_umem_tx != crate::api::GuestUmemTx::Auto)
+        .find(|p| p.guest_umem_tx_without_guest_umem())
     {
         return Err(DaemonError::GuestUmemTxWithoutGuestUmem {
             socket: p.socket.clone(),
