@@ -44,6 +44,33 @@ fn journal(machine: &Container) -> Result<String> {
     )
 }
 
+/// The journal's last lines, for a failure message short enough to read in a CI log.
+fn journal_tail(machine: &Container) -> String {
+    match journal(machine) {
+        Ok(all) => {
+            let lines: Vec<&str> = all.lines().collect();
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        }
+        Err(e) => format!("(journal unreadable: {e:#})"),
+    }
+}
+
+/// Waits for `text` in the unit's journal. journald reads the daemon's output stream on its
+/// own schedule, so a line the daemon wrote just before it exited can reach the journal
+/// after `systemctl stop` has returned.
+fn journal_shows(machine: &Container, text: &str) -> Result<bool> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if journal(machine)?.contains(text) {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Whether the lab's NIC has an XDP program attached.
 fn xdp_attached(lab: &Lab) -> Result<bool> {
     let out = lab::run(lab.in_host("ip").args(["-details", "link", "show", NIC]))?;
@@ -101,12 +128,12 @@ fn the_packaged_unit_serves_a_guest_under_a_live_systemd() -> Result<()> {
         "`systemctl start xvdpa` succeeded with iface = \"eth0\", which this machine lacks \
          (state now {:?}); the journal:\n{}",
         state(&machine)?,
-        journal(&machine)?
+        journal_tail(&machine)
     );
-    let said = journal(&machine)?;
     ensure!(
-        said.contains("no network interface named \"eth0\""),
-        "{said}"
+        journal_shows(&machine, "no network interface named \"eth0\"")?,
+        "the journal does not say why the start failed:\n{}",
+        journal_tail(&machine)
     );
     // Restart=on-failure keeps trying; the operator stops that and clears the failure (if
     // the unit is still loaded: it may be gone from memory once stopped, hence no check).
@@ -132,7 +159,7 @@ fn the_packaged_unit_serves_a_guest_under_a_live_systemd() -> Result<()> {
     ensure!(
         socket.exists(),
         "`systemctl start xvdpa` returned before {VM_SOCKET} existed; the journal:\n{}",
-        journal(&machine)?
+        journal_tail(&machine)
     );
     ensure!(state(&machine)? == "active");
     ensure!(xdp_attached(&lab)?, "no XDP program on {NIC}");
@@ -197,21 +224,26 @@ fn the_packaged_unit_serves_a_guest_under_a_live_systemd() -> Result<()> {
 
     // Stopped: XDP detached, the runtime directory and its sockets gone, a clean exit.
     machine.run("systemctl", &["stop", "xvdpa"])?;
+    let after_stop = state(&machine)?;
     ensure!(
-        state(&machine)? == "inactive",
-        "after stop: {}",
-        state(&machine)?
+        after_stop == "inactive",
+        "after stop the unit is {after_stop:?}; the journal ends:\n{}",
+        journal_tail(&machine)
     );
     ensure!(
         !xdp_attached(&lab)?,
-        "XDP still attached after systemctl stop"
+        "XDP still attached after systemctl stop; the journal ends:\n{}",
+        journal_tail(&machine)
     );
     ensure!(
         !machine.path("/run/xvdpa").exists(),
         "/run/xvdpa left behind"
     );
-    let said = journal(&machine)?;
-    ensure!(said.contains("XDP steering detached"), "{said}");
+    ensure!(
+        journal_shows(&machine, "XDP steering detached")?,
+        "the journal does not say XDP was detached; it ends:\n{}",
+        journal_tail(&machine)
+    );
     machine.shut_down(Duration::from_secs(20))?;
     eprintln!("the whole sequence took {:?}", started.elapsed());
     Ok(())
