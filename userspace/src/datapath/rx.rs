@@ -231,10 +231,13 @@ pub fn deliver_batch<'f>(
         (outcome, delivered_upto)
     };
     queue.set_next_avail(next_avail);
-    outcome?;
     // One used-index update per batch; the caller decides the notification for everything
-    // published since the last one (`switch::RxQueueShared::notify_guest`).
-    publish_used(mem, queue, &scratch.used)?;
+    // published since the last one (`switch::RxQueueShared::notify_guest`). The frames before
+    // a chain the guest broke are published too: the ring moved past their chains, so each
+    // taken head gets its used entry, and the guest gets what the daemon counted.
+    let published = publish_used(mem, queue, &scratch.used);
+    outcome?;
+    published?;
     Ok(consumed)
 }
 

@@ -324,6 +324,35 @@ fn malformed_chains_are_refused() {
     ));
 }
 
+/// A batch whose second chain is malformed: the first frame went into the guest's first chain
+/// and the ring moved past it, so its used entry goes out with the error; otherwise the guest
+/// never gets that buffer back and the daemon counts a frame the guest never saw.
+#[test]
+fn frames_delivered_before_a_malformed_chain_are_published() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let head = t.post(&[Buf(BUF_BASE, 2048, true)]);
+    // Readable: not a receive buffer.
+    t.post_raw(&[(BUF_BASE + 4096, 2048, 0, 0)]);
+    let mut q = t.queue();
+    let (a, b) = (frame(60, 1), frame(60, 2));
+    let mut tally = RxTally::default();
+    let err = deliver_batch(
+        &mem,
+        &mut q,
+        [a.as_slice(), b.as_slice()],
+        Framing::Bare,
+        true,
+        &mut RxScratch::default(),
+        &mut tally,
+    )
+    .expect_err("the second chain is malformed");
+    assert!(matches!(err, QueueError::Malformed { .. }), "{err:?}");
+    assert_eq!(t.used(0), vec![(u32::from(head), 72)]);
+    assert_eq!(t.read(BUF_BASE + 12, 60), a);
+    assert_eq!(tally.frames, 1);
+}
+
 #[test]
 fn corrupt_avail_index_is_refused() {
     let mem = memory();
