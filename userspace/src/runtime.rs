@@ -149,6 +149,18 @@ fn check_privileges() -> Result<(), RuntimeError> {
     }
 }
 
+/// The NIC queues' UMEM and rings: frames up to the MTU, plus the Ethernet header and the tag
+/// of a tagged port; larger than one UMEM frame takes multi-buffer sockets.
+pub fn copy_path_geometry(mtu: u16) -> XskGeometry {
+    XskGeometry::for_frames_up_to(usize::from(mtu) + ETH_HLEN + TAG_LEN)
+}
+
+/// The locked memory start-up asks of RLIMIT_MEMLOCK when it can lift neither the limit nor
+/// rely on CAP_IPC_LOCK: the copy path's UMEMs on `rx_queues` NIC queues, and 16 MiB of room.
+pub fn copy_path_memlock(mtu: u16, rx_queues: u32) -> u64 {
+    copy_path_geometry(mtu).umem_bytes() * u64::from(rx_queues) + (16 << 20)
+}
+
 /// Lifts RLIMIT_MEMLOCK, or proves the current one is enough.
 fn raise_memlock(need: u64) -> Result<(), RuntimeError> {
     let unlimited = libc::rlimit {
@@ -276,11 +288,9 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
             max: xvdpa_common::MAX_NIC_QUEUES,
         });
     }
-    // Frames up to the MTU, plus the Ethernet header and the tag of a tagged port; larger
-    // than one UMEM frame takes multi-buffer sockets.
-    let geometry = XskGeometry::for_frames_up_to(usize::from(config.mtu) + ETH_HLEN + TAG_LEN);
+    let geometry = copy_path_geometry(config.mtu);
     warn_if_nic_mtu_below(&config.iface, config.mtu);
-    raise_memlock(geometry.umem_bytes() * u64::from(rx_queues) + (16 << 20))?;
+    raise_memlock(copy_path_memlock(config.mtu, rx_queues))?;
     let account = config.user.as_deref().map(Account::lookup).transpose()?;
     if account.is_some() {
         privilege::require_root()?;
