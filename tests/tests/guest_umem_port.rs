@@ -340,6 +340,38 @@ fn guest_memory_over_the_memlock_limit_falls_back_to_the_copy_path_with_one_line
     Ok(())
 }
 
+/// A daemon started without `CAP_IPC_LOCK` at all (nor `CAP_SYS_RESOURCE`) counts every UMEM
+/// against its limit, so the limit must cover the copy path's, the guest-memory port's
+/// fallback: under one that does not, start-up stops with the memlock line naming both
+/// figures, before XDP is attached.
+#[test]
+fn without_cap_ipc_lock_start_up_asks_the_limit_to_cover_the_copy_path() -> Result<()> {
+    let tag = "gu-nolock";
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    let spec = Daemon::port_spec(&dir.join("vm0.sock"), guest_mac(0), ",guest-umem=on");
+    let wrapper = limited_memlock("-ipc_lock,-sys_resource");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let ctl = dir.join("ctl.sock");
+    let mut d = Daemon::spawn_wrapped(
+        &lab,
+        &wrapper,
+        &["--ctl", ctl.to_str().context("path")?, "--port", &spec],
+    )?;
+    let status = d.wait_exit(Duration::from_secs(10))?;
+    let out = d.output();
+    ensure!(!status.success(), "started: {out}");
+    // The daemon's default MTU, on the lab's one-queue NIC.
+    let need = xvdpa::runtime::copy_path_memlock(1500, 1);
+    ensure!(
+        out.contains(&format!(
+            "the locked-memory limit is {MEMLOCK_LIMIT} bytes and the AF_XDP buffers need {need}"
+        )) && !out.contains("XDP steering attached"),
+        "{out}"
+    );
+    Ok(())
+}
+
 /// Receive buffers the kernel cannot be given (too short for a frame, outside the guest's
 /// memory) go back to the guest unused and are counted; the good ones still receive.
 #[test]

@@ -79,7 +79,7 @@ pub enum RuntimeError {
     UnknownInterface(String),
     #[error("xvdpa needs root, or the capabilities {0}: run it with sudo or grant them")]
     Privileges(String),
-    #[error("the locked-memory limit is {have} bytes and the AF_XDP buffers need {need}; raise it (ulimit -l unlimited, or LimitMEMLOCK=infinity in systemd) or run as root")]
+    #[error("the locked-memory limit is {have} bytes and the AF_XDP buffers need {need}; raise it (ulimit -l unlimited, or LimitMEMLOCK=infinity in systemd) or run as root (CAP_IPC_LOCK)")]
     Memlock { have: u64, need: u64 },
     #[error("MTU {0} is outside 68..={MAX_MTU}")]
     Mtu(u16),
@@ -112,13 +112,9 @@ impl From<PrivilegeError> for RuntimeError {
     }
 }
 
-/// Capabilities the datapath uses, as (bit, name).
-const NEEDED_CAPS: [(u32, &str); 4] = [
-    (12, "CAP_NET_ADMIN"),
-    (13, "CAP_NET_RAW"),
-    (14, "CAP_IPC_LOCK"),
-    (39, "CAP_BPF"),
-];
+/// Capabilities the datapath uses, as (bit, name). CAP_IPC_LOCK is not among them: it stands
+/// in for a locked-memory limit that covers the UMEMs, which `raise_memlock` checks.
+const NEEDED_CAPS: [(u32, &str); 3] = [(12, "CAP_NET_ADMIN"), (13, "CAP_NET_RAW"), (39, "CAP_BPF")];
 const CAP_IPC_LOCK: u32 = 14;
 const CAP_SYS_ADMIN: u32 = 21;
 
