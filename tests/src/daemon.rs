@@ -74,12 +74,19 @@ impl Daemon {
 
     /// Like [`Daemon::spawn`], with every thread of the daemon confined to `cpu`.
     pub fn spawn_pinned(lab: &Lab, args: &[&str], cpu: Option<usize>) -> Result<Daemon> {
+        match cpu {
+            Some(cpu) => Self::spawn_wrapped(lab, &["taskset", "-c", &cpu.to_string()], args),
+            None => Self::spawn_wrapped(lab, &[], args),
+        }
+    }
+
+    /// Like [`Daemon::spawn`], with the daemon run by `wrapper`: a command line that runs the
+    /// one after it in a changed process (`taskset -c 1`, `prlimit --memlock=...`,
+    /// `setpriv ... --`), inside the lab's host namespace.
+    pub fn spawn_wrapped(lab: &Lab, wrapper: &[&str], args: &[&str]) -> Result<Daemon> {
         let bin = checked_binary()?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &lab.host_ns]);
-        if let Some(cpu) = cpu {
-            cmd.args(["taskset", "-c", &cpu.to_string()]);
-        }
+        cmd.args(["netns", "exec", &lab.host_ns]).args(wrapper);
         cmd.arg(&bin).args(["--iface", NIC]).args(args);
         Self::spawn_command(cmd, ctl_arg(args))
     }
@@ -182,13 +189,24 @@ impl Daemon {
     /// Starts a daemon serving the ports `specs` (`--port` values, see [`Daemon::port_spec`])
     /// with its control socket at `ctl`, and waits until every one accepts frontends.
     pub fn start_specs(lab: &Lab, ctl: &Path, specs: &[String], extra: &[&str]) -> Result<Daemon> {
+        Self::start_specs_wrapped(lab, &[], ctl, specs, extra)
+    }
+
+    /// [`Daemon::start_specs`] with the daemon run by `wrapper` (see [`Daemon::spawn_wrapped`]).
+    pub fn start_specs_wrapped(
+        lab: &Lab,
+        wrapper: &[&str],
+        ctl: &Path,
+        specs: &[String],
+        extra: &[&str],
+    ) -> Result<Daemon> {
         let ctl = ctl.to_str().context("ctl path")?;
         let mut args: Vec<&str> = vec!["--ctl", ctl];
         for s in specs {
             args.extend(["--port", s.as_str()]);
         }
         args.extend_from_slice(extra);
-        let mut d = Self::spawn(lab, &args)?;
+        let mut d = Self::spawn_wrapped(lab, wrapper, &args)?;
         d.wait_for_count(
             "port ready for a frontend",
             specs.len(),

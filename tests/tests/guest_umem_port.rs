@@ -214,6 +214,164 @@ fn guest_memory_in_two_files_falls_back_to_the_copy_path_with_one_line() -> Resu
     Ok(())
 }
 
+/// The locked-memory limit of the memlock test's daemon: the hard limit these machines give
+/// root (whose bounding set lacks `CAP_SYS_RESOURCE`), so it holds wherever the test runs.
+const MEMLOCK_LIMIT: u64 = 8 << 20;
+
+/// Runs the daemon with RLIMIT_MEMLOCK at [`MEMLOCK_LIMIT`] (soft and hard) and without the
+/// capabilities `drop` names (setpriv's list, `-sys_resource,...`), gone from its bounding
+/// and inheritable sets, so from every set after exec. Without `CAP_SYS_RESOURCE` it can
+/// neither lift the limit nor be given it back: a service started with `LimitMEMLOCK=8M` on
+/// a host that withholds `CAP_SYS_RESOURCE`.
+fn limited_memlock(drop: &str) -> Vec<String> {
+    [
+        "prlimit".to_string(),
+        format!("--memlock={MEMLOCK_LIMIT}:{MEMLOCK_LIMIT}"),
+        "--".into(),
+        "setpriv".into(),
+        format!("--bounding-set={drop}"),
+        format!("--inh-caps={drop}"),
+        "--".into(),
+    ]
+    .into()
+}
+
+/// Counters of every queue and of the XDP program that say something went wrong (drops,
+/// errors, refusals, unknown completions), with their values, where not zero.
+fn error_counters(s: &Setup) -> Result<Vec<(String, u64)>> {
+    let stats = s.daemon.ctl()?.stats()?;
+    let bad = |name: &str| {
+        ["dropped", "error", "refused", "unknown"]
+            .iter()
+            .any(|w| name.contains(w))
+    };
+    let names: std::collections::BTreeSet<String> = stats["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["queues"].as_array().into_iter().flatten())
+        .filter_map(|q| q["counters"].as_object())
+        .flat_map(|c| c.keys().cloned())
+        .chain(
+            stats["xdp"]
+                .as_object()
+                .into_iter()
+                .flat_map(|x| x.keys().cloned()),
+        )
+        .filter(|n| bad(n))
+        .collect();
+    let mut nonzero = Vec::new();
+    for name in names {
+        let value = xvdpa_tests::ctl::daemon_counter(&stats, &name)?;
+        if value != 0 {
+            nonzero.push((name, value));
+        }
+    }
+    Ok(nonzero)
+}
+
+/// A daemon that runs as a service user (`--user nobody`: no `CAP_IPC_LOCK` after start-up)
+/// under a locked-memory limit its guest's memory does not fit: the guest cannot be pinned,
+/// and the port takes the copy path with one warning that names the limit and the remedy;
+/// traffic flows both ways and no counter says anything went wrong.
+#[test]
+fn guest_memory_over_the_memlock_limit_falls_back_to_the_copy_path_with_one_line() -> Result<()> {
+    let tag = "gu-memlock";
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    // A directory the daemon makes and hands to its user, who makes the port's socket there.
+    let run = dir.join("run");
+    let socket = run.join("vm0.sock");
+    let spec = Daemon::port_spec(&socket, guest_mac(0), ",guest-umem=on");
+    let wrapper = limited_memlock("-sys_resource");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_specs_wrapped(
+        &lab,
+        &wrapper,
+        &run.join("ctl.sock"),
+        &[spec],
+        &["--user", "nobody"],
+    )?;
+    let s = Setup {
+        lab,
+        daemon,
+        socket,
+        _dir: dir,
+    };
+    // 256 receive and 256 transmit slots of 32 KiB: 16 MiB of guest memory, twice the limit.
+    let opts = FrontendOptions {
+        slot_len: 32 << 10,
+        ..FrontendOptions::default()
+    };
+    // The next connection falls back the same way: the copy path's UMEMs count against no
+    // limit, however late the kernel releases the first connection's.
+    for _ in 0..2 {
+        let mut fe = VirtioNetFrontend::connect(&s.socket, opts.clone())?;
+        let port = listed_port(&s, 0)?;
+        let path = port["datapath"].as_str().unwrap_or_default();
+        ensure!(
+            path.starts_with("copy (guest memory refused: cannot pin ")
+                && path.contains(&format!("locked-memory limit of {MEMLOCK_LIMIT} bytes"))
+                && path.contains("LimitMEMLOCK"),
+            "{port}"
+        );
+        traffic_flows(&s, &mut fe)?;
+        drop(fe);
+        s.daemon_wait_for_disconnect()?;
+    }
+    let errors = error_counters(&s)?;
+    ensure!(errors.is_empty(), "error counters: {errors:?}");
+    let log = s.daemon.stop()?;
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("guest memory cannot be the NIC queue's UMEM"))
+        .collect();
+    ensure!(
+        lines.len() == 1
+            && lines[0].contains("WARN")
+            && lines[0].contains(&format!("{MEMLOCK_LIMIT} bytes"))
+            && lines[0].contains("LimitMEMLOCK"),
+        "one warning naming the limit and the remedy:\n{log}"
+    );
+    ensure!(
+        !log.contains("ERROR") && !log.contains("panicked"),
+        "nothing else went wrong:\n{log}"
+    );
+    Ok(())
+}
+
+/// A daemon started without `CAP_IPC_LOCK` at all (nor `CAP_SYS_RESOURCE`) counts every UMEM
+/// against its limit, so the limit must cover the copy path's, the guest-memory port's
+/// fallback: under one that does not, start-up stops with the memlock line naming both
+/// figures, before XDP is attached.
+#[test]
+fn without_cap_ipc_lock_start_up_asks_the_limit_to_cover_the_copy_path() -> Result<()> {
+    let tag = "gu-nolock";
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    let spec = Daemon::port_spec(&dir.join("vm0.sock"), guest_mac(0), ",guest-umem=on");
+    let wrapper = limited_memlock("-ipc_lock,-sys_resource");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let ctl = dir.join("ctl.sock");
+    let mut d = Daemon::spawn_wrapped(
+        &lab,
+        &wrapper,
+        &["--ctl", ctl.to_str().context("path")?, "--port", &spec],
+    )?;
+    let status = d.wait_exit(Duration::from_secs(10))?;
+    let out = d.output();
+    ensure!(!status.success(), "started: {out}");
+    // The daemon's default MTU, on the lab's one-queue NIC.
+    let need = xvdpa::runtime::copy_path_memlock(1500, 1);
+    ensure!(
+        out.contains(&format!(
+            "the locked-memory limit is {MEMLOCK_LIMIT} bytes and the AF_XDP buffers need {need}"
+        )) && !out.contains("XDP steering attached"),
+        "{out}"
+    );
+    Ok(())
+}
+
 /// Receive buffers the kernel cannot be given (too short for a frame, outside the guest's
 /// memory) go back to the guest unused and are counted; the good ones still receive.
 #[test]

@@ -24,6 +24,10 @@ pub const CAP_NET_RAW: Capability = Capability {
     bit: 13,
     name: "CAP_NET_RAW",
 };
+pub const CAP_IPC_LOCK: Capability = Capability {
+    bit: 14,
+    name: "CAP_IPC_LOCK",
+};
 pub const CAP_BPF: Capability = Capability {
     bit: 39,
     name: "CAP_BPF",
@@ -141,10 +145,16 @@ fn thread_count() -> usize {
 }
 
 /// Becomes `account` (its uid, gid and supplementary groups) keeping exactly `keep` as the
-/// permitted and effective capabilities; nothing is inheritable or ambient (the daemon never
-/// executes another program), and the bounding set shrinks to `keep` so no later execve
-/// could regain the rest. Must run while the process has one thread.
-pub fn drop_to(account: &Account, keep: &[Capability]) -> Result<(), PrivilegeError> {
+/// permitted and effective capabilities, and `on_demand` as permitted only, for
+/// [`with_capability`] to raise around the one call that needs it; nothing is inheritable or
+/// ambient (the daemon never executes another program), and the bounding set shrinks to the
+/// permitted set so no later execve could regain the rest. Must run while the process has one
+/// thread.
+pub fn drop_to(
+    account: &Account,
+    keep: &[Capability],
+    on_demand: &[Capability],
+) -> Result<(), PrivilegeError> {
     let step_err = |step| {
         move |why| PrivilegeError::Drop {
             user: account.name.clone(),
@@ -157,7 +167,8 @@ pub fn drop_to(account: &Account, keep: &[Capability]) -> Result<(), PrivilegeEr
         1 => {}
         n => return Err(PrivilegeError::Threads(n)),
     }
-    let mask = keep.iter().fold(0u64, |m, c| m | 1 << c.bit);
+    let effective = mask_of(keep);
+    let mask = effective | mask_of(on_demand);
     let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
@@ -169,7 +180,11 @@ pub fn drop_to(account: &Account, keep: &[Capability]) -> Result<(), PrivilegeEr
     Sys::set_groups(&account.groups).map_err(step_err("setgroups"))?;
     Sys::set_gid(account.gid).map_err(step_err("setresgid"))?;
     Sys::set_uid(account.uid).map_err(step_err("setresuid"))?;
-    Sys::set_caps(mask).map_err(step_err("capset"))?;
+    Sys::set_caps(CapSets {
+        effective,
+        permitted: mask,
+    })
+    .map_err(step_err("capset"))?;
     Sys::keep_caps_across_setuid(false).map_err(step_err("PR_SET_KEEPCAPS"))?;
     Sys::clear_ambient().map_err(step_err("clearing ambient capabilities"))?;
     // Proof, not trust: root must be out of reach now.
@@ -181,6 +196,41 @@ pub fn drop_to(account: &Account, keep: &[Capability]) -> Result<(), PrivilegeEr
         });
     }
     Ok(())
+}
+
+fn mask_of(caps: &[Capability]) -> u64 {
+    caps.iter().fold(0u64, |m, c| m | 1 << c.bit)
+}
+
+/// Runs `f` with `cap` in the calling thread's effective set when the thread holds it as
+/// permitted only (kept on demand by [`drop_to`]), and takes it out again afterwards. A
+/// thread that has it effective already, or not at all, runs `f` as it is.
+pub fn with_capability<T>(cap: Capability, f: impl FnOnce() -> T) -> T {
+    let bit = 1u64 << cap.bit;
+    let raised = match Sys::caps() {
+        Ok(sets) if sets.permitted & bit != 0 && sets.effective & bit == 0 => {
+            let up = CapSets {
+                effective: sets.effective | bit,
+                ..sets
+            };
+            Sys::set_caps(up).ok().map(|()| sets)
+        }
+        _ => None,
+    };
+    let result = f();
+    if let Some(before) = raised {
+        if let Err(e) = Sys::set_caps(before) {
+            tracing::error!(capability = cap.name, error = %e, "cannot take a capability raised for one call out of the effective set again");
+        }
+    }
+    result
+}
+
+/// A thread's effective and permitted capability sets (its inheritable set stays empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CapSets {
+    effective: u64,
+    permitted: u64,
 }
 
 /// The libc calls of this module, each a thin checked wrapper.
@@ -375,16 +425,34 @@ impl Sys {
         check(unsafe { libc::setresuid(uid, uid, uid) }.into())
     }
 
-    /// Sets the calling thread's permitted and effective sets to `mask`, inheritable empty.
-    fn set_caps(mask: u64) -> io::Result<()> {
+    /// The calling thread's effective and permitted sets.
+    fn caps() -> io::Result<CapSets> {
         let mut header = CapHeader {
             version: LINUX_CAPABILITY_VERSION_3,
             pid: 0,
         };
-        let halves = [mask as u32, (mask >> 32) as u32];
-        let data = halves.map(|half| CapData {
-            effective: half,
-            permitted: half,
+        let mut data = [CapData::default(); 2];
+        // SAFETY: capget reads one header and, for version 3, writes two data entries; both
+        // are live `repr(C)` values of the kernel's layout.
+        let ret = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        check(ret)?;
+        let join = |low: u32, high: u32| u64::from(low) | u64::from(high) << 32;
+        Ok(CapSets {
+            effective: join(data[0].effective, data[1].effective),
+            permitted: join(data[0].permitted, data[1].permitted),
+        })
+    }
+
+    /// Sets the calling thread's effective and permitted sets, inheritable empty.
+    fn set_caps(sets: CapSets) -> io::Result<()> {
+        let mut header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let half = |set: u64, i: usize| (set >> (32 * i)) as u32;
+        let data = [0, 1].map(|i| CapData {
+            effective: half(sets.effective, i),
+            permitted: half(sets.permitted, i),
             inheritable: 0,
         });
         // SAFETY: capset reads one header and, for version 3, two data entries; both are
@@ -435,11 +503,37 @@ mod tests {
     }
 
     #[test]
+    fn a_capability_kept_on_demand_is_effective_for_the_call_only() {
+        // Capabilities are per thread: this one's changes stay in it.
+        std::thread::spawn(|| {
+            let before = Sys::caps().unwrap();
+            let bit = 1u64 << CAP_IPC_LOCK.bit;
+            if before.permitted & bit == 0 {
+                return; // not root here: nothing to raise
+            }
+            let on_demand = CapSets {
+                effective: before.effective & !bit,
+                ..before
+            };
+            Sys::set_caps(on_demand).unwrap();
+            let during = with_capability(CAP_IPC_LOCK, || Sys::caps().unwrap());
+            assert_eq!(during.effective, before.effective | bit);
+            assert_eq!(Sys::caps().unwrap(), on_demand);
+            // Effective already: left as it is.
+            Sys::set_caps(before).unwrap();
+            let during = with_capability(CAP_IPC_LOCK, || Sys::caps().unwrap());
+            assert_eq!((during, Sys::caps().unwrap()), (before, before));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn dropping_needs_a_single_thread() {
         // The test harness runs tests on threads of their own: the drop must refuse
         // (or, not being root, refuse for that), and leave this process as it was.
         let before = Sys::euid();
-        let e = drop_to(&Account::lookup("root").unwrap(), &[]).unwrap_err();
+        let e = drop_to(&Account::lookup("root").unwrap(), &[], &[]).unwrap_err();
         assert!(matches!(
             e,
             PrivilegeError::Threads(_) | PrivilegeError::NotRoot

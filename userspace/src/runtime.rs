@@ -79,7 +79,7 @@ pub enum RuntimeError {
     UnknownInterface(String),
     #[error("xvdpa needs root, or the capabilities {0}: run it with sudo or grant them")]
     Privileges(String),
-    #[error("the locked-memory limit is {have} bytes and the AF_XDP buffers need {need}; raise it (ulimit -l unlimited, or LimitMEMLOCK=infinity in systemd) or run as root")]
+    #[error("the locked-memory limit is {have} bytes and the AF_XDP buffers need {need}; raise it (ulimit -l unlimited, or LimitMEMLOCK=infinity in systemd) or run as root (CAP_IPC_LOCK)")]
     Memlock { have: u64, need: u64 },
     #[error("MTU {0} is outside 68..={MAX_MTU}")]
     Mtu(u16),
@@ -112,13 +112,10 @@ impl From<PrivilegeError> for RuntimeError {
     }
 }
 
-/// Capabilities the datapath uses, as (bit, name).
-const NEEDED_CAPS: [(u32, &str); 4] = [
-    (12, "CAP_NET_ADMIN"),
-    (13, "CAP_NET_RAW"),
-    (14, "CAP_IPC_LOCK"),
-    (39, "CAP_BPF"),
-];
+/// Capabilities the datapath uses, as (bit, name). CAP_IPC_LOCK is not among them: it stands
+/// in for a locked-memory limit that covers the UMEMs, which `raise_memlock` checks.
+const NEEDED_CAPS: [(u32, &str); 3] = [(12, "CAP_NET_ADMIN"), (13, "CAP_NET_RAW"), (39, "CAP_BPF")];
+const CAP_IPC_LOCK: u32 = 14;
 const CAP_SYS_ADMIN: u32 = 21;
 
 fn effective_caps() -> u64 {
@@ -149,15 +146,36 @@ fn check_privileges() -> Result<(), RuntimeError> {
     }
 }
 
+/// The NIC queues' UMEM and rings: frames up to the MTU, plus the Ethernet header and the tag
+/// of a tagged port; larger than one UMEM frame takes multi-buffer sockets.
+pub fn copy_path_geometry(mtu: u16) -> XskGeometry {
+    XskGeometry::for_frames_up_to(usize::from(mtu) + ETH_HLEN + TAG_LEN)
+}
+
+/// The locked memory start-up asks of RLIMIT_MEMLOCK when it can lift neither the limit nor
+/// rely on CAP_IPC_LOCK: the copy path's UMEMs on `rx_queues` NIC queues, and 16 MiB of room.
+pub fn copy_path_memlock(mtu: u16, rx_queues: u32) -> u64 {
+    copy_path_geometry(mtu).umem_bytes() * u64::from(rx_queues) + (16 << 20)
+}
+
+/// How much memory the process may lock, once start-up has tried to lift the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemlockLimit {
+    Unlimited,
+    /// A limit that stays: what start-up needs is within it, or CAP_IPC_LOCK lets the
+    /// process lock beyond it.
+    Finite,
+}
+
 /// Lifts RLIMIT_MEMLOCK, or proves the current one is enough.
-fn raise_memlock(need: u64) -> Result<(), RuntimeError> {
+fn raise_memlock(need: u64) -> Result<MemlockLimit, RuntimeError> {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
-        return Ok(());
+        return Ok(MemlockLimit::Unlimited);
     }
     let mut cur = libc::rlimit {
         rlim_cur: 0,
@@ -165,11 +183,11 @@ fn raise_memlock(need: u64) -> Result<(), RuntimeError> {
     };
     // SAFETY: getrlimit into a valid struct.
     unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) };
-    if cur.rlim_cur == libc::RLIM_INFINITY
-        || cur.rlim_cur >= need
-        || effective_caps() & (1 << 14) != 0
-    {
-        return Ok(());
+    if cur.rlim_cur == libc::RLIM_INFINITY {
+        return Ok(MemlockLimit::Unlimited);
+    }
+    if cur.rlim_cur >= need || effective_caps() & (1 << CAP_IPC_LOCK) != 0 {
+        return Ok(MemlockLimit::Finite);
     }
     Err(RuntimeError::Memlock {
         have: cur.rlim_cur,
@@ -276,11 +294,9 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
             max: xvdpa_common::MAX_NIC_QUEUES,
         });
     }
-    // Frames up to the MTU, plus the Ethernet header and the tag of a tagged port; larger
-    // than one UMEM frame takes multi-buffer sockets.
-    let geometry = XskGeometry::for_frames_up_to(usize::from(config.mtu) + ETH_HLEN + TAG_LEN);
+    let geometry = copy_path_geometry(config.mtu);
     warn_if_nic_mtu_below(&config.iface, config.mtu);
-    raise_memlock(geometry.umem_bytes() * u64::from(rx_queues) + (16 << 20))?;
+    let memlock = raise_memlock(copy_path_memlock(config.mtu, rx_queues))?;
     let account = config.user.as_deref().map(Account::lookup).transpose()?;
     if account.is_some() {
         privilege::require_root()?;
@@ -372,15 +388,21 @@ pub fn run(config: RuntimeConfig, xdp_object: &[u8]) -> Result<(), RuntimeError>
         // added later through the control socket are, by the unprivileged daemon.
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let keep = kept_capabilities(polls_napi, &release);
+        // One the daemon was started without cannot be kept.
+        let held = effective_caps();
+        let on_demand: Vec<Capability> = on_demand_capabilities(dedicated, memlock)
+            .into_iter()
+            .filter(|c| held & (1 << c.bit) != 0)
+            .collect();
         let dropped = socket_dirs
             .hand_to(account)
-            .and_then(|()| Ok(privilege::drop_to(account, &keep)?));
+            .and_then(|()| Ok(privilege::drop_to(account, &keep, &on_demand)?));
         if let Err(e) = dropped {
             let _ = std::fs::remove_file(&config.ctl);
             return Err(e);
         }
-        let names: Vec<&str> = keep.iter().map(|c| c.name).collect();
-        tracing::info!(user = %account.name, uid = account.uid, capabilities = %names.join(","), "dropped root");
+        let names = |caps: &[Capability]| caps.iter().map(|c| c.name).collect::<Vec<_>>().join(",");
+        tracing::info!(user = %account.name, uid = account.uid, capabilities = %names(&keep), on_demand = %names(&on_demand), "dropped root");
     }
     let daemon = Arc::new(Daemon::new(nic));
     for spec in &config.ports {
@@ -454,7 +476,8 @@ fn tell_service_manager_ready() {
 ///
 /// Not kept: detaching XDP at exit closes the program's bpf link, which needs no privilege;
 /// the locked-memory limit was lifted while root and stays with the process; new sockets
-/// share the UMEMs registered at start-up, so nothing new is locked.
+/// share the UMEMs registered at start-up, so nothing new is locked (except on a NIC
+/// dedicated to a guest-memory port: see [`on_demand_capabilities`]).
 pub fn kept_capabilities(polls_nic: bool, kernel_release: &str) -> Vec<Capability> {
     let mut keep = vec![privilege::CAP_NET_RAW];
     if polls_nic {
@@ -464,6 +487,22 @@ pub fn kept_capabilities(polls_nic: bool, kernel_release: &str) -> Vec<Capabilit
         keep.push(privilege::CAP_BPF);
     }
     keep
+}
+
+/// The capabilities the running daemon keeps after `--user` as permitted only, raised for the
+/// one call that needs each (`privilege::with_capability`):
+/// - CAP_IPC_LOCK, on a NIC dedicated to a guest-memory port under a finite locked-memory
+///   limit: each connection registers the NIC queue's UMEM after the drop, and when the
+///   guest's memory cannot be pinned within the limit, the copy path's own UMEMs (16 MiB a
+///   queue) are registered instead, locked as they are at start-up on a shared NIC. Without
+///   it the limit would refuse them too, and the port would move no frames. The guest's
+///   memory is registered without it: the limit decides how much of it may be pinned.
+pub fn on_demand_capabilities(dedicated: bool, memlock: MemlockLimit) -> Vec<Capability> {
+    if dedicated && memlock == MemlockLimit::Finite {
+        vec![privilege::CAP_IPC_LOCK]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Whether the kernel `release` (as `uname -r` says it) checks CAP_BPF on every bpf(2) call.

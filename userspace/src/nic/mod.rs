@@ -61,16 +61,21 @@ impl Nic {
 
     /// The copy path's NIC queues for a connection: the daemon's shared ones, or on a
     /// dedicated NIC queues bound now for this connection alone (they are released with its
-    /// sockets, so the next connection finds the queues free again).
+    /// sockets, so the next connection finds the queues free again). Their UMEMs are the
+    /// daemon's own, locked under CAP_IPC_LOCK as a shared NIC's are at start-up (kept on
+    /// demand after `--user` under a finite memlock limit): a guest whose memory that limit
+    /// refused must still get its frames.
     pub fn copy_path_queues(&self) -> Result<Vec<Arc<NicQueue>>, XskError> {
         if self.dedicated {
-            Self::open_queues(
-                &self.iface,
-                self.ifindex,
-                self.rx_queues,
-                self.geometry,
-                self.xsk_mode,
-            )
+            crate::privilege::with_capability(crate::privilege::CAP_IPC_LOCK, || {
+                Self::open_queues(
+                    &self.iface,
+                    self.ifindex,
+                    self.rx_queues,
+                    self.geometry,
+                    self.xsk_mode,
+                )
+            })
         } else {
             Ok(self.queues.clone())
         }

@@ -57,14 +57,30 @@ pub enum GuestUmemError {
     #[error("cannot map {len} bytes of guest memory: {source}")]
     Map { len: u64, source: io::Error },
     #[error(
-        "cannot pin {len} bytes of guest memory as a UMEM: the locked-memory limit of the \
-         daemon's user is too small (raise LimitMEMLOCK/ulimit -l, or keep CAP_IPC_LOCK)"
+        "cannot pin {len} bytes of guest memory as a UMEM: over the locked-memory limit of \
+         {limit}, which every UMEM of the daemon's user counts against without CAP_IPC_LOCK \
+         (raise it above the guest's memory: LimitMEMLOCK= in the unit, ulimit -l)"
     )]
-    Memlock { len: u64 },
+    Memlock { len: u64, limit: String },
     #[error("guest memory UMEM registration ({len} bytes): {source}")]
     Register { len: u64, source: io::Error },
     #[error(transparent)]
     Socket(#[from] XskError),
+}
+
+/// The process's RLIMIT_MEMLOCK as `/proc/self/limits` states it ("8388608 bytes"), for the
+/// operator reading why a registration was refused.
+fn memlock_limit() -> String {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max locked memory"))
+        .and_then(|rest| rest.split_whitespace().next());
+    match soft {
+        Some("unlimited") => "unlimited".to_string(),
+        Some(bytes) => format!("{bytes} bytes"),
+        None => "unknown size".to_string(),
+    }
 }
 
 /// Where the kernel puts received frames in a guest-memory UMEM, and how long they may be.
@@ -309,7 +325,10 @@ impl GuestUmem {
             let source = super::errno(e);
             match source.raw_os_error() {
                 // `xdp_umem_account_pages`: over RLIMIT_MEMLOCK without CAP_IPC_LOCK.
-                Some(libc::ENOBUFS) => GuestUmemError::Memlock { len },
+                Some(libc::ENOBUFS) => GuestUmemError::Memlock {
+                    len,
+                    limit: memlock_limit(),
+                },
                 _ => GuestUmemError::Register { len, source },
             }
         })?;
