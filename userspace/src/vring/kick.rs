@@ -39,8 +39,10 @@ fn read_kick_of<M: GuestAddressSpace>(state: &VringState<M>) -> io::Result<bool>
     if let Some(kick) = state.get_kick() {
         match kick.consume() {
             Ok(()) => {}
+            // Trace level: a frontend that keeps writing an eventfd it replaced gets here as
+            // often as a kick flood would get a kick.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tracing::debug!(
+                tracing::trace!(
                     "queue event with an empty kick eventfd (replaced since the event): no kick"
                 );
             }
