@@ -497,6 +497,18 @@ impl VirtioNetFrontend {
         Ok(self.frontend.get_vring_base(queue)?)
     }
 
+    /// Gives running ring `queue` a fresh kick eventfd (SET_VRING_KICK without stopping the
+    /// ring) and returns the old one, which the backend's epoll set may still hold: what a
+    /// hostile frontend can do, and what a device reset does to an event the backend has
+    /// taken from its epoll set but not read yet.
+    pub fn replace_kick(&mut self, queue: usize) -> Result<EventFd> {
+        let fresh = EventFd::new(EFD_NONBLOCK)?;
+        self.frontend
+            .set_vring_kick(queue, &fresh)
+            .context("SET_VRING_KICK")?;
+        Ok(std::mem::replace(&mut self.queues[queue].kick, fresh))
+    }
+
     /// Sets or clears VRING_AVAIL_F_NO_INTERRUPT on `queue` (what a polling driver does when
     /// EVENT_IDX is not negotiated).
     pub fn set_no_interrupt(&mut self, queue: usize, on: bool) -> Result<()> {

@@ -103,12 +103,14 @@ pub fn run(lab: &Lab, cycles: usize, mut progress: impl FnMut(usize)) -> Result<
     let stream = Streamer::start(lab, &streaming, wire_mac)?;
     // The first cycle sets up what lasts as long as the daemon; count from after it.
     let mut seq = 0;
-    one_cycle(&cycling, &wire, wire_mac, &mut seq)?;
+    let figures = |daemon: &Daemon| cycling_port_figures(daemon, pid);
+    one_cycle(&cycling, &wire, wire_mac, &mut seq, &|| figures(&daemon))?;
     daemon.wait_for_count("frontend disconnected", 1, WAIT)?;
     let start = steady(pid, WAIT)?;
     let began = Instant::now();
     for n in 1..=cycles {
-        one_cycle(&cycling, &wire, wire_mac, &mut seq).with_context(|| format!("cycle {n}"))?;
+        one_cycle(&cycling, &wire, wire_mac, &mut seq, &|| figures(&daemon))
+            .with_context(|| format!("cycle {n}"))?;
         daemon.wait_for_count("frontend disconnected", n + 1, WAIT)?;
         ensure!(
             !stream.failed(),
@@ -133,15 +135,52 @@ pub fn run(lab: &Lab, cycles: usize, mut progress: impl FnMut(usize)) -> Result<
     Ok(report)
 }
 
-/// Connect, a frame each way, device reset, a frame from the wire again, disconnect.
+/// What CI shows when a cycle fails: the cycling port's counters (where its frames went:
+/// delivered, dropped as the queue stopped or the ring full, never steered) and the XDP
+/// program's, read from the running daemon, and its threads (a queue pair's epoll thread,
+/// `vring_worker`, that ended leaves its port's frames where they are).
+fn cycling_port_figures(daemon: &Daemon, pid: u32) -> String {
+    let stats = match daemon.ctl().and_then(|ctl| ctl.stats()) {
+        Ok(stats) => stats,
+        Err(e) => return format!("(no counters from the daemon: {e:#})"),
+    };
+    let port = stats["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["port"]["index"] == CYCLING_PORT));
+    format!(
+        "cycling port's counters: {}\nXDP counters: {}\ndaemon threads: {:?}",
+        port.map_or("(no such port)".to_string(), |p| p["queues"].to_string()),
+        stats["xdp"],
+        thread_names(pid)
+    )
+}
+
+/// The cycling port's index in the daemon: the first port it was started with.
+const CYCLING_PORT: u64 = 0;
+
+/// Connect, a frame each way, device reset, a frame from the wire again, disconnect. A
+/// failure carries `figures()`, taken while the frontend is still connected (its
+/// connection's threads still there, or not).
 fn one_cycle(
     socket: &std::path::Path,
     wire: &WireSocket,
     wire_mac: [u8; 6],
     seq: &mut u32,
+    figures: &dyn Fn() -> String,
 ) -> Result<()> {
     let mut fe = VirtioNetFrontend::connect(socket, FrontendOptions::default())?;
-    from_wire(&mut fe, wire, wire_mac, seq)?;
+    traffic_and_reset(&mut fe, wire, wire_mac, seq).map_err(|e| e.context(figures()))
+}
+
+/// A cycle's traffic on a connected frontend: a frame each way, device reset, a frame from
+/// the wire again.
+fn traffic_and_reset(
+    fe: &mut VirtioNetFrontend,
+    wire: &WireSocket,
+    wire_mac: [u8; 6],
+    seq: &mut u32,
+) -> Result<()> {
+    from_wire(fe, wire, wire_mac, seq)?;
     *seq += 1;
     fe.send(&test_frame(wire_mac, guest_mac(0), *seq, 200), 1, false)?;
     fe.kick(TX_QUEUE)?;
@@ -150,7 +189,7 @@ fn one_cycle(
         "the device did not take a frame to send"
     );
     fe.reset_device()?;
-    from_wire(&mut fe, wire, wire_mac, seq)?;
+    from_wire(fe, wire, wire_mac, seq)?;
     Ok(())
 }
 

@@ -9,19 +9,23 @@
 //! signalling for a transmit queue.
 
 mod error_signal;
+mod kick;
 mod notify;
 mod rx_queue;
 
 use crate::datapath::GuestMemory;
-use vhost_user_backend::VringRwLock;
 use vm_memory::GuestMemoryAtomic;
 
 pub use error_signal::{RingError, RingErrorFds};
 pub use notify::notify_guest_since;
 pub use rx_queue::{RxQueue, RxQueueLock, RxQueueShared};
 
-/// One virtqueue as rust-vmm's vhost-user library shares it with the backend.
-pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+pub use kick::KickTolerantVring;
+
+/// One virtqueue as rust-vmm's vhost-user library shares it with the backend (its
+/// `VringRwLock`, whose kick read survives an event for a replaced kick eventfd: see
+/// [`KickTolerantVring`]).
+pub type Vring = KickTolerantVring<GuestMemoryAtomic<GuestMemory>>;
 
 /// The vring's state, locked.
 pub type VringState = vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemory>>;
