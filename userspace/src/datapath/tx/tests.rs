@@ -1093,8 +1093,8 @@ fn a_tso_frame_for_the_kernel_goes_whole_with_the_daemons_header() {
         let (hdr, frame) = guest_tso(&big, ipv6, 1400);
         // The guest's own header fields the daemon must not pass on as they are.
         let mut guest = NetHeader::parse(hdr[..12].try_into().unwrap());
-        guest.hdr_len = 9999;
-        guest.csum_start = 7;
+        guest.hdr_len = 60;
+        guest.csum_start = 20;
         if ecn {
             guest.gso_type |= GSO_ECN;
         }
@@ -1205,6 +1205,38 @@ fn malformed_tso_requests_never_reach_the_kernel() {
             },
             &frame,
             "segments over the MTU",
+        ),
+        (
+            NetHeader {
+                hdr_len: 60_000,
+                ..parsed
+            },
+            &frame,
+            "hdr_len past the frame",
+        ),
+        (
+            NetHeader {
+                csum_start: 60_000,
+                ..parsed
+            },
+            &frame,
+            "csum_start past the frame",
+        ),
+        (
+            NetHeader {
+                csum_offset: frame.len() as u16 - 34 - 1,
+                ..parsed
+            },
+            &frame,
+            "checksum field past the frame",
+        ),
+        (
+            NetHeader {
+                csum_start: 4,
+                ..parsed
+            },
+            &frame,
+            "csum_start in the Ethernet header",
         ),
         (parsed, &hdr_past_frame, "IP length past the frame"),
         (parsed, &tcp_past_frame, "TCP header past the packet"),
