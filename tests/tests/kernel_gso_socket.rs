@@ -121,9 +121,18 @@ fn a_full_device_queue_drops_frames_without_waiting() -> Result<()> {
         .map(|i| (gso_header(), tso_frame(wire_mac, i, 20_000)))
         .collect();
     let (list, arena) = arena_of(&frames);
+    // Root gets the send buffer it asks for (SO_SNDBUFFORCE): room for dozens of frames.
+    let room = sock.room();
+    ensure!(room > 1 << 20, "room for {room} bytes");
     let started = Instant::now();
     let sent = sock.send(&list, &arena);
     let took = started.elapsed();
+    // The frames the shaper holds still count against the socket's send buffer.
+    ensure!(
+        sock.room() < room - 20_000,
+        "room {} after the send, {room} before",
+        sock.room()
+    );
     ensure!(
         sent.sent + sent.dropped == 20 && sent.dropped >= 10 && sent.sent >= 1,
         "{sent:?}"

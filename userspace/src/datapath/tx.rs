@@ -101,6 +101,10 @@ pub struct KernelGso {
     /// How many GSO frames the sink sends at once: the batch ends before a further one, so
     /// the arena holds at most this many (each up to 64 KiB).
     pub batch: usize,
+    /// Frame bytes the kernel takes now without refusing them (room in the socket's send
+    /// buffer): a TSO frame that would not fit behind the batch's others is cut by the
+    /// daemon instead, rather than dropped by the kernel.
+    pub room: usize,
 }
 
 /// A TSO frame of the batch for the kernel: the header it is sent with and where its bytes
@@ -530,9 +534,12 @@ impl ChainFrame<'_, '_> {
                         return Ok(Err(TxDrop::Offload));
                     }
                 }
+                let listed = || kept.kernel_gso.iter().map(|f| f.len).sum::<usize>();
                 let to_kernel = match offload {
                     // One segment is no GSO frame to the kernel: it is only copied.
-                    Offload::Tso(plan) if plan.segments() > 1 => buffers.kernel_gso(),
+                    Offload::Tso(plan) if plan.segments() > 1 => buffers
+                        .kernel_gso()
+                        .filter(|k| listed() + plan.headers + plan.payload <= k.room),
                     _ => None,
                 };
                 // Frames for the NIC are kicked at the end of the batch, before its GSO

@@ -49,7 +49,14 @@ pub struct GsoSent {
 /// The send-only AF_PACKET socket of one queue pair, bound to the NIC.
 pub struct KernelGsoSocket {
     fd: OwnedFd,
+    /// The send buffer the kernel granted (it doubles what it is asked for, for its
+    /// bookkeeping), in bytes of skb memory.
+    send_buffer: usize,
 }
+
+/// What an skb of a frame costs the send buffer beyond the frame's bytes (its `truesize`:
+/// the skb, its shared info and page rounding), counted generously.
+const SKB_OVERHEAD: usize = 2048;
 
 impl KernelGsoSocket {
     /// Opens the socket on interface `ifindex` (needs CAP_NET_RAW).
@@ -62,7 +69,27 @@ impl KernelGsoSocket {
             setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUF, &SEND_BUFFER)?;
         }
         packet_socket::bind(&fd, ifindex, 0)?;
-        Ok(KernelGsoSocket { fd })
+        let send_buffer = packet_socket::getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
+        Ok(KernelGsoSocket {
+            fd,
+            send_buffer: usize::try_from(send_buffer).unwrap_or(0),
+        })
+    }
+
+    /// Frame bytes the kernel takes now, in frames of up to 64 KiB: the send buffer not held
+    /// by frames the device has not freed yet (`SIOCOUTQ`), less each frame's skb overhead.
+    /// 0 if the kernel cannot say. A frame beyond it would be refused (`EAGAIN`); the
+    /// datapath cuts such a frame itself instead.
+    pub fn room(&self) -> usize {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one c_int into `queued`, which lives for the call.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        if ret < 0 || queued < 0 {
+            return 0;
+        }
+        let free = self.send_buffer.saturating_sub(queued as usize);
+        // Each 64 KiB frame costs up to SKB_OVERHEAD more than its bytes.
+        free.saturating_sub(free.div_ceil(65536) * SKB_OVERHEAD)
     }
 
     /// Sends `frames`, whose bytes are in `arena`, in order, [`GSO_SEND_BATCH`] per call. A

@@ -31,6 +31,27 @@ pub(super) fn setsockopt<T>(
     .map(drop)
 }
 
+/// The int socket option `name` of `fd`.
+pub(super) fn getsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a live c_int, its size passed and updated.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
 /// A non-blocking `SOCK_RAW` packet socket with protocol 0: it receives nothing until bound
 /// with a protocol, so no frame slips in before its options are set.
 pub(super) fn open() -> io::Result<OwnedFd> {

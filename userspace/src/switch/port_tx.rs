@@ -47,8 +47,9 @@ pub struct PortTx<'a> {
     /// The last destination found in `ports`: a guest sending a burst mostly sends it to
     /// one peer, and the table lookup was a tenth of the vm-to-vm profile.
     last_found: Option<(MacAddr, &'a Arc<SwitchPort>)>,
-    /// TSO frames for the wire go to the kernel whole (the pair has the socket for them).
-    kernel_gso: bool,
+    /// TSO frames for the wire go to the kernel whole, as many bytes of them as its socket
+    /// has room for now (the pair has the socket for them).
+    kernel_gso: Option<usize>,
 }
 
 impl<'a> PortTx<'a> {
@@ -70,14 +71,14 @@ impl<'a> PortTx<'a> {
             finished: FinishTally::default(),
             copied: None,
             last_found: None,
-            kernel_gso: false,
+            kernel_gso: None,
         }
     }
 
-    /// Hands TSO frames for the wire to the kernel whole, which the caller sends after the
-    /// batch's NIC frames (`tx-gso=kernel` with its socket open).
-    pub fn with_kernel_gso(mut self, on: bool) -> Self {
-        self.kernel_gso = on;
+    /// Hands TSO frames for the wire to the kernel whole, up to `room` bytes, which the
+    /// caller sends after the batch's NIC frames (`tx-gso=kernel` with its socket open).
+    pub fn with_kernel_gso(mut self, room: Option<usize>) -> Self {
+        self.kernel_gso = room;
         self
     }
 }
@@ -193,9 +194,11 @@ impl TxBuffers for PortTx<'_> {
     fn kernel_gso(&self) -> Option<KernelGso> {
         // For the wire alone: a flooded frame is also read by other ports from its NIC
         // buffers, so it is cut here.
-        (self.kernel_gso && self.copied == Some(Copied::Wire)).then_some(KernelGso {
+        let room = self.kernel_gso?;
+        (self.copied == Some(Copied::Wire)).then_some(KernelGso {
             vlan: self.policy.vlan,
             batch: GSO_SEND_BATCH,
+            room,
         })
     }
 

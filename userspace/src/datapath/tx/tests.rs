@@ -1026,6 +1026,8 @@ fn a_frame_outside_the_guest_file_is_copied() {
 struct KernelGsoBuffers {
     nic: VecBuffers,
     vlan: Option<u16>,
+    /// The bytes the "kernel" takes now.
+    room: usize,
 }
 
 impl TxBuffers for KernelGsoBuffers {
@@ -1042,6 +1044,7 @@ impl TxBuffers for KernelGsoBuffers {
         Some(KernelGso {
             vlan: self.vlan,
             batch: 4,
+            room: self.room,
         })
     }
 }
@@ -1050,6 +1053,7 @@ fn kernel_sink(vlan: Option<u16>) -> KernelGsoBuffers {
     KernelGsoBuffers {
         nic: VecBuffers::new(64),
         vlan,
+        room: usize::MAX,
     }
 }
 
@@ -1329,4 +1333,34 @@ fn a_batch_holds_at_most_as_many_kernel_gso_frames_as_the_sink_sends_at_once() {
     let (r, _) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
     assert_eq!(r, Ok(TxStop::RingEmpty));
     assert_eq!(kernel_frames(&scratch).len(), 1);
+}
+
+#[test]
+fn a_tso_frame_the_kernel_has_no_room_for_is_cut_by_the_daemon() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let big = build(&Flow::default(), 1, 1, false, true, false, &payload(3000));
+    let (hdr, tso) = guest_tso(&big, false, 1448);
+    let g1 = post_frame(&mut t, BUF_BASE, &hdr, &tso);
+    let g2 = post_frame(&mut t, BUF_BASE + 0x2000, &hdr, &tso);
+    let mut q = t.queue();
+    // Room for one frame: the second would be refused by the kernel, so it is not listed;
+    // cut here, its segments go behind the listed one, in the next batch.
+    let mut bufs = KernelGsoBuffers {
+        room: tso.len() + 100,
+        ..kernel_sink(None)
+    };
+    let mut scratch = TxScratch::default();
+    let (r, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::Budget));
+    assert_eq!(kernel_frames(&scratch).len(), 1);
+    assert!(bufs.nic.sent.is_empty());
+    assert_eq!(t.used(0), vec![(u32::from(g1), 0)]);
+    assert_eq!(tally.segments, 0);
+    bufs.room = 0;
+    let (r, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert!(kernel_frames(&scratch).is_empty());
+    assert_eq!((bufs.nic.sent.len(), tally.segments), (3, 3));
+    assert_eq!(t.used(1), vec![(u32::from(g2), 0)]);
 }
