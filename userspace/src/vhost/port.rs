@@ -726,9 +726,11 @@ fn build_workers(
             own: port.switch_port.clone(),
             cpu: (!port.spec.cpus.is_empty()).then(|| port.spec.cpus[pair % port.spec.cpus.len()]),
             ring_errors: ring_errors.clone(),
-            kernel_gso: match (nic.dedicated, port.spec.tx_gso) {
-                (false, TxGso::Kernel) => kernel_gso_socket(nic, port),
-                _ => None,
+            // Also on a dedicated NIC: its guest may take the copy path after all (memory
+            // the kernel cannot register), whose sink uses it; the single-copy sink does not.
+            kernel_gso: match port.spec.tx_gso {
+                TxGso::Kernel => kernel_gso_socket(nic, port),
+                TxGso::Daemon => None,
             },
         };
         let worker = QueuePairWorker::new(
