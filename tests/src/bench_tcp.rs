@@ -106,6 +106,8 @@ pub struct TcpSetup {
     pub pinning: Pinning,
     /// Extra daemon arguments (e.g. `--busy-poll`).
     pub daemon_args: Vec<String>,
+    /// Appended to each xvdpa port's `--port` spec (e.g. `,tx-gso=daemon`).
+    pub port_settings: String,
     /// The host's `tcpperf` (the same binary as the guests').
     pub tcpperf: PathBuf,
 }
@@ -365,7 +367,14 @@ fn start_bed(lab: &Lab, peer: TcpPeer, guests: u8, setup: &TcpSetup) -> Result<B
             let specs: Vec<String> = socks
                 .iter()
                 .enumerate()
-                .map(|(n, s)| format!("socket={},mac={}", s.display(), mac_str(guest_mac(n as u8))))
+                .map(|(n, s)| {
+                    format!(
+                        "socket={},mac={}{}",
+                        s.display(),
+                        mac_str(guest_mac(n as u8)),
+                        setup.port_settings
+                    )
+                })
                 .collect();
             let mut args: Vec<&str> = vec!["--log", "warn,xvdpa=info"];
             for s in &specs {

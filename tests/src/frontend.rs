@@ -681,6 +681,14 @@ impl VirtioNetFrontend {
         let pieces = pieces.clamp(1, 16);
         let chunk = data.len().div_ceil(pieces);
         let parts: Vec<&[u8]> = data.chunks(chunk.max(1)).collect();
+        if !indirect && chunk as u64 > self.queues[TX_QUEUE].slot_len {
+            // Each piece is written at its descriptor's slot: a longer one would run into
+            // the next slot and overwrite the piece there.
+            bail!(
+                "pieces of {chunk} bytes do not fit data slots of {} bytes",
+                self.queues[TX_QUEUE].slot_len
+            );
+        }
         if indirect {
             let head = self.alloc(TX_QUEUE, 1)?[0];
             let base = self.queues[TX_QUEUE].slot(head);

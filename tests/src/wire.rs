@@ -10,7 +10,14 @@ use crate::netns::in_netns;
 
 pub struct WireSocket {
     fd: OwnedFd,
+    /// Each frame comes with the kernel's `struct virtio_net_hdr` (10 bytes) in front
+    /// ([`WireSocket::open_with_vnet_hdr`]).
+    vnet_hdr: bool,
 }
+
+/// Bytes of the `struct virtio_net_hdr` a [`WireSocket::open_with_vnet_hdr`] socket puts in
+/// front of each frame.
+pub const VNET_HDR_LEN: usize = 10;
 
 impl WireSocket {
     /// Opens a socket that sees every frame arriving on (and sent from) the lab's wire end.
@@ -21,6 +28,17 @@ impl WireSocket {
     /// [`WireSocket::open`] on device `dev` of the wire namespace, e.g. one port of a
     /// bridged lab's bridge: what it sends goes down that one cable.
     pub fn open_on(lab: &Lab, dev: &str) -> io::Result<Self> {
+        Self::open_with(lab, dev, false)
+    }
+
+    /// [`WireSocket::open`] with `PACKET_VNET_HDR`: every frame received comes after a
+    /// `struct virtio_net_hdr` ([`VNET_HDR_LEN`] bytes) saying how the kernel holds it, and a
+    /// GSO skb arrives whole (its `gso_type` and `gso_size` in that header).
+    pub fn open_with_vnet_hdr(lab: &Lab) -> io::Result<Self> {
+        Self::open_with(lab, WIRE, true)
+    }
+
+    fn open_with(lab: &Lab, dev: &str, vnet_hdr: bool) -> io::Result<Self> {
         let dev = dev.to_string();
         in_netns(&lab.wire_ns, move || {
             let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
@@ -33,6 +51,23 @@ impl WireSocket {
             }
             // SAFETY: fresh fd we own.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            if vnet_hdr {
+                const PACKET_VNET_HDR: libc::c_int = 15;
+                let one: libc::c_int = 1;
+                // SAFETY: setsockopt with a live int of the size passed.
+                if unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_PACKET,
+                        PACKET_VNET_HDR,
+                        (&one as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as u32,
+                    )
+                } != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             let ifindex = crate::netns::ifindex(&dev)?;
             // SAFETY: zeroed sockaddr_ll is valid; fields set below.
             let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -63,7 +98,7 @@ impl WireSocket {
                     std::mem::size_of::<libc::c_int>() as u32,
                 )
             };
-            Ok(WireSocket { fd })
+            Ok(WireSocket { fd, vnet_hdr })
         })
     }
 
@@ -85,7 +120,7 @@ impl WireSocket {
     ) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; 70_000];
         while !done(&got) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -115,7 +150,7 @@ impl WireSocket {
         keep: impl Fn(&[u8]) -> bool,
     ) -> Vec<(Instant, Vec<u8>)> {
         let mut kept = Vec::new();
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; 70_000];
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let mut pfd = libc::pollfd {
                 fd: self.fd.as_raw_fd(),
@@ -171,6 +206,8 @@ impl WireSocket {
             return None;
         }
         let data = &buf[..n as usize];
+        // The tag goes back after the MAC addresses, behind the net header if there is one.
+        let macs_end = if self.vnet_hdr { VNET_HDR_LEN + 12 } else { 12 };
         // SAFETY: walking the control messages the kernel wrote into `control`.
         let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
         while !cmsg.is_null() {
@@ -182,16 +219,16 @@ impl WireSocket {
                     unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
                 const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
                 const TP_STATUS_VLAN_TPID_VALID: u32 = 1 << 6;
-                if aux.tp_status & TP_STATUS_VLAN_VALID != 0 && data.len() >= 12 {
+                if aux.tp_status & TP_STATUS_VLAN_VALID != 0 && data.len() >= macs_end {
                     let tpid = if aux.tp_status & TP_STATUS_VLAN_TPID_VALID != 0 {
                         aux.tp_vlan_tpid
                     } else {
                         0x8100
                     };
-                    let mut f = data[..12].to_vec();
+                    let mut f = data[..macs_end].to_vec();
                     f.extend_from_slice(&tpid.to_be_bytes());
                     f.extend_from_slice(&aux.tp_vlan_tci.to_be_bytes());
-                    f.extend_from_slice(&data[12..]);
+                    f.extend_from_slice(&data[macs_end..]);
                     return Some(f);
                 }
             }

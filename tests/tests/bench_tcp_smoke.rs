@@ -26,6 +26,7 @@ fn guest_tcp_streams_flow_on_xvdpa_and_tap() -> Result<()> {
         duration: Duration::from_millis(700),
         warmup: Duration::from_millis(300),
         daemon_args: vec![],
+        port_settings: String::new(),
         pinning,
     };
     for (peer, directions) in [

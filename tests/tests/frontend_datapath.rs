@@ -661,16 +661,59 @@ fn checked_segment(f: &[u8]) -> Option<Result<(u32, Vec<u8>)>> {
     Some(check())
 }
 
+/// Checks that the daemon's counter `name` reads `want`.
+fn counter_is(s: &Setup, name: &str, want: u64) -> Result<()> {
+    let got = s.daemon.counter(name)?;
+    ensure!(got == want, "{name} {got}, want {want}");
+    Ok(())
+}
+
+/// A daemon serving one port `socket=...,mac=...{extra}` (e.g. `,tx-gso=daemon`), with the
+/// wire's socket open.
+fn setup_port(tag: &str, extra: &str) -> Result<Setup> {
+    let lab = Lab::unique(tag)?;
+    let dir = socket_dir(tag)?;
+    let socket = dir.join("vm0.sock");
+    let spec = Daemon::port_spec(&socket, guest_mac(0), extra);
+    let ctl = dir.join("ctl.sock");
+    let ctl = ctl.to_str().context("ctl path")?;
+    let mut daemon = Daemon::spawn(&lab, &["--port", &spec, "--ctl", ctl])?;
+    daemon.wait_for_log("port ready for a frontend", WAIT)?;
+    with_wire(lab, daemon, socket, dir)
+}
+
 /// The daemon leaves the checksums of NEEDS_CSUM frames and of TSO segments to the kernel
 /// (AF_XDP TX metadata): in copy mode each becomes a CHECKSUM_PARTIAL skb, which the NIC's
 /// checksum offload completes. A veth has none to speak of (it hands the skb to its peer
 /// partial, and the peer's stack trusts it), so the NIC's transmit checksumming is turned off
 /// here: the kernel then completes each checksum before the frame leaves, as a NIC would, and
-/// the wire sees finished frames.
+/// the wire sees finished frames. The TSO frame is cut by the daemon here (`tx-gso=daemon`).
 #[test]
 fn offload_requests_reach_the_wire_finished_and_malformed_ones_are_dropped() -> Result<()> {
+    offload_requests_on_the_wire("offl", TxGso::Daemon)
+}
+
+/// As above with the TSO frame handed to the kernel whole (`tx-gso=kernel`, the default):
+/// without transmit checksumming the NIC has no TSO either, so the kernel cuts the frame at
+/// the driver (software GSO), and the wire gets the same finished segments.
+#[test]
+fn tso_frames_the_kernel_cuts_reach_the_wire_finished() -> Result<()> {
+    offload_requests_on_the_wire("offlk", TxGso::Kernel)
+}
+
+/// Who cuts the test's TSO frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxGso {
+    Kernel,
+    Daemon,
+}
+
+fn offload_requests_on_the_wire(tag: &str, gso: TxGso) -> Result<()> {
     use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
-    let s = setup("offl")?;
+    let s = match gso {
+        TxGso::Daemon => setup_port(tag, ",tx-gso=daemon")?,
+        TxGso::Kernel => setup(tag)?,
+    };
     lab::run(s.lab.in_host("ethtool").args(["-K", lab::NIC, "tx", "off"]))?;
     let mut fe = connect(
         &s,
@@ -744,21 +787,18 @@ fn offload_requests_reach_the_wire_finished_and_malformed_ones_are_dropped() -> 
         .daemon
         .counter_reaching("tx_dropped_offload", attacks.len() as u64)?;
     ensure!(drops == attacks.len() as u64, "tx_dropped_offload {drops}");
-    ensure!(s.daemon.counter("tx_segments")? == 6, "tx_segments");
-    // Every checksum went through the TX metadata: the segments' and the NEEDS_CSUM frame's.
-    ensure!(
-        s.daemon.counter("tx_csum_offloaded")? == 7,
-        "tx_csum_offloaded {}",
-        s.daemon.counter("tx_csum_offloaded")?
-    );
-    ensure!(
-        s.daemon.counter("tx_csum_computed")? == 0,
-        "tx_csum_computed"
-    );
-    ensure!(
-        s.daemon.counter("queue_errors")? == 0,
-        "the queue kept running"
-    );
+    // Every checksum went through the TX metadata: the segments' (cut by the daemon) and the
+    // NEEDS_CSUM frame's; or the GSO frame's, with its header, and the NEEDS_CSUM frame's.
+    let (segments, gso_kernel, offloaded) = match gso {
+        TxGso::Daemon => (6, 0, 7),
+        TxGso::Kernel => (0, 1, 1),
+    };
+    counter_is(&s, "tx_segments", segments)?;
+    counter_is(&s, "tx_gso_kernel", gso_kernel)?;
+    counter_is(&s, "tx_csum_offloaded", offloaded)?;
+    counter_is(&s, "tx_csum_computed", 0)?;
+    // The queue kept running.
+    counter_is(&s, "queue_errors", 0)?;
     ensure!(
         fe.wait_tx_used(attacks.len() + 2, WAIT)? == attacks.len() + 2,
         "every chain came back used"
@@ -768,22 +808,110 @@ fn offload_requests_reach_the_wire_finished_and_malformed_ones_are_dropped() -> 
     Ok(())
 }
 
+/// With transmit checksumming on (so TSO) on the NIC, a guest's TSO frame reaches the wire
+/// whole (`tx-gso=kernel`): one GSO skb, which an AF_PACKET socket with a vnet header on the
+/// far end of the veth receives as one frame, its gso_type and gso_size in that header and its
+/// bytes those the guest sent (the tag of a tagged port inserted, the checksum offsets moved
+/// with it). With `tx-gso=daemon` the same frame arrives as MSS-sized frames.
+#[test]
+fn a_tso_frame_reaches_the_wire_whole_as_one_gso_frame() -> Result<()> {
+    use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
+    use xvdpa_tests::wire::VNET_HDR_LEN as WIRE_HDR;
+    for (tag, extra, vlan) in [
+        ("gsok", "", None),
+        ("gsokv", ",vlan=100", Some(100u16)),
+        ("gsod", ",tx-gso=daemon", None),
+    ] {
+        let s = setup_port(tag, extra)?;
+        let wire = WireSocket::open_with_vnet_hdr(&s.lab)?;
+        let mut fe = connect(
+            &s,
+            (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | VIRTIO_RING_F_EVENT_IDX,
+        )?;
+        let big: Vec<u8> = (0..30_000u32).map(|i| (i * 13 + i / 251) as u8).collect();
+        let tso = as_partial(&tcp_frame(&s, 5_000_000, &big));
+        fe.send_with_header(&net_header(1, 1, 1448, 34, 16), &tso, 16, false)?;
+        fe.kick(TX_QUEUE)?;
+        // The guest's frames: its source MAC, behind the kernel's header.
+        let ours = |f: &Vec<u8>| f.get(WIRE_HDR + 6..WIRE_HDR + 12) == Some(&guest_mac(0)[..]);
+        let bytes = |g: &[Vec<u8>]| -> usize {
+            g.iter()
+                .filter(|f| ours(f))
+                .map(|f| f.len() - WIRE_HDR)
+                .sum()
+        };
+        let mut got = wire.recv_until(WAIT, |g| bytes(g) >= tso.len());
+        // Anything more of the flow would come right after.
+        got.extend(wire.recv_until(Duration::from_millis(300), |_| false));
+        let flow: Vec<&Vec<u8>> = got.iter().filter(|f| ours(f)).collect();
+        if extra.contains("tx-gso=daemon") {
+            let want = big.len().div_ceil(1448);
+            ensure!(
+                flow.len() == want && flow.iter().all(|f| f[1] == 0),
+                "{tag}: {} frames of the flow (want {want} segments, no GSO)",
+                flow.len()
+            );
+            ensure!(s.daemon.counter_reaching("tx_segments", want as u64)? == want as u64);
+            ensure!(
+                s.daemon.counter("tx_gso_kernel")? == 0,
+                "{tag}: tx_gso_kernel"
+            );
+        } else {
+            ensure!(
+                flow.len() == 1,
+                "{tag}: {} frames of the flow on the wire, want the one GSO frame",
+                flow.len()
+            );
+            let f = flow[0];
+            // struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+            // csum_offset. The receiving veth took the tag out of the frame, so the offsets
+            // count from its untagged frame again.
+            let u16_at = |i: usize| u16::from_le_bytes([f[i], f[i + 1]]);
+            ensure!(
+                (f[0], f[1], u16_at(4), u16_at(6), u16_at(8)) == (1, 1, 1448, 34, 16),
+                "{tag}: header {:?}",
+                &f[..WIRE_HDR]
+            );
+            let want = match vlan {
+                Some(vid) => {
+                    let mut t = tso[..12].to_vec();
+                    t.extend_from_slice(&[0x81, 0x00]);
+                    t.extend_from_slice(&vid.to_be_bytes());
+                    t.extend_from_slice(&tso[12..]);
+                    t
+                }
+                None => tso.clone(),
+            };
+            let differ = (0..want.len().min(f.len() - WIRE_HDR))
+                .filter(|&i| f[WIRE_HDR + i] != want[i])
+                .count();
+            ensure!(
+                f.len() - WIRE_HDR == want.len() && differ == 0,
+                "{tag}: the wire's frame ({} bytes) is not the guest's ({} bytes): {differ} bytes differ",
+                f.len() - WIRE_HDR,
+                want.len()
+            );
+            ensure!(s.daemon.counter_reaching("tx_gso_kernel", 1)? == 1, "{tag}");
+            counter_is(&s, "tx_segments", 0)?;
+        }
+        counter_is(&s, "tx_gso_frames", 1)?;
+        counter_is(&s, "tx_dropped_gso_kernel", 0)?;
+        ensure!(fe.wait_tx_used(1, WAIT)? == 1, "{tag}: the chain came back");
+        drop(fe);
+        s.daemon.stop()?;
+    }
+    Ok(())
+}
+
 /// On a tagged port the daemon inserts the tag after the MAC addresses of each frame it
 /// leaves the checksum of to the kernel: the request must name the bytes 4 further on, or
 /// the wire gets wrong sums.
 #[test]
 fn a_tagged_ports_checksum_requests_follow_the_inserted_tag() -> Result<()> {
     use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
-    let lab = Lab::unique("offvl")?;
-    let dir = socket_dir("offvl")?;
-    let socket = dir.join("vm0.sock");
-    let spec = Daemon::port_spec(&socket, guest_mac(0), ",vlan=100");
-    let ctl = dir.join("ctl.sock");
-    let ctl = ctl.to_str().context("ctl path")?;
-    let mut daemon = Daemon::spawn(&lab, &["--port", &spec, "--ctl", ctl])?;
-    daemon.wait_for_log("port ready for a frontend", WAIT)?;
-    lab::run(lab.in_host("ethtool").args(["-K", lab::NIC, "tx", "off"]))?;
-    let s = with_wire(lab, daemon, socket, dir)?;
+    // The daemon cuts the TSO frame: each segment's checksum request follows the tag.
+    let s = setup_port("offvl", ",vlan=100,tx-gso=daemon")?;
+    lab::run(s.lab.in_host("ethtool").args(["-K", lab::NIC, "tx", "off"]))?;
     let mut fe = connect(
         &s,
         (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | VIRTIO_RING_F_EVENT_IDX,

@@ -89,6 +89,10 @@ pub struct PortSpec {
     /// copied once into the daemon's slots. Only with `guest_umem`.
     #[serde(default, skip_serializing_if = "GuestUmemTx::is_auto")]
     pub guest_umem_tx: GuestUmemTx,
+    /// Who cuts the guest's TSO frames for the wire: the kernel (handed whole to it, the
+    /// NIC's TSO or the kernel's GSO), or the daemon.
+    #[serde(default, skip_serializing_if = "TxGso::is_kernel")]
+    pub tx_gso: TxGso,
     /// Group the vhost-user socket belongs to (the frontend's, e.g. `libvirt-qemu`); none:
     /// the daemon's group. The daemon's user must be a member (or the daemon root).
     #[serde(default, deserialize_with = "read_socket_group")]
@@ -131,6 +135,7 @@ impl Default for PortSpec {
             promisc: false,
             guest_umem: false,
             guest_umem_tx: GuestUmemTx::Auto,
+            tx_gso: TxGso::Kernel,
             socket_group: None,
             socket_mode: default_socket_mode(),
         }
@@ -219,6 +224,43 @@ pub fn parse_guest_umem_tx(s: &str) -> Result<GuestUmemTx, String> {
         _ => Err(format!(
             "guest-umem-tx={s:?}: expected auto, in-place or copy"
         )),
+    }
+}
+
+/// Who cuts a guest's TSO frames into MSS-sized frames for the wire (copy path).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TxGso {
+    /// The kernel: each TSO frame goes to it whole through an AF_PACKET socket with a
+    /// virtio-net header, as one GSO skb that the NIC cuts (TSO) or the kernel cuts once at
+    /// the driver. Falls back to `Daemon` where the socket cannot be made.
+    #[default]
+    Kernel,
+    /// The daemon's software segmenter, each segment an AF_XDP frame of its own.
+    Daemon,
+}
+
+impl TxGso {
+    fn is_kernel(&self) -> bool {
+        *self == TxGso::Kernel
+    }
+}
+
+impl std::fmt::Display for TxGso {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TxGso::Kernel => "kernel",
+            TxGso::Daemon => "daemon",
+        })
+    }
+}
+
+/// Parses `tx-gso`'s value.
+pub fn parse_tx_gso(s: &str) -> Result<TxGso, String> {
+    match s.trim() {
+        "kernel" => Ok(TxGso::Kernel),
+        "daemon" => Ok(TxGso::Daemon),
+        _ => Err(format!("tx-gso={s:?}: expected kernel or daemon")),
     }
 }
 
@@ -518,6 +560,7 @@ mod tests {
                 promisc: false,
                 guest_umem: false,
                 guest_umem_tx: GuestUmemTx::Auto,
+                tx_gso: TxGso::Kernel,
                 socket_group: None,
                 socket_mode: 0o660,
                 migrate_from: None,
@@ -542,7 +585,7 @@ mod tests {
             r#"{"cmd":"add-port","socket":"/a","mac":"52:54:00:00:00:01",
                 "allow_macs":["52:54:00:00:00:09"],"rate_pps":100000,"rate_bps":"2G",
                 "queues":2,"cpus":[2,3],"vlan":100,"vlan_passthrough":true,"promisc":true,
-                "guest_umem":true,"guest_umem_tx":"in-place","socket_group":"root","socket_mode":"0640","mode":"client","migrate_from":"/b"}"#,
+                "guest_umem":true,"guest_umem_tx":"in-place","tx_gso":"daemon","socket_group":"root","socket_mode":"0640","mode":"client","migrate_from":"/b"}"#,
         )
         .unwrap();
         let spec = PortSpec {
@@ -559,6 +602,7 @@ mod tests {
             promisc: true,
             guest_umem: true,
             guest_umem_tx: GuestUmemTx::InPlace,
+            tx_gso: TxGso::Daemon,
             socket_group: Some("root".into()),
             socket_mode: 0o640,
             migrate_from: Some("/b".into()),

@@ -2,7 +2,7 @@
 //!
 //! On the command line a port is `--port socket=PATH[,mode=client],mac=MAC[,allow-mac=MAC]...
 //! [,rate-pps=N][,rate-bps=N][,queues=N][,cpus=A+B+...][,vlan=N][,vlan-passthrough=on][,promisc=on]
-//! [,guest-umem=on[,guest-umem-tx=auto|in-place|copy]][,socket-group=NAME][,socket-mode=OCTAL][,migrate-from=PORT]`; rates take
+//! [,guest-umem=on[,guest-umem-tx=auto|in-place|copy]][,tx-gso=kernel|daemon][,socket-group=NAME][,socket-mode=OCTAL][,migrate-from=PORT]`; rates take
 //! k, M and G suffixes (powers of 1000). The same fields, spelled with underscores, make up
 //! a `[[port]]` table in the file given to `--config` (the serde form of
 //! [`PortSpec`]), next to the daemon-wide settings.
@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::api::{
     parse_cpus, parse_guest_umem_tx, parse_mode, parse_queues, parse_rate, parse_socket_group,
-    parse_socket_mode, parse_vlan, PortSpec,
+    parse_socket_mode, parse_tx_gso, parse_vlan, PortSpec,
 };
 use crate::mac::{MacAddr, MacError};
 use crate::nic::steering::XdpModeChoice;
@@ -77,6 +77,7 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
             "guest-umem-tx" => {
                 port.guest_umem_tx = parse_guest_umem_tx(value).map_err(|e| port_err(spec, e))?
             }
+            "tx-gso" => port.tx_gso = parse_tx_gso(value).map_err(|e| port_err(spec, e))?,
             "socket-group" => {
                 port.socket_group = Some(
                     parse_socket_group(value)
@@ -93,7 +94,7 @@ pub fn parse_port(spec: &str) -> Result<PortSpec, ConfigError> {
                     format!(
                         "unknown key {other:?} (known: socket, mode, mac, allow-mac, rate-pps, \
                          rate-bps, queues, cpus, vlan, vlan-passthrough, promisc, guest-umem, \
-                         guest-umem-tx, socket-group, socket-mode, migrate-from)"
+                         guest-umem-tx, tx-gso, socket-group, socket-mode, migrate-from)"
                     ),
                 ))
             }
@@ -247,6 +248,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("vlan-passthrough=\"maybe\": expected on or off"));
+    }
+
+    #[test]
+    fn tx_gso_is_the_kernels_unless_the_port_says_daemon() {
+        let gso = |extra: &str| {
+            parse_port(&format!("socket=/a,mac=52:54:00:00:00:01{extra}")).map(|p| p.tx_gso)
+        };
+        assert_eq!(gso("").unwrap(), crate::api::TxGso::Kernel);
+        assert_eq!(gso(",tx-gso=kernel").unwrap(), crate::api::TxGso::Kernel);
+        assert_eq!(gso(",tx-gso=daemon").unwrap(), crate::api::TxGso::Daemon);
+        assert!(gso(",tx-gso=nic")
+            .unwrap_err()
+            .to_string()
+            .contains("expected kernel or daemon"));
     }
 
     #[test]

@@ -63,7 +63,7 @@ struct ServeArgs {
     #[arg(long, value_name = "IFNAME")]
     iface: Option<String>,
     /// A VM port: socket=PATH,mac=MAC[,allow-mac=MAC]...[,rate-pps=N][,rate-bps=N]
-    /// [,queues=N][,cpus=A+B][,vlan=N][,vlan-passthrough=on][,promisc=on][,guest-umem=on]
+    /// [,queues=N][,cpus=A+B][,vlan=N][,vlan-passthrough=on][,promisc=on][,tx-gso=kernel|daemon][,guest-umem=on]
     /// [,socket-group=NAME][,socket-mode=OCTAL]. Repeat for more VMs.
     #[arg(long = "port", value_name = "SPEC", value_parser = parse_port)]
     ports: Vec<PortSpec>,
@@ -179,6 +179,10 @@ struct AddPortArgs {
     /// NIC, copied on a copy-mode one), in-place or copy.
     #[arg(long, value_name = "MODE", value_parser = api::parse_guest_umem_tx, default_value = "auto", requires = "guest_umem")]
     guest_umem_tx: api::GuestUmemTx,
+    /// Who cuts the guest's TSO frames for the wire: kernel (handed whole to the kernel, for
+    /// the NIC's TSO or the kernel's GSO) or daemon (its software segmenter).
+    #[arg(long, value_name = "WHO", value_parser = api::parse_tx_gso, default_value = "kernel")]
+    tx_gso: api::TxGso,
     /// The port (socket, MAC or index) whose guest migrates to this one: the new port may
     /// share its MAC and takes its frames when the migrated guest starts.
     #[arg(long)]
@@ -225,6 +229,7 @@ impl AddPortArgs {
             promisc: self.promisc,
             guest_umem: self.guest_umem,
             guest_umem_tx: self.guest_umem_tx,
+            tx_gso: self.tx_gso,
             socket_group: self.socket_group,
             socket_mode: self.socket_mode,
             migrate_from: self.migrate_from,

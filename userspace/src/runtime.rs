@@ -463,7 +463,8 @@ fn tell_service_manager_ready() {
 /// The capabilities the running daemon keeps after `--user`, each for something it does after
 /// start-up (README says the same; the least-privilege test checks each by running without it):
 /// - CAP_NET_RAW: every frontend connection opens fresh AF_XDP sockets on the NIC queues'
-///   UMEMs and an AF_PACKET socket for the port's broadcast and multicast copy;
+///   UMEMs, an AF_PACKET socket for the port's broadcast and multicast copy and, with
+///   `tx-gso=kernel`, a send-only AF_PACKET socket per queue pair for TSO frames;
 /// - CAP_NET_ADMIN, with `--busy-poll`, or with adaptive polling on a zero-copy NIC (the only
 ///   sockets busy polling can reach): SO_PREFER_BUSY_POLL (and a SO_BUSY_POLL above the
 ///   system default) on each new AF_XDP socket, and the NIC queues' NAPI settings

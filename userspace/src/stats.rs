@@ -63,6 +63,10 @@ counters! {
         /// Frames the software segmenter made from them (for the NIC, or for a guest that
         /// does not take TSO frames).
         tx_segments,
+        /// TSO frames handed to the kernel whole (`tx-gso=kernel`), one GSO skb each that the
+        /// NIC or the kernel cuts (each is one of tx_gso_frames; tx_segments does not count
+        /// their segments).
+        tx_gso_kernel,
         /// Partial checksums completed in software.
         tx_csum_computed,
         /// Frames handed to the NIC with their checksum left for the kernel or the NIC to
@@ -86,6 +90,9 @@ counters! {
         tx_dropped_rate_limited,
         /// Carried a VLAN tag of its own, on a port without `vlan-passthrough`.
         tx_dropped_vlan,
+        /// TSO frames for the kernel it did not take (its socket buffer or the device's queue
+        /// full, or refused); not in tx_packets.
+        tx_dropped_gso_kernel,
         /// Queues stopped because the guest broke the ring's rules.
         queue_errors,
         notifications_sent,

@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// the NIC). DPDK testpmd cannot carry a TSO guest to an AF_XDP port (see bench_tcp.rs).
     #[arg(long, value_delimiter = ',', default_value = "xvdpa,tap")]
     tcp_peers: Vec<String>,
+    /// More settings for the guest-tcp xvdpa peer's ports, appended to each `--port`, e.g.
+    /// `,tx-gso=daemon` to measure the daemon's segmenter against the kernel's GSO.
+    #[arg(long, value_name = ",KEY=VALUE...", default_value = "")]
+    tcp_port_settings: String,
     /// Seconds measured per figure (after a warm-up of a third of that).
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
@@ -288,6 +292,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 warmup: setup.warmup,
                 pinning,
                 daemon_args: setup.daemon_args.clone(),
+                port_settings: args.tcp_port_settings.clone(),
                 tcpperf: tcpperf.clone(),
             };
             // Peers alternate within each run, so a ratio compares neighbours in time.
@@ -384,6 +389,13 @@ fn render_tcp_table(
         "pinning: CPU {} = datapath (xvdpa daemon) + QEMU's non-vCPU threads (main loop: interrupts, and the tap backend); CPU {} = guest vCPUs + the wire's tcpperf",
         pin.datapath, pin.load
     );
+    if !args.tcp_port_settings.is_empty() {
+        let _ = writeln!(
+            out,
+            "xvdpa ports: socket=...,mac=...{}",
+            args.tcp_port_settings
+        );
+    }
     let mut header = "| direction |".to_string();
     for p in peers {
         let _ = write!(header, " {} Gbit/s |", p.name());

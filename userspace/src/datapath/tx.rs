@@ -82,7 +82,80 @@ pub trait TxBuffers {
     ) -> Result<(), TxDrop> {
         Err(TxDrop::Oversized)
     }
+    /// Whether the TSO frame just routed [`Route::Copy`] goes to the kernel whole, as one GSO
+    /// frame the kernel (software GSO at the driver) or the NIC (TSO) cuts, rather than cut
+    /// here: `Some` with how the sink sends it. The frame then waits in the batch's list of
+    /// [`KernelGsoFrame`]s (`TxScratch::kernel_gso_frames`), which the caller sends after the
+    /// batch's NIC frames. `None` (the default): the datapath segments it.
+    fn kernel_gso(&self) -> Option<KernelGso> {
+        None
+    }
 }
+
+/// How a sink hands TSO frames to the kernel whole ([`TxBuffers::kernel_gso`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelGso {
+    /// The 802.1Q tag the sink inserts after the MAC addresses: every offset of the header
+    /// sent with the frame moves 4 bytes further.
+    pub vlan: Option<u16>,
+    /// How many GSO frames the sink sends at once: the batch ends before a further one, so
+    /// the arena holds at most this many (each up to 64 KiB).
+    pub batch: usize,
+    /// Frame bytes the kernel takes now without refusing them (room in the socket's send
+    /// buffer): a TSO frame that would not fit behind the batch's others is cut by the
+    /// daemon instead, rather than dropped by the kernel.
+    pub room: usize,
+}
+
+/// A TSO frame of the batch for the kernel: the header it is sent with and where its bytes
+/// lie in the batch's arena. The header is the daemon's, made from the frame as parsed and
+/// checked ([`kernel_gso_header`]), never the guest's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelGsoFrame {
+    pub header: NetHeader,
+    /// The 802.1Q tag to insert after the MAC addresses, if any.
+    pub vlan: Option<u16>,
+    /// Where the frame starts in the arena.
+    pub start: usize,
+    /// The frame's length up to the end of its IP packet (Ethernet padding left out), tag not
+    /// included.
+    pub len: usize,
+}
+
+impl KernelGsoFrame {
+    /// The frame's bytes (without the tag the sink inserts).
+    pub fn bytes<'a>(&self, arena: &'a [u8]) -> &'a [u8] {
+        &arena[self.start..self.start + self.len]
+    }
+}
+
+/// The net header the kernel gets with a checked TSO frame: every field from the frame as
+/// [`TsoPlan`] parsed it, shifted by a tag the sink inserts (`tagged`). `csum_start` is the
+/// TCP header, whose checksum field holds the pseudo-header sum the guest left there (the
+/// kernel adjusts it per segment, as for a tap's frames).
+pub fn kernel_gso_header(plan: &TsoPlan, tagged: bool) -> NetHeader {
+    let shift = if tagged { VLAN_TAG_LEN } else { 0 };
+    let gso_type = if plan.ipv6 {
+        offload::GSO_TCPV6
+    } else {
+        offload::GSO_TCPV4
+    };
+    NetHeader {
+        flags: F_NEEDS_CSUM,
+        gso_type: if plan.ecn {
+            gso_type | offload::GSO_ECN
+        } else {
+            gso_type
+        },
+        hdr_len: (plan.headers + shift) as u16,
+        gso_size: plan.mss as u16,
+        csum_start: (plan.l4 + shift) as u16,
+        csum_offset: TCP_CSUM_OFFSET as u16,
+    }
+}
+
+/// Bytes of the 802.1Q tag a sink inserts.
+const VLAN_TAG_LEN: usize = 4;
 
 /// Where one frame goes, as the sink decides from its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +226,11 @@ pub struct TxTally {
     pub gso_frames: u64,
     /// Frames the software segmenter made for the NIC.
     pub segments: u64,
+    /// TSO frames the kernel took whole (counted by the caller, which sends them).
+    pub gso_kernel: u64,
+    /// TSO frames for the kernel it did not take (counted by the caller; their frames and
+    /// bytes are taken back out of `frames` and `bytes`).
+    pub dropped_gso_kernel: u64,
     /// Partial checksums completed in software.
     pub csum_computed: u64,
     /// Frames handed to the NIC with their checksum left for it to complete (NEEDS_CSUM
@@ -210,6 +288,17 @@ pub struct TxScratch {
     used: Vec<(u16, u32)>,
     /// The guest-memory pieces of the frame sent in place.
     pieces: Vec<(u64, u32)>,
+    /// The batch's TSO frames for the kernel, in the order the guest posted them; their
+    /// bytes are in `arena`.
+    kernel_gso: Vec<KernelGsoFrame>,
+}
+
+impl TxScratch {
+    /// The last batch's TSO frames for the kernel ([`TxBuffers::kernel_gso`]) and the arena
+    /// their bytes are in, for the caller to send once the batch's NIC frames are out.
+    pub fn kernel_gso_frames(&self) -> (&[KernelGsoFrame], &[u8]) {
+        (&self.kernel_gso, &self.arena)
+    }
 }
 
 /// How one chain's frame left the batch.
@@ -221,6 +310,9 @@ enum Sent {
     /// Handed on from guest memory: `len` bytes of frame, and the chain is the sink's until
     /// the NIC is done with it.
     InPlace(usize),
+    /// Must leave after the batch's kernel GSO frames (a frame for the NIC behind one), or
+    /// the list is full: the batch ends, and the chain goes back to the ring for the next.
+    AfterKernelGso,
 }
 
 /// Moves up to `budget` frames from the guest's transmit queue into `buffers`. The handled
@@ -243,6 +335,7 @@ pub fn transmit_batch(
     let mut cursor = GuestMemoryCursor::new(mem);
     scratch.used.clear();
     scratch.direct.clear();
+    scratch.kernel_gso.clear();
     let mut arena_used = 0usize;
     let mut stop = TxStop::Budget;
     let next_avail = {
@@ -267,7 +360,11 @@ pub fn transmit_batch(
                 total: total as usize,
                 head,
             };
-            match frame.send(buffers, limits, &mut scratch.direct, tally)? {
+            let kept = Kept {
+                direct: &mut scratch.direct,
+                kernel_gso: &mut scratch.kernel_gso,
+            };
+            match frame.send(buffers, limits, kept, tally)? {
                 Ok(Sent::Frame(len)) => {
                     tally.frames += 1;
                     tally.bytes += len as u64;
@@ -285,10 +382,20 @@ pub fn transmit_batch(
                     stop = TxStop::NoBuffers;
                     break;
                 }
+                Ok(Sent::AfterKernelGso) => {
+                    // The batch ends here: its NIC frames are kicked, then its GSO frames
+                    // sent, and this chain starts the next batch.
+                    chains.untake();
+                    stop = TxStop::Budget;
+                    break;
+                }
                 Err(why) => tally.drop(why),
             }
             if let Some(last) = scratch.direct.last() {
                 arena_used = arena_used.max(last.start + VNET_HDR_LEN + last.len);
+            }
+            if let Some(last) = scratch.kernel_gso.last() {
+                arena_used = arena_used.max(last.start + last.len);
             }
             scratch.used.push((head, 0));
         }
@@ -300,6 +407,12 @@ pub fn transmit_batch(
     }
     publish_used(mem, queue, &scratch.used)?;
     Ok(stop)
+}
+
+/// The batch's frames whose bytes stay in the arena until the batch ends.
+struct Kept<'a> {
+    direct: &'a mut Vec<DirectFrame>,
+    kernel_gso: &'a mut Vec<KernelGsoFrame>,
 }
 
 /// One transmit chain on its way out: its buffers, and the arena where its bytes are read.
@@ -346,7 +459,7 @@ impl ChainFrame<'_, '_> {
         &mut self,
         buffers: &mut impl TxBuffers,
         limits: TxLimits,
-        direct: &mut Vec<DirectFrame>,
+        kept: Kept<'_>,
         tally: &mut TxTally,
     ) -> Result<Result<Sent, TxDrop>, QueueError> {
         let total = self.total;
@@ -406,27 +519,65 @@ impl ChainFrame<'_, '_> {
                     .to_bytes(1),
                 };
                 self.arena[self.at..self.at + VNET_HDR_LEN].copy_from_slice(&rx);
-                direct.push(DirectFrame {
+                kept.direct.push(DirectFrame {
                     tag,
                     start: self.at,
                     len,
                 });
                 Ok(Ok(Sent::Frame(len)))
             }
-            Route::Copy => match offload {
-                Offload::Tso(plan) => self.segment(buffers, &plan, len, limits, tally),
-                _ if len > buffers.buffer_len() => {
-                    if read < total {
-                        // The bytes read so far (the routed Ethernet header) stay as they are.
-                        self.read(read, total)?;
+            Route::Copy => {
+                if let Offload::Tso(plan) = offload {
+                    // Segments must fit the link, whoever cuts them: an MSS the MTU does not
+                    // allow is the guest's mistake.
+                    if plan.max_segment_len() > limits.max_frame {
+                        return Ok(Err(TxDrop::Offload));
                     }
-                    self.copy_whole(buffers, &offload, len, tally)
                 }
-                _ => match self.in_place(buffers, &offload, len, read, tally)? {
-                    Some(sent) => Ok(sent),
-                    None => self.copy(buffers, &offload, len, read, tally),
-                },
-            },
+                let listed = || kept.kernel_gso.iter().map(|f| f.len).sum::<usize>();
+                let to_kernel = match offload {
+                    // One segment is no GSO frame to the kernel: it is only copied.
+                    Offload::Tso(plan) if plan.segments() > 1 => buffers
+                        .kernel_gso()
+                        .filter(|k| listed() + plan.headers + plan.payload <= k.room),
+                    _ => None,
+                };
+                // Frames for the NIC are kicked at the end of the batch, before its GSO
+                // frames are sent: one behind a GSO frame waits for the next batch, so that
+                // a flow's frames leave in the order the guest posted them.
+                let full = to_kernel.is_some_and(|k| kept.kernel_gso.len() >= k.batch);
+                if !kept.kernel_gso.is_empty() && (to_kernel.is_none() || full) {
+                    buffers.unroute(len);
+                    return Ok(Ok(Sent::AfterKernelGso));
+                }
+                match (offload, to_kernel) {
+                    (Offload::Tso(plan), Some(sink)) => {
+                        // Read whole for the offload's checks above: the kernel gets the
+                        // bytes they saw, up to the end of the IP packet.
+                        kept.kernel_gso.push(KernelGsoFrame {
+                            header: kernel_gso_header(&plan, sink.vlan.is_some()),
+                            vlan: sink.vlan,
+                            start: self.at + VNET_HDR_LEN,
+                            len: plan.headers + plan.payload,
+                        });
+                        tally.gso_frames += 1;
+                        Ok(Ok(Sent::Frame(len)))
+                    }
+                    (Offload::Tso(plan), None) => self.segment(buffers, &plan, len, tally),
+                    _ if len > buffers.buffer_len() => {
+                        if read < total {
+                            // The bytes read so far (the routed Ethernet header) stay as
+                            // they are.
+                            self.read(read, total)?;
+                        }
+                        self.copy_whole(buffers, &offload, len, tally)
+                    }
+                    _ => match self.in_place(buffers, &offload, len, read, tally)? {
+                        Some(sent) => Ok(sent),
+                        None => self.copy(buffers, &offload, len, read, tally),
+                    },
+                }
+            }
         }
     }
 
@@ -559,13 +710,8 @@ impl ChainFrame<'_, '_> {
         buffers: &mut impl TxBuffers,
         plan: &TsoPlan,
         len: usize,
-        limits: TxLimits,
         tally: &mut TxTally,
     ) -> Result<Result<Sent, TxDrop>, QueueError> {
-        // Segments must fit the link: an MSS the MTU does not allow is the guest's mistake.
-        if plan.max_segment_len() > limits.max_frame {
-            return Ok(Err(TxDrop::Offload));
-        }
         let buffer_len = buffers.buffer_len();
         let pieces = (0..plan.segments())
             .map(|i| plan.segment_len(i).div_ceil(buffer_len))

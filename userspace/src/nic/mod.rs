@@ -1,10 +1,13 @@
 //! The NIC side of the datapath, shared by every port of the daemon: one UMEM and AF_XDP
 //! binding per NIC receive queue ([`xsk`]), the XDP program that steers each frame to its
 //! port's sockets by destination MAC ([`steering`]), the AF_PACKET copy of broadcast and
-//! multicast frames for the guests ([`packet_tap`]), and the 802.1Q tag work a tagged port's
+//! multicast frames for the guests ([`packet_tap`]), the AF_PACKET socket that hands the
+//! kernel a guest's TSO frames whole ([`kernel_gso`]), and the 802.1Q tag work a tagged port's
 //! frames need on their way in and out ([`vlan`]).
 
+pub mod kernel_gso;
 pub mod napi;
+mod packet_socket;
 pub mod packet_tap;
 pub mod steering;
 pub mod vlan;

@@ -7,7 +7,9 @@
 //! non-blocking socket is enough.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use super::packet_socket::{self, setsockopt};
 
 /// Received frames larger than this are truncated by the kernel and dropped here.
 const MAX_FRAME: usize = 9216;
@@ -22,28 +24,6 @@ pub struct PacketTap {
     lens: Vec<(usize, usize)>,
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: `value` points to a live T of the size passed.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
 impl PacketTap {
     /// Opens a tap on `ifindex` that sees only incoming group-addressed frames (and, when
     /// `promisc`, unicast the host does not own) of one L2 domain: tagged with `vlan`, or
@@ -52,16 +32,7 @@ impl PacketTap {
     /// either way and the filter reads the tag from the packet's metadata.
     pub fn open(ifindex: u32, vlan: Option<u16>, promisc: bool) -> io::Result<Self> {
         // Protocol 0 receives nothing until bind, so no frame slips in before the filter.
-        // SAFETY: plain socket(2) call.
-        let raw = check(unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        })?;
-        // SAFETY: `raw` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = packet_socket::open()?;
 
         let filter = tap_filter(vlan, promisc);
         let prog = libc::sock_fprog {
@@ -84,19 +55,7 @@ impl PacketTap {
             &one,
         );
 
-        // SAFETY: sockaddr_ll is plain data; zeroed is a valid starting value.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: binds with a correctly sized sockaddr_ll.
-        check(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        })?;
+        packet_socket::bind(&fd, ifindex, (libc::ETH_P_ALL as u16).to_be())?;
         Ok(PacketTap {
             fd,
             bufs: vec![vec![0u8; MAX_FRAME]; TAP_BATCH],

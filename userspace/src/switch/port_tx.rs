@@ -7,8 +7,9 @@ use super::policy::{classify_with, TxPolicy, TxVerdict};
 use super::{LocalFrame, MacMap, SwitchPort};
 use crate::datapath::offload::{FinishTally, Finished};
 use crate::datapath::rx::{Framing, RxScratch};
-use crate::datapath::tx::{DirectFrame, Route, TxBuffers, TxDrop};
+use crate::datapath::tx::{DirectFrame, KernelGso, Route, TxBuffers, TxDrop};
 use crate::mac::MacAddr;
+use crate::nic::kernel_gso::GSO_SEND_BATCH;
 use crate::nic::vlan;
 use crate::nic::xsk::{FrameView, XskSocket};
 
@@ -46,6 +47,9 @@ pub struct PortTx<'a> {
     /// The last destination found in `ports`: a guest sending a burst mostly sends it to
     /// one peer, and the table lookup was a tenth of the vm-to-vm profile.
     last_found: Option<(MacAddr, &'a Arc<SwitchPort>)>,
+    /// TSO frames for the wire go to the kernel whole, as many bytes of them as its socket
+    /// has room for now (the pair has the socket for them).
+    kernel_gso: Option<usize>,
 }
 
 impl<'a> PortTx<'a> {
@@ -67,7 +71,15 @@ impl<'a> PortTx<'a> {
             finished: FinishTally::default(),
             copied: None,
             last_found: None,
+            kernel_gso: None,
         }
+    }
+
+    /// Hands TSO frames for the wire to the kernel whole, up to `room` bytes, which the
+    /// caller sends after the batch's NIC frames (`tx-gso=kernel` with its socket open).
+    pub fn with_kernel_gso(mut self, room: Option<usize>) -> Self {
+        self.kernel_gso = room;
+        self
     }
 }
 
@@ -177,6 +189,17 @@ impl TxBuffers for PortTx<'_> {
             });
             self.switched += handed;
         }
+    }
+
+    fn kernel_gso(&self) -> Option<KernelGso> {
+        // For the wire alone: a flooded frame is also read by other ports from its NIC
+        // buffers, so it is cut here.
+        let room = self.kernel_gso?;
+        (self.copied == Some(Copied::Wire)).then_some(KernelGso {
+            vlan: self.policy.vlan,
+            batch: GSO_SEND_BATCH,
+            room,
+        })
     }
 
     fn completes_checksums(&self) -> bool {

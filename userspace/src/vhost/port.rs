@@ -22,9 +22,10 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 
-use crate::api::{PortSpec, SocketRole};
+use crate::api::{PortSpec, SocketRole, TxGso};
 use crate::datapath::device::{NetConfig, DUPLEX_FULL, ETH_HLEN};
 use crate::datapath::dirty_log::FrontendLogSlot;
+use crate::nic::kernel_gso::KernelGsoSocket;
 use crate::nic::packet_tap::PacketTap;
 use crate::nic::steering::SteeringError;
 use crate::nic::xsk::{XskError, XskSocket};
@@ -138,6 +139,9 @@ pub struct Port {
     datapath: Arc<Mutex<Datapath>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
     stopping: AtomicBool,
+    /// The kernel GSO socket (`tx-gso=kernel`) could not be made and the port fell back to
+    /// the daemon's segmenter: said once in the log, not on every connection.
+    kernel_gso_refused: AtomicBool,
     /// Set once the port is ready for a frontend (its socket listens, or a client port
     /// starts connecting) or has failed before that: what start-up waits for before telling
     /// the service manager the daemon is ready.
@@ -157,6 +161,7 @@ impl Port {
             datapath: Arc::default(),
             shutdown: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            kernel_gso_refused: AtomicBool::new(false),
             settled: (Mutex::new(false), Condvar::new()),
         }
     }
@@ -721,6 +726,12 @@ fn build_workers(
             own: port.switch_port.clone(),
             cpu: (!port.spec.cpus.is_empty()).then(|| port.spec.cpus[pair % port.spec.cpus.len()]),
             ring_errors: ring_errors.clone(),
+            // Also on a dedicated NIC: its guest may take the copy path after all (memory
+            // the kernel cannot register), whose sink uses it; the single-copy sink does not.
+            kernel_gso: match port.spec.tx_gso {
+                TxGso::Kernel => kernel_gso_socket(nic, port),
+                TxGso::Daemon => None,
+            },
         };
         let worker = QueuePairWorker::new(
             pair,
@@ -734,6 +745,21 @@ fn build_workers(
         workers.push(worker);
     }
     Ok(workers)
+}
+
+/// A queue pair's socket for handing TSO frames to the kernel whole, or `None` where it
+/// cannot be made (no CAP_NET_RAW, say): the port's TSO frames are then cut by the daemon,
+/// as with `tx-gso=daemon`, which the log says once for the port.
+fn kernel_gso_socket(nic: &Nic, port: &Port) -> Option<KernelGsoSocket> {
+    match KernelGsoSocket::open(nic.ifindex) {
+        Ok(socket) => Some(socket),
+        Err(e) => {
+            if !port.kernel_gso_refused.swap(true, Ordering::Relaxed) {
+                tracing::warn!(port = port.index, iface = %nic.iface, error = %e, "cannot open the socket that hands TSO frames to the kernel whole: the daemon segments them (as tx-gso=daemon)");
+            }
+            None
+        }
+    }
 }
 
 /// Hands the library its end of a private connection: it accepts on a listener bound inside

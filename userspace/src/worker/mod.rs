@@ -31,6 +31,7 @@ use crate::datapath::offload::Coalescer;
 use crate::datapath::rx::RxScratch;
 use crate::datapath::tx::TxScratch;
 use crate::datapath::QueueError;
+use crate::nic::kernel_gso::KernelGsoSocket;
 use crate::nic::napi::NapiTakeover;
 use crate::nic::packet_tap::PacketTap;
 use crate::nic::xsk::XskSocket;
@@ -150,6 +151,9 @@ pub struct QueuePairWorker {
     /// event is needed. None on a dedicated NIC: on the single-copy path the pair transmits
     /// through `guest`, and before the path is decided it has nothing to send with.
     tx: Option<XskSocket>,
+    /// Where TSO frames for the wire go whole (`tx-gso=kernel`), after `tx`'s frames of the
+    /// same batch. Send-only, so in no epoll set either. None: the daemon segments them.
+    kernel_gso: Option<KernelGsoSocket>,
     tap: Option<PacketTap>,
     rearm: EventFd,
     timer: Timer,
@@ -210,6 +214,9 @@ pub struct WorkerConfig {
     pub cpu: Option<usize>,
     /// The connection's error eventfds: a queue this worker stops signals its ring's.
     pub ring_errors: Arc<RingErrorFds>,
+    /// The socket TSO frames go to the kernel whole through, if the port's `tx-gso` says so
+    /// and it could be made.
+    pub kernel_gso: Option<KernelGsoSocket>,
 }
 
 impl QueuePairWorker {
@@ -231,6 +238,7 @@ impl QueuePairWorker {
             own,
             cpu,
             ring_errors,
+            kernel_gso,
         } = config;
         let rearm = EventFd::new(EFD_NONBLOCK)?;
         if busy_poll {
@@ -248,6 +256,7 @@ impl QueuePairWorker {
             tx_in_place_progress: 0,
             tx_completion_window: IdleWindow::default(),
             tx: None,
+            kernel_gso,
             tap,
             rearm,
             timer: Timer::periodic(200)?,

@@ -13,6 +13,7 @@ use crate::datapath::tx::{self, TxLimits, TxStop, TxTally};
 use crate::datapath::zero_copy_tx;
 use crate::datapath::QueueError;
 use crate::memory_guard;
+use crate::nic::kernel_gso::KernelGsoSocket;
 use crate::switch::{self, DedicatedNicTx, MacMap, OwnFrameDrop, PortTx, SwitchPort};
 use crate::vring::{notify_guest_since, Vring};
 use std::sync::Arc;
@@ -140,7 +141,8 @@ impl QueuePairWorker {
             + tally.dropped_offload
             + tally.dropped_spoofed
             + tally.dropped_rate_limited
-            + tally.dropped_vlan;
+            + tally.dropped_vlan
+            + tally.dropped_gso_kernel;
         let s = &self.stats;
         s.add(&s.tx_packets, tally.frames);
         s.add(&s.tx_bytes, tally.bytes);
@@ -150,6 +152,8 @@ impl QueuePairWorker {
         s.add(&s.tx_dropped_spoofed, tally.dropped_spoofed);
         s.add(&s.tx_dropped_rate_limited, tally.dropped_rate_limited);
         s.add(&s.tx_dropped_vlan, tally.dropped_vlan);
+        s.add(&s.tx_dropped_gso_kernel, tally.dropped_gso_kernel);
+        s.add(&s.tx_gso_kernel, tally.gso_kernel);
         s.add(&s.tx_switched, switched);
         s.add(&s.tx_gso_frames, tally.gso_frames);
         s.add(&s.tx_segments, tally.segments + finished.segments);
@@ -197,7 +201,8 @@ impl QueuePairWorker {
                 ports,
                 &mut self.local,
                 &mut self.switch_scratch,
-            );
+            )
+            .with_kernel_gso(self.kernel_gso.as_ref().map(KernelGsoSocket::room));
             let batch = tx::transmit_batch(mem, queue, &mut sink, limits, BATCH, scratch, tally);
             let (mut switched, finished) = (sink.switched, sink.finished);
             // Flooded frames before the flush: they are also staged for the NIC and must
@@ -208,7 +213,20 @@ impl QueuePairWorker {
                 &mut self.rx_scratch,
                 &mut self.to_notify,
             );
+            // The batch's NIC frames leave in this kick, before its GSO frames, which the
+            // guest posted after them (a NIC frame behind a GSO frame waits for the next
+            // batch): one flow's frames keep their order.
             sock.flush_tx();
+            if let Some(gso) = &mut self.kernel_gso {
+                let (frames, arena) = scratch.kernel_gso_frames();
+                if !frames.is_empty() {
+                    let sent = gso.send(frames, arena);
+                    tally.gso_kernel += sent.sent;
+                    tally.dropped_gso_kernel += sent.dropped;
+                    tally.frames -= sent.dropped;
+                    tally.bytes -= sent.dropped_bytes;
+                }
+            }
             sock.reap_completions();
             return batch.map(|stop| (stop, switched, finished));
         }

@@ -11,7 +11,8 @@
 //! - [`coalesce`]: software GRO, frames from the NIC merged for a guest that takes TSO.
 //!
 //! Nothing here trusts the guest's `hdr_len` or `csum_start`: the segmenter finds the headers
-//! by parsing the frame, and a checksum request is bounds-checked against the frame.
+//! by parsing the frame, and a checksum request is bounds-checked against the frame (a TSO
+//! request's `hdr_len` and checksum fields too, though only the parsed headers are used).
 
 pub mod checksum;
 pub mod coalesce;
@@ -145,6 +146,8 @@ pub enum BadOffload {
     TcpHeader,
     #[error("frame would become more than MAX_SEGMENTS segments")]
     TooManySegments,
+    #[error("hdr_len past the end of the frame")]
+    HeaderLength,
 }
 
 /// Checks what `hdr` asks for against `frame` (the Ethernet frame after the header) and the
@@ -158,11 +161,7 @@ pub fn classify(hdr: &NetHeader, frame: &[u8], allowed: Offloads) -> Result<Offl
             if !allowed.csum {
                 return Err(BadOffload::NotNegotiated);
             }
-            let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-            // The 16-bit field must lie inside the frame, after the Ethernet header.
-            if start < ETH_HLEN || start + offset + 2 > frame.len() {
-                return Err(BadOffload::ChecksumOutsideFrame);
-            }
+            let (start, offset) = checksum_field(hdr, frame)?;
             // An Internet checksum field is a 16-bit word of the data it covers: at an odd
             // offset no value makes the sum verify (found by fuzzing). TCP's is at 16, UDP's
             // at 6.
@@ -181,6 +180,15 @@ pub fn classify(hdr: &NetHeader, frame: &[u8], allowed: Offloads) -> Result<Offl
             if hdr.gso_size == 0 {
                 return Err(BadOffload::ZeroGsoSize);
             }
+            // The segmenter and the header sent to the kernel use the headers as parsed, not
+            // these fields; but a guest that names bytes past its frame sent a malformed
+            // request, which is dropped as the kernel's own check would drop it.
+            if usize::from(hdr.hdr_len) > frame.len() {
+                return Err(BadOffload::HeaderLength);
+            }
+            if hdr.flags & F_NEEDS_CSUM != 0 {
+                checksum_field(hdr, frame)?;
+            }
             let plan = TsoPlan::new(frame, ipv6, ecn, usize::from(hdr.gso_size))?;
             if plan.segments() > MAX_SEGMENTS {
                 return Err(BadOffload::TooManySegments);
@@ -189,6 +197,16 @@ pub fn classify(hdr: &NetHeader, frame: &[u8], allowed: Offloads) -> Result<Offl
         }
         _ => Err(BadOffload::GsoType),
     }
+}
+
+/// Where the checksum `hdr` asks for starts and where its field lies from there: the 16-bit
+/// field must lie inside the frame, after the Ethernet header.
+fn checksum_field(hdr: &NetHeader, frame: &[u8]) -> Result<(usize, usize), BadOffload> {
+    let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+    if start < ETH_HLEN || start + offset + 2 > frame.len() {
+        return Err(BadOffload::ChecksumOutsideFrame);
+    }
+    Ok((start, offset))
 }
 
 /// Makes a frame whose checksum is complete out of one with `offload` (a partial checksum

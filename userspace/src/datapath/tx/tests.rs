@@ -1020,3 +1020,347 @@ fn a_frame_outside_the_guest_file_is_copied() {
     assert_eq!(bufs.copy.sent, vec![big]);
     assert_eq!(t.used(0), vec![(u32::from(head), 0)]);
 }
+
+/// A sink whose NIC frames are [`VecBuffers`] and whose TSO frames go to the kernel whole
+/// (`tx-gso=kernel`), tagged with `vlan` there.
+struct KernelGsoBuffers {
+    nic: VecBuffers,
+    vlan: Option<u16>,
+    /// The bytes the "kernel" takes now.
+    room: usize,
+}
+
+impl TxBuffers for KernelGsoBuffers {
+    fn next_buffer(&mut self) -> Option<&mut [u8]> {
+        self.nic.next_buffer()
+    }
+    fn submit(&mut self, len: usize) -> Result<(), TxDrop> {
+        self.nic.submit(len)
+    }
+    fn reserve(&mut self, n: usize) -> bool {
+        self.nic.reserve(n)
+    }
+    fn kernel_gso(&self) -> Option<KernelGso> {
+        Some(KernelGso {
+            vlan: self.vlan,
+            batch: 4,
+            room: self.room,
+        })
+    }
+}
+
+fn kernel_sink(vlan: Option<u16>) -> KernelGsoBuffers {
+    KernelGsoBuffers {
+        nic: VecBuffers::new(64),
+        vlan,
+        room: usize::MAX,
+    }
+}
+
+/// The kernel GSO frames one batch collected: (header, tag, bytes).
+fn kernel_frames(scratch: &TxScratch) -> Vec<(NetHeader, Option<u16>, Vec<u8>)> {
+    let (frames, arena) = scratch.kernel_gso_frames();
+    frames
+        .iter()
+        .map(|f| (f.header, f.vlan, f.bytes(arena).to_vec()))
+        .collect()
+}
+
+fn run_kernel(
+    t: &TestQueue<'_>,
+    q: &mut Queue,
+    bufs: &mut KernelGsoBuffers,
+    scratch: &mut TxScratch,
+) -> (Result<TxStop, QueueError>, TxTally) {
+    let mut tally = TxTally::default();
+    let r = transmit_batch(t.mem, q, bufs, OFFLOADS, 64, scratch, &mut tally);
+    (r, tally)
+}
+
+#[test]
+fn a_tso_frame_for_the_kernel_goes_whole_with_the_daemons_header() {
+    for (ipv6, ecn, vlan) in [
+        (false, false, None),
+        (true, false, None),
+        (false, true, Some(100)),
+        (true, false, Some(4000)),
+    ] {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        let f = Flow {
+            ipv6,
+            tcp_options: true,
+            cwr: ecn,
+            ..Flow::default()
+        };
+        let big = build(&f, f.seq, f.id, false, true, ecn, &payload(30_000));
+        let (hdr, frame) = guest_tso(&big, ipv6, 1400);
+        // The guest's own header fields the daemon must not pass on as they are.
+        let mut guest = NetHeader::parse(hdr[..12].try_into().unwrap());
+        guest.hdr_len = 60;
+        guest.csum_start = 20;
+        if ecn {
+            guest.gso_type |= GSO_ECN;
+        }
+        let head = post_frame(&mut t, BUF_BASE, &guest.to_bytes(0), &frame);
+        let mut q = t.queue();
+        let mut bufs = kernel_sink(vlan);
+        let mut scratch = TxScratch::default();
+        let (r, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+        let what = format!("ipv6 {ipv6} ecn {ecn} vlan {vlan:?}");
+        assert_eq!(r, Ok(TxStop::RingEmpty), "{what}");
+        assert!(bufs.nic.sent.is_empty(), "{what}: segmented");
+        let shift = if vlan.is_some() { 4 } else { 0 };
+        let l4 = if ipv6 { 54 } else { 34 };
+        let base = if ipv6 { GSO_TCPV6 } else { GSO_TCPV4 };
+        let want = NetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: if ecn { base | GSO_ECN } else { base },
+            hdr_len: (l4 + 32 + shift) as u16,
+            gso_size: 1400,
+            csum_start: (l4 + shift) as u16,
+            csum_offset: 16,
+        };
+        assert_eq!(
+            kernel_frames(&scratch),
+            vec![(want, vlan, frame.clone())],
+            "{what}"
+        );
+        assert_eq!(
+            (tally.frames, tally.bytes, tally.gso_frames, tally.segments),
+            (1, frame.len() as u64, 1, 0),
+            "{what}"
+        );
+        assert_eq!(t.used(0), vec![(u32::from(head), 0)], "{what}");
+    }
+}
+
+#[test]
+fn a_tso_frame_for_the_kernel_leaves_its_ethernet_padding_behind() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let big = build(&Flow::default(), 1, 1, false, true, false, &payload(5000));
+    let (hdr, mut frame) = guest_tso(&big, false, 1448);
+    let packet = frame.len();
+    frame.extend_from_slice(&[0xee; 30]);
+    post_frame(&mut t, BUF_BASE, &hdr, &frame);
+    let mut q = t.queue();
+    let mut bufs = kernel_sink(None);
+    let mut scratch = TxScratch::default();
+    let (r, _) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    let got = kernel_frames(&scratch);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].2, frame[..packet]);
+}
+
+#[test]
+fn a_tso_frame_of_one_segment_is_copied_not_handed_to_the_kernel() {
+    // The kernel takes a "GSO" frame no longer than its MSS as a plain one, and refuses
+    // gso_size 0xffff (GSO_BY_FRAGS) outright: the daemon copies such a frame itself.
+    for mss in [1448u16, u16::MAX] {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        let small = build(&Flow::default(), 1, 1, false, true, false, &payload(1000));
+        let (hdr, frame) = guest_tso(&small, false, mss);
+        post_frame(&mut t, BUF_BASE, &hdr, &frame);
+        let mut q = t.queue();
+        let mut bufs = kernel_sink(None);
+        let mut scratch = TxScratch::default();
+        let (_, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+        assert!(kernel_frames(&scratch).is_empty(), "mss {mss}");
+        assert_eq!(bufs.nic.sent, vec![small], "mss {mss}");
+        assert_eq!(tally.segments, 1, "mss {mss}");
+    }
+}
+
+#[test]
+fn malformed_tso_requests_never_reach_the_kernel() {
+    let big = build(&Flow::default(), 1, 1, false, true, false, &payload(5000));
+    let (hdr, frame) = guest_tso(&big, false, 1448);
+    let parsed = NetHeader::parse(hdr[..12].try_into().unwrap());
+    let mut hdr_past_frame = frame.clone();
+    // The IP packet claims more bytes than the frame has.
+    hdr_past_frame[16..18].copy_from_slice(&9000u16.to_be_bytes());
+    let mut tcp_past_frame = frame[..60].to_vec();
+    tcp_past_frame[16..18].copy_from_slice(&46u16.to_be_bytes());
+    tcp_past_frame[46] = 0xf0; // data offset 60 bytes: past the packet
+    let cases: Vec<(NetHeader, &[u8], &str)> = vec![
+        (
+            NetHeader {
+                gso_size: 0,
+                ..parsed
+            },
+            &frame,
+            "gso_size 0",
+        ),
+        (
+            NetHeader {
+                gso_size: 1,
+                ..parsed
+            },
+            &frame,
+            "gso_size 1: 5000 segments",
+        ),
+        (
+            NetHeader {
+                gso_size: 1480,
+                ..parsed
+            },
+            &frame,
+            "segments over the MTU",
+        ),
+        (
+            NetHeader {
+                hdr_len: 60_000,
+                ..parsed
+            },
+            &frame,
+            "hdr_len past the frame",
+        ),
+        (
+            NetHeader {
+                csum_start: 60_000,
+                ..parsed
+            },
+            &frame,
+            "csum_start past the frame",
+        ),
+        (
+            NetHeader {
+                csum_offset: frame.len() as u16 - 34 - 1,
+                ..parsed
+            },
+            &frame,
+            "checksum field past the frame",
+        ),
+        (
+            NetHeader {
+                csum_start: 4,
+                ..parsed
+            },
+            &frame,
+            "csum_start in the Ethernet header",
+        ),
+        (parsed, &hdr_past_frame, "IP length past the frame"),
+        (parsed, &tcp_past_frame, "TCP header past the packet"),
+        (
+            NetHeader {
+                gso_type: GSO_TCPV6,
+                ..parsed
+            },
+            &frame,
+            "IPv4 frame as TCPV6",
+        ),
+        (
+            NetHeader {
+                gso_type: 3,
+                ..parsed
+            },
+            &frame,
+            "UFO",
+        ),
+    ];
+    for (hdr, frame, what) in cases {
+        let mem = memory();
+        let mut t = TestQueue::new(&mem);
+        post_frame(&mut t, BUF_BASE, &hdr.to_bytes(0), frame);
+        let mut q = t.queue();
+        let mut bufs = kernel_sink(None);
+        let mut scratch = TxScratch::default();
+        let (r, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+        assert_eq!(r, Ok(TxStop::RingEmpty), "{what}");
+        assert!(
+            kernel_frames(&scratch).is_empty(),
+            "{what}: sent to the kernel"
+        );
+        assert!(bufs.nic.sent.is_empty(), "{what}");
+        assert_eq!((tally.frames, tally.dropped_offload), (0, 1), "{what}");
+        assert_eq!(t.used(0).len(), 1, "{what}");
+    }
+}
+
+#[test]
+fn a_frame_for_the_nic_behind_a_kernel_gso_frame_waits_for_the_next_batch() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let first = frame(100, 1);
+    let last = frame(200, 2);
+    let big = build(&Flow::default(), 1, 1, false, true, false, &payload(5000));
+    let (hdr, tso) = guest_tso(&big, false, 1448);
+    let a = post_frame(&mut t, BUF_BASE, &[0u8; 12], &first);
+    let g = post_frame(&mut t, BUF_BASE + 0x10000, &hdr, &tso);
+    let b = post_frame(&mut t, BUF_BASE + 0x20000, &[0u8; 12], &last);
+    let mut q = t.queue();
+    let mut bufs = kernel_sink(None);
+    let mut scratch = TxScratch::default();
+    // The NIC frame before the GSO frame goes in this batch (kicked before the GSO frame is
+    // sent); the one after it ends the batch and stays on the ring.
+    let (r, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::Budget));
+    assert_eq!(bufs.nic.sent, vec![first.clone()]);
+    assert_eq!(kernel_frames(&scratch).len(), 1);
+    assert_eq!(tally.frames, 2);
+    assert_eq!(t.used(0), vec![(u32::from(a), 0), (u32::from(g), 0)]);
+    let (r, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!(bufs.nic.sent, vec![first, last]);
+    assert!(kernel_frames(&scratch).is_empty());
+    assert_eq!(tally.frames, 1);
+    assert_eq!(t.used(2), vec![(u32::from(b), 0)]);
+}
+
+#[test]
+fn a_batch_holds_at_most_as_many_kernel_gso_frames_as_the_sink_sends_at_once() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let big = build(&Flow::default(), 1, 1, false, true, false, &payload(3000));
+    let (hdr, tso) = guest_tso(&big, false, 1448);
+    for i in 0..5 {
+        post_frame(&mut t, BUF_BASE + 0x2000 * i as u64, &hdr, &tso);
+    }
+    let mut q = t.queue();
+    let mut bufs = kernel_sink(None);
+    let mut scratch = TxScratch::default();
+    let (r, _) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::Budget));
+    let got = kernel_frames(&scratch);
+    assert_eq!(got.len(), 4);
+    assert!(
+        got.iter().all(|(_, _, f)| *f == tso),
+        "every frame kept its own bytes"
+    );
+    let (r, _) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert_eq!(kernel_frames(&scratch).len(), 1);
+}
+
+#[test]
+fn a_tso_frame_the_kernel_has_no_room_for_is_cut_by_the_daemon() {
+    let mem = memory();
+    let mut t = TestQueue::new(&mem);
+    let big = build(&Flow::default(), 1, 1, false, true, false, &payload(3000));
+    let (hdr, tso) = guest_tso(&big, false, 1448);
+    let g1 = post_frame(&mut t, BUF_BASE, &hdr, &tso);
+    let g2 = post_frame(&mut t, BUF_BASE + 0x2000, &hdr, &tso);
+    let mut q = t.queue();
+    // Room for one frame: the second would be refused by the kernel, so it is not listed;
+    // cut here, its segments go behind the listed one, in the next batch.
+    let mut bufs = KernelGsoBuffers {
+        room: tso.len() + 100,
+        ..kernel_sink(None)
+    };
+    let mut scratch = TxScratch::default();
+    let (r, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::Budget));
+    assert_eq!(kernel_frames(&scratch).len(), 1);
+    assert!(bufs.nic.sent.is_empty());
+    assert_eq!(t.used(0), vec![(u32::from(g1), 0)]);
+    assert_eq!(tally.segments, 0);
+    bufs.room = 0;
+    let (r, tally) = run_kernel(&t, &mut q, &mut bufs, &mut scratch);
+    assert_eq!(r, Ok(TxStop::RingEmpty));
+    assert!(kernel_frames(&scratch).is_empty());
+    assert_eq!((bufs.nic.sent.len(), tally.segments), (3, 3));
+    assert_eq!(t.used(1), vec![(u32::from(g2), 0)]);
+}
