@@ -1,6 +1,7 @@
 //! What a running process holds, read from /proc: open fds, threads, resident memory and CPU
 //! time. The lifecycle tests and `cargo xtask soak` compare these before and after.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
@@ -62,6 +63,146 @@ pub fn steady(pid: u32, within: Duration) -> Result<ProcFigures> {
     Ok(last)
 }
 
+/// What each of a process's open fds is: its link target, with what tells two alike apart (a
+/// unix socket's path, an anonymous inode's fdinfo: an eventfd's count, an epoll set's
+/// members, an AF_XDP socket's inode). Read to say WHICH fd a count that went up is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FdTable(BTreeMap<u32, String>);
+
+impl FdTable {
+    /// Reads process `pid`'s fds now. An fd closed while being read is left out.
+    pub fn read(pid: u32) -> Result<FdTable> {
+        let unix_paths = unix_socket_paths(pid);
+        let mut table = BTreeMap::new();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("listing /proc/{pid}/fd"))?
+            .flatten()
+        {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            let target = target.display().to_string();
+            let detail = if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+            {
+                unix_paths
+                    .get(inode)
+                    .map(|path| format!(" unix {path}"))
+                    .unwrap_or_default()
+            } else if target.starts_with("anon_inode:") {
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+                    .map(|info| fdinfo_summary(&info))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            table.insert(fd, format!("{target}{detail}"));
+        }
+        Ok(FdTable(table))
+    }
+
+    /// How many fds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// What `later` has that this table had not and the other way round, one fd a line:
+    /// `+ 33 -> anon_inode:[eventfd] eventfd-count: 0`.
+    pub fn diff(&self, later: &FdTable) -> String {
+        let mut lines = Vec::new();
+        for (fd, was) in &self.0 {
+            match later.0.get(fd) {
+                Some(now) if now == was => {}
+                Some(now) => lines.push(format!("~ {fd} -> {was}  =>  {now}")),
+                None => lines.push(format!("- {fd} -> {was}")),
+            }
+        }
+        for (fd, now) in &later.0 {
+            if !self.0.contains_key(fd) {
+                lines.push(format!("+ {fd} -> {now}"));
+            }
+        }
+        if lines.is_empty() {
+            "no fd differs".to_string()
+        } else {
+            lines.join("\n")
+        }
+    }
+}
+
+impl fmt::Display for FdTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (fd, what) in &self.0 {
+            writeln!(f, "{fd} -> {what}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What an anonymous inode's fdinfo says it is, on one line, without what changes while it
+/// stays the same thing (position, a timer's time left, an eventfd's count): an epoll set as
+/// the fds it watches, sorted (`tfds 21 22 24`), anything else by its remaining fields.
+fn fdinfo_summary(info: &str) -> String {
+    const CHANGING: [&str; 7] = [
+        "pos:",
+        "flags:",
+        "mnt_id:",
+        "ino:",
+        "it_value:",
+        "ticks:",
+        "eventfd-count:",
+    ];
+    let mut watched: Vec<u32> = Vec::new();
+    let mut fields = String::new();
+    for line in info.lines() {
+        if let Some(rest) = line.strip_prefix("tfd:") {
+            watched.extend(
+                rest.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u32>().ok()),
+            );
+        } else if !CHANGING.iter().any(|p| line.starts_with(p)) {
+            fields.push(' ');
+            fields.push_str(&line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    if !watched.is_empty() {
+        watched.sort_unstable();
+        fields.push_str(" tfds");
+        for fd in watched {
+            fields.push_str(&format!(" {fd}"));
+        }
+    }
+    fields
+}
+
+/// Socket inode -> path of process `pid`'s bound unix sockets (in its network namespace).
+fn unix_socket_paths(pid: u32) -> HashMap<String, String> {
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            // Num RefCount Protocol Flags Type St Inode [Path]
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            Some((fields.get(6)?.to_string(), fields.get(7)?.to_string()))
+        })
+        .collect()
+}
+
 /// The names of process `pid`'s threads, sorted (for a message when a count went up).
 pub fn thread_names(pid: u32) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -108,6 +249,37 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_fd_table_diff_names_the_fd_that_came() {
+        let before = FdTable::read(std::process::id()).unwrap();
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        let after = FdTable::read(std::process::id()).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        // Other tests of this binary may open and close fds meanwhile, and the listing's own
+        // fd shows too: look for ours only, new or in place of another.
+        let diff = before.diff(&after);
+        assert!(
+            diff.lines().any(|l| (l.starts_with(&format!("+ {fd} -> "))
+                || l.starts_with(&format!("~ {fd} -> ")))
+                && l.ends_with("/status")),
+            "{diff}"
+        );
+    }
+
+    #[test]
+    fn fdinfo_summaries_leave_out_what_changes() {
+        let timer = "pos:\t0\nflags:\t02004002\nmnt_id:\t15\nino:\t1039\nclockid: 1\nticks: 3\n\
+                     settime flags: 00\nit_value: (0, 115051240)\nit_interval: (0, 200000000)\n";
+        assert_eq!(
+            fdinfo_summary(timer),
+            " clockid: 1 settime flags: 00 it_interval: (0, 200000000)"
+        );
+        let epoll = "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1039\n\
+                     tfd:       25 events:       19 data:                4  pos:0 ino:40f sdev:10\n\
+                     tfd:       21 events:       19 data:                5  pos:0 ino:64f963 sdev:9\n";
+        assert_eq!(fdinfo_summary(epoll), " tfds 21 25");
+    }
 
     #[test]
     fn reads_this_process() {

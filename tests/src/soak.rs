@@ -15,7 +15,7 @@ use crate::daemon::{socket_dir, Daemon};
 use crate::frames::test_frame;
 use crate::frontend::{FrontendOptions, VirtioNetFrontend, RX_QUEUE, TX_QUEUE};
 use crate::lab::{guest_mac, mac_str, Lab};
-use crate::proc_figures::{steady, thread_names, ProcFigures};
+use crate::proc_figures::{steady, thread_names, FdTable, ProcFigures};
 use crate::wire::WireSocket;
 
 /// How much more resident memory the daemon may hold after the cycles than before. The
@@ -107,6 +107,7 @@ pub fn run(lab: &Lab, cycles: usize, mut progress: impl FnMut(usize)) -> Result<
     one_cycle(&cycling, &wire, wire_mac, &mut seq, &|| figures(&daemon))?;
     daemon.wait_for_count("frontend disconnected", 1, WAIT)?;
     let start = steady(pid, WAIT)?;
+    let start_fds = FdTable::read(pid)?;
     let began = Instant::now();
     for n in 1..=cycles {
         one_cycle(&cycling, &wire, wire_mac, &mut seq, &|| figures(&daemon))
@@ -120,6 +121,7 @@ pub fn run(lab: &Lab, cycles: usize, mut progress: impl FnMut(usize)) -> Result<
     }
     let elapsed = began.elapsed();
     let end = steady(pid, WAIT)?;
+    let end_fds = FdTable::read(pid)?;
     let streamed_frames = stream.stop()?;
     let report = SoakReport {
         cycles,
@@ -130,6 +132,7 @@ pub fn run(lab: &Lab, cycles: usize, mut progress: impl FnMut(usize)) -> Result<
     };
     if report.check().is_err() {
         eprintln!("daemon threads at the end: {:?}", thread_names(pid));
+        eprintln!("daemon fds that differ:\n{}", start_fds.diff(&end_fds));
     }
     daemon.stop()?;
     Ok(report)

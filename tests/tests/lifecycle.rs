@@ -9,11 +9,14 @@ use anyhow::{ensure, Context, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frontend::{FrontendOptions, VirtioNetFrontend};
 use xvdpa_tests::lab::{guest_mac, mac_str, Lab};
-use xvdpa_tests::proc_figures::{cpu_time, steady, thread_names, ProcFigures};
+use xvdpa_tests::proc_figures::{cpu_time, steady, thread_names, FdTable, ProcFigures};
 
 /// How long a port may take to close a finished connection's fds, join its threads and
 /// build the next connection's.
 const SETTLE: Duration = Duration::from_secs(5);
+
+/// How the test frontend's guest memory shows in the daemon's fd table.
+const GUEST_MEMORY: &str = "memfd:xvdpa-test-guest";
 
 /// A lab and a daemon serving one port. Bind every field (`..` would drop the lab and the
 /// socket directory at once).
@@ -54,15 +57,24 @@ fn reconnecting_frontends_leave_no_fds_or_threads_behind() -> Result<()> {
     // The first connection may set up what lives as long as the daemon (thread pools).
     cycle(&mut daemon, 1)?;
     let before = steady(pid, SETTLE)?;
+    let before_fds = FdTable::read(pid)?;
     const CYCLES: usize = 40;
     for n in 2..=CYCLES + 1 {
         cycle(&mut daemon, n)?;
     }
     let after = steady(pid, SETTLE)?;
+    let after_fds = FdTable::read(pid)?;
     ensure!(
         after.fds <= before.fds && after.threads <= before.threads,
-        "after {CYCLES} more connections: {after} (was {before}); threads: {:?}",
-        thread_names(pid)
+        "after {CYCLES} more connections: {after} (was {before}); threads: {:?}; fds that differ:\n{}",
+        thread_names(pid),
+        before_fds.diff(&after_fds)
+    );
+    // Every frontend has left: none of their guest memory may stay open (and mapped), even
+    // when the count above came back because something else closed meanwhile.
+    ensure!(
+        !after_fds.to_string().contains(GUEST_MEMORY),
+        "the daemon still holds a departed frontend's guest memory:\n{after_fds}"
     );
     daemon.stop()?;
     Ok(())

@@ -621,6 +621,13 @@ fn serve_one(
     }
     drop(handlers);
     drop(daemon);
+    // Queue pair 0's thread publishes the receive queue on its first event, and an event
+    // taken before its exit event (a kick the frontend wrote just before it left, the
+    // housekeeping timer) can come after the unpublish above when the machine is busy: the
+    // switch would keep this connection's ring and guest memory (the memfd and its mapping,
+    // the whole of a departed VM's RAM) until the next frontend. Its threads are joined now,
+    // so nothing publishes again.
+    port.switch_port.unpublish();
     match result {
         Ok(()) => {
             tracing::info!(socket = %path.display(), "frontend disconnected; waiting for the next")
