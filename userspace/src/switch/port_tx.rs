@@ -9,7 +9,7 @@ use crate::datapath::offload::{FinishTally, Finished};
 use crate::datapath::rx::{Framing, RxScratch};
 use crate::datapath::tx::{DirectFrame, KernelGso, Route, TxBuffers, TxDrop};
 use crate::mac::MacAddr;
-use crate::nic::kernel_gso::GSO_SEND_BATCH;
+use crate::nic::kernel_gso::{KernelGsoSocket, GSO_SEND_BATCH};
 use crate::nic::vlan;
 use crate::nic::xsk::{FrameView, XskSocket};
 
@@ -47,9 +47,9 @@ pub struct PortTx<'a> {
     /// The last destination found in `ports`: a guest sending a burst mostly sends it to
     /// one peer, and the table lookup was a tenth of the vm-to-vm profile.
     last_found: Option<(MacAddr, &'a Arc<SwitchPort>)>,
-    /// TSO frames for the wire go to the kernel whole, as many bytes of them as its socket
-    /// has room for now (the pair has the socket for them).
-    kernel_gso: Option<usize>,
+    /// TSO frames for the wire go to the kernel whole through this socket, as many bytes of
+    /// them as it has room for when each comes (`tx-gso=kernel` with its socket open).
+    kernel_gso: Option<&'a KernelGsoSocket>,
 }
 
 impl<'a> PortTx<'a> {
@@ -75,10 +75,10 @@ impl<'a> PortTx<'a> {
         }
     }
 
-    /// Hands TSO frames for the wire to the kernel whole, up to `room` bytes, which the
-    /// caller sends after the batch's NIC frames (`tx-gso=kernel` with its socket open).
-    pub fn with_kernel_gso(mut self, room: Option<usize>) -> Self {
-        self.kernel_gso = room;
+    /// Hands TSO frames for the wire to the kernel whole, for `socket`, through which the
+    /// caller sends them after the batch's NIC frames (`tx-gso=kernel` with its socket open).
+    pub fn with_kernel_gso(mut self, socket: Option<&'a KernelGsoSocket>) -> Self {
+        self.kernel_gso = socket;
         self
     }
 }
@@ -194,11 +194,13 @@ impl TxBuffers for PortTx<'_> {
     fn kernel_gso(&self) -> Option<KernelGso> {
         // For the wire alone: a flooded frame is also read by other ports from its NIC
         // buffers, so it is cut here.
-        let room = self.kernel_gso?;
-        (self.copied == Some(Copied::Wire)).then_some(KernelGso {
+        let socket = self.kernel_gso?;
+        // The room is read only for a TSO frame, not on every batch (a syscall): nothing is
+        // sent through the socket until the batch ends, so it holds for the whole batch.
+        (self.copied == Some(Copied::Wire)).then(|| KernelGso {
             vlan: self.policy.vlan,
             batch: GSO_SEND_BATCH,
-            room,
+            room: socket.room(),
         })
     }
 

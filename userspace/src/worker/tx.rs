@@ -13,7 +13,6 @@ use crate::datapath::tx::{self, TxLimits, TxStop, TxTally};
 use crate::datapath::zero_copy_tx;
 use crate::datapath::QueueError;
 use crate::memory_guard;
-use crate::nic::kernel_gso::KernelGsoSocket;
 use crate::switch::{self, DedicatedNicTx, MacMap, OwnFrameDrop, PortTx, SwitchPort};
 use crate::vring::{notify_guest_since, Vring};
 use std::sync::Arc;
@@ -202,7 +201,7 @@ impl QueuePairWorker {
                 &mut self.local,
                 &mut self.switch_scratch,
             )
-            .with_kernel_gso(self.kernel_gso.as_ref().map(KernelGsoSocket::room));
+            .with_kernel_gso(self.kernel_gso.as_ref());
             let batch = tx::transmit_batch(mem, queue, &mut sink, limits, BATCH, scratch, tally);
             let (mut switched, finished) = (sink.switched, sink.finished);
             // Flooded frames before the flush: they are also staged for the NIC and must
