@@ -29,6 +29,9 @@ pub const VNET_HDR_NUM_BUFFERS: usize = 10;
 /// Ethernet header length.
 pub const ETH_HLEN: usize = 14;
 
+/// Bytes of an 802.1Q tag (TPID and TCI), which a tagged port's frames carry on the wire.
+pub const VLAN_TAG_LEN: usize = 4;
+
 /// Largest MTU the datapath accepts. Above 3800 a frame (MTU + Ethernet header + one VLAN tag)
 /// no longer fits one UMEM frame after the kernel's headroom and the NIC side goes
 /// multi-buffer; 9000 is the common jumbo MTU, and the packet tap's 9216-byte buffers hold its

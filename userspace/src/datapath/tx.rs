@@ -14,7 +14,7 @@ use super::offload::{
 use super::split_ring::{publish_used, Chains};
 use super::zero_copy_tx::{guest_pieces, slot_headers, PieceLayout};
 use super::{read_at, GuestMemoryCursor, QueueError, Segment};
-use crate::datapath::device::{rx_header, ETH_HLEN, VNET_HDR_LEN};
+use crate::datapath::device::{rx_header, ETH_HLEN, VLAN_TAG_LEN, VNET_HDR_LEN};
 
 /// Where transmitted frames go: free NIC buffers, taken one at a time, or (for a sink that
 /// switches) straight to another port.
@@ -153,9 +153,6 @@ pub fn kernel_gso_header(plan: &TsoPlan, tagged: bool) -> NetHeader {
         csum_offset: TCP_CSUM_OFFSET as u16,
     }
 }
-
-/// Bytes of the 802.1Q tag a sink inserts.
-const VLAN_TAG_LEN: usize = 4;
 
 /// Where one frame goes, as the sink decides from its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,9 @@
 
 use xvdpa_common::ETH_P_8021Q;
 
-/// Bytes of an 802.1Q tag (TPID and TCI).
-pub const TAG_LEN: usize = 4;
+/// Bytes of an 802.1Q tag (TPID and TCI): the datapath's, which offsets a tagged port's
+/// frames by it.
+pub use crate::datapath::device::VLAN_TAG_LEN as TAG_LEN;
 
 /// Where the tag goes: right after the destination and source MAC addresses.
 const MACS_LEN: usize = 12;
