@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use xvdpa_tests::daemon::{socket_dir, Daemon, SocketDir};
 use xvdpa_tests::frames::{
-    arp_reply_sender, arp_request, ip_bytes, test_frame, test_seq, untag, BROADCAST,
+    arp_reply_sender, arp_request, ip_bytes, tagged, test_frame, test_seq, untag, BROADCAST,
 };
 use xvdpa_tests::frontend::{
     FrontendOptions, RawDesc, VirtioNetFrontend, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MRG_RXBUF,
@@ -812,15 +812,18 @@ fn offload_requests_on_the_wire(tag: &str, gso: TxGso) -> Result<()> {
 /// whole (`tx-gso=kernel`): one GSO skb, which an AF_PACKET socket with a vnet header on the
 /// far end of the veth receives as one frame, its gso_type and gso_size in that header and its
 /// bytes those the guest sent (the tag of a tagged port inserted, the checksum offsets moved
-/// with it). With `tx-gso=daemon` the same frame arrives as MSS-sized frames.
+/// with it; a `vlan-passthrough` guest's own tag kept, with the offsets it gave past it).
+/// With `tx-gso=daemon` the same frame arrives as MSS-sized frames.
 #[test]
 fn a_tso_frame_reaches_the_wire_whole_as_one_gso_frame() -> Result<()> {
     use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
     use xvdpa_tests::wire::VNET_HDR_LEN as WIRE_HDR;
-    for (tag, extra, vlan) in [
-        ("gsok", "", None),
-        ("gsokv", ",vlan=100", Some(100u16)),
-        ("gsod", ",tx-gso=daemon", None),
+    // (tag, port settings, the port's tag, the guest's own tag)
+    for (tag, extra, vlan, guest_vlan) in [
+        ("gsok", "", None, None),
+        ("gsokv", ",vlan=100", Some(100u16), None),
+        ("gsokp", ",vlan-passthrough=on", None, Some(200u16)),
+        ("gsod", ",tx-gso=daemon", None, None),
     ] {
         let s = setup_port(tag, extra)?;
         let wire = WireSocket::open_with_vnet_hdr(&s.lab)?;
@@ -830,7 +833,24 @@ fn a_tso_frame_reaches_the_wire_whole_as_one_gso_frame() -> Result<()> {
         )?;
         let big: Vec<u8> = (0..30_000u32).map(|i| (i * 13 + i / 251) as u8).collect();
         let tso = as_partial(&tcp_frame(&s, 5_000_000, &big));
-        fe.send_with_header(&net_header(1, 1, 1448, 34, 16), &tso, 16, false)?;
+        // A guest that tags its own frames (a VLAN device on its NIC) counts its offsets
+        // from the tagged frame, as Linux's virtio-net driver does.
+        let (tso, header) = match guest_vlan {
+            Some(vid) => (
+                tagged(&tso, vid),
+                xvdpa::datapath::offload::NetHeader {
+                    flags: 1,
+                    gso_type: 1,
+                    hdr_len: 58,
+                    gso_size: 1448,
+                    csum_start: 38,
+                    csum_offset: 16,
+                }
+                .to_bytes(0),
+            ),
+            None => (tso, net_header(1, 1, 1448, 34, 16)),
+        };
+        fe.send_with_header(&header, &tso, 16, false)?;
         fe.kick(TX_QUEUE)?;
         // The guest's frames: its source MAC, behind the kernel's header.
         let ours = |f: &Vec<u8>| f.get(WIRE_HDR + 6..WIRE_HDR + 12) == Some(&guest_mac(0)[..]);
@@ -873,13 +893,7 @@ fn a_tso_frame_reaches_the_wire_whole_as_one_gso_frame() -> Result<()> {
                 &f[..WIRE_HDR]
             );
             let want = match vlan {
-                Some(vid) => {
-                    let mut t = tso[..12].to_vec();
-                    t.extend_from_slice(&[0x81, 0x00]);
-                    t.extend_from_slice(&vid.to_be_bytes());
-                    t.extend_from_slice(&tso[12..]);
-                    t
-                }
+                Some(vid) => tagged(&tso, vid),
                 None => tso.clone(),
             };
             let differ = (0..want.len().min(f.len() - WIRE_HDR))

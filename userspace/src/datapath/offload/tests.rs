@@ -102,6 +102,54 @@ fn ipv4_segments_match_an_independent_builder() {
     check_segmentation(Flow::default(), 65_000, 1448);
 }
 
+/// `frame` with an 802.1Q tag of VLAN `vid` after its MAC addresses, as a guest's VLAN
+/// device sends it.
+fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut t = frame[..12].to_vec();
+    t.extend_from_slice(&[0x81, 0x00]);
+    t.extend_from_slice(&vid.to_be_bytes());
+    t.extend_from_slice(&frame[12..]);
+    t
+}
+
+/// A guest that tags its own frames (`vlan-passthrough`) counts its offsets from the tagged
+/// frame; every segment carries the tag, and past it is the segment an untagged frame gives.
+#[test]
+fn a_guest_tagged_frame_is_cut_into_tagged_segments() {
+    for ipv6 in [false, true] {
+        let f = Flow {
+            ipv6,
+            psh: true,
+            ..Flow::default()
+        };
+        let data = payload(7000);
+        let big = tagged(&build(&f, f.seq, f.id, false, true, false, &data), 200);
+        let mut hdr = tso_header(ipv6, 1448);
+        hdr.csum_start += 4;
+        let Ok(Offload::Tso(plan)) = classify(&hdr, &big, all()) else {
+            panic!("ipv6 {ipv6}: not a TSO plan");
+        };
+        assert_eq!(plan.l3, ETH_HLEN + 4);
+        let segs = segment_all(&big, &plan);
+        let chunks: Vec<&[u8]> = data.chunks(1448).collect();
+        assert_eq!(segs.len(), chunks.len());
+        for (i, (seg, chunk)) in segs.iter().zip(&chunks).enumerate() {
+            let last = i + 1 == chunks.len();
+            let seq = f.seq.wrapping_add((i * 1448) as u32);
+            let want = build(
+                &f,
+                seq,
+                f.id.wrapping_add(i as u16),
+                false,
+                last,
+                false,
+                chunk,
+            );
+            assert_eq!(seg, &tagged(&want, 200), "ipv6 {ipv6} segment {i}");
+        }
+    }
+}
+
 #[test]
 fn ipv6_segments_match_an_independent_builder() {
     let f = Flow {
