@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use crate::ctl::{daemon_counter, Ctl};
 use crate::lab::{Lab, NIC};
 use crate::output::{LineLog, Wait};
+use crate::proc_figures::thread_names;
 
 /// The daemon binary: `$XVDPA_BIN`, or the debug build `cargo xtask build` leaves behind.
 pub fn binary() -> PathBuf {
@@ -334,6 +335,27 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+    /// What a failing test shows of port `port`: its queues' counters (where its frames
+    /// went: delivered, dropped as the queue stopped or the ring full, never steered), the
+    /// XDP program's counters, the path the port took, and the daemon's threads (a queue
+    /// pair's epoll thread, `vring_worker`, that ended leaves its port's frames where they
+    /// are). Read from the running daemon; never fails, as it is only ever said.
+    pub fn port_figures(&self, port: u64) -> String {
+        let stats = match self.ctl().and_then(|ctl| ctl.stats()) {
+            Ok(stats) => stats,
+            Err(e) => return format!("(no counters from the daemon: {e:#})"),
+        };
+        let entry = stats["ports"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["port"]["index"] == port));
+        format!(
+            "port {port}: {}\nits counters: {}\nXDP counters: {}\ndaemon threads: {:?}",
+            entry.map_or("(no such port)".to_string(), |p| p["port"].to_string()),
+            entry.map_or("-".to_string(), |p| p["queues"].to_string()),
+            stats["xdp"],
+            self.pid().map(thread_names).unwrap_or_default()
+        )
     }
 }
 

@@ -103,7 +103,7 @@ pub fn run(lab: &Lab, cycles: usize, mut progress: impl FnMut(usize)) -> Result<
     let stream = Streamer::start(lab, &streaming, wire_mac)?;
     // The first cycle sets up what lasts as long as the daemon; count from after it.
     let mut seq = 0;
-    let figures = |daemon: &Daemon| cycling_port_figures(daemon, pid);
+    let figures = |daemon: &Daemon| daemon.port_figures(CYCLING_PORT);
     one_cycle(&cycling, &wire, wire_mac, &mut seq, &|| figures(&daemon))?;
     daemon.wait_for_count("frontend disconnected", 1, WAIT)?;
     let start = steady(pid, WAIT)?;
@@ -136,26 +136,6 @@ pub fn run(lab: &Lab, cycles: usize, mut progress: impl FnMut(usize)) -> Result<
     }
     daemon.stop()?;
     Ok(report)
-}
-
-/// What CI shows when a cycle fails: the cycling port's counters (where its frames went:
-/// delivered, dropped as the queue stopped or the ring full, never steered) and the XDP
-/// program's, read from the running daemon, and its threads (a queue pair's epoll thread,
-/// `vring_worker`, that ended leaves its port's frames where they are).
-fn cycling_port_figures(daemon: &Daemon, pid: u32) -> String {
-    let stats = match daemon.ctl().and_then(|ctl| ctl.stats()) {
-        Ok(stats) => stats,
-        Err(e) => return format!("(no counters from the daemon: {e:#})"),
-    };
-    let port = stats["ports"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["port"]["index"] == CYCLING_PORT));
-    format!(
-        "cycling port's counters: {}\nXDP counters: {}\ndaemon threads: {:?}",
-        port.map_or("(no such port)".to_string(), |p| p["queues"].to_string()),
-        stats["xdp"],
-        thread_names(pid)
-    )
 }
 
 /// The cycling port's index in the daemon: the first port it was started with.

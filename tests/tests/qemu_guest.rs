@@ -86,6 +86,23 @@ fn wire_ok(lab: &Lab, args: &[&str]) -> Result<bool> {
     Ok(out.status.success())
 }
 
+/// What a failing test shows when the wire cannot reach the guest: where the daemon's
+/// frames went, and what the wire knows of the guest's address.
+fn unreachable_guest_figures(b: &Bench) -> String {
+    let daemon = b
+        .daemon
+        .as_ref()
+        .map_or("(no daemon)".to_string(), |d| d.port_figures(0));
+    let neighbours = b
+        .lab
+        .in_wire("ip")
+        .args(["neigh", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("(ip neigh: {e})"));
+    format!("{daemon}\nthe wire's neighbours: {neighbours}")
+}
+
 /// A TCP listener on the wire that stores what it receives; its stdin stays open (busybox nc
 /// closes the connection when its stdin ends).
 struct WireReceiver {
@@ -208,7 +225,10 @@ fn traffic_round(
     let ping_deadline = Instant::now() + Duration::from_secs(20);
     while !wire_ok(&b.lab, &["ping", "-c", "1", "-W", "2", &guest_ip(0)])? {
         if Instant::now() > ping_deadline {
-            bail!("{tag}: the wire cannot ping the guest");
+            bail!(
+                "{tag}: the wire cannot ping the guest\n{}",
+                unreachable_guest_figures(b)
+            );
         }
     }
     guest.send_line("go")?;
