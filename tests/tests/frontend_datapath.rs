@@ -823,6 +823,8 @@ fn a_tso_frame_reaches_the_wire_whole_as_one_gso_frame() -> Result<()> {
         ("gsok", "", None, None),
         ("gsokv", ",vlan=100", Some(100u16), None),
         ("gsokp", ",vlan-passthrough=on", None, Some(200u16)),
+        // The single-copy path (the guest's memory is the NIC queue's UMEM).
+        ("gsokg", ",guest-umem=on", None, None),
         ("gsod", ",tx-gso=daemon", None, None),
     ] {
         let s = setup_port(tag, extra)?;
@@ -831,6 +833,13 @@ fn a_tso_frame_reaches_the_wire_whole_as_one_gso_frame() -> Result<()> {
             &s,
             (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | VIRTIO_RING_F_EVENT_IDX,
         )?;
+        if extra.contains("guest-umem") {
+            let list = s.daemon.ctl()?.raw(r#"{"cmd":"list"}"#)?;
+            ensure!(
+                list["ports"][0]["datapath"] == "guest-memory",
+                "{tag}: not on the single-copy path: {list}"
+            );
+        }
         let big: Vec<u8> = (0..30_000u32).map(|i| (i * 13 + i / 251) as u8).collect();
         let tso = as_partial(&tcp_frame(&s, 5_000_000, &big));
         // A guest that tags its own frames (a VLAN device on its NIC) counts its offsets

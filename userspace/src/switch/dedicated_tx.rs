@@ -3,13 +3,15 @@
 //! flooded to a peer; every frame the policy lets through goes to the wire from a slot of the
 //! daemon's own area of that UMEM (the queue takes no other UMEM): its headers, checked there,
 //! and the rest from where it lies in guest memory (`datapath::zero_copy_tx`), or the whole
-//! frame copied in when it cannot go so.
+//! frame copied in when it cannot go so. A TSO frame goes to the kernel whole through the
+//! queue pair's kernel GSO socket when there is one, as on the copy path.
 
 use super::policy::{classify_with, TxPolicy, TxVerdict};
 use super::port_tx::submit_own_frame;
 use super::OwnFrameDrop;
-use crate::datapath::tx::{Route, TxBuffers, TxDrop};
+use crate::datapath::tx::{KernelGso, Route, TxBuffers, TxDrop};
 use crate::datapath::zero_copy_tx::PieceLayout;
+use crate::nic::kernel_gso::{KernelGsoSocket, GSO_SEND_BATCH};
 use crate::nic::vlan;
 use crate::nic::xsk::guest_umem::GuestRxSocket;
 
@@ -19,6 +21,8 @@ pub struct DedicatedNicTx<'a> {
     policy: &'a mut TxPolicy,
     /// The frame being copied was let through by `route`.
     routed: bool,
+    /// Where TSO frames go whole (`tx-gso=kernel`); `None`: the datapath cuts them.
+    kernel_gso: Option<&'a KernelGsoSocket>,
 }
 
 impl<'a> DedicatedNicTx<'a> {
@@ -27,7 +31,15 @@ impl<'a> DedicatedNicTx<'a> {
             sock,
             policy,
             routed: false,
+            kernel_gso: None,
         }
+    }
+
+    /// TSO frames go to the kernel whole through `socket` (the caller sends the batch's
+    /// list after kicking its NIC frames).
+    pub fn with_kernel_gso(mut self, socket: Option<&'a KernelGsoSocket>) -> Self {
+        self.kernel_gso = socket;
+        self
     }
 
     /// Sends `frame`, a broadcast the port sends for its guest (the RARP its frontend asked
@@ -101,6 +113,18 @@ impl TxBuffers for DedicatedNicTx<'_> {
         } else {
             Err(TxDrop::Oversized)
         }
+    }
+
+    fn kernel_gso(&self) -> Option<KernelGso> {
+        // Every frame the policy lets through goes to the wire alone (no other port reads
+        // its buffers): one that was is cut by the kernel. The room is read only for a TSO
+        // frame (a syscall), and holds for the batch: nothing is sent until it ends.
+        let socket = self.kernel_gso.filter(|_| self.routed)?;
+        Some(KernelGso {
+            vlan: self.policy.vlan,
+            batch: GSO_SEND_BATCH,
+            room: socket.room(),
+        })
     }
 
     fn submit(&mut self, len: usize) -> Result<(), TxDrop> {

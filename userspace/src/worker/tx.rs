@@ -9,10 +9,11 @@ use virtio_queue::QueueT;
 use super::{QueuePairWorker, BATCH, BUDGET_BATCHES};
 use crate::datapath::device::Offloads;
 use crate::datapath::offload::FinishTally;
-use crate::datapath::tx::{self, TxLimits, TxStop, TxTally};
+use crate::datapath::tx::{self, TxLimits, TxScratch, TxStop, TxTally};
 use crate::datapath::zero_copy_tx;
 use crate::datapath::QueueError;
 use crate::memory_guard;
+use crate::nic::kernel_gso::KernelGsoSocket;
 use crate::switch::{self, DedicatedNicTx, MacMap, OwnFrameDrop, PortTx, SwitchPort};
 use crate::vring::{notify_guest_since, Vring};
 use std::sync::Arc;
@@ -216,25 +217,19 @@ impl QueuePairWorker {
             // guest posted after them (a NIC frame behind a GSO frame waits for the next
             // batch): one flow's frames keep their order.
             sock.flush_tx();
-            if let Some(gso) = &mut self.kernel_gso {
-                let (frames, arena) = scratch.kernel_gso_frames();
-                if !frames.is_empty() {
-                    let sent = gso.send(frames, arena);
-                    tally.gso_kernel += sent.sent;
-                    tally.dropped_gso_kernel += sent.dropped;
-                    tally.frames -= sent.dropped;
-                    tally.bytes -= sent.dropped_bytes;
-                }
-            }
+            send_kernel_gso(self.kernel_gso.as_mut(), scratch, tally);
             sock.reap_completions();
             return batch.map(|stop| (stop, switched, finished));
         }
         let Some(path) = &mut self.guest else {
             return Ok((TxStop::RingEmpty, 0, FinishTally::default()));
         };
-        let mut sink = DedicatedNicTx::new(path.socket_mut(), &mut self.policy);
+        let mut sink = DedicatedNicTx::new(path.socket_mut(), &mut self.policy)
+            .with_kernel_gso(self.kernel_gso.as_ref());
         let batch = tx::transmit_batch(mem, queue, &mut sink, limits, BATCH, scratch, tally);
+        // As above: the NIC frames first, then the GSO frames the guest posted after them.
         path.socket_mut().flush_tx();
+        send_kernel_gso(self.kernel_gso.as_mut(), scratch, tally);
         let stop = batch?;
         self.return_sent_chains(mem, queue)?;
         Ok((stop, 0, FinishTally::default()))
@@ -304,4 +299,21 @@ impl QueuePairWorker {
             }
         }
     }
+}
+
+/// Sends the batch's TSO frames that go to the kernel whole, once its NIC frames were
+/// kicked, and takes the ones the kernel refused out of the batch's tally.
+fn send_kernel_gso(socket: Option<&mut KernelGsoSocket>, scratch: &TxScratch, tally: &mut TxTally) {
+    let Some(socket) = socket else {
+        return;
+    };
+    let (frames, arena) = scratch.kernel_gso_frames();
+    if frames.is_empty() {
+        return;
+    }
+    let sent = socket.send(frames, arena);
+    tally.gso_kernel += sent.sent;
+    tally.dropped_gso_kernel += sent.dropped;
+    tally.frames -= sent.dropped;
+    tally.bytes -= sent.dropped_bytes;
 }
