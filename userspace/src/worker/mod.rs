@@ -56,6 +56,47 @@ const BUSY_POLL_USECS: u32 = 50;
 /// same series without adaptive polling gave 2.60x (1.78-3.41) at 0.31, which says how
 /// noisy the machine was: the final figures come from a quiet window.
 const ADAPTIVE_IDLE: Duration = Duration::from_micros(200);
+/// Frames from the NIC per [`ADAPTIVE_IDLE`] (320,000 a second) below which an adaptive
+/// worker does not poll at all but sleeps between them. Polling saves a wake-up per batch,
+/// which pays at packet rates (the rx benchmark's are millions a second) but not for the
+/// ACKs of a guest's TCP upload (about 12,000 a second in the guest-tcp benchmark) or the
+/// MSS-sized frames of a download through this lab's veth (about 170,000): there each frame
+/// kept the worker spinning for another 200 µs, at twice the daemon's CPU per GB and no
+/// measurable gain in throughput (`cargo xtask bench --scenarios guest-tcp --tcp-peers xvdpa`
+/// against the same with `--no-adaptive-poll`: up 2.5 against 1.0 CPU s/GB, down 2.3
+/// against 1.2, at rates within the runs' spread).
+const POLL_MIN_FRAMES: u64 = 64;
+
+/// How fast frames come from the NIC, counted over periods of [`ADAPTIVE_IDLE`]: an
+/// adaptive worker polls only while they come at [`POLL_MIN_FRAMES`] per period or faster.
+#[derive(Debug, Default, Clone, Copy)]
+struct FrameRate {
+    period_start: Option<Instant>,
+    in_period: u64,
+    /// The last whole period had [`POLL_MIN_FRAMES`] or more.
+    fast: bool,
+}
+
+impl FrameRate {
+    /// Adds a round's `frames` at `now`; true while frames come fast enough: the current
+    /// period reached [`POLL_MIN_FRAMES`] already, or the one just before it did.
+    fn fast_enough(&mut self, frames: u64, now: Instant) -> bool {
+        match self.period_start {
+            Some(start) if now.saturating_duration_since(start) < ADAPTIVE_IDLE => {}
+            Some(start) => {
+                // A period ended. One that ended long ago (the worker slept) says nothing
+                // about the pace now.
+                let recent = now.saturating_duration_since(start) < ADAPTIVE_IDLE * 2;
+                self.fast = recent && self.in_period >= POLL_MIN_FRAMES;
+                self.period_start = Some(now);
+                self.in_period = 0;
+            }
+            None => self.period_start = Some(now),
+        }
+        self.in_period += frames;
+        self.fast || self.in_period >= POLL_MIN_FRAMES
+    }
+}
 
 /// Local vring indices inside a queue pair's worker.
 const RX: usize = 0;
@@ -162,6 +203,8 @@ pub struct QueuePairWorker {
     adaptive: bool,
     /// When the last frames from the NIC came, while polling adaptively.
     rx_window: IdleWindow,
+    /// How fast they come: below [`POLL_MIN_FRAMES`] the worker does not poll.
+    rx_rate: FrameRate,
     /// The NIC queues' NAPI knobs, set once a socket's NAPI id is known.
     napi: Option<Arc<NapiTakeover>>,
     /// Per socket: its NAPI id was looked at and handed to `napi` (or found missing).
@@ -204,7 +247,8 @@ pub struct QueuePairWorker {
 pub struct WorkerConfig {
     pub max_frame: usize,
     pub busy_poll: bool,
-    /// Poll while frames come, sleep after [`ADAPTIVE_IDLE`] without any.
+    /// Poll while frames come at packet rates ([`POLL_MIN_FRAMES`]), sleep after
+    /// [`ADAPTIVE_IDLE`] without any.
     pub adaptive_poll: bool,
     /// Where to set the NIC queues' NAPI knobs, if anywhere.
     pub napi: Option<Arc<NapiTakeover>>,
@@ -263,6 +307,7 @@ impl QueuePairWorker {
             busy_poll,
             adaptive,
             rx_window: IdleWindow::default(),
+            rx_rate: FrameRate::default(),
             busy_pollable: Vec::new(),
             napi_done: Vec::new(),
             napi,
@@ -476,7 +521,7 @@ impl QueuePairWorker {
             event == ids.tap || event == ids.timer,
         );
         let more_tx = self.service_tx(&vrings[TX], mem, features.tx_offloads);
-        let mut polling = self.adaptive && self.keep_polling(self.nic_frames != nic_frames);
+        let mut polling = self.adaptive && self.keep_polling(self.nic_frames - nic_frames);
         if self.tx_chains_in_flight() {
             let moved = self.tx_in_place_progress != tx_in_place;
             polling |= self.tx_completion_window.still_polling_within(
@@ -498,11 +543,15 @@ impl QueuePairWorker {
         }
     }
 
-    /// Whether an adaptive worker polls again at once: while frames from the NIC came within
+    /// Whether an adaptive worker polls again at once, having got `frames` from the NIC this
+    /// round: while they come at packet rates ([`POLL_MIN_FRAMES`]) and the last came within
     /// [`ADAPTIVE_IDLE`]. Its polls then run the NIC queue's NAPI (preferred busy polling)
     /// where the socket reaches it, so the kernel's receive work happens on this CPU.
-    fn keep_polling(&mut self, got_frames: bool) -> bool {
-        self.rx_window.still_polling(got_frames, Instant::now())
+    fn keep_polling(&mut self, frames: u64) -> bool {
+        let now = Instant::now();
+        let fast = self.rx_rate.fast_enough(frames, now);
+        let open = self.rx_window.still_polling(frames > 0, now);
+        fast && open
     }
 
     /// Once frames have come from the NIC (a socket learns its NAPI id from its first
@@ -622,5 +671,34 @@ mod tests {
         // Once closed it stays closed until frames come again.
         assert!(!w.still_polling(false, last + ADAPTIVE_IDLE * 2));
         assert!(w.still_polling(true, last + ADAPTIVE_IDLE * 3));
+    }
+
+    #[test]
+    fn frames_below_the_polling_rate_never_make_the_worker_poll() {
+        let t0 = Instant::now();
+        let mut r = FrameRate::default();
+        let step = ADAPTIVE_IDLE / 8;
+        // A TCP upload's ACKs: a frame every eighth of a period, far below the rate.
+        for i in 0..100 {
+            assert!(!r.fast_enough(1, t0 + step * i), "round {i}");
+        }
+        // Packet rates: a batch of 16 each eighth of a period reaches the rate within the
+        // period, and the next period polls from its start on the last one's count.
+        let t1 = t0 + step * 100;
+        let mut fast_from = None;
+        for i in 0..32 {
+            if r.fast_enough(16, t1 + step * i) && fast_from.is_none() {
+                fast_from = Some(i);
+            }
+        }
+        let from = fast_from.expect("packet rates poll");
+        assert!(from <= 8, "polling started at round {from}");
+        assert!(
+            r.fast_enough(0, t1 + step * 32),
+            "a quiet round in a fast period"
+        );
+        // The frames stop: the worker sleeps (the idle window closes too), and after a long
+        // sleep the old pace counts for nothing.
+        assert!(!r.fast_enough(1, t1 + step * 32 + ADAPTIVE_IDLE * 10));
     }
 }
