@@ -101,7 +101,8 @@ pub struct BenchArgs {
     /// Write the raw figures as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Draw a chart (PNG, with gnuplot).
+    /// Draw a chart (PNG, with gnuplot): the packet scenarios' at this path, and guest-tcp's
+    /// there too when it ran alone, else beside it as STEM-guest-tcp.png.
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -336,11 +337,22 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         say!("raw figures written to {}", path.display());
     }
     if let Some(path) = &args.plot {
-        if all.is_empty() {
-            say!("no packet scenario measured: no chart");
-        } else {
+        if !all.is_empty() {
             plot(path, &all, &peers)?;
             say!("chart written to {}", path.display());
+        }
+        if !tcp.is_empty() {
+            // Beside the packet chart when there is one.
+            let tcp_path = if all.is_empty() {
+                path.clone()
+            } else {
+                path.with_file_name(format!(
+                    "{}-guest-tcp.png",
+                    path.file_stem().and_then(|s| s.to_str()).unwrap_or("bench")
+                ))
+            };
+            plot_tcp(&tcp_path, &tcp, &tcp_peers)?;
+            say!("guest TCP chart written to {}", tcp_path.display());
         }
     }
     Ok(())
@@ -800,6 +812,61 @@ fn plot(path: &Path, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<()>
     }
     script.push('\n');
     let script_path = dir.join("bench.gp");
+    std::fs::write(&script_path, script)?;
+    run(Command::new("gnuplot").arg(&script_path)).context("gnuplot")
+}
+
+/// The guest-tcp chart: per direction, each peer's median Gbit/s with its min-max over the
+/// runs as an error bar.
+fn plot_tcp(path: &Path, tcp: &[(usize, TcpMeasurement)], peers: &[TcpPeer]) -> Result<()> {
+    ensure_packages(&[("gnuplot-nox", "gnuplot")])?;
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let data = dir.join("guest-tcp.dat");
+    // The header is a comment: the titles come from the script, and a header row would
+    // count as a cluster of its own.
+    let mut text = String::from("# direction");
+    for p in peers {
+        let _ = write!(text, " {0} {0}-min {0}-max", p.name());
+    }
+    text.push('\n');
+    for d in TcpDirection::ALL {
+        let _ = write!(text, "\"{}\"", d.name());
+        for &p in peers {
+            let v: Vec<f64> = tcp
+                .iter()
+                .filter(|(_, m)| m.peer == p && m.direction == d)
+                .map(|(_, m)| m.gbit_s)
+                .collect();
+            let (lo, hi) = min_max(&v).unwrap_or((f64::NAN, f64::NAN));
+            let _ = write!(text, " {:.3} {lo:.3} {hi:.3}", median(v));
+        }
+        text.push('\n');
+    }
+    std::fs::write(&data, text)?;
+    let mut script = format!(
+        "set terminal pngcairo noenhanced size 900,520 font 'sans,11'\nset output '{}'\n\
+         set title 'TCP of one TCG guest stream: xvdpa vs QEMU virtio-net on a tap (median Gbit/s, bars: min-max over runs)'\n\
+         set style data histograms\nset style histogram errorbars gap 1 lw 1\nset style fill solid 0.85 border -1\n\
+         set boxwidth 0.9\nset ylabel 'Gbit/s'\nset grid ytics\nset key top right\nset yrange [0:*]\n\
+         plot '{}' using 2:3:4:xtic(1) title '{}'",
+        path.display(),
+        data.display(),
+        peers.first().map_or("", |p| p.name())
+    );
+    for (i, p) in peers.iter().enumerate().skip(1) {
+        let c = 2 + 3 * i;
+        let _ = write!(
+            script,
+            ", '' using {}:{}:{} title '{}'",
+            c,
+            c + 1,
+            c + 2,
+            p.name()
+        );
+    }
+    script.push('\n');
+    let script_path = dir.join("guest-tcp.gp");
     std::fs::write(&script_path, script)?;
     run(Command::new("gnuplot").arg(&script_path)).context("gnuplot")
 }
