@@ -190,6 +190,58 @@ fn an_idle_daemon_uses_no_cpu_once_the_frames_stop() -> Result<()> {
     Ok(())
 }
 
+/// Frames closer together than the polling window but far below packet rates (like a TCP
+/// upload's ACKs: about 5,000 a second here, a 100 µs sleep between sends) wake the worker
+/// per batch: it does not spin between them, as it did when every frame kept it polling for
+/// another 200 µs (it then used 1.9 of the 2 s).
+#[test]
+fn a_slow_stream_of_frames_does_not_keep_the_worker_polling() -> Result<()> {
+    let s = setup("slow", &[])?;
+    let mut fe = VirtioNetFrontend::connect(&s.socket, FrontendOptions::default())?;
+    fe.post_rx_buffers(256, 2048)?;
+    let pid = s.daemon.pid().context("daemon pid")?;
+    let wire_mac = s.lab.wire_mac()?;
+    // Delivered, or dropped once the guest's ring was full: either way the worker had it.
+    let handled = || -> Result<u64> {
+        Ok(s.daemon.counter("rx_packets")? + s.daemon.counter("rx_dropped_guest_ring_full")?)
+    };
+    let before = handled()?;
+    let cpu0 = process_cpu_seconds(pid)?;
+    let t0 = Instant::now();
+    let mut sent = 0u32;
+    while t0.elapsed() < Duration::from_secs(2) {
+        s.wire
+            .send(&test_frame(guest_mac(0), wire_mac, sent, 100))?;
+        sent += 1;
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let cpu = process_cpu_seconds(pid)? - cpu0;
+    let seconds = t0.elapsed().as_secs_f64();
+    let deadline = Instant::now() + WAIT;
+    let mut got = handled()? - before;
+    while got < u64::from(sent) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        got = handled()? - before;
+    }
+    eprintln!(
+        "{sent} frames in {seconds:.1} s ({:.0} a second), {got} handled; the daemon used {cpu:.2} CPU seconds",
+        f64::from(sent) / seconds
+    );
+    ensure!(
+        got == u64::from(sent),
+        "the worker handled {got} of {sent} frames"
+    );
+    // A polling worker would use about all of the 2 s; one woken per frame or batch a
+    // fraction of it.
+    ensure!(
+        cpu < seconds / 2.0,
+        "the daemon used {cpu:.2} CPU seconds in {seconds:.1} s for {sent} frames: its worker kept polling"
+    );
+    drop(fe);
+    s.daemon.stop()?;
+    Ok(())
+}
+
 #[test]
 fn without_adaptive_polling_the_nic_queues_napi_is_left_alone() -> Result<()> {
     let mut s = setup("napi-off", &["--no-adaptive-poll"])?;
