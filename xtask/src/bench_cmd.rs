@@ -774,10 +774,6 @@ fn write_json(
 }
 
 fn plot(path: &Path, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<()> {
-    ensure_packages(&[("gnuplot-nox", "gnuplot")])?;
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let data = dir.join("bench.dat");
     let mut text = String::from("scenario");
     for p in peers {
         let _ = write!(text, " {}", p.name());
@@ -797,32 +793,40 @@ fn plot(path: &Path, all: &[(usize, Measurement)], peers: &[Peer]) -> Result<()>
         }
         text.push('\n');
     }
-    std::fs::write(&data, text)?;
-    let mut script = format!(
-        "set terminal pngcairo noenhanced size 1100,560 font 'sans,11'\nset output '{}'\n\
-         set title 'xvdpa vs DPDK testpmd vs AF_XDP ceiling (median Mpps, higher is better)'\n\
-         set style data histograms\nset style histogram clustered gap 1\nset style fill solid 0.85 border -1\n\
-         set boxwidth 0.9\nset bmargin 4\nset ylabel 'Mpps'\nset grid ytics\nset key top right\nset yrange [0:*]\n\
-         plot '{}' using 2:xtic(1) title columnheader(2)",
-        path.display(),
-        data.display()
-    );
-    for i in 1..peers.len() {
-        let _ = write!(script, ", '' using {} title columnheader({})", i + 2, i + 2);
-    }
-    script.push('\n');
-    let script_path = dir.join("bench.gp");
-    std::fs::write(&script_path, script)?;
+    gnuplot("bench", &text, |data| {
+        let mut script = format!(
+            "set terminal pngcairo noenhanced size 1100,560 font 'sans,11'\nset output '{}'\n\
+             set title 'xvdpa vs DPDK testpmd vs AF_XDP ceiling (median Mpps, higher is better)'\n\
+             set style data histograms\nset style histogram clustered gap 1\nset style fill solid 0.85 border -1\n\
+             set boxwidth 0.9\nset bmargin 4\nset ylabel 'Mpps'\nset grid ytics\nset key top right\nset yrange [0:*]\n\
+             plot '{}' using 2:xtic(1) title columnheader(2)",
+            path.display(),
+            data.display()
+        );
+        for i in 1..peers.len() {
+            let _ = write!(script, ", '' using {} title columnheader({})", i + 2, i + 2);
+        }
+        script.push('\n');
+        script
+    })
+}
+
+/// Writes `data` and the script `script` makes for that file's path under target/bench, as
+/// NAME.dat and NAME.gp, and runs gnuplot on them (installing it first if it is missing).
+fn gnuplot(name: &str, data: &str, script: impl FnOnce(&Path) -> String) -> Result<()> {
+    ensure_packages(&[("gnuplot-nox", "gnuplot")])?;
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let data_path = dir.join(format!("{name}.dat"));
+    std::fs::write(&data_path, data)?;
+    let script_path = dir.join(format!("{name}.gp"));
+    std::fs::write(&script_path, script(&data_path))?;
     run(Command::new("gnuplot").arg(&script_path)).context("gnuplot")
 }
 
 /// The guest-tcp chart: per direction, each peer's median Gbit/s with its min-max over the
 /// runs as an error bar.
 fn plot_tcp(path: &Path, tcp: &[(usize, TcpMeasurement)], peers: &[TcpPeer]) -> Result<()> {
-    ensure_packages(&[("gnuplot-nox", "gnuplot")])?;
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let data = dir.join("guest-tcp.dat");
     // The header is a comment: the titles come from the script, and a header row would
     // count as a cluster of its own.
     let mut text = String::from("# direction");
@@ -843,32 +847,31 @@ fn plot_tcp(path: &Path, tcp: &[(usize, TcpMeasurement)], peers: &[TcpPeer]) -> 
         }
         text.push('\n');
     }
-    std::fs::write(&data, text)?;
-    let mut script = format!(
-        "set terminal pngcairo noenhanced size 900,520 font 'sans,11'\nset output '{}'\n\
-         set title 'TCP of one TCG guest stream: xvdpa vs QEMU virtio-net on a tap (median Gbit/s, bars: min-max over runs)'\n\
-         set style data histograms\nset style histogram errorbars gap 1 lw 1\nset style fill solid 0.85 border -1\n\
-         set boxwidth 0.9\nset ylabel 'Gbit/s'\nset grid ytics\nset key top right\nset yrange [0:*]\n\
-         plot '{}' using 2:3:4:xtic(1) title '{}'",
-        path.display(),
-        data.display(),
-        peers.first().map_or("", |p| p.name())
-    );
-    for (i, p) in peers.iter().enumerate().skip(1) {
-        let c = 2 + 3 * i;
-        let _ = write!(
-            script,
-            ", '' using {}:{}:{} title '{}'",
-            c,
-            c + 1,
-            c + 2,
-            p.name()
+    gnuplot("guest-tcp", &text, |data| {
+        let mut script = format!(
+            "set terminal pngcairo noenhanced size 900,520 font 'sans,11'\nset output '{}'\n\
+             set title 'TCP of one TCG guest stream: xvdpa vs QEMU virtio-net on a tap (median Gbit/s, bars: min-max over runs)'\n\
+             set style data histograms\nset style histogram errorbars gap 1 lw 1\nset style fill solid 0.85 border -1\n\
+             set boxwidth 0.9\nset ylabel 'Gbit/s'\nset grid ytics\nset key top right\nset yrange [0:*]\n\
+             plot '{}' using 2:3:4:xtic(1) title '{}'",
+            path.display(),
+            data.display(),
+            peers.first().map_or("", |p| p.name())
         );
-    }
-    script.push('\n');
-    let script_path = dir.join("guest-tcp.gp");
-    std::fs::write(&script_path, script)?;
-    run(Command::new("gnuplot").arg(&script_path)).context("gnuplot")
+        for (i, p) in peers.iter().enumerate().skip(1) {
+            let c = 2 + 3 * i;
+            let _ = write!(
+                script,
+                ", '' using {}:{}:{} title '{}'",
+                c,
+                c + 1,
+                c + 2,
+                p.name()
+            );
+        }
+        script.push('\n');
+        script
+    })
 }
 
 #[cfg(test)]
